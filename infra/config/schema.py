@@ -1,0 +1,170 @@
+"""The one configuration schema of the pipeline, and how it is loaded, overridden, validated and hashed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError
+
+from infra.config.base import Section
+from infra.config.curation import CorpusConfig, DedupConfig, EmbedConfig, RebalanceConfig, RetrieveConfig
+from infra.config.data import DataConfig, DemoConfig
+from infra.config.evaluate import EvaluateConfig
+from infra.config.ingest import FacesConfig, IngestConfig, NsfwConfig
+from infra.config.run import RunConfig
+from infra.config.train import TrainConfig
+
+
+class PipelineConfig(Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    demo: DemoConfig = Field(default_factory=DemoConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    nsfw: NsfwConfig = Field(default_factory=NsfwConfig)
+    faces: FacesConfig = Field(default_factory=FacesConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    retrieve: RetrieveConfig = Field(default_factory=RetrieveConfig)
+    rebalance: RebalanceConfig = Field(default_factory=RebalanceConfig)
+    corpus: CorpusConfig = Field(default_factory=CorpusConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+
+class ConfigError(ValueError):
+    """Every problem of a configuration, listed at once."""
+
+    def __init__(self, problems: list[str], source: str = "configuration"):
+        self.problems = problems
+        body = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source} is invalid ({len(problems)} problem{'s' * (len(problems) != 1)}):\n{body}")
+
+
+def deep_merge(base: dict[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge ``overlay`` into a copy of ``base``; mappings merge recursively, everything else replaces."""
+    out = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML overlay; a top-level ``base:`` (path or list of paths, relative to the file) is merged first."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError([f"base chain loops back to {path}"], str(path))
+    if not path.is_file():
+        raise ConfigError([f"config file not found: {path}"], str(path))
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError([f"not valid YAML: {err}"], str(path)) from err
+    if not isinstance(data, dict):
+        raise ConfigError([f"top level must be a mapping, got {type(data).__name__}"], str(path))
+    bases = data.pop("base", None) or []
+    merged: dict[str, Any] = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged = deep_merge(merged, _read_yaml(path.parent / base, (*seen, path)))
+    return deep_merge(merged, data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``train.max_steps=50`` -> (["train", "max_steps"], 50). Values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError([f"override {text!r} is not of the form key.path=value"])
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError([f"override {text!r} has an empty key"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def _set_path(tree: dict[str, Any], parts: list[str], value: Any) -> None:
+    node: Any = tree
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = node[int(part)]
+            continue
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = [] if parts[i + 1].isdigit() else {}
+            node[part] = nxt
+        node = nxt
+    last = parts[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def _format_errors(err: ValidationError) -> list[str]:
+    problems = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(root)"
+        if e["type"] == "extra_forbidden":
+            problems.append(f"{loc}: unknown key")
+        else:
+            got = e.get("input")
+            shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
+            problems.append(f"{loc}: {e['msg']}{shown}")
+    return problems
+
+
+def validate(tree: Mapping[str, Any], source: str = "configuration") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(dict(tree))
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err), source) from None
+
+
+def load_config(path: Path | str | None = None, overrides: Iterable[str] = ()) -> PipelineConfig:
+    """Defaults in code <- YAML file (and its ``base:`` chain) <- dotted overrides; validated once, all errors at once."""
+    tree = PipelineConfig().model_dump(mode="json")
+    source = "defaults"
+    if path is not None:
+        tree = deep_merge(tree, _read_yaml(Path(path)))
+        source = str(path)
+    problems = []
+    for text in overrides:
+        try:
+            parts, value = parse_override(text)
+            _set_path(tree, parts, value)
+        except ConfigError as err:
+            problems.extend(err.problems)
+        except (IndexError, ValueError, TypeError, AttributeError):
+            problems.append(f"override {text!r} does not address a config entry")
+    try:
+        cfg = validate(tree, source)
+    except ConfigError as err:
+        problems.extend(err.problems)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def to_yaml(cfg: PipelineConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def config_hash(cfg: PipelineConfig, sections: Iterable[str] | None = None) -> str:
+    """sha256 of the canonical JSON of the named sections (all sections when None)."""
+    dumped = cfg.model_dump(mode="json")
+    if sections is not None:
+        dumped = {name: dumped[name] for name in sorted(sections)}
+    return hashlib.sha256(canonical_json(dumped).encode()).hexdigest()

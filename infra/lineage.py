@@ -1,0 +1,214 @@
+"""The lineage ledger: the one record of every decision about every input row and image.
+
+Each stage writes ``stages/<stage>/ledger/<shard>.parquet`` with the schema below. An event is about an input
+row (``row_id``: its position in the URL list, stable across reruns), an image (``image_id``: sha256 of the bytes
+that were downloaded, stable from ingestion to corpus), or both. ``kind`` is
+
+- ``drop``: terminal; the row/image leaves the pipeline at this stage for ``reason``;
+- ``keep``: terminal; the image is in the corpus (written by the corpus stage only);
+- ``info``: a decision or measurement on the way (NSFW score, faces blurred, duplicate component, ...).
+
+Invariant (checked by :func:`check_terminal_outcomes`): every input row has exactly one terminal event.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from infra.storage import atomic_path
+
+LEDGER_SCHEMA = pa.schema(
+    [
+        ("row_id", pa.int64()),
+        ("image_id", pa.string()),
+        ("source", pa.string()),
+        ("stage", pa.string()),
+        ("kind", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("url", pa.string()),
+    ]
+)
+KINDS = ("drop", "keep", "info")
+TERMINAL = ("drop", "keep")
+POOL = "pool"  # source name of images that came from the URL list
+
+
+@dataclass
+class LedgerWriter:
+    """Collects one shard's events of one stage and writes them atomically as one parquet file."""
+
+    stage: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(
+        self,
+        kind: str,
+        reason: str,
+        *,
+        row_id: int | None = None,
+        image_id: str | None = None,
+        source: str = POOL,
+        detail: Mapping[str, Any] | None = None,
+        url: str | None = None,
+    ) -> None:
+        assert kind in KINDS, kind
+        assert row_id is not None or image_id is not None, "an event needs a row_id or an image_id"
+        self.rows.append(
+            {
+                "row_id": None if row_id is None else int(row_id),
+                "image_id": image_id,
+                "source": source,
+                "stage": self.stage,
+                "kind": kind,
+                "reason": reason,
+                "detail": json.dumps(detail, sort_keys=True, default=_json_default) if detail else None,
+                "url": url,
+            }
+        )
+
+    def drop(self, reason: str, **kw: Any) -> None:
+        self.add("drop", reason, **kw)
+
+    def info(self, reason: str, **kw: Any) -> None:
+        self.add("info", reason, **kw)
+
+    def keep(self, reason: str, **kw: Any) -> None:
+        self.add("keep", reason, **kw)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {k: {} for k in KINDS}
+        for r in self.rows:
+            out[r["kind"]][r["reason"]] = out[r["kind"]].get(r["reason"], 0) + 1
+        return out
+
+    def write(self, path: Path) -> Path:
+        table = pa.Table.from_pylist(self.rows, schema=LEDGER_SCHEMA)
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp)
+        return path
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if hasattr(obj, "item"):
+        return obj.item()
+    return str(obj)
+
+
+def ledger_dir(stage_dir: Path) -> Path:
+    return Path(stage_dir) / "ledger"
+
+
+def ledger_files(run_dir: Path) -> list[Path]:
+    return sorted(Path(run_dir).glob("stages/*/ledger/*.parquet"))
+
+
+class Ledger:
+    """Read side of the ledger of a run: streamed through pyarrow datasets, filtered at the source."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+
+    def dataset(self) -> ds.Dataset | None:
+        files = [str(p) for p in ledger_files(self.run_dir)]
+        return ds.dataset(files, schema=LEDGER_SCHEMA, format="parquet") if files else None
+
+    def query(self, expr: ds.Expression | None = None, columns: list[str] | None = None) -> pd.DataFrame:
+        data = self.dataset()
+        if data is None:
+            return pd.DataFrame(columns=columns or LEDGER_SCHEMA.names)
+        return data.to_table(filter=expr, columns=columns).to_pandas()
+
+    def events(self) -> pd.DataFrame:
+        return self.query()
+
+    def rows_for_url(self, url: str) -> list[int]:
+        hits = self.query((ds.field("reason") == "input") & (ds.field("url") == url), ["row_id"])
+        return sorted(int(r) for r in hits["row_id"].dropna())
+
+    def image_ids_for_rows(self, row_ids: Iterable[int]) -> list[str]:
+        rows = [int(r) for r in row_ids]
+        if not rows:
+            return []
+        hits = self.query(ds.field("row_id").isin(rows) & ds.field("image_id").is_valid(), ["image_id"])
+        return sorted(set(hits["image_id"]))
+
+    def chain(self, *, image_id: str | None = None, url: str | None = None) -> pd.DataFrame:
+        """Every event about an image (and its input row), or about a URL (its rows and their images)."""
+        rows: list[int] = []
+        images: list[str] = []
+        if url is not None:
+            rows = self.rows_for_url(url)
+            images = self.image_ids_for_rows(rows)
+        if image_id is not None:
+            images = [image_id]
+            hits = self.query(ds.field("image_id") == image_id, ["row_id"])
+            rows = sorted({int(r) for r in hits["row_id"].dropna()})
+        expr = None
+        if rows:
+            expr = ds.field("row_id").isin(rows)
+        if images:
+            by_image = ds.field("image_id").isin(images)
+            expr = by_image if expr is None else (expr | by_image)
+        if expr is None:
+            return pd.DataFrame(columns=LEDGER_SCHEMA.names)
+        return order_events(self.query(expr))
+
+    def terminal_outcomes(self) -> pd.DataFrame:
+        """One row per terminal event (drop or keep)."""
+        return self.query(ds.field("kind").isin(list(TERMINAL)))
+
+
+STAGE_ORDER = {
+    name: i
+    for i, name in enumerate(
+        ["crawl", "ingest", "nsfw", "faces", "dedup", "embed", "retrieve", "rebalance", "corpus", "pretrain", "evaluate"]
+    )
+}
+
+
+def order_events(df: pd.DataFrame) -> pd.DataFrame:
+    if df.empty:
+        return df
+    df = df.assign(_o=df["stage"].map(STAGE_ORDER).fillna(99), _k=(df["kind"] != "info").astype(int))
+    return df.sort_values(["_o", "_k"], kind="stable").drop(columns=["_o", "_k"]).reset_index(drop=True)
+
+
+@dataclass
+class OutcomeCheck:
+    n_rows: int
+    n_kept: int
+    dropped: dict[str, int]
+    missing: list[int]
+    multiple: list[int]
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing and not self.multiple and self.n_kept + sum(self.dropped.values()) == self.n_rows
+
+
+def check_terminal_outcomes(ledger: Ledger) -> OutcomeCheck:
+    """Every input row (an ``input`` event of ingest) has exactly one terminal event."""
+    inputs = ledger.query((ds.field("stage") == "ingest") & (ds.field("reason") == "input"), ["row_id"])
+    terminal = ledger.query(
+        ds.field("kind").isin(list(TERMINAL)) & ds.field("row_id").is_valid(), ["row_id", "kind", "stage", "reason"]
+    )
+    all_rows = set(int(r) for r in inputs["row_id"])
+    counts = terminal.groupby("row_id").size()
+    multiple = sorted(int(r) for r, n in counts.items() if n > 1)
+    missing = sorted(all_rows - {int(r) for r in counts.index})
+    drops = terminal[terminal["kind"] == "drop"]
+    dropped = {f"{s}:{r}": int(n) for (s, r), n in drops.groupby(["stage", "reason"]).size().items()}
+    n_kept = int((terminal["kind"] == "keep").sum())
+    return OutcomeCheck(len(all_rows), n_kept, dropped, missing, multiple)

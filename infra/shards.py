@@ -1,0 +1,118 @@
+"""Image shards: WebDataset-compatible tars plus a parquet sample table per shard.
+
+A shard ``<name>`` of a stage is ``shards/<name>.tar`` (members ``<image_id>.<ext>``, in table order) and
+``shards/<name>.parquet`` (one row per image: ``image_id``, ``row_id``, ``source``, ``ext``, ``sha256`` of the
+stored bytes, ``width``, ``height`` and stage columns). Tars are written deterministically (fixed mtime, owner
+and mode) so a rerun produces byte-identical shards. Both files are written atomically.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from infra.storage import atomic_path, commit, sha256_bytes, temp_for
+
+
+class UnsafeArchiveError(ValueError):
+    pass
+
+
+def shard_name(index: int) -> str:
+    return f"{index:05d}"
+
+
+@dataclass(frozen=True)
+class Shard:
+    tar: Path
+    table: Path
+
+    @property
+    def name(self) -> str:
+        return self.tar.stem
+
+    def read_table(self, columns: list[str] | None = None) -> pd.DataFrame:
+        return pq.read_table(self.table, columns=columns).to_pandas()
+
+    def __iter__(self) -> Iterator[tuple[str, str, bytes]]:
+        return iter_tar(self.tar)
+
+
+def list_shards(shard_dir: Path) -> list[Shard]:
+    shard_dir = Path(shard_dir)
+    return [Shard(t, t.with_suffix(".parquet")) for t in sorted(shard_dir.glob("*.tar")) if t.with_suffix(".parquet").is_file()]
+
+
+def check_member_name(name: str) -> None:
+    """Refuse absolute paths, parent references and nested paths (tar-slip)."""
+    if name.startswith(("/", "\\")) or ".." in Path(name).parts or "/" in name or "\\" in name:
+        raise UnsafeArchiveError(f"unsafe tar member name {name!r}")
+
+
+def iter_tar(path: Path) -> Iterator[tuple[str, str, bytes]]:
+    """Yield (key, ext, bytes) for regular members; links, devices and unsafe names are refused."""
+    with tarfile.open(path, "r|") as tar:
+        for member in tar:
+            check_member_name(member.name)
+            if not member.isfile():
+                raise UnsafeArchiveError(f"{path}: member {member.name!r} is not a regular file")
+            f = tar.extractfile(member)
+            assert f is not None
+            key, _, ext = member.name.partition(".")
+            yield key, ext, f.read()
+
+
+class ShardWriter:
+    """Write one shard: images stream into a temporary tar; tar and table are renamed into place on close."""
+
+    def __init__(self, shard_dir: Path, name: str):
+        self.tar_path = Path(shard_dir) / f"{name}.tar"
+        self.table_path = Path(shard_dir) / f"{name}.parquet"
+        self.rows: list[dict[str, Any]] = []
+        self._tmp = temp_for(self.tar_path)
+        self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
+
+    def add(self, image_id: str, data: bytes, ext: str, **columns: Any) -> None:
+        name = f"{image_id}.{ext}"
+        check_member_name(name)
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = 0
+        info.mode = 0o444
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        self._tar.addfile(info, io.BytesIO(data))
+        self.rows.append({"image_id": image_id, "ext": ext, "sha256": sha256_bytes(data), "bytes": len(data), **columns})
+
+    def close(self, schema: pa.Schema | None = None) -> Shard:
+        """Finish the tar, then the table: a shard is readable only once both exist."""
+        self._tar.close()
+        commit(self._tmp, self.tar_path)
+        if self.rows:
+            table = pa.Table.from_pylist(self.rows, schema=schema)
+        else:
+            table = (schema or pa.schema([("image_id", pa.string())])).empty_table()
+        with atomic_path(self.table_path) as tmp:
+            pq.write_table(table, tmp)
+        return Shard(self.tar_path, self.table_path)
+
+    def abort(self) -> None:
+        self._tar.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

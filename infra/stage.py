@@ -1,0 +1,198 @@
+"""How a stage runs inside a run directory: skip when complete, resume per shard, manifest last.
+
+A stage is a :class:`StageSpec`: a name, the config sections and code packages it depends on, its upstream
+stages, and a function ``(StageContext) -> StageResult`` that calls the stage's pure core. :func:`run_stage`
+
+1. requires every upstream manifest;
+2. computes the stage key (config hash + code version + upstream digest) and returns the existing manifest
+   when it matches (nothing is redone);
+3. otherwise wipes outputs left by a different key (stale), keeps completed shards of the same key, runs the
+   function, and writes the manifest last.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from infra.config import PipelineConfig, config_hash
+from infra.lineage import LedgerWriter, ledger_dir
+from infra.manifest import StageManifest, cache_key, inputs_digest, read_manifest, write_manifest
+from infra.run import RunDir, code_version, now
+from infra.storage import Markers, atomic_write_json, file_record, read_json
+
+FAULT_ENV = "LVD_FAULT"  # "<stage>" or "<stage>:<n>" (fail after n shards of the stage); for tests and chaos runs
+KEY_FILE = "_key.json"
+
+
+class InjectedFault(RuntimeError):
+    """Raised where ``LVD_FAULT`` asks for a failure (fault-injection tests)."""
+
+
+class StageInputError(RuntimeError):
+    pass
+
+
+@dataclass
+class StageResult:
+    # {"kept": n, "dropped": {reason: n}, ...}: what left the stage.
+    counts: dict[str, Any] = field(default_factory=dict)
+    outputs: list[Path] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ShardTracker:
+    """Per-shard completion within a stage: markers, events and the fault-injection hook."""
+
+    stage: str
+    stage_dir: Path
+    run: RunDir | None = None
+    _n_done: int = 0
+
+    def __post_init__(self) -> None:
+        self.markers = Markers(self.stage_dir)
+
+    def is_done(self, shard: str) -> bool:
+        done = self.markers.is_done(shard)
+        if done and self.run is not None:
+            self.run.log_event("shard_skipped", self.stage, shard=shard)
+        return done
+
+    def info(self, shard: str) -> dict[str, Any]:
+        return self.markers.read(shard)
+
+    def ledger(self) -> LedgerWriter:
+        return LedgerWriter(self.stage)
+
+    def ledger_path(self, shard: str) -> Path:
+        return ledger_dir(self.stage_dir) / f"{shard}.parquet"
+
+    def done(self, shard: str, info: dict[str, Any] | None = None) -> None:
+        """Mark a shard complete (after all of its files are in place) and honour ``LVD_FAULT``."""
+        self.markers.mark(shard, info)
+        self._n_done += 1
+        if self.run is not None:
+            self.run.log_event("shard_done", self.stage, shard=shard)
+        check_fault(self.stage, self._n_done)
+
+
+def check_fault(stage: str, n_done: int | None = None) -> None:
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec:
+        return
+    name, _, count = spec.partition(":")
+    if name != stage:
+        return
+    if (count == "" and n_done is None) or (count and n_done is not None and n_done >= int(count)):
+        raise InjectedFault(f"injected fault in stage {stage!r} ({FAULT_ENV}={spec})")
+
+
+@dataclass
+class StageContext:
+    run: RunDir
+    cfg: PipelineConfig
+    name: str
+    upstream: dict[str, StageManifest]
+
+    @property
+    def dir(self) -> Path:
+        return self.run.stage_dir(self.name)
+
+    def upstream_dir(self, stage: str) -> Path:
+        return self.run.stage_dir(stage)
+
+    def tracker(self) -> ShardTracker:
+        return ShardTracker(self.name, self.dir, self.run)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    sections: tuple[str, ...]
+    packages: tuple[str, ...]
+    upstream: tuple[str, ...]
+    fn: Callable[[StageContext], StageResult]
+
+    def key_parts(self, cfg: PipelineConfig, upstream: dict[str, StageManifest]) -> tuple[str, str, str]:
+        return config_hash(cfg, self.sections), code_version(*self.packages), inputs_digest(upstream)
+
+
+def load_upstream(spec: StageSpec, run: RunDir) -> dict[str, StageManifest]:
+    upstream = {}
+    for name in spec.upstream:
+        manifest = read_manifest(run.stage_dir(name))
+        if manifest is None:
+            raise StageInputError(f"stage {spec.name!r} needs stage {name!r} to be complete in run {run.run_id!r}")
+        upstream[name] = manifest
+    return upstream
+
+
+def stage_key(spec: StageSpec, run: RunDir, cfg: PipelineConfig) -> str:
+    upstream = load_upstream(spec, run)
+    return cache_key(spec.name, *spec.key_parts(cfg, upstream))
+
+
+def run_stage(spec: StageSpec, run: RunDir, cfg: PipelineConfig) -> StageManifest:
+    upstream = load_upstream(spec, run)
+    parts = spec.key_parts(cfg, upstream)
+    key = cache_key(spec.name, *parts)
+    stage_dir = run.stage_dir(spec.name)
+    existing = read_manifest(stage_dir)
+    if existing is not None and existing.key == key:
+        run.log_event("skipped", spec.name, key=key)
+        return existing
+    _prepare(stage_dir, key)
+    run.log_event("started", spec.name, key=key)
+    started = now()
+    try:
+        check_fault(spec.name)
+        result = spec.fn(StageContext(run, cfg, spec.name, upstream))
+    except BaseException as err:
+        run.log_event("failed", spec.name, key=key, error=f"{type(err).__name__}: {err}")
+        raise
+    manifest = StageManifest(
+        stage=spec.name,
+        run_id=run.run_id,
+        config_hash=parts[0],
+        code_version=parts[1],
+        inputs_digest=parts[2],
+        started_at=started,
+        finished_at=now(),
+        counts=result.counts,
+        outputs=[file_record(p, run.path) for p in sorted(set(result.outputs))],
+        extra=result.extra,
+    )
+    write_manifest(stage_dir, manifest)
+    run.log_event("completed", spec.name, key=key, counts=result.counts)
+    return manifest
+
+
+def _prepare(stage_dir: Path, key: str) -> None:
+    """Keep partial outputs of the same key (shard resume); wipe those of another key (stale)."""
+    key_file = stage_dir / KEY_FILE
+    if stage_dir.exists():
+        old = read_json(key_file).get("key") if key_file.is_file() else None
+        if old != key:
+            shutil.rmtree(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    if not key_file.is_file():
+        atomic_write_json(key_file, {"key": key})
+
+
+def stage_state(run: RunDir, spec: StageSpec, cfg: PipelineConfig) -> str:
+    """completed | stale | partial | pending, from the files alone."""
+    stage_dir = run.stage_dir(spec.name)
+    manifest = read_manifest(stage_dir)
+    if manifest is not None:
+        try:
+            return "completed" if manifest.key == stage_key(spec, run, cfg) else "stale"
+        except StageInputError:
+            return "stale"
+    if stage_dir.exists():
+        return "partial"
+    return "pending"

@@ -1,0 +1,125 @@
+"""Atomic writes and completion markers: a half-written file is never visible under its final name."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_for(path: Path | str) -> Path:
+    """A new empty temporary file beside ``path`` (same directory, so the final rename is atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def commit(tmp: Path, path: Path | str, fsync: bool = True) -> None:
+    """Move a finished temporary file onto ``path``: fsync the data, rename, fsync the directory."""
+    path = Path(path)
+    if fsync:
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if fsync:
+        fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path | str, fsync: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is renamed onto ``path`` (fsync'ed first).
+
+    On any error the temporary file is removed and ``path`` keeps its previous content.
+    """
+    tmp = temp_for(path)
+    try:
+        yield tmp
+        commit(tmp, path, fsync=fsync)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: Path | str, mode: str = "wb", fsync: bool = True) -> Iterator[BinaryIO]:
+    with atomic_path(path, fsync=fsync) as tmp, open(tmp, mode) as f:
+        yield f  # type: ignore[misc]
+
+
+def atomic_write_bytes(path: Path | str, data: bytes, fsync: bool = True) -> None:
+    with atomic_open(path, "wb", fsync=fsync) as f:
+        f.write(data)
+
+
+def atomic_write_text(path: Path | str, text: str, fsync: bool = True) -> None:
+    atomic_write_bytes(path, text.encode(), fsync=fsync)
+
+
+def atomic_write_json(path: Path | str, obj: Any, fsync: bool = True) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", fsync=fsync)
+
+
+def read_json(path: Path | str) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_record(path: Path, root: Path) -> dict[str, Any]:
+    """What a manifest says of an output file: its path relative to the run, size and sha256."""
+    return {"path": str(path.relative_to(root)), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+class Markers:
+    """Per-shard completion markers of a stage: ``<stage>/_done/<shard>.json``, written last, atomically.
+
+    A shard counts as done only when its marker exists; everything without a marker is redone and overwritten.
+    """
+
+    def __init__(self, stage_dir: Path):
+        self.dir = Path(stage_dir) / "_done"
+
+    def path(self, shard: str) -> Path:
+        return self.dir / f"{shard}.json"
+
+    def is_done(self, shard: str) -> bool:
+        return self.path(shard).is_file()
+
+    def mark(self, shard: str, info: dict[str, Any] | None = None) -> None:
+        atomic_write_json(self.path(shard), info or {})
+
+    def read(self, shard: str) -> dict[str, Any]:
+        return read_json(self.path(shard))
+
+    def done(self) -> list[str]:
+        if not self.dir.is_dir():
+            return []
+        return sorted(p.stem for p in self.dir.glob("*.json"))
+
+    def clear(self, shard: str) -> None:
+        self.path(shard).unlink(missing_ok=True)
