@@ -116,3 +116,12 @@ class ShardWriter:
             self.close()
         else:
             self.abort()
+
+
+def iter_shard_images(shard: Shard, skip: set[str] | None = None) -> Iterator[tuple[dict, bytes]]:
+    """Yield (table row as dict, stored bytes) in table order, skipping image ids in ``skip``."""
+    table = shard.read_table().set_index("image_id", drop=False)
+    for key, _ext, data in shard:
+        if skip and key in skip:
+            continue
+        yield table.loc[key].to_dict(), data

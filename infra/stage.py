@@ -45,13 +45,25 @@ class StageResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def summarize(totals: dict[str, int]) -> dict[str, Any]:
+    """Per-shard counts ({"kept": n, "drop:<reason>": n, other: n}) -> manifest counts with a "dropped" map."""
+    dropped = {k.removeprefix("drop:"): v for k, v in sorted(totals.items()) if k.startswith("drop:")}
+    rest = {k: v for k, v in totals.items() if not k.startswith("drop:")}
+    return {**rest, "dropped": dropped}
+
+
+def add_counts(totals: dict[str, int], counts: dict[str, int]) -> None:
+    for k, v in counts.items():
+        totals[k] = totals.get(k, 0) + v
+
+
 @dataclass
 class ShardTracker:
     """Per-shard completion within a stage: markers, events and the fault-injection hook."""
 
     stage: str
     stage_dir: Path
-    run: RunDir | None = None
+    rundir: RunDir | None = None
     _n_done: int = 0
 
     def __post_init__(self) -> None:
@@ -59,8 +71,8 @@ class ShardTracker:
 
     def is_done(self, shard: str) -> bool:
         done = self.markers.is_done(shard)
-        if done and self.run is not None:
-            self.run.log_event("shard_skipped", self.stage, shard=shard)
+        if done and self.rundir is not None:
+            self.rundir.log_event("shard_skipped", self.stage, shard=shard)
         return done
 
     def info(self, shard: str) -> dict[str, Any]:
@@ -72,12 +84,20 @@ class ShardTracker:
     def ledger_path(self, shard: str) -> Path:
         return ledger_dir(self.stage_dir) / f"{shard}.parquet"
 
+    def run(self, shard: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Do ``work`` for a shard unless it is already done; returns the shard's counts either way."""
+        if self.is_done(shard):
+            return self.info(shard)
+        counts = work()
+        self.done(shard, counts)
+        return counts
+
     def done(self, shard: str, info: dict[str, Any] | None = None) -> None:
         """Mark a shard complete (after all of its files are in place) and honour ``LVD_FAULT``."""
         self.markers.mark(shard, info)
         self._n_done += 1
-        if self.run is not None:
-            self.run.log_event("shard_done", self.stage, shard=shard)
+        if self.rundir is not None:
+            self.rundir.log_event("shard_done", self.stage, shard=shard)
         check_fault(self.stage, self._n_done)
 
 

@@ -53,6 +53,12 @@ class EmbedConfig(Section):
 class RetrieveConfig(Section):
     n_neighbors: int = Field(default=4, ge=1)  # paper §3: N = 4
     index: Literal["auto", "flat", "ivfpq"] = "auto"
+    # Cluster-based retrieval (paper §A.4): k-means on the pool (100,000 clusters at 1B scale); clusters holding
+    # more than `min_queries` (3) query images contribute `images_per_cluster` (10,000) images, capped per dataset (1M).
+    pool_clusters: int = Field(default=100_000, ge=1)
+    min_queries: int = Field(default=3, ge=0)
+    images_per_cluster: int = Field(default=10_000, ge=1)
+    max_per_dataset: int = Field(default=1_000_000, ge=1)
 
 
 class RebalanceConfig(Section):

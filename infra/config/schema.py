@@ -162,9 +162,19 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
-def config_hash(cfg: PipelineConfig, sections: Iterable[str] | None = None) -> str:
-    """sha256 of the canonical JSON of the named sections (all sections when None)."""
+def select(cfg: PipelineConfig, paths: Iterable[str]) -> dict[str, Any]:
+    """The named parts of the config as JSON-able data; a path is a section or a dotted key ("run.seed")."""
     dumped = cfg.model_dump(mode="json")
-    if sections is not None:
-        dumped = {name: dumped[name] for name in sorted(sections)}
-    return hashlib.sha256(canonical_json(dumped).encode()).hexdigest()
+    out = {}
+    for path in sorted(paths):
+        node: Any = dumped
+        for part in path.split("."):
+            node = node[part]
+        out[path] = node
+    return out
+
+
+def config_hash(cfg: PipelineConfig, paths: Iterable[str] | None = None) -> str:
+    """sha256 of the canonical JSON of the named sections or dotted keys (the whole config when None)."""
+    data = cfg.model_dump(mode="json") if paths is None else select(cfg, paths)
+    return hashlib.sha256(canonical_json(data).encode()).hexdigest()

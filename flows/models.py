@@ -1,0 +1,40 @@
+"""Backbones for embedding and evaluation, built from configuration (flows may import every package)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from infra.config.curation import BackboneConfig
+from infra.features import Embedder
+
+
+def build_model(cfg: BackboneConfig, seed: int = 0) -> torch.nn.Module:
+    """A backbone whose ``forward`` returns the (normalised) global embedding."""
+    torch.manual_seed(seed)
+    if cfg.kind == "timm":
+        import timm
+
+        model = timm.create_model(cfg.arch, pretrained=False, num_classes=0)
+        if cfg.path is not None:
+            model.load_state_dict(_load_state_dict(cfg.path), strict=True)
+        return model
+    from training.checkpoint import load_backbone
+    from training.vision_transformer import build_backbone
+
+    if cfg.path is not None:
+        return load_backbone(cfg.path, arch=cfg.arch, patch_size=cfg.patch_size)
+    return build_backbone(cfg.arch, patch_size=cfg.patch_size, img_size=cfg.image_size)
+
+
+def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if Path(path).suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def embedder(cfg: BackboneConfig, name: str, batch_size: int, precision: str, seed: int = 0) -> Embedder:
+    return Embedder(build_model(cfg, seed), cfg.image_size, name, batch_size=batch_size, precision=precision)

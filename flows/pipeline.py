@@ -1,0 +1,88 @@
+"""The curate-then-train pipeline as one Prefect flow: one task run per stage, in order.
+
+Resume has two layers. Inside a stage, completed shards are skipped by their markers (``infra.stage``). Across
+runs, each stage task is cached by Prefect under the stage key (config hash + code version + upstream manifest
+digest) with its result persisted in the run directory, so re-running a completed run is all cache hits; a
+failed run resumed with ``lvd resume`` redoes nothing before the stage that failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.context import TaskRunContext
+from prefect.filesystems import LocalFileSystem
+
+from flows.stages import active_stages
+from infra.config import PipelineConfig
+from infra.demo.server import DemoServer
+from infra.manifest import read_manifest
+from infra.run import RunDir
+from infra.stage import StageInputError, StageSpec, run_stage, stage_key, stage_state
+from infra.summary import run_summary
+
+RESULTS_DIR = ".prefect-results"
+
+
+def _spec(cfg: PipelineConfig, name: str) -> StageSpec:
+    return next(s for s in active_stages(cfg) if s.name == name)
+
+
+def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
+    """The stage key when it can be computed; a stored result for it is dropped unless the stage is complete."""
+    run = RunDir(Path(parameters["run_root"]), parameters["run_id"])
+    cfg = run.load_config()
+    spec = _spec(cfg, parameters["stage"])
+    try:
+        key = stage_key(spec, run, cfg)
+    except StageInputError:
+        return None
+    manifest = read_manifest(run.stage_dir(spec.name))
+    if manifest is None or manifest.key != key:
+        # Outputs are gone or stale: a cached result would point at files that do not exist.
+        (run.path / RESULTS_DIR / key).unlink(missing_ok=True)
+    return key
+
+
+@task(persist_result=True, result_serializer="json", cache_key_fn=stage_cache_key)
+def stage_task(run_root: str, run_id: str, stage: str) -> dict[str, Any]:
+    run = RunDir(Path(run_root), run_id)
+    cfg = run.load_config()
+    return run_stage(_spec(cfg, stage), run, cfg).model_dump(mode="json")
+
+
+@contextlib.contextmanager
+def demo_server(spec: StageSpec, run: RunDir, cfg: PipelineConfig) -> Iterator[None]:
+    """The demo crawl is served on 127.0.0.1 only while ingest has work to do."""
+    if spec.name != "ingest" or not cfg.demo.enabled or stage_state(run, spec, cfg) == "completed":
+        yield
+        return
+    with DemoServer(run.stage_dir("crawl") / "images", cfg.demo.port, cfg.demo.slow_seconds):
+        yield
+
+
+def result_storage(run: RunDir) -> LocalFileSystem:
+    """Task results persist inside the run directory (a block saved on the server, as Prefect requires)."""
+    storage = LocalFileSystem(basepath=str((run.path / RESULTS_DIR).resolve()))
+    name = "lvd-" + re.sub(r"[^a-z0-9-]", "-", run.run_id.lower())
+    storage.save(name, overwrite=True)
+    return storage
+
+
+@flow(name="lvd-pipeline")
+def pipeline(run_root: str, run_id: str) -> dict[str, Any]:
+    run = RunDir(Path(run_root), run_id)
+    cfg = run.load_config()
+    storage = result_storage(run)
+    run.log_event("flow_started")
+    for spec in active_stages(cfg):
+        task_ = stage_task.with_options(name=spec.name, task_run_name=spec.name, result_storage=storage)
+        with demo_server(spec, run, cfg):
+            task_(str(run.root), run.run_id, spec.name)
+    run.log_event("flow_completed")
+    return run_summary(run, cfg)

@@ -1,0 +1,131 @@
+"""``lvd``: run, resume, inspect and audit curate-then-train runs.
+
+    lvd run CONFIG [key.path=value ...]     run (or re-run: completed stages are reused)
+    lvd resume RUN_ID                       continue a run from where it stopped
+    lvd status RUN_ID                       stages, counts, state
+    lvd lineage RUN_ID (IMAGE_ID | URL)     every decision about an image or URL (--json)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from infra.config import ConfigError
+
+
+def _check_environment() -> None:
+    """The `dataclasses` backport (pulled by img2dataset) breaks Prefect's API server; refuse early."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        distribution("dataclasses")
+    except PackageNotFoundError:
+        return
+    raise SystemExit("the `dataclasses` backport is installed and breaks Prefect's server: pip uninstall -y dataclasses")
+
+
+def _quiet() -> None:
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def _run_flow(run_root: Path, run_id: str) -> int:
+    from flows.pipeline import pipeline
+
+    from infra.runs import open_run
+    from infra.summary import format_summary, run_summary
+
+    state = pipeline(str(run_root), run_id, return_state=True)
+    run, cfg = open_run(run_root, run_id)
+    print(format_summary(run_summary(run, cfg)))
+    if state.is_completed():
+        return 0
+    print(f"\nrun {run_id} failed: {state.message}\nresume with: lvd resume {run_id} --root {run_root}", file=sys.stderr)
+    return 1
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from infra.runs import prepare_run
+
+    run, _ = prepare_run(args.config, args.overrides)
+    print(f"run {run.run_id} in {run.path}")
+    return _run_flow(run.root, run.run_id)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from infra.runs import open_run
+
+    run, _ = open_run(args.root, args.run_id)
+    run.log_event("resumed")
+    return _run_flow(run.root, run.run_id)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from infra.runs import open_run
+    from infra.summary import format_summary, run_summary
+
+    run, cfg = open_run(args.root, args.run_id)
+    summary = run_summary(run, cfg)
+    print(json.dumps(summary, indent=2, default=str) if args.json else format_summary(summary))
+    return 0
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from infra.lineage import Ledger
+    from infra.lineage_view import describe_chain
+
+    ledger = Ledger(Path(args.root) / args.run_id)
+    key = args.key
+    is_image = len(key) == 64 and all(c in "0123456789abcdef" for c in key.lower())
+    chain = ledger.chain(image_id=key.lower()) if is_image else ledger.chain(url=key)
+    if chain.empty:
+        print(f"no lineage for {key!r} in run {args.run_id}", file=sys.stderr)
+        return 1
+    print(chain.to_json(orient="records", indent=2) if args.json else describe_chain(chain, key))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lvd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run a configuration (completed stages are reused)")
+    r.add_argument("config", type=Path)
+    r.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=50")
+    r.set_defaults(fn=cmd_run)
+    for name, fn, helptext in (
+        ("resume", cmd_resume, "continue a run from where it stopped"),
+        ("status", cmd_status, "stages, counts and state of a run"),
+        ("lineage", cmd_lineage, "every decision about an image id or a URL"),
+    ):
+        c = sub.add_parser(name, help=helptext)
+        c.add_argument("run_id")
+        if name == "lineage":
+            c.add_argument("key", help="an image id (sha256) or a URL")
+        c.add_argument("--root", default="runs", help="folder that holds the runs (default: runs)")
+        c.add_argument("--json", action="store_true", help="machine-readable output")
+        c.set_defaults(fn=fn)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    _quiet()
+    if args.command in ("run", "resume"):
+        _check_environment()
+    try:
+        return int(args.fn(args))
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,80 @@
+"""Turn a configuration into a run: its id, its directory and the resolved configuration written into it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from infra.config import ConfigError, PipelineConfig, config_hash, load_config
+from infra.config.data import EvalSetConfig, SeedSetConfig
+from infra.demo.server import free_port
+from infra.run import RunDir, derive_run_id, now
+from infra.storage import atomic_write_json, read_json
+
+RUN_INFO = "run.json"
+
+
+def resolve(cfg: PipelineConfig, run: RunDir) -> PipelineConfig:
+    """Fill what is known only once the run exists: absolute paths, and the demo crawl's inputs and port."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.run.run_id = run.run_id
+    cfg.run.root = run.root.resolve()
+    if cfg.demo.enabled:
+        cfg.demo.port = cfg.demo.port or free_port()
+        crawl = run.stage_dir("crawl").resolve()
+        cfg.data.url_list = crawl / "urls.parquet"
+        if not cfg.data.seed_sets:
+            cfg.data.seed_sets = [SeedSetConfig(name="mnist", path=crawl / "seeds" / "mnist", retrieval="sample")]
+        if not cfg.data.eval_sets:
+            cfg.data.eval_sets = [
+                EvalSetConfig(name="mnist", train=crawl / "eval" / "mnist" / "train", test=crawl / "eval" / "mnist" / "test")
+            ]
+    problems = _check_inputs(cfg)
+    if problems:
+        raise ConfigError(problems, "configuration")
+    return cfg
+
+
+def _check_inputs(cfg: PipelineConfig) -> list[str]:
+    problems = []
+    if cfg.data.url_list is None:
+        problems.append("data.url_list: required (a parquet/CSV/JSONL file or folder of URL lists), or set demo.enabled=true")
+    if cfg.demo.enabled:
+        return problems  # the demo builds its inputs at run time
+    if cfg.data.url_list is not None and not Path(cfg.data.url_list).exists():
+        problems.append(f"data.url_list: {cfg.data.url_list} does not exist")
+    for s in cfg.data.seed_sets:
+        if not Path(s.path).exists():
+            problems.append(f"data.seed_sets[{s.name}].path: {s.path} does not exist")
+    for e in cfg.data.eval_sets:
+        for split in ("train", "test", "val"):
+            p = getattr(e, split)
+            if p is not None and not Path(p).exists():
+                problems.append(f"data.eval_sets[{e.name}].{split}: {p} does not exist")
+    return problems
+
+
+def prepare_run(config_path: Path | str | None, overrides: Iterable[str] = ()) -> tuple[RunDir, PipelineConfig]:
+    """Load and validate; the same configuration maps to the same run (reused), a new one to a new run."""
+    cfg = load_config(config_path, list(overrides))
+    run_id = cfg.run.run_id or derive_run_id(Path(config_path) if config_path else None, cfg)
+    run = RunDir(cfg.run.root, run_id)
+    source_hash = config_hash(cfg)
+    if run.exists():
+        info = read_json(run.path / RUN_INFO) if (run.path / RUN_INFO).is_file() else {}
+        if info.get("source_config_hash") not in (None, source_hash):
+            raise ConfigError([f"run {run_id!r} already exists with a different configuration; set run.run_id"])
+        return run, run.load_config()
+    resolved = resolve(cfg, run)
+    run.save_config(resolved)
+    atomic_write_json(
+        run.path / RUN_INFO,
+        {"run_id": run_id, "created": now(), "config_file": str(config_path) if config_path else None,
+         "source_config_hash": source_hash},  # fmt: skip
+    )
+    return run, resolved
+
+
+def open_run(root: Path | str, run_id: str) -> tuple[RunDir, PipelineConfig]:
+    run = RunDir(Path(root), run_id)
+    return run, run.load_config()
