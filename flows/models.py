@@ -21,7 +21,7 @@ def build_model(cfg: BackboneConfig, seed: int = 0) -> torch.nn.Module:
             model.load_state_dict(_load_state_dict(cfg.path), strict=True)
         return model
     from training.checkpoint import load_backbone
-    from training.vision_transformer import build_backbone
+    from training.registry import build_backbone
 
     if cfg.path is not None:
         return load_backbone(cfg.path, arch=cfg.arch, patch_size=cfg.patch_size)

@@ -1,0 +1,149 @@
+"""End to end: the whole flow on a tiny demo crawl, with a failure injected mid-way, resume, and a cached re-run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from infra.cli import main as cli
+from infra.lineage import Ledger, check_terminal_outcomes
+from infra.run import RunDir
+from infra.runs import prepare_run
+from infra.stage import FAULT_ENV
+
+REPO = Path(__file__).resolve().parents[2]
+STAGES = ["crawl", "ingest", "nsfw", "faces", "dedup", "embed", "retrieve", "rebalance", "corpus", "pretrain", "evaluate"]
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Runs:
+    run: RunDir
+    states: list  # Prefect final states of the three flow runs: failed, resumed, re-run
+    events: list[list[dict]]  # events of each flow run
+
+
+@pytest.fixture(scope="module")
+def runs(prefect_server, tmp_path_factory) -> Runs:
+    from flows.pipeline import pipeline
+
+    root = tmp_path_factory.mktemp("runs")
+    run, _ = prepare_run(REPO / "configs" / "tiny.yaml", [f"run.root={root}"])
+    mp = pytest.MonkeyPatch()
+    states, events, seen = [], [], 0
+    for fault in ("dedup", None, None):
+        if fault:
+            mp.setenv(FAULT_ENV, fault)
+        else:
+            mp.delenv(FAULT_ENV, raising=False)
+        states.append(pipeline(str(root), run.run_id, return_state=True))
+        all_events = run.events()
+        events.append(all_events[seen:])
+        seen = len(all_events)
+    mp.undo()
+    return Runs(run, states, events)
+
+
+def _stage_events(events: list[dict], kind: str) -> list[str]:
+    return [e["stage"] for e in events if e["event"] == kind]
+
+
+def test_failure_then_resume_redoes_nothing_before_the_failed_stage(runs):
+    failed, resumed, _ = runs.states
+    assert failed.is_failed() and "injected fault in stage 'dedup'" in failed.message
+    assert _stage_events(runs.events[0], "completed") == STAGES[:4]
+    assert _stage_events(runs.events[0], "failed") == ["dedup"]
+    assert resumed.is_completed()
+    assert _stage_events(runs.events[1], "skipped") == STAGES[:4]
+    assert _stage_events(runs.events[1], "started") == STAGES[4:]
+
+
+def test_rerun_of_a_completed_run_is_all_cached(runs):
+    assert runs.states[2].is_completed()
+    assert _stage_events(runs.events[2], "started") == []
+
+
+def test_prefect_api_shows_one_completed_task_run_per_stage(runs):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def task_states(flow_run_id):
+        async with get_client() as client:
+            trs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            return sorted((t.name, t.state.type.value, t.state.name) for t in trs)
+
+    resumed = asyncio.run(task_states(runs.states[1].state_details.flow_run_id))
+    order = {s: i for i, s in enumerate(STAGES)}
+    assert [n for n, _, _ in sorted(resumed, key=lambda t: order[t[0]])] == STAGES
+    assert {t for _, t, _ in resumed} == {"COMPLETED"}
+    rerun = asyncio.run(task_states(runs.states[2].state_details.flow_run_id))
+    assert sorted(n for n, _, _ in rerun) == sorted(STAGES)
+    assert {(t, name) for _, t, name in rerun} == {("COMPLETED", "Cached")}
+
+
+def test_every_input_row_has_exactly_one_terminal_outcome(runs):
+    check = check_terminal_outcomes(Ledger(runs.run.path))
+    urls = pd.read_parquet(runs.run.stage_dir("crawl") / "urls.parquet")
+    assert check.ok, (check.missing[:5], check.multiple[:5])
+    assert check.n_rows == len(urls)
+    corpus = pd.read_parquet(runs.run.stage_dir("corpus") / "corpus.parquet")
+    assert check.n_kept == int((corpus["source"] == "pool").sum()) > 0
+
+
+def test_broken_entries_are_recorded_with_their_reason(runs):
+    truth = pd.read_parquet(runs.run.stage_dir("crawl") / "truth.parquet")
+    terminal = Ledger(runs.run.path).terminal_outcomes().set_index("row_id")
+    broken = truth[truth["kind"] == "broken"]
+    got = {v: sorted(set(terminal.loc[broken.loc[broken["variant"] == v, "row_id"], "reason"])) for v in broken["variant"]}
+    assert got == {
+        "http_404": ["http_404"],
+        "http_500": ["http_500"],
+        "http_403": ["http_403"],
+        "timeout": ["timeout"],
+        "truncated_jpeg": ["decode_error"],
+        "html_as_image": ["decode_error"],
+        "zero_bytes": ["decode_error"],
+        "decompression_bomb": ["decompression_bomb"],
+        "duplicate_url": ["url_duplicate"],
+        "malformed_url": ["url_malformed"],
+    }
+
+
+def test_planted_evaluation_copies_are_dropped(runs):
+    truth = pd.read_parquet(runs.run.stage_dir("crawl") / "truth.parquet")
+    terminal = Ledger(runs.run.path).terminal_outcomes().set_index("row_id")
+    copies = truth[(truth["kind"] == "eval_copy") & (truth["variant"] != "crop")]  # crops: see issue 4
+    reasons = terminal.loc[copies["row_id"], "reason"]
+    assert set(reasons) <= {"eval_contamination", "near_duplicate"}, reasons.value_counts().to_dict()
+
+
+def test_lineage_cli_answers_for_a_corpus_image_and_a_dropped_url(runs, capsys):
+    root, run_id = str(runs.run.root), runs.run.run_id
+    corpus = pd.read_parquet(runs.run.stage_dir("corpus") / "corpus.parquet")
+    image_id = corpus.loc[corpus["source"] == "pool", "image_id"].iloc[0]
+    assert cli(["lineage", run_id, image_id, "--root", root, "--json"]) == 0
+    chain = json.loads(capsys.readouterr().out)
+    stages = [e["stage"] for e in chain]
+    assert stages[0] == "ingest" and stages[-1] == "corpus" and chain[-1]["kind"] == "keep"
+    assert {"nsfw", "faces", "dedup", "retrieve"} <= set(stages)
+    truth = pd.read_parquet(runs.run.stage_dir("crawl") / "truth.parquet")
+    url = truth.loc[truth["variant"] == "http_404", "url"].iloc[0]
+    assert cli(["lineage", run_id, url, "--root", root]) == 0
+    text = capsys.readouterr().out
+    assert "outcome: dropped at stage ingest: http_404" in text and url in text
+
+
+def test_status_and_summary(runs, capsys):
+    assert cli(["status", runs.run.run_id, "--root", str(runs.run.root), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [s["stage"] for s in summary["stages"]] == STAGES
+    assert {s["state"] for s in summary["stages"]} == {"completed"}
+    models = summary["metrics"]["mnist"]
+    assert set(models) == {"pretrained", "random-init", "raw-pixels"}
+    assert all(0 <= m["knn_top1_k20"] <= 100 for m in models.values())
