@@ -110,7 +110,7 @@ class UrlGuard:
         except ValueError:
             return "url_malformed"
         if parts.scheme.lower() not in ("http", "https"):
-            return "url_scheme" if parts.scheme and parts.netloc else "url_malformed"
+            return "url_scheme" if parts.scheme else "url_malformed"
         if not host:
             return "url_malformed"
         addr = literal_address(host)
@@ -154,11 +154,15 @@ def _guarded_create_connection(
 
 
 class _GuardedHTTPConnection(HTTPConnection):
-    _create_connection = staticmethod(_guarded_create_connection)
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._create_connection = _guarded_create_connection  # http.client sets it per instance
 
 
 class _GuardedHTTPSConnection(HTTPSConnection):
-    _create_connection = staticmethod(_guarded_create_connection)
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._create_connection = _guarded_create_connection
 
 
 class _GuardedHTTPHandler(urllib.request.HTTPHandler):
@@ -280,7 +284,11 @@ def install_opener(cfg: IngestConfig) -> None:
     """Make ``urllib.request.urlopen`` (img2dataset's fetch) go through the guard for this process."""
     with _LOCK:
         _POLICY.update(cfg=cfg, guard=UrlGuard(cfg), destinations=DestinationPolicy.from_config(cfg))
-        opener = urllib.request.build_opener(
-            _GuardedHTTPHandler, _GuardedHTTPSHandler, _GuardedRedirectHandler, _RetryAfterHandler, _ResponseGuard
-        )
+        opener = urllib.request.OpenerDirector()  # http(s) only: no file:, ftp: or data: handlers
+        for handler in (
+            urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), urllib.request.HTTPDefaultErrorHandler(),
+            urllib.request.HTTPErrorProcessor(), _GuardedHTTPHandler(), _GuardedHTTPSHandler(),
+            _GuardedRedirectHandler(), _RetryAfterHandler(), _ResponseGuard(),
+        ):  # fmt: skip
+            opener.add_handler(handler)
         urllib.request.install_opener(opener)

@@ -144,7 +144,9 @@ def iter_url_rows(data: DataConfig, chunk_rows: int = 100_000) -> Iterator[pd.Da
 
 def url_hashes(urls: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     """Two independent 64-bit hashes per URL (128 bits: collisions are negligible even at 1e9 rows)."""
-    s = urls.astype(str).str.strip()
+    # No ``.str`` accessor: it caches itself on the Series (a reference cycle that keeps every chunk alive until
+    # the next full garbage collection, so peak memory grew with the list).
+    s = pd.Series([u.strip() for u in urls.tolist()], dtype=object)
     h1 = pd.util.hash_pandas_object(s, index=False, hash_key="lvd-url-hash-one").to_numpy(np.uint64)
     h2 = pd.util.hash_pandas_object(s, index=False, hash_key="lvd-url-hash-two").to_numpy(np.uint64)
     return h1, h2
@@ -160,8 +162,7 @@ class Plan:
         return self.dir / "inputs" / f"{shard}.parquet"
 
 
-def _write_rows(path: Path, rows: pd.DataFrame) -> None:
-    table = pa.Table.from_pandas(rows[ROW_COLUMNS].reset_index(drop=True), schema=ROW_SCHEMA, preserve_index=False)
+def _write_table(path: Path, table: pa.Table) -> None:
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
 
@@ -180,22 +181,21 @@ def plan_shards(data: DataConfig, cfg: IngestConfig, plan_dir: Path) -> Plan:
     (plan_dir / "inputs").mkdir(parents=True)
     buckets = _HashBuckets(plan_dir / "urlhash", cfg.url_dedup_buckets)
     shards: list[str] = []
-    buf: list[pd.DataFrame] = []
-    n_buf = n_rows = 0
+    pending: pa.Table | None = None  # rows not yet in a shard file (Arrow memory: no Python objects per row)
+    n_rows = 0
     for chunk in iter_url_rows(data, chunk_rows=cfg.chunk_rows):
         buckets.add(*url_hashes(chunk["url"]), chunk["row_id"].to_numpy())
         n_rows += len(chunk)
-        buf.append(chunk)
-        n_buf += len(chunk)
-        while n_buf >= cfg.shard_size:
-            rows = pd.concat(buf, ignore_index=True)
+        table = pa.Table.from_pandas(chunk[ROW_COLUMNS], schema=ROW_SCHEMA, preserve_index=False)
+        pending = table if pending is None else pa.concat_tables([pending, table])
+        del chunk, table
+        while pending.num_rows >= cfg.shard_size:
             shards.append(shard_name(len(shards)))
-            _write_rows(plan_dir / "inputs" / f"{shards[-1]}.parquet", rows.iloc[: cfg.shard_size])
-            rest = rows.iloc[cfg.shard_size :]
-            buf, n_buf = [rest], len(rest)
-    if n_buf:
+            _write_table(plan_dir / "inputs" / f"{shards[-1]}.parquet", pending.slice(0, cfg.shard_size))
+            pending = pending.slice(cfg.shard_size)
+    if pending is not None and pending.num_rows:
         shards.append(shard_name(len(shards)))
-        _write_rows(plan_dir / "inputs" / f"{shards[-1]}.parquet", pd.concat(buf, ignore_index=True))
+        _write_table(plan_dir / "inputs" / f"{shards[-1]}.parquet", pending)
     buckets.close()
     buckets.find_duplicates(plan_dir / "urldups")
     atomic_write_json(plan_dir / PLAN_FILE, {"n_rows": n_rows, "shards": shards, "shard_size": cfg.shard_size})
