@@ -17,6 +17,7 @@ Grey images stay single-channel; everything else is RGB.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import struct
 from typing import Any
@@ -110,8 +111,18 @@ def prepare(data: bytes, max_pixels: int) -> tuple[bytes | None, str | None]:
 
 
 def guarded_resizer(cfg: IngestConfig) -> Any:
-    """img2dataset's Resizer behind :func:`prepare`."""
+    """img2dataset's Resizer behind :func:`prepare`.
+
+    img2dataset silences OpenCV by dup2-ing /dev/null onto file descriptors 1 and 2 around every decode. That is
+    not thread-safe: with its own download threads (or two shards in one process) a thread can save the other's
+    /dev/null as "the original" and restore it, and the whole process loses stdout and stderr for good (found by
+    bench/ingest.py printing nothing). The redirection is switched off here; sniffing already refuses the inputs
+    OpenCV would complain about.
+    """
+    import img2dataset.resizer
     from img2dataset.resizer import Resizer
+
+    img2dataset.resizer.SuppressStdoutStderr = contextlib.nullcontext
 
     class GuardedResizer(Resizer):  # type: ignore[misc]
         def __call__(self, img_stream: io.BytesIO, blurring_bbox_list: Any = None) -> tuple:
