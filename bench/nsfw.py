@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from curation.nsfw import OpenNsfw  # noqa: E402
 from infra.config.ingest import NsfwConfig  # noqa: E402
 
-NAMES = ["astronaut", "coffee", "chelsea", "rocket", "camera", "horse", "motorcycle_left", "hubble_deep_field"]
+NAMES = ["astronaut", "coffee", "chelsea", "rocket", "camera", "horse", "page", "hubble_deep_field"]
 
 
 def images(n: int) -> list[Image.Image]:
