@@ -12,7 +12,7 @@ from curation.corpus import build_corpus
 from curation.dedup import KEPT, dedup
 from curation.embed import embed, load_embeddings
 from curation.faces import blur_faces
-from curation.ingest import excluded_ids, ingest
+from curation.ingest import excluded, ingest
 from curation.nsfw import dropped_ids, nsfw_filter
 from curation.rebalance import SELECTED, rebalance
 from curation.retrieve import RETRIEVED, SeedEmbeddings, retrieve
@@ -29,18 +29,29 @@ def _crawl(ctx: StageContext) -> StageResult:
 
 
 def _ingest(ctx: StageContext) -> StageResult:
-    return ingest(ctx.cfg.data, ctx.dir, ctx.cfg.ingest, ctx.tracker())
+    from flows.fanout import prefect_mapper
+
+    mapper = prefect_mapper(ctx.cfg.run, "ingest", ctx.cfg.ingest.processes)
+    return ingest(ctx.cfg.data, ctx.dir, ctx.cfg.ingest, ctx.tracker(), mapper)
 
 
 def _nsfw(ctx: StageContext) -> StageResult:
+    from flows.fanout import prefect_mapper
+
     ingest_dir = ctx.upstream_dir("ingest")
-    return nsfw_filter(list_shards(ingest_dir / "shards"), excluded_ids(ingest_dir), ctx.dir, ctx.cfg.nsfw, ctx.tracker())
+    shards = list_shards(ingest_dir / "shards")
+    mapper = prefect_mapper(ctx.cfg.run, "nsfw")
+    return nsfw_filter(shards, excluded(ingest_dir), ctx.dir, ctx.cfg.nsfw, ctx.tracker(), mapper)
 
 
 def _faces(ctx: StageContext) -> StageResult:
+    from flows.fanout import prefect_mapper
+
     ingest_dir = ctx.upstream_dir("ingest")
-    skip = excluded_ids(ingest_dir) | dropped_ids(ctx.upstream_dir("nsfw"))
-    return blur_faces(list_shards(ingest_dir / "shards"), skip, ctx.dir, ctx.cfg.faces, ctx.tracker())
+    shards = list_shards(ingest_dir / "shards")
+    dup, nsfw = excluded(ingest_dir), dropped_ids(ctx.upstream_dir("nsfw"))
+    skip = {s.name: dup.get(s.name, set()) | nsfw for s in shards}
+    return blur_faces(shards, skip, ctx.dir, ctx.cfg.faces, ctx.tracker(), prefect_mapper(ctx.cfg.run, "faces"))
 
 
 def _dedup(ctx: StageContext) -> StageResult:

@@ -4,6 +4,7 @@
     lvd resume RUN_ID                       continue a run from where it stopped
     lvd status RUN_ID                       stages, counts, state
     lvd lineage RUN_ID (IMAGE_ID | URL)     every decision about an image or URL (--json)
+    lvd retry-failed RUN_ID [--reason R]    re-download only the failed URLs of a finished ingest
 """
 
 from __future__ import annotations
@@ -90,6 +91,24 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retry_failed(args: argparse.Namespace) -> int:
+    from flows.retry import retry_failed_flow
+
+    state = retry_failed_flow(str(args.root), args.run_id, args.reason or None, return_state=True)
+    if not state.is_completed():
+        print(f"retry of run {args.run_id} failed: {state.message}", file=sys.stderr)
+        return 1
+    out = state.result()
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(out["by_reason"].items())) or "none"
+        print(f"attempt {out['attempt']}: retried {out['retried']} rows ({reasons}), recovered {out['recovered']} "
+              f"into {len(out['shards'])} new shards")  # fmt: skip
+        print(f"later stages are now stale: lvd resume {args.run_id} --root {args.root}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lvd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -109,13 +128,21 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("--root", default="runs", help="folder that holds the runs (default: runs)")
         c.add_argument("--json", action="store_true", help="machine-readable output")
         c.set_defaults(fn=fn)
+    rf = sub.add_parser("retry-failed", help="re-download only the failed URLs of a finished ingest (new shards)")
+    rf.add_argument("run_id")
+    rf.add_argument("--reason", action="append", metavar="R",
+                    help="retry rows that failed for this reason (repeatable, shell patterns: http_5*); "
+                         "default: transient failures (timeouts, 429, 5xx, connection and DNS errors)")  # fmt: skip
+    rf.add_argument("--root", default="runs", help="folder that holds the runs (default: runs)")
+    rf.add_argument("--json", action="store_true", help="machine-readable output")
+    rf.set_defaults(fn=cmd_retry_failed)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     _quiet()
-    if args.command in ("run", "resume"):
+    if args.command in ("run", "resume", "retry-failed"):
         _check_environment()
     try:
         return int(args.fn(args))
