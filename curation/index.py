@@ -97,7 +97,8 @@ def build_index(vectors: RowView, cfg: IndexConfig, seed: int = 0) -> SearchInde
         index.cp.niter = 10
         index.cp.seed = seed
         rng = np.random.default_rng(seed)
-        train_n = min(n, cfg.train_size, 64 * nlist)
+        # Enough for the coarse quantizer (64 per list) and, for PQ, each sub-quantizer's 2^nbits centroids.
+        train_n = min(n, cfg.train_size, max(64 * nlist, 64 * 2**cfg.pq_nbits if kind == "ivfpq" else 0))
         train = vectors.take(np.sort(rng.choice(n, train_n, replace=False)))
         index.train(train)
         index.nprobe = min(cfg.nprobe, nlist)
