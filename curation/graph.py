@@ -105,10 +105,12 @@ def knn_edges(index: SearchIndex, queries: Iterable[tuple[int, np.ndarray]], k: 
             sims = sims - next(adjust_iter).reshape(m * v, 1)
         src = np.repeat(np.arange(start, start + m), v * sims.shape[1])
         dst, sim = ids.ravel(), sims.ravel().astype(np.float32)
-        keep = dst >= 0
+        # Thresholding before the per-node top-k gives the same edges (a pair above the threshold is among the
+        # node's k best overall iff it is among its k best above the threshold) and leaves little to sort.
+        keep = (dst >= 0) & (sim > threshold)
         if exclude_self:
             keep &= dst != src
-        parts.append(_top_k_distinct(src[keep], dst[keep], sim[keep], k).above(threshold))
+        parts.append(_top_k_distinct(src[keep], dst[keep], sim[keep], k))
     return Edges.concat(parts)
 
 

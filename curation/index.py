@@ -93,6 +93,8 @@ def build_index(vectors: RowView, cfg: IndexConfig, seed: int = 0) -> SearchInde
             if dim % cfg.pq_m:
                 raise ValueError(f"index.pq_m={cfg.pq_m} must divide the vector dimension {dim}")
             index = faiss.IndexIVFPQ(quantizer, dim, nlist, cfg.pq_m, cfg.pq_nbits, faiss.METRIC_INNER_PRODUCT)
+            index.pq.cp.niter = 10  # sub-quantizer k-means: 10 iterations on at most 64 points per centroid
+            index.pq.cp.max_points_per_centroid = 64
             params.update(pq_m=cfg.pq_m, pq_nbits=cfg.pq_nbits, refine_factor=cfg.refine_factor)
         index.cp.niter = 10
         index.cp.seed = seed

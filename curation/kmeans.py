@@ -123,11 +123,21 @@ def update(chunks: Iterable[tuple[int, np.ndarray]], assign_: np.ndarray, old: n
 
 
 def kmeans(x: np.ndarray, k: int, n_iter: int, rng: np.random.Generator, precision: str = "fp32",
-           counter: FlopCounter | None = None, init: np.ndarray | None = None) -> KMeans:  # fmt: skip
-    """k-means on an in-memory (n, D) array: k-means++ init (or ``init``), then ``n_iter`` Lloyd iterations."""
+           counter: FlopCounter | None = None, init: np.ndarray | None = None,
+           init_sample: int | None = None) -> KMeans:  # fmt: skip
+    """k-means on an in-memory (n, D) array: k-means++ init (or ``init``), then ``n_iter`` Lloyd iterations.
+
+    k-means++ is sequential in k and reads all its points at every step; ``init_sample`` runs it on a random
+    subset of that many points (at least k) when the array is larger.
+    """
     x = np.ascontiguousarray(x, dtype=np.float32)
     k = max(1, min(k, len(x)))
-    centroids = kmeans_plusplus(x, k, rng) if init is None else np.asarray(init, np.float32)
+    if init is None:
+        seeds = x
+        if init_sample is not None and len(x) > max(init_sample, k):
+            seeds = x[np.sort(rng.choice(len(x), max(init_sample, k), replace=False))]
+        init = kmeans_plusplus(seeds, k, rng)
+    centroids = np.asarray(init, np.float32)
     a, d = assign(array_chunks(x), centroids, len(x), precision, counter)
     for _ in range(n_iter):
         centroids = update(array_chunks(x), a, centroids)

@@ -59,11 +59,11 @@ def resample(members: list[np.ndarray], size: int, strategy: str, rng: np.random
 def fit_level(x: np.ndarray, k: int, steps: int, sample_size: int, cfg: RebalanceConfig, rng: np.random.Generator,
               counter: FlopCounter | None = None) -> Level:  # fmt: skip
     """k-means with resampling on the in-memory inputs of one level."""
-    km = kmeans(x, k, cfg.n_iter, rng, cfg.precision, counter)
+    km = kmeans(x, k, cfg.n_iter, rng, cfg.precision, counter, init_sample=cfg.init_sample)
     for _ in range(1, steps):
         members = members_by_distance(km.assign, km.dist2, len(km.centroids))
         sub = resample(members, sample_size, cfg.resample_strategy, rng)
-        fitted = kmeans(x[sub], k, cfg.n_iter, rng, cfg.precision, counter)
+        fitted = kmeans(x[sub], k, cfg.n_iter, rng, cfg.precision, counter, init_sample=cfg.init_sample)
         a, d = assign(array_chunks(x), fitted.centroids, len(x), cfg.precision, counter)
         km = type(km)(fitted.centroids, a, d, float(d.sum()))
     return Level(km.centroids, km.assign, km.dist2)

@@ -171,6 +171,7 @@ class RebalanceConfig(Section):
     target_size: int | None = Field(default=None, ge=1)
     leaf_strategy: Literal["random", "closest"] = "random"  # reference: r (default) or c
     fit_sample: int = Field(default=1_000_000, ge=1)  # level 1 is fitted on at most this many points
+    init_sample: int | None = Field(default=None, ge=1)  # k-means++ on at most this many of them (None: all)
     precision: Literal["bf16", "fp32"] = "fp32"  # dtype of the assignment matmul (sums are float64)
 
     @model_validator(mode="after")
