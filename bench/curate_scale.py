@@ -10,10 +10,10 @@ one image at cosine 0.8-0.95 to it) covering 2% of the pool.
 
 Steps, each with wall time and peak RSS (sampled from /proc every 20 ms):
 1. peak matmul rate of this machine in fp32 and bf16 (the physical limit the k-means rate is compared with);
-2. dedup graph: IVF-Flat index, k=64 kNN of every vector, edges with cosine > 0.6, union-find components;
-   planted-group recall and false merges against the generator's truth;
-3. retrieval: IVF-PQ index (exact re-scoring), N=4 neighbours of 10,000 seed queries, recall@4 against brute force
-   on 1,000 of them;
+2. dedup graph: IVF partition searched as matmul blocks (``ivf_blocks``, 8 of ~2 sqrt(n) lists probed), k=64
+   neighbours with cosine > 0.6 per vector, union-find components; planted-group recall and false merges;
+3. retrieval: IVF-PQ index (64 lists probed, exact re-scoring of 32x candidates), N=4 neighbours of 10,000 seed
+   queries, recall@4 against brute force on 1,000 of them;
 4. hierarchical k-means: 3 levels (n/500, n/5000, n/50000 clusters), level 1 fitted on 50 points per cluster
    (k-means++ on 25 per cluster) then every point assigned; resampling on levels 2-3 (10 steps, 5 and 3 points
    per cluster); balanced sampling of n/4 points. Achieved assignment GFLOP/s against the measured matmul peak.
@@ -142,11 +142,12 @@ def generate(out: Path, n: int, dim: int, seed: int, shard: int = 131_072) -> tu
     return VectorStore(paths), cluster, group
 
 
-def dedup_graph(store: VectorStore, group: np.ndarray, nlist: int) -> None:
+def dedup_graph(store: VectorStore, group: np.ndarray, nlist: int, work: Path) -> None:
     with Step("dedup_graph").run() as info:
-        idx = build_index(RowView(store), IndexConfig(kind="ivf_flat", nlist=nlist, nprobe=8, train_size=32 * nlist), seed=0)
+        cfg = IndexConfig(kind="ivf_blocks", nlist=nlist, nprobe=8, train_size=32 * nlist)
+        idx = build_index(RowView(store), cfg, seed=0, work_dir=work)
         t = time.perf_counter()
-        edges = knn_edges(idx, ((s, b[:, None, :]) for s, b in store.chunks(16_384)), k=64, threshold=0.6)
+        edges = knn_edges(idx, ((s, b[:, None, :]) for s, b in store.chunks(262_144)), k=64, threshold=0.6)
         search_s = time.perf_counter() - t
         uf = UnionFind(len(store))
         uf.union_edges(edges.src, edges.dst)
@@ -154,12 +155,11 @@ def dedup_graph(store: VectorStore, group: np.ndarray, nlist: int) -> None:
         del idx
         planted = group >= 0
         g, lab = group[planted], labels[planted]
-        # A planted group is recovered when all its members share one component.
-        per_group = np.unique(np.stack([g, lab], 1), axis=0)
+        per_group = np.unique(np.stack([g, lab], 1), axis=0)  # a planted group is recovered in one component
         recovered = np.bincount(per_group[:, 0]) == 1
         info.update(edges=len(edges), components=int(len(np.unique(labels))), search_seconds=round(search_s, 1),
                     planted_groups=int(len(recovered)), planted_groups_recovered=round(float(recovered.mean()), 4),
-                    **false_merges(labels, group), index=f"IVF{nlist},Flat nprobe=8")  # fmt: skip
+                    **false_merges(labels, group), index=f"IVF{nlist} blocks nprobe=8, k=64, cos>0.6")  # fmt: skip
 
 
 def false_merges(labels: np.ndarray, group: np.ndarray) -> dict:
@@ -178,7 +178,7 @@ def false_merges(labels: np.ndarray, group: np.ndarray) -> dict:
 def retrieval(store: VectorStore, cluster: np.ndarray, nlist: int, seed: int) -> None:
     rng = np.random.default_rng(seed + 1)
     with Step("retrieval").run() as info:
-        cfg = IndexConfig(kind="ivfpq", nlist=nlist, nprobe=16, pq_m=32, pq_nbits=8, refine_factor=8, train_size=32 * nlist)
+        cfg = IndexConfig(kind="ivfpq", nlist=nlist, nprobe=64, pq_m=32, pq_nbits=8, refine_factor=32, train_size=32 * nlist)
         idx = build_index(RowView(store), cfg, seed=0)
         # Seed queries: perturbed pool points of 200 random concepts (a curated dataset's distribution).
         concepts = rng.choice(np.unique(cluster), 200, replace=False)
@@ -191,7 +191,7 @@ def retrieval(store: VectorStore, cluster: np.ndarray, nlist: int, seed: int) ->
         per_image = np.bincount(ids[ids >= 0].ravel())
         recall = recall_at_k(idx, q[:1000], 4)
         info.update(queries=len(q), n_neighbors=4, search_seconds=round(search_s, 2), retrieved=int((per_image > 0).sum()),
-                    collisions=int((per_image > 1).sum()), recall_at_4=round(recall, 4), index=f"IVF{nlist},PQ32x8 nprobe=16 refine=8")  # fmt: skip
+                    collisions=int((per_image > 1).sum()), recall_at_4=round(recall, 4), index=f"IVF{nlist},PQ32x8 nprobe=64 refine=32")  # fmt: skip
         del idx
 
 
@@ -233,7 +233,7 @@ def main() -> None:
         info.update(n=len(store), dim=args.dim, shards=len(store.paths), bytes_on_disk=sum(p.stat().st_size for p in store.paths))
     # ~2 sqrt(n) lists: on CPU the coarse quantizer's training and per-query scan dominate (docs/scaling.md).
     nlist = 2 ** round(np.log2(2 * np.sqrt(args.n)))
-    dedup_graph(store, group, nlist)
+    dedup_graph(store, group, nlist, out)
     retrieval(store, cluster, nlist, args.seed)
     counter = hierarchical(store, precision)
     with Step("matmul_peak_again").run() as info:  # contention varies: the peak is the best of both measurements

@@ -23,7 +23,7 @@ from PIL import Image
 
 from curation.descriptors import Descriptor, Whitener, build_descriptor, describe, n_views, score_norm_offsets
 from curation.graph import Edges, UnionFind, components, knn_edges
-from curation.index import SearchIndex, build_index
+from curation.index import BlockedIVF, SearchIndex, build_index
 from curation.vectors import RowView, VectorStore, VectorWriter, write_vectors
 from infra.config.curation import DedupConfig, IndexConfig
 from infra.config.data import EvalSetConfig
@@ -38,6 +38,7 @@ DESCRIPTORS = "descriptors"
 KEPT = "kept.parquet"
 COMPONENTS = "components.parquet"
 QUERY_CHUNK = 4096
+BLOCK_QUERY_CHUNK = 131_072
 DECODE_BATCH = 256
 
 
@@ -127,12 +128,13 @@ def eval_described(eval_sets: list[EvalSetConfig], descriptor: Descriptor, cfg: 
     return Described(meta, views, _base_vectors(views, whitener, stage_dir / "eval_index_vectors.npy"), whitener)
 
 
-def _offsets(nodes: Described, background: np.ndarray | None, cfg: DedupConfig) -> Iterator[np.ndarray] | None:
+def _offsets(nodes: Described, background: np.ndarray | None, cfg: DedupConfig,
+             chunk: int = QUERY_CHUNK) -> Iterator[np.ndarray] | None:  # fmt: skip
     if background is None:
         return None
     sn = cfg.score_norm
     return (score_norm_offsets(b.reshape(-1, b.shape[-1]), background, sn.ranks, sn.beta).reshape(b.shape[:2])
-            for _, b in nodes.query_chunks())  # fmt: skip
+            for _, b in nodes.query_chunks(chunk))  # fmt: skip
 
 
 def _background(pool: Described, descriptor: Descriptor, cfg: DedupConfig, seed: int) -> np.ndarray | None:
@@ -157,11 +159,13 @@ class DedupGraph:
 
 
 def dedup_graph(pool: Described, ev: Described, cfg: DedupConfig, index_cfg: IndexConfig, seed: int,
-                background: np.ndarray | None = None) -> DedupGraph:  # fmt: skip
+                background: np.ndarray | None = None, work_dir: Path | None = None) -> DedupGraph:  # fmt: skip
     n = len(pool.meta)
     low = min(cfg.threshold, cfg.eval_threshold)
-    index = build_index(pool.base, index_cfg, seed) if n else None
-    edges = knn_edges(index, pool.query_chunks(), cfg.k, low, adjust=_offsets(pool, background, cfg)) if n else Edges.empty()
+    index = build_index(pool.base, index_cfg, seed, work_dir) if n else None
+    chunk = BLOCK_QUERY_CHUNK if isinstance(index, BlockedIVF) else QUERY_CHUNK  # many queries per list per matmul
+    queries = pool.query_chunks(chunk)
+    edges = knn_edges(index, queries, cfg.k, low, adjust=_offsets(pool, background, cfg, chunk)) if n else Edges.empty()
     labels = components(n, edges.above(cfg.threshold))
     table = _representatives(pool.meta, labels, cfg.representative)
     cross = _eval_edges(pool, ev, index, cfg, seed, background) if n and len(ev.meta) else Edges.empty()
@@ -189,8 +193,9 @@ def _eval_edges(pool: Described, ev: Described, index: SearchIndex, cfg: DedupCo
     ev_index = build_index(ev.base, IndexConfig(kind="flat"), seed)
     fwd = knn_edges(ev_index, pool.query_chunks(), cfg.k, cfg.eval_threshold, exclude_self=False,
                     adjust=_offsets(pool, background, cfg))  # fmt: skip
-    back = knn_edges(index, ev.query_chunks(), cfg.k, cfg.eval_threshold, exclude_self=False,
-                     adjust=_offsets(ev, background, cfg))  # fmt: skip
+    chunk = BLOCK_QUERY_CHUNK if isinstance(index, BlockedIVF) else QUERY_CHUNK
+    back = knn_edges(index, ev.query_chunks(chunk), cfg.k, cfg.eval_threshold, exclude_self=False,
+                     adjust=_offsets(ev, background, cfg, chunk))  # fmt: skip
     return Edges.concat([fwd, Edges(back.dst, back.src, back.sim)])
 
 
@@ -228,7 +233,7 @@ def dedup(
         tracker.run(shard.name, lambda shard=shard: describe_shard(shard, get(), cfg, stage_dir / DESCRIPTORS))
     pool = load_described(stage_dir, shards, cfg, seed)
     ev = eval_described(eval_sets, get(), cfg, stage_dir, pool.whitener)
-    graph = dedup_graph(pool, ev, cfg, cfg.index, seed, _background(pool, get(), cfg, seed))
+    graph = dedup_graph(pool, ev, cfg, cfg.index, seed, _background(pool, get(), cfg, seed), stage_dir)
     result = _record(graph, stage_dir, get().name, cfg, len(ev.meta))
     if cfg.descriptor.backend == "sscd" and cfg.descriptor.path is not None:
         result.extra["model_sha256"] = sha256_file(cfg.descriptor.path)

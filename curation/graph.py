@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from curation.index import SearchIndex
+from curation.index import BlockedIVF, SearchIndex
 
 
 class UnionFind:
@@ -99,12 +99,17 @@ def knn_edges(index: SearchIndex, queries: Iterable[tuple[int, np.ndarray]], k: 
     parts = []
     for start, views in queries:
         m, v, dim = views.shape
-        kk = k + 1 if exclude_self else k
-        sims, ids = index.search(views.reshape(m * v, dim), kk)  # m*V, kk
-        if adjust_iter is not None:
-            sims = sims - next(adjust_iter).reshape(m * v, 1)
-        src = np.repeat(np.arange(start, start + m), v * sims.shape[1])
-        dst, sim = ids.ravel(), sims.ravel().astype(np.float32)
+        flat = views.reshape(m * v, dim)
+        offsets = next(adjust_iter).reshape(m * v) if adjust_iter is not None else None
+        if isinstance(index, BlockedIVF):  # every probed pair above the threshold, exact, as dense matmuls
+            rows, dst, sim = index.range_pairs(flat, threshold, offsets)
+            src = start + rows // v
+        else:
+            sims, ids = index.search(flat, k + 1 if exclude_self else k)  # m*V, kk
+            if offsets is not None:
+                sims = sims - offsets[:, None]
+            src = np.repeat(np.arange(start, start + m), v * sims.shape[1])
+            dst, sim = ids.ravel(), sims.ravel().astype(np.float32)
         # Thresholding before the per-node top-k gives the same edges (a pair above the threshold is among the
         # node's k best overall iff it is among its k best above the threshold) and leaves little to sort.
         keep = (dst >= 0) & (sim > threshold)

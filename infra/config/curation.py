@@ -19,11 +19,13 @@ class IndexConfig(Section):
 
     ``auto``: exact ``flat`` search up to ``flat_max`` vectors, IVF beyond. Similarities that leave an index are
     always recomputed exactly from the stored vectors, so thresholds never see PQ-approximate scores.
+    ``ivf_blocks`` (threshold graphs only, e.g. dedup): the IVF partition searched list by list as dense matmuls,
+    base vectors stored by list on disk (fp16); exact scores, candidates limited to the ``nprobe`` probed lists.
     """
 
-    kind: Literal["auto", "flat", "ivf_flat", "ivfpq"] = "auto"
+    kind: Literal["auto", "flat", "ivf_flat", "ivfpq", "ivf_blocks"] = "auto"
     flat_max: int = Field(default=200_000, ge=1)
-    large: Literal["ivf_flat", "ivfpq"] = "ivfpq"  # what `auto` picks above `flat_max`
+    large: Literal["ivf_flat", "ivfpq", "ivf_blocks"] = "ivfpq"  # what `auto` picks above `flat_max`
     nlist: int | None = Field(default=None, ge=1)  # None: 4 * sqrt(n), rounded to a power of two
     nprobe: int = Field(default=16, ge=1)
     pq_m: int = Field(default=32, ge=1)  # sub-quantizers; must divide the dimension
@@ -95,7 +97,7 @@ class DedupConfig(Section):
     enabled: bool = True
     descriptor: DescriptorConfig = Field(default_factory=DescriptorConfig)
     score_norm: ScoreNormConfig = Field(default_factory=ScoreNormConfig)
-    index: IndexConfig = Field(default_factory=lambda: IndexConfig(kind="auto", large="ivf_flat"))
+    index: IndexConfig = Field(default_factory=lambda: IndexConfig(kind="auto", large="ivf_blocks", nprobe=8))
     k: int = Field(default=64, ge=1)  # paper §A.3: 64 neighbours
     threshold: float = Field(default=0.6, ge=-1.0, le=1.0)  # paper §A.3: cosine > 0.6
     eval_threshold: float = Field(default=0.45, ge=-1.0, le=1.0)  # paper §A.3: cosine > 0.45

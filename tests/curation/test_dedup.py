@@ -142,3 +142,26 @@ def test_descriptor_views_are_validated(bad) -> None:
 
     with pytest.raises(ValueError):
         DescriptorConfig.model_validate(bad)
+
+
+def test_blocked_ivf_threshold_graph_equals_exact_search(tmp_path, rng) -> None:
+    """With every list probed, the matmul-blocked IVF gives the flat index's edges; with fewer, a subset."""
+    centres = rng.standard_normal((30, 16)).astype(np.float32)
+    x = centres[rng.integers(0, 30, 3000)] + 0.6 * rng.standard_normal((3000, 16)).astype(np.float32)
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16).astype(np.float32)  # stored as fp16
+    base = RowView(x)
+    views = np.stack([x, x[:, ::-1]], 1)  # two "views" per node
+
+    def edges(cfg: IndexConfig, k: int = 5) -> dict:
+        index = build_index(base, cfg, seed=0, work_dir=tmp_path)
+        e = knn_edges(index, [(0, views[:1700]), (1700, views[1700:])], k=k, threshold=0.8)
+        return dict(zip(zip(e.src.tolist(), e.dst.tolist(), strict=True), e.sim.tolist(), strict=True))
+
+    exact = edges(IndexConfig(kind="flat"))
+    assert len(exact) == 13621
+    blocks = edges(IndexConfig(kind="ivf_blocks", nlist=16, nprobe=16))
+    assert blocks.keys() == exact.keys()
+    np.testing.assert_allclose([blocks[p] for p in exact], list(exact.values()), atol=1e-6)
+    every_pair = edges(IndexConfig(kind="flat"), k=3000)  # all pairs above the threshold
+    partial = edges(IndexConfig(kind="ivf_blocks", nlist=16, nprobe=2))
+    assert partial.keys() <= every_pair.keys() and len(partial) == 13547
