@@ -25,7 +25,11 @@ def build_model(cfg: BackboneConfig, seed: int = 0) -> torch.nn.Module:
                 raise ValueError(f"{cfg.path}: weights missing for {cfg.arch}: {missing[:5]} ...")
         return model
     from training.checkpoint import load_backbone
-    from training.vision_transformer import build_backbone
+
+    try:  # the training branch keeps the builder in its registry module
+        from training.registry import build_backbone
+    except ImportError:
+        from training.vision_transformer import build_backbone
 
     if cfg.path is not None:
         # Project exports (.safetensors with the architecture in the metadata) and official DINOv2

@@ -165,3 +165,36 @@ def test_blocked_ivf_threshold_graph_equals_exact_search(tmp_path, rng) -> None:
     every_pair = edges(IndexConfig(kind="flat"), k=3000)  # all pairs above the threshold
     partial = edges(IndexConfig(kind="ivf_blocks", nlist=16, nprobe=2))
     assert partial.keys() <= every_pair.keys() and len(partial) == 13547
+
+
+def test_pca_whitening_and_centring(rng) -> None:
+    from curation.descriptors import Whitener
+
+    x = rng.standard_normal((2000, 6)).astype(np.float32) @ np.diag([5, 3, 1, 1, 0.5, 0.1]).astype(np.float32) + 2
+    w = Whitener.fit(x, "pcaw")
+    z = (x - w.mean) @ w.proj  # before the final L2
+    np.testing.assert_allclose(np.cov(z, rowvar=False), np.eye(6), atol=1e-3)
+    assert Whitener.fit(x, "pcaw", dim=2).proj.shape == (6, 2)
+    c = Whitener.fit(x, "center")
+    np.testing.assert_allclose(c(x), (x - x.mean(0)) / np.linalg.norm(x - x.mean(0), axis=1, keepdims=True), atol=1e-5)
+
+
+def test_score_norm_offsets_are_sscds() -> None:
+    from curation.descriptors import score_norm_offsets
+
+    q = np.array([[1.0, 0.0]], np.float32)
+    bg = np.array([[0.9, np.sqrt(0.19)], [0.5, np.sqrt(0.75)], [0.7, np.sqrt(0.51)], [0.1, np.sqrt(0.99)]], np.float32)
+    # neighbours ranked 0..2 (inclusive) by similarity: 0.9, 0.7, 0.5 -> mean 0.7, times beta
+    np.testing.assert_allclose(score_norm_offsets(q, bg, (0, 2), 1.0), [0.7], rtol=1e-6)
+    np.testing.assert_allclose(score_norm_offsets(q, bg, (1, 2), 0.5), [0.3], rtol=1e-6)
+
+
+def test_whitening_and_score_norm_run_in_the_stage(tmp_path) -> None:
+    shards, ev = _planted(tmp_path)
+    out = tmp_path / "dedup"
+    cfg = DedupConfig.model_validate({**PIXEL, "descriptor": {**PIXEL["descriptor"], "whitening": "center"},
+                                      "score_norm": {"enabled": True, "background_size": 8}, "threshold": 0.3,
+                                      "eval_threshold": 0.3})  # fmt: skip
+    res = dedup(shards, ev, out, cfg, ShardTracker("dedup", out))
+    assert res.extra["whitening"] == "center" and res.extra["score_norm"] is True
+    assert res.counts["input"] == 21 and (out / "index_vectors.npy").is_file()

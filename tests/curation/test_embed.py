@@ -114,3 +114,18 @@ def test_timm_backbone_from_a_local_weights_file(tmp_path) -> None:
 def test_dinov2_kind_needs_a_path() -> None:
     with pytest.raises(ValueError, match="needs `path`"):
         BackboneConfig(kind="dinov2", arch="vit_small", patch_size=14)
+
+
+def test_official_dinov2_checkpoint_through_the_backbone_config(tmp_path) -> None:
+    """kind=dinov2: a released-format state dict (`blocks.<i>.*` keys, `.pth`) loads into the project ViT."""
+    registry = pytest.importorskip("training.registry", reason="needs the training package (training/)")
+    from flows.models import build_model
+    from training.checkpoint import official_state_dict
+
+    torch.manual_seed(0)
+    ref = registry.build_backbone("vit_pico", patch_size=4, img_size=28).eval()
+    torch.save(official_state_dict(ref), tmp_path / "dinov2_vitp4_pretrain.pth")
+    cfg = BackboneConfig(kind="dinov2", arch="vit_pico", patch_size=4, image_size=28, path=tmp_path / "dinov2_vitp4_pretrain.pth")
+    model = build_model(cfg).eval()
+    x = torch.randn(2, 3, 28, 28)
+    torch.testing.assert_close(model(x), ref(x))
