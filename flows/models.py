@@ -16,15 +16,23 @@ def build_model(cfg: BackboneConfig, seed: int = 0) -> torch.nn.Module:
     if cfg.kind == "timm":
         import timm
 
+        # Any timm architecture; the weights come from a local file (no hub access), classifier head removed.
         model = timm.create_model(cfg.arch, pretrained=False, num_classes=0)
         if cfg.path is not None:
-            model.load_state_dict(_load_state_dict(cfg.path), strict=True)
+            # Classifier weights in the file are ignored (num_classes=0); every backbone weight must be there.
+            missing, _ = model.load_state_dict(_load_state_dict(cfg.path), strict=False)
+            if missing:
+                raise ValueError(f"{cfg.path}: weights missing for {cfg.arch}: {missing[:5]} ...")
         return model
     from training.checkpoint import load_backbone
     from training.registry import build_backbone
 
     if cfg.path is not None:
+        # Project exports (.safetensors with the architecture in the metadata) and official DINOv2
+        # `dinov2_vit*14*_pretrain.pth` state dicts (architecture inferred from the shapes, heads from `arch`).
         return load_backbone(cfg.path, arch=cfg.arch, patch_size=cfg.patch_size)
+    if cfg.kind == "dinov2":
+        raise ValueError("embed.backbone.kind=dinov2 needs embed.backbone.path (an official DINOv2 checkpoint)")
     return build_backbone(cfg.arch, patch_size=cfg.patch_size, img_size=cfg.image_size)
 
 

@@ -5,6 +5,7 @@
     lvd status RUN_ID                       stages, counts, state
     lvd lineage RUN_ID (IMAGE_ID | URL)     every decision about an image or URL (--json)
     lvd retry-failed RUN_ID [--reason R]    re-download only the failed URLs of a finished ingest
+    lvd models fetch NAME [NAME ...]        download official model files (SSCD, DINOv2) with checksums
 """
 
 from __future__ import annotations
@@ -109,6 +110,27 @@ def cmd_retry_failed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_fetch(args: argparse.Namespace) -> int:
+    from curation.models.registry import REGISTRY, ChecksumError, fetch
+
+    if args.list:
+        for entry in REGISTRY.values():
+            print(f"{entry.name:<36} {'pinned' if entry.sha256 else 'unpinned':<9} {entry.url}")
+        return 0
+    if not args.names:
+        print("name at least one model (see --list)", file=sys.stderr)
+        return 2
+    for name in args.names:
+        try:
+            path, digest, verified = fetch(name, Path(args.dir))
+        except (KeyError, ChecksumError, OSError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        state = "verified" if verified else f"recorded in {Path(args.dir) / 'checksums.json'} (no upstream checksum)"
+        print(f"{path}  sha256={digest}  {state}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lvd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -136,6 +158,12 @@ def parser() -> argparse.ArgumentParser:
     rf.add_argument("--root", default="runs", help="folder that holds the runs (default: runs)")
     rf.add_argument("--json", action="store_true", help="machine-readable output")
     rf.set_defaults(fn=cmd_retry_failed)
+    models = sub.add_parser("models", help="official model files").add_subparsers(dest="models_command", required=True)
+    f = models.add_parser("fetch", help="download official model files (needs internet) and check their sha256")
+    f.add_argument("names", nargs="*", help="registry names, e.g. sscd_disc_mixup dinov2_vits14")
+    f.add_argument("--dir", default="models", help="destination folder (default: models)")
+    f.add_argument("--list", action="store_true", help="list the registry")
+    f.set_defaults(fn=cmd_models_fetch)
     return p
 
 
