@@ -14,7 +14,7 @@ from infra.datasets import iter_images
 from infra.lineage import POOL, LedgerWriter
 from infra.shards import ShardWriter, list_shards, shard_name
 from infra.stage import StageResult
-from infra.storage import atomic_path, atomic_write_text
+from infra.storage import atomic_path, atomic_write_text, sha256_bytes
 
 MANIFEST_TABLE = "corpus.parquet"
 COMPOSITION = "composition.parquet"
@@ -60,7 +60,8 @@ def build_corpus(
             if key in wanted:
                 r = info.loc[key]
                 name = writer.add(key, data, ext, row_id=int(r.row_id), source=POOL, seed_set=r.seed_set, method=r.method)
-                ledger.keep("in_corpus", row_id=int(r.row_id), image_id=key, detail={"shard": name, "seed_set": r.seed_set})
+                ledger.keep("in_corpus", row_id=int(r.row_id), image_id=key,
+                            detail={"shard": name, "seed_set": r.seed_set, "sha256": sha256_bytes(data)})  # fmt: skip
     written = set(info.index)
     for s in as_is:
         for item in iter_images(s.path, s.format):
@@ -69,7 +70,8 @@ def build_corpus(
             written.add(item.image_id)
             ext = item.name.rsplit(".", 1)[-1].lower()
             name = writer.add(item.image_id, item.data, ext, row_id=-1, source=s.name, seed_set=s.name, method="as_is")
-            ledger.keep("in_corpus", image_id=item.image_id, source=s.name, detail={"shard": name, "as_is": True})
+            ledger.keep("in_corpus", image_id=item.image_id, source=s.name,
+                        detail={"shard": name, "as_is": True, "sha256": sha256_bytes(item.data)})  # fmt: skip
     writer.close()
     ledger.write(stage_dir / "ledger" / "corpus.parquet")
     table = pd.DataFrame(writer.rows)
