@@ -111,13 +111,6 @@ def export_backbone(backbone: DinoVisionTransformer, path: Path, official_pth: b
     return path
 
 
-def head_kwargs(head: DINOHead) -> dict[str, Any]:
-    linears = [m for m in head.mlp.modules() if isinstance(m, nn.Linear)]
-    return {"in_dim": linears[0].in_features, "out_dim": head.last_layer.weight_g.shape[0],
-            "nlayers": len(linears), "hidden_dim": linears[0].out_features if len(linears) > 1 else 0,
-            "bottleneck_dim": linears[-1].out_features, "mlp_bias": linears[0].bias is not None}
-
-
 def export_bundle(modules: Mapping[str, nn.Module], path: Path) -> Path:
     """Backbone + heads in one safetensors file (the reference's `teacher_checkpoint.pth`, without pickle)."""
     state: dict[str, torch.Tensor] = {}
@@ -125,7 +118,7 @@ def export_bundle(modules: Mapping[str, nn.Module], path: Path) -> Path:
     for name, module in modules.items():
         sd = official_state_dict(module) if isinstance(module, DinoVisionTransformer) else module.state_dict()
         state.update({f"{name}.{k}": v for k, v in sd.items()})
-        meta[f"lvd_{name}"] = module.arch_kwargs if isinstance(module, DinoVisionTransformer) else head_kwargs(module)
+        meta[f"lvd_{name}"] = module.arch_kwargs if isinstance(module, DinoVisionTransformer) else module.head_kwargs
     return save_safetensors(state, path, meta)
 
 

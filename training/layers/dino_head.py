@@ -45,6 +45,9 @@ class DINOHead(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, nlayers: int = 3, hidden_dim: int = 2048,
                  bottleneck_dim: int = 256, mlp_bias: bool = True):
         super().__init__()
+        # What rebuilds this head (recorded in exports; readable even when FSDP has flattened the parameters).
+        self.head_kwargs = {"in_dim": in_dim, "out_dim": out_dim, "nlayers": nlayers, "hidden_dim": hidden_dim,
+                            "bottleneck_dim": bottleneck_dim, "mlp_bias": mlp_bias}
         self.mlp = _build_mlp(max(nlayers, 1), in_dim, bottleneck_dim, hidden_dim, mlp_bias)
         for m in self.mlp.modules():
             if isinstance(m, nn.Linear):
