@@ -29,6 +29,10 @@ def resolve(cfg: PipelineConfig, run: RunDir) -> PipelineConfig:
             cfg.data.eval_sets = [
                 EvalSetConfig(name="mnist", train=crawl / "eval" / "mnist" / "train", test=crawl / "eval" / "mnist" / "test")
             ]
+        if not cfg.evaluate.benchmarks:
+            from infra.demo.benchmarks import demo_benchmarks
+
+            cfg.evaluate.benchmarks = demo_benchmarks(crawl)
     problems = _check_inputs(cfg)
     if problems:
         raise ConfigError(problems, "configuration")
