@@ -82,7 +82,9 @@ def evaluation_models(cfg: PipelineConfig, teacher: Path) -> list[EvalModel]:
     if cfg.evaluate.random_init_baseline:
         models.append(EvalModel(feature_model(arch, "random-init", seed=cfg.run.seed), "baseline"))
     if cfg.evaluate.raw_pixel_baseline:
-        models.append(EvalModel(PixelModel(arch.image_size, student.patch_size), "baseline"))
+        # At most ~32 px: raw pixels of a 224 px image would make 150k-dim linear probes (x 13 lrs x classes).
+        p = student.patch_size
+        models.append(EvalModel(PixelModel(min(arch.image_size, max(p, 32 // p * p)), p), "baseline"))
     for ref in cfg.evaluate.models:
         models.append(EvalModel(feature_model(ref.backbone, ref.name), "reference", str(ref.backbone.path or "")))
     return models
