@@ -2,7 +2,12 @@ import pytest
 import yaml
 
 from infra.config import ConfigError, load_config
-from infra.config.evaluate import ClassificationBenchmark, CopyDetectionBenchmark, RetrievalBenchmark, SegmentationBenchmark
+from infra.config.evaluate import (
+    ClassificationBenchmark,
+    CopyDetectionBenchmark,
+    RetrievalBenchmark,
+    SegmentationBenchmark,
+)
 from infra.runs import prepare_run
 
 
@@ -26,7 +31,7 @@ def test_benchmarks_of_every_kind_parse_by_kind(tmp_path):
     kinds = [type(b) for b in load_config(f).evaluate.benchmarks]
     assert kinds == [ClassificationBenchmark, RetrievalBenchmark, CopyDetectionBenchmark, SegmentationBenchmark]
     f.write_text(yaml.safe_dump({"evaluate": {"benchmarks": [{"kind": "depth", "name": "nyu"}]}}))
-    with pytest.raises(ConfigError, match="evaluate.benchmarks.0"):
+    with pytest.raises(ConfigError, match=r"evaluate\.benchmarks\.0"):
         load_config(f)
 
 
