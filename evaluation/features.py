@@ -168,7 +168,13 @@ class ImageSet:
     names: list[str] = field(default_factory=list)
 
     @property
+    def content_digest(self) -> str:
+        """The images alone, in order: what features depend on (labels do not)."""
+        return hashlib.sha256("\n".join(self.ids).encode()).hexdigest()
+
+    @property
     def digest(self) -> str:
+        """Images and labels, in order: the identity of a benchmark split (recorded with results)."""
         h = hashlib.sha256()
         labels = self.labels if self.labels is not None else [None] * len(self.ids)
         for i, y in zip(self.ids, labels, strict=True):
@@ -207,7 +213,7 @@ class FeatureExtractor:
     misses: int = 0
 
     def key(self, model: FeatureModel, images: ImageSet, patches: bool) -> str:
-        spec = {"layout": LAYOUT, "model": model.fingerprint, "data": images.digest, "size": model.image_size,
+        spec = {"layout": LAYOUT, "model": model.fingerprint, "data": images.content_digest, "size": model.image_size,
                 "precision": self.precision, "patches": patches}  # fmt: skip
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
@@ -257,5 +263,5 @@ class FeatureExtractor:
                 with atomic_path(d / f"{name}.npy") as tmp, open(tmp, "wb") as f:
                     np.save(f, arr)
         atomic_write_json(d / "meta.json", {"model": model.name, "fingerprint": model.fingerprint, "n": len(images),
-                                            "dataset_digest": images.digest, "image_size": model.image_size})
+                                            "content_digest": images.content_digest, "image_size": model.image_size})
         log.info("cached %s features of %d images under %s", model.name, len(images), d)

@@ -57,7 +57,7 @@ def probe_input(feats: Features, n_last: int, avgpool: bool) -> torch.Tensor:
     x = cls.reshape(len(cls), -1)
     if avgpool:
         x = np.concatenate([x, np.asarray(feats.patch_mean, np.float32)], axis=1)
-    return torch.from_numpy(np.ascontiguousarray(x))
+    return torch.from_numpy(np.require(x, np.float32, ["C_CONTIGUOUS", "WRITEABLE"]))  # cached features are read-only
 
 
 def cosine_lr(base: float, it: int, total: int) -> float:

@@ -38,7 +38,10 @@ def test_features_are_cached_by_model_and_dataset(toy_classification, tmp_path):
     np.testing.assert_array_equal(first.cls, again.cls)
     extract(pixels, train)  # another dataset
     extract(PixelModel(8, 4), test)  # another transform
-    test.labels = (test.labels + 1) % 3  # same images, other labels: another digest
-    extract(pixels, test)
-    assert (extract.misses, extract.hits) == (4, 1)
+    extract(pixels, test, patches=True)  # patch tokens asked for
+    relabelled = read_image_set(toy_classification[1])
+    relabelled.labels = (relabelled.labels + 1) % 3  # same images, other labels: the same features
+    extract(pixels, relabelled)
+    assert relabelled.digest != test.digest
+    assert (extract.misses, extract.hits) == (4, 2)
     assert len(list(tmp_path.glob("*/*/meta.json"))) == 4
