@@ -32,7 +32,7 @@ from infra.images import decode
 from infra.storage import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
-LAYOUT = "lvd.features.v1"
+LAYOUT = "lvd.features.v2"  # bump when what is stored changes
 N_LAST = 4  # the linear probe's largest n_last_blocks (dinov2 eval/linear.py)
 
 
@@ -114,7 +114,8 @@ class GlobalBackbone:
 
 @dataclass
 class PixelModel:
-    """The raw-pixel baseline: the normalised image as one vector; patches are the pixels of each p x p cell."""
+    """The raw-pixel baseline: the normalised image as one vector ("class token"); its "patch tokens" are the
+    pixels of each p x p cell, so avgpool is the mean cell (3 p^2 values), as for a ViT."""
 
     image_size: int
     patch_size: int = 4
@@ -125,13 +126,12 @@ class PixelModel:
         return f"pixels:{self.image_size}:{self.patch_size}"
 
     def __call__(self, x: torch.Tensor, patches: bool) -> dict[str, torch.Tensor]:
-        flat = x.flatten(1)
-        out = {"cls": flat[:, None], "patch_mean": flat}
+        p = self.patch_size
+        b, c, h, w = x.shape
+        cells = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, h // p, w // p, c * p * p)
+        out = {"cls": x.flatten(1)[:, None], "patch_mean": cells.mean((1, 2))}
         if patches:
-            p = self.patch_size
-            b, c, h, w = x.shape
-            cells = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
-            out["patch"] = cells.reshape(b, h // p, w // p, c * p * p)
+            out["patch"] = cells
         return out
 
 
