@@ -78,6 +78,13 @@ def mask_transform(mask: np.ndarray, size: int) -> np.ndarray:
     return m[top : top + size, left : left + size]
 
 
+def reduce_zero_label(mask: np.ndarray) -> np.ndarray:
+    """0 ("other") -> ignored; 1..K -> 0..K-1; 255 stays ignored (mmseg ``reduce_zero_label``)."""
+    out = mask.astype(np.int64) - 1
+    out[(mask == 0) | (mask == IGNORE)] = IGNORE
+    return out.astype(np.uint8)
+
+
 def class_count(root: Path, masks: list[np.ndarray]) -> int:
     names = Path(root) / "classes.txt"
     if names.is_file():

@@ -22,7 +22,7 @@ import pandas as pd
 from PIL import Image
 
 from evaluation.copydetect import evaluate_copies, read_ground_truth
-from evaluation.dense import class_count, dense_linear_probe, mask_transform, read_segmentation_split
+from evaluation.dense import class_count, dense_linear_probe, mask_transform, read_segmentation_split, reduce_zero_label
 from evaluation.features import FeatureExtractor, FeatureModel, ImageSet, image_set_from_files, read_image_set
 from evaluation.knn import knn_accuracy
 from evaluation.linear import holdout_split, linear_probe, lr_grid
@@ -176,6 +176,8 @@ def run_copy_detection(b: CopyDetectionBenchmark, models: list[EvalModel], cfg: 
 def run_segmentation(b: SegmentationBenchmark, models: list[EvalModel], cfg: EvaluateConfig,
                      extract: FeatureExtractor) -> Rows:  # fmt: skip
     train, test = read_segmentation_split(b.root, b.train_split), read_segmentation_split(b.root, b.test_split)
+    if b.reduce_zero_label:
+        train.masks, test.masks = [reduce_zero_label(m) for m in train.masks], [reduce_zero_label(m) for m in test.masks]
     n_classes = b.n_classes or class_count(b.root, train.masks + test.masks)
     mask_digest = hashlib.sha256(b"".join(m.tobytes() for m in train.masks + test.masks)).hexdigest()
     digest = combine_digests(train.images.digest, test.images.digest, mask_digest)

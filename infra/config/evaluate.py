@@ -106,6 +106,8 @@ class SegmentationBenchmark(Section):
     train_split: str = "train"
     test_split: str = "test"
     n_classes: int | None = Field(default=None, ge=1)  # None: from the labels (or classes.txt)
+    # ADE20k convention (mmseg reduce_zero_label): label 0 is "other" and ignored, classes 1..K become 0..K-1.
+    reduce_zero_label: bool = False
 
 
 Benchmark = Annotated[

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from evaluation.dense import dense_linear_probe, mask_transform, mean_iou
+from evaluation.dense import dense_linear_probe, mask_transform, mean_iou, reduce_zero_label
 
 
 def test_mean_iou_by_hand():
@@ -36,3 +36,8 @@ def test_mask_transform_matches_the_image_geometry():
     out = mask_transform(mask, 8)
     assert out.shape == (8, 8)
     np.testing.assert_array_equal(out[:, ::2], mask[1:5].repeat(2, axis=0))  # rows 1..4 survive the crop
+
+
+def test_reduce_zero_label_is_the_ade20k_convention():
+    np.testing.assert_array_equal(reduce_zero_label(np.array([[0, 1, 2], [150, 255, 0]], np.uint8)),
+                                  [[255, 0, 1], [149, 255, 255]])
