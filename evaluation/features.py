@@ -81,7 +81,8 @@ class TokenBackbone:
         if hasattr(m, "forward_intermediates") and not hasattr(m, "n_blocks"):  # timm
             outs = m.forward_intermediates(x, indices=n, norm=True, output_fmt="NLC", intermediates_only=True,
                                            return_prefix_tokens=True)  # fmt: skip
-            return [(tokens, prefix[:, 0]) for tokens, prefix in outs]
+            # prefix = [cls, registers]; a ViT without a class token pools its patch tokens instead
+            return [(tokens, prefix[:, 0] if prefix.shape[1] else tokens.mean(1)) for tokens, prefix in outs]
         return list(m.get_intermediate_layers(x, n=n, return_class_token=True, norm=True))
 
     def __call__(self, x: torch.Tensor, patches: bool) -> dict[str, torch.Tensor]:
@@ -136,7 +137,9 @@ class PixelModel:
 
 
 def wrap(model: torch.nn.Module, name: str, fingerprint: str, image_size: int) -> FeatureModel:
-    if hasattr(model, "get_intermediate_layers") or hasattr(model, "forward_intermediates"):
+    """Token features for ViTs (this project's and official DINOv2: ``n_blocks``; timm's: ``num_prefix_tokens``),
+    a pooled embedding and feature map for anything else (timm CNNs also have ``forward_intermediates``)."""
+    if hasattr(model, "n_blocks") or hasattr(model, "num_prefix_tokens"):
         return TokenBackbone(model.eval(), name, fingerprint, image_size)
     return GlobalBackbone(model.eval(), name, fingerprint, image_size)
 
