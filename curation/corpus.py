@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from infra.config.curation import CorpusConfig
@@ -60,8 +61,12 @@ def build_corpus(
                 r = info.loc[key]
                 name = writer.add(key, data, ext, row_id=int(r.row_id), source=POOL, seed_set=r.seed_set, method=r.method)
                 ledger.keep("in_corpus", row_id=int(r.row_id), image_id=key, detail={"shard": name, "seed_set": r.seed_set})
+    written = set(info.index)
     for s in as_is:
         for item in iter_images(s.path, s.format):
+            if item.image_id in written:  # the same bytes are already in the corpus (pool, or another set)
+                continue
+            written.add(item.image_id)
             ext = item.name.rsplit(".", 1)[-1].lower()
             name = writer.add(item.image_id, item.data, ext, row_id=-1, source=s.name, seed_set=s.name, method="as_is")
             ledger.keep("in_corpus", image_id=item.image_id, source=s.name, detail={"shard": name, "as_is": True})
@@ -73,7 +78,7 @@ def build_corpus(
     comp = composition(table, stats)
     with atomic_path(stage_dir / COMPOSITION) as tmp:
         comp.to_parquet(tmp, index=False)
-    atomic_write_text(stage_dir / "composition.md", comp.to_markdown(index=False) if _has_tabulate() else comp.to_string(index=False))
+    atomic_write_text(stage_dir / "composition.md", markdown_table(comp))
     outputs = [p for s in list_shards(stage_dir / "shards") for p in (s.tar, s.table)]
     outputs += [stage_dir / MANIFEST_TABLE, stage_dir / COMPOSITION, stage_dir / "ledger" / "corpus.parquet"]
     return StageResult(
@@ -84,19 +89,39 @@ def build_corpus(
 
 
 def composition(table: pd.DataFrame, stats: pd.DataFrame) -> pd.DataFrame:
-    """Table 15 style: dataset, images, retrieval, retrieved, final."""
+    """Paper Table 15 style: dataset, images (queries), retrieval (method, k), retrieved, final (in the corpus).
+
+    ``retrieved`` counts distinct pool images the set retrieved; ``final`` counts corpus images attributed to it
+    (an image retrieved by several sets is attributed to its most similar query's set).
+    """
     final = table.groupby(["seed_set", "method"]).size().rename("final").reset_index()
-    if stats.empty:
-        stats = pd.DataFrame(columns=["seed_set", "method", "queries", "retrieved"])
-    out = final.merge(stats[["seed_set", "method", "queries", "retrieved"]], on=["seed_set", "method"], how="left")
-    out = out.rename(columns={"seed_set": "dataset", "queries": "images", "method": "retrieval"})
+    cols = ["seed_set", "method", "queries", "retrieved", "n_neighbors"]
+    stats = stats.reindex(columns=cols) if not stats.empty else pd.DataFrame(columns=cols)
+    out = stats.merge(final, on=["seed_set", "method"], how="outer")
+    as_is = out["method"] == "as_is"
+    out.loc[as_is, "queries"] = out.loc[as_is, "final"]  # an "as is" row lists the set's own size
+    out["final"] = out["final"].fillna(0).astype(int)
+
+    def label(r: pd.Series) -> str:
+        if r["method"] == "sample" and pd.notna(r["n_neighbors"]):
+            return f"sample (k={int(r['n_neighbors'])})"
+        return {"as_is": "as is"}.get(r["method"], r["method"])
+
+    out["retrieval"] = out.apply(label, axis=1) if len(out) else pd.Series(dtype=str)
+    out.loc[as_is, "retrieved"] = None
+    out = out.rename(columns={"seed_set": "dataset", "queries": "images"})
     total = pd.DataFrame([{"dataset": "total", "retrieval": "", "final": int(out["final"].sum())}])
     return pd.concat([out[["dataset", "images", "retrieval", "retrieved", "final"]], total], ignore_index=True)
 
 
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def markdown_table(df: pd.DataFrame) -> str:
+    def cell(v: object) -> str:
+        if v is None or (isinstance(v, float) and pd.isna(v)):
+            return "–"
+        if isinstance(v, int | float | np.integer | np.floating) and float(v).is_integer():
+            return f"{int(v):,}"
+        return str(v)
+
+    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"

@@ -1,213 +1,279 @@
 """Copy-detection dedup (paper §A.3).
 
-1. Self-dedup: descriptors of every pool image -> kNN graph (k=64) -> edges with cosine > 0.6 -> connected
-   components (union-find) -> one representative per component: the member seen first in the crawl (smallest
-   row_id). The others are dropped as ``near_duplicate`` with their component and representative recorded.
-2. Relative dedup: the same procedure over the representatives plus every image of the evaluation sets'
-   splits, at cosine > 0.45; every component that contains an evaluation image is dropped whole
-   (``eval_contamination``, with the evaluation image that caused it).
+1. Descriptors: every pool image is described (SSCD, or the pixel baseline) per shard, with per-shard resume;
+   the index holds the whole-image descriptor, queries use every configured view (crops, mirror images).
+2. Self-dedup: kNN graph (k=64) over the pool, edges with cosine > 0.6, connected components by union-find, one
+   representative per component (``dedup.representative``: the member seen first in the crawl, or the one with
+   the most pixels). The others are dropped as ``near_duplicate`` with component and representative recorded.
+3. Relative dedup against every split of every evaluation set: pool <-> evaluation kNN edges and pool edges with
+   cosine > 0.45, on top of the self-dedup components; every component that contains an evaluation image is
+   dropped whole (``eval_contamination``), with the evaluation image that caused it (the one with the strongest
+   direct edge into the component) and that edge's similarity. One kNN search of the pool serves both steps.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps
+from PIL import Image
 
-from curation.graph import UnionFind, knn_edges
-from infra.images import decode
-from infra.config.curation import DedupConfig, DescriptorConfig
+from curation.descriptors import Descriptor, Whitener, build_descriptor, describe, n_views, score_norm_offsets
+from curation.graph import Edges, UnionFind, components, knn_edges
+from curation.index import BlockedIVF, SearchIndex, build_index
+from curation.vectors import RowView, VectorStore, VectorWriter, write_vectors
+from infra.config.curation import DedupConfig, IndexConfig
 from infra.config.data import EvalSetConfig
 from infra.datasets import iter_images
+from infra.images import decode
 from infra.lineage import LedgerWriter
 from infra.shards import Shard, iter_shard_images
 from infra.stage import ShardTracker, StageResult
-from infra.storage import atomic_path
+from infra.storage import atomic_path, sha256_file
 
 DESCRIPTORS = "descriptors"
 KEPT = "kept.parquet"
+COMPONENTS = "components.parquet"
+QUERY_CHUNK = 4096
+BLOCK_QUERY_CHUNK = 131_072
+DECODE_BATCH = 256
 
 
-class Descriptor(Protocol):
-    name: str
-
-    def __call__(self, images: list[Image.Image]) -> np.ndarray:
-        """(N, D) float32, L2-normalised."""
-        ...
-
-
-class PixelDescriptor:
-    """Training-free baseline: grey, resized, mean-centred pixels. Weak under crops; calibrate its threshold."""
-
-    def __init__(self, cfg: DescriptorConfig):
-        self.size = cfg.image_size
-        self.name = f"pixel{self.size}"
-
-    def __call__(self, images: list[Image.Image]) -> np.ndarray:
-        arr = np.stack(
-            [np.asarray(im.convert("L").resize((self.size, self.size), Image.BILINEAR), np.float32).ravel() for im in images]
-        )
-        arr -= arr.mean(1, keepdims=True)
-        return arr / np.maximum(np.linalg.norm(arr, axis=1, keepdims=True), 1e-6)
-
-
-def build_descriptor(cfg: DescriptorConfig) -> Descriptor:
-    if cfg.backend == "pixel":
-        return PixelDescriptor(cfg)
-    raise ValueError(f"descriptor backend {cfg.backend!r} is not available")
-
-
-def describe(images: list[Image.Image], descriptor: Descriptor, batch: int) -> tuple[np.ndarray, np.ndarray]:
-    """Descriptors of the images and of their mirror images (for flip-invariant search)."""
-    plain, flipped = [], []
-    for i in range(0, len(images), batch):
-        chunk = images[i : i + batch]
-        plain.append(descriptor(chunk))
-        flipped.append(descriptor([ImageOps.mirror(im) for im in chunk]))
-    return np.concatenate(plain), np.concatenate(flipped)
+def _batches(shard: Shard) -> Iterator[tuple[list[dict], list[Image.Image]]]:
+    metas, images = [], []
+    for meta, data in iter_shard_images(shard):
+        metas.append(meta)
+        images.append(decode(data))
+        if len(images) == DECODE_BATCH:
+            yield metas, images
+            metas, images = [], []
+    if images:
+        yield metas, images
 
 
 def describe_shard(shard: Shard, descriptor: Descriptor, cfg: DedupConfig, out_dir: Path) -> dict[str, int]:
-    metas, images = [], []
-    for meta, data in iter_shard_images(shard):
-        metas.append({"image_id": meta["image_id"], "row_id": int(meta["row_id"]), "shard": shard.name})
-        images.append(decode(data))
-    d, f = describe(images, descriptor, cfg.descriptor.batch_size) if images else (np.zeros((0, 1)), np.zeros((0, 1)))
-    for suffix, arr in (("", d), ("_flip", f)):
-        with atomic_path(out_dir / f"{shard.name}{suffix}.npy") as tmp, open(tmp, "wb") as fh:
-            np.save(fh, arr.astype(np.float16))
+    """``<shard>.npy`` (n, V, D) fp16 view descriptors and ``<shard>.parquet`` (image_id, row_id, shard, pixels)."""
+    rows, parts = [], []
+    for metas, images in _batches(shard):
+        parts.append(describe(images, descriptor, cfg.descriptor))
+        rows += [{"image_id": m["image_id"], "row_id": int(m["row_id"]), "shard": shard.name,
+                  "pixels": int(im.width * im.height)} for m, im in zip(metas, images, strict=True)]  # fmt: skip
+    dim = next((p.shape[-1] for p in parts if p.size), 1)
+    views = np.concatenate(parts) if parts else np.zeros((0, n_views(cfg.descriptor), dim), np.float32)
+    write_vectors(out_dir / f"{shard.name}.npy", views)
     with atomic_path(out_dir / f"{shard.name}.parquet") as tmp:
-        pd.DataFrame(metas, columns=["image_id", "row_id", "shard"]).to_parquet(tmp, index=False)
-    return {"images": len(metas)}
+        pd.DataFrame(rows, columns=["image_id", "row_id", "shard", "pixels"]).to_parquet(tmp, index=False)
+    return {"images": len(rows)}
 
 
 @dataclass
-class Components:
-    labels: np.ndarray  # component label per node (smallest member index)
-    sizes: np.ndarray  # size of each node's component
+class Described:
+    """Descriptors of a node set: query views (memory-mapped) and the whole-image vectors the index holds."""
+
+    meta: pd.DataFrame
+    views: VectorStore  # (n, V, D)
+    base: RowView  # (n, D)
+    whitener: Whitener | None = None
+
+    def query_chunks(self, size: int = QUERY_CHUNK) -> Iterator[tuple[int, np.ndarray]]:
+        for start, block in self.views.chunks(size):
+            yield start, (self.whitener(block) if self.whitener else block)
 
 
-def components(n: int, src: np.ndarray, dst: np.ndarray) -> Components:
-    uf = UnionFind(n)
-    uf.union_edges(src, dst)
-    labels = uf.labels()
-    counts = np.bincount(labels, minlength=n)
-    return Components(labels, counts[labels])
+def _base_vectors(views: VectorStore, whitener: Whitener | None, path: Path) -> RowView:
+    """View 0 of every node (whitened when configured), written once as fp16 for the index."""
+    writer = VectorWriter(path, len(views), views.dim if whitener is None else whitener.proj.shape[1])
+    for _, block in views.chunks():
+        writer.add(whitener(block[:, 0]) if whitener else block[:, 0])
+    return RowView(VectorStore([writer.close()]))
 
 
-def load_descriptors(out_dir: Path, shards: list[Shard]) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
-    metas = [pd.read_parquet(out_dir / f"{s.name}.parquet") for s in shards]
-    desc = [np.load(out_dir / f"{s.name}.npy").astype(np.float32) for s in shards]
-    flip = [np.load(out_dir / f"{s.name}_flip.npy").astype(np.float32) for s in shards]
-    dim = next((d.shape[1] for d in desc if d.shape[0]), 1)
-    fix = [d if d.shape[0] else np.zeros((0, dim), np.float32) for d in desc]
-    fix_f = [d if d.shape[0] else np.zeros((0, dim), np.float32) for d in flip]
-    return pd.concat(metas, ignore_index=True), np.concatenate(fix), np.concatenate(fix_f)
+def load_described(stage_dir: Path, shards: list[Shard], cfg: DedupConfig, seed: int) -> Described:
+    d = stage_dir / DESCRIPTORS
+    views = VectorStore([d / f"{s.name}.npy" for s in shards])
+    meta = pd.concat([pd.read_parquet(d / f"{s.name}.parquet") for s in shards], ignore_index=True)
+    whitener = None
+    if cfg.descriptor.whitening != "none" and len(views) > 1:
+        rng = np.random.default_rng(seed)
+        rows = np.sort(rng.choice(len(views), min(len(views), cfg.descriptor.whitening_sample), replace=False))
+        whitener = Whitener.fit(views.take(rows)[:, 0], cfg.descriptor.whitening, cfg.descriptor.whitening_dim)
+    return Described(meta, views, _base_vectors(views, whitener, stage_dir / "index_vectors.npy"), whitener)
 
 
-def eval_descriptors(eval_sets: list[EvalSetConfig], descriptor: Descriptor, batch: int) -> tuple[pd.DataFrame, np.ndarray]:
-    """Descriptors of every image of every split (train, test, val) of every evaluation set."""
-    metas, images = [], []
+def eval_described(eval_sets: list[EvalSetConfig], descriptor: Descriptor, cfg: DedupConfig, stage_dir: Path,
+                   whitener: Whitener | None) -> Described:  # fmt: skip
+    """Every image of every split (train, test, val) of every evaluation set."""
+    metas, parts, images = [], [], []
+
+    def flush() -> None:
+        if images:
+            parts.append(describe(images, descriptor, cfg.descriptor))
+            images.clear()
+
     for ev in eval_sets:
         for split, path in (("train", ev.train), ("test", ev.test), ("val", ev.val)):
-            if path is None:
-                continue
-            for item in iter_images(path, ev.format):
-                metas.append({"eval_set": ev.name, "split": split, "eval_image": item.name, "eval_image_id": item.image_id})
+            for item in iter_images(path, ev.format) if path is not None else ():
+                metas.append({"eval_image": f"{ev.name}/{split}/{item.name}", "eval_image_id": item.image_id})
                 images.append(decode(item.data))
-    if not images:
-        return pd.DataFrame(columns=["eval_set", "split", "eval_image", "eval_image_id"]), np.zeros((0, 1), np.float32)
-    d, _ = describe(images, descriptor, batch)
-    return pd.DataFrame(metas), d
+                if len(images) == DECODE_BATCH:
+                    flush()
+    flush()
+    dim = next((p.shape[-1] for p in parts), 1)
+    arr = np.concatenate(parts) if parts else np.zeros((0, n_views(cfg.descriptor), dim), np.float32)
+    views = VectorStore.from_array(arr, stage_dir / "eval_descriptors.npy")
+    meta = pd.DataFrame(metas, columns=["eval_image", "eval_image_id"])
+    return Described(meta, views, _base_vectors(views, whitener, stage_dir / "eval_index_vectors.npy"), whitener)
 
 
-def self_dedup(meta: pd.DataFrame, desc: np.ndarray, flip: np.ndarray, cfg: DedupConfig) -> pd.DataFrame:
-    """Adds columns component, component_size, representative (image id), is_representative."""
-    order = np.lexsort((meta["row_id"].to_numpy(),))  # nodes in crawl order: label = first-seen member
-    meta, desc, flip = meta.iloc[order].reset_index(drop=True), desc[order], flip[order]
-    src, dst, _ = knn_edges(desc, desc, cfg.k + 1, cfg.threshold, flip_queries=flip)
-    comp = components(len(meta), src, dst)
-    out = meta.assign(component=comp.labels, component_size=comp.sizes)
-    out["representative"] = out["image_id"].to_numpy()[comp.labels]
-    out["is_representative"] = np.arange(len(out)) == comp.labels
-    return out, desc, flip
+def _offsets(nodes: Described, background: np.ndarray | None, cfg: DedupConfig,
+             chunk: int = QUERY_CHUNK) -> Iterator[np.ndarray] | None:  # fmt: skip
+    if background is None:
+        return None
+    sn = cfg.score_norm
+    return (score_norm_offsets(b.reshape(-1, b.shape[-1]), background, sn.ranks, sn.beta).reshape(b.shape[:2])
+            for _, b in nodes.query_chunks(chunk))  # fmt: skip
 
 
-def relative_dedup(
-    reps: pd.DataFrame, rep_desc: np.ndarray, rep_flip: np.ndarray, ev_meta: pd.DataFrame, ev_desc: np.ndarray,
-    cfg: DedupConfig,
-) -> pd.Series:  # fmt: skip
-    """For each representative: the eval image (as "set/split/name") its component touches, or None."""
-    n = len(reps)
-    if ev_desc.shape[0] == 0 or n == 0:
-        return pd.Series([None] * n, index=reps.index, dtype=object)
-    nodes = np.concatenate([rep_desc, ev_desc])
-    flips = np.concatenate([rep_flip, ev_desc])
-    src, dst, _ = knn_edges(nodes, nodes, cfg.k + 1, cfg.eval_threshold, flip_queries=flips)
-    comp = components(len(nodes), src, dst)
-    culprit: dict[int, str] = {}
-    for j in range(n, len(nodes)):
-        e = ev_meta.iloc[j - n]
-        culprit.setdefault(int(comp.labels[j]), f"{e.eval_set}/{e.split}/{e.eval_image}")
-    return pd.Series([culprit.get(int(comp.labels[i])) for i in range(n)], index=reps.index, dtype=object)
+def _background(pool: Described, descriptor: Descriptor, cfg: DedupConfig, seed: int) -> np.ndarray | None:
+    """Score-normalisation background: a dataset, or a random sample of pool images."""
+    if not cfg.score_norm.enabled:
+        return None
+    if cfg.score_norm.background is not None:
+        images = [decode(it.data) for it in iter_images(cfg.score_norm.background)]
+        bg = descriptor(images)
+        return pool.whitener(bg) if pool.whitener else bg
+    rng = np.random.default_rng(seed + 1)
+    rows = np.sort(rng.choice(len(pool.base), min(len(pool.base), cfg.score_norm.background_size), replace=False))
+    return pool.base.take(rows)
+
+
+@dataclass
+class DedupGraph:
+    table: pd.DataFrame  # per pool node: ids, component, representative, eval_match, eval_sim
+    edges: Edges  # pool edges above min(threshold, eval_threshold)
+    eval_edges: Edges  # pool node -> eval node edges above eval_threshold
+    index: dict
+
+
+def dedup_graph(pool: Described, ev: Described, cfg: DedupConfig, index_cfg: IndexConfig, seed: int,
+                background: np.ndarray | None = None, work_dir: Path | None = None) -> DedupGraph:  # fmt: skip
+    n = len(pool.meta)
+    low = min(cfg.threshold, cfg.eval_threshold)
+    index = build_index(pool.base, index_cfg, seed, work_dir) if n else None
+    chunk = BLOCK_QUERY_CHUNK if isinstance(index, BlockedIVF) else QUERY_CHUNK  # many queries per list per matmul
+    queries = pool.query_chunks(chunk)
+    edges = knn_edges(index, queries, cfg.k, low, adjust=_offsets(pool, background, cfg, chunk)) if n else Edges.empty()
+    labels = components(n, edges.above(cfg.threshold))
+    table = _representatives(pool.meta, labels, cfg.representative)
+    cross = _eval_edges(pool, ev, index, cfg, seed, background) if n and len(ev.meta) else Edges.empty()
+    _relative(table, labels, edges.above(cfg.eval_threshold), cross, ev.meta)
+    return DedupGraph(table, edges, cross, index.params if index else {})
+
+
+def _representatives(meta: pd.DataFrame, labels: np.ndarray, rule: str) -> pd.DataFrame:
+    t = meta.assign(node=np.arange(len(meta)), label=labels)
+    t["size"] = t.groupby("label")["node"].transform("size")
+    if rule == "largest":
+        order = t.sort_values(["label", "pixels", "row_id"], ascending=[True, False, True], kind="stable")
+    else:
+        order = t.sort_values(["label", "row_id"], kind="stable")
+    rep = order.drop_duplicates("label").set_index("label")
+    t["representative"] = t["label"].map(rep["image_id"])
+    t["representative_row"] = t["label"].map(rep["row_id"]).astype(np.int64)
+    t["is_representative"] = t["image_id"] == t["representative"]
+    return t
+
+
+def _eval_edges(pool: Described, ev: Described, index: SearchIndex, cfg: DedupConfig, seed: int,
+                background: np.ndarray | None) -> Edges:  # fmt: skip
+    """Pool -> eval edges (dst = eval node id) from both directions of kNN search, similarity > eval_threshold."""
+    ev_index = build_index(ev.base, IndexConfig(kind="flat"), seed)
+    fwd = knn_edges(ev_index, pool.query_chunks(), cfg.k, cfg.eval_threshold, exclude_self=False,
+                    adjust=_offsets(pool, background, cfg))  # fmt: skip
+    chunk = BLOCK_QUERY_CHUNK if isinstance(index, BlockedIVF) else QUERY_CHUNK
+    back = knn_edges(index, ev.query_chunks(chunk), cfg.k, cfg.eval_threshold, exclude_self=False,
+                     adjust=_offsets(ev, background, cfg, chunk))  # fmt: skip
+    return Edges.concat([fwd, Edges(back.dst, back.src, back.sim)])
+
+
+def _relative(table: pd.DataFrame, labels: np.ndarray, pool_edges: Edges, cross: Edges, ev_meta: pd.DataFrame) -> None:
+    """Adds eval_match / eval_sim: the evaluation image whose component swallowed the node, or None."""
+    n = len(table)
+    uf = UnionFind(n + len(ev_meta))
+    uf.union_edges(np.arange(n), labels)  # the self-dedup components, whole
+    uf.union_edges(pool_edges.src, pool_edges.dst)
+    uf.union_edges(cross.src, cross.dst + n)
+    root = uf.labels()[:n]
+    table["eval_match"], table["eval_sim"] = None, np.nan
+    if not len(cross):
+        return
+    hits = pd.DataFrame({"root": root[cross.src], "eval": cross.dst, "sim": cross.sim})
+    best = hits.sort_values(["root", "sim", "eval"], ascending=[True, False, True], kind="stable").drop_duplicates("root")
+    best = best.set_index("root")
+    touched = np.isin(root, best.index.to_numpy())
+    table.loc[touched, "eval_match"] = ev_meta["eval_image"].to_numpy()[best.loc[root[touched], "eval"].to_numpy()]
+    table.loc[touched, "eval_sim"] = best.loc[root[touched], "sim"].to_numpy()
 
 
 def dedup(
     shards: list[Shard], eval_sets: list[EvalSetConfig], stage_dir: Path, cfg: DedupConfig, tracker: ShardTracker,
-    descriptor: Descriptor | None = None,
+    descriptor: Descriptor | None = None, seed: int = 0,
 ) -> StageResult:  # fmt: skip
-    desc_dir = stage_dir / DESCRIPTORS
     built: list[Descriptor] = [descriptor] if descriptor else []
 
-    def work(shard: Shard) -> dict[str, int]:
+    def get() -> Descriptor:  # a fully resumed stage still needs the model for the evaluation images
         if not built:
             built.append(build_descriptor(cfg.descriptor))
-        return describe_shard(shard, built[0], cfg, desc_dir)
+        return built[0]
 
     for shard in shards:
-        tracker.run(shard.name, lambda shard=shard: work(shard))
-    meta, desc, flip = load_descriptors(desc_dir, shards)
-    if not built:
-        built.append(build_descriptor(cfg.descriptor))
-    table, desc, flip = self_dedup(meta, desc, flip, cfg)
-    reps = table["is_representative"].to_numpy()
-    ev_meta, ev_desc = eval_descriptors(eval_sets, built[0], cfg.descriptor.batch_size)
-    contaminated = relative_dedup(table[reps], desc[reps], flip[reps], ev_meta, ev_desc, cfg)
-    table["eval_match"] = None
-    table.loc[contaminated.index, "eval_match"] = contaminated
-    by_rep = table[reps].set_index("image_id")["eval_match"]
-    table["eval_match"] = table["representative"].map(by_rep)
-    return _record(table, stage_dir, built[0].name, cfg, len(ev_meta))
+        tracker.run(shard.name, lambda shard=shard: describe_shard(shard, get(), cfg, stage_dir / DESCRIPTORS))
+    pool = load_described(stage_dir, shards, cfg, seed)
+    ev = eval_described(eval_sets, get(), cfg, stage_dir, pool.whitener)
+    graph = dedup_graph(pool, ev, cfg, cfg.index, seed, _background(pool, get(), cfg, seed), stage_dir)
+    result = _record(graph, stage_dir, get().name, cfg, len(ev.meta))
+    if cfg.descriptor.backend == "sscd" and cfg.descriptor.path is not None:
+        result.extra["model_sha256"] = sha256_file(cfg.descriptor.path)
+    return result
 
 
-def _record(table: pd.DataFrame, stage_dir: Path, descriptor: str, cfg: DedupConfig, n_eval: int) -> StageResult:
+def _record(graph: DedupGraph, stage_dir: Path, descriptor: str, cfg: DedupConfig, n_eval: int) -> StageResult:
+    table = graph.table
     ledger = LedgerWriter("dedup")
     dropped = {"near_duplicate": 0, "eval_contamination": 0}
     for r in table.itertuples(index=False):
         ids = {"row_id": int(r.row_id), "image_id": r.image_id}
-        comp = {"component": r.representative[:16], "size": int(r.component_size), "representative": r.representative}
+        comp = {"component": r.representative, "size": int(r.size), "representative": r.representative,
+                "representative_row": int(r.representative_row)}  # fmt: skip
         ledger.info("dup_component", **ids, detail={**comp, "descriptor": descriptor, "threshold": cfg.threshold})
+        contaminated = {"eval_image": r.eval_match, "eval_similarity": round(float(r.eval_sim), 6),
+                        "eval_threshold": cfg.eval_threshold} if r.eval_match is not None else {}  # fmt: skip
         if not r.is_representative:
-            ledger.drop("near_duplicate", **ids, detail=comp)
+            ledger.drop("near_duplicate", **ids, detail={**comp, **contaminated})
             dropped["near_duplicate"] += 1
-        elif r.eval_match is not None:
-            ledger.drop("eval_contamination", **ids, detail={**comp, "eval_image": r.eval_match, "threshold": cfg.eval_threshold})
+        elif contaminated:
+            ledger.drop("eval_contamination", **ids, detail={**comp, **contaminated})
             dropped["eval_contamination"] += 1
     ledger.write(stage_dir / "ledger" / "dedup.parquet")
     kept = table[table["is_representative"] & table["eval_match"].isna()]
+    cols = ["image_id", "row_id", "shard", "representative", "size", "is_representative", "eval_match", "eval_sim"]
     with atomic_path(stage_dir / KEPT) as tmp:
-        kept[["image_id", "row_id", "shard", "component", "component_size"]].to_parquet(tmp, index=False)
-    with atomic_path(stage_dir / "components.parquet") as tmp:
-        table.drop(columns=["is_representative"]).to_parquet(tmp, index=False)
-    sizes = table.groupby("component").size()
+        kept[["image_id", "row_id", "shard", "size"]].rename(columns={"size": "component_size"}).to_parquet(tmp, index=False)
+    with atomic_path(stage_dir / COMPONENTS) as tmp:
+        table[cols].rename(columns={"size": "component_size"}).to_parquet(tmp, index=False)
+    ids = table["image_id"].to_numpy()
+    with atomic_path(stage_dir / "edges.parquet") as tmp:
+        pd.DataFrame({"src": ids[graph.edges.src], "dst": ids[graph.edges.dst], "similarity": graph.edges.sim}).to_parquet(tmp, index=False)
+    multi = table.groupby("representative")["size"].first()
     return StageResult(
-        counts={"input": len(table), "kept": len(kept), "dropped": dropped, "components": int(len(sizes)),
-                "components_multi": int((sizes > 1).sum())},  # fmt: skip
-        outputs=[stage_dir / KEPT, stage_dir / "components.parquet", stage_dir / "ledger" / "dedup.parquet"],
-        extra={"descriptor": descriptor, "k": cfg.k, "threshold": cfg.threshold, "eval_threshold": cfg.eval_threshold,
-               "eval_images": n_eval},  # fmt: skip
+        counts={"input": len(table), "kept": len(kept), "dropped": dropped, "components": int(len(multi)),
+                "components_multi": int((multi > 1).sum()), "edges": len(graph.edges), "eval_edges": len(graph.eval_edges)},  # fmt: skip
+        outputs=[stage_dir / KEPT, stage_dir / COMPONENTS, stage_dir / "edges.parquet", stage_dir / "ledger" / "dedup.parquet"],
+        extra={"descriptor": descriptor, "views": cfg.descriptor.views, "flip": cfg.descriptor.flip, "k": cfg.k,
+               "threshold": cfg.threshold, "eval_threshold": cfg.eval_threshold, "eval_images": n_eval,
+               "representative": cfg.representative, "whitening": cfg.descriptor.whitening,
+               "score_norm": cfg.score_norm.enabled, "index": graph.index},  # fmt: skip
     )

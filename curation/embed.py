@@ -1,81 +1,160 @@
-"""Embedding (paper §3): a ViT backbone -> L2-normalised global embeddings, written as fp16 arrays per shard.
+"""Embedding (paper §3): a backbone -> L2-normalised global embeddings, written as memory-mapped fp16 shards.
 
-The core takes an :class:`Embedder` (built by the flow from the configured backbone), so any model that maps
-images to a global vector plugs in. Peak memory is one batch plus one shard's embeddings.
+Per shard: images are decoded and preprocessed in parallel one batch at a time, the model runs under bf16
+autocast (CPU or GPU), and the shard's embeddings are written as a memory-mapped fp16 ``.npy``, renamed into
+place when complete; then the shard is marked done, so a rerun resumes at the first unmarked shard. Peak memory
+is the model, one batch of decoded images and one shard's encoded bytes and fp16 embeddings, whatever the pool
+size. Images that fail to decode are dropped with ``decode_error`` in the ledger.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from infra.images import decode
+import torch
+import torch.nn.functional as F
+
+from curation.vectors import VectorStore, VectorWriter
 from infra.config.data import SeedSetConfig
 from infra.datasets import iter_images
 from infra.features import Embedder
+from infra.images import decode
+from infra.lineage import LedgerWriter
 from infra.shards import Shard, iter_shard_images
 from infra.stage import ShardTracker, StageResult
 from infra.storage import atomic_path
 
-def _write(out_dir: Path, name: str, emb: np.ndarray, meta: pd.DataFrame) -> None:
-    with atomic_path(out_dir / f"{name}.npy") as tmp, open(tmp, "wb") as fh:
-        np.save(fh, emb.astype(np.float16))
-    with atomic_path(out_dir / f"{name}.parquet") as tmp:
-        meta.to_parquet(tmp, index=False)
+POOL, SEEDS = "pool", "seeds"
 
 
-def embed_shard(shard: Shard, keep: set[str], embedder: Embedder, out_dir: Path) -> dict[str, int]:
-    metas, images = [], []
-    for meta, data in iter_shard_images(shard):
-        if meta["image_id"] in keep:
-            metas.append({"image_id": meta["image_id"], "row_id": int(meta["row_id"]), "shard": shard.name})
-            images.append(decode(data))
-    emb = embedder(images) if images else np.zeros((0, 1), np.float32)
-    _write(out_dir, shard.name, emb, pd.DataFrame(metas, columns=["image_id", "row_id", "shard"]))
-    return {"embedded": len(metas)}
+@dataclass
+class Runner:
+    """Batched, autocast inference of an :class:`Embedder`'s model with threaded decode + preprocess."""
+
+    embedder: Embedder
+    device: torch.device
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        self.model = self.embedder.model.to(self.device).eval()
+        self.pool = ThreadPoolExecutor(self.threads)
+
+    def _prepare(self, data: bytes) -> torch.Tensor | None:
+        try:
+            return self.embedder.preprocess(decode(data))
+        except Exception:  # noqa: BLE001 - a corrupt image is recorded and skipped, never fatal (conventions §14)
+            return None
+
+    @torch.inference_mode()
+    def encode(self, batch: list[torch.Tensor]) -> np.ndarray:
+        x = torch.stack(batch).to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.embedder.precision == "bf16"):
+            z = self.model(x)
+        return F.normalize(z.float(), dim=-1).cpu().numpy()
+
+    def run(self, items: list[tuple[dict, bytes]]) -> Iterator[tuple[list[int], np.ndarray]]:
+        """(positions that decoded, embeddings) per batch, in order."""
+        bs = self.embedder.batch_size
+        for s in range(0, len(items), bs):
+            tensors = list(self.pool.map(self._prepare, [d for _, d in items[s : s + bs]]))
+            ok = [s + i for i, t in enumerate(tensors) if t is not None]
+            if ok:
+                yield ok, self.encode([t for t in tensors if t is not None])
+            else:
+                yield ok, np.zeros((0, 0), np.float32)
 
 
-def embed_seed_set(seed: SeedSetConfig, embedder: Embedder, out_dir: Path) -> dict[str, int]:
-    metas, images = [], []
+def pick_device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def _embed_items(items: list[tuple[dict, bytes]], runner: Runner, path: Path, dim: int) -> tuple[list[int], int]:
+    """Stream embeddings of ``items`` into ``path``; returns (positions kept, dim)."""
+    writer: VectorWriter | None = None
+    kept: list[int] = []
+    pending: list[np.ndarray] = []
+    for ok, emb in runner.run(items):
+        kept += ok
+        if len(ok):
+            dim = emb.shape[1]
+            pending.append(emb.astype(np.float16))
+    writer = VectorWriter(path, len(kept), dim)  # the row count is known once every image was decoded
+    for emb in pending:
+        writer.add(emb)
+    writer.close()
+    return kept, dim
+
+
+def embed_shard(shard: Shard, keep: set[str], runner: Runner, out_dir: Path, ledger_dir: Path) -> dict[str, int]:
+    items = [(m, d) for m, d in iter_shard_images(shard) if m["image_id"] in keep]
+    kept, _ = _embed_items(items, runner, out_dir / f"{shard.name}.npy", 1)
+    metas = [{"image_id": items[i][0]["image_id"], "row_id": int(items[i][0]["row_id"]), "shard": shard.name} for i in kept]
+    ledger = LedgerWriter("embed")
+    for i in sorted(set(range(len(items))) - set(kept)):
+        ledger.drop("decode_error", row_id=int(items[i][0]["row_id"]), image_id=items[i][0]["image_id"])
+    ledger.write(ledger_dir / f"{shard.name}.parquet")
+    with atomic_path(out_dir / f"{shard.name}.parquet") as tmp:
+        pd.DataFrame(metas, columns=["image_id", "row_id", "shard"]).to_parquet(tmp, index=False)
+    return {"embedded": len(kept), "drop:decode_error": len(items) - len(kept)}
+
+
+def embed_seed_set(seed: SeedSetConfig, runner: Runner, out_dir: Path) -> dict[str, int]:
+    items, names = [], []
     for item in iter_images(seed.path, seed.format):
-        metas.append({"image_id": item.image_id, "name": item.name, "label": item.label})
-        images.append(decode(item.data))
-    _write(out_dir, seed.name, embedder(images), pd.DataFrame(metas, columns=["image_id", "name", "label"]))
-    return {"embedded": len(metas)}
+        items.append(({"image_id": item.image_id, "label": item.label}, item.data))
+        names.append(item.name)
+    kept, _ = _embed_items(items, runner, out_dir / f"{seed.name}.npy", 1)
+    metas = [{"image_id": items[i][0]["image_id"], "name": names[i], "label": items[i][0]["label"]} for i in kept]
+    with atomic_path(out_dir / f"{seed.name}.parquet") as tmp:
+        pd.DataFrame(metas, columns=["image_id", "name", "label"]).to_parquet(tmp, index=False)
+    return {"embedded": len(kept)}
 
 
 def embed(
     shards: list[Shard], keep: set[str], seed_sets: list[SeedSetConfig], stage_dir: Path,
-    make_embedder: Callable[[], Embedder], tracker: ShardTracker,
+    make_embedder: Callable[[], Embedder], tracker: ShardTracker, device: str = "auto", threads: int = 2,
 ) -> StageResult:  # fmt: skip
     """Embed the kept pool images shard by shard, then each seed set; per-shard resume."""
-    cache: list[Embedder] = []
+    cache: list[Runner] = []
 
-    def embedder() -> Embedder:  # a fully resumed stage builds no model
+    def runner() -> Runner:  # a fully resumed stage builds no model
         if not cache:
-            cache.append(make_embedder())
+            cache.append(Runner(make_embedder(), pick_device(device), threads))
         return cache[0]
 
-    n_pool = sum(tracker.run(s.name, lambda s=s: embed_shard(s, keep, embedder(), stage_dir / "pool"))["embedded"] for s in shards)
+    totals = {"embedded": 0, "decode_error": 0}
+    for s in shards:
+        c = tracker.run(s.name, lambda s=s: embed_shard(s, keep, runner(), stage_dir / POOL, stage_dir / "ledger"))
+        totals["embedded"] += c["embedded"]
+        totals["decode_error"] += c.get("drop:decode_error", 0)
     n_seed = {
-        seed.name: tracker.run(f"seed-{seed.name}", lambda seed=seed: embed_seed_set(seed, embedder(), stage_dir / "seeds"))["embedded"]
+        seed.name: tracker.run(f"seed-{seed.name}", lambda seed=seed: embed_seed_set(seed, runner(), stage_dir / SEEDS))["embedded"]
         for seed in seed_sets
     }
-    outputs = sorted((stage_dir / "pool").glob("*")) + sorted((stage_dir / "seeds").glob("*"))
-    name = cache[0].name if cache else "resumed"
-    return StageResult(counts={"kept": n_pool, "seeds": n_seed}, outputs=outputs, extra={"embedder": name})
+    outputs = sorted((stage_dir / POOL).glob("*")) + sorted((stage_dir / SEEDS).glob("*")) + sorted((stage_dir / "ledger").glob("*"))
+    store = pool_store(stage_dir)
+    return StageResult(
+        counts={"kept": totals["embedded"], "dropped": {"decode_error": totals["decode_error"]}, "seeds": n_seed},
+        outputs=outputs,
+        extra={"embedder": cache[0].embedder.name if cache else "resumed", "dim": store[1].dim,
+               "device": str(cache[0].device) if cache else None},  # fmt: skip
+    )
 
 
-def load_embeddings(paths: Iterable[Path]) -> tuple[pd.DataFrame, np.ndarray]:
-    """Concatenate ``<name>.npy`` + ``<name>.parquet`` pairs (fp16 on disk -> float32)."""
-    metas, embs = [], []
-    for p in paths:
-        metas.append(pd.read_parquet(p.with_suffix(".parquet")))
-        embs.append(np.load(p, mmap_mode="r"))
-    dims = {e.shape[1] for e in embs if e.shape[0]}
-    dim = dims.pop() if dims else 1
-    embs = [np.asarray(e, np.float32) if e.shape[0] else np.zeros((0, dim), np.float32) for e in embs]
-    meta = pd.concat(metas, ignore_index=True) if metas else pd.DataFrame()
-    return meta, (np.concatenate(embs) if embs else np.zeros((0, dim), np.float32))
+def pool_store(stage_dir: Path) -> tuple[pd.DataFrame, VectorStore]:
+    """Metadata and memory-mapped embeddings of the pool, in shard order."""
+    paths = sorted((stage_dir / POOL).glob("*.npy"))
+    meta = pd.concat([pd.read_parquet(p.with_suffix(".parquet")) for p in paths], ignore_index=True) if paths else pd.DataFrame(columns=["image_id", "row_id", "shard"])
+    return meta, VectorStore(paths)
+
+
+def seed_store(stage_dir: Path, name: str) -> tuple[pd.DataFrame, VectorStore]:
+    path = stage_dir / SEEDS / f"{name}.npy"
+    return pd.read_parquet(path.with_suffix(".parquet")), VectorStore([path])

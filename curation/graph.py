@@ -1,70 +1,143 @@
-"""kNN similarity graphs and connected components (union-find), the core of copy dedup (paper §A.3)."""
+"""Similarity graphs and connected components (paper §A.3: kNN graph, k=64, cosine > 0.6, union-find).
+
+:class:`UnionFind` is a disjoint-set forest over 0..n-1 whose unions are vectorised over edge batches: every
+round hooks the larger root of each edge onto the smaller one (``np.minimum.at``) and then halves paths by
+pointer jumping until every node points at its root. Parents only ever decrease, so the root of a component is
+its smallest node index, whatever the edge order: labels are deterministic. Edges stream in batches, so the
+graph never needs to be held whole.
+"""
 
 from __future__ import annotations
 
-import faiss
+from collections.abc import Iterable
+from dataclasses import dataclass
+
 import numpy as np
+
+from curation.index import BlockedIVF, SearchIndex
 
 
 class UnionFind:
-    """Disjoint sets over 0..n-1 with path halving and union by size, vectorised over edge batches."""
+    """Disjoint sets over 0..n-1; ``union_edges`` merges a whole batch of edges at numpy speed."""
 
     def __init__(self, n: int):
         self.parent = np.arange(n, dtype=np.int64)
-        self.size = np.ones(n, dtype=np.int64)
 
-    def find(self, x: int) -> int:
+    def __len__(self) -> int:
+        return len(self.parent)
+
+    def compress(self) -> None:
         p = self.parent
-        while p[x] != x:
-            p[x] = p[p[x]]
-            x = int(p[x])
-        return x
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra == rb:
-            return
-        if self.size[ra] < self.size[rb]:
-            ra, rb = rb, ra
-        self.parent[rb] = ra
-        self.size[ra] += self.size[rb]
+        while True:
+            grand = p[p]
+            if np.array_equal(grand, p):
+                return
+            p[:] = grand
 
     def union_edges(self, src: np.ndarray, dst: np.ndarray) -> None:
-        for a, b in zip(src.tolist(), dst.tolist(), strict=True):
-            self.union(a, b)
+        src, dst = np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
+        self.compress()
+        while len(src):
+            ra, rb = self.parent[src], self.parent[dst]
+            live = ra != rb
+            src, dst, ra, rb = src[live], dst[live], ra[live], rb[live]
+            if not len(src):
+                return
+            # Hook the larger root onto the smaller; several edges may target one root: the minimum wins, the
+            # rest are retried next round against the new roots.
+            np.minimum.at(self.parent, np.maximum(ra, rb), np.minimum(ra, rb))
+            self.compress()
+
+    def union(self, a: int, b: int) -> None:
+        self.union_edges(np.array([a]), np.array([b]))
+
+    def find(self, x: int) -> int:
+        while self.parent[x] != x:
+            x = int(self.parent[x])
+        return x
 
     def labels(self) -> np.ndarray:
-        """Component label per node: the smallest node index in its component (deterministic)."""
-        n = len(self.parent)
-        roots = np.fromiter((self.find(i) for i in range(n)), dtype=np.int64, count=n)
-        smallest = np.full(n, n, dtype=np.int64)
-        np.minimum.at(smallest, roots, np.arange(n))
-        return smallest[roots]
+        """Component label per node: the smallest node index of its component."""
+        self.compress()
+        return self.parent.copy()
 
 
-def knn_edges(
-    base: np.ndarray, queries: np.ndarray, k: int, threshold: float, *, flip_queries: np.ndarray | None = None,
-    batch: int = 65536,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
-    """Edges (query i, base j, cosine) among each query's k nearest base vectors with cosine > threshold.
+@dataclass
+class Edges:
+    src: np.ndarray  # int64 query node
+    dst: np.ndarray  # int64 base node
+    sim: np.ndarray  # float32 cosine (max over the query's views)
 
-    Vectors must be L2-normalised (inner product = cosine). With ``flip_queries`` (descriptors of the mirrored
-    queries) an edge's similarity is the max over both, so mirrored copies are found.
+    @classmethod
+    def empty(cls) -> Edges:
+        return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
+
+    @classmethod
+    def concat(cls, parts: list[Edges]) -> Edges:
+        if not parts:
+            return cls.empty()
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("src", "dst", "sim")))
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+    def above(self, threshold: float) -> Edges:
+        keep = self.sim > threshold
+        return Edges(self.src[keep], self.dst[keep], self.sim[keep])
+
+
+def knn_edges(index: SearchIndex, queries: Iterable[tuple[int, np.ndarray]], k: int, threshold: float, *,
+              exclude_self: bool = True, adjust: Iterable[np.ndarray] | None = None) -> Edges:  # fmt: skip
+    """Edges from each query node to its k nearest base nodes with similarity > threshold.
+
+    ``queries`` yields (first node id, (m, V, D) view descriptors): V query views per node (e.g. centre crops and
+    mirror images); the similarity of a (query, base) pair is the max over the views. ``adjust`` yields per-view
+    score-normalisation offsets (m, V) subtracted before the max. With ``exclude_self`` the base index must hold
+    the query nodes under the same ids and a node is never its own neighbour.
     """
-    index = faiss.IndexFlatIP(base.shape[1])
-    index.add(np.ascontiguousarray(base, dtype=np.float32))
-    k = min(k, len(base))
-    src, dst, sim = [], [], []
-    for start in range(0, len(queries), batch):
-        q = np.ascontiguousarray(queries[start : start + batch], dtype=np.float32)
-        d, i = index.search(q, k)
-        if flip_queries is not None:
-            fq = np.ascontiguousarray(flip_queries[start : start + batch], dtype=np.float32)
-            d2, i2 = index.search(fq, k)
-            d, i = np.concatenate([d, d2], 1), np.concatenate([i, i2], 1)
-        rows = np.repeat(np.arange(start, start + len(q)), i.shape[1])
-        keep = (d.ravel() > threshold) & (i.ravel() >= 0)
-        src.append(rows[keep])
-        dst.append(i.ravel()[keep])
-        sim.append(d.ravel()[keep])
-    return np.concatenate(src), np.concatenate(dst), np.concatenate(sim)
+    adjust_iter = iter(adjust) if adjust is not None else None
+    parts = []
+    for start, views in queries:
+        m, v, dim = views.shape
+        flat = views.reshape(m * v, dim)
+        offsets = next(adjust_iter).reshape(m * v) if adjust_iter is not None else None
+        if isinstance(index, BlockedIVF):  # every probed pair above the threshold, exact, as dense matmuls
+            rows, dst, sim = index.range_pairs(flat, threshold, offsets)
+            src = start + rows // v
+        else:
+            sims, ids = index.search(flat, k + 1 if exclude_self else k)  # m*V, kk
+            if offsets is not None:
+                sims = sims - offsets[:, None]
+            src = np.repeat(np.arange(start, start + m), v * sims.shape[1])
+            dst, sim = ids.ravel(), sims.ravel().astype(np.float32)
+        # Thresholding before the per-node top-k gives the same edges (a pair above the threshold is among the
+        # node's k best overall iff it is among its k best above the threshold) and leaves little to sort.
+        keep = (dst >= 0) & (sim > threshold)
+        if exclude_self:
+            keep &= dst != src
+        parts.append(_top_k_distinct(src[keep], dst[keep], sim[keep], k))
+    return Edges.concat(parts)
+
+
+def _top_k_distinct(src: np.ndarray, dst: np.ndarray, sim: np.ndarray, k: int) -> Edges:
+    """Per (src, dst) pair the max similarity; then per src its k best pairs (ties to the smaller dst)."""
+    order = np.lexsort((dst, -sim, src))  # by src, similarity descending, dst
+    src, dst, sim = src[order], dst[order], sim[order]
+    pair = np.ones(len(src), bool)
+    if len(src):  # first occurrence of each (src, dst) is its max; drop the others
+        seen = np.unique(src * (dst.max() + 1) + dst, return_index=True)[1]
+        pair[:] = False
+        pair[seen] = True
+    src, dst, sim = src[pair], dst[pair], sim[pair]
+    order = np.lexsort((dst, -sim, src))
+    src, dst, sim = src[order], dst[order], sim[order]
+    rank = np.arange(len(src)) - np.searchsorted(src, src, side="left")
+    keep = rank < k
+    return Edges(src[keep], dst[keep], sim[keep])
+
+
+def components(n: int, edges: Edges, start: UnionFind | None = None) -> np.ndarray:
+    """Component label (smallest member index) per node of a graph with ``n`` nodes."""
+    uf = start or UnionFind(n)
+    uf.union_edges(edges.src, edges.dst)
+    return uf.labels()

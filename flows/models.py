@@ -29,6 +29,8 @@ def build_model(cfg: BackboneConfig, seed: int = 0) -> torch.nn.Module:
         # from tensor shapes (config defaults such as patch_size must not override a checkpoint's own).
         pin = cfg.arch if cfg.kind == "vit" and Path(cfg.path).suffix == ".pth" else None
         return load_backbone(cfg.path, arch=pin)
+    if cfg.kind == "dinov2":
+        raise ValueError("backbone.kind=dinov2 needs backbone.path (an official DINOv2 checkpoint)")
     return build_backbone(cfg.arch, patch_size=cfg.patch_size, img_size=cfg.image_size)
 
 

@@ -6,16 +6,19 @@ resume, manifests, events) is :func:`infra.stage.run_stage`.
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from curation.corpus import build_corpus
-from curation.dedup import KEPT, dedup
-from curation.embed import embed, load_embeddings
+from curation.dedup import COMPONENTS, KEPT, dedup
+from curation.embed import embed, pool_store, seed_store
 from curation.faces import blur_faces
-from curation.ingest import excluded_ids, ingest
+from curation.ingest import excluded, ingest
 from curation.nsfw import dropped_ids, nsfw_filter
 from curation.rebalance import SELECTED, rebalance
-from curation.retrieve import RETRIEVED, SeedEmbeddings, retrieve
+from curation.retrieve import RETRIEVED, SEED_STATS, SeedQueries, retrieve
+from curation.vectors import RowView, VectorStore
+from curation.truth import assert_eval_copies_removed, score_dedup
 from infra.config import PipelineConfig
 from infra.demo.benchmarks import SEGMENTATION_DIR, build_digit_segmentation
 from infra.demo.crawl import build_demo_crawl
@@ -31,23 +34,40 @@ def _crawl(ctx: StageContext) -> StageResult:
 
 
 def _ingest(ctx: StageContext) -> StageResult:
-    return ingest(ctx.cfg.data, ctx.dir, ctx.cfg.ingest, ctx.tracker())
+    from flows.fanout import prefect_mapper
+
+    mapper = prefect_mapper(ctx.cfg.run, "ingest", ctx.cfg.ingest.processes)
+    return ingest(ctx.cfg.data, ctx.dir, ctx.cfg.ingest, ctx.tracker(), mapper)
 
 
 def _nsfw(ctx: StageContext) -> StageResult:
+    from flows.fanout import prefect_mapper
+
     ingest_dir = ctx.upstream_dir("ingest")
-    return nsfw_filter(list_shards(ingest_dir / "shards"), excluded_ids(ingest_dir), ctx.dir, ctx.cfg.nsfw, ctx.tracker())
+    shards = list_shards(ingest_dir / "shards")
+    mapper = prefect_mapper(ctx.cfg.run, "nsfw")
+    return nsfw_filter(shards, excluded(ingest_dir), ctx.dir, ctx.cfg.nsfw, ctx.tracker(), mapper)
 
 
 def _faces(ctx: StageContext) -> StageResult:
+    from flows.fanout import prefect_mapper
+
     ingest_dir = ctx.upstream_dir("ingest")
-    skip = excluded_ids(ingest_dir) | dropped_ids(ctx.upstream_dir("nsfw"))
-    return blur_faces(list_shards(ingest_dir / "shards"), skip, ctx.dir, ctx.cfg.faces, ctx.tracker())
+    shards = list_shards(ingest_dir / "shards")
+    dup, nsfw = excluded(ingest_dir), dropped_ids(ctx.upstream_dir("nsfw"))
+    skip = {s.name: dup.get(s.name, set()) | nsfw for s in shards}
+    return blur_faces(shards, skip, ctx.dir, ctx.cfg.faces, ctx.tracker(), prefect_mapper(ctx.cfg.run, "faces"))
 
 
 def _dedup(ctx: StageContext) -> StageResult:
     shards = list_shards(ctx.upstream_dir("faces") / "shards")
-    return dedup(shards, ctx.cfg.data.eval_sets, ctx.dir, ctx.cfg.dedup, ctx.tracker())
+    result = dedup(shards, ctx.cfg.data.eval_sets, ctx.dir, ctx.cfg.dedup, ctx.tracker(), seed=ctx.cfg.run.seed)
+    truth = ctx.upstream_dir("crawl") / "truth.parquet"
+    if ctx.cfg.demo.enabled and truth.is_file():  # the demo knows what it planted: score it, and insist
+        report = score_dedup(pd.read_parquet(ctx.dir / COMPONENTS), pd.read_parquet(truth))
+        result.extra["truth"] = report
+        assert_eval_copies_removed(report)
+    return result
 
 
 def _embed(ctx: StageContext) -> StageResult:
@@ -59,37 +79,35 @@ def _embed(ctx: StageContext) -> StageResult:
     seeds = [s for s in cfg.data.seed_sets if s.retrieval != "as_is"]
 
     def make():  # noqa: ANN202
-        return embedder(cfg.embed.backbone, f"{cfg.embed.backbone.kind}:{cfg.embed.backbone.arch}",
-                        cfg.embed.batch_size, cfg.embed.precision, seed=cfg.run.seed)  # fmt: skip
+        b = cfg.embed.backbone
+        return embedder(b, f"{b.kind}:{b.arch}", cfg.embed.batch_size, cfg.embed.precision, seed=cfg.run.seed)
 
-    return embed(shards, keep, seeds, ctx.dir, make, ctx.tracker())
+    return embed(shards, keep, seeds, ctx.dir, make, ctx.tracker(), cfg.embed.device, cfg.embed.decode_threads)
 
 
 def _retrieve(ctx: StageContext) -> StageResult:
     emb_dir = ctx.upstream_dir("embed")
-    pool_meta, pool_emb = load_embeddings(sorted((emb_dir / "pool").glob("*.npy")))
+    pool_meta, pool = pool_store(emb_dir)
     seeds = []
     for s in ctx.cfg.data.seed_sets:
         if s.retrieval == "as_is":
-            seeds.append(SeedEmbeddings(s, pd.DataFrame(columns=["image_id"]), pool_emb[:0]))
-            continue
-        meta, emb = load_embeddings([emb_dir / "seeds" / f"{s.name}.npy"])
-        seeds.append(SeedEmbeddings(s, meta, emb))
-    return retrieve(pool_meta, pool_emb, seeds, ctx.dir, ctx.cfg.retrieve, seed=ctx.cfg.run.seed)
+            seeds.append(SeedQueries(s, pd.DataFrame(columns=["image_id"]), VectorStore([])))
+        else:
+            seeds.append(SeedQueries(s, *seed_store(emb_dir, s.name)))
+    return retrieve(pool_meta, RowView(pool), seeds, ctx.dir, ctx.cfg.retrieve, seed=ctx.cfg.run.seed)
 
 
 def _rebalance(ctx: StageContext) -> StageResult:
     retrieved = pd.read_parquet(ctx.upstream_dir("retrieve") / RETRIEVED)
-    pool_meta, pool_emb = load_embeddings(sorted((ctx.upstream_dir("embed") / "pool").glob("*.npy")))
-    pos = pd.Series(range(len(pool_meta)), index=pool_meta["image_id"])
-    emb = pool_emb[pos.loc[retrieved["image_id"]].to_numpy()] if len(retrieved) else pool_emb[:0]
-    return rebalance(retrieved, emb, ctx.dir, ctx.cfg.rebalance, seed=ctx.cfg.run.seed)
+    _, pool = pool_store(ctx.upstream_dir("embed"))
+    points = RowView(pool, retrieved["pos"].to_numpy(dtype=np.int64))  # memory-mapped rows of the retrieved images
+    return rebalance(retrieved.drop(columns=["pos"]), points, ctx.dir, ctx.cfg.rebalance, seed=ctx.cfg.run.seed)
 
 
 def _corpus(ctx: StageContext) -> StageResult:
     selected = pd.read_parquet(ctx.upstream_dir("rebalance") / SELECTED)
     selected = selected[selected["selected"]]
-    stats = pd.read_parquet(ctx.upstream_dir("retrieve") / "seed_stats.parquet")
+    stats = pd.read_parquet(ctx.upstream_dir("retrieve") / SEED_STATS)
     as_is = [s for s in ctx.cfg.data.seed_sets if s.retrieval == "as_is" or s.include_as_is]
     return build_corpus(selected, ctx.upstream_dir("faces") / "shards", as_is, stats, ctx.dir, ctx.cfg.corpus)
 
@@ -126,7 +144,7 @@ SPECS: dict[str, StageSpec] = {
         StageSpec("ingest", ("data", "ingest"), CURATION, (), _ingest),
         StageSpec("nsfw", ("nsfw",), CURATION, ("ingest",), _nsfw),
         StageSpec("faces", ("faces",), CURATION, ("ingest", "nsfw"), _faces),
-        StageSpec("dedup", ("dedup", "data"), CURATION, ("faces",), _dedup),
+        StageSpec("dedup", ("dedup", "data", "demo.enabled", "run.seed"), CURATION, ("faces",), _dedup),
         StageSpec("embed", ("embed", "data", "run.seed"), (*CURATION, "training", "flows"), ("dedup", "faces"), _embed),
         StageSpec("retrieve", ("retrieve", "data", "run.seed"), CURATION, ("embed",), _retrieve),
         StageSpec("rebalance", ("rebalance", "run.seed"), CURATION, ("retrieve", "embed"), _rebalance),

@@ -8,6 +8,8 @@
     lvd evaluate (CONFIG | RUN_ID) --model NAME=CHECKPOINT ...
                                             checkpoints side by side on a configuration's benchmarks
     lvd compare RUN_A RUN_B                 evaluation results of two runs (or evaluations) side by side
+    lvd retry-failed RUN_ID [--reason R]    re-download only the failed URLs of a finished ingest
+    lvd models fetch NAME [NAME ...]        download official model files (SSCD, DINOv2) with checksums
 """
 
 from __future__ import annotations
@@ -139,6 +141,45 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retry_failed(args: argparse.Namespace) -> int:
+    from flows.retry import retry_failed_flow
+
+    state = retry_failed_flow(str(args.root), args.run_id, args.reason or None, return_state=True)
+    if not state.is_completed():
+        print(f"retry of run {args.run_id} failed: {state.message}", file=sys.stderr)
+        return 1
+    out = state.result()
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(out["by_reason"].items())) or "none"
+        print(f"attempt {out['attempt']}: retried {out['retried']} rows ({reasons}), recovered {out['recovered']} "
+              f"into {len(out['shards'])} new shards")  # fmt: skip
+        print(f"later stages are now stale: lvd resume {args.run_id} --root {args.root}")
+    return 0
+
+
+def cmd_models_fetch(args: argparse.Namespace) -> int:
+    from curation.models.registry import REGISTRY, ChecksumError, fetch
+
+    if args.list:
+        for entry in REGISTRY.values():
+            print(f"{entry.name:<36} {'pinned' if entry.sha256 else 'unpinned':<9} {entry.url}")
+        return 0
+    if not args.names:
+        print("name at least one model (see --list)", file=sys.stderr)
+        return 2
+    for name in args.names:
+        try:
+            path, digest, verified = fetch(name, Path(args.dir))
+        except (KeyError, ChecksumError, OSError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        state = "verified" if verified else f"recorded in {Path(args.dir) / 'checksums.json'} (no upstream checksum)"
+        print(f"{path}  sha256={digest}  {state}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lvd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -180,13 +221,27 @@ def parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--root", default="runs", help="folder that holds the runs (default: runs)")
     cmp_.add_argument("--json", action="store_true", help="machine-readable output")
     cmp_.set_defaults(fn=cmd_compare)
+    rf = sub.add_parser("retry-failed", help="re-download only the failed URLs of a finished ingest (new shards)")
+    rf.add_argument("run_id")
+    rf.add_argument("--reason", action="append", metavar="R",
+                    help="retry rows that failed for this reason (repeatable, shell patterns: http_5*); "
+                         "default: transient failures (timeouts, 429, 5xx, connection and DNS errors)")  # fmt: skip
+    rf.add_argument("--root", default="runs", help="folder that holds the runs (default: runs)")
+    rf.add_argument("--json", action="store_true", help="machine-readable output")
+    rf.set_defaults(fn=cmd_retry_failed)
+    models = sub.add_parser("models", help="official model files").add_subparsers(dest="models_command", required=True)
+    f = models.add_parser("fetch", help="download official model files (needs internet) and check their sha256")
+    f.add_argument("names", nargs="*", help="registry names, e.g. sscd_disc_mixup dinov2_vits14")
+    f.add_argument("--dir", default="models", help="destination folder (default: models)")
+    f.add_argument("--list", action="store_true", help="list the registry")
+    f.set_defaults(fn=cmd_models_fetch)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     _quiet()
-    if args.command in ("run", "resume"):
+    if args.command in ("run", "resume", "retry-failed"):
         _check_environment()
     try:
         return int(args.fn(args))

@@ -9,6 +9,13 @@ that were downloaded, stable from ingestion to corpus), or both. ``kind`` is
 - ``info``: a decision or measurement on the way (NSFW score, faces blurred, duplicate component, ...).
 
 Invariant (checked by :func:`check_terminal_outcomes`): every input row has exactly one terminal event.
+
+Retries (``lvd retry-failed``): ingest events carry an ``attempt`` (0 for the first download; null in files
+written before the column existed reads as 0). A retry writes its own events for the retried rows with attempt
+n > 0 (``info retry``, then ``info downloaded`` or a new ``drop``) and never rewrites older files. Only the
+ingest events of a row's latest attempt count as its ingest outcome: an ingest ``drop`` of an earlier attempt is
+*superseded* (kept as history, shown by ``chain``, ignored by the invariant). Terminal events of later stages are
+always current, because a retry changes the ingest manifest and so invalidates every later stage.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ LEDGER_SCHEMA = pa.schema(
         ("reason", pa.string()),
         ("detail", pa.string()),
         ("url", pa.string()),
+        ("attempt", pa.int32()),
     ]
 )
 KINDS = ("drop", "keep", "info")
@@ -49,6 +57,7 @@ class LedgerWriter:
 
     stage: str
     rows: list[dict[str, Any]] = field(default_factory=list)
+    attempt: int = 0  # ingest retries: see the module docstring
 
     def add(
         self,
@@ -60,6 +69,7 @@ class LedgerWriter:
         source: str = POOL,
         detail: Mapping[str, Any] | None = None,
         url: str | None = None,
+        attempt: int | None = None,
     ) -> None:
         assert kind in KINDS, kind
         assert row_id is not None or image_id is not None, "an event needs a row_id or an image_id"
@@ -73,6 +83,7 @@ class LedgerWriter:
                 "reason": reason,
                 "detail": json.dumps(detail, sort_keys=True, default=_json_default) if detail else None,
                 "url": url,
+                "attempt": self.attempt if attempt is None else int(attempt),
             }
         )
 
@@ -181,8 +192,9 @@ STAGE_ORDER = {
 def order_events(df: pd.DataFrame) -> pd.DataFrame:
     if df.empty:
         return df
-    df = df.assign(_o=df["stage"].map(STAGE_ORDER).fillna(99), _k=(df["kind"] != "info").astype(int))
-    return df.sort_values(["_o", "_k"], kind="stable").drop(columns=["_o", "_k"]).reset_index(drop=True)
+    attempt = df["attempt"].fillna(0) if "attempt" in df.columns else 0
+    df = df.assign(_o=df["stage"].map(STAGE_ORDER).fillna(99), _a=attempt, _k=(df["kind"] != "info").astype(int))
+    return df.sort_values(["_o", "_a", "_k"], kind="stable").drop(columns=["_o", "_a", "_k"]).reset_index(drop=True)
 
 
 @dataclass
@@ -198,12 +210,26 @@ class OutcomeCheck:
         return not self.missing and not self.multiple and self.n_kept + sum(self.dropped.values()) == self.n_rows
 
 
+def superseded(events: pd.DataFrame, ledger: Ledger) -> pd.Series:
+    """True for the ingest events of ``events`` that belong to an attempt older than their row's latest one."""
+    attempt = events["attempt"].fillna(0).astype("int64")
+    is_ingest = (events["stage"] == "ingest") & events["row_id"].notna()
+    retries = ledger.query((ds.field("stage") == "ingest") & (ds.field("reason") == "retry"), ["row_id", "attempt"])
+    if retries.empty:
+        return pd.Series(False, index=events.index)
+    latest = retries.groupby("row_id")["attempt"].max()
+    row_latest = events["row_id"].map(latest).fillna(0).astype("int64")
+    return is_ingest & (attempt < row_latest)
+
+
 def check_terminal_outcomes(ledger: Ledger) -> OutcomeCheck:
-    """Every input row (an ``input`` event of ingest) has exactly one terminal event."""
+    """Every input row (an ``input`` event of ingest) has exactly one terminal event (superseded ones aside)."""
     inputs = ledger.query((ds.field("stage") == "ingest") & (ds.field("reason") == "input"), ["row_id"])
     terminal = ledger.query(
-        ds.field("kind").isin(list(TERMINAL)) & ds.field("row_id").is_valid(), ["row_id", "kind", "stage", "reason"]
+        ds.field("kind").isin(list(TERMINAL)) & ds.field("row_id").is_valid(),
+        ["row_id", "kind", "stage", "reason", "attempt"],
     )
+    terminal = terminal[~superseded(terminal, ledger)]
     all_rows = set(int(r) for r in inputs["row_id"])
     counts = terminal.groupby("row_id").size()
     multiple = sorted(int(r) for r, n in counts.items() if n > 1)

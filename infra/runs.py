@@ -23,8 +23,10 @@ def resolve(cfg: PipelineConfig, run: RunDir) -> PipelineConfig:
         cfg.demo.port = cfg.demo.port or free_port()
         crawl = run.stage_dir("crawl").resolve()
         cfg.data.url_list = crawl / "urls.parquet"
-        if not cfg.data.seed_sets:
-            cfg.data.seed_sets = [SeedSetConfig(name="mnist", path=crawl / "seeds" / "mnist", retrieval="sample")]
+        if not cfg.data.seed_sets:  # the seed set in every Table-15 role: sample-based (+ as is) and cluster-based
+            seeds = crawl / "seeds" / "mnist"
+            cfg.data.seed_sets = [SeedSetConfig(name="mnist", path=seeds, retrieval="sample", include_as_is=True),
+                                  SeedSetConfig(name="mnist-clusters", path=seeds, retrieval="cluster")]  # fmt: skip
         if not cfg.data.eval_sets:
             cfg.data.eval_sets = [
                 EvalSetConfig(name="mnist", train=crawl / "eval" / "mnist" / "train", test=crawl / "eval" / "mnist" / "test")

@@ -117,13 +117,15 @@ def dedup_components(run: Run) -> pd.DataFrame:
     """image_id, row_id, component, component_size, representative, eval_match (one row per image)."""
     path = run.stage("dedup") / "components.parquet"
     if path.is_file():
-        return pd.read_parquet(path)
-    ev = run.ledger((ds.field("stage") == "dedup") & (ds.field("reason") == "dup_component"))
-    if ev.empty:
-        raise Missing("No duplicate components in this run (the dedup stage did not run).")
-    d = details(ev).rename(columns={"size": "component_size"})
-    d["eval_match"] = None
-    return d
+        t = pd.read_parquet(path)
+    else:
+        ev = run.ledger((ds.field("stage") == "dedup") & (ds.field("reason") == "dup_component"))
+        if ev.empty:
+            raise Missing("No duplicate components in this run (the dedup stage did not run).")
+        t = details(ev).rename(columns={"size": "component_size"}).assign(eval_match=None)
+    if "component" not in t.columns:  # a component is named by its representative image
+        t = t.assign(component=t["representative"])
+    return t
 
 
 def contaminations(run: Run) -> pd.DataFrame:

@@ -1,41 +1,117 @@
-"""Curation: dedup (paper §A.3), embedding, retrieval (§3, §A.4), rebalancing (Vo et al. 2024), corpus."""
+"""Curation: dedup (paper §A.3), embedding, retrieval (§3, §A.4), rebalancing (Vo et al. 2024), corpus.
+
+Defaults are the paper's values where the paper gives one (cited next to the field); the demo overlay
+(`configs/demo.yaml`) holds only the differences needed on a 3,000-image CPU crawl.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from infra.config.base import Section
 
 
-class DescriptorConfig(Section):
-    """The copy-detection descriptor used for near-duplicate detection."""
+class IndexConfig(Section):
+    """A FAISS index for kNN search, chosen by scale (paper §3: GPU IVF-PQ at 1B scale).
 
-    # pixel: a training-free low-resolution descriptor with flip-invariant search (offline default);
-    # sscd: SSCD (ResNet-50 + GeM + 512-d projection) from a local file.
-    backend: Literal["pixel", "sscd"] = "pixel"
-    path: Path | None = None
-    image_size: int = Field(default=16, ge=4)
-    batch_size: int = Field(default=256, ge=1)
+    ``auto``: exact ``flat`` search up to ``flat_max`` vectors, IVF beyond. Similarities that leave an index are
+    always recomputed exactly from the stored vectors, so thresholds never see PQ-approximate scores.
+    ``ivf_blocks`` (threshold graphs only, e.g. dedup): the IVF partition searched list by list as dense matmuls,
+    base vectors stored by list on disk (fp16); exact scores, candidates limited to the ``nprobe`` probed lists.
+    """
+
+    kind: Literal["auto", "flat", "ivf_flat", "ivfpq", "ivf_blocks"] = "auto"
+    flat_max: int = Field(default=200_000, ge=1)
+    large: Literal["ivf_flat", "ivfpq", "ivf_blocks"] = "ivfpq"  # what `auto` picks above `flat_max`
+    nlist: int | None = Field(default=None, ge=1)  # None: 4 * sqrt(n), rounded to a power of two
+    nprobe: int = Field(default=16, ge=1)
+    pq_m: int = Field(default=32, ge=1)  # sub-quantizers; must divide the dimension
+    pq_nbits: int = Field(default=8, ge=1, le=16)
+    # Candidates per query taken from the index before exact re-ranking (x the k asked for).
+    refine_factor: int = Field(default=4, ge=1)
+    train_size: int = Field(default=262_144, ge=1)  # vectors sampled to train the coarse quantizer and PQ
+    use_gpu: Literal["auto", "never"] = "auto"  # auto: FAISS GPU when the build and a device are present
+    # Queries whose approximate results are checked against exact search (recall in the stage manifest).
+    recall_sample: int = Field(default=1000, ge=0)
+
+
+class DescriptorConfig(Section):
+    """The copy-detection descriptor used for near-duplicate detection (paper §A.3: SSCD, Pizzi et al. 2022)."""
+
+    # sscd: the SSCD model (ResNet-50 + GeM p=3 + 512-d projection + L2) from a local file;
+    # pixel: a training-free grey-pixel descriptor (offline demo; calibrate its thresholds).
+    backend: Literal["sscd", "pixel"] = "sscd"
+    path: Path | None = None  # *.torchscript.pt | *.torchvision.pt (state dict) | *.onnx
+    format: Literal["auto", "torchscript", "torchvision", "onnx"] = "auto"
+    arch: Literal["resnet50", "resnet18", "resnext101_32x8d"] = "resnet50"  # trunk of torchvision state dicts
+    dims: int = Field(default=512, ge=1)
+    # SSCD preprocessing: squash to size x size (320, batched) or short side to size (288, aspect kept).
+    resize: Literal["square", "short_side"] = "square"
+    # None: 320 (square) / 288 (short_side) for sscd; 16 for pixel.
+    image_size: int | None = Field(default=None, ge=4)
+    batch_size: int = Field(default=64, ge=1)
+    precision: Literal["bf16", "fp32"] = "bf16"
+    # Query views: centre crops at these fractions of each side, each also mirrored when `flip`. The index holds
+    # one descriptor per image (fraction 1.0); a copy cropped by ~7% per side is found from its original's 0.86
+    # view. [1.0] is plain SSCD retrieval.
+    views: list[float] = Field(default_factory=lambda: [1.0])
+    flip: bool = False
+    # Descriptor post-processing (SSCD README / disc_eval.py): centring or PCA-whitening (+ L2), fitted on a
+    # sample of the pool; optional output dimension for PCA-whitening.
+    whitening: Literal["none", "center", "pcaw"] = "none"
+    whitening_dim: int | None = Field(default=None, ge=1)
+    whitening_sample: int = Field(default=100_000, ge=2)
+
+    @model_validator(mode="after")
+    def _check(self) -> DescriptorConfig:
+        if not self.views or any(not 0.1 <= v <= 1.0 for v in self.views):
+            raise ValueError("views: centre-crop fractions in [0.1, 1.0], at least one")
+        return self
+
+    @property
+    def size(self) -> int:
+        if self.image_size is not None:
+            return self.image_size
+        if self.backend == "pixel":
+            return 16
+        return 320 if self.resize == "square" else 288
+
+
+class ScoreNormConfig(Section):
+    """SSCD score normalisation (disc_eval.py `--score_norm 1.0[0,2]`): subtract beta x the mean similarity of a
+    query to its 1st..3rd nearest neighbours in a background set. Off by default; thresholds then apply to the
+    normalised score."""
+
+    enabled: bool = False
+    beta: float = 1.0
+    ranks: tuple[int, int] = (0, 2)  # inclusive 0-based neighbour ranks averaged
+    # Background images: a dataset path, or None for a random sample of this many pool images.
+    background: Path | None = None
+    background_size: int = Field(default=10_000, ge=4)
 
 
 class DedupConfig(Section):
     enabled: bool = True
     descriptor: DescriptorConfig = Field(default_factory=DescriptorConfig)
+    score_norm: ScoreNormConfig = Field(default_factory=ScoreNormConfig)
+    index: IndexConfig = Field(default_factory=lambda: IndexConfig(kind="auto", large="ivf_blocks", nprobe=8))
     k: int = Field(default=64, ge=1)  # paper §A.3: 64 neighbours
     threshold: float = Field(default=0.6, ge=-1.0, le=1.0)  # paper §A.3: cosine > 0.6
     eval_threshold: float = Field(default=0.45, ge=-1.0, le=1.0)  # paper §A.3: cosine > 0.45
-    # Representative of a component: the member with the smallest row_id (first seen in the crawl).
-    representative: Literal["first_row"] = "first_row"
+    # The member of a component that is kept: first_row = smallest row_id (first seen in the crawl);
+    # largest = most pixels, ties to the smallest row_id. Both deterministic.
+    representative: Literal["first_row", "largest"] = "first_row"
 
 
 class BackboneConfig(Section):
     """Any backbone that yields a global image embedding."""
 
-    # vit: this project's DINOv2 ViT (random init unless `path` is a checkpoint);
-    # dinov2: an official DINOv2 state dict; timm: a timm model with local weights.
+    # vit: this project's DINOv2 ViT (random init unless `path` is a project checkpoint);
+    # dinov2: an official DINOv2 backbone state dict (dinov2_vit*14*_pretrain.pth), `path` required;
+    # timm: a timm architecture with a local weights file (.safetensors / .pth state dict).
     kind: Literal["vit", "dinov2", "timm"] = "vit"
     arch: str = "vit_tiny"
     patch_size: int = Field(default=4, ge=1)
@@ -43,31 +119,76 @@ class BackboneConfig(Section):
     image_size: int = Field(default=28, ge=8)
     grayscale: bool = False
 
+    @model_validator(mode="after")
+    def _check(self) -> BackboneConfig:
+        if self.kind == "dinov2" and self.path is None:
+            raise ValueError("kind=dinov2 needs `path` (an official dinov2_*_pretrain.pth; `lvd models fetch`)")
+        return self
+
 
 class EmbedConfig(Section):
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     batch_size: int = Field(default=256, ge=1)
-    precision: Literal["bf16", "fp32"] = "bf16"
+    precision: Literal["bf16", "fp32"] = "bf16"  # autocast dtype on CPU and GPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    decode_threads: int = Field(default=2, ge=1)  # images decoded and preprocessed in parallel per batch
+
+
+class DatasetRetrieval(Section):
+    """Per-dataset overrides of retrieval (paper Table 15: k=32 for ImageNet-1k, 4 elsewhere)."""
+
+    n_neighbors: int | None = Field(default=None, ge=1)
+    images_per_cluster: int | None = Field(default=None, ge=1)
+    max_images: int | None = Field(default=None, ge=1)
 
 
 class RetrieveConfig(Section):
     n_neighbors: int = Field(default=4, ge=1)  # paper §3: N = 4
-    index: Literal["auto", "flat", "ivfpq"] = "auto"
+    index: IndexConfig = Field(default_factory=IndexConfig)
     # Cluster-based retrieval (paper §A.4): k-means on the pool (100,000 clusters at 1B scale); clusters holding
     # more than `min_queries` (3) query images contribute `images_per_cluster` (10,000) images, capped per dataset (1M).
     pool_clusters: int = Field(default=100_000, ge=1)
     min_queries: int = Field(default=3, ge=0)
     images_per_cluster: int = Field(default=10_000, ge=1)
     max_per_dataset: int = Field(default=1_000_000, ge=1)
+    kmeans_iters: int = Field(default=20, ge=1)
+    kmeans_sample: int = Field(default=1_000_000, ge=1)  # fit on a sample, assign every pool image
+    # Overrides keyed by seed-set name.
+    datasets: dict[str, DatasetRetrieval] = Field(default_factory=dict)
 
 
 class RebalanceConfig(Section):
+    """Hierarchical k-means with resampling, then balanced top-down sampling (Vo et al. 2024)."""
+
     enabled: bool = True
-    # Clusters per level, bottom-up; each level clusters the previous level's centroids.
+    # Clusters per level, bottom-up; level t > 1 clusters the centroids of level t-1.
     n_clusters: list[int] = Field(default_factory=lambda: [64, 8])
+    # Per level: k-means runs (1 = no resampling) and points per cluster taken at each resampling step
+    # (ssl-data-curation web config: steps 1,10,10,10; sizes 1,10,5,3, about half the mean cluster size).
+    n_resampling_steps: list[int] | None = None  # None: 1 everywhere
+    sample_sizes: list[int] | None = None  # None: 1 everywhere
+    resample_strategy: Literal["closest", "random"] = "closest"
+    n_iter: int = Field(default=20, ge=1)  # Lloyd iterations per k-means run (reference configs: 50)
     # Size of the balanced selection; None keeps every retrieved image.
     target_size: int | None = Field(default=None, ge=1)
-    n_iter: int = Field(default=20, ge=1)
+    leaf_strategy: Literal["random", "closest"] = "random"  # reference: r (default) or c
+    fit_sample: int = Field(default=1_000_000, ge=1)  # level 1 is fitted on at most this many points
+    init_sample: int | None = Field(default=None, ge=1)  # k-means++ on at most this many of them (None: all)
+    precision: Literal["bf16", "fp32"] = "fp32"  # dtype of the assignment matmul (sums are float64)
+
+    @model_validator(mode="after")
+    def _check(self) -> RebalanceConfig:
+        for name in ("n_resampling_steps", "sample_sizes"):
+            v = getattr(self, name)
+            if v is not None and (len(v) != len(self.n_clusters) or min(v) < 1):
+                raise ValueError(f"{name}: one positive value per level of n_clusters ({len(self.n_clusters)})")
+        return self
+
+    def steps(self, level: int) -> int:
+        return 1 if self.n_resampling_steps is None else self.n_resampling_steps[level]
+
+    def sample_size(self, level: int) -> int:
+        return 1 if self.sample_sizes is None else self.sample_sizes[level]
 
 
 class CorpusConfig(Section):

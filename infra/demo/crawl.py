@@ -39,7 +39,7 @@ VARIANTS = ("jpeg", "resize", "crop", "flip")
 @dataclass
 class Entry:
     name: str  # file name under images/, or a special route
-    kind: str  # mnist | digits | photo | face | nonface | near_dup | eval_copy | broken
+    kind: str  # mnist | digits | photo | face | nonface | near_dup | eval_copy | quirk | broken
     variant: str = ""  # how a copy was made, or what is broken
     of: str = ""  # the original (file name or eval image path) a copy was made from
     label: int = -1
@@ -161,20 +161,107 @@ class _Images:
         self.entries.append(Entry(name, kind, **kw))  # type: ignore[arg-type]
 
 
-def _broken_entries(images: _Images) -> list[Entry]:
+# What ingest must record for each planted bad input (the ``variant`` of a ``broken`` row of truth.parquet).
+BAD_INPUT_REASONS = {
+    "truncated_jpeg": "truncated_image", "html_as_image": "not_an_image", "zero_bytes": "empty_response",
+    "decompression_bomb": "decompression_bomb", "http_404": "http_404", "http_500": "http_500", "http_403": "http_403",
+    "timeout": "timeout", "http_429_retry_after": "http_429", "connection_reset": "connection_reset",
+    "connection_closed": "connection_closed", "redirect_loop": "redirect_loop", "redirect_to_metadata": "redirect_refused",
+    "wrong_content_type": "content_type", "robots_noai": "robots_disallowed", "svg": "unsupported_format",
+    "corrupt_png": "decode_error", "tiny_image": "image_too_small", "extreme_aspect_ratio": "aspect_ratio_too_large",
+    "trickle": "timeout", "too_large": "too_large", "private_metadata": "url_private", "private_octal": "url_private",
+    "private_v4_mapped": "url_private", "loopback_v6": "url_private", "unsupported_scheme": "url_scheme",
+    "duplicate_url": "url_duplicate", "malformed_url": "url_malformed",
+}  # fmt: skip
+# Planted images that arrive through quirks but must be kept (kind ``quirk``): variant -> what is checked.
+QUIRKS = ("exif_rotated", "cmyk_jpeg", "png16", "palette_alpha", "grey_alpha", "animated_gif", "retry_after_once",
+          "redirect_to_image")  # fmt: skip
+
+
+def _pattern(w: int, h: int, seed: int) -> Image.Image:
+    """A smooth, distinct RGB pattern (its perceptual hash differs from every other planted image)."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    rng = np.random.default_rng(seed)
+    fx, fy, ph = rng.uniform(0.02, 0.2, 3)
+    r = 127 + 120 * np.sin(xx * fx + ph)
+    g = 127 + 120 * np.cos(yy * fy + 2 * ph)
+    b = 127 + 120 * np.sin((xx + yy) * (fx + fy) / 2)
+    return Image.fromarray(np.stack([r, g, b], -1).clip(0, 255).astype(np.uint8))
+
+
+def corrupt_png(img: Image.Image) -> bytes:
+    """A PNG whose compressed image data is damaged (the CRC no longer matches)."""
+    data = bytearray(_png(img))
+    i = data.find(b"IDAT") + 4
+    for k in range(i + 4, min(i + 40, len(data) - 16)):
+        data[k] ^= 0x5A
+    return bytes(data)
+
+
+def quirk_files(images: _Images) -> None:
+    """Images in the modes and containers img2dataset's decoder gets wrong; ingest converts them predictably."""
+    base = _pattern(64, 48, 1)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
+    buf = io.BytesIO()
+    base.save(buf, "JPEG", quality=90, exif=exif.tobytes())
+    images.add("quirk_exif_rotated.jpg", buf.getvalue(), "quirk", variant="exif_rotated")
+    buf = io.BytesIO()
+    _pattern(48, 48, 2).convert("CMYK").save(buf, "JPEG", quality=90)
+    images.add("quirk_cmyk.jpg", buf.getvalue(), "quirk", variant="cmyk_jpeg")
+    grey16 = (np.asarray(_pattern(40, 40, 3).convert("L"), np.uint16) * 257).astype(np.uint16)
+    images.add("quirk_png16.png", _png(Image.fromarray(grey16)), "quirk", variant="png16")  # mode I;16
+    pal = _pattern(40, 40, 4).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    buf = io.BytesIO()
+    pal.save(buf, "PNG", transparency=0)
+    images.add("quirk_palette_alpha.png", buf.getvalue(), "quirk", variant="palette_alpha")
+    la = _pattern(40, 40, 5).convert("L")
+    la.putalpha(Image.linear_gradient("L").resize((40, 40)))
+    images.add("quirk_grey_alpha.png", _png(la), "quirk", variant="grey_alpha")
+    frames = [_pattern(40, 40, 6 + k) for k in range(3)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    images.add("quirk_animated.gif", buf.getvalue(), "quirk", variant="animated_gif")
+    images.add("quirk_retry_after.png", _png(_pattern(40, 40, 10)), "quirk", variant="retry_after_once")
+    images.add("quirk_redirected.png", _png(_pattern(40, 40, 11)), "quirk", variant="redirect_to_image")
+
+
+def _broken_entries(images: _Images, port: int) -> list[Entry]:
     good = _jpeg(Image.new("RGB", (64, 64), (200, 30, 30)))
     images.add("truncated.jpg", good[: len(good) // 2], "broken", variant="truncated_jpeg")
     images.add("not_an_image.jpg", b"<html><body>Not found</body></html>", "broken", variant="html_as_image")
     images.add("zero.jpg", b"", "broken", variant="zero_bytes")
     images.add("bomb.png", decompression_bomb(), "broken", variant="decompression_bomb")
-    specials = [
-        Entry("404", "broken", "http_404", url_path="/status/404/missing.jpg"),
-        Entry("404b", "broken", "http_404", url_path="/status/404/gone.png"),
-        Entry("500", "broken", "http_500", url_path="/status/500/error.jpg"),
-        Entry("500b", "broken", "http_500", url_path="/status/500/oops.jpg"),
-        Entry("403", "broken", "http_403", url_path="/status/403/forbidden.jpg"),
-        Entry("slow", "broken", "timeout", url_path="/slow/slow.jpg"),
-    ]
+    svg = b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="64" height="64"><circle r="9"/></svg>'
+    images.add("drawing.svg", svg, "broken", variant="svg")
+    images.add("corrupt.png", corrupt_png(_pattern(48, 48, 20)), "broken", variant="corrupt_png")
+    images.add("tiny.png", _png(_pattern(4, 4, 21)), "broken", variant="tiny_image")
+    images.add("strip.png", _png(_pattern(600, 20, 22)), "broken", variant="extreme_aspect_ratio")
+    for name, seed in (("ctype.png", 23), ("robots.png", 24), ("trickle.png", 25), ("ratelimited.png", 26)):
+        (images.root / name).write_bytes(_png(_pattern(40, 40, seed)))  # served only through misbehaving routes
+    quirk_files(images)
+    quirks = {e.variant: e for e in images.entries if e.kind == "quirk"}
+    quirks["retry_after_once"].url_path = "/ratelimit-once/1/quirk_retry_after.png"
+    quirks["redirect_to_image"].url_path = "/redirect/to/quirk_redirected.png"
+    routes = [
+        ("404", "http_404", "/status/404/missing.jpg"), ("404b", "http_404", "/status/404/gone.png"),
+        ("500", "http_500", "/status/500/error.jpg"), ("500b", "http_500", "/status/500/oops.jpg"),
+        ("403", "http_403", "/status/403/forbidden.jpg"), ("slow", "timeout", "/slow/slow.jpg"),
+        ("429", "http_429_retry_after", "/ratelimit/120/ratelimited.png"), ("reset", "connection_reset", "/reset/a.jpg"),
+        ("close", "connection_closed", "/close/a.jpg"), ("loop", "redirect_loop", "/redirect/loop/a.jpg"),
+        ("metadata_redirect", "redirect_to_metadata", "/redirect/metadata/a.jpg"),
+        ("ctype", "wrong_content_type", "/ctype/text/html/ctype.png"), ("robots", "robots_noai", "/robots/noai/robots.png"),
+        ("trickle", "trickle", "/trickle/trickle.png"), ("big", "too_large", "/big/5000000"),
+    ]  # fmt: skip
+    specials = [Entry(name, "broken", variant, url_path=path) for name, variant, path in routes]
+    for name, variant, url in (
+        ("metadata", "private_metadata", "http://169.254.169.254/latest/meta-data/iam/security-credentials/"),
+        ("octal", "private_octal", "http://0251.0376.0251.0376/latest/meta-data/"),
+        ("v4mapped", "private_v4_mapped", "http://[::ffff:a9fe:a9fe]/latest/meta-data/"),
+        ("v6loopback", "loopback_v6", f"http://[::1]:{port}/img/tiny.png"),
+        ("ftp", "unsupported_scheme", "ftp://127.0.0.1/pub/image.jpg"),
+    ):
+        specials.append(Entry(name, "broken", variant, url_path=url))
     return specials
 
 
@@ -221,11 +308,11 @@ def build_demo_crawl(out: Path, cfg: DemoConfig, port: int, seed: int = 0) -> di
         of = f"eval/mnist/test/{int(y[i])}/mnist_{i:05d}.png"
         images.add(f"evalcopy{j:03d}_{variant}.png", data, "eval_copy", variant=variant, of=of, label=int(y[i]))
 
-    specials = _broken_entries(images) if cfg.broken else []
+    specials = _broken_entries(images, port) if cfg.broken else []
     entries = images.entries + specials
     entries = [entries[i] for i in rng.permutation(len(entries))]
     rows = [
-        {"url": base + (e.url_path or f"/img/{e.name}"), "caption": f"{e.kind} {e.variant}".strip(), "source": e.kind}
+        {"url": e.url_path if "://" in (e.url_path or "") else base + (e.url_path or f"/img/{e.name}"), "caption": f"{e.kind} {e.variant}".strip(), "source": e.kind}
         for e in entries
     ]
     truth = [{"kind": e.kind, "variant": e.variant, "of": e.of, "label": e.label, "name": e.name} for e in entries]
@@ -244,3 +331,28 @@ def build_demo_crawl(out: Path, cfg: DemoConfig, port: int, seed: int = 0) -> di
     info = {"port": port, "base_url": base, "rows": len(urls), "kinds": truth_df["kind"].value_counts().to_dict()}
     atomic_write_json(out / "crawl.json", info)
     return info
+
+
+def build_bad_input_crawl(out: Path, port: int, n_good: int = 4) -> pd.DataFrame:
+    """A small crawl of every planted bad input and quirk, plus ``n_good`` plain images (for fast tests).
+
+    Returns (and writes as ``urls.parquet``) the list with ``url``, ``variant``, ``kind`` and the ``expected``
+    ingest reason of each row (None for rows that must be downloaded).
+    """
+    images = _Images(out / "images")
+    for i in range(n_good):
+        images.add(f"good_{i}.png", _png(_pattern(48, 40, 100 + i)), "photo")
+    entries = images.entries + _broken_entries(images, port)
+    base = f"http://127.0.0.1:{port}"
+    rows = [
+        {"url": e.url_path if "://" in (e.url_path or "") else base + (e.url_path or f"/img/{e.name}"),
+         "kind": e.kind, "variant": e.variant}
+        for e in entries
+    ]  # fmt: skip
+    rows.append({**rows[0], "kind": "broken", "variant": "duplicate_url"})
+    rows.append({"url": "htp:/not a url", "kind": "broken", "variant": "malformed_url"})
+    df = pd.DataFrame(rows)
+    df["expected"] = df["variant"].map(BAD_INPUT_REASONS).where(df["kind"] == "broken", None)
+    with atomic_path(out / "urls.parquet") as tmp:
+        df.to_parquet(tmp, index=False)
+    return df

@@ -1,0 +1,257 @@
+"""Scale benchmark of the curation core on synthetic embeddings: self-dedup graph, retrieval, hierarchical k-means.
+
+    python bench/curate_scale.py --n 1000000            # the issue's target: <= 15 min, peak RSS <= 6 GiB
+    python bench/curate_scale.py --n 250000             # the same per-point settings, for the growth factor
+
+Data (fp16 shards on disk, memory-mapped, generated chunk by chunk): ``n`` unit vectors in ``dim`` dimensions
+drawn around ``n/50`` cluster centres whose sizes follow a power law (a few huge concepts, a long tail), with a
+per-cluster spread (pairwise cosine 0.15-0.4 inside a cluster), plus planted near-duplicate groups (2-8 copies of
+one image at cosine 0.8-0.95 to it) covering 2% of the pool.
+
+Steps, each with wall time and peak RSS (sampled from /proc every 20 ms):
+1. peak matmul rate of this machine in fp32 and bf16 (the physical limit the k-means rate is compared with);
+2. dedup graph: IVF partition searched as matmul blocks (``ivf_blocks``, 8 of ~2 sqrt(n) lists probed), k=64
+   neighbours with cosine > 0.6 per vector, union-find components; planted-group recall and false merges;
+3. retrieval: IVF-PQ index (64 lists probed, exact re-scoring of 32x candidates), N=4 neighbours of 10,000 seed
+   queries, recall@4 against brute force on 1,000 of them;
+4. hierarchical k-means: 3 levels (n/500, n/5000, n/50000 clusters), level 1 fitted on 50 points per cluster
+   (k-means++ on 25 per cluster) then every point assigned; resampling on levels 2-3 (10 steps, 5 and 3 points
+   per cluster); balanced sampling of n/4 points. Achieved assignment GFLOP/s against the measured matmul peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+# Shared 2-core machines: OpenMP threads that spin while waiting (the default) collapse under oversubscription
+# (FAISS PQ training measured 20.8 s -> 6.5 s with passive waiting); set before torch/faiss load their runtimes.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import resource
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from curation.graph import UnionFind, knn_edges  # noqa: E402
+from curation.index import build_index, recall_at_k  # noqa: E402
+from curation.kmeans import FlopCounter  # noqa: E402
+from curation.rebalance import balanced_sample, hierarchical_kmeans  # noqa: E402
+from curation.vectors import RowView, VectorStore, write_vectors  # noqa: E402
+from infra.config.curation import IndexConfig, RebalanceConfig  # noqa: E402
+
+GIB = 1 << 30
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class Step:
+    """Wall time and peak RSS of a block (RSS sampled by a thread; ru_maxrss as a floor)."""
+
+    rows: list[dict] = []
+
+    def __init__(self, name: str):
+        self.name, self.peak, self.stop = name, rss_bytes(), threading.Event()
+
+    def _sample(self) -> None:
+        while not self.stop.wait(0.02):
+            self.peak = max(self.peak, rss_bytes())
+
+    @contextmanager
+    def run(self):  # noqa: ANN201
+        t = threading.Thread(target=self._sample, daemon=True)
+        t.start()
+        start = time.perf_counter()
+        info: dict = {}
+        try:
+            yield info
+        finally:
+            self.stop.set()
+            t.join()
+            row = {"step": self.name, "seconds": round(time.perf_counter() - start, 1), "peak_rss_gib": round(self.peak / GIB, 2), **info}
+            Step.rows.append(row)
+            print(json.dumps(row), flush=True)
+
+
+def matmul_peak(dtype: torch.dtype, m: int = 4096, k: int = 256, n: int = 4096, reps: int = 3) -> float:
+    """FLOP/s of an assignment-shaped matmul (m x k) @ (k x n), best of ``reps``."""
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * m * k * n / best
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def generate(out: Path, n: int, dim: int, seed: int, shard: int = 131_072) -> tuple[VectorStore, np.ndarray, np.ndarray]:
+    """Pool shards on disk; returns (store, cluster id per point, planted group id per point or -1)."""
+    rng = np.random.default_rng(seed)
+    n_clusters = max(n // 50, 10)
+    centres = unit(rng.standard_normal((n_clusters, dim)).astype(np.float32))
+    weights = 1.0 / np.arange(1, n_clusters + 1) ** 1.1  # power law: concept sizes from huge to tiny
+    n_dup = int(0.02 * n)
+    cluster = rng.choice(n_clusters, n - n_dup, p=weights / weights.sum())
+    spread = rng.uniform(np.sqrt(0.15), np.sqrt(0.4), n_clusters).astype(np.float32)  # cos(alpha) per cluster
+    # Planted groups: an original (a normal point) then 1-7 copies of it.
+    sizes = []
+    while sum(sizes) < n_dup:
+        sizes.append(int(rng.integers(1, 8)))
+    sizes[-1] -= sum(sizes) - n_dup
+    sizes = [s for s in sizes if s > 0]
+    originals = rng.choice(n - n_dup, len(sizes), replace=False)
+    group = np.full(n, -1, np.int64)
+    group[originals] = np.arange(len(sizes))
+    copy_of = np.repeat(originals, sizes)
+    group[n - n_dup :] = group[copy_of]
+    cluster = np.concatenate([cluster, cluster[copy_of]])
+    paths = []
+    base = np.empty((n - n_dup, dim), np.float16)
+    for s in range(0, n - n_dup, shard):
+        c = cluster[s : min(s + shard, n - n_dup)]
+        a = spread[c][:, None]
+        noise = unit(rng.standard_normal((len(c), dim)).astype(np.float32))
+        base[s : s + len(c)] = unit(centres[c] * a + noise * np.sqrt(1 - a * a))
+    copies = base[copy_of].astype(np.float32)
+    b = rng.uniform(0.8, 0.95, (n_dup, 1)).astype(np.float32)
+    copies = unit(copies * b + unit(rng.standard_normal((n_dup, dim)).astype(np.float32)) * np.sqrt(1 - b * b))
+    full = np.concatenate([base, copies.astype(np.float16)])
+    del base, copies
+    for i, s in enumerate(range(0, n, shard)):
+        paths.append(write_vectors(out / f"{i:05d}.npy", full[s : s + shard]))
+    del full
+    return VectorStore(paths), cluster, group
+
+
+def dedup_graph(store: VectorStore, group: np.ndarray, nlist: int, work: Path) -> None:
+    with Step("dedup_graph").run() as info:
+        cfg = IndexConfig(kind="ivf_blocks", nlist=nlist, nprobe=8, train_size=32 * nlist)
+        idx = build_index(RowView(store), cfg, seed=0, work_dir=work)
+        t = time.perf_counter()
+        edges = knn_edges(idx, ((s, b[:, None, :]) for s, b in store.chunks(262_144)), k=64, threshold=0.6)
+        search_s = time.perf_counter() - t
+        uf = UnionFind(len(store))
+        uf.union_edges(edges.src, edges.dst)
+        labels = uf.labels()
+        del idx
+        planted = group >= 0
+        g, lab = group[planted], labels[planted]
+        per_group = np.unique(np.stack([g, lab], 1), axis=0)  # a planted group is recovered in one component
+        recovered = np.bincount(per_group[:, 0]) == 1
+        info.update(edges=len(edges), components=int(len(np.unique(labels))), search_seconds=round(search_s, 1),
+                    planted_groups=int(len(recovered)), planted_groups_recovered=round(float(recovered.mean()), 4),
+                    **false_merges(labels, group), index=f"IVF{nlist} blocks nprobe=8, k=64, cos>0.6")  # fmt: skip
+
+
+def false_merges(labels: np.ndarray, group: np.ndarray) -> dict:
+    """Non-trivial components whose members are not all one planted group."""
+    order = np.argsort(labels, kind="stable")
+    lab, grp = labels[order], group[order]
+    starts = np.flatnonzero(np.r_[True, lab[1:] != lab[:-1]])
+    sizes = np.diff(np.r_[starts, len(lab)])
+    gmin, gmax = np.minimum.reduceat(grp, starts), np.maximum.reduceat(grp, starts)
+    multi = sizes > 1
+    bad = multi & ((gmin != gmax) | (gmin < 0))
+    return {"multi_member_components": int(multi.sum()), "false_merge_components": int(bad.sum()),
+            "images_in_false_merges": int(sizes[bad].sum())}  # fmt: skip
+
+
+def retrieval(store: VectorStore, cluster: np.ndarray, nlist: int, seed: int) -> None:
+    rng = np.random.default_rng(seed + 1)
+    with Step("retrieval").run() as info:
+        cfg = IndexConfig(kind="ivfpq", nlist=nlist, nprobe=64, pq_m=32, pq_nbits=8, refine_factor=32, train_size=32 * nlist)
+        idx = build_index(RowView(store), cfg, seed=0)
+        # Seed queries: perturbed pool points of 200 random concepts (a curated dataset's distribution).
+        concepts = rng.choice(np.unique(cluster), 200, replace=False)
+        members = np.flatnonzero(np.isin(cluster, concepts))
+        q = store.take(rng.choice(members, 10_000))
+        q = unit(q + 0.3 * unit(rng.standard_normal(q.shape).astype(np.float32)))
+        t = time.perf_counter()
+        sims, ids = idx.search(q, 4)
+        search_s = time.perf_counter() - t
+        per_image = np.bincount(ids[ids >= 0].ravel())
+        recall = recall_at_k(idx, q[:1000], 4)
+        info.update(queries=len(q), n_neighbors=4, search_seconds=round(search_s, 2), retrieved=int((per_image > 0).sum()),
+                    collisions=int((per_image > 1).sum()), recall_at_4=round(recall, 4), index=f"IVF{nlist},PQ32x8 nprobe=64 refine=32")  # fmt: skip
+        del idx
+
+
+def hierarchical(store: VectorStore, precision: str) -> FlopCounter:
+    n = len(store)
+    k = [max(n // 500, 2), max(n // 5000, 2), max(n // 50000, 2)]
+    cfg = RebalanceConfig(n_clusters=k, n_resampling_steps=[1, 10, 10], sample_sizes=[1, 5, 3], n_iter=10,
+                          fit_sample=50 * k[0], init_sample=25 * k[0], target_size=n // 4, precision=precision)  # fmt: skip
+    counter = FlopCounter()
+    with Step("hierarchical_kmeans").run() as info:
+        levels = hierarchical_kmeans(RowView(store), cfg, seed=0, counter=counter)
+        sel = balanced_sample(levels, cfg.target_size, seed=0)
+        sizes = np.bincount(levels[0].assign, minlength=k[0])
+        info.update(levels=k, selected=len(sel), assignment_gflop=round(counter.flops / 1e9, 1),
+                    assignment_seconds=round(counter.seconds, 1), assignment_gflops_per_s=round(counter.rate / 1e9, 1),
+                    precision=precision, level1_cluster_size_max=int(sizes.max()), level1_cluster_size_median=int(np.median(sizes)))  # fmt: skip
+    return counter
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=1_000_000)
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="scratch folder for the shards (default: a temp dir)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="k-means assignment matmul dtype; auto picks the faster one measured in step 1")
+    args = p.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    out = args.out or Path(tempfile.mkdtemp(prefix="curate_scale_"))
+    out.mkdir(parents=True, exist_ok=True)
+    total = time.perf_counter()
+    with Step("matmul_peak").run() as info:
+        peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
+        info.update(fp32_gflops_per_s=round(peak32 / 1e9, 1), bf16_gflops_per_s=round(peak16 / 1e9, 1))
+    precision = args.precision if args.precision != "auto" else ("bf16" if peak16 > peak32 else "fp32")
+    with Step("generate").run() as info:
+        store, cluster, group = generate(out, args.n, args.dim, args.seed)
+        info.update(n=len(store), dim=args.dim, shards=len(store.paths), bytes_on_disk=sum(p.stat().st_size for p in store.paths))
+    # ~2 sqrt(n) lists: on CPU the coarse quantizer's training and per-query scan dominate (docs/scaling.md).
+    nlist = 2 ** round(np.log2(2 * np.sqrt(args.n)))
+    dedup_graph(store, group, nlist, out)
+    retrieval(store, cluster, nlist, args.seed)
+    counter = hierarchical(store, precision)
+    with Step("matmul_peak_again").run() as info:  # contention varies: the peak is the best of both measurements
+        again = matmul_peak(torch.float32 if precision == "fp32" else torch.bfloat16)
+        peak = max(again, peak32 if precision == "fp32" else peak16)
+        info.update(gflops_per_s=round(again / 1e9, 1), precision=precision,
+                    kmeans_assignment_gflops_per_s=round(counter.rate / 1e9, 1), peak_gflops_per_s=round(peak / 1e9, 1),
+                    kmeans_assignment_utilisation=round(counter.rate / peak, 3))  # fmt: skip
+    summary = {"n": args.n, "total_seconds": round(time.perf_counter() - total, 1),
+               "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 2),
+               "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}  # fmt: skip
+    print(json.dumps(summary), flush=True)
+    print("\n| step | seconds | peak RSS GiB | notes |\n|---|---|---|---|")
+    for r in Step.rows:
+        notes = ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("step", "seconds", "peak_rss_gib"))
+        print(f"| {r['step']} | {r['seconds']} | {r['peak_rss_gib']} | {notes} |")
+    print(f"| total | {summary['total_seconds']} | {summary['peak_rss_gib']} | |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Raw img2dataset vs this project's full ingestion on the same loopback URLs, measured in one run.
+
+    python bench/ingest.py [--n 2000] [--threads 16] [--processes 2]
+
+Both download the same N distinct JPEGs (96-160 px, served by the demo server on 127.0.0.1) with the same
+threads, processes (shards in flight), resize and encode settings. "raw" is ``img2dataset.download`` (webdataset
+output, sha256); "full" is this stage's cores: plan + URL guard + guarded download + perceptual hash + cross-shard
+dedup (ingest), open_nsfw on every image (nsfw), Haar detection and blurring (faces), shards fanned out over a
+thread pool of ``--processes`` (the cores the Prefect flow drives, without the Prefect API server). Throughput is
+successfully stored images per second of wall time (img2dataset's own logs count attempted URLs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+from curation.faces import blur_faces  # noqa: E402
+from curation.ingest import excluded, ingest  # noqa: E402
+from curation.nsfw import dropped_ids, nsfw_filter  # noqa: E402
+from infra.config.data import DataConfig  # noqa: E402
+from infra.config.ingest import FacesConfig, IngestConfig, NsfwConfig  # noqa: E402
+from infra.demo.server import DemoServer, free_port  # noqa: E402
+from infra.shards import list_shards  # noqa: E402
+from infra.stage import ShardTracker  # noqa: E402
+
+PUBLISHED_PER_CORE = 100  # img2dataset's README: ~1,350 images/s on one 16-core machine
+
+
+def make_images(root: Path, n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True)
+    names = []
+    for i in range(n):
+        w, h = (int(v) for v in rng.integers(96, 161, 2))
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        f = rng.uniform(0.02, 0.3, 4)
+        img = np.stack([127 + 120 * np.sin(xx * f[0] + yy * f[1] + i), 127 + 120 * np.cos(yy * f[2] + i),
+                        127 + 120 * np.sin((xx - yy) * f[3])], -1) + rng.normal(0, 8, (h, w, 3))  # fmt: skip
+        buf = io.BytesIO()
+        Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+        names.append(f"b{i:05d}.jpg")
+        (root / names[-1]).write_bytes(buf.getvalue())
+    return names
+
+
+def thread_mapper(width: int):  # noqa: ANN201
+    def mapper(fn, items):  # noqa: ANN001, ANN202
+        with ThreadPoolExecutor(width) as pool:
+            for fut in as_completed([pool.submit(fn, *a) for a in items]):
+                yield fut.result()
+
+    return mapper
+
+
+RAW = """
+from img2dataset import download
+download(url_list={urls!r}, input_format="parquet", url_col="url", output_format="webdataset",
+         output_folder={out!r}, processes_count={p}, thread_count={t}, image_size=128, resize_mode="keep_ratio",
+         resize_only_if_bigger=True, encode_format="jpg", encode_quality=95, number_sample_per_shard={s}, timeout=10,
+         retries=0, compute_hash="sha256", disallowed_header_directives=["noai", "noimageai", "noindex",
+         "noimageindex"], distributor="multiprocessing", enable_wandb=False)
+"""
+
+
+def run_raw(urls: Path, out: Path, args: argparse.Namespace) -> tuple[float, int]:
+    """img2dataset in its own process, as its users run it (it installs a SIGINT handler that exits 0)."""
+    code = RAW.format(urls=str(urls), out=str(out), p=args.processes, t=args.threads, s=args.shard_size)
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    dt = time.perf_counter() - t
+    ok = sum(int((pd.read_parquet(p)["status"] == "success").sum()) for p in out.glob("*.parquet"))
+    return dt, ok
+
+
+def run_full(urls: Path, run: Path, args: argparse.Namespace) -> tuple[dict[str, float], int]:
+    cfg = IngestConfig(shard_size=args.shard_size, threads=args.threads, processes=args.processes, image_size=128,
+                       allow_hosts=["127.0.0.1"])  # fmt: skip
+    mapper = thread_mapper(args.processes)
+    times: dict[str, float] = {}
+    t = time.perf_counter()
+    ing = run / "ingest"
+    res = ingest(DataConfig(url_list=urls), ing, cfg, ShardTracker("ingest", ing), mapper)
+    times["ingest (download+guard+hash)"] = time.perf_counter() - t
+    t = time.perf_counter()
+    shards = list_shards(ing / "shards")
+    nsfw_filter(shards, excluded(ing), run / "nsfw", NsfwConfig(), ShardTracker("nsfw", run / "nsfw"), mapper)
+    times["nsfw (open_nsfw)"] = time.perf_counter() - t
+    t = time.perf_counter()
+    dup, bad = excluded(ing), dropped_ids(run / "nsfw")
+    skip = {s.name: dup.get(s.name, set()) | bad for s in shards}
+    faces = blur_faces(shards, skip, run / "faces", FacesConfig(), ShardTracker("faces", run / "faces"), mapper)
+    times["faces (haar+blur)"] = time.perf_counter() - t
+    assert res.counts["kept"] >= faces.counts["kept"]
+    return times, int(faces.counts["kept"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--threads", type=int, default=16)
+    p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--shard-size", type=int, default=500)
+    p.add_argument("--skip-raw", action="store_true", help="time the full ingestion only")
+    args = p.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="lvd-bench-"))
+    try:
+        names = make_images(tmp / "images", args.n)
+        port = free_port()
+        urls = tmp / "urls.parquet"
+        pd.DataFrame({"url": [f"http://127.0.0.1:{port}/img/{n}" for n in names]}).to_parquet(urls)
+        cores = os.cpu_count() or 1
+        with DemoServer(tmp / "images", port):
+            raw_s, raw_n = run_raw(urls, tmp / "raw", args) if not args.skip_raw else (float("nan"), 0)
+            times, full_n = run_full(urls, tmp / "full", args)
+        full_s = sum(times.values())
+        raw_rate, full_rate = raw_n / raw_s, full_n / full_s
+        print(f"\n{args.n} loopback URLs, {args.threads} threads x {args.processes} processes, {cores} cores "
+              "(the HTTP server shares them)\n")  # fmt: skip
+        print(f"{'pipeline':<34}{'images':>8}{'seconds':>9}{'images/s':>10}{'per core':>10}")
+        print(f"{'raw img2dataset':<34}{raw_n:>8}{raw_s:>9.1f}{raw_rate:>10.1f}{raw_rate / cores:>10.1f}")
+        for name, s in times.items():
+            print(f"{'  ' + name:<34}{'':>8}{s:>9.1f}")
+        print(f"{'full ingestion':<34}{full_n:>8}{full_s:>9.1f}{full_rate:>10.1f}{full_rate / cores:>10.1f}")
+        print(f"\nratio full / raw: {full_rate / raw_rate:.2f}x   (goal >= 0.6x)")
+        print(f"img2dataset published: ~{PUBLISHED_PER_CORE} samples/s per core (web, attempted URLs)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

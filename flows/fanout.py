@@ -1,0 +1,64 @@
+"""Per-shard fan-out of a stage through a Prefect task runner (one task run per shard).
+
+A stage core takes a *mapper* ``(fn, [args, ...]) -> results as they finish``; this module supplies one that
+submits ``fn(*args)`` as Prefect task runs on the run's task runner: Prefect's ``ThreadPoolTaskRunner`` by
+default, ``prefect_dask.DaskTaskRunner`` with ``run.task_runner=dask`` (a local cluster of ``run.workers``
+single-threaded worker processes, or the scheduler at ``run.dask_address``). ``fn`` must be a module-level
+function of files and small config objects (it is pickled to Dask workers); the core marks shards done as
+results come back, so an interrupted stage resumes at the shard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+
+from infra.config.run import RunConfig
+
+
+@task(cache_policy=NO_CACHE, persist_result=False)
+def shard_task(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    return fn(*args)
+
+
+def task_runner(run: RunConfig, width: int) -> Any:
+    if run.task_runner == "dask":
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError as err:
+            raise ImportError("run.task_runner=dask needs `pip install prefect-dask dask[distributed]`") from err
+        if run.dask_address:
+            return DaskTaskRunner(address=run.dask_address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": run.workers, "threads_per_worker": 1, "processes": True,
+                                              "dashboard_address": None})  # fmt: skip
+    if run.task_runner == "ray":
+        try:
+            from prefect_ray import RayTaskRunner
+        except ImportError as err:
+            raise ImportError("run.task_runner=ray needs `pip install prefect-ray`") from err
+        return RayTaskRunner()
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=width)
+
+
+def prefect_mapper(run: RunConfig, stage: str, width: int | None = None) -> Callable[..., Iterator[Any]]:
+    """A mapper for stage cores: shards as task runs named ``<stage>:<shard>``, results as they complete."""
+
+    def mapper(fn: Callable[..., Any], items: list[tuple[Any, ...]]) -> Iterator[Any]:
+        if not items:
+            return
+        with task_runner(run, width or run.workers) as runner:
+            futures = []
+            for args in items:
+                name = getattr(args[0], "name", None) or getattr(args[1], "name", "shard")
+                t = shard_task.with_options(name=f"{stage}-shard", task_run_name=f"{stage}:{name}")
+                futures.append(runner.submit(t, parameters={"fn": fn, "args": args}))
+            for future in as_completed(futures):
+                yield future.result()
+
+    return mapper

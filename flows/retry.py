@@ -1,0 +1,69 @@
+"""``lvd retry-failed``: re-download only the failed URLs of a finished ingest, as a Prefect flow.
+
+The retried rows go into new shards ``stages/ingest/shards/r<attempt>-<shard>`` (finished shards are never
+rewritten); the ingest manifest is rewritten with the new outputs and counts, which changes its digest, so the
+next ``lvd resume`` redoes every later stage (NSFW, faces, dedup, ...) and nothing before it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from curation.ingest import retry_failed
+from flows.fanout import prefect_mapper
+from flows.stages import active_stages
+from infra.config import PipelineConfig
+from infra.demo.server import DemoServer
+from infra.manifest import read_manifest, write_manifest
+from infra.run import RunDir, now
+from infra.stage import ShardTracker, stage_state
+from infra.storage import file_record
+
+
+class RetryError(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def _demo_server(run: RunDir, cfg: PipelineConfig) -> Iterator[None]:
+    if not cfg.demo.enabled:
+        yield
+        return
+    with DemoServer(run.stage_dir("crawl") / "images", cfg.demo.port, cfg.demo.slow_seconds):
+        yield
+
+
+@flow(name="lvd-retry-failed")
+def retry_failed_flow(run_root: str, run_id: str, reasons: list[str] | None = None) -> dict[str, Any]:
+    run = RunDir(Path(run_root), run_id)
+    cfg = run.load_config()
+    spec = next(s for s in active_stages(cfg) if s.name == "ingest")
+    if stage_state(run, spec, cfg) != "completed":
+        raise RetryError(f"ingest of run {run_id!r} is not complete (or is stale): run `lvd resume {run_id}` first")
+    stage_dir = run.stage_dir("ingest")
+    manifest = read_manifest(stage_dir)
+    assert manifest is not None
+    tracker = ShardTracker("ingest", stage_dir, run)
+    with _demo_server(run, cfg):
+        plan, result = retry_failed(stage_dir, cfg.ingest, tracker, reasons,
+                                    prefect_mapper(cfg.run, "ingest", cfg.ingest.processes))  # fmt: skip
+    retries = [*manifest.extra.get("retries", []),
+               {"attempt": plan.attempt, "rows": len(plan.rows), "reasons": reasons, "at": now()}]  # fmt: skip
+    updated = manifest.model_copy(
+        update={
+            "counts": result.counts,
+            "outputs": [file_record(p, run.path) for p in sorted(set(result.outputs))],
+            "extra": {**result.extra, "retries": retries},
+            "finished_at": now(),
+        }
+    )
+    write_manifest(stage_dir, updated)
+    recovered = int(result.counts.get("downloaded", 0)) - int(manifest.counts.get("downloaded", 0))
+    run.log_event("retried", "ingest", attempt=plan.attempt, rows=len(plan.rows), recovered=recovered)
+    return {"attempt": plan.attempt, "retried": len(plan.rows), "recovered": recovered,
+            "by_reason": plan.rows["reason"].value_counts().to_dict(), "shards": [j.name for j in plan.jobs]}  # fmt: skip

@@ -1,0 +1,169 @@
+"""URL lists, the shard plan, duplicate URLs, and the URL/destination guard."""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+import urllib.request
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from curation.ingest import download_reason
+from curation.netguard import DestinationPolicy, UrlGuard, install_opener, literal_address
+from curation.urls import UrlListError, first_occurrences, iter_url_rows, plan_shards, url_duplicates
+from infra.config.data import DataConfig
+from infra.config.ingest import IngestConfig
+from infra.demo.server import DemoServer, free_port
+
+URLS = [f"http://h/{i % 7}.jpg" for i in range(23)]  # every URL comes back every 7 rows
+
+
+def _write(path, fmt, urls=URLS):
+    df = pd.DataFrame({"url": urls, "caption": [f"c{i}" for i in range(len(urls))]})
+    if fmt == "parquet":
+        df.to_parquet(path, row_group_size=5)
+    elif fmt == "csv":
+        df.to_csv(path, index=False)
+    else:
+        df.to_json(path, orient="records", lines=True)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "jsonl"])
+def test_plan_fixes_shards_and_finds_duplicate_urls_across_chunks_and_buckets(tmp_path, fmt):
+    data = DataConfig(url_list=_write(tmp_path / f"urls.{fmt}", fmt))
+    cfg = IngestConfig(shard_size=10, chunk_rows=4, url_dedup_buckets=3)
+    plan = plan_shards(data, cfg, tmp_path / "plan")
+    assert (plan.n_rows, plan.shards) == (23, ["00000", "00001", "00002"])
+    rows = pd.read_parquet(plan.inputs("00001"))
+    assert rows["row_id"].tolist() == list(range(10, 20))
+    assert rows["url"].tolist() == URLS[10:20] and rows["caption"].tolist() == [f"c{i}" for i in range(10, 20)]
+    assert url_duplicates(tmp_path / "plan", 0, 23) == {i: i % 7 for i in range(7, 23)}
+    assert url_duplicates(tmp_path / "plan", 10, 12) == {10: 3, 11: 4}
+    again = plan_shards(data, cfg.model_copy(update={"shard_size": 5}), tmp_path / "plan")
+    assert again.shards == plan.shards  # a finished plan is reused as is: the assignment never moves
+
+
+def test_first_occurrences_is_exact():
+    h1 = np.array([5, 1, 5, 5, 2, 1], np.uint64)
+    h2 = np.array([0, 0, 1, 0, 0, 0], np.uint64)
+    rows = np.array([10, 11, 12, 13, 14, 15])
+    assert first_occurrences(h1, h2, rows).tolist() == [[13, 10], [15, 11]]
+
+
+def test_truncated_csv_and_jsonl_end_in_a_malformed_row(tmp_path):
+    csv_text = _write(tmp_path / "u.csv", "csv").read_text()
+    (tmp_path / "cut.csv").write_text(csv_text[: csv_text.rindex("http://h/") + 12])  # cut inside the last URL
+    rows = pd.concat(iter_url_rows(DataConfig(url_list=tmp_path / "cut.csv"), chunk_rows=8))
+    assert len(rows) == 23 and rows["list_error"].notna().tolist() == [False] * 22 + [True]
+    assert rows["list_error"].iloc[-1] == "expected 2 fields, got 1: http://h/1.j"
+    jl = _write(tmp_path / "u.jsonl", "jsonl").read_text()
+    (tmp_path / "cut.jsonl").write_text(jl[: len(jl) - 9])
+    rows = pd.concat(iter_url_rows(DataConfig(url_list=tmp_path / "cut.jsonl"), chunk_rows=8))
+    assert len(rows) == 23 and rows["list_error"].notna().sum() == 1
+    assert rows["list_error"].iloc[-1].startswith("not valid JSON") and rows["url"].iloc[-1] == ""
+
+
+def test_truncated_parquet_stops_before_any_download(tmp_path):
+    data = _write(tmp_path / "u.parquet", "parquet").read_bytes()
+    (tmp_path / "cut.parquet").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UrlListError, match=r"cut.parquet \(parquet; truncated or corrupt\? re-copy it\)"):
+        plan_shards(DataConfig(url_list=tmp_path / "cut.parquet"), IngestConfig(), tmp_path / "plan")
+
+
+@pytest.mark.slow
+def test_planning_memory_does_not_grow_with_the_list(tmp_path):
+    """Python-heap peak while planning 100k vs 400k rows (chunks of 20k): the same within 25%."""
+    peaks = []
+    for n in (100_000, 400_000):
+        urls = [f"http://example.com/img/{i % (n // 2)}.jpg" for i in range(n)]
+        pd.DataFrame({"url": urls}).to_parquet(tmp_path / f"{n}.parquet", row_group_size=20_000)
+        cfg = IngestConfig(shard_size=10_000, chunk_rows=20_000, url_dedup_buckets=64)
+        tracemalloc.start()
+        plan = plan_shards(DataConfig(url_list=tmp_path / f"{n}.parquet"), cfg, tmp_path / f"plan{n}")
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        assert plan.n_rows == n and len(url_duplicates(tmp_path / f"plan{n}", 0, n)) == n // 2
+    assert peaks[1] < 1.25 * peaks[0], peaks
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("http://example.com/a.jpg", None),
+        ("https://8.8.8.8/a.jpg", None),
+        ("ftp://example.com/a.jpg", "url_scheme"),
+        ("file:///etc/passwd", "url_scheme"),
+        ("htp:/not a url", "url_malformed"),
+        ("http://exa mple.com/a.jpg", "url_malformed"),
+        ("http://[::1/a.jpg", "url_malformed"),
+        ("http://example.com:99999/a.jpg", "url_malformed"),
+        ("", "url_malformed"),
+        ("http://169.254.169.254/latest/meta-data/", "url_private"),
+        ("http://0251.0376.0251.0376/", "url_private"),  # octal spelling of the metadata address
+        ("http://2852039166/", "url_private"),  # decimal spelling of the metadata address
+        ("http://[::ffff:169.254.169.254]/", "url_private"),
+        ("http://10.0.0.1/a.jpg", "url_private"),
+        ("http://192.168.1.1/a.jpg", "url_private"),
+        ("http://100.100.100.200/", "url_private"),
+        ("http://127.0.0.1:8000/a.jpg", "url_private"),
+        ("http://[::1]/a.jpg", "url_private"),
+        ("http://0.0.0.0/a.jpg", "url_private"),
+    ],
+)
+def test_url_guard(url, reason):
+    assert UrlGuard(IngestConfig()).check(url) == reason
+
+
+def test_allow_list_and_allow_private_never_open_metadata():
+    guard = UrlGuard(IngestConfig(allow_hosts=["127.0.0.1", "10.1.0.0/16", "cdn.internal"]))
+    assert [guard.check(u) for u in ("http://127.0.0.1:1/a", "http://10.1.2.3/a", "http://10.2.0.1/a")] == [
+        None, None, "url_private"]  # fmt: skip
+    private = DestinationPolicy.from_config(IngestConfig(allow_private=True))
+    assert private.refusal(literal_address("10.0.0.1")) is None
+    assert private.refusal(literal_address("169.254.169.254")) == "metadata"
+    assert private.refusal(literal_address("fd00:ec2::254")) == "metadata"
+    assert DestinationPolicy.from_config(IngestConfig()).refusal(literal_address("10.0.0.1"), "cdn.internal") == "private"
+    allowed = DestinationPolicy.from_config(IngestConfig(allow_hosts=["cdn.internal"]))
+    assert allowed.refusal(literal_address("10.0.0.1"), "cdn.internal") is None
+
+
+def test_names_resolving_to_refused_addresses_are_refused_before_connecting(tmp_path, loopback_only):
+    port = free_port()
+    (tmp_path / "a.png").write_bytes(b"\x89PNG")
+    install_opener(IngestConfig(allow_hosts=[]))
+    with DemoServer(tmp_path, port), pytest.raises(urllib.error.URLError, match="destination refused: localhost"):
+        urllib.request.urlopen(f"http://localhost:{port}/img/a.png", timeout=2)
+    assert loopback_only == []  # refused at resolution time: no connect() at all
+    install_opener(IngestConfig(allow_hosts=["127.0.0.1"]))
+    with DemoServer(tmp_path, port), urllib.request.urlopen(f"http://localhost:{port}/img/a.png", timeout=2) as r:
+        assert r.read() == b"\x89PNG"
+    assert loopback_only == ["127.0.0.1"]
+
+
+@pytest.mark.parametrize(
+    ("status", "message", "reason"),
+    [
+        ("failed_to_download", "HTTP Error 404: Not Found", "http_404"),
+        ("failed_to_download", "<urlopen error timed out>", "timeout"),
+        ("failed_to_download", "The read operation timed out", "timeout"),
+        ("failed_to_download", "<urlopen error [Errno -2] Name or service not known>", "dns_error"),
+        ("failed_to_download", "<urlopen error [Errno 111] Connection refused>", "connection_refused"),
+        ("failed_to_download", "<urlopen error destination refused: a.b resolves to 10.0.0.1 (private address)>",
+         "url_private"),
+        ("failed_to_download", "HTTP Error 302: redirect to a refused URL (url_private): http://10.0.0.1/", "redirect_refused"),
+        ("failed_to_download", "Use of image disallowed by X-Robots-Tag directive", "robots_disallowed"),
+        ("failed_to_download", "something new", "download_error"),
+        ("failed_to_resize", "image too small", "image_too_small"),
+        ("failed_to_resize", "Image decoding error", "decode_error"),
+        ("failed_to_resize", "decode error: Truncated File Read", "truncated_image"),
+    ],
+)  # fmt: skip
+def test_download_reason(status, message, reason):
+    assert download_reason(status, message) == reason
+
+
+def test_detail_is_json():
+    assert json.loads(json.dumps({"error": download_reason("failed_to_download", "x")})) == {"error": "download_error"}
