@@ -33,7 +33,7 @@ from training.data import build_source
 from training.module import DinoV2DataModule, DinoV2Module
 from training.registry import build_backbone
 from training.schedules import derive
-from training.strategy import PRECISION, build_strategy, resolve_accelerator
+from training.strategy import build_strategy, resolve_accelerator, resolve_precision
 from training.weights import init_from_pretrained
 
 __all__ = ["PretrainResult", "build_backbone", "load_backbone", "pretrain"]
@@ -78,7 +78,7 @@ def build_trainer(cfg: TrainConfig, out_dir: Path, callbacks: list[L.Callback]) 
     strategy = build_strategy(cfg, accelerator, n_devices * cfg.num_nodes)
     return L.Trainer(
         accelerator=accelerator, devices=n_devices, num_nodes=cfg.num_nodes, strategy=strategy,
-        precision=PRECISION[cfg.precision], max_steps=derive(cfg, 1).run_iters, callbacks=callbacks, logger=False,
+        precision=resolve_precision(cfg, accelerator), max_steps=derive(cfg, 1).run_iters, callbacks=callbacks, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         limit_val_batches=0, use_distributed_sampler=False, default_root_dir=str(out_dir))
 

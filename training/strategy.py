@@ -23,6 +23,20 @@ from training.layers import Block
 PRECISION = {"bf16": "bf16-mixed", "fp16": "16-mixed", "fp32": "32-true"}
 
 
+def native_bf16(accelerator: str) -> bool:
+    if accelerator == "gpu":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+
+
+def resolve_precision(cfg: TrainConfig, accelerator: str) -> str:
+    """Lightning's precision flag; `auto` picks bf16 autocast only where bf16 matmuls are native."""
+    name = cfg.precision
+    if name == "auto":
+        name = "bf16" if native_bf16(accelerator) else "fp32"
+    return PRECISION[name]
+
+
 def resolve_accelerator(cfg: TrainConfig) -> str:
     if cfg.accelerator == "auto":
         return "gpu" if torch.cuda.is_available() else "cpu"
