@@ -16,7 +16,7 @@ from training.checkpoint import export_backbone, export_bundle, load_official_st
 from training.distributed import barrier
 from training.layers import DINOHead
 from training.metrics import MetricsWriter
-from training.strategy import full_state_dict
+from training.fsdp import full_state_dict
 from training.vision_transformer import DinoVisionTransformer
 
 

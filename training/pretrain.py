@@ -84,11 +84,12 @@ def build_trainer(cfg: TrainConfig, out_dir: Path, callbacks: list[L.Callback]) 
 
 
 def pretrain(data: Sequence[Path] | Path, out_dir: Path, cfg: TrainConfig, *, seed: int = 0,
-             interrupt_at: int | None = None) -> PretrainResult:
+             interrupt_at: int | None = None, callbacks: Sequence[L.Callback] = ()) -> PretrainResult:
     """Train (or resume) a DINOv2 run in `out_dir` on corpus shards or an image folder.
 
     `interrupt_at`: stop after this many steps with a resumable checkpoint, as if the job were preempted (tests,
-    time-sliced jobs); a later call continues from there.
+    time-sliced jobs); a later call continues from there. `callbacks`: extra Lightning callbacks (progress
+    reporting, inspection).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -102,9 +103,8 @@ def pretrain(data: Sequence[Path] | Path, out_dir: Path, cfg: TrainConfig, *, se
     if ckpt is None and cfg.student.pretrained_weights is not None:
         init_from_pretrained(module.meta, cfg.student.pretrained_weights)
     metrics = MetricsLogger(out_dir, flush_every=cfg.log_every)
-    callbacks = [AtomicCheckpoint(out_dir / "checkpoints", cfg.checkpoint_every, interrupt_at), metrics,
-                 ExportTeacher(out_dir)]
-    trainer = build_trainer(cfg, out_dir, callbacks)
+    trainer = build_trainer(cfg, out_dir, [AtomicCheckpoint(out_dir / "checkpoints", cfg.checkpoint_every, interrupt_at),
+                                           metrics, ExportTeacher(out_dir), *callbacks])
     if trainer.is_global_zero:
         atomic_write_text(out_dir / "train_config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         derived = derive(cfg, trainer.world_size)

@@ -10,7 +10,7 @@ from typing import Any
 
 DEMO: dict[str, Any] = {
     "student": {"arch": "vit_nano", "patch_size": 4, "drop_path_rate": 0.0, "layerscale": 0.1},
-    "teacher": {"momentum_teacher": 0.99, "warmup_teacher_temp_epochs": 3},
+    "teacher": {"momentum_teacher": 0.9, "warmup_teacher_temp_epochs": 3},
     "dino": {"head_n_prototypes": 1024, "head_hidden_dim": 512, "head_bottleneck_dim": 128},
     "ibot": {"head_n_prototypes": 1024, "head_hidden_dim": 512, "head_bottleneck_dim": 128},
     "optim": {"epochs": 10, "warmup_epochs": 1, "base_lr": 4.0e-3, "freeze_last_layer_epochs": 0.5,
