@@ -27,12 +27,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import training.layers.block as block_mod  # noqa: E402
-from infra.config.schema import load_config  # noqa: E402
-from training.data import MaskingGenerator, collate_data_and_cast  # noqa: E402
-from training.meta_arch import SSLMetaArch  # noqa: E402
-from training.recipes import DEMO, overrides  # noqa: E402
-from training.fsdp import clip_grad_norm  # noqa: E402
+import training.layers.block as block_mod
+from infra.config.schema import load_config
+from training.data import MaskingGenerator, collate_data_and_cast
+from training.fsdp import clip_grad_norm
+from training.meta_arch import SSLMetaArch
+from training.recipes import DEMO, overrides
 
 VIT_S = ["train.student.arch=vit_small", "train.student.patch_size=14", "train.crops.global_crops_size=224",
          "train.crops.local_crops_size=98", "train.student.drop_path_rate=0.3", "train.crops.local_crops_number=8"]
@@ -145,7 +145,7 @@ def main() -> None:
                 block_mod.EFFICIENT_DROP_PATH_MIN = 0.1 if efficient else 1.0  # 1.0: always the per-sample variant
                 dt = measure(cfg, batch_size, dtype, device, steps, fsdp)
                 tflops = flops / dt / 1e12
-                print(f"{name:24} {batch_size:>5} {dtype:>5} {str(packing):>7} {'subset' if efficient else 'sample':>9} "
+                print(f"{name:24} {batch_size:>5} {dtype:>5} {packing!s:>7} {'subset' if efficient else 'sample':>9} "
                       f"{batch_size / dt:>8.1f} {dt * 1e3:>9.0f} {tflops:>8.3f} {tflops / peaks[dtype]:>6.1%}", flush=True)
         block_mod.EFFICIENT_DROP_PATH_MIN = 0.1
         print(f"{name}: {flops / 1e9:.1f} GFLOP per step of {batch_size} images (nominal, drop path off)")

@@ -20,11 +20,11 @@ from torch.utils.data import DataLoader
 from infra.config.train import TrainConfig
 from training.data import BatchStream, ImageSource, MaskingGenerator, MultiCropAugmentation, collate_data_and_cast
 from training.distributed import all_reduce_mean
+from training.fsdp import clip_grad_norm, wrap_fsdp
 from training.meta_arch import SSLMetaArch, check_finite
 from training.param_groups import apply_optim_schedule
 from training.schedules import Derived, Schedules, derive
 from training.seeding import reseed
-from training.fsdp import clip_grad_norm, wrap_fsdp
 
 STEP_SEED_SALT = 0x57E9  # model randomness of step s on rank r: reseed(seed, s, r, STEP_SEED_SALT)
 

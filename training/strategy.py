@@ -7,11 +7,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, Strategy
-from torch import nn
 
 from infra.config.train import TrainConfig
 from training.fsdp import clip_grad_norm, full_state_dict, is_fsdp, wrap_fsdp

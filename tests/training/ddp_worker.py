@@ -11,9 +11,9 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny import tiny_config  # noqa: E402
+from tiny import tiny_config
 
-from training.pretrain import pretrain  # noqa: E402
+from training.pretrain import pretrain
 
 
 class DumpState(L.Callback):

@@ -16,15 +16,15 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny import tiny_config  # noqa: E402
+from tiny import tiny_config
 
-from training.data import build_source  # noqa: E402
-from training.meta_arch import SSLMetaArch  # noqa: E402
-from training.module import STEP_SEED_SALT, DinoV2DataModule  # noqa: E402
-from training.param_groups import apply_optim_schedule  # noqa: E402
-from training.schedules import Schedules, derive  # noqa: E402
-from training.seeding import reseed  # noqa: E402
-from training.fsdp import clip_grad_norm, full_state_dict, wrap_fsdp  # noqa: E402
+from training.data import build_source
+from training.fsdp import clip_grad_norm, full_state_dict, wrap_fsdp
+from training.meta_arch import SSLMetaArch
+from training.module import STEP_SEED_SALT, DinoV2DataModule
+from training.param_groups import apply_optim_schedule
+from training.schedules import Schedules, derive
+from training.seeding import reseed
 
 
 def run(cfg, data: Path, fsdp: bool, steps: int = 3) -> dict[str, torch.Tensor]:

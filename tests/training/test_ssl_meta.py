@@ -7,10 +7,10 @@ import torch
 from tiny import tiny_config
 from torch.testing import assert_close
 
+from training.data import build_source
 from training.layers import Block
 from training.meta_arch import NonFiniteLossError, SSLMetaArch, check_finite
 from training.module import DinoV2DataModule
-from training.data import build_source
 from training.registry import build_backbone
 
 
