@@ -14,9 +14,9 @@ import torch
 from infra.storage import commit, fsync_dir
 from training.checkpoint import export_backbone, export_bundle, load_official_state_dict
 from training.distributed import barrier
+from training.fsdp import full_state_dict
 from training.layers import DINOHead
 from training.metrics import MetricsWriter
-from training.strategy import full_state_dict
 from training.vision_transformer import DinoVisionTransformer
 
 

@@ -67,7 +67,7 @@ def infer_arch_kwargs(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     dim = state["cls_token"].shape[-1]
     depth = 1 + max(int(m[1]) for k in state if (m := _FLAT.match(k)))
     patch = state["patch_embed.proj.weight"].shape[-1]
-    grid = int(round((state["pos_embed"].shape[1] - 1) ** 0.5))
+    grid = round((state["pos_embed"].shape[1] - 1) ** 0.5)
     regs = state["register_tokens"].shape[1] if "register_tokens" in state else 0
     known = [a for a in ARCHS.values() if a["embed_dim"] == dim and a["depth"] == depth]
     heads = known[0]["num_heads"] if known else max(dim // 64, 1)

@@ -24,6 +24,7 @@ from torch import nn
 
 from infra.config.train import TrainConfig
 from training.distributed import all_reduce_mean
+from training.fsdp import ema_tensors
 from training.layers import DINOHead
 from training.losses import DINOLoss, IBOTPatchLoss, KoLeoLoss
 from training.param_groups import fuse_param_groups, param_group_entries
@@ -136,7 +137,9 @@ class SSLMetaArch(nn.Module):
         else:
             cls_logits = self.teacher.dino_head(cls)
         dino_probs, ibot_probs = self._normalise(cls_logits, patch_logits, teacher_temp)
-        return TeacherOutput(dino_probs.view(2, -1, dino_probs.shape[-1]), ibot_probs, _usage_stats(dino_probs))
+        stats = _usage_stats(dino_probs)
+        stats["n_masked_patches"] = torch.tensor(0 if patch_logits is None else patch_logits.shape[0])
+        return TeacherOutput(dino_probs.view(2, -1, dino_probs.shape[-1]), ibot_probs, stats)
 
     def _normalise(self, cls_logits: torch.Tensor, patch_logits: torch.Tensor | None,
                    temp: float) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -224,9 +227,8 @@ class SSLMetaArch(nn.Module):
         """target <- m * target + (1 - m) * student over backbone and heads; call after the optimiser step."""
         target = self.ema if self.distill else self.teacher
         for name, module in self.student.items():
-            s = [p.detach() for p in module.parameters()]
-            t = [p.detach() for p in target[name].parameters()]
-            assert len(s) == len(t), f"student and teacher {name} differ"
+            s, t = ema_tensors(module), ema_tensors(target[name])
+            assert [x.shape for x in s] == [x.shape for x in t], f"student and teacher {name} differ"
             torch._foreach_mul_(t, momentum)
             torch._foreach_add_(t, s, alpha=1 - momentum)
 

@@ -20,11 +20,13 @@ from torch.utils.data import DataLoader
 from infra.config.train import TrainConfig
 from training.data import BatchStream, ImageSource, MaskingGenerator, MultiCropAugmentation, collate_data_and_cast
 from training.distributed import all_reduce_mean
+from training.fsdp import clip_grad_norm, wrap_fsdp
 from training.meta_arch import SSLMetaArch, check_finite
 from training.param_groups import apply_optim_schedule
 from training.schedules import Derived, Schedules, derive
 from training.seeding import reseed
-from training.strategy import clip_grad_norm, wrap_fsdp
+
+STEP_SEED_SALT = 0x57E9  # model randomness of step s on rank r: reseed(seed, s, r, STEP_SEED_SALT)
 
 
 class DinoV2Module(L.LightningModule):
@@ -63,7 +65,7 @@ class DinoV2Module(L.LightningModule):
         if int(batch["step"]) != step:
             raise RuntimeError(f"data stream out of step: batch for step {batch['step']} at step {step}")
         t0 = time.perf_counter()
-        reseed(self.seed, step, self.global_rank, 0x57E9)
+        reseed(self.seed, step, self.global_rank, STEP_SEED_SALT)
         v = self.schedules.at(step)
         opt = self.optimizers()
         apply_optim_schedule(opt.optimizer, v.lr, v.wd, v.last_layer_lr)
@@ -85,7 +87,7 @@ class DinoV2Module(L.LightningModule):
             "lr": v.lr, "last_layer_lr": v.last_layer_lr, "wd": v.wd, "momentum": v.momentum,
             "teacher_temp": v.teacher_temp, **{k: float(t) for k, t in stats.items()},
             **{k: float(t) for k, t in norms.items()},
-            "n_masked_patches": int(batch["n_masked_patches"].sum()), "step_time_s": time.perf_counter() - t0,
+            "step_time_s": time.perf_counter() - t0,
         }
 
 

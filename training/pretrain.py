@@ -33,7 +33,7 @@ from training.data import build_source
 from training.module import DinoV2DataModule, DinoV2Module
 from training.registry import build_backbone
 from training.schedules import derive
-from training.strategy import PRECISION, build_strategy, resolve_accelerator
+from training.strategy import build_strategy, resolve_accelerator, resolve_precision
 from training.weights import init_from_pretrained
 
 __all__ = ["PretrainResult", "build_backbone", "load_backbone", "pretrain"]
@@ -78,17 +78,18 @@ def build_trainer(cfg: TrainConfig, out_dir: Path, callbacks: list[L.Callback]) 
     strategy = build_strategy(cfg, accelerator, n_devices * cfg.num_nodes)
     return L.Trainer(
         accelerator=accelerator, devices=n_devices, num_nodes=cfg.num_nodes, strategy=strategy,
-        precision=PRECISION[cfg.precision], max_steps=derive(cfg, 1).run_iters, callbacks=callbacks, logger=False,
+        precision=resolve_precision(cfg, accelerator), max_steps=derive(cfg, 1).run_iters, callbacks=callbacks, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         limit_val_batches=0, use_distributed_sampler=False, default_root_dir=str(out_dir))
 
 
 def pretrain(data: Sequence[Path] | Path, out_dir: Path, cfg: TrainConfig, *, seed: int = 0,
-             interrupt_at: int | None = None) -> PretrainResult:
+             interrupt_at: int | None = None, callbacks: Sequence[L.Callback] = ()) -> PretrainResult:
     """Train (or resume) a DINOv2 run in `out_dir` on corpus shards or an image folder.
 
     `interrupt_at`: stop after this many steps with a resumable checkpoint, as if the job were preempted (tests,
-    time-sliced jobs); a later call continues from there.
+    time-sliced jobs); a later call continues from there. `callbacks`: extra Lightning callbacks (progress
+    reporting, inspection).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -102,9 +103,8 @@ def pretrain(data: Sequence[Path] | Path, out_dir: Path, cfg: TrainConfig, *, se
     if ckpt is None and cfg.student.pretrained_weights is not None:
         init_from_pretrained(module.meta, cfg.student.pretrained_weights)
     metrics = MetricsLogger(out_dir, flush_every=cfg.log_every)
-    callbacks = [AtomicCheckpoint(out_dir / "checkpoints", cfg.checkpoint_every, interrupt_at), metrics,
-                 ExportTeacher(out_dir)]
-    trainer = build_trainer(cfg, out_dir, callbacks)
+    trainer = build_trainer(cfg, out_dir, [AtomicCheckpoint(out_dir / "checkpoints", cfg.checkpoint_every, interrupt_at),
+                                           metrics, ExportTeacher(out_dir), *callbacks])
     if trainer.is_global_zero:
         atomic_write_text(out_dir / "train_config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         derived = derive(cfg, trainer.world_size)

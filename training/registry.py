@@ -17,7 +17,8 @@ ARCHS: dict[str, dict[str, Any]] = {
     # ViT-g/14 of the paper (1536 dim, 40 blocks, 24 heads of 64); released with a SwiGLU FFN.
     "vit_giant2": {"embed_dim": 1536, "depth": 40, "num_heads": 24, "mlp_ratio": 4, "ffn_layer": "swiglufused"},
     "vit_tiny": {"embed_dim": 192, "depth": 12, "num_heads": 3, "mlp_ratio": 4},
-    # Small variants for tests and CPU demos.
+    # Small variants for CPU demos and tests.
+    "vit_nano": {"embed_dim": 128, "depth": 6, "num_heads": 4, "mlp_ratio": 4},
     "vit_pico": {"embed_dim": 96, "depth": 4, "num_heads": 3, "mlp_ratio": 4},
     "vit_pico_reg4_swiglu": {"embed_dim": 96, "depth": 4, "num_heads": 3, "mlp_ratio": 4, "ffn_layer": "swiglufused",
                              "num_register_tokens": 4, "interpolate_offset": 0.0, "interpolate_antialias": True},

@@ -88,7 +88,7 @@ def derive(cfg: TrainConfig, world_size: int) -> Derived:
         per_epoch = cfg.max_steps / cfg.optim.epochs
     else:
         per_epoch = float(cfg.official_epoch_length)
-    total = int(round(cfg.optim.epochs * per_epoch))
+    total = round(cfg.optim.epochs * per_epoch)
     patch = cfg.student.patch_size
     return Derived(
         world_size=world_size, global_batch=global_batch,

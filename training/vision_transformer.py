@@ -22,7 +22,6 @@ from training.layers import Block, BlockChunk, Mlp, PatchEmbed, SwiGLUFFNFused
 from training.layers.attention import Groups, group_sizes
 
 
-
 class IdentityFFN(nn.Module):
     """`ffn_layer: identity`: the FFN branch passes its input through (no parameters)."""
 

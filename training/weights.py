@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 def resize_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
     """[1, 1 + M*M, D] -> [1, 1 + grid*grid, D] (bicubic, fp32, cls position kept)."""
-    m = int(round(math.sqrt(pos_embed.shape[1] - 1)))
+    m = round(math.sqrt(pos_embed.shape[1] - 1))
     if m == grid:
         return pos_embed
     d = pos_embed.shape[-1]

@@ -31,7 +31,7 @@ def patch_embed(img, w, b):
 
 def pos_embed_for(pe, h0, w0, offset, antialias):
     n = pe.shape[1] - 1
-    m = int(round(math.sqrt(n)))
+    m = round(math.sqrt(n))
     if m == h0 == w0:
         return pe
     dtype, pe = pe.dtype, pe.float()  # the reference interpolates in fp32

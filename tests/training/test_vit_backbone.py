@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import naive_vit
 import pytest
 import torch
 from torch.testing import assert_close
 
-import naive_vit
 from training.checkpoint import export_backbone, load_backbone, load_official_state_dict, official_state_dict
 from training.registry import ARCHS, build_backbone
 
