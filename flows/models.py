@@ -47,7 +47,9 @@ def _timm_model(cfg: BackboneConfig) -> torch.nn.Module:
         head = model.pretrained_cfg.get("classifier")
         heads = head if isinstance(head, list | tuple) else [head] if head else []
         state = {k: v for k, v in state.items() if not any(k.startswith(f"{h}.") for h in heads)}  # num_classes=0
-        model.load_state_dict(state, strict=True)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{cfg.path}: weights missing for {cfg.arch}: {missing[:5]}; unexpected: {unexpected[:5]}")
     return model
 
 
