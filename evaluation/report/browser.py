@@ -8,13 +8,13 @@ from the network: the browser starts with background networking off and a fresh 
 from __future__ import annotations
 
 import base64
+import http.client
 import itertools
 import json
 import shutil
 import subprocess
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,6 +107,17 @@ def _devtools_port(profile: Path, proc: subprocess.Popen, timeout: float) -> int
     raise TimeoutError("chromium did not open its DevTools port")
 
 
+def _targets(port: int, timeout: float) -> list[dict[str, Any]]:
+    """DevTools targets, over a plain HTTP connection: urllib would go through whatever opener the process installed
+    (the ingest stage installs one that refuses non-image content types)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", "/json/list")
+        return json.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+
+
 def render(html: Path, screenshot: Path | None = None, width: int = 1280, timeout: float = 90) -> Rendered:
     """Load ``html`` in a fresh headless Chromium; report console errors, sections, images; optional full-page PNG."""
     binary = find_chromium()
@@ -118,8 +129,7 @@ def render(html: Path, screenshot: Path | None = None, width: int = 1280, timeou
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             port = _devtools_port(Path(profile), proc, timeout)
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=timeout) as resp:
-                target = next(t for t in json.load(resp) if t.get("type") == "page")
+            target = next(t for t in _targets(port, timeout) if t.get("type") == "page")
             s = _Session(target["webSocketDebuggerUrl"])
             for domain in ("Page", "Runtime", "Log"):
                 s.call(f"{domain}.enable")
