@@ -74,31 +74,40 @@ def batch_indices(n: int, batch: int, iterations: int, seed: int) -> list[torch.
 
 
 class ProbeBank:
-    """All classifiers of one input layout, stacked: weights (L, D, C) for L learning rates."""
+    """All classifiers of one input layout, trained as one: weights stored (D, L, C) for L learning rates, so the
+    forward and backward passes of all L classifiers are single (N, D) x (D, L*C) matrix products."""
 
     def __init__(self, dim: int, n_classes: int, lrs: Sequence[float], gen: torch.Generator):
-        self.lrs = torch.tensor(lrs, dtype=torch.float32)
-        self.w = torch.randn(len(lrs), dim, n_classes, generator=gen) * 0.01  # nn.Linear init N(0, 0.01), as the reference
-        self.b = torch.zeros(len(lrs), 1, n_classes)
+        self.n_lrs, self.n_classes = len(lrs), n_classes
+        self.lrs = torch.tensor(lrs, dtype=torch.float32)[None, :, None]  # 1, L, 1
+        init = torch.randn(len(lrs), dim, n_classes, generator=gen) * 0.01  # nn.Linear init N(0, 0.01), as the reference
+        self.wt = init.permute(1, 0, 2).contiguous()  # D, L, C
+        self.b = torch.zeros(1, len(lrs), n_classes)
         self.buf_w: torch.Tensor | None = None
         self.buf_b: torch.Tensor | None = None
 
+    @property
+    def w(self) -> torch.Tensor:
+        """(L, D, C): classifier i's weight matrix is ``w[i]``."""
+        return self.wt.permute(1, 0, 2)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ self.wt.view(x.shape[1], -1)).view(len(x), self.n_lrs, self.n_classes) + self.b  # N, L, C
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.matmul(x, self.w) + self.b  # (N, D) @ (L, D, C) -> L, N, C
+        return self._logits(x).permute(1, 0, 2)  # L, N, C
 
     def step(self, x: torch.Tensor, y: torch.Tensor, scale: float, momentum: float, wd: float) -> None:
         """One SGD step (torch semantics: buf = m * buf + (g + wd * p); p -= lr * buf) of every classifier."""
-        logits = self.logits(x)
-        p = torch.softmax(logits, -1)
-        p[:, torch.arange(len(y)), y] -= 1
-        g_logits = p / len(y)  # d mean-CE / d logits, L, N, C
-        g_w = torch.matmul(x.T, g_logits) + wd * self.w  # L, D, C
-        g_b = g_logits.sum(1, keepdim=True) + wd * self.b
+        p = torch.softmax(self._logits(x), -1)
+        p[torch.arange(len(y)), :, y] -= 1
+        g_logits = p / len(y)  # d mean-CE / d logits, N, L, C
+        g_w = (x.T @ g_logits.view(len(y), -1)).view_as(self.wt) + wd * self.wt  # D, L, C
+        g_b = g_logits.sum(0, keepdim=True) + wd * self.b
         self.buf_w = g_w if self.buf_w is None else momentum * self.buf_w + g_w
         self.buf_b = g_b if self.buf_b is None else momentum * self.buf_b + g_b
-        lr = (self.lrs * scale)[:, None, None]
-        self.w -= lr * self.buf_w
-        self.b -= lr * self.buf_b
+        self.wt -= self.lrs * scale * self.buf_w
+        self.b -= self.lrs * scale * self.buf_b
 
 
 def topk_accuracy(logits: torch.Tensor, y: torch.Tensor, k: int) -> float:
