@@ -39,6 +39,7 @@ th { background: #fafbfc; font-weight: 600; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 td.best { font-weight: 700; color: var(--blue); }
 tr.total td { font-weight: 700; border-top: 2px solid var(--line); }
+tr.grp td { border-top: 2px solid #c5ccd6; }
 .kpis { display: flex; flex-wrap: wrap; gap: 10px; margin: 12px 0 0; }
 .kpi { background: #fff; border: 1px solid var(--line); border-radius: 6px; padding: 6px 12px; min-width: 120px; }
 .kpi b { display: block; font-size: 18px; }

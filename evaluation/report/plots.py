@@ -109,8 +109,9 @@ def curves(metrics: pd.DataFrame, panels: Sequence[tuple[str, Sequence[str]]]) -
             ax.set_visible(False)
         x = metrics["step"].to_numpy()
         for ax, (title, columns) in zip(axes.ravel(), panels, strict=False):
-            for i, c in enumerate(columns):
-                ax.plot(x, metrics[c].to_numpy(), lw=1.2, label=c, color=[BLUE, ORANGE, GREY, RED, "#5a9e6f"][i % 5])
+            for i, c in enumerate(columns):  # dashed second lines: curves that coincide stay visible
+                ax.plot(x, metrics[c].to_numpy(), lw=1.2, label=c, color=[BLUE, ORANGE, GREY, RED, "#5a9e6f"][i % 5],
+                        ls="-" if i % 2 == 0 else "--")
             ax.set_title(title)
             ax.set_xlabel("step")
             if len(columns) > 1:

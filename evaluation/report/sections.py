@@ -60,6 +60,10 @@ def funnel(run: Run) -> str:
         rows.append([r["stage"], r["in"], r["dropped"], r["out"], reasons])
     tbl = table(["stage", "in", "dropped", "out", "drop reasons"], rows, [False, True, True, True, False])
     cap = "Input rows of the URL list that reach each stage (blue) and leave there (red); every row ends in exactly one place."
+    corpus = run.manifest("corpus")
+    extra = (corpus.counts.get("kept", 0) - int(f["out"].iloc[-1])) if corpus is not None and len(f) else 0
+    if extra > 0:
+        cap += f" The corpus also holds {extra:,} images of curated sets added as is (not from the crawl)."
     return f'<div class="row">{figure(chart, "funnel of counts per stage", cap, 640)}<div>{tbl}</div></div>'
 
 
@@ -181,8 +185,9 @@ def rebalance(run: Run) -> str:
                      float(np.median(after)), int((after == 0).sum())])  # fmt: skip
     note = ""
     if len(sel) == len(t):
-        note = ("Every retrieved image was kept (rebalance.target_size is not set), so the two distributions coincide; "
-                "set a target size to see the balancing.")  # fmt: skip
+        target = (run.config().get("rebalance") or {}).get("target_size")
+        why = "rebalance.target_size is not set" if target is None else f"rebalance.target_size {target:,} >= {len(t):,} images"
+        note = f"Every retrieved image was kept ({why}), so the two distributions coincide."
     tbl = table(["level", "clusters", "largest before", "median before", "largest after", "median after", "emptied"], rows,
                 [False, True, True, True, True, True, True])  # fmt: skip
     cap = f"{len(t):,} retrieved images, {len(sel):,} selected; cluster sizes sorted, log scale."
@@ -239,6 +244,13 @@ def _metric_label(metric: str) -> str:
             "map_medium": "mAP Medium %", "map_hard": "mAP Hard %"}.get(metric, metric)  # fmt: skip
 
 
+def _metric_order(metric: str) -> tuple[int, int, str]:
+    """top-1 before top-5, then k in increasing order (top1_k20 before top1_k100), then the name."""
+    kind = 5 if metric.startswith("top5") else 1 if metric.startswith("top1") else 9
+    k = int(metric.split("_k")[1]) if "_k" in metric and metric.split("_k")[1].isdigit() else 0
+    return kind, k, metric
+
+
 def _selection(detail: str) -> str:
     d = json.loads(detail) if detail else {}
     if "best" in d:
@@ -252,18 +264,23 @@ def evaluation(run: Run) -> str:
     models = sorted(r["model"].unique(), key=lambda m: (ROLE_ORDER.get(roles.get(m, "model"), 2), list(r["model"]).index(m)))
     wide = r.pivot_table(index=["benchmark", "protocol", "metric"], columns="model", values="value", aggfunc="first")
     first = r[r["model"] == models[0]].set_index(["benchmark", "protocol", "metric"])["detail"]
-    keys = sorted(wide.index, key=lambda k: (k[0], PROTOCOL_ORDER.get(k[1], 9), k[2].startswith("top5"), k[2]))
-    rows, cells = [], []
+    keys = sorted(wide.index, key=lambda k: (k[0], PROTOCOL_ORDER.get(k[1], 9), *_metric_order(k[2])))
+    rows, cells, groups, previous = [], [], [], (None, None)
     for k in keys:
         vals = [wide.loc[k].get(m) for m in models]
         best = np.nanmax([v for v in vals if v is not None and not np.isnan(v)] or [np.nan])
-        rows.append([k[0], LABELS.get(k[1], k[1]), _metric_label(k[2]), *vals, _selection(first.get(k, ""))])
+        # benchmark and protocol only where they change: rows read as groups
+        bench = k[0] if k[0] != previous[0] else ""
+        groups.append("grp" if bench else "")
+        proto = LABELS.get(k[1], k[1]) if (k[0], k[1]) != previous else ""
+        previous = (k[0], k[1])
+        rows.append([bench, proto, _metric_label(k[2]), *vals, _selection(first.get(k, ""))])
         cells.append(["nowrap", "nowrap", "nowrap", *["best" if v == best and not np.isnan(best) else "" for v in vals], ""])
     role_names = {"pretrained": "this run", "reference": "reference", "baseline": "baseline"}
     header = ["benchmark", "protocol", "metric",
               *[Raw(f"{esc(m)}<small>{esc(role_names.get(roles.get(m, ''), ''))}</small>") for m in models],
               Raw(f"selected<small>for {esc(models[0])}</small>")]  # fmt: skip
-    tbl = table(header, rows, [False, False, False, *[True] * len(models), False], cell_classes=cells)
+    tbl = table(header, rows, [False, False, False, *[True] * len(models), False], row_classes=groups, cell_classes=cells)
     man = run.manifest("evaluate")
     cache = man.extra.get("feature_cache", {}) if man else {}
     note = ("Frozen features; the best value of each row in bold blue. Random-init is the same architecture untrained; "
