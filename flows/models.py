@@ -3,37 +3,54 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+from infra.config import PipelineConfig
 from infra.config.curation import BackboneConfig
 from infra.features import Embedder
+
+if TYPE_CHECKING:
+    from evaluation.features import FeatureModel
+    from evaluation.suite import EvalModel
 
 
 def build_model(cfg: BackboneConfig, seed: int = 0) -> torch.nn.Module:
     """A backbone whose ``forward`` returns the (normalised) global embedding."""
     torch.manual_seed(seed)
     if cfg.kind == "timm":
-        import timm
-
-        # Any timm architecture; the weights come from a local file (no hub access), classifier head removed.
-        model = timm.create_model(cfg.arch, pretrained=False, num_classes=0)
-        if cfg.path is not None:
-            # Classifier weights in the file are ignored (num_classes=0); every backbone weight must be there.
-            missing, _ = model.load_state_dict(_load_state_dict(cfg.path), strict=False)
-            if missing:
-                raise ValueError(f"{cfg.path}: weights missing for {cfg.arch}: {missing[:5]} ...")
-        return model
+        return _timm_model(cfg)
     from training.checkpoint import load_backbone
     from training.registry import build_backbone
 
     if cfg.path is not None:
-        # Project exports (.safetensors with the architecture in the metadata) and official DINOv2
-        # `dinov2_vit*14*_pretrain.pth` state dicts (architecture inferred from the shapes, heads from `arch`).
-        return load_backbone(cfg.path, arch=cfg.arch, patch_size=cfg.patch_size)
+        # The file knows its architecture: project exports record it, official `.pth` state dicts are inferred
+        # from tensor shapes (config defaults such as patch_size must not override a checkpoint's own).
+        pin = cfg.arch if cfg.kind == "vit" and Path(cfg.path).suffix == ".pth" else None
+        return load_backbone(cfg.path, arch=pin)
     if cfg.kind == "dinov2":
-        raise ValueError("embed.backbone.kind=dinov2 needs embed.backbone.path (an official DINOv2 checkpoint)")
+        raise ValueError("backbone.kind=dinov2 needs backbone.path (an official DINOv2 checkpoint)")
     return build_backbone(cfg.arch, patch_size=cfg.patch_size, img_size=cfg.image_size)
+
+
+def _timm_model(cfg: BackboneConfig) -> torch.nn.Module:
+    """A timm model with local weights (no hub access); ViTs accept any input size (pos-embed interpolated)."""
+    import timm
+
+    try:
+        model = timm.create_model(cfg.arch, pretrained=False, num_classes=0, dynamic_img_size=True)
+    except TypeError:  # not a ViT: no dynamic_img_size argument
+        model = timm.create_model(cfg.arch, pretrained=False, num_classes=0)
+    if cfg.path is not None:
+        state = _load_state_dict(cfg.path)
+        head = model.pretrained_cfg.get("classifier")
+        heads = head if isinstance(head, list | tuple) else [head] if head else []
+        state = {k: v for k, v in state.items() if not any(k.startswith(f"{h}.") for h in heads)}  # num_classes=0
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{cfg.path}: weights missing for {cfg.arch}: {missing[:5]}; unexpected: {unexpected[:5]}")
+    return model
 
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -46,3 +63,32 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def embedder(cfg: BackboneConfig, name: str, batch_size: int, precision: str, seed: int = 0) -> Embedder:
     return Embedder(build_model(cfg, seed), cfg.image_size, name, batch_size=batch_size, precision=precision)
+
+
+def feature_model(cfg: BackboneConfig, name: str, seed: int = 0) -> FeatureModel:
+    """A backbone wrapped for evaluation, with the fingerprint its cached features are keyed on."""
+    from evaluation.features import fingerprint, wrap
+
+    fp = fingerprint(cfg.kind, cfg.arch, cfg.path, seed, patch_size=cfg.patch_size, image_size=cfg.image_size)
+    return wrap(build_model(cfg, seed), name, fp, cfg.image_size)
+
+
+def evaluation_models(cfg: PipelineConfig, teacher: Path) -> list[EvalModel]:
+    """The run's pretrained teacher, its baselines (same architecture at random init, raw pixels) and the
+    configured reference checkpoints, in the order the report shows them."""
+    from evaluation.features import PixelModel
+    from evaluation.suite import EvalModel
+
+    student = cfg.train.student
+    arch = BackboneConfig(kind="vit", arch=student.arch, patch_size=student.patch_size,
+                          image_size=cfg.train.crops.global_crops_size)  # fmt: skip
+    models = [EvalModel(feature_model(arch.model_copy(update={"path": teacher}), "pretrained"), "pretrained", str(teacher))]
+    if cfg.evaluate.random_init_baseline:
+        models.append(EvalModel(feature_model(arch, "random-init", seed=cfg.run.seed), "baseline"))
+    if cfg.evaluate.raw_pixel_baseline:
+        # At most ~32 px: raw pixels of a 224 px image would make 150k-dim linear probes (x 13 lrs x classes).
+        p = student.patch_size
+        models.append(EvalModel(PixelModel(min(arch.image_size, max(p, 32 // p * p)), p), "baseline"))
+    for ref in cfg.evaluate.models:
+        models.append(EvalModel(feature_model(ref.backbone, ref.name), "reference", str(ref.backbone.path or "")))
+    return models

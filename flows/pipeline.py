@@ -74,6 +74,16 @@ def result_storage(run: RunDir) -> LocalFileSystem:
     return storage
 
 
+def write_report(run: RunDir) -> Path:
+    """The run's HTML report, rebuilt from the run directory (cheap, so never cached; not a stage: it has no
+    outputs other stages read, and `lvd report` rebuilds it for any run)."""
+    from evaluation.report import build_report
+
+    path = build_report(run.path)
+    run.log_event("report_written", path=str(path))
+    return path
+
+
 @flow(name="lvd-pipeline")
 def pipeline(run_root: str, run_id: str) -> dict[str, Any]:
     run = RunDir(Path(run_root), run_id)
@@ -84,5 +94,7 @@ def pipeline(run_root: str, run_id: str) -> dict[str, Any]:
         task_ = stage_task.with_options(name=spec.name, task_run_name=spec.name, result_storage=storage)
         with demo_server(spec, run, cfg):
             task_(str(run.root), run.run_id, spec.name)
+    if cfg.evaluate.report:
+        write_report(run)
     run.log_event("flow_completed")
     return run_summary(run, cfg)

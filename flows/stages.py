@@ -20,6 +20,7 @@ from curation.retrieve import RETRIEVED, SEED_STATS, SeedQueries, retrieve
 from curation.vectors import RowView, VectorStore
 from curation.truth import assert_eval_copies_removed, score_dedup
 from infra.config import PipelineConfig
+from infra.demo.benchmarks import SEGMENTATION_DIR, build_digit_segmentation
 from infra.demo.crawl import build_demo_crawl
 from infra.shards import list_shards
 from infra.stage import StageContext, StageResult, StageSpec
@@ -27,6 +28,7 @@ from infra.stage import StageContext, StageResult, StageSpec
 
 def _crawl(ctx: StageContext) -> StageResult:
     info = build_demo_crawl(ctx.dir, ctx.cfg.demo, ctx.cfg.demo.port, seed=ctx.cfg.run.seed)
+    build_digit_segmentation(ctx.dir / "eval" / "mnist", ctx.dir / SEGMENTATION_DIR)
     outputs = [ctx.dir / n for n in ("urls.parquet", "truth.parquet", "crawl.json")]
     return StageResult(counts={"rows": info["rows"], "kinds": info["kinds"]}, outputs=outputs, extra={"port": info["port"]})
 
@@ -123,24 +125,15 @@ def _pretrain(ctx: StageContext) -> StageResult:
 
 
 def _evaluate(ctx: StageContext) -> StageResult:
-    from evaluation.suite import evaluate
-    from flows.models import build_model
-    from infra.features import Embedder, PixelFeatures
+    from evaluation.suite import classification_benchmarks, evaluate
+    from flows.models import evaluation_models
 
     cfg = ctx.cfg
-    backbone = cfg.embed.backbone.model_copy(
-        update={"kind": "vit", "arch": cfg.train.student.arch, "patch_size": cfg.train.student.patch_size,
-                "image_size": cfg.train.crops.global_crops_size, "path": None}  # fmt: skip
-    )
-    size = backbone.image_size
-    extractors = {}
     teacher = ctx.upstream_dir("pretrain") / "teacher_backbone.safetensors"
-    extractors["pretrained"] = Embedder(build_model(backbone.model_copy(update={"path": teacher})), size, "pretrained")
-    if cfg.evaluate.random_init_baseline:
-        extractors["random-init"] = Embedder(build_model(backbone, seed=cfg.run.seed), size, "random-init")
-    if cfg.evaluate.raw_pixel_baseline:
-        extractors["raw-pixels"] = PixelFeatures(size)
-    return evaluate(cfg.data.eval_sets, extractors, cfg.evaluate, ctx.dir)
+    benchmarks = classification_benchmarks(cfg.data.eval_sets) + list(cfg.evaluate.benchmarks)
+    cache = cfg.evaluate.cache_dir or ctx.run.root / ".cache" / "features"
+    return evaluate(benchmarks, evaluation_models(cfg, teacher), cfg.evaluate, ctx.dir, run_id=ctx.run.run_id,
+                    cache_dir=cache, table_root=ctx.run.root)  # fmt: skip
 
 
 CURATION = ("curation", "infra")

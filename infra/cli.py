@@ -4,6 +4,10 @@
     lvd resume RUN_ID                       continue a run from where it stopped
     lvd status RUN_ID                       stages, counts, state
     lvd lineage RUN_ID (IMAGE_ID | URL)     every decision about an image or URL (--json)
+    lvd report RUN_ID                       (re)write the run's self-contained HTML report
+    lvd evaluate (CONFIG | RUN_ID) --model NAME=CHECKPOINT ...
+                                            checkpoints side by side on a configuration's benchmarks
+    lvd compare RUN_A RUN_B                 evaluation results of two runs (or evaluations) side by side
     lvd retry-failed RUN_ID [--reason R]    re-download only the failed URLs of a finished ingest
     lvd models fetch NAME [NAME ...]        download official model files (SSCD, DINOv2) with checksums
 """
@@ -92,6 +96,51 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from evaluation.report import build_report
+
+    run_dir = Path(args.root) / args.run_id
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"no run {args.run_id!r} under {args.root}")
+    path = build_report(run_dir, Path(args.out) if args.out else None)
+    print(f"report: {path}")
+    if args.screenshot:
+        from evaluation.report.browser import render
+
+        shot = render(path, Path(args.screenshot))
+        print(f"screenshot: {shot.screenshot}" + (f" ({len(shot.console_errors)} console errors)" if shot.console_errors else ""))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from evaluation.results import RESULTS, format_results
+    from flows.evaluate import evaluate_checkpoints, parse_model_spec
+    from infra.config import load_config
+
+    run_config = Path(args.root) / args.source / "config.yaml"
+    # A run id: its resolved configuration declares the benchmarks (the demo's are filled in when a run is made).
+    cfg = load_config(run_config if run_config.is_file() else Path(args.source), args.overrides)
+    entries = [parse_model_spec(s) for s in args.model]
+    out, _ = evaluate_checkpoints(cfg, entries, Path(args.root), args.name, args.random_init, args.raw_pixels)
+    import pandas as pd
+
+    print(format_results(pd.read_parquet(out / RESULTS)))
+    print(f"\nresults: {out}  (lvd compare {out.name} OTHER --root {args.root})")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from evaluation.results import compare, format_compare, run_results
+
+    a, b = run_results(args.root, args.run_a), run_results(args.root, args.run_b)
+    merged = compare(a, b)
+    if args.json:
+        print(merged.to_json(orient="records", indent=2))
+    else:
+        print(format_compare(merged, args.run_a, args.run_b))
+    return 0
+
+
 def cmd_retry_failed(args: argparse.Namespace) -> int:
     from flows.retry import retry_failed_flow
 
@@ -150,6 +199,28 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("--root", default="runs", help="folder that holds the runs (default: runs)")
         c.add_argument("--json", action="store_true", help="machine-readable output")
         c.set_defaults(fn=fn)
+    rep = sub.add_parser("report", help="(re)write the run's self-contained HTML report")
+    rep.add_argument("run_id")
+    rep.add_argument("--root", default="runs", help="folder that holds the runs (default: runs)")
+    rep.add_argument("--out", default=None, help="where to write it (default: <run>/report.html)")
+    rep.add_argument("--screenshot", default=None, help="also render it in headless chromium to this PNG")
+    rep.set_defaults(fn=cmd_report)
+    ev = sub.add_parser("evaluate", help="evaluate checkpoints on the benchmarks of a configuration or a run")
+    ev.add_argument("source", help="a pipeline YAML, or a run id whose resolved config declares the benchmarks")
+    ev.add_argument("overrides", nargs="*", help="dotted overrides, e.g. evaluate.linear.iterations=1000")
+    ev.add_argument("--model", action="append", required=True, metavar="NAME=PATH[,kind=..,arch=..,image_size=..]",
+                    help="a checkpoint: project .safetensors, official DINOv2 .pth, or kind=timm,arch=NAME (repeat)")
+    ev.add_argument("--random-init", action="store_true", help="add the first model's architecture, untrained")
+    ev.add_argument("--raw-pixels", action="store_true", help="add the raw-pixel baseline")
+    ev.add_argument("--name", default=None, help="evaluation id (default: eval-<hash of config and models>)")
+    ev.add_argument("--root", default="runs", help="where results go and runs are found (default: runs)")
+    ev.set_defaults(fn=cmd_evaluate)
+    cmp_ = sub.add_parser("compare", help="evaluation results of two runs or evaluations side by side")
+    cmp_.add_argument("run_a")
+    cmp_.add_argument("run_b")
+    cmp_.add_argument("--root", default="runs", help="folder that holds the runs (default: runs)")
+    cmp_.add_argument("--json", action="store_true", help="machine-readable output")
+    cmp_.set_defaults(fn=cmd_compare)
     rf = sub.add_parser("retry-failed", help="re-download only the failed URLs of a finished ingest (new shards)")
     rf.add_argument("run_id")
     rf.add_argument("--reason", action="append", metavar="R",

@@ -4,7 +4,8 @@ Formats:
 - ``folder``: ``<root>/<class>/<image>`` (labels from sorted class folder names) or a flat folder (no labels);
 - ``webdataset``: ``<root>/*.tar`` with ``<key>.<jpg|png|...>`` and optional ``<key>.cls`` or ``<key>.json``
   (``{"label": int}``), or a single ``.tar`` file;
-- ``parquet``: a table with a ``path`` column (relative to the table's folder, or absolute) and optional ``label``.
+- ``parquet``: a table (``.parquet`` or ``.csv``) with a ``path`` column (relative to the table's folder, or absolute)
+  and optional ``label``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import pyarrow.parquet as pq
 
 from infra.shards import iter_tar
@@ -39,11 +41,11 @@ def detect_format(path: Path) -> str:
     if not path.exists():
         raise DatasetError(f"dataset path does not exist: {path}")
     if path.is_file():
-        if path.suffix == ".parquet":
+        if path.suffix in (".parquet", ".csv"):
             return "parquet"
         if path.suffix == ".tar":
             return "webdataset"
-        raise DatasetError(f"cannot tell the format of {path}: expected a folder, .tar or .parquet")
+        raise DatasetError(f"cannot tell the format of {path}: expected a folder, .tar, .parquet or .csv")
     if any(path.glob("*.tar")):
         return "webdataset"
     return "folder"
@@ -88,7 +90,7 @@ def _iter_webdataset(root: Path) -> Iterator[LabeledImage]:
 
 
 def _iter_parquet(path: Path) -> Iterator[LabeledImage]:
-    table = pq.read_table(path).to_pandas()
+    table = pd.read_csv(path) if path.suffix == ".csv" else pq.read_table(path).to_pandas()
     if "path" not in table.columns:
         raise DatasetError(f"{path}: a parquet manifest needs a 'path' column (has {list(table.columns)})")
     has_label = "label" in table.columns
@@ -98,7 +100,7 @@ def _iter_parquet(path: Path) -> Iterator[LabeledImage]:
         if not p.is_file():
             raise DatasetError(f"{path}: listed image does not exist: {p}")
         data = p.read_bytes()
-        label = int(rec.label) if has_label and rec.label is not None else None
+        label = int(rec.label) if has_label and rec.label is not None and not pd.isna(rec.label) else None
         yield LabeledImage(sha256_bytes(data), data, label, str(rec.path))
 
 

@@ -13,6 +13,18 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def eval_transform(img: Image.Image, size: int) -> torch.Tensor:
+    """(3, size, size) normalised tensor: shorter side to ``size`` (bicubic), centre crop (dinov2's eval transform
+    at this size); shared by embedding and evaluation so both see the same pixels."""
+    w, h = img.size
+    scale = size / min(w, h)
+    img = img.convert("RGB").resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    left, top = (img.width - size) // 2, (img.height - size) // 2
+    x = torch.from_numpy(np.asarray(img.crop((left, top, left + size, top + size)), np.float32) / 255.0)
+    x = x.permute(2, 0, 1)
+    return (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+
+
 @dataclass
 class Embedder:
     """images -> (N, D) float32 L2-normalised embeddings from ``model(x)`` (the normalised cls token)."""
@@ -24,14 +36,7 @@ class Embedder:
     precision: str = "bf16"
 
     def preprocess(self, img: Image.Image) -> torch.Tensor:
-        s = self.image_size
-        w, h = img.size
-        scale = s / min(w, h)  # shorter side to s, then centre crop (dinov2's eval transform, at this size)
-        img = img.convert("RGB").resize((max(s, round(w * scale)), max(s, round(h * scale))), Image.BICUBIC)
-        left, top = (img.width - s) // 2, (img.height - s) // 2
-        x = torch.from_numpy(np.asarray(img.crop((left, top, left + s, top + s)), np.float32) / 255.0)
-        x = x.permute(2, 0, 1)
-        return (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+        return eval_transform(img, self.image_size)
 
     @torch.inference_mode()
     def __call__(self, images: list[Image.Image]) -> np.ndarray:

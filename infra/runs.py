@@ -31,6 +31,10 @@ def resolve(cfg: PipelineConfig, run: RunDir) -> PipelineConfig:
             cfg.data.eval_sets = [
                 EvalSetConfig(name="mnist", train=crawl / "eval" / "mnist" / "train", test=crawl / "eval" / "mnist" / "test")
             ]
+        if not cfg.evaluate.benchmarks:
+            from infra.demo.benchmarks import demo_benchmarks
+
+            cfg.evaluate.benchmarks = demo_benchmarks(crawl)
     problems = _check_inputs(cfg)
     if problems:
         raise ConfigError(problems, "configuration")
@@ -53,6 +57,15 @@ def _check_inputs(cfg: PipelineConfig) -> list[str]:
             p = getattr(e, split)
             if p is not None and not Path(p).exists():
                 problems.append(f"data.eval_sets[{e.name}].{split}: {p} does not exist")
+    # Benchmarks and reference checkpoints are read only at the end of a run: check them before hours of work.
+    for b in cfg.evaluate.benchmarks:
+        for key in ("train", "test", "val", "images", "gnd", "ground_truth", "references", "root"):
+            p = getattr(b, key, None)
+            if p is not None and not Path(p).exists():
+                problems.append(f"evaluate.benchmarks[{b.name}].{key}: {p} does not exist")
+    for m in cfg.evaluate.models:
+        if m.backbone.path is None or not Path(m.backbone.path).is_file():
+            problems.append(f"evaluate.models[{m.name}].backbone.path: {m.backbone.path} is not a checkpoint file")
     return problems
 
 

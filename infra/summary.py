@@ -43,6 +43,8 @@ def run_summary(run: RunDir, cfg: PipelineConfig, stages: tuple[str, ...] = STAG
     metrics_path = run.stage_dir("evaluate") / "metrics.json"
     if metrics_path.is_file():
         out["metrics"] = read_json(metrics_path)
+    if (run.path / "report.html").is_file():
+        out["report"] = str(run.path / "report.html")
     return out
 
 
@@ -55,7 +57,11 @@ def format_summary(s: dict[str, Any]) -> str:
     if "corpus_size" in s:
         lines += ["", f"corpus: {s['corpus_size']} images"]
     for eval_set, models in s.get("metrics", {}).items():
+        if not any("knn_top1_k20" in m for m in models.values()):
+            continue  # not a classification benchmark
         lines += ["", f"kNN on {eval_set} (top-1 %, 20-NN):"]
         for model, m in models.items():
             lines.append(f"  {model:<12} {m.get('knn_top1_k20', float('nan')):6.2f}")
+    if "report" in s:
+        lines += ["", f"report: {s['report']}"]
     return "\n".join(lines)

@@ -147,3 +147,15 @@ def test_status_and_summary(runs, capsys):
     models = summary["metrics"]["mnist"]
     assert set(models) == {"pretrained", "random-init", "raw-pixels"}
     assert all(0 <= m["knn_top1_k20"] <= 100 for m in models.values())
+
+
+def test_the_flow_ends_with_the_run_report(runs, capsys):
+    report = runs.run.path / "report.html"
+    assert report.is_file()
+    written = [e for e in runs.events[1] if e["event"] == "report_written"]
+    assert [e["path"] for e in written] == [str(report)]
+    html = report.read_text()
+    for section in ("funnel", "safety", "dedup", "retrieval", "rebalance", "composition", "training", "evaluation"):
+        assert f'<section id="{section}">' in html
+    assert cli(["status", runs.run.run_id, "--root", str(runs.run.root)]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(f"report: {report}")

@@ -1,0 +1,132 @@
+"""Evaluation results on disk, and comparing two runs.
+
+Each evaluation writes ``results.parquet`` (one row per benchmark x model x protocol x metric, with provenance) and
+``metrics.json`` (nested ``{benchmark: {model: {"<protocol>_<metric>": value}}}``) in its own directory, and appends
+the same rows to the table ``<runs root>/results/`` (one parquet part per evaluation, never rewritten), so every
+evaluation ever made under a root can be queried together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow.dataset as ds
+
+from infra.run import now
+from infra.storage import atomic_path, atomic_write_json
+
+RESULTS = "results.parquet"
+METRICS = "metrics.json"
+TABLE_DIR = "results"
+KEY = ["benchmark", "protocol", "model", "metric"]
+PROTOCOL_SECTIONS = {"knn": "knn", "linear": "linear", "logreg": "logreg", "dense_linear": "dense",
+                     "copy_detection": "copy_detection", "retrieval": None}  # fmt: skip
+
+
+def protocol_config_hash(cfg: Any, benchmark: Any, protocol: str) -> str:
+    """Hash of what a number depends on besides data and weights: the protocol's settings and the benchmark kind.
+
+    Paths are left out on purpose (the dataset digest identifies the data, wherever it lives).
+    """
+    section = PROTOCOL_SECTIONS.get(protocol)
+    settings = getattr(cfg, section).model_dump(mode="json") if section else {}
+    decl = {k: v for k, v in benchmark.model_dump(mode="json").items() if k not in ("train", "test", "val", "images",
+                                                                                    "gnd", "ground_truth", "references", "root")}  # fmt: skip
+    blob = json.dumps({"protocol": protocol, "settings": settings, "benchmark": decl}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def annotate(results: pd.DataFrame, run_id: str, models: dict[str, dict[str, Any]], cfg: Any,
+             benchmarks: list[Any]) -> pd.DataFrame:  # fmt: skip
+    """Add provenance columns: run id, time, model role / checkpoint / fingerprint, config hash."""
+    by_name = {b.name: b for b in benchmarks}
+    out = results.copy()
+    out.insert(0, "run_id", run_id)
+    out.insert(1, "evaluated_at", now())
+    for col in ("role", "checkpoint", "fingerprint"):
+        out[col] = out["model"].map(lambda m, c=col: models.get(m, {}).get(c))
+    out["config_hash"] = [protocol_config_hash(cfg, by_name[b], p) for b, p in zip(out["benchmark"], out["protocol"], strict=True)]
+    return out
+
+
+def nested_metrics(results: pd.DataFrame) -> dict[str, dict[str, dict[str, float]]]:
+    nested: dict[str, dict[str, dict[str, float]]] = {}
+    for r in results.itertuples(index=False):
+        nested.setdefault(r.benchmark, {}).setdefault(r.model, {})[f"{r.protocol}_{r.metric}"] = round(float(r.value), 4)
+    return nested
+
+
+def write_results(out_dir: Path, results: pd.DataFrame) -> list[Path]:
+    out_dir = Path(out_dir)
+    with atomic_path(out_dir / RESULTS) as tmp:
+        results.to_parquet(tmp, index=False)
+    atomic_write_json(out_dir / METRICS, nested_metrics(results))
+    return [out_dir / RESULTS, out_dir / METRICS]
+
+
+def append_to_table(root: Path, results: pd.DataFrame) -> Path:
+    """Add this evaluation's rows to ``<root>/results/`` as a new part (a parquet table read as one dataset)."""
+    run_id = str(results["run_id"].iloc[0]) if len(results) else "empty"
+    stamp = now().replace(":", "").replace("-", "").replace(".", "")
+    path = Path(root) / TABLE_DIR / f"{run_id}-{stamp}.parquet"
+    with atomic_path(path) as tmp:
+        results.to_parquet(tmp, index=False)
+    return path
+
+
+def read_table(root: Path) -> pd.DataFrame:
+    parts = sorted((Path(root) / TABLE_DIR).glob("*.parquet"))
+    if not parts:
+        return pd.DataFrame()
+    return ds.dataset([str(p) for p in parts], format="parquet").to_table().to_pandas()
+
+
+def run_results(root: Path, run_id: str) -> pd.DataFrame:
+    """The results of a pipeline run (``stages/evaluate``) or of an ``lvd evaluate`` run (its own folder)."""
+    for p in (Path(root) / run_id / "stages" / "evaluate" / RESULTS, Path(root) / run_id / RESULTS):
+        if p.is_file():
+            return pd.read_parquet(p)
+    raise FileNotFoundError(f"no evaluation results for {run_id!r} under {root}")
+
+
+def compare(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
+    """Side by side on (benchmark, protocol, model, metric): a, b, b - a, and whether data and settings match."""
+    cols = [*KEY, "value", "dataset_digest", "config_hash"]
+    left, right = a[[c for c in cols if c in a]], b[[c for c in cols if c in b]]
+    m = left.merge(right, on=KEY, how="outer", suffixes=("_a", "_b"))
+    m["delta"] = m["value_b"] - m["value_a"]
+    for col in ("dataset_digest", "config_hash"):
+        if f"{col}_a" in m and f"{col}_b" in m:
+            m[f"same_{col.split('_')[0]}"] = m[f"{col}_a"] == m[f"{col}_b"]
+    return m.sort_values(KEY, kind="stable").reset_index(drop=True)
+
+
+def format_compare(m: pd.DataFrame, name_a: str, name_b: str) -> str:
+    lines = [f"{'benchmark':<14} {'protocol':<15} {'model':<16} {'metric':<14} {name_a[:12]:>12} {name_b[:12]:>12} {'delta':>8}"]
+    for r in m.itertuples(index=False):
+        va = "" if pd.isna(r.value_a) else f"{r.value_a:.2f}"
+        vb = "" if pd.isna(r.value_b) else f"{r.value_b:.2f}"
+        d = "" if pd.isna(r.delta) else f"{r.delta:+.2f}"
+        flags = []
+        if hasattr(r, "same_dataset") and not r.same_dataset and not (pd.isna(r.value_a) or pd.isna(r.value_b)):
+            flags.append("different data")
+        if hasattr(r, "same_config") and not r.same_config and not (pd.isna(r.value_a) or pd.isna(r.value_b)):
+            flags.append("different settings")
+        lines.append(f"{r.benchmark:<14} {r.protocol:<15} {r.model:<16} {r.metric:<14} {va:>12} {vb:>12} {d:>8}"
+                     + (f"  ({', '.join(flags)})" if flags else ""))
+    return "\n".join(lines)
+
+
+def format_results(results: pd.DataFrame) -> str:
+    """One line per (benchmark, protocol, metric), one column per model."""
+    models = list(dict.fromkeys(results["model"]))
+    wide = results.pivot_table(index=["benchmark", "protocol", "metric"], columns="model", values="value", aggfunc="first")
+    lines = [f"{'benchmark':<16} {'protocol':<15} {'metric':<15}" + "".join(f" {m[:14]:>14}" for m in models)]
+    for key, row in wide.iterrows():
+        vals = "".join(f" {row.get(m, float('nan')):>14.2f}" for m in models)
+        lines.append(f"{key[0]:<16} {key[1]:<15} {key[2]:<15}{vals}")
+    return "\n".join(lines)

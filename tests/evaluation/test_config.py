@@ -1,0 +1,48 @@
+import pytest
+import yaml
+
+from infra.config import ConfigError, load_config
+from infra.config.evaluate import (
+    ClassificationBenchmark,
+    CopyDetectionBenchmark,
+    RetrievalBenchmark,
+    SegmentationBenchmark,
+)
+from infra.runs import prepare_run
+
+
+def test_evaluate_defaults_are_the_reference_protocols():
+    ev = load_config().evaluate
+    assert (ev.knn.ks, ev.knn.temperature) == ([10, 20, 100, 200], 0.07)
+    assert (ev.linear.n_last_blocks, ev.linear.avgpool, ev.linear.lr_grid) == ([1, 4], [False, True], "code")
+    assert (ev.linear.iterations, ev.linear.batch_size, ev.linear.momentum, ev.linear.weight_decay) == (12_500, 128, 0.9, 0)
+    assert (ev.logreg.c_min_exp, ev.logreg.c_max_exp, ev.logreg.n_c, ev.logreg.max_iter) == (-6, 5, 45, 1000)
+    assert ev.protocols == ["knn", "linear", "logreg"] and ev.benchmarks == []
+
+
+def test_benchmarks_of_every_kind_parse_by_kind(tmp_path):
+    f = tmp_path / "b.yaml"
+    f.write_text(yaml.safe_dump({"evaluate": {"benchmarks": [
+        {"kind": "classification", "name": "c", "train": "a", "test": "b", "protocols": ["knn"]},
+        {"kind": "retrieval", "name": "roxford5k", "images": "jpg", "gnd": "gnd_roxford5k.pkl"},
+        {"kind": "copy_detection", "name": "cd", "ground_truth": "gt.csv", "references": "refs"},
+        {"kind": "segmentation", "name": "ade", "root": "ade"},
+    ]}}))
+    kinds = [type(b) for b in load_config(f).evaluate.benchmarks]
+    assert kinds == [ClassificationBenchmark, RetrievalBenchmark, CopyDetectionBenchmark, SegmentationBenchmark]
+    f.write_text(yaml.safe_dump({"evaluate": {"benchmarks": [{"kind": "depth", "name": "nyu"}]}}))
+    with pytest.raises(ConfigError, match=r"evaluate\.benchmarks\.0"):
+        load_config(f)
+
+
+def test_missing_benchmark_inputs_stop_the_run_before_it_starts(tmp_path):
+    urls = tmp_path / "urls.parquet"
+    urls.write_bytes(b"")
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump({"run": {"root": str(tmp_path / "runs")}, "data": {"url_list": str(urls)},
+                                 "evaluate": {"benchmarks": [{"kind": "segmentation", "name": "ade", "root": "nowhere"}],
+                                              "models": [{"name": "official", "backbone": {"kind": "dinov2", "path": "x.pth"}}]}}))
+    with pytest.raises(ConfigError) as err:
+        prepare_run(f)
+    assert err.value.problems == ["evaluate.benchmarks[ade].root: nowhere does not exist",
+                                  "evaluate.models[official].backbone.path: x.pth is not a checkpoint file"]

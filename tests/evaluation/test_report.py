@@ -1,0 +1,76 @@
+import os
+import re
+import shutil
+
+import pytest
+
+from evaluation.report import build_report
+from evaluation.report.browser import find_chromium, render
+from evaluation.report.collect import Run, funnel
+from evaluation.report.sections import SECTIONS
+from tests.evaluation.run_fixture import build_run
+
+SECTION_IDS = [s[0] for s in SECTIONS]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return build_run(tmp_path_factory.mktemp("runs"))
+
+
+@pytest.fixture(scope="module")
+def report(run_dir):
+    return build_report(run_dir)
+
+
+def test_funnel_counts_every_row_once(run_dir):
+    f = funnel(Run(run_dir))
+    assert f[["stage", "in", "dropped", "out"]].values.tolist() == [
+        ["ingest", 40, 3, 37], ["nsfw", 37, 1, 36], ["faces", 36, 0, 36], ["dedup", 36, 4, 32],
+        ["retrieve", 32, 24, 8], ["rebalance", 8, 2, 6], ["corpus", 6, 0, 6]]
+    assert f.loc[0, "reasons"] == {"http_404": 2, "decode_error": 1}
+    assert f.loc[3, "reasons"] == {"near_duplicate": 3, "eval_contamination": 1}
+
+
+def test_report_is_self_contained_and_has_every_section(report):
+    html = report.read_text()
+    assert re.findall(r'<section id="([a-z]+)"', html) == SECTION_IDS
+    assert 'class="missing"' not in html  # the fixture has every input
+    assert "http://" not in html and "https://" not in html  # nothing to fetch (SVG namespaces are inside base64)
+    assert re.findall(r'<img src="(\w+):', html) == ["data"] * html.count("<img ")
+    # thumbnails: 2 blurred faces, dedup groups (3 + 2 members) + contamination (pool + eval), 2 queries + 8 neighbours
+    assert html.count('<div class="thumb') == 2 + 5 + 2 + 10
+    # figures: funnel, NSFW histogram, component sizes, cluster sizes, training curves
+    assert html.count("data:image/svg+xml;base64,") == 5
+
+
+def test_evaluation_table_puts_references_and_baselines_beside_the_model(report):
+    html = report.read_text()
+    head = re.search(r'<section id="evaluation">.*?<thead><tr>(.*?)</tr>', html, re.S).group(1)
+    assert re.findall(r"<th[^>]*>(.*?)</th>", head) == [
+        "benchmark", "protocol", "metric", "pretrained<small>this run</small>", "dinov2-s14<small>reference</small>",
+        "random-init<small>baseline</small>", "raw-pixels<small>baseline</small>", "selected<small>for pretrained</small>"]
+    assert '<td class="num best">95.50</td>' in html and "n=4 + avgpool, lr 0.001" in html
+
+
+def test_report_of_a_run_stopped_early_says_what_is_missing(run_dir, tmp_path):
+    partial = tmp_path / run_dir.name
+    shutil.copytree(run_dir, partial)
+    for stage in ("rebalance", "corpus", "pretrain", "evaluate"):
+        shutil.rmtree(partial / "stages" / stage)
+    html = build_report(partial).read_text()
+    assert re.findall(r'<section id="([a-z]+)"', html) == SECTION_IDS
+    assert html.count('class="missing"') == 4  # rebalancing, composition, training, evaluation
+    assert "The training log (metrics.csv): not in this run (stages/pretrain/metrics.csv is missing)." in html
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(find_chromium() is None and not os.environ.get("LVD_REQUIRE_BROWSER"),
+                    reason="chromium is not installed (apt-get install chromium chromium-driver)")
+def test_report_renders_in_headless_chromium_without_errors(report, tmp_path):
+    page = render(report, tmp_path / "report.png")
+    assert page.console_errors == []
+    assert [s["id"] for s in page.sections] == SECTION_IDS
+    assert all(s["title"] and s["text"] > 40 and s["missing"] == 0 for s in page.sections), page.sections
+    assert page.images == 2 + 5 + 2 + 10 + 5 and page.broken_images == []
+    assert page.screenshot.stat().st_size > 50_000

@@ -1,0 +1,74 @@
+"""Started by torchrun from test_distributed.py: the FSDP code path (the GPU strategy) on CPU processes (gloo).
+
+The same 3 training steps run twice from the same initialisation on the same per-rank batches: once with plain
+modules and gradients averaged by hand (what DDP does), once with every student/teacher submodule wrapped by
+`training.strategy.wrap_fsdp` (sharded parameters, per-shard EMA, sharded gradient clipping, param groups of
+flattened parameters). Rank 0 saves both
+final states; the test asserts they are equal.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny import tiny_config
+
+from training.data import build_source
+from training.fsdp import clip_grad_norm, full_state_dict, wrap_fsdp
+from training.meta_arch import SSLMetaArch
+from training.module import STEP_SEED_SALT, DinoV2DataModule
+from training.param_groups import apply_optim_schedule
+from training.schedules import Schedules, derive
+from training.seeding import reseed
+
+
+def run(cfg, data: Path, fsdp: bool, steps: int = 3) -> dict[str, torch.Tensor]:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    meta = SSLMetaArch(cfg).train()
+    if fsdp:
+        wrap_fsdp({"student": meta.student, "teacher": meta.teacher}, cfg, torch.device("cpu"))
+    # SGD rather than AdamW: Adam's first steps are sign-like, so gradients that are ~0 and differ only in float
+    # summation order would flip whole updates; SGD keeps the comparison well conditioned.
+    opt = torch.optim.SGD(meta.param_groups(), lr=0.0)
+    schedules = Schedules(cfg, derive(cfg, world))
+    stream = DinoV2DataModule(build_source(data), cfg, seed=0).make_stream(0, rank, world)
+    for step in range(steps):
+        batch, v = stream.batch(step), schedules.at(step)
+        apply_optim_schedule(opt, v.lr, v.wd, v.last_layer_lr)
+        reseed(0, step, rank, STEP_SEED_SALT)
+        terms, _ = meta.forward_losses(batch, v.teacher_temp)
+        sum(terms.values()).backward()
+        if not fsdp:
+            for p in meta.student.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= world
+        for module in meta.student.values():
+            clip_grad_norm(module, cfg.optim.clip_grad)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        meta.update_teacher(v.momentum)
+    state = {}
+    for group in ("student", "teacher"):
+        for name, module in getattr(meta, group).items():
+            state.update({f"{group}.{name}.{k}": v for k, v in full_state_dict(module).items()})
+    return state
+
+
+if __name__ == "__main__":
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    data, out = Path(sys.argv[1]), Path(sys.argv[2])
+    # clipping active; a large lr so that the three updates are far above float noise
+    cfg = tiny_config(**{"ibot.separate_head": True, "optim.clip_grad": 0.5, "optim.base_lr": 10.0})
+    plain, sharded = run(cfg, data, fsdp=False), run(cfg, data, fsdp=True)
+    if dist.get_rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save({"plain": plain, "fsdp": sharded}, out / "states.pt")
+    dist.barrier()
+    dist.destroy_process_group()

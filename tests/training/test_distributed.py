@@ -1,0 +1,93 @@
+"""Two CPU processes (gloo) train the tiny model: DDP keeps ranks identical and logs the mean of the ranks' losses."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import tiny_config
+from torch.testing import assert_close
+
+from training.data import build_source
+from training.metrics import read_csv
+from training.module import STEP_SEED_SALT, DinoV2DataModule, DinoV2Module
+from training.seeding import reseed
+
+HERE = Path(__file__).parent
+REPO = HERE.parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(worker: str, *args: str, nproc: int = 2) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(HERE)]), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", str(HERE / worker), *args]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+def _single_process_losses(cfg, image_folder: Path, rank: int, world: int) -> torch.Tensor:
+    """Step 0 of rank `rank`, computed in this process: same init, same batch, same RNG."""
+    module = DinoV2Module(cfg, seed=0)
+    batch = DinoV2DataModule(build_source(image_folder), cfg, seed=0).make_stream(0, rank, world).batch(0)
+    reseed(0, 0, rank, STEP_SEED_SALT)
+    terms, _ = module.meta.train().forward_losses(batch, teacher_temp=cfg.teacher.warmup_teacher_temp)
+    return torch.stack([t.detach() for t in terms.values()]), list(terms)
+
+
+@pytest.mark.slow
+def test_two_process_cpu_ddp_training(image_folder, tmp_path):
+    changes = {"strategy": "ddp", "devices": 2, "max_steps": 3, "cpu_threads": 1}
+    _torchrun("ddp_worker.py", str(image_folder), str(tmp_path), json.dumps(changes))
+    r0, r1 = torch.load(tmp_path / "rank0.pt", weights_only=True), torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert set(r0) == set(r1)
+    for key in r0:  # gradients were averaged: both ranks hold identical students, teachers and centers
+        assert torch.equal(r0[key], r1[key]), key
+    rows = read_csv(tmp_path / "metrics.csv")
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    cfg = tiny_config(**changes)
+    per_rank = [_single_process_losses(cfg, image_folder, r, 2) for r in (0, 1)]
+    names = per_rank[0][1]
+    logged = torch.tensor([rows[0][k] for k in names])
+    assert_close(logged, (per_rank[0][0] + per_rank[1][0]).float() / 2, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(per_rank[0][0], per_rank[1][0])  # the ranks did see different data
+    start = DinoV2Module(cfg, seed=0).meta.student.backbone.state_dict()
+    assert not torch.equal(start["blocks.0.attn.qkv.weight"], r0["student.backbone.blocks.0.attn.qkv.weight"])
+
+
+@pytest.mark.slow
+def test_fsdp_wrapping_equals_gradient_averaging_on_cpu(image_folder, tmp_path):
+    """The FSDP path (sharded params, per-shard EMA, sharded clipping) trains exactly like plain data parallelism."""
+    _torchrun("fsdp_worker.py", str(image_folder), str(tmp_path))
+    states = torch.load(tmp_path / "states.pt", weights_only=True)
+    plain, sharded = states["plain"], states["fsdp"]
+    assert set(plain) == set(sharded) and any(k.startswith("teacher.ibot_head.") for k in plain)
+    for key in plain:
+        assert_close(sharded[key], plain[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert not torch.equal(plain["teacher.backbone.cls_token"], plain["student.backbone.cls_token"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_lightning_fsdp_on_gpu_trains_and_resumes(image_folder, tmp_path):
+    """Lightning FSDPStrategy (sharded checkpoints, bf16 mixed precision) on the GPUs of this host."""
+    from tiny import tiny_config as cfg_of
+
+    from training.pretrain import pretrain
+
+    changes = {"accelerator": "gpu", "strategy": "fsdp", "devices": 1, "precision": "bf16"}
+    part = pretrain(image_folder, tmp_path, cfg_of(**changes), seed=0, interrupt_at=5)
+    assert part.steps == 5 and (tmp_path / "checkpoints" / "last.ckpt").is_dir()
+    done = pretrain(image_folder, tmp_path, cfg_of(**changes), seed=0)
+    assert done.steps == 10 and done.teacher_backbone.is_file()

@@ -1,0 +1,153 @@
+"""Data: decoding (grayscale to RGB), sources (folders, corpus shards), multi-crop, batched photometric ops
+against torchvision, and the deterministic stream."""
+
+from __future__ import annotations
+
+import tarfile
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from conftest import png_bytes, write_images
+from PIL import Image
+from torch.testing import assert_close
+
+from infra.shards import ShardWriter, UnsafeArchiveError
+from training.data import (
+    BatchStream,
+    FolderSource,
+    MaskingGenerator,
+    MultiCropAugmentation,
+    TarShardSource,
+    build_source,
+    collate_data_and_cast,
+    decode_rgb,
+)
+from training.data.augmentations import BLUR_PROBABILITIES
+from training.data.photometric import PhotometricParams, apply_photometric
+
+
+def test_decode_grayscale_palette_alpha_and_broken():
+    gray = Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8), "L")
+    rgb = np.asarray(decode_rgb(png_bytes(gray)))
+    assert rgb.shape == (8, 8, 3) and (rgb[..., 0] == np.asarray(gray)).all() and (rgb[..., 1] == rgb[..., 2]).all()
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    assert np.asarray(decode_rgb(png_bytes(rgba))).max() == 0  # fully transparent -> black
+    assert decode_rgb(png_bytes(gray.convert("P"))).mode == "RGB"
+    assert decode_rgb(b"not an image") is None
+
+
+def test_folder_source_is_recursive_and_filters(tmp_path):
+    write_images(tmp_path, 5)
+    Image.new("RGB", (9, 9)).save(tmp_path / "part0" / "UPPER.JPEG")
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / ".hidden").mkdir()
+    Image.new("RGB", (9, 9)).save(tmp_path / ".hidden" / "skip.png")
+    src = build_source(tmp_path)
+    assert isinstance(src, FolderSource) and len(src) == 6
+    assert sorted(p.name for p in src.files)[-1] == "img0004.png"
+
+
+def test_tar_shard_source_reads_members(tmp_path):
+    imgs = [Image.fromarray(np.full((6, 6), i * 20, np.uint8), "L") for i in range(5)]
+    paths = []
+    for s in range(2):
+        with ShardWriter(tmp_path, f"{s:05d}") as w:
+            for i in range(s, 5, 2):
+                w.add(f"id{i}", png_bytes(imgs[i]), "png")
+        paths.append(w.tar_path)
+    src = build_source(paths)
+    assert isinstance(src, TarShardSource) and len(src) == 5
+    assert [src.read(k) for k in range(5)] == [png_bytes(imgs[i]) for i in (0, 2, 4, 1, 3)]
+    assert isinstance(build_source(tmp_path), TarShardSource)  # a folder of shards
+
+
+def test_tar_with_link_is_refused(tmp_path):
+    path = tmp_path / "bad.tar"
+    with tarfile.open(path, "w") as tar:
+        info = tarfile.TarInfo("x.png")
+        info.type = tarfile.SYMTYPE
+        info.linkname = "/etc/passwd"
+        tar.addfile(info)
+    with pytest.raises(UnsafeArchiveError):
+        TarShardSource.from_tars([path])
+
+
+@pytest.mark.parametrize("impl", ["batched", "pil"])
+def test_multicrop_shapes_and_determinism(impl):
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30), np.uint8), "L").convert("RGB")
+    aug = MultiCropAugmentation(local_crops_number=3, global_crops_size=16, local_crops_size=8, impl=impl)
+    a, b, c = aug(img, 5), aug(img, 5), aug(img, 6)
+    assert [t.shape for t in a["global_crops"]] == [(3, 16, 16)] * 2
+    assert [t.shape for t in a["local_crops"]] == [(3, 8, 8)] * 3
+    assert all(torch.equal(x, y) for x, y in zip(a["local_crops"], b["local_crops"], strict=True))
+    assert not torch.equal(a["global_crops"][0], c["global_crops"][0])
+
+
+def test_blur_modes():
+    assert BLUR_PROBABILITIES == {"reference": (0.0, 0.9, 0.5), "paper": (1.0, 0.1, 0.5)}
+    for mode, (p1, p2, p_local) in BLUR_PROBABILITIES.items():
+        aug = MultiCropAugmentation(blur_mode=mode, impl="pil")
+        assert (aug.global_transfo1.transforms[1].p, aug.global_transfo2.transforms[1].p,
+                aug.local_transfo.transforms[1].p) == (p1, p2, p_local)
+
+
+def _torchvision_reference(x: torch.Tensor, p: PhotometricParams, i: int) -> torch.Tensor:
+    """The reference pipeline's ops, one image at a time, with the same random parameters."""
+    y = x[i]
+    if p.jitter[i]:
+        ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+        for op in p.order[i].tolist():
+            y = ops[op](y, float(p.factors[i, op]))
+    if p.gray[i]:
+        y = TF.rgb_to_grayscale(y, num_output_channels=3)
+    if p.blur[i]:
+        y = TF.gaussian_blur(y, kernel_size=9, sigma=float(p.sigma[i]))
+    if p.solarize[i]:
+        y = TF.solarize(y, 128 / 255)
+    return y
+
+
+def test_batched_photometric_equals_torchvision_per_image():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(40, 3, 12, 12, generator=g)
+    params = PhotometricParams.sample(40, blur_p=0.5, solarize_p=0.3, g=g, jitter_p=0.8, gray_p=0.3)
+    got = apply_photometric(x, params)
+    want = torch.stack([_torchvision_reference(x, params, i) for i in range(40)])
+    assert_close(got, want, rtol=1e-5, atol=2e-5)
+    assert params.jitter.any() and params.gray.any() and params.blur.any() and params.solarize.any()
+
+
+def _stream(source, **kw):
+    aug = MultiCropAugmentation(local_crops_number=2, global_crops_size=16, local_crops_size=8)
+    collate = partial(collate_data_and_cast, mask_ratio_tuple=(0.1, 0.5), mask_probability=0.5, n_tokens=16,
+                      mask_generator=MaskingGenerator(4, max_num_patches=8))
+    return BatchStream(source, aug, collate, batch_size=4, seed=3, **kw)
+
+
+def test_stream_is_a_function_of_step_and_rank(image_folder):
+    src = build_source(image_folder)
+    it = iter(_stream(src))
+    batches = [next(it) for _ in range(4)]
+    resumed = _stream(src, start_step=3).batch(3)
+    for key in ("collated_global_crops", "collated_local_crops", "collated_masks", "positions"):
+        assert torch.equal(batches[3][key], resumed[key])
+    workers = torch.utils.data.DataLoader(_stream(src, start_step=1), batch_size=None, num_workers=2)
+    got = [b for _, b in zip(range(3), workers, strict=False)]
+    assert [b["step"] for b in got] == [1, 2, 3]
+    assert torch.equal(got[2]["collated_global_crops"], batches[3]["collated_global_crops"])
+    r0, r1 = _stream(src, rank=0, world_size=2), _stream(src, rank=1, world_size=2)
+    assert set(r0.positions(5)).isdisjoint(r1.positions(5))
+    epoch = [r0.index_at(p) for p in range(len(src))]
+    assert sorted(epoch) == list(range(len(src)))  # each epoch visits every image once
+
+
+def test_stream_skips_undecodable_images(tmp_path):
+    write_images(tmp_path, 6)
+    (tmp_path / "part0" / "broken.png").write_bytes(b"\x89PNG garbage")
+    stream = _stream(build_source(tmp_path))
+    for step in range(3):
+        stream.batch(step)
+    assert stream.n_bad >= 1

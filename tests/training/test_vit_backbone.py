@@ -1,0 +1,124 @@
+"""Backbone: released key names and shapes, strict official-format loads, features equal to a naive forward."""
+
+from __future__ import annotations
+
+import naive_vit
+import pytest
+import torch
+from torch.testing import assert_close
+
+from training.checkpoint import export_backbone, load_backbone, load_official_state_dict, official_state_dict
+from training.registry import ARCHS, build_backbone
+
+# (arch, embed dim, depth, SwiGLU hidden width of the released checkpoint)
+RELEASED = [("vit_small", 384, 12, None), ("vit_base", 768, 12, None), ("vit_large", 1024, 24, None),
+            ("vit_giant2", 1536, 40, 4096)]
+
+
+@pytest.mark.parametrize("registers", [0, 4])
+@pytest.mark.parametrize(("arch", "dim", "depth", "swiglu"), RELEASED)
+def test_key_names_and_shapes_match_released(arch, dim, depth, swiglu, registers):
+    with torch.device("meta"):  # shapes only: no memory for ViT-g
+        model = build_backbone(arch, 14, 518, init_values=1.0, num_register_tokens=registers)
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert got == naive_vit.released_shapes(dim, depth, registers=registers, swiglu_hidden=swiglu)
+
+
+@pytest.mark.parametrize(("registers", "offset", "antialias"), [(0, 0.1, False), (4, 0.0, True)])
+def test_official_state_dict_strict_load_and_features_equal_naive(registers, offset, antialias):
+    state = naive_vit.random_state(naive_vit.released_shapes(384, 12, registers=registers), seed=registers)
+    model = build_backbone("vit_small", 14, 518, init_values=1.0, num_register_tokens=registers,
+                           interpolate_offset=offset, interpolate_antialias=antialias).double().eval()
+    load_official_state_dict(model, state, strict=True)
+    img = torch.randn(2, 3, 112, 98, dtype=torch.float64)  # 8 x 7 patches: pos-embed 37x37 -> 8x7
+    masks = torch.rand(2, 56) < 0.3
+    with torch.no_grad():
+        got = model.forward_features(img, masks=masks)
+    want, _ = naive_vit.forward(state, img, heads=6, masks=masks, offset=offset, antialias=antialias)
+    for key in ("x_norm_clstoken", "x_norm_regtokens", "x_norm_patchtokens", "x_prenorm"):
+        assert_close(got[key], want[key], rtol=1e-9, atol=1e-9)
+    assert got["x_norm_regtokens"].shape == (2, registers, 384)
+    assert_close(model(img, masks=masks), want["x_norm_clstoken"], rtol=1e-9, atol=1e-9)  # forward: normed cls
+
+
+def _pico_state(registers=0, swiglu=False, grid=7, seed=0):
+    hidden = 256 if swiglu else None  # (int(2/3 * 384) + 7) // 8 * 8
+    return naive_vit.random_state(naive_vit.released_shapes(96, 4, patch=4, grid=grid, registers=registers,
+                                                            swiglu_hidden=hidden), seed=seed)
+
+
+def test_swiglu_registers_and_list_forward_equal_naive():
+    state = _pico_state(registers=4, swiglu=True)
+    model = build_backbone("vit_pico_reg4_swiglu", 4, 28, init_values=1.0).double().eval()
+    load_official_state_dict(model, state, strict=True)
+    globals_, locals_ = torch.randn(4, 3, 28, 28, dtype=torch.float64), torch.randn(6, 3, 12, 12, dtype=torch.float64)
+    masks = torch.rand(4, 49) < 0.4
+    with torch.no_grad():
+        packed = model.forward_features([globals_, locals_], [masks, None])
+    for out, img, m in zip(packed, [globals_, locals_], [masks, None], strict=True):
+        want, _ = naive_vit.forward(state, img, heads=3, masks=m, offset=0.0, antialias=True)
+        assert_close(out["x_norm_patchtokens"], want["x_norm_patchtokens"], rtol=1e-9, atol=1e-9)
+        assert_close(out["x_norm_regtokens"], want["x_norm_regtokens"], rtol=1e-9, atol=1e-9)
+
+
+def test_get_intermediate_layers_equal_naive():
+    state = _pico_state(seed=3)
+    model = build_backbone("vit_pico", 4, 28, init_values=1.0).double().eval()
+    load_official_state_dict(model, state, strict=True)
+    img = torch.randn(2, 3, 28, 28, dtype=torch.float64)
+    with torch.no_grad():
+        outs = model.get_intermediate_layers(img, n=[0, 2], reshape=True, return_class_token=True)
+        raw = model.get_intermediate_layers(img, n=2, norm=False)
+    _, blocks = naive_vit.forward(state, img, heads=3)
+    for (patches, cls), i in zip(outs, [0, 2], strict=True):
+        normed = naive_vit.layer_norm(blocks[i], state["norm.weight"], state["norm.bias"])
+        assert patches.shape == (2, 96, 7, 7)
+        assert_close(patches, normed[:, 1:].reshape(2, 7, 7, 96).permute(0, 3, 1, 2))
+        assert_close(cls, normed[:, 0])
+    assert_close(raw[0], blocks[2][:, 1:])
+    assert_close(raw[1], blocks[3][:, 1:])
+
+
+def test_pos_embed_interpolation_shapes():
+    model = build_backbone("vit_small", 14, 518).eval()
+    for px, grid in [(224, 16), (98, 7), (518, 37)]:
+        tokens = model.prepare_tokens_with_masks(torch.randn(1, 3, px, px))
+        assert tokens.shape == (1, grid * grid + 1, 384)
+    assert model.interpolate_pos_encoding(torch.zeros(1, 257, 384), 224, 224).shape == (1, 257, 384)
+
+
+def test_chunked_export_is_flat_and_round_trips(tmp_path):
+    chunked = build_backbone("vit_pico", 4, 28, block_chunks=2, init_values=1e-5).eval()
+    assert "blocks.1.2.attn.qkv.weight" in chunked.state_dict()
+    state = official_state_dict(chunked)
+    assert set(state) == set(naive_vit.released_shapes(96, 4, patch=4, grid=7))
+    path = export_backbone(chunked, tmp_path / "teacher_backbone.safetensors")
+    from_st = load_backbone(path)
+    pth_state = torch.load(path.with_suffix(".pth"), weights_only=True)
+    from_pth = load_backbone(path.with_suffix(".pth"), arch="vit_pico")
+    img = torch.randn(3, 3, 28, 28)
+    with torch.no_grad():
+        want = chunked(img)
+        assert_close(from_st(img), want, rtol=0, atol=0)
+        assert_close(from_pth(img), want, rtol=0, atol=0)
+    assert set(pth_state) == set(state)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_registry_forward_backward_every_param_gets_grad(arch):
+    big = ARCHS[arch]["embed_dim"] > 384
+    device = torch.device("meta") if big else torch.device("cpu")  # big archs: graph and shapes, no compute
+    with device:
+        model = build_backbone(arch, 14, 56, drop_path_rate=0.3, drop_path_uniform=True, init_values=1e-5).train()
+        globals_, locals_ = torch.randn(4, 3, 56, 56), torch.randn(6, 3, 28, 28)
+        masks = torch.zeros(4, 16, dtype=torch.bool)
+        masks[0, :5] = True
+    outs = model.forward_features([globals_, locals_], [masks, None])
+    loss = sum(o["x_norm_clstoken"].float().pow(2).mean() + o["x_norm_patchtokens"].float().pow(2).mean() for o in outs)
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert missing == []
+    assert outs[0]["x_norm_patchtokens"].shape == (4, 16, ARCHS[arch]["embed_dim"])
+    if not big:
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+        assert model.mask_token.grad.abs().sum() > 0

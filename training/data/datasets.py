@@ -1,0 +1,131 @@
+"""Image sources for pretraining: corpus shards (`.tar`, WebDataset layout) and plain image folders.
+
+A source is an indexable list of encoded images; decoding happens in the data stream. Tar shards are indexed once
+(member offsets) and read by seeking, so random access does not unpack anything; member names are checked like
+`infra.shards.iter_tar` (no links, no path traversal). Folders are walked recursively for image files of any
+common extension, which is how users point training at their own data.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from PIL import Image, UnidentifiedImageError
+
+from infra.datasets import IMAGE_EXTS
+from infra.shards import UnsafeArchiveError, check_member_name
+
+
+class ImageSource(Protocol):
+    def __len__(self) -> int: ...
+
+    def read(self, index: int) -> bytes: ...
+
+    def name(self, index: int) -> str: ...
+
+
+def _is_image(name: str) -> bool:
+    return "." in name and name.rsplit(".", 1)[-1].lower() in IMAGE_EXTS
+
+
+@dataclass
+class FolderSource:
+    files: list[Path]
+
+    @classmethod
+    def from_root(cls, root: Path) -> FolderSource:
+        files = sorted(p for p in Path(root).rglob("*") if p.is_file() and _is_image(p.name)
+                       and not any(part.startswith(".") for part in p.relative_to(root).parts))
+        return cls(files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def read(self, index: int) -> bytes:
+        return self.files[index].read_bytes()
+
+    def name(self, index: int) -> str:
+        return str(self.files[index])
+
+
+@dataclass
+class TarShardSource:
+    tars: list[Path]
+    # (tar index, data offset, size, member name) per image member, in shard order
+    entries: list[tuple[int, int, int, str]] = field(default_factory=list)
+    _handles: dict[int, object] = field(default_factory=dict, repr=False)
+    _pid: int = field(default=-1, repr=False)
+
+    @classmethod
+    def from_tars(cls, tars: Sequence[Path]) -> TarShardSource:
+        entries = []
+        for t, path in enumerate(tars):
+            with tarfile.open(path, "r:") as tar:
+                for member in tar:
+                    check_member_name(member.name)
+                    if not member.isfile():
+                        raise UnsafeArchiveError(f"{path}: member {member.name!r} is not a regular file")
+                    if _is_image(member.name):
+                        entries.append((t, member.offset_data, member.size, member.name))
+        return cls([Path(p) for p in tars], entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def read(self, index: int) -> bytes:
+        if self._pid != os.getpid():  # file handles are per process (DataLoader workers fork or spawn)
+            self._handles, self._pid = {}, os.getpid()
+        t, offset, size, _ = self.entries[index]
+        if t not in self._handles:
+            self._handles[t] = open(self.tars[t], "rb")  # noqa: SIM115 (kept open for the stream's lifetime)
+        f = self._handles[t]
+        f.seek(offset)
+        return f.read(size)
+
+    def name(self, index: int) -> str:
+        t, _, _, member = self.entries[index]
+        return f"{self.tars[t].name}:{member}"
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_handles"], state["_pid"] = {}, -1
+        return state
+
+
+def build_source(data: Sequence[Path] | Path | str) -> ImageSource:
+    """A list of `.tar` shards, one `.tar`, a folder of `.tar` shards, or an image folder (recursive)."""
+    paths = [Path(data)] if isinstance(data, str | Path) else [Path(p) for p in data]
+    if not paths:
+        raise ValueError("no training data given: pass corpus shard .tar files or an image folder")
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"training data not found: {missing}")
+    if len(paths) == 1 and paths[0].is_dir():
+        tars = sorted(paths[0].glob("*.tar"))
+        source: ImageSource = TarShardSource.from_tars(tars) if tars else FolderSource.from_root(paths[0])
+    elif all(p.is_file() and p.suffix == ".tar" for p in paths):
+        source = TarShardSource.from_tars(paths)
+    else:
+        raise ValueError(f"expected .tar shards or a single image folder, got {[str(p) for p in paths]}")
+    if len(source) == 0:
+        raise ValueError(f"no images found in {[str(p) for p in paths]} (extensions: {sorted(IMAGE_EXTS)})")
+    return source
+
+
+def decode_rgb(data: bytes) -> Image.Image | None:
+    """Decode any PIL-readable image to RGB (grayscale such as MNIST is replicated to 3 channels); None if broken."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                rgba = img.convert("RGBA")  # transparent pixels onto black, not their undefined colour
+                return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        return None

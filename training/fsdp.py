@@ -1,0 +1,99 @@
+"""FSDP for the student/teacher pair, as in the reference (`dinov2/fsdp`), without Lightning.
+
+Every student and teacher submodule (backbone, dino_head, ibot_head, and the distillation EMA) is its own FSDP
+root with transformer blocks as nested wrap units. Student and teacher therefore have identical flat-parameter
+layouts, and the EMA update runs on the local shards (`ema_tensors`) after every unit is resharded and its
+unsharded copy freed (SHARD_GRAD_OP keeps the all-gathered copy after a no-grad forward and would reuse it,
+silently dropping the update; the reference reshards the teacher after its forward for the same reason). Mixed precision:
+bf16/fp16 parameters; gradients of the student *heads* are reduced in fp32 (the paper's "head gradients reduced
+in fp32"), the backbone's in the compute dtype; buffers stay fp32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from infra.config.train import TrainConfig
+from training.layers import Block
+
+
+def _mixed_precision(cfg: TrainConfig, reduce_fp32: bool) -> Any:
+    from torch.distributed.fsdp import MixedPrecision
+
+    if cfg.precision == "fp32":
+        return None
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
+    return MixedPrecision(param_dtype=dtype, reduce_dtype=torch.float32 if reduce_fp32 else dtype,
+                          buffer_dtype=torch.float32)
+
+
+def wrap_fsdp(groups: dict[str, nn.ModuleDict], cfg: TrainConfig, device: torch.device) -> None:
+    """Wrap every submodule of each ModuleDict (student, teacher, ema) in place."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import ShardingStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    for group_name, modules in groups.items():
+        for name in list(modules.keys()):
+            if isinstance(modules[name], FSDP):
+                continue
+            head_grads_fp32 = group_name == "student" and name != "backbone"
+            modules[name] = FSDP(
+                modules[name], auto_wrap_policy=ModuleWrapPolicy({Block}),
+                sharding_strategy=getattr(ShardingStrategy, cfg.fsdp_sharding),
+                mixed_precision=_mixed_precision(cfg, head_grads_fp32), device_id=device, use_orig_params=True,
+                # Broadcast rank 0's initialisation (GPU only; on CPU every rank seeds the same init anyway).
+                sync_module_states=device.type == "cuda")
+
+
+def ema_tensors(module: nn.Module) -> list[torch.Tensor]:
+    """What an EMA update should touch: the local flat-parameter shards of every FSDP unit in `module`, or the
+    plain parameters of an unwrapped module (same order for a student and its identically built teacher)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp._runtime_utils import _reshard
+
+    if not is_fsdp(module):
+        return [p.detach() for p in module.parameters()]
+    out = []
+    for unit in FSDP.fsdp_modules(module):
+        handle = unit._handle
+        if handle is None:
+            continue
+        if handle.uses_sharded_strategy and hasattr(handle.flat_param, "_local_shard"):  # lazily initialised
+            # Free the padded unsharded copy too: SHARD_GRAD_OP keeps it after a no-grad forward and would reuse
+            # it (stale) at the next forward instead of all-gathering the updated shards.
+            _reshard(unit, handle, True)
+        out.append(handle.flat_param.detach())
+    return out
+
+
+def is_fsdp(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    return isinstance(module, FSDP)
+
+
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded state dict (gathered to CPU; complete on rank 0 under FSDP), without wrapper prefixes."""
+    if not is_fsdp(module):
+        return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with FSDP.state_dict_type(module, StateDictType.FULL_STATE_DICT,
+                              FullStateDictConfig(offload_to_cpu=True, rank0_only=True)):
+        state = module.state_dict()
+    return {k.replace("_fsdp_wrapped_module.", ""): v for k, v in state.items()}
+
+
+def clip_grad_norm(module: nn.Module, max_norm: float | None) -> torch.Tensor:
+    """Clip one student submodule (the reference clips backbone and each head separately); returns the norm."""
+    if is_fsdp(module):
+        return module.clip_grad_norm_(max_norm if max_norm else float("inf"))
+    params = [p for p in module.parameters() if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"), foreach=True)

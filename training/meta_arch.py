@@ -1,0 +1,248 @@
+"""The DINOv2 self-supervised meta-architecture, framework-free (reference `SSLMetaArch`).
+
+Per step: `teacher_targets` (teacher backbone on the 2B global crops; cls targets swapped between the two views;
+patch targets at the student's masked positions; softmax centering or Sinkhorn-Knopp), `student_outputs` (global
+and local crops through the student backbone in one packed forward, heads on cls tokens and masked patch tokens),
+`loss_terms` (DINO local/global averaged over the 2 + 2 x n_local (teacher, student) pairs of different views,
+KoLeo on the pre-head global cls tokens of each view, iBOT on masked patches), then, after the optimiser step,
+`update_teacher` (EMA of backbone and heads). Modes (`train.mode`): "pretrain"/"highres" use the EMA teacher;
+"distill" uses a frozen teacher loaded from a checkpoint and keeps an EMA of the student (`ema`) for export.
+
+Deviation: masked patch tokens are gathered to exactly n_masked rows instead of the reference's zero-padded
+`upperbound` buffer (same values; the padding only served static shapes for xFormers).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from infra.config.train import TrainConfig
+from training.distributed import all_reduce_mean
+from training.fsdp import ema_tensors
+from training.layers import DINOHead
+from training.losses import DINOLoss, IBOTPatchLoss, KoLeoLoss
+from training.param_groups import fuse_param_groups, param_group_entries
+from training.registry import build_backbone
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def check_finite(terms: dict[str, torch.Tensor], step: int) -> None:
+    """Fail fast, naming every loss term that is NaN or infinite."""
+    values = torch.stack([v.detach().float() for v in terms.values()])
+    if bool(torch.isfinite(values).all()):
+        return
+    bad = {k: float(v) for k, v in zip(terms, values.tolist(), strict=True) if not math.isfinite(v)}
+    raise NonFiniteLossError(f"non-finite loss at step {step}: {', '.join(f'{k}={v}' for k, v in bad.items())} "
+                             f"(all terms: {dict(zip(terms, values.tolist(), strict=True))}). Lower optim.base_lr, "
+                             "check the data, or resume from the last checkpoint.")
+
+
+@dataclass
+class TeacherOutput:
+    dino_probs: torch.Tensor  # 2, B, K: targets for student view order (crop 1, crop 2), i.e. swapped teacher views
+    ibot_probs: torch.Tensor | None  # M, K at the selected patches
+    stats: dict[str, torch.Tensor]
+
+
+def build_student(cfg: TrainConfig) -> nn.ModuleDict:
+    s = cfg.student
+    distill = cfg.mode == "distill"
+    backbone = build_backbone(
+        s.arch, s.patch_size, cfg.crops.global_crops_size, drop_path_rate=0.0 if distill else s.drop_path_rate,
+        drop_path_uniform=s.drop_path_uniform, init_values=s.layerscale, ffn_layer=s.ffn_layer,
+        block_chunks=s.block_chunks, qkv_bias=s.qkv_bias, proj_bias=s.proj_bias, ffn_bias=s.ffn_bias,
+        num_register_tokens=s.num_register_tokens, interpolate_antialias=s.interpolate_antialias,
+        interpolate_offset=s.interpolate_offset)
+    d, i = cfg.dino, cfg.ibot
+    modules: dict[str, nn.Module] = {"backbone": backbone, "dino_head": DINOHead(
+        backbone.embed_dim, d.head_n_prototypes, d.head_nlayers, d.head_hidden_dim, d.head_bottleneck_dim)}
+    if i.loss_weight > 0 and i.separate_head:
+        modules["ibot_head"] = DINOHead(backbone.embed_dim, i.head_n_prototypes, i.head_nlayers, i.head_hidden_dim,
+                                        i.head_bottleneck_dim)
+    return nn.ModuleDict(modules)
+
+
+def frozen_copy(modules: nn.ModuleDict) -> nn.ModuleDict:
+    out = copy.deepcopy(modules)
+    for p in out.parameters():
+        p.requires_grad = False
+    for m in out.modules():  # a teacher never drops paths
+        if hasattr(m, "sample_drop_ratio"):
+            m.sample_drop_ratio = 0.0
+    return out
+
+
+class SSLMetaArch(nn.Module):
+    def __init__(self, cfg: TrainConfig, teacher: nn.ModuleDict | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.distill = cfg.mode == "distill"
+        self.do_dino = cfg.dino.loss_weight > 0
+        self.do_koleo = cfg.dino.koleo_loss_weight > 0
+        self.do_ibot = cfg.ibot.loss_weight > 0
+        self.student = build_student(cfg)
+        if self.distill:
+            if teacher is None:
+                raise ValueError("distill mode needs the frozen teacher modules")
+            self.teacher = frozen_copy(teacher)
+            self.ema = frozen_copy(self.student)
+            self.student.backbone.mask_token.requires_grad = False  # no masking: unused
+        else:
+            self.teacher = frozen_copy(self.student)
+        k_patch = self.student["ibot_head" if "ibot_head" in self.student else "dino_head"].last_layer.weight_g.shape[0]
+        self.dino_loss = DINOLoss(cfg.dino.head_n_prototypes)
+        self.ibot_patch_loss = IBOTPatchLoss(k_patch)
+        self.koleo_loss = KoLeoLoss()
+
+    def train(self, mode: bool = True) -> SSLMetaArch:
+        super().train(mode)
+        self.teacher.eval()
+        if self.distill:
+            self.ema.eval()
+        return self
+
+    # --- targets --------------------------------------------------------------------------------------------
+    def patch_selection(self, batch: dict[str, Any], n_patches: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat indices of the patches that carry an iBOT loss and their weights (1 / patches of the image)."""
+        if not self.distill:
+            return batch["mask_indices_list"], batch["masks_weight"]
+        n = batch["collated_global_crops"].shape[0] * n_patches  # distillation: every patch of both views
+        device = batch["collated_global_crops"].device
+        return torch.arange(n, device=device), torch.full((n,), 1.0 / n_patches, device=device)
+
+    @torch.no_grad()
+    def teacher_targets(self, batch: dict[str, Any], teacher_temp: float) -> TeacherOutput:
+        out = self.teacher.backbone(batch["collated_global_crops"], is_training=True)
+        c1, c2 = out["x_norm_clstoken"].chunk(2)
+        cls = torch.cat((c2, c1))  # 2B, D: view-2 targets supervise the student's view 1 and vice versa
+        patch_logits = None
+        if self.do_ibot:
+            patches = out["x_norm_patchtokens"]
+            sel, _ = self.patch_selection(batch, patches.shape[1])
+            masked = patches.flatten(0, 1).index_select(0, sel)  # M, D
+            if "ibot_head" in self.teacher:
+                cls_logits, patch_logits = self.teacher.dino_head(cls), self.teacher.ibot_head(masked)
+            else:
+                logits = self.teacher.dino_head(torch.cat((cls, masked)))
+                cls_logits, patch_logits = logits[:len(cls)], logits[len(cls):]
+        else:
+            cls_logits = self.teacher.dino_head(cls)
+        dino_probs, ibot_probs = self._normalise(cls_logits, patch_logits, teacher_temp)
+        stats = _usage_stats(dino_probs)
+        stats["n_masked_patches"] = torch.tensor(0 if patch_logits is None else patch_logits.shape[0])
+        return TeacherOutput(dino_probs.view(2, -1, dino_probs.shape[-1]), ibot_probs, stats)
+
+    def _normalise(self, cls_logits: torch.Tensor, patch_logits: torch.Tensor | None,
+                   temp: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.cfg.centering == "sinkhorn_knopp":
+            dino = self.dino_loss.sinkhorn_knopp_teacher(cls_logits, temp)
+            ibot = None if patch_logits is None else self.ibot_patch_loss.sinkhorn_knopp_teacher(
+                patch_logits, temp, n_masked_patches=patch_logits.shape[0])
+            return dino, ibot
+        dino = self.dino_loss.softmax_center_teacher(cls_logits, temp)
+        self.dino_loss.update_center(cls_logits)
+        ibot = None
+        if patch_logits is not None:
+            ibot = self.ibot_patch_loss.softmax_center_teacher(patch_logits, temp)
+            self.ibot_patch_loss.update_center(patch_logits)
+        return dino, ibot
+
+    # --- student --------------------------------------------------------------------------------------------
+    def student_outputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        g, loc = batch["collated_global_crops"], batch["collated_local_crops"]
+        masks = None if self.distill else batch["collated_masks"]
+        backbone = self.student.backbone
+        if loc is not None and self.cfg.sequence_packing:
+            gout, lout = backbone([g, loc], masks=[masks, None], is_training=True)
+        else:
+            gout = backbone(g, masks=masks, is_training=True)
+            lout = backbone(loc, is_training=True) if loc is not None else None
+        g_cls = gout["x_norm_clstoken"]  # 2B, D
+        l_cls = lout["x_norm_clstoken"] if lout is not None else g_cls[:0]  # n_local * B, D
+        rows = [l_cls, g_cls]
+        masked = None
+        if self.do_ibot:
+            sel, _ = self.patch_selection(batch, gout["x_norm_patchtokens"].shape[1])
+            masked = gout["x_norm_patchtokens"].flatten(0, 1).index_select(0, sel)  # M, D
+            if "ibot_head" not in self.student:
+                rows.append(masked)
+        logits = self.student.dino_head(torch.cat(rows))  # one head call for all rows (reference: packed too)
+        out = {"local_logits": logits[:len(l_cls)], "global_logits": logits[len(l_cls):len(l_cls) + len(g_cls)],
+               "global_cls": g_cls}
+        if masked is not None:
+            out["patch_logits"] = (self.student.ibot_head(masked) if "ibot_head" in self.student
+                                   else logits[len(l_cls) + len(g_cls):])
+        return out
+
+    # --- losses ---------------------------------------------------------------------------------------------
+    def loss_terms(self, student: dict[str, torch.Tensor], teacher: TeacherOutput,
+                   batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The weighted terms whose sum is the training loss."""
+        n_local = self.cfg.crops.local_crops_number if batch["collated_local_crops"] is not None else 0
+        n_pairs = 2 + 2 * n_local  # (teacher, student) pairs of different views
+        terms: dict[str, torch.Tensor] = {}
+        w = self.cfg.dino.loss_weight
+        if self.do_dino and n_local > 0:
+            local = self.dino_loss(student["local_logits"].chunk(n_local), list(teacher.dino_probs.unbind(0)))
+            terms["dino_local_crops_loss"] = w * local / n_pairs
+        if self.do_dino:
+            glob = self.dino_loss([student["global_logits"]], [teacher.dino_probs.flatten(0, 1)])
+            terms["dino_global_crops_loss"] = w * glob * 2 / n_pairs
+        if self.do_koleo:  # per view, per rank, on pre-head cls tokens (the paper says first view; code: both)
+            terms["koleo_loss"] = self.cfg.dino.koleo_loss_weight * sum(
+                self.koleo_loss(v) for v in student["global_cls"].chunk(2))
+        if self.do_ibot:
+            n_patches = batch["collated_masks"].shape[1]
+            _, weights = self.patch_selection(batch, n_patches)
+            terms["ibot_loss"] = self.cfg.ibot.loss_weight * self.ibot_patch_loss.forward_masked(
+                student["patch_logits"], teacher.ibot_probs, weights, n_images=batch["collated_global_crops"].shape[0])
+        return terms
+
+    def forward_losses(self, batch: dict[str, Any], teacher_temp: float) -> tuple[dict[str, torch.Tensor],
+                                                                                   dict[str, torch.Tensor]]:
+        teacher = self.teacher_targets(batch, teacher_temp)
+        terms = self.loss_terms(self.student_outputs(batch), teacher, batch)
+        return terms, teacher.stats
+
+    # --- optimisation helpers -------------------------------------------------------------------------------
+    def param_groups(self) -> list[dict[str, Any]]:
+        o = self.cfg.optim
+        entries = []
+        for name, module in self.student.items():
+            entries += param_group_entries(module, o.layerwise_decay, o.patch_embed_lr_mult,
+                                           is_backbone=name == "backbone")
+        return fuse_param_groups(entries)
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """target <- m * target + (1 - m) * student over backbone and heads; call after the optimiser step."""
+        target = self.ema if self.distill else self.teacher
+        for name, module in self.student.items():
+            s, t = ema_tensors(module), ema_tensors(target[name])
+            assert [x.shape for x in s] == [x.shape for x in t], f"student and teacher {name} differ"
+            torch._foreach_mul_(t, momentum)
+            torch._foreach_add_(t, s, alpha=1 - momentum)
+
+    def export_modules(self) -> nn.ModuleDict:
+        """What a run releases: the EMA teacher (pretrain) or the EMA of the student (distill)."""
+        return self.ema if self.distill else self.teacher
+
+
+@torch.no_grad()
+def _usage_stats(probs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Collapse monitor: entropy (nats) of the mean teacher target over the global batch (prototype usage; 0
+    under collapse to one prototype, log K when usage is uniform) and the mean per-sample target entropy."""
+    p = probs.float()
+    mean = all_reduce_mean(p.mean(dim=0))
+    usage = -(mean * torch.log(mean.clamp_min(1e-12))).sum()
+    per_sample = -(p * torch.log(p.clamp_min(1e-12))).sum(dim=-1).mean()
+    return {"proto_entropy": usage, "target_entropy": all_reduce_mean(per_sample)}

@@ -1,0 +1,57 @@
+"""How the training system is distributed: accelerator, precision, and the DDP / FSDP strategies.
+
+- CPU: DDP over gloo (or a single process); bf16 autocast ("bf16-mixed") is the main CPU speed lever.
+- GPU: FSDP as in the reference (`dinov2/fsdp`), see `training/fsdp.py`; checkpoints are sharded
+  (torch.distributed.checkpoint directories, which also handle a change of world size).
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, Strategy
+
+from infra.config.train import TrainConfig
+from training.fsdp import clip_grad_norm, full_state_dict, is_fsdp, wrap_fsdp
+
+__all__ = ["PRECISION", "build_strategy", "clip_grad_norm", "full_state_dict", "is_fsdp", "resolve_accelerator",
+           "resolve_precision", "wrap_fsdp"]
+
+PRECISION = {"bf16": "bf16-mixed", "fp16": "16-mixed", "fp32": "32-true"}
+
+
+def native_bf16(accelerator: str) -> bool:
+    if accelerator == "gpu":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+
+
+def resolve_precision(cfg: TrainConfig, accelerator: str) -> str:
+    """Lightning's precision flag; `auto` picks bf16 autocast only where bf16 matmuls are native."""
+    name = cfg.precision
+    if name == "auto":
+        name = "bf16" if native_bf16(accelerator) else "fp32"
+    return PRECISION[name]
+
+
+def resolve_accelerator(cfg: TrainConfig) -> str:
+    if cfg.accelerator == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    return cfg.accelerator
+
+
+def build_strategy(cfg: TrainConfig, accelerator: str, n_processes: int) -> Strategy | str:
+    kind = cfg.strategy
+    if kind == "auto":
+        kind = "fsdp" if accelerator == "gpu" and n_processes > 1 else ("ddp" if n_processes > 1 else "auto")
+    if kind == "ddp":
+        # Buffers (centers) are kept identical by all-reduces, so DDP need not broadcast them every step.
+        return DDPStrategy(process_group_backend="nccl" if accelerator == "gpu" else "gloo", broadcast_buffers=False,
+                           find_unused_parameters=False, gradient_as_bucket_view=True)
+    if kind == "fsdp":
+        # Wrapping happens in `wrap_fsdp` (called from LightningModule.configure_model); Lightning then leaves the
+        # already-wrapped module as it is.
+        return FSDPStrategy(state_dict_type="sharded", use_orig_params=True,
+                            process_group_backend="nccl" if accelerator == "gpu" else "gloo")
+    return "auto"
+
+
