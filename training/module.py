@@ -106,7 +106,8 @@ class DinoV2DataModule(L.LightningDataModule):
         c, patch = self.cfg.crops, self.cfg.student.patch_size
         grid = c.global_crops_size // patch
         augment = MultiCropAugmentation(c.global_crops_scale, c.local_crops_scale, c.local_crops_number,
-                                        c.global_crops_size, c.local_crops_size, c.blur_mode, c.augment_impl)
+                                        c.global_crops_size, c.local_crops_size, c.blur_mode, c.augment_impl,
+                                        c.solarize_p, c.hflip_p)
         masking = MaskingGenerator(grid, max_num_patches=0.5 * grid * grid)
         probability = 0.0 if self.cfg.mode == "distill" else self.cfg.ibot.mask_sample_probability
         collate = partial(collate_data_and_cast, mask_ratio_tuple=tuple(self.cfg.ibot.mask_ratio_min_max),

@@ -80,7 +80,11 @@ class CropsConfig(Section):
     local_crops_size: int = Field(default=96, ge=4)
     # reference: the released code's effective blur probabilities (0.0 / 0.9 / 0.5, dinov2 PR #411);
     # paper: the intended 1.0 / 0.1 / 0.5.
-    blur_mode: Literal["reference", "paper"] = "reference"
+    blur_mode: Literal["reference", "paper", "none"] = "reference"
+    # Not configurable in the reference (these are its values); digits and other non-photographic data may need
+    # less: solarisation of global view 2 and the horizontal flip of every view.
+    solarize_p: float = Field(default=0.2, ge=0.0, le=1.0)
+    hflip_p: float = Field(default=0.5, ge=0.0, le=1.0)
     # batched: geometric crops per image (PIL), photometric ops on the stacked batch (fast on CPU);
     # pil: every transform per image with torchvision, as the reference.
     augment_impl: Literal["batched", "pil"] = "batched"

@@ -87,7 +87,7 @@ def test_multicrop_shapes_and_determinism(impl):
 
 
 def test_blur_modes():
-    assert BLUR_PROBABILITIES == {"reference": (0.0, 0.9, 0.5), "paper": (1.0, 0.1, 0.5)}
+    assert BLUR_PROBABILITIES == {"reference": (0.0, 0.9, 0.5), "paper": (1.0, 0.1, 0.5), "none": (0.0, 0.0, 0.0)}
     for mode, (p1, p2, p_local) in BLUR_PROBABILITIES.items():
         aug = MultiCropAugmentation(blur_mode=mode, impl="pil")
         assert (aug.global_transfo1.transforms[1].p, aug.global_transfo2.transforms[1].p,

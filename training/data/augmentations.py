@@ -9,7 +9,9 @@
 Blur (kernel 9, sigma 0.1-2) probabilities per `blur_mode`:
 - "reference" (default): 0.0 / 0.9 / 0.5, what the released code effectively does (its `GaussianBlur(p)` passes
   1 - p to `RandomApply`; dinov2 PR #411) and what the released checkpoints were trained with;
-- "paper": 1.0 / 0.1 / 0.5, the intended BYOL-style values.
+- "paper": 1.0 / 0.1 / 0.5, the intended BYOL-style values;
+- "none": no blur (small or non-photographic images). `solarize_p` and `hflip_p` default to the reference's 0.2
+  and 0.5.
 Every view is converted to a tensor and normalised with the ImageNet mean / std.
 
 Two implementations (`crops.augment_impl`):
@@ -34,7 +36,7 @@ from training.data.photometric import PhotometricParams, apply_photometric
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-BLUR_PROBABILITIES = {"reference": (0.0, 0.9, 0.5), "paper": (1.0, 0.1, 0.5)}
+BLUR_PROBABILITIES = {"reference": (0.0, 0.9, 0.5), "paper": (1.0, 0.1, 0.5), "none": (0.0, 0.0, 0.0)}
 
 
 def _blur(p: float) -> T.RandomApply:
@@ -54,21 +56,22 @@ class MultiCropAugmentation:
     def __init__(self, global_crops_scale: tuple[float, float] = (0.32, 1.0),
                  local_crops_scale: tuple[float, float] = (0.05, 0.32), local_crops_number: int = 8,
                  global_crops_size: int = 224, local_crops_size: int = 96,
-                 blur_mode: Literal["reference", "paper"] = "reference",
-                 impl: Literal["batched", "pil"] = "batched"):
+                 blur_mode: Literal["reference", "paper", "none"] = "reference",
+                 impl: Literal["batched", "pil"] = "batched", solarize_p: float = 0.2, hflip_p: float = 0.5):
         self.local_crops_number = local_crops_number
         self.impl = impl
         self.global_size, self.global_scale = global_crops_size, global_crops_scale
         self.local_size, self.local_scale = local_crops_size, local_crops_scale
         self.blur_probabilities = BLUR_PROBABILITIES[blur_mode]
+        self.solarize_p, self.hflip_p = solarize_p, hflip_p
         bicubic = T.InterpolationMode.BICUBIC
         self.geometric_global = T.Compose([
             T.RandomResizedCrop(global_crops_size, scale=global_crops_scale, interpolation=bicubic),
-            T.RandomHorizontalFlip(p=0.5),
+            T.RandomHorizontalFlip(p=hflip_p),
         ])
         self.geometric_local = T.Compose([
             T.RandomResizedCrop(local_crops_size, scale=local_crops_scale, interpolation=bicubic),
-            T.RandomHorizontalFlip(p=0.5),
+            T.RandomHorizontalFlip(p=hflip_p),
         ])
         color = T.Compose([
             T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
@@ -76,7 +79,7 @@ class MultiCropAugmentation:
         ])
         p1, p2, p_local = BLUR_PROBABILITIES[blur_mode]
         self.global_transfo1 = T.Compose([color, _blur(p1), normalize()])
-        self.global_transfo2 = T.Compose([color, _blur(p2), T.RandomSolarize(threshold=128, p=0.2), normalize()])
+        self.global_transfo2 = T.Compose([color, _blur(p2), T.RandomSolarize(threshold=128, p=solarize_p), normalize()])
         self.local_transfo = T.Compose([color, _blur(p_local), normalize()])
 
     def __call__(self, image: Image.Image, seed: int) -> dict[str, Any]:
@@ -92,12 +95,11 @@ class MultiCropAugmentation:
         local = [self.local_transfo(self.geometric_local(image)) for _ in range(self.local_crops_number)]
         return {"global_crops": [g1, g2], "local_crops": local}
 
-    @staticmethod
-    def _crop(image: Image.Image, size: int, scale: tuple[float, float], rng: random.Random) -> torch.Tensor:
+    def _crop(self, image: Image.Image, size: int, scale: tuple[float, float], rng: random.Random) -> torch.Tensor:
         """RandomResizedCrop (bicubic, antialiased like PIL) + horizontal flip p 0.5 -> uint8 [3, size, size]."""
         i, j, h, w = random_resized_crop_box(image.height, image.width, scale, rng)
         crop = image.crop((j, i, j + w, i + h)).resize((size, size), Image.Resampling.BICUBIC)
-        if rng.random() < 0.5:
+        if rng.random() < self.hflip_p:
             crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return torch.from_numpy(np.array(crop, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
@@ -113,7 +115,7 @@ class MultiCropAugmentation:
         g = batch["collated_global_crops"].float() / 255.0
         b = g.shape[0] // 2
         g1 = apply_photometric(g[:b], PhotometricParams.sample(b, p1, 0.0, generator))
-        g2 = apply_photometric(g[b:], PhotometricParams.sample(b, p2, 0.2, generator))
+        g2 = apply_photometric(g[b:], PhotometricParams.sample(b, p2, self.solarize_p, generator))
         batch["collated_global_crops"] = _normalize(torch.cat([g1, g2]))
         if batch["collated_local_crops"] is not None:
             loc = batch["collated_local_crops"].float() / 255.0
