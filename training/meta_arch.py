@@ -28,7 +28,7 @@ from training.fsdp import ema_tensors
 from training.layers import DINOHead
 from training.losses import DINOLoss, IBOTPatchLoss, KoLeoLoss
 from training.param_groups import fuse_param_groups, param_group_entries
-from training.registry import build_backbone
+from training.registry import ARCH_OPTIONS, ARCHS, build_backbone
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -56,12 +56,13 @@ class TeacherOutput:
 def build_student(cfg: TrainConfig) -> nn.ModuleDict:
     s = cfg.student
     distill = cfg.mode == "distill"
+    # A registry entry that fixes an architectural option (e.g. registers, SwiGLU) keeps it unless the config sets
+    # that option explicitly; options the entry leaves open take the config's value (its default included).
+    options = {k: getattr(s, k) for k in ARCH_OPTIONS
+               if k in s.model_fields_set or k not in ARCHS.get(s.arch, {})}
     backbone = build_backbone(
         s.arch, s.patch_size, cfg.crops.global_crops_size, drop_path_rate=0.0 if distill else s.drop_path_rate,
-        drop_path_uniform=s.drop_path_uniform, init_values=s.layerscale, ffn_layer=s.ffn_layer,
-        block_chunks=s.block_chunks, qkv_bias=s.qkv_bias, proj_bias=s.proj_bias, ffn_bias=s.ffn_bias,
-        num_register_tokens=s.num_register_tokens, interpolate_antialias=s.interpolate_antialias,
-        interpolate_offset=s.interpolate_offset)
+        drop_path_uniform=s.drop_path_uniform, init_values=s.layerscale, block_chunks=s.block_chunks, **options)
     d, i = cfg.dino, cfg.ibot
     modules: dict[str, nn.Module] = {"backbone": backbone, "dino_head": DINOHead(
         backbone.embed_dim, d.head_n_prototypes, d.head_nlayers, d.head_hidden_dim, d.head_bottleneck_dim)}

@@ -14,6 +14,8 @@ ARCHS: dict[str, dict[str, Any]] = {
     "vit_small": {"embed_dim": 384, "depth": 12, "num_heads": 6, "mlp_ratio": 4},
     "vit_base": {"embed_dim": 768, "depth": 12, "num_heads": 12, "mlp_ratio": 4},
     "vit_large": {"embed_dim": 1024, "depth": 24, "num_heads": 16, "mlp_ratio": 4},
+    # ViT-H/16: the self-supervised retrieval backbone of the paper's curation (§3; 1280 dim, 32 blocks, 16 heads).
+    "vit_huge": {"embed_dim": 1280, "depth": 32, "num_heads": 16, "mlp_ratio": 4},
     # ViT-g/14 of the paper (1536 dim, 40 blocks, 24 heads of 64); released with a SwiGLU FFN.
     "vit_giant2": {"embed_dim": 1536, "depth": 40, "num_heads": 24, "mlp_ratio": 4, "ffn_layer": "swiglufused"},
     "vit_tiny": {"embed_dim": 192, "depth": 12, "num_heads": 3, "mlp_ratio": 4},
@@ -23,6 +25,11 @@ ARCHS: dict[str, dict[str, Any]] = {
     "vit_pico_reg4_swiglu": {"embed_dim": 96, "depth": 4, "num_heads": 3, "mlp_ratio": 4, "ffn_layer": "swiglufused",
                              "num_register_tokens": 4, "interpolate_offset": 0.0, "interpolate_antialias": True},
 }
+
+
+# Architectural options a config (`train.student`) may set; a registry entry may fix some of them.
+ARCH_OPTIONS = ("ffn_layer", "qkv_bias", "proj_bias", "ffn_bias", "num_register_tokens", "interpolate_antialias",
+                "interpolate_offset")
 
 
 def build_backbone(arch: str, patch_size: int = 14, img_size: int = 224, **kwargs: Any) -> DinoVisionTransformer:
