@@ -20,6 +20,7 @@ from PIL import Image, ImageOps
 
 from infra.config.curation import DescriptorConfig
 from infra.features import IMAGENET_MEAN, IMAGENET_STD
+from infra.precision import resolve
 
 
 class Descriptor(Protocol):
@@ -72,7 +73,7 @@ class SSCDDescriptor:
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> np.ndarray:
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16" and not _is_onnx(self.model)):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=resolve(self.precision, device.type) == "bf16" and not _is_onnx(self.model)):
             z = self.model(x.to(device))
         return l2n(z.float().cpu().numpy())
 

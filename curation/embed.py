@@ -25,6 +25,7 @@ from infra.datasets import iter_images
 from infra.features import Embedder
 from infra.images import decode
 from infra.lineage import LedgerWriter
+from infra.precision import resolve
 from infra.shards import Shard, iter_shard_images
 from infra.stage import ShardTracker, StageResult
 from infra.storage import atomic_path
@@ -47,13 +48,13 @@ class Runner:
     def _prepare(self, data: bytes) -> torch.Tensor | None:
         try:
             return self.embedder.preprocess(decode(data))
-        except Exception:  # noqa: BLE001 - a corrupt image is recorded and skipped, never fatal (conventions §14)
+        except Exception:
             return None
 
     @torch.inference_mode()
     def encode(self, batch: list[torch.Tensor]) -> np.ndarray:
         x = torch.stack(batch).to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.embedder.precision == "bf16"):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=resolve(self.embedder.precision, self.device.type) == "bf16"):
             z = self.model(x)
         return F.normalize(z.float(), dim=-1).cpu().numpy()
 
@@ -144,7 +145,7 @@ def embed(
         counts={"kept": totals["embedded"], "dropped": {"decode_error": totals["decode_error"]}, "seeds": n_seed},
         outputs=outputs,
         extra={"embedder": cache[0].embedder.name if cache else "resumed", "dim": store[1].dim,
-               "device": str(cache[0].device) if cache else None},  # fmt: skip
+               "device": str(cache[0].device) if cache else None},
     )
 
 

@@ -38,6 +38,7 @@ from infra.config.evaluate import (
     SegmentationBenchmark,
 )  # fmt: skip
 from infra.images import decode
+from infra.precision import resolve
 from infra.stage import StageResult
 from infra.storage import sha256_bytes
 
@@ -218,7 +219,7 @@ def evaluate(benchmarks: list[Any], models: list[EvalModel], cfg: EvaluateConfig
              run_id: str, cache_dir: Path | None, table_root: Path | None = None) -> StageResult:  # fmt: skip
     """The evaluate stage's core: every benchmark x model, results written in ``out_dir`` (and appended to the
     results table under ``table_root``)."""
-    extract = FeatureExtractor(cache_dir, cfg.batch_size, cfg.precision)
+    extract = FeatureExtractor(cache_dir, cfg.batch_size, resolve(cfg.precision))
     t0 = time.perf_counter()
     results = run_benchmarks(benchmarks, models, cfg, extract)
     info = {m.name: {"role": m.role, "checkpoint": m.checkpoint, "fingerprint": m.features.fingerprint} for m in models}

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from infra.precision import resolve
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -44,7 +46,7 @@ class Embedder:
         out = []
         for i in range(0, len(images), self.batch_size):
             x = torch.stack([self.preprocess(im) for im in images[i : i + self.batch_size]])
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=resolve(self.precision) == "bf16"):
                 z = self.model(x)
             out.append(F.normalize(z.float(), dim=-1).numpy())
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)

@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, Strategy
 
 from infra.config.train import TrainConfig
+from infra.precision import native_bf16 as infra_native_bf16
 from training.fsdp import clip_grad_norm, full_state_dict, is_fsdp, wrap_fsdp
 
 __all__ = ["PRECISION", "build_strategy", "clip_grad_norm", "full_state_dict", "is_fsdp", "resolve_accelerator",
@@ -20,9 +21,7 @@ PRECISION = {"bf16": "bf16-mixed", "fp16": "16-mixed", "fp32": "32-true"}
 
 
 def native_bf16(accelerator: str) -> bool:
-    if accelerator == "gpu":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    return infra_native_bf16(accelerator)
 
 
 def resolve_precision(cfg: TrainConfig, accelerator: str) -> str:

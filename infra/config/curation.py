@@ -53,7 +53,7 @@ class DescriptorConfig(Section):
     # None: 320 (square) / 288 (short_side) for sscd; 16 for pixel.
     image_size: int | None = Field(default=None, ge=4)
     batch_size: int = Field(default=64, ge=1)
-    precision: Literal["bf16", "fp32"] = "bf16"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where native (infra.precision)
     # Query views: centre crops at these fractions of each side, each also mirrored when `flip`. The index holds
     # one descriptor per image (fraction 1.0); a copy cropped by ~7% per side is found from its original's 0.86
     # view. [1.0] is plain SSCD retrieval.
@@ -129,7 +129,7 @@ class BackboneConfig(Section):
 class EmbedConfig(Section):
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     batch_size: int = Field(default=256, ge=1)
-    precision: Literal["bf16", "fp32"] = "bf16"  # autocast dtype on CPU and GPU
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # autocast dtype; auto: bf16 where native (infra.precision)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     decode_threads: int = Field(default=2, ge=1)  # images decoded and preprocessed in parallel per batch
 

@@ -135,7 +135,7 @@ class EvaluateConfig(Section):
     # Reference checkpoints evaluated beside the pretrained model (same benchmarks, same protocols).
     models: list[ModelEntry] = Field(default_factory=list)
     batch_size: int = Field(default=256, ge=1)
-    precision: Literal["bf16", "fp32"] = "bf16"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where native (infra.precision)
     # Also evaluate the same architecture at random initialisation, and raw pixels, as baselines.
     random_init_baseline: bool = True
     raw_pixel_baseline: bool = True
