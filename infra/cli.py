@@ -42,7 +42,6 @@ def _quiet() -> None:
 
 def _run_flow(run_root: Path, run_id: str) -> int:
     from flows.pipeline import pipeline
-
     from infra.runs import open_run
     from infra.summary import format_summary, run_summary
 
@@ -94,6 +93,16 @@ def cmd_lineage(args: argparse.Namespace) -> int:
         return 1
     print(chain.to_json(orient="records", indent=2) if args.json else describe_chain(chain, key))
     return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from infra.audit import audit_run
+    from infra.runs import open_run
+
+    run, _ = open_run(args.root, args.run_id)
+    report = audit_run(run)
+    print(json.dumps(report.to_json(), indent=2) if args.json else report.format())
+    return 0 if report.ok else 1
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -191,6 +200,7 @@ def parser() -> argparse.ArgumentParser:
         ("resume", cmd_resume, "continue a run from where it stopped"),
         ("status", cmd_status, "stages, counts and state of a run"),
         ("lineage", cmd_lineage, "every decision about an image id or a URL"),
+        ("audit", cmd_audit, "re-hash the corpus and check the ledger and manifests (exit 1 on any discrepancy)"),
     ):
         c = sub.add_parser(name, help=helptext)
         c.add_argument("run_id")

@@ -58,8 +58,9 @@ def test_failure_then_resume_redoes_nothing_before_the_failed_stage(runs):
     assert _stage_events(runs.events[0], "completed") == STAGES[:4]
     assert _stage_events(runs.events[0], "failed") == ["dedup"]
     assert resumed.is_completed()
-    assert _stage_events(runs.events[1], "skipped") == STAGES[:4]
+    # The completed stages are Prefect cache hits (their task bodies do not even run); see the API test below.
     assert _stage_events(runs.events[1], "started") == STAGES[4:]
+    assert _stage_events(runs.events[1], "completed") == STAGES[4:]
 
 
 def test_rerun_of_a_completed_run_is_all_cached(runs):
@@ -159,3 +160,42 @@ def test_the_flow_ends_with_the_run_report(runs, capsys):
         assert f'<section id="{section}">' in html
     assert cli(["status", runs.run.run_id, "--root", str(runs.run.root)]) == 0
     assert capsys.readouterr().out.rstrip().endswith(f"report: {report}")
+
+
+def test_audit_passes_then_names_a_corrupted_shard_byte_and_a_removed_ledger_row(runs, tmp_path, capsys):
+    import shutil
+    import tarfile
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    run_id = runs.run.run_id
+    shutil.copytree(runs.run.path, tmp_path / run_id)
+    assert cli(["audit", run_id, "--root", str(tmp_path)]) == 0, capsys.readouterr().out
+    assert capsys.readouterr().out.rstrip().endswith("audit: OK")
+
+    tar_path = tmp_path / run_id / "stages" / "corpus" / "shards" / "00000.tar"
+    with tarfile.open(tar_path) as tar:
+        member = next(m for m in tar.getmembers() if m.isfile())
+    with open(tar_path, "r+b") as f:  # flip one byte in the middle of the first image
+        f.seek(member.offset_data + member.size // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    image_id = member.name.split(".")[0]
+
+    ledger_file = tmp_path / run_id / "stages" / "ingest" / "ledger" / "00000.parquet"
+    table = pq.read_table(ledger_file)
+    drops = pc.equal(table["kind"], "drop").to_pylist()
+    victim = drops.index(True)
+    row_id, reason = table["row_id"][victim].as_py(), table["reason"][victim].as_py()
+    pq.write_table(table.take([i for i in range(len(table)) if i != victim]), ledger_file)
+
+    assert cli(["audit", run_id, "--root", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL [corpus] image {image_id} in shard 00000: bytes hash to" in out
+    assert "FAIL [outputs] stages/corpus/shards/00000.tar: sha256 differs from the corpus manifest" in out
+    assert "FAIL [outputs] stages/ingest/ledger/00000.parquet: sha256 differs from the ingest manifest" in out
+    assert f"FAIL [outcomes] input row {row_id}: no terminal outcome" in out
+    assert f"FAIL [counts] stage ingest: drops per reason differ (manifest, ledger): {{'{reason}': (" in out
+    assert out.rstrip().endswith("audit: 5 discrepancies")
