@@ -12,6 +12,8 @@ stages, and a function ``(StageContext) -> StageResult`` that calls the stage's 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
 from collections.abc import Callable
@@ -31,6 +33,38 @@ KEY_FILE = "_key.json"
 
 class InjectedFault(RuntimeError):
     """Raised where ``LVD_FAULT`` asks for a failure (fault-injection tests)."""
+
+
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+class StageStorageError(OSError):
+    """A stage could not write its outputs (disk full, quota, read-only or forbidden output directory). Nothing
+    it had not finished is visible: completed stages and committed shards are intact; resume once fixed."""
+
+    def __init__(self, stage: str, run: RunDir, err: OSError):
+        where = f" writing {err.filename}" if err.filename else ""
+        super().__init__(err.errno, f"stage {stage!r} cannot write its outputs: {err.strerror or err}{where}. "
+                                    f"Completed stages and committed shards are intact; free space or fix the "
+                                    f"output directory, then run `lvd resume {run.run_id} --root {run.root}`")
+
+
+_STORAGE_MESSAGES = {os.strerror(e): e for e in STORAGE_ERRNOS}
+
+
+def storage_error(err: BaseException) -> OSError | None:
+    """The storage failure behind ``err``, if any: an OSError with a storage errno anywhere in its chain (libraries
+    such as pyarrow re-raise it with the errno only in the message)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in STORAGE_ERRNOS:
+            return err
+        for text, code in _STORAGE_MESSAGES.items():
+            if text in str(err):
+                return OSError(code, text, getattr(err, "filename", None))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 class StageInputError(RuntimeError):
@@ -166,39 +200,47 @@ def run_stage(spec: StageSpec, run: RunDir, cfg: PipelineConfig) -> StageManifes
     if existing is not None and existing.key == key:
         run.log_event("skipped", spec.name, key=key)
         return existing
-    _prepare(stage_dir, key)
-    run.log_event("started", spec.name, key=key)
     started = now()
     try:
+        _prepare(stage_dir, key)
+        run.log_event("started", spec.name, key=key)
         check_fault(spec.name)
         result = spec.fn(StageContext(run, cfg, spec.name, upstream))
+        manifest = StageManifest(
+            stage=spec.name,
+            run_id=run.run_id,
+            config_hash=parts[0],
+            code_version=parts[1],
+            inputs_digest=parts[2],
+            started_at=started,
+            finished_at=now(),
+            counts=result.counts,
+            outputs=[file_record(p, run.path) for p in sorted(set(result.outputs))],
+            extra=result.extra,
+        )
+        write_manifest(stage_dir, manifest)  # last: the stage's proof of completion
     except BaseException as err:
-        run.log_event("failed", spec.name, key=key, error=f"{type(err).__name__}: {err}")
+        with contextlib.suppress(OSError):  # the disk may be full or read-only: keep the original error
+            run.log_event("failed", spec.name, key=key, error=f"{type(err).__name__}: {err}")
+        storage = storage_error(err)
+        if storage is not None and not isinstance(err, StageStorageError):
+            raise StageStorageError(spec.name, run, storage) from err
         raise
-    manifest = StageManifest(
-        stage=spec.name,
-        run_id=run.run_id,
-        config_hash=parts[0],
-        code_version=parts[1],
-        inputs_digest=parts[2],
-        started_at=started,
-        finished_at=now(),
-        counts=result.counts,
-        outputs=[file_record(p, run.path) for p in sorted(set(result.outputs))],
-        extra=result.extra,
-    )
-    write_manifest(stage_dir, manifest)
     run.log_event("completed", spec.name, key=key, counts=result.counts)
     return manifest
 
 
 def _prepare(stage_dir: Path, key: str) -> None:
-    """Keep partial outputs of the same key (shard resume); wipe those of another key (stale)."""
+    """Keep partial outputs of the same key (shard resume); wipe those of another key (stale). Temporary files
+    of an interrupted attempt (never read: see `infra.storage.temp_for`) are removed before the stage starts."""
     key_file = stage_dir / KEY_FILE
     if stage_dir.exists():
         old = read_json(key_file).get("key") if key_file.is_file() else None
         if old != key:
             shutil.rmtree(stage_dir)
+        else:
+            for tmp in stage_dir.rglob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
     stage_dir.mkdir(parents=True, exist_ok=True)
     if not key_file.is_file():
         atomic_write_json(key_file, {"key": key})
