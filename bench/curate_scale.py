@@ -41,12 +41,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from curation.graph import UnionFind, knn_edges  # noqa: E402
-from curation.index import build_index, recall_at_k  # noqa: E402
-from curation.kmeans import FlopCounter  # noqa: E402
-from curation.rebalance import balanced_sample, hierarchical_kmeans  # noqa: E402
-from curation.vectors import RowView, VectorStore, write_vectors  # noqa: E402
-from infra.config.curation import IndexConfig, RebalanceConfig  # noqa: E402
+from curation.graph import UnionFind, knn_edges
+from curation.index import build_index, recall_at_k
+from curation.kmeans import FlopCounter
+from curation.rebalance import balanced_sample, hierarchical_kmeans
+from curation.vectors import RowView, VectorStore, write_vectors
+from infra.config.curation import IndexConfig, RebalanceConfig
 
 GIB = 1 << 30
 
@@ -72,7 +72,7 @@ class Step:
             self.peak = max(self.peak, rss_bytes())
 
     @contextmanager
-    def run(self):  # noqa: ANN201
+    def run(self):
         t = threading.Thread(target=self._sample, daemon=True)
         t.start()
         start = time.perf_counter()
@@ -157,8 +157,8 @@ def dedup_graph(store: VectorStore, group: np.ndarray, nlist: int, work: Path) -
         g, lab = group[planted], labels[planted]
         per_group = np.unique(np.stack([g, lab], 1), axis=0)  # a planted group is recovered in one component
         recovered = np.bincount(per_group[:, 0]) == 1
-        info.update(edges=len(edges), components=int(len(np.unique(labels))), search_seconds=round(search_s, 1),
-                    planted_groups=int(len(recovered)), planted_groups_recovered=round(float(recovered.mean()), 4),
+        info.update(edges=len(edges), components=len(np.unique(labels)), search_seconds=round(search_s, 1),
+                    planted_groups=len(recovered), planted_groups_recovered=round(float(recovered.mean()), 4),
                     **false_merges(labels, group), index=f"IVF{nlist} blocks nprobe=8, k=64, cos>0.6")  # fmt: skip
 
 
@@ -186,7 +186,7 @@ def retrieval(store: VectorStore, cluster: np.ndarray, nlist: int, seed: int) ->
         q = store.take(rng.choice(members, 10_000))
         q = unit(q + 0.3 * unit(rng.standard_normal(q.shape).astype(np.float32)))
         t = time.perf_counter()
-        sims, ids = idx.search(q, 4)
+        _sims, ids = idx.search(q, 4)
         search_s = time.perf_counter() - t
         per_image = np.bincount(ids[ids >= 0].ravel())
         recall = recall_at_k(idx, q[:1000], 4)

@@ -30,14 +30,14 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from curation.faces import blur_faces  # noqa: E402
-from curation.ingest import excluded, ingest  # noqa: E402
-from curation.nsfw import dropped_ids, nsfw_filter  # noqa: E402
-from infra.config.data import DataConfig  # noqa: E402
-from infra.config.ingest import FacesConfig, IngestConfig, NsfwConfig  # noqa: E402
-from infra.demo.server import DemoServer, free_port  # noqa: E402
-from infra.shards import list_shards  # noqa: E402
-from infra.stage import ShardTracker  # noqa: E402
+from curation.faces import blur_faces
+from curation.ingest import excluded, ingest
+from curation.nsfw import dropped_ids, nsfw_filter
+from infra.config.data import DataConfig
+from infra.config.ingest import FacesConfig, IngestConfig, NsfwConfig
+from infra.demo.server import DemoServer, free_port
+from infra.shards import list_shards
+from infra.stage import ShardTracker
 
 PUBLISHED_PER_CORE = 100  # img2dataset's README: ~1,350 images/s on one 16-core machine
 
@@ -59,8 +59,8 @@ def make_images(root: Path, n: int, seed: int = 0) -> list[str]:
     return names
 
 
-def thread_mapper(width: int):  # noqa: ANN201
-    def mapper(fn, items):  # noqa: ANN001, ANN202
+def thread_mapper(width: int):
+    def mapper(fn, items):
         with ThreadPoolExecutor(width) as pool:
             for fut in as_completed([pool.submit(fn, *a) for a in items]):
                 yield fut.result()

@@ -269,11 +269,11 @@ def _record(graph: DedupGraph, stage_dir: Path, descriptor: str, cfg: DedupConfi
         pd.DataFrame({"src": ids[graph.edges.src], "dst": ids[graph.edges.dst], "similarity": graph.edges.sim}).to_parquet(tmp, index=False)
     multi = table.groupby("representative")["size"].first()
     return StageResult(
-        counts={"input": len(table), "kept": len(kept), "dropped": dropped, "components": int(len(multi)),
-                "components_multi": int((multi > 1).sum()), "edges": len(graph.edges), "eval_edges": len(graph.eval_edges)},  # fmt: skip
+        counts={"input": len(table), "kept": len(kept), "dropped": dropped, "components": len(multi),
+                "components_multi": int((multi > 1).sum()), "edges": len(graph.edges), "eval_edges": len(graph.eval_edges)},
         outputs=[stage_dir / KEPT, stage_dir / COMPONENTS, stage_dir / "edges.parquet", stage_dir / "ledger" / "dedup.parquet"],
         extra={"descriptor": descriptor, "views": cfg.descriptor.views, "flip": cfg.descriptor.flip, "k": cfg.k,
                "threshold": cfg.threshold, "eval_threshold": cfg.eval_threshold, "eval_images": n_eval,
                "representative": cfg.representative, "whitening": cfg.descriptor.whitening,
-               "score_norm": cfg.score_norm.enabled, "index": graph.index},  # fmt: skip
+               "score_norm": cfg.score_norm.enabled, "index": graph.index},
     )

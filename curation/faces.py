@@ -17,8 +17,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageFilter
 
-from infra.images import decode, encode
 from infra.config.ingest import FacesConfig
+from infra.images import decode, encode
 from infra.lineage import LedgerWriter
 from infra.shards import Shard, ShardWriter, iter_shard_images, list_shards
 from infra.stage import ShardTracker, StageResult, add_counts, summarize
@@ -159,7 +159,7 @@ def blur_shard(stage_dir: Path, shard: Shard, skip: frozenset[str], cfg: FacesCo
 
 def blur_faces(
     shards: list[Shard], skip: dict[str, set[str]], stage_dir: Path, cfg: FacesConfig, tracker: ShardTracker,
-    mapper=None,  # noqa: ANN001 - curation.ingest.Mapper (default: one shard after another)
+    mapper=None,
 ) -> StageResult:
     from curation.ingest import serial_map
 

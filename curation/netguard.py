@@ -25,7 +25,7 @@ import threading
 import time
 import urllib.request
 from dataclasses import dataclass
-from http.client import HTTPConnection, HTTPSConnection, HTTPResponse
+from http.client import HTTPConnection, HTTPResponse, HTTPSConnection
 from typing import Any
 from urllib.error import HTTPError
 from urllib.parse import urlsplit

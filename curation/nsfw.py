@@ -48,7 +48,7 @@ class NsfwScorer(Protocol):
         ...
 
 
-def _session(path: Path | str, threads: int):  # noqa: ANN202 - onnxruntime.InferenceSession
+def _session(path: Path | str, threads: int):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -132,7 +132,7 @@ class OpenNsfwTorch:
         self._lock = threading.Lock()  # one forward at a time: concurrent ones would only fight over the cores
         self.name = f"opennsfw-torch-{cfg.precision}:{_short_sha(path)}"
 
-    def logits(self, x, bf16: bool):  # noqa: ANN001, ANN201 - torch.Tensor B, 3, 224, 224 -> B, 2
+    def logits(self, x, bf16: bool):
         import torch
 
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -270,7 +270,7 @@ def score_shard(stage_dir: Path, shard: Shard, skip: frozenset[str], cfg: NsfwCo
 
 def nsfw_filter(
     shards: list[Shard], skip: dict[str, set[str]], stage_dir: Path, cfg: NsfwConfig, tracker: ShardTracker,
-    mapper=None,  # noqa: ANN001 - curation.ingest.Mapper (default: one shard after another)
+    mapper=None,
 ) -> StageResult:
     from curation.ingest import serial_map
 

@@ -163,7 +163,7 @@ def rebalance(meta: pd.DataFrame, points: RowView, stage_dir: Path, cfg: Rebalan
         outputs=[stage_dir / SELECTED, stage_dir / "ledger" / "rebalance.parquet"],
         extra={"levels": [len(lv.centroids) for lv in levels], "target_size": target,
                "largest_cluster_per_level": [int(s.max()) for s in sizes],
-               "assignment_gflops": round(counter.flops / 1e9, 3)},  # fmt: skip
+               "assignment_gflops": round(counter.flops / 1e9, 3)},
     )
 
 

@@ -136,7 +136,7 @@ def retrieve(pool_meta: pd.DataFrame, pool: RowView, seed_sets: list[SeedQueries
             stats.append(row)
             continue
         per_pos = h.groupby("pos").size()
-        row.update(hits=len(h), retrieved=int(len(per_pos)), collisions=int((per_pos > 1).sum()),
+        row.update(hits=len(h), retrieved=len(per_pos), collisions=int((per_pos > 1).sum()),
                    max_hits_per_image=int(per_pos.max()) if len(per_pos) else 0)  # fmt: skip
         stats.append(row)
         hits.append(h.assign(seed_set=s.cfg.name, method=s.cfg.retrieval))

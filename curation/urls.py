@@ -40,7 +40,7 @@ FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".json": "js
 ROW_COLUMNS = ["row_id", "url", "caption", "source", "list_error"]
 ROW_SCHEMA = pa.schema(
     [("row_id", pa.int64()), ("url", pa.string()), ("caption", pa.string()), ("source", pa.string()),
-     ("list_error", pa.string())]  # fmt: skip
+     ("list_error", pa.string())]
 )
 PLAN_FILE = "plan.json"
 _HASH_DTYPE = np.dtype([("h1", "<u8"), ("h2", "<u8"), ("row", "<i8")])

@@ -17,8 +17,8 @@ from curation.ingest import excluded, ingest
 from curation.nsfw import dropped_ids, nsfw_filter
 from curation.rebalance import SELECTED, rebalance
 from curation.retrieve import RETRIEVED, SEED_STATS, SeedQueries, retrieve
-from curation.vectors import RowView, VectorStore
 from curation.truth import assert_eval_copies_removed, score_dedup
+from curation.vectors import RowView, VectorStore
 from infra.config import PipelineConfig
 from infra.demo.benchmarks import SEGMENTATION_DIR, build_digit_segmentation
 from infra.demo.crawl import build_demo_crawl
@@ -78,7 +78,7 @@ def _embed(ctx: StageContext) -> StageResult:
     shards = list_shards(ctx.upstream_dir("faces") / "shards")
     seeds = [s for s in cfg.data.seed_sets if s.retrieval != "as_is"]
 
-    def make():  # noqa: ANN202
+    def make():
         b = cfg.embed.backbone
         return embedder(b, f"{b.kind}:{b.arch}", cfg.embed.batch_size, cfg.embed.precision, seed=cfg.run.seed)
 
@@ -151,7 +151,7 @@ SPECS: dict[str, StageSpec] = {
         StageSpec("corpus", ("corpus", "data"), CURATION, ("rebalance", "retrieve", "faces"), _corpus),
         StageSpec("pretrain", ("train", "run.seed"), ("training", "infra"), ("corpus",), _pretrain),
         StageSpec("evaluate", ("evaluate", "data", "train", "run.seed"), ("evaluation", "training", "infra", "flows"),
-                  ("pretrain",), _evaluate),  # fmt: skip
+                  ("pretrain",), _evaluate),
     ]
 }
 

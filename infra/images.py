@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+
 from PIL import Image, ImageOps
 
 # Stages below ingest see images that img2dataset already decoded and re-encoded, so a decode failure there

@@ -85,7 +85,7 @@ def prepare_run(config_path: Path | str | None, overrides: Iterable[str] = ()) -
     atomic_write_json(
         run.path / RUN_INFO,
         {"run_id": run_id, "created": now(), "config_file": str(config_path) if config_path else None,
-         "source_config_hash": source_hash},  # fmt: skip
+         "source_config_hash": source_hash},
     )
     return run, resolved
 

@@ -81,7 +81,7 @@ def expected_digest(entry: ModelFile, out_dir: Path) -> str | None:
     return entry.sha256 or _lock(out_dir).get(entry.name, {}).get("sha256")
 
 
-def fetch(name: str, out_dir: Path, opener=urllib.request.urlopen) -> tuple[Path, str, bool]:  # noqa: ANN001
+def fetch(name: str, out_dir: Path, opener=urllib.request.urlopen) -> tuple[Path, str, bool]:
     """Download one registry file into ``out_dir``; returns (path, sha256, verified).
 
     A present file with the expected digest is not downloaded again. A digest that differs from the pinned or

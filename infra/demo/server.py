@@ -79,7 +79,7 @@ def _handler(root: Path, slow_seconds: float, hits: Counter, lock: threading.Loc
             self.connection.close()
             self.close_connection = True
 
-        def do_GET(self) -> None:  # noqa: N802 (http.server API)
+        def do_GET(self) -> None:
             p = [x for x in self.path.split("?")[0].split("/") if x]
             route, last = (p[0] if p else ""), (p[-1] if p else "")
             n = self._count()

@@ -22,7 +22,7 @@ def loopback_only(monkeypatch):
     seen: list[str] = []
     real_connect = socket.socket.connect
 
-    def connect(self, address):  # noqa: ANN001
+    def connect(self, address):
         host = address[0] if isinstance(address, tuple) else str(address)
         seen.append(host)
         if not ipaddress.ip_address(host.split("%")[0]).is_loopback:

@@ -40,7 +40,7 @@ def run(tmp_path_factory):
     seen: list[str] = []
     real_connect = socket.socket.connect
 
-    def connect(self, address):  # noqa: ANN001
+    def connect(self, address):
         seen.append(address[0])
         assert ipaddress.ip_address(address[0]).is_loopback, f"connection to {address} attempted"
         return real_connect(self, address)
@@ -62,7 +62,7 @@ def _outcome(run, variant):
 
 @pytest.mark.parametrize("variant", sorted(BAD_INPUT_REASONS))
 def test_bad_input_ends_in_its_reason(run, variant):
-    row, ev = _outcome(run, variant)
+    _row, ev = _outcome(run, variant)
     assert ev[["stage", "kind", "reason"]].values.tolist() == [["ingest", "drop", BAD_INPUT_REASONS[variant]]]
     detail = json.loads(ev.iloc[0]["detail"])
     if "status" in detail:  # img2dataset's own status and message are kept beside the reason code

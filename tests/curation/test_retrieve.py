@@ -39,7 +39,7 @@ def test_flat_sample_retrieval_equals_brute_force(tmp_path, rng) -> None:
     ref = np.argsort(-sims, axis=1, kind="stable")[:, :5]
     assert hits["pos"].to_numpy().reshape(40, 5).tolist() == ref.tolist()
     np.testing.assert_allclose(hits["similarity"].to_numpy().reshape(40, 5), np.take_along_axis(sims, ref, 1), atol=1e-5)
-    s, i = exact_search(pool, q, 5, chunk=128)  # the chunked brute force used for recall
+    _s, i = exact_search(pool, q, 5, chunk=128)  # the chunked brute force used for recall
     assert i.tolist() == ref.tolist()
 
 

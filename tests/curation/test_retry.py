@@ -67,7 +67,7 @@ def test_retry_fetches_only_failed_urls_into_a_new_shard(crawl, loopback_only):
 
 
 def test_retry_reason_filter_and_refusals(crawl):
-    root, port, paths = crawl
+    root, port, _paths = crawl
     stage = root / "run" / "stages" / "ingest"
     cfg = IngestConfig(shard_size=3, threads=4, timeout=2, allow_hosts=["127.0.0.1"], phash_dedup=False)
     tracker = ShardTracker("ingest", stage)

@@ -92,7 +92,7 @@ def test_nsfw_records_every_score_and_drops_or_flags(tmp_path):
 
     for action in ("drop", "flag"):
         out = tmp_path / action / "stages" / "nsfw"
-        name, counts = score_shard(out, shard, frozenset({ids[3]}), cfg.model_copy(update={"action": action}))
+        _name, counts = score_shard(out, shard, frozenset({ids[3]}), cfg.model_copy(update={"action": action}))
         ev = Ledger(tmp_path / action).events()
         recorded = {e.image_id: json.loads(e.detail)["score"] for e in ev[ev["reason"] == "nsfw_score"].itertuples()}
         assert recorded == {ids[i]: round(float(scores[i]), 6) for i in range(3)}  # skipped image: not scored
