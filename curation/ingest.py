@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from curation.imageguard import guarded_resizer
-from curation.netguard import UrlGuard, install_opener
+from curation.netguard import UrlGuard, guarded_opener
 from curation.phash import phash, to_hex
 from curation.urls import plan_shards, read_rows, url_duplicates
 from infra.config.data import DataConfig
@@ -122,7 +122,6 @@ def run_img2dataset(rows: pd.DataFrame, work: Path, cfg: IngestConfig) -> tuple[
     from img2dataset.downloader import Downloader
     from img2dataset.writer import WebDatasetSampleWriter
 
-    install_opener(cfg)
     work.mkdir(parents=True, exist_ok=True)
     arrow_path = work / "input.arrow"
     frame = rows[COLUMNS].reset_index(drop=True).astype({"source": "string", "caption": "string", "url": "string"})
@@ -148,7 +147,8 @@ def run_img2dataset(rows: pd.DataFrame, work: Path, cfg: IngestConfig) -> tuple[
         disallowed_header_directives=cfg.disallowed_header_directives or None,
     )
     (work / "out").mkdir(exist_ok=True)
-    ok, _ = downloader((0, str(arrow_path)))
+    with guarded_opener(cfg):
+        ok, _ = downloader((0, str(arrow_path)))
     if not ok:
         raise RuntimeError(f"img2dataset failed on shard input {arrow_path} (see the traceback above)")
     meta = pq.read_table(work / "out" / "00000.parquet").to_pandas()

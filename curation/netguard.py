@@ -9,8 +9,9 @@ Two checks keep the crawler away from private destinations (cloud metadata endpo
    address is checked, and only a checked address is connected to, so a public name that resolves to a private
    address (or changes its answer between check and connect) is refused without a packet sent.
 
-img2dataset calls ``urllib.request.urlopen``, whose only hook is the process-wide opener: :func:`install_opener`
-installs ours (one policy per process; every shard of a run uses the same ingest config). Besides the address
+img2dataset calls ``urllib.request.urlopen``, whose only hook is the process-wide opener: :func:`guarded_opener`
+installs ours for the duration of the downloads and restores the previous one after (one policy at a time; every
+shard of a run uses the same ingest config). Besides the address
 checks it refuses wrong content types before reading the body, caps the body size and the whole download time
 (a server that trickles bytes cannot hold a thread past ``max_download_seconds``), waits out short ``Retry-After``
 answers to 429/503 once, and records long ones in the error message.
@@ -18,12 +19,14 @@ answers to 429/503 once, and records long ones in the error message.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import ipaddress
 import socket
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from http.client import HTTPConnection, HTTPResponse, HTTPSConnection
 from typing import Any
@@ -280,15 +283,47 @@ class _ResponseGuard(urllib.request.BaseHandler):
     https_response = http_response
 
 
+def _build_opener() -> urllib.request.OpenerDirector:
+    opener = urllib.request.OpenerDirector()  # http(s) only: no file:, ftp: or data: handlers
+    for handler in (
+        urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), urllib.request.HTTPDefaultErrorHandler(),
+        urllib.request.HTTPErrorProcessor(), _GuardedHTTPHandler(), _GuardedHTTPSHandler(),
+        _GuardedRedirectHandler(), _RetryAfterHandler(), _ResponseGuard(),
+    ):
+        opener.add_handler(handler)
+    return opener
+
+
 def install_opener(cfg: IngestConfig) -> None:
-    """Make ``urllib.request.urlopen`` (img2dataset's fetch) go through the guard for this process."""
+    """Make ``urllib.request.urlopen`` (img2dataset's fetch) go through the guard for this process, for good.
+    Prefer :func:`guarded_opener`, which restores the previous opener afterwards."""
     with _LOCK:
         _POLICY.update(cfg=cfg, guard=UrlGuard(cfg), destinations=DestinationPolicy.from_config(cfg))
-        opener = urllib.request.OpenerDirector()  # http(s) only: no file:, ftp: or data: handlers
-        for handler in (
-            urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), urllib.request.HTTPDefaultErrorHandler(),
-            urllib.request.HTTPErrorProcessor(), _GuardedHTTPHandler(), _GuardedHTTPSHandler(),
-            _GuardedRedirectHandler(), _RetryAfterHandler(), _ResponseGuard(),
-        ):  # fmt: skip
-            opener.add_handler(handler)
-        urllib.request.install_opener(opener)
+        urllib.request.install_opener(_build_opener())
+
+
+_SCOPE: dict[str, Any] = {"depth": 0, "previous": None}
+
+
+@contextlib.contextmanager
+def guarded_opener(cfg: IngestConfig) -> Iterator[None]:
+    """The guarded opener while downloads run, then whatever was installed before (nothing: urllib's default).
+
+    Nested and concurrent scopes (shards downloading in parallel threads) share one opener; the previous one
+    comes back when the last scope exits, so code outside ingestion (Prefect's client, the report's browser
+    test) never goes through the crawler's policy.
+    """
+    with _LOCK:
+        if _SCOPE["depth"] == 0:
+            _SCOPE["previous"] = urllib.request._opener  # None when urllib's default is in use
+        _POLICY.update(cfg=cfg, guard=UrlGuard(cfg), destinations=DestinationPolicy.from_config(cfg))
+        urllib.request.install_opener(_build_opener())
+        _SCOPE["depth"] += 1
+    try:
+        yield
+    finally:
+        with _LOCK:
+            _SCOPE["depth"] -= 1
+            if _SCOPE["depth"] == 0:
+                urllib.request.install_opener(_SCOPE["previous"])
+                _SCOPE["previous"] = None

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from curation.ingest import download_reason
-from curation.netguard import DestinationPolicy, UrlGuard, install_opener, literal_address
+from curation.netguard import DestinationPolicy, UrlGuard, guarded_opener, literal_address
 from curation.urls import UrlListError, first_occurrences, iter_url_rows, plan_shards, url_duplicates
 from infra.config.data import DataConfig
 from infra.config.ingest import IngestConfig
@@ -133,14 +133,15 @@ def test_allow_list_and_allow_private_never_open_metadata():
 def test_names_resolving_to_refused_addresses_are_refused_before_connecting(tmp_path, loopback_only):
     port = free_port()
     (tmp_path / "a.png").write_bytes(b"\x89PNG")
-    install_opener(IngestConfig(allow_hosts=[]))
-    with DemoServer(tmp_path, port), pytest.raises(urllib.error.URLError, match="destination refused: localhost"):
+    with guarded_opener(IngestConfig(allow_hosts=[])), DemoServer(tmp_path, port), \
+            pytest.raises(urllib.error.URLError, match="destination refused: localhost"):
         urllib.request.urlopen(f"http://localhost:{port}/img/a.png", timeout=2)
     assert loopback_only == []  # refused at resolution time: no connect() at all
-    install_opener(IngestConfig(allow_hosts=["127.0.0.1"]))
-    with DemoServer(tmp_path, port), urllib.request.urlopen(f"http://localhost:{port}/img/a.png", timeout=2) as r:
+    with guarded_opener(IngestConfig(allow_hosts=["127.0.0.1"])), DemoServer(tmp_path, port), \
+            urllib.request.urlopen(f"http://localhost:{port}/img/a.png", timeout=2) as r:
         assert r.read() == b"\x89PNG"
     assert loopback_only == ["127.0.0.1"]
+    assert urllib.request._opener is None  # the scope ended: urllib's default opener again, for other code
 
 
 @pytest.mark.parametrize(

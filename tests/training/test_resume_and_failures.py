@@ -70,3 +70,22 @@ def test_distill_and_highres_modes(image_folder, tmp_path):
     assert hr.steps == 4 and load_backbone(hr.teacher_backbone).pos_embed.shape == (1, 1 + 6 * 6, 96)
     assert read_csv(hr.metrics_csv)[-1]["teacher_temp"] == pytest.approx(0.07)  # schedules compressed into 4 steps
     assert teacher_run.steps == 10
+
+
+def test_a_tampered_resume_checkpoint_is_refused(image_folder, tmp_path):
+    import pickle
+
+    from tests.infra.test_untrusted_inputs import _Payload
+
+    data = image_folder
+    out = tmp_path / "run"
+    pretrain(data, out, tiny_config(), seed=0, interrupt_at=2)
+    ckpt = out / "checkpoints" / "last.ckpt"
+    marker = tmp_path / "pwned"
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state["hook"] = _Payload(marker)
+    target = ckpt / "checkpoint.pt" if ckpt.is_dir() else ckpt
+    torch.save(state, target)
+    with pytest.raises(pickle.UnpicklingError):
+        pretrain(data, out, tiny_config(), seed=0)
+    assert not marker.exists()
