@@ -21,6 +21,7 @@ from infra.run import RunDir
 from infra.shards import iter_tar, list_shards
 
 REPO = Path(__file__).resolve().parents[1]
+DEMO_ORIGIN = r"(127\.0\.0\.1|\[::1\]):\d+"
 
 # The flow's report and evaluation are not part of the comparison; they are switched off to keep trials short
 # unless the caller overrides them back on.
@@ -40,9 +41,10 @@ class Snapshot:
 def snapshot(run_dir: Path) -> Snapshot:
     corpus = [(key, hashlib.sha256(data).hexdigest())
               for shard in list_shards(run_dir / "stages" / "corpus" / "shards") for key, _ext, data in iter_tar(shard.tar)]
-    events = Ledger(run_dir).events()
-    cols = list(events.columns)
-    canonical = events.astype(str).sort_values(cols).to_csv(index=False)
+    events = Ledger(run_dir).events().astype(str)
+    # The demo crawl is served on a free port chosen per run: the only legitimate difference between two runs.
+    events = events.replace(DEMO_ORIGIN, r"\1:PORT", regex=True)
+    canonical = events.sort_values(list(events.columns)).to_csv(index=False)
     return Snapshot(corpus, hashlib.sha256(canonical.encode()).hexdigest(), len(events))
 
 

@@ -51,7 +51,7 @@ def test_configuration_is_data_never_evaluated(tmp_path):
     marker = tmp_path / "pwned"
     cfg = tmp_path / "evil.yaml"
     cfg.write_text(f"run:\n  seed: !!python/object/apply:pathlib.Path.touch [{str(marker)!r}]\n")
-    with pytest.raises(ConfigError, match="evil.yaml"):
+    with pytest.raises(ConfigError, match=r"evil\.yaml"):
         load_config(cfg)
     with pytest.raises(ConfigError):
         load_config(None, [f"run.seed=!!python/object/apply:pathlib.Path.touch [{str(marker)!r}]"])
