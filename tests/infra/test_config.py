@@ -71,3 +71,10 @@ def test_yaml_roundtrip_and_hash_are_stable():
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("**/*.yaml")), ids=lambda p: p.name)
 def test_every_checked_in_config_parses(path):
     load_config(path)
+
+
+def test_the_demo_config_trains_with_the_demo_recipe():
+    from training.recipes import DEMO, overrides
+
+    demo = load_config(REPO / "configs" / "demo.yaml").train
+    assert demo == load_config(None, overrides(DEMO)).train
