@@ -33,6 +33,7 @@ from training.data import MaskingGenerator, collate_data_and_cast
 from training.fsdp import clip_grad_norm
 from training.meta_arch import SSLMetaArch
 from training.recipes import DEMO, overrides
+from training.registry import ARCHS
 
 VIT_S = ["train.student.arch=vit_small", "train.student.patch_size=14", "train.crops.global_crops_size=224",
          "train.crops.local_crops_size=98", "train.student.drop_path_rate=0.3", "train.crops.local_crops_number=8"]
@@ -126,8 +127,11 @@ def main() -> None:
     fsdp = cuda and _init_single_process_group()
     peaks = {"fp32": peak_tflops(torch.float32, device, 8192 if cuda else 2048),
              "bf16": peak_tflops(torch.bfloat16, device, 8192 if cuda else 2048)}
+    demo = load_config(None, overrides(DEMO)).train
+    demo_name = f"demo {demo.student.arch}/{demo.student.patch_size} {demo.crops.global_crops_size}+" \
+                f"{demo.crops.local_crops_size}"
     models = [("vit_small/14 224+98", load_config(None, VIT_S).train, 32 if cuda else 2, 5 if cuda else 1),
-              ("demo vit_nano/4 28+12", load_config(None, overrides(DEMO)).train, 256 if cuda else 64, 5 if cuda else 2)]
+              (demo_name, demo, 256 if cuda else demo.batch_size_per_gpu, 5 if cuda else 4)]
     print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'} ({args.threads} threads), fsdp={fsdp}; "
           f"matmul peak fp32 {peaks['fp32']:.3f} TFLOP/s, bf16 {peaks['bf16']:.3f} TFLOP/s")
     header = f"{'model':24} {'batch':>5} {'dtype':>5} {'packing':>7} {'droppath':>9} {'img/s':>8} {'step ms':>9} " \
@@ -150,7 +154,11 @@ def main() -> None:
         block_mod.EFFICIENT_DROP_PATH_MIN = 0.1
         print(f"{name}: {flops / 1e9:.1f} GFLOP per step of {batch_size} images (nominal, drop path off)")
     for name, dim, heads, n_global, n_local, b in [("vit_small 224+98", 384, 6, 257, 50, 2 if not cuda else 32),
-                                                   ("demo 28+12", 128, 4, 50, 10, 64)]:
+                                                   (demo_name[5:], ARCHS[demo.student.arch]["embed_dim"],
+                                                    ARCHS[demo.student.arch]["num_heads"],
+                                                    1 + (demo.crops.global_crops_size // demo.student.patch_size) ** 2,
+                                                    1 + (demo.crops.local_crops_size // demo.student.patch_size) ** 2,
+                                                    demo.batch_size_per_gpu)]:
         grouped, dense = packed_attention_variants(device, b, dim, heads, n_global, n_local)
         print(f"packed attention {name} (B={b}): grouped SDPA {grouped:.1f} ms, dense block-diagonal mask "
               f"{dense:.1f} ms ({dense / grouped:.1f}x)")
