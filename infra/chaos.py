@@ -102,17 +102,22 @@ class TrialResult:
     snapshot: Snapshot
     problems: list[str]  # what `lvd audit` found
     killed_in: list[str]  # per kill: the stage it interrupted, or "finished" when the flow was already done
+    finished_after: float | None = None  # seconds the first process took when it ended before its kill
 
 
 def trial(config: Path, overrides: list[str], root: Path, env: dict[str, str], delays: list[float],
           timeout: float) -> TrialResult:
     """Start the run; after each delay, SIGKILL the process tree and resume; finally resume to the end."""
-    killed_in = []
+    killed_in: list[str] = []
+    finished_after = None
+    started = time.perf_counter()
     proc = lvd("run", str(config), f"run.root={root}", *overrides, env=env)
     for delay in delays:
         try:
             proc.wait(timeout=delay)
             killed_in.append("finished")
+            if finished_after is None and len(killed_in) == 1:
+                finished_after = time.perf_counter() - started
         except subprocess.TimeoutExpired:
             kill_tree(proc)
             killed_in.append(in_progress(root))
@@ -124,4 +129,4 @@ def trial(config: Path, overrides: list[str], root: Path, env: dict[str, str], d
         raise RuntimeError(f"the final resume under {root} failed (exit {proc.returncode})")
     run_dir = root / run_id_of(root)
     audit = audit_run(RunDir(root, run_dir.name))
-    return TrialResult(snapshot(run_dir), [f"[{c}] {m}" for c, m in audit.problems], killed_in)
+    return TrialResult(snapshot(run_dir), [f"[{c}] {m}" for c, m in audit.problems], killed_in, finished_after)
