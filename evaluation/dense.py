@@ -47,6 +47,34 @@ def mean_iou(pred: np.ndarray, target: np.ndarray, n_classes: int, ignore: int =
     return float(np.nanmean(iou) * 100), iou
 
 
+def pixel_accuracy(pred: np.ndarray, target: np.ndarray, ignore: int = IGNORE) -> float:
+    valid = target != ignore
+    return float((pred[valid] == target[valid]).mean() * 100)
+
+
+# --- reference points: what a number means on a given benchmark and patch grid ---------------------------------
+def majority_baseline(train_masks: np.ndarray, test_masks: np.ndarray, n_classes: int) -> tuple[float, float]:
+    """(mIoU %, pixel accuracy %) of labelling every test pixel with the most frequent training class."""
+    counts = np.bincount(train_masks[train_masks != IGNORE].ravel().astype(np.int64), minlength=n_classes)
+    pred = np.full(test_masks.shape, int(counts.argmax()), np.uint8)
+    return mean_iou(pred, test_masks, n_classes)[0], pixel_accuracy(pred, test_masks)
+
+
+def patch_majority(masks: np.ndarray, grid: tuple[int, int], n_classes: int) -> np.ndarray:
+    """Each pixel labelled with the most frequent class of its patch cell (``grid`` = patch tokens per side): the
+    labelling of a perfect classifier of patches, which cannot follow anything thinner than a patch."""
+    n, height, width = masks.shape
+    rows = np.searchsorted(np.round(np.arange(1, grid[0]) * height / grid[0]), np.arange(height), side="right")
+    cols = np.searchsorted(np.round(np.arange(1, grid[1]) * width / grid[1]), np.arange(width), side="right")
+    cell = rows[:, None] * grid[1] + cols[None, :]  # H, W -> patch index
+    out = np.empty_like(masks)
+    for i in range(n):
+        valid = masks[i] != IGNORE
+        counts = np.bincount(cell[valid] * n_classes + masks[i][valid], minlength=grid[0] * grid[1] * n_classes)
+        out[i] = counts.reshape(-1, n_classes).argmax(1)[cell]  # a cell without labels: class 0 (nothing scored)
+    return out
+
+
 # --- data ------------------------------------------------------------------------------------------------------
 @dataclass
 class SegmentationSplit:
@@ -134,5 +162,4 @@ def dense_linear_probe(
         yte = np.asarray(test_masks)
         pred = torch.cat([_logits(xte[i : i + 256], w, b, size).argmax(1) for i in range(0, len(xte), 256)]).numpy()
     miou, iou = mean_iou(pred, yte, n_classes)
-    valid = yte != IGNORE
-    return DenseProbeResult(miou, iou, float((pred[valid] == yte[valid]).mean() * 100))
+    return DenseProbeResult(miou, iou, pixel_accuracy(pred, yte))

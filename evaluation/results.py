@@ -2,14 +2,16 @@
 
 Each evaluation writes ``results.parquet`` (one row per benchmark x model x protocol x metric, with provenance) and
 ``metrics.json`` (nested ``{benchmark: {model: {"<protocol>_<metric>": value}}}``) in its own directory, and appends
-the same rows to the table ``<runs root>/results/`` (one parquet part per evaluation, never rewritten), so every
-evaluation ever made under a root can be queried together.
+the same rows to the table ``<runs root>/results/`` (one parquet part per evaluation id, replaced when that
+evaluation reruns), so every evaluation ever made under a root can be queried together.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -69,12 +71,28 @@ def write_results(out_dir: Path, results: pd.DataFrame) -> list[Path]:
 
 
 def append_to_table(root: Path, results: pd.DataFrame) -> Path:
-    """Add this evaluation's rows to ``<root>/results/`` as a new part (a parquet table read as one dataset)."""
-    run_id = str(results["run_id"].iloc[0]) if len(results) else "empty"
-    stamp = now().replace(":", "").replace("-", "").replace(".", "")
-    path = Path(root) / TABLE_DIR / f"{run_id}-{stamp}.parquet"
+    """Add this evaluation's rows to ``<root>/results/`` as its part (a parquet table read as one dataset).
+
+    The part is named by the evaluation's id (the pipeline's run id, or ``lvd evaluate``'s evaluation id), one
+    evaluation per id, so a rerun replaces its rows instead of adding them again: an evaluate stage killed after
+    this write but before its manifest reruns to the same table.
+    """
+    ids = set(results["run_id"].astype(str))
+    if len(ids) > 1:
+        raise ValueError(f"one evaluation per table part: got run ids {sorted(ids)}")
+    if not ids:  # nothing evaluated, nothing to add
+        return Path(root) / TABLE_DIR
+    run_id = ids.pop()
+    if Path(run_id).name != run_id or run_id.startswith("."):
+        raise ValueError(f"run id {run_id!r} cannot name a file in {Path(root) / TABLE_DIR}")
+    path = Path(root) / TABLE_DIR / f"{run_id}.parquet"
     with atomic_path(path) as tmp:
         results.to_parquet(tmp, index=False)
+    # Parts of the same evaluation written under the earlier "<id>-<UTC stamp>.parquet" names are replaced too.
+    legacy = re.compile(re.escape(run_id) + r"-\d{8}T\d{9}\+0000\.parquet")
+    for old in path.parent.glob(f"{glob.escape(run_id)}-*.parquet"):
+        if legacy.fullmatch(old.name):
+            old.unlink()
     return path
 
 

@@ -22,7 +22,16 @@ import pandas as pd
 from PIL import Image
 
 from evaluation.copydetect import evaluate_copies, read_ground_truth
-from evaluation.dense import class_count, dense_linear_probe, mask_transform, read_segmentation_split, reduce_zero_label
+from evaluation.dense import (
+    class_count,
+    dense_linear_probe,
+    majority_baseline,
+    mask_transform,
+    mean_iou,
+    patch_majority,
+    read_segmentation_split,
+    reduce_zero_label,
+)
 from evaluation.features import FeatureExtractor, FeatureModel, ImageSet, image_set_from_files, read_image_set
 from evaluation.knn import knn_accuracy
 from evaluation.linear import holdout_split, linear_probe, lr_grid
@@ -96,7 +105,7 @@ def run_classification(b: ClassificationBenchmark, models: list[EvalModel], cfg:
             lc = cfg.logreg
             res = logistic_regression(ftr.cls[:, -1], ytr, fte.cls[:, -1], yte, val_fraction=lc.val_fraction,
                                       cs=c_grid(lc.c_min_exp, lc.c_max_exp, lc.n_c), max_iter=lc.max_iter, tol=lc.tol)
-            detail = {"C": res.best_c, "seconds": round(time.perf_counter() - t0, 3)}
+            detail = {"C": res.best_c, "n_c": lc.n_c, "seconds": round(time.perf_counter() - t0, 3)}
             rows += [_row(b, "logreg", m, "top1", res.test_top1, digest, **detail),
                      _row(b, "logreg", m, "top5", res.test_top5, digest, **detail)]  # fmt: skip
     return rows
@@ -116,7 +125,8 @@ def _linear(b: ClassificationBenchmark, m: EvalModel, cfg: EvaluateConfig, ftr: 
                        avgpool=lc.avgpool, lrs=lr_grid(lc.lr_grid), batch_size=lc.batch_size,
                        iterations=lc.iterations, momentum=lc.momentum, weight_decay=lc.weight_decay)  # fmt: skip
     detail = {"best": res.best.name, "n_last": res.best.n_last, "avgpool": res.best.avgpool, "lr": res.best.base_lr,
-              "val_top1": res.val_top1[res.best.name], "seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
+              "val_top1": res.val_top1[res.best.name], "iterations": lc.iterations,
+              "seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
     return [_row(b, "linear", m, "top1", res.test_top1, digest, **detail),
             _row(b, "linear", m, "top5", res.test_top5, digest, **detail)]  # fmt: skip
 
@@ -188,15 +198,26 @@ def run_segmentation(b: SegmentationBenchmark, models: list[EvalModel], cfg: Eva
         t0 = time.perf_counter()
         s = m.features.image_size
         ftr, fte = extract(m.features, train.images, patches=True), extract(m.features, test.images, patches=True)
-        res = dense_linear_probe(ftr.patch, np.stack([mask_transform(x, s) for x in train.masks]), fte.patch,
-                                 np.stack([mask_transform(x, s) for x in test.masks]), n_classes,
-                                 iterations=dc.iterations, batch_size=dc.batch_size, lr=dc.lr,
-                                 weight_decay=dc.weight_decay)  # fmt: skip
-        detail = {"n_classes": n_classes, "seconds": round(time.perf_counter() - t0, 3),
-                  "iou": [None if np.isnan(v) else round(float(v) * 100, 2) for v in res.iou]}  # fmt: skip
+        ytr = np.stack([mask_transform(x, s) for x in train.masks])  # N, s, s: the geometry of the images
+        yte = np.stack([mask_transform(x, s) for x in test.masks])
+        res = dense_linear_probe(ftr.patch, ytr, fte.patch, yte, n_classes, iterations=dc.iterations,
+                                 batch_size=dc.batch_size, lr=dc.lr, weight_decay=dc.weight_decay)  # fmt: skip
+        grid = tuple(int(v) for v in fte.patch.shape[1:3])
+        detail = {"n_classes": n_classes, "seconds": round(time.perf_counter() - t0, 3), "iterations": dc.iterations,
+                  "iou": [None if np.isnan(v) else round(float(v) * 100, 2) for v in res.iou],
+                  **_dense_reference_points(ytr, yte, n_classes, grid)}  # fmt: skip
         rows += [_row(b, "dense_linear", m, "miou", res.miou, digest, **detail),
                  _row(b, "dense_linear", m, "pixel_accuracy", res.pixel_accuracy, digest, **detail)]  # fmt: skip
     return rows
+
+
+def _dense_reference_points(ytr: np.ndarray, yte: np.ndarray, n_classes: int, grid: tuple[int, int]) -> dict[str, Any]:
+    """What a dense probe's numbers mean here: the floor (the most frequent class everywhere) and the labelling of a
+    perfect patch classifier at this patch grid (how much the grid's resolution allows)."""
+    floor_miou, floor_acc = majority_baseline(ytr, yte, n_classes)
+    return {"grid": list(grid), "label_size": list(yte.shape[1:]), "majority_miou": round(floor_miou, 2),
+            "majority_pixel_accuracy": round(floor_acc, 2),
+            "patch_majority_miou": round(mean_iou(patch_majority(yte, grid, n_classes), yte, n_classes)[0], 2)}
 
 
 RUNNERS: dict[str, Callable[..., Rows]] = {

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from infra.storage import atomic_write_bytes
+
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
          "--disable-sync", "--no-first-run", "--no-default-browser-check", "--hide-scrollbars", "--mute-audio"]  # fmt: skip
 CHECK_PAGE = """(() => {
@@ -142,8 +144,7 @@ def render(html: Path, screenshot: Path | None = None, width: int = 1280, timeou
                        mobile=False)  # fmt: skip
                 data = s.call("Page.captureScreenshot", format="png", captureBeyondViewport=True, timeout=timeout)["data"]
                 shot = Path(screenshot)
-                shot.parent.mkdir(parents=True, exist_ok=True)
-                shot.write_bytes(base64.b64decode(data))
+                atomic_write_bytes(shot, base64.b64decode(data))  # a reader never sees a half-written PNG
             time.sleep(0.2)  # late console messages
             s.call("Runtime.evaluate", expression="1")
             s.ws.close()

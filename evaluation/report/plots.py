@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import matplotlib
 import matplotlib.ticker
@@ -98,8 +98,10 @@ def cluster_sizes(levels: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
         return svg_uri(fig)
 
 
-def curves(metrics: pd.DataFrame, panels: Sequence[tuple[str, Sequence[str]]]) -> str:
-    """Small multiples of per-step training metrics; ``panels``: (title, columns)."""
+def curves(metrics: pd.DataFrame, panels: Sequence[tuple[str, Sequence[str]]],
+           labels: Mapping[str, str] | None = None) -> str:  # fmt: skip
+    """Small multiples of per-step training metrics; ``panels``: (title, columns); ``labels``: legend text by column."""
+    labels = labels or {}
     n = len(panels)
     cols = min(4, n)
     rows = -(-n // cols)
@@ -110,12 +112,12 @@ def curves(metrics: pd.DataFrame, panels: Sequence[tuple[str, Sequence[str]]]) -
         x = metrics["step"].to_numpy()
         for ax, (title, columns) in zip(axes.ravel(), panels, strict=False):
             for i, c in enumerate(columns):  # dashed second lines: curves that coincide stay visible
-                ax.plot(x, metrics[c].to_numpy(), lw=1.2, label=c, color=[BLUE, ORANGE, GREY, RED, "#5a9e6f"][i % 5],
-                        ls="-" if i % 2 == 0 else "--")
+                ax.plot(x, metrics[c].to_numpy(), lw=1.2, label=labels.get(c, c),
+                        color=[BLUE, ORANGE, GREY, RED, "#5a9e6f"][i % 5], ls="-" if i % 2 == 0 else "--")
             ax.set_title(title)
             ax.set_xlabel("step")
             if len(columns) > 1:
-                ax.legend(frameon=False, fontsize=7)
+                ax.legend(frameon=False, fontsize=8)
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
         fig.tight_layout()
         return svg_uri(fig)

@@ -210,6 +210,11 @@ def composition(run: Run) -> str:
 
 
 # --- training --------------------------------------------------------------------------------------------------
+# Legend text for panels with several curves (metrics.csv column names mean little to a reader).
+CURVE_LABELS = {"lr": "backbone", "last_layer_lr": "head's last layer", "proto_entropy": "batch-mean target (usage)",
+                "target_entropy": "per-image target"}  # fmt: skip
+
+
 def training(run: Run) -> str:
     m = collect.training_metrics(run)
     losses = [c for c in m.columns if c.endswith("_loss") and c != "total_loss"]
@@ -226,7 +231,8 @@ def training(run: Run) -> str:
         facts.append(("images / s", f"{man.extra['images_per_second']:.1f}"))
     if "total_loss" in m:
         facts.append(("final total loss", f"{m['total_loss'].iloc[-1]:.3f}"))
-    return kpis(facts) + figure(plots.curves(m, panels), "training curves", "Per-step values from stages/pretrain/metrics.csv.")
+    return kpis(facts) + figure(plots.curves(m, panels, CURVE_LABELS), "training curves",
+                                "Per-step values from stages/pretrain/metrics.csv.")  # fmt: skip
 
 
 # --- evaluation ------------------------------------------------------------------------------------------------
@@ -253,9 +259,59 @@ def _metric_order(metric: str) -> tuple[int, int, str]:
 
 def _selection(detail: str) -> str:
     d = json.loads(detail) if detail else {}
+    if "grid" in d and "label_size" in d:  # dense probe: the resolution its numbers are bounded by
+        (h, w), (lh, lw) = d["grid"], d["label_size"]
+        return f"{h}×{w} patches → {lh}×{lw} px" + (f", {d['iterations']:,} it." if "iterations" in d else "")
     if "best" in d:
         return f"n={d['n_last']}{' + avgpool' if d['avgpool'] else ''}, lr {d['lr']:g}"
     return f"C = {d['C']:.3g}" if "C" in d else ""
+
+
+def _budget_note(r: pd.DataFrame, model: str) -> str:
+    """Protocols run with less than the reference budget (e.g. the CPU demo), from the recorded details."""
+    from infra.config.evaluate import DenseConfig, LinearConfig, LogRegConfig
+
+    wanted = {"linear": ("iterations", LinearConfig().iterations, "linear probe {:,} iterations (reference {:,})"),
+              "logreg": ("n_c", LogRegConfig().n_c, "logistic regression {:,} values of C (reference {:,})"),
+              "dense_linear": ("iterations", DenseConfig().iterations, "dense probe {:,} iterations (reference {:,})")}
+    short = []
+    for protocol, (key, reference, text) in wanted.items():
+        rows = r[(r["protocol"] == protocol) & (r["model"] == model)]
+        used = {json.loads(d).get(key) for d in rows["detail"] if d} - {None}
+        short += [text.format(int(v), reference) for v in sorted(used) if v < reference]
+    return "Run with a smaller budget than the reference protocols: " + "; ".join(short) + "." if short else ""
+
+
+def _dense_notes(r: pd.DataFrame, models: list[str]) -> list[str]:
+    """Plain words next to each dense probe's numbers: what the patch grid allows, the floor, and whether the probe
+    converged (a pixel accuracy below labelling everything with the most frequent class says it did not)."""
+    notes = []
+    dense = r[r["protocol"] == "dense_linear"]
+    for bench in dict.fromkeys(dense["benchmark"]):
+        b = dense[dense["benchmark"] == bench]
+        first = b[(b["model"] == models[0]) & (b["metric"] == "miou")]["detail"]
+        d = json.loads(first.iloc[0]) if len(first) and first.iloc[0] else {}
+        if "patch_majority_miou" not in d:
+            continue
+        (h, w), (lh, lw) = d["grid"], d["label_size"]
+        text = (f"† {bench}: with {models[0]}, the probe sees each image as {h}×{w} patch tokens and upsamples "
+                f"their class scores to the {lh}×{lw}\u00a0px labels, so it cannot follow anything thinner than a "
+                "patch. For scale: labelling each patch perfectly with its most frequent class scores "
+                f"{d['patch_majority_miou']:.1f} mIoU; labelling every pixel with the most frequent class scores "
+                f"{d['majority_miou']:.1f} mIoU and {d['majority_pixel_accuracy']:.1f} % pixel accuracy.")  # fmt: skip
+        acc = b[b["metric"] == "pixel_accuracy"].set_index("model")["value"]
+        behind = [m for m in models if m in acc and acc[m] < d["majority_pixel_accuracy"]]
+        if behind:
+            names = ", ".join(behind[:-1]) + " and " + behind[-1] if len(behind) > 1 else behind[0]
+            who = "every model's pixel accuracy" if len(behind) == len(acc) else f"the pixel accuracy of {names}"
+            lo, hi = acc[behind].min(), acc[behind].max()
+            span = f"{lo:.1f} %" if lo == hi else f"{lo:.1f}–{hi:.1f} %"
+            iters = f" after {d['iterations']:,} iterations" if "iterations" in d else ""
+            text += (f" The probe has not converged{iters}: {who} ({span}) is below that of labelling everything "
+                     "with the most frequent class, so these mIoU values show how far training got, not how good the "
+                     "features are, and their order does not rank the models.")  # fmt: skip
+        notes.append(text)
+    return notes
 
 
 def evaluation(run: Run) -> str:
@@ -264,8 +320,10 @@ def evaluation(run: Run) -> str:
     models = sorted(r["model"].unique(), key=lambda m: (ROLE_ORDER.get(roles.get(m, "model"), 2), list(r["model"]).index(m)))
     wide = r.pivot_table(index=["benchmark", "protocol", "metric"], columns="model", values="value", aggfunc="first")
     first = r[r["model"] == models[0]].set_index(["benchmark", "protocol", "metric"])["detail"]
-    keys = sorted(wide.index, key=lambda k: (k[0], PROTOCOL_ORDER.get(k[1], 9), *_metric_order(k[2])))
-    rows, cells, groups, previous = [], [], [], (None, None)
+    # benchmarks in the order evaluated (classification sets first), then protocol and metric
+    bench_order = {b: i for i, b in enumerate(dict.fromkeys(r["benchmark"]))}
+    keys = sorted(wide.index, key=lambda k: (bench_order[k[0]], PROTOCOL_ORDER.get(k[1], 9), *_metric_order(k[2])))
+    rows, cells, groups, previous, last_setting = [], [], [], (None, None), ""
     for k in keys:
         vals = [wide.loc[k].get(m) for m in models]
         best = np.nanmax([v for v in vals if v is not None and not np.isnan(v)] or [np.nan])
@@ -273,21 +331,27 @@ def evaluation(run: Run) -> str:
         bench = k[0] if k[0] != previous[0] else ""
         groups.append("grp" if bench else "")
         proto = LABELS.get(k[1], k[1]) if (k[0], k[1]) != previous else ""
-        previous = (k[0], k[1])
-        rows.append([bench, proto, _metric_label(k[2]), *vals, _selection(first.get(k, ""))])
+        setting = _selection(first.get(k, ""))
+        # the setting too only where it changes within a protocol (top-1 and top-5 share one classifier)
+        shown = "" if not proto and setting == last_setting else setting
+        previous, last_setting = (k[0], k[1]), setting
+        label = _metric_label(k[2]) + (" †" if k[1] == "dense_linear" and k[2] == "miou" else "")
+        rows.append([bench, proto, label, *vals, shown])
         cells.append(["nowrap", "nowrap", "nowrap", *["best" if v == best and not np.isnan(best) else "" for v in vals], ""])
     role_names = {"pretrained": "this run", "reference": "reference", "baseline": "baseline"}
     header = ["benchmark", "protocol", "metric",
               *[Raw(f"{esc(m)}<small>{esc(role_names.get(roles.get(m, ''), ''))}</small>") for m in models],
-              Raw(f"selected<small>for {esc(models[0])}</small>")]  # fmt: skip
+              Raw(f"setting<small>of {esc(models[0])}</small>")]  # fmt: skip
     tbl = table(header, rows, [False, False, False, *[True] * len(models), False], row_classes=groups, cell_classes=cells)
     man = run.manifest("evaluate")
     cache = man.extra.get("feature_cache", {}) if man else {}
-    note = ("Frozen features; the best value of each row in bold blue. Random-init is the same architecture untrained; "
-            "raw pixels is the normalised image as a vector.")  # fmt: skip
+    note = ("The best value of each row in bold blue. Random-init is the same architecture untrained; raw pixels is "
+            "the normalised image as a vector.")  # fmt: skip
     if cache:
         note += f" Features: {cache.get('misses', 0)} extracted, {cache.get('hits', 0)} reused from the cache."
-    return f'<p class="note">{esc(note)}</p>' + tbl
+    budget = _budget_note(r, models[0])
+    after = "".join(f'<p class="note">{esc(n)}</p>' for n in [*_dense_notes(r, models), budget] if n)
+    return f'<p class="note">{esc(note)}</p>' + tbl + after
 
 
 SECTIONS: list[tuple[str, str, str, Callable[[Run], str]]] = [

@@ -51,9 +51,10 @@ class LogRegConfig(Section):
 
 
 class DenseConfig(Section):
-    """Linear segmentation probe (paper §7.4 "linear"): one linear layer on last-layer patch tokens."""
+    """Linear segmentation probe (paper §7.4 "linear"): one linear layer on last-layer patch tokens; the optimiser
+    of the reference's ``*_linear_config.py`` (AdamW, poly decay, 40k iterations of batch 16)."""
 
-    iterations: int = Field(default=2000, ge=1)
+    iterations: int = Field(default=40_000, ge=1)  # the reference's 40k; short-budget overlays set fewer
     batch_size: int = Field(default=16, ge=1)
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=1e-4, ge=0)

@@ -1,6 +1,9 @@
+import inspect
+
 import pytest
 import yaml
 
+from evaluation.dense import dense_linear_probe
 from infra.config import ConfigError, load_config
 from infra.config.evaluate import (
     ClassificationBenchmark,
@@ -17,6 +20,11 @@ def test_evaluate_defaults_are_the_reference_protocols():
     assert (ev.linear.n_last_blocks, ev.linear.avgpool, ev.linear.lr_grid) == ([1, 4], [False, True], "code")
     assert (ev.linear.iterations, ev.linear.batch_size, ev.linear.momentum, ev.linear.weight_decay) == (12_500, 128, 0.9, 0)
     assert (ev.logreg.c_min_exp, ev.logreg.c_max_exp, ev.logreg.n_c, ev.logreg.max_iter) == (-6, 5, 45, 1000)
+    # dinov2 *_linear_config.py: AdamW lr 1e-3, weight decay 1e-4, batch 16, 40k iterations; the probe's defaults agree
+    dense = (ev.dense.iterations, ev.dense.batch_size, ev.dense.lr, ev.dense.weight_decay)
+    assert dense == (40_000, 16, 1e-3, 1e-4)
+    probe = inspect.signature(dense_linear_probe).parameters
+    assert tuple(probe[k].default for k in ("iterations", "batch_size", "lr", "weight_decay")) == dense
     assert ev.protocols == ["knn", "linear", "logreg"] and ev.benchmarks == []
 
 

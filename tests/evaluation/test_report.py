@@ -49,8 +49,31 @@ def test_evaluation_table_puts_references_and_baselines_beside_the_model(report)
     head = re.search(r'<section id="evaluation">.*?<thead><tr>(.*?)</tr>', html, re.S).group(1)
     assert re.findall(r"<th[^>]*>(.*?)</th>", head) == [
         "benchmark", "protocol", "metric", "pretrained<small>this run</small>", "dinov2-s14<small>reference</small>",
-        "random-init<small>baseline</small>", "raw-pixels<small>baseline</small>", "selected<small>for pretrained</small>"]
+        "random-init<small>baseline</small>", "raw-pixels<small>baseline</small>",
+        "setting<small>of pretrained</small>"]
     assert '<td class="num best">95.50</td>' in html and "n=4 + avgpool, lr 0.001" in html
+    body = re.search(r'<section id="evaluation">.*?<tbody>(.*?)</tbody>', html, re.S).group(1)
+    cells = [re.findall(r"<td[^>]*>(.*?)</td>", row) for row in re.findall(r"<tr[^>]*>(.*?)</tr>", body)]
+    # benchmarks in the order evaluated (classification first); the dense setting shown once per protocol
+    assert [[c[0], c[1], c[2], c[-1]] for c in cells] == [
+        ["toy", "kNN", "top-1 (k=20) %", ""], ["", "linear probe", "top-1 %", "n=4 + avgpool, lr 0.001"],
+        ["strokes", "dense linear probe", "mIoU % †", "4×4 patches → 28×28 px, 200 it."],
+        ["", "", "pixel accuracy %", ""]]
+
+
+def test_dense_numbers_are_explained_next_to_them(report):
+    html = report.read_text()
+    notes = re.search(r'<section id="evaluation">.*?</table></div>(.*?)</section>', html, re.S).group(1)
+    assert re.findall(r'<p class="note">(.*?)</p>', notes) == [
+        "† strokes: with pretrained, the probe sees each image as 4×4 patch tokens and upsamples their class "
+        "scores to the 28×28\u00a0px labels, so it cannot follow anything thinner than a patch. For scale: "
+        "labelling each patch perfectly with its most frequent class scores 33.5 mIoU; labelling every pixel with "
+        "the most frequent class scores 7.8 mIoU and 86.1 % pixel accuracy. The probe has not converged after 200 "
+        "iterations: the pixel accuracy of pretrained, random-init and raw-pixels (59.1–64.7 %) is below that of "
+        "labelling everything with the most frequent class, so these mIoU values show how far training got, not how "
+        "good the features are, and their order does not rank the models.",
+        "Run with a smaller budget than the reference protocols: linear probe 500 iterations (reference 12,500); "
+        "dense probe 200 iterations (reference 40,000)."]
 
 
 def test_report_of_a_run_stopped_early_says_what_is_missing(run_dir, tmp_path):
