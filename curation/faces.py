@@ -4,7 +4,9 @@ image re-encoded. This stage writes the sanitized pool shards that every later s
 Detectors implement :class:`FaceDetector`: ``haar`` (OpenCV's frontal-face cascade, shipped with OpenCV) and
 ``yunet`` (OpenCV's DNN face detector ``cv2.FaceDetectorYN`` from a local ONNX file). Both blurs (Gaussian with a
 radius of a sixth of the box, or 4x4 pixelation) leave no face the shipped Haar detector finds again on
-scikit-image's ``lfw_subset`` (tests/curation/test_faces.py). Boxes, the detector and the blur are recorded.
+scikit-image's ``lfw_subset``. Boxes, the detector and the blur are recorded. Tests (tests/curation/test_safety.py):
+Haar recall and false positives on ``lfw_subset``; the YuNet path through ``cv2.FaceDetectorYN`` with a tiny
+synthetic ONNX model of YuNet's outputs (tests/curation/tiny_onnx.py), down to the exact box blurred and recorded.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ class YuNetDetector:
             return []
         boxes = []
         for f in faces:  # x, y, w, h, 5 landmarks (x, y), score
-            x, y, w, h = (int(round(v)) for v in f[:4])
+            x, y, w, h = (round(float(v)) for v in f[:4])
             if w >= self.cfg.min_size and h >= self.cfg.min_size:
                 boxes.append((max(0, x), max(0, y), w, h))
         return sorted(boxes)

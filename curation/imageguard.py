@@ -7,7 +7,8 @@ truncated JPEG decodes to a grey-padded image without complaint, and HTML or SVG
 
 - refuses empty bodies, HTML pages, SVG documents and truncated JPEG/PNG files with their own messages;
 - reads the header only and refuses images with more than ``max_decode_pixels`` pixels (decompression bombs);
-- passes plain 8-bit RGB/grey JPEG and PNG files through untouched (the fast path: no second decode);
+- passes plain 8-bit RGB/grey JPEG and PNG files through untouched (the fast path: no second decode; a PNG's
+  bit depth is read from its header, as Pillow reports 16-bit RGB as mode RGB);
 - decodes everything else with Pillow: first frame of animations, EXIF orientation applied, CMYK/YCbCr -> RGB,
   palette -> RGB, 16-bit -> 8-bit (top byte), 1-bit -> grey, alpha composited on white (img2dataset's own rule),
   and hands img2dataset a lossless PPM/PGM of the result.
@@ -78,13 +79,15 @@ def normalize(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _is_plain(img: Image.Image) -> bool:
+def _is_plain(img: Image.Image, data: bytes) -> bool:
     """Bytes OpenCV decodes exactly as Pillow would after :func:`normalize`."""
     if img.format not in ("JPEG", "PNG") or img.mode not in ("RGB", "L") or "transparency" in img.info:
         return False
     if getattr(img, "is_animated", False):
         return False
-    return img.format != "JPEG" or img.getexif().get(_ORIENTATION, 1) == 1
+    if img.format == "PNG":  # Pillow opens 16-bit RGB as mode RGB (top bytes); OpenCV would keep 16-bit samples
+        return data[12:16] == b"IHDR" and data[24] == 8  # IHDR bit depth
+    return img.getexif().get(_ORIENTATION, 1) == 1
 
 
 def prepare(data: bytes, max_pixels: int) -> tuple[bytes | None, str | None]:
@@ -96,7 +99,7 @@ def prepare(data: bytes, max_pixels: int) -> tuple[bytes | None, str | None]:
             w, h = img.size
             if w * h > max_pixels:
                 return None, f"too many pixels to decode ({w}x{h})"
-            if _is_plain(img):
+            if _is_plain(img, data):
                 return data, None
             out = normalize(img)
     except Image.DecompressionBombError as err:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -33,7 +34,7 @@ from PIL import Image
 
 from curation.imageguard import guarded_resizer
 from curation.netguard import UrlGuard, guarded_opener
-from curation.phash import phash, to_hex
+from curation.phash import distance, near_duplicates, phash, to_hex
 from curation.urls import plan_shards, read_rows, url_duplicates
 from infra.config.data import DataConfig
 from infra.config.ingest import TRANSIENT_REASONS, IngestConfig
@@ -203,7 +204,7 @@ def ingest_shard(job: ShardJob) -> tuple[str, dict[str, int]]:
         if fetch
         else (pd.DataFrame(columns=["row_id", "status", "error_message", "key", "sha256"]), {})
     )
-    seen: dict[str, int] = {}
+    seen: dict[str, tuple[int, int]] = {}  # sha256 -> (first row, phash)
     by_row = {int(m.row_id): m for m in meta.itertuples(index=False)}
     writer = ShardWriter(job.stage_dir / "shards", job.name)
     try:
@@ -215,14 +216,15 @@ def ingest_shard(job: ShardJob) -> tuple[str, dict[str, int]]:
             elif m.status != "success" or m.key not in images:
                 msg = m.error_message if m.status != "success" else "success without image bytes"
                 ledger.drop(download_reason(m.status, msg), row_id=row_id, detail={"status": m.status, "error": msg})
-            elif m.sha256 in seen:
-                ledger.drop("exact_duplicate", row_id=row_id, image_id=m.sha256,
-                            detail={"duplicate_of_row": seen[m.sha256], "duplicate_of": m.sha256})  # fmt: skip
+            elif m.sha256 in seen:  # same bytes twice in one shard: stored once (a member is named by its id)
+                first_row, h = seen[m.sha256]
+                detail = {"duplicate_of_row": first_row, "duplicate_of": m.sha256, "phash": to_hex(h)}
+                ledger.drop("exact_duplicate", row_id=row_id, image_id=m.sha256, detail=detail)
             else:
-                seen[m.sha256] = row_id
                 data = images[m.key]
                 with Image.open(io.BytesIO(data)) as im:
                     h = phash(im)
+                seen[m.sha256] = (row_id, h)
                 size = {k: int(getattr(m, k)) for k in ("width", "height", "original_width", "original_height")}
                 writer.add(m.sha256, data, cfg.encode_format, row_id=row_id, url=r.url, source=r.source, **size, phash=h)
                 ledger.info("downloaded", row_id=row_id, image_id=m.sha256, detail={**size, "phash": to_hex(h)})
@@ -250,6 +252,8 @@ def _shard_attempt(name: str) -> int:
 def dedup_across_shards(stage_dir: Path, cfg: IngestConfig) -> pd.DataFrame:
     """Exact then perceptual-hash duplicates over every shard, first row wins; writes the table and ledger.
 
+    Perceptual: a hash at most ``cfg.phash_max_distance`` bits from an earlier kept image's (0: equal hashes); an
+    exact duplicate is matched by sha256 only (with ``exact_dedup`` off it is a perceptual duplicate at distance 0).
     Holds (image_id, row_id, phash) of every downloaded image in memory: about 100 B per image.
     """
     tables = [
@@ -265,23 +269,29 @@ def dedup_across_shards(stage_dir: Path, cfg: IngestConfig) -> pd.DataFrame:
     df.loc[exact, "reason"] = "exact_duplicate"
     df["duplicate_of_row"] = df["image_id"].map(first_of_id)
     df["duplicate_of"] = df["image_id"]
+    df["distance"] = 0  # bits between the phash and the duplicate-of image's
     if cfg.phash_dedup:
         alive = df[~exact]
-        firsts = alive.drop_duplicates("phash").set_index("phash")
-        ph = alive.index[alive.duplicated("phash")]
+        first = near_duplicates(alive["phash"].to_numpy(np.int64), cfg.phash_max_distance)
+        ph, src = alive.index[first >= 0], alive.index[first[first >= 0]]
         df.loc[ph, "reason"] = "phash_duplicate"
-        df.loc[ph, "duplicate_of_row"] = df.loc[ph, "phash"].map(firsts["row_id"])
-        df.loc[ph, "duplicate_of"] = df.loc[ph, "phash"].map(firsts["image_id"])
+        df.loc[ph, "duplicate_of_row"] = df.loc[src, "row_id"].to_numpy()
+        df.loc[ph, "duplicate_of"] = df.loc[src, "image_id"].to_numpy()
+        pairs = zip(df.loc[ph, "phash"], df.loc[src, "phash"], strict=True)
+        df.loc[ph, "distance"] = [distance(int(a), int(b)) for a, b in pairs]
     dups = df[df["reason"].notna()].reset_index(drop=True)
     ledger = LedgerWriter("ingest")
     for d in dups.itertuples(index=False):
-        ledger.drop(d.reason, row_id=int(d.row_id), image_id=d.image_id, attempt=int(d.attempt),
-                    detail={"duplicate_of_row": int(d.duplicate_of_row), "duplicate_of": d.duplicate_of,
-                            "phash": to_hex(int(d.phash))})  # fmt: skip
+        detail = {"duplicate_of_row": int(d.duplicate_of_row), "duplicate_of": d.duplicate_of,
+                  "phash": to_hex(int(d.phash))}  # fmt: skip
+        if d.reason == "phash_duplicate":
+            detail["distance"] = int(d.distance)
+        ledger.drop(d.reason, row_id=int(d.row_id), image_id=d.image_id, attempt=int(d.attempt), detail=detail)
     ledger.write(stage_dir / "ledger" / DEDUP_LEDGER)
-    out = dups[["image_id", "row_id", "shard", "reason", "duplicate_of_row", "duplicate_of", "phash"]]
+    out = dups[["image_id", "row_id", "shard", "reason", "duplicate_of_row", "duplicate_of", "phash", "distance"]]
     with atomic_path(stage_dir / DUPLICATES) as tmp:
-        out.astype({"row_id": "int64", "duplicate_of_row": "int64", "phash": "int64"}).to_parquet(tmp, index=False)
+        types = {"row_id": "int64", "duplicate_of_row": "int64", "phash": "int64", "distance": "int64"}
+        out.astype(types).to_parquet(tmp, index=False)
     return out
 
 
@@ -298,7 +308,7 @@ def finish(stage_dir: Path, cfg: IngestConfig, tracker: ShardTracker) -> StageRe
     shutil.rmtree(stage_dir / "work", ignore_errors=True)
     shards = list_shards(stage_dir / "shards")
     outputs = [p for s in shards for p in (s.tar, s.table)]
-    outputs += sorted((stage_dir / "ledger").glob("*.parquet")) + [stage_dir / DUPLICATES]
+    outputs += [*sorted((stage_dir / "ledger").glob("*.parquet")), stage_dir / DUPLICATES]
     attempts = sorted({_shard_attempt(s.name) for s in shards})
     return StageResult(
         counts=summarize(totals),

@@ -12,8 +12,9 @@ Duplicate URLs are found without holding the list: each row's 128-bit URL hash i
 
 Rows of a CSV or JSONL file that cannot be parsed (a file cut short by a failed copy ends in one) become rows
 with an empty URL and ``list_error`` set: they are recorded as ``list_row_malformed``, never fatal. A parquet
-file cannot be read at all without its footer, so a truncated one stops the stage before any download, with the
-file named in the error.
+file cannot be read at all without its footer, so a truncated (or otherwise damaged) one stops the stage before
+any download with a :class:`UrlListError` that names the file and the fix (the stage's ``failed`` run event
+carries it too).
 """
 
 from __future__ import annotations
@@ -108,10 +109,14 @@ def _chunks(path: Path, fmt: str, chunk_rows: int) -> Iterator[pd.DataFrame]:
         return
     try:
         reader = pq.ParquetFile(path)
-    except (OSError, pa.ArrowInvalid) as err:  # no footer: truncated or not parquet
-        raise UrlListError(f"cannot read URL list {path} (parquet; truncated or corrupt? re-copy it): {err}") from err
-    for batch in reader.iter_batches(batch_size=chunk_rows):
-        yield batch.to_pandas()
+        for batch in reader.iter_batches(batch_size=chunk_rows):
+            yield batch.to_pandas()
+    except (OSError, pa.ArrowInvalid) as err:  # no footer (truncated), or damaged pages
+        raise UrlListError(
+            f"cannot read URL list {path} (parquet; truncated or corrupt? re-copy it): a damaged parquet file cannot "
+            f"be read (a truncated one has lost its footer), so the stage stopped before any download. Copy the file "
+            f"again from its source (check its size or checksum) and rerun. ({err})"
+        ) from err
 
 
 def _column(chunk: pd.DataFrame, name: str | None, n: int) -> np.ndarray:

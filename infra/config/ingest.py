@@ -65,9 +65,12 @@ class IngestConfig(Section):
     allow_private: bool = False
     allow_hosts: list[str] = Field(default_factory=list)
     # Exact dedup by content hash (sha256 of the downloaded bytes), and perceptual-hash dedup (paper §A.3
-    # post-processing): images whose 64-bit DCT hash is equal to an earlier row's are dropped.
+    # post-processing): images whose 64-bit DCT hash is at most phash_max_distance bits from an earlier kept row's
+    # are dropped (0: equal hashes only). Cost above 0: each image is compared with the kept images sharing one of
+    # d + 1 hash blocks (d = 3: 16-bit blocks). Identical bytes within one shard are always stored once.
     exact_dedup: bool = True
     phash_dedup: bool = True
+    phash_max_distance: int = Field(default=0, ge=0, le=8)
 
     @model_validator(mode="after")
     def _png_quality(self) -> IngestConfig:

@@ -10,13 +10,14 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from curation.faces import HaarDetector, blur_boxes, blur_shard, build_detector, expand
+from curation.faces import HaarDetector, YuNetDetector, blur_boxes, blur_shard, build_detector, expand
 from curation.nsfw import ClipHead, OpenNsfw, score_shard
 from infra.config import ConfigError, load_config
 from infra.config.ingest import FacesConfig, NsfwConfig
 from infra.shards import ShardWriter, iter_tar, list_shards
+from tests.curation.conftest import png
 
-from .tiny_onnx import mean_pool_linear
+from .tiny_onnx import mean_pool_linear, tiny_yunet
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "horse"]
 
@@ -155,9 +156,60 @@ def test_faces_shard_blurs_records_and_reencodes_only_faces(tmp_path):
 
 
 def test_yunet_needs_a_local_model_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="face_detection_yunet_2023mar.onnx"):
+    with pytest.raises(FileNotFoundError, match=r"face_detection_yunet_2023mar\.onnx"):
         build_detector(FacesConfig(backend="yunet", model_path=tmp_path / "missing.onnx"))
-    with pytest.raises(ConfigError, match="faces.backend=yunet needs faces.model_path"):
+    with pytest.raises(ConfigError, match=r"faces\.backend=yunet needs faces\.model_path"):
         load_config(None, ["faces.backend=yunet"])
-    with pytest.raises(ConfigError, match="nsfw.backend=clip_head needs"):
+    with pytest.raises(ConfigError, match=r"nsfw\.backend=clip_head needs"):
         load_config(None, ["nsfw.backend=clip_head"])
+
+
+def _yunet_cfg(tmp_path, **kw):
+    (tmp_path / "tiny_yunet.onnx").write_bytes(tiny_yunet())
+    return FacesConfig(backend="yunet", model_path=tmp_path / "tiny_yunet.onnx", **kw)
+
+
+def _squares(size=(128, 96), white=((64, 32),), grey=((0, 0),)):
+    """Black, with white 32x32 squares (tiny_yunet scores 1: detected) and 50% grey ones (score 0.5: not)."""
+    arr = np.zeros((size[1], size[0], 3), np.uint8)
+    for (x, y), value in [(p, 255) for p in white] + [(p, 128) for p in grey]:
+        arr[y : y + 32, x : x + 32] = value
+    return Image.fromarray(arr)
+
+
+def test_yunet_detector_runs_opencv_facedetectoryn_on_a_local_onnx(tmp_path):
+    det = build_detector(_yunet_cfg(tmp_path))
+    assert isinstance(det, YuNetDetector) and det.name == "opencv-yunet:tiny_yunet.onnx"
+    assert det.detect(_squares()) == [(64, 32, 32, 32)]
+    # two faces, an image size that is not a multiple of 32 (OpenCV pads it), a second call with another size
+    assert det.detect(_squares((150, 100), white=((0, 0), (96, 64)), grey=())) == [(0, 0, 32, 32), (96, 64, 32, 32)]
+    assert det.detect(_squares(white=())) == []  # 0.5 < score_threshold 0.6
+    assert build_detector(_yunet_cfg(tmp_path, score_threshold=0.4)).detect(_squares()) == [(0, 0, 32, 32),
+                                                                                          (64, 32, 32, 32)]
+    assert build_detector(_yunet_cfg(tmp_path, min_size=33)).detect(_squares()) == []
+
+
+@pytest.mark.parametrize("mode", ["gaussian", "pixelate"])
+def test_faces_shard_blurs_the_yunet_box(tmp_path, mode):
+    img = _squares()
+    w = ShardWriter(tmp_path / "ingest" / "shards", "00000")
+    w.add("a" * 64, png(img), "png", row_id=0, url="http://h/0.png", source="pool", width=128, height=96)
+    shard = w.close()
+    out = tmp_path / "run" / "stages" / "faces"
+    cfg = _yunet_cfg(tmp_path, blur=mode)
+    assert blur_shard(out, shard, frozenset(), cfg) == ("00000", {"kept": 1, "blurred": 1})
+    from infra.lineage import Ledger
+
+    (event,) = Ledger(tmp_path / "run").events().itertuples()
+    box = [58, 26, 44, 44]  # (64, 32, 32, 32) grown by margin 0.2: round(6.4) = 6 px on each side
+    assert (event.kind, event.reason, event.image_id, event.row_id) == ("info", "faces", "a" * 64, 0)
+    assert json.loads(event.detail) == {"n_faces": 1, "boxes": [box], "detector": "opencv-yunet:tiny_yunet.onnx",
+                                        "blur": mode}  # fmt: skip
+    ((_key, _ext, data),) = iter_tar(out / "shards" / "00000.tar")
+    stored = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    x, y, bw, bh = box
+    np.testing.assert_array_equal(stored, np.asarray(blur_boxes(img, [tuple(box)], mode)))  # png: lossless
+    outside = np.ones(stored.shape[:2], bool)
+    outside[y : y + bh, x : x + bw] = False
+    np.testing.assert_array_equal(stored[outside], np.asarray(img)[outside])
+    assert (stored[y : y + bh, x : x + bw] != np.asarray(img)[y : y + bh, x : x + bw]).any()

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
-import tracemalloc
+import subprocess
+import sys
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from curation.ingest import download_reason
@@ -73,20 +77,45 @@ def test_truncated_parquet_stops_before_any_download(tmp_path):
         plan_shards(DataConfig(url_list=tmp_path / "cut.parquet"), IngestConfig(), tmp_path / "plan")
 
 
+def _long_url_list(root: Path, n: int) -> tuple[dict[str, Path], int]:
+    """n rows of 4 kB URLs (every URL twice) as parquet (row groups of 250), CSV and JSONL; and the URL bytes."""
+    pad = "p" * 4000
+    urls = [f"http://example.com/{pad}/{i % (n // 2)}.jpg" for i in range(n)]
+    paths = {fmt: root / f"{n}.{fmt}" for fmt in ("parquet", "csv", "jsonl")}
+    pq.write_table(pa.table({"url": urls}), paths["parquet"], row_group_size=250)
+    paths["csv"].write_text("url\n" + "".join(u + "\n" for u in urls))
+    paths["jsonl"].write_text("".join(json.dumps({"url": u}) + "\n" for u in urls))
+    return paths, sum(map(len, urls))
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak RSS reset needs Linux /proc")
 def test_planning_memory_does_not_grow_with_the_list(tmp_path):
-    """Python-heap peak while planning 100k vs 400k rows (chunks of 20k): the same within 25%."""
-    peaks = []
-    for n in (100_000, 400_000):
-        urls = [f"http://example.com/img/{i % (n // 2)}.jpg" for i in range(n)]
-        pd.DataFrame({"url": urls}).to_parquet(tmp_path / f"{n}.parquet", row_group_size=20_000)
-        cfg = IngestConfig(shard_size=10_000, chunk_rows=20_000, url_dedup_buckets=64)
-        tracemalloc.start()
-        plan = plan_shards(DataConfig(url_list=tmp_path / f"{n}.parquet"), cfg, tmp_path / f"plan{n}")
-        peaks.append(tracemalloc.get_traced_memory()[1])
-        tracemalloc.stop()
-        assert plan.n_rows == n and len(url_duplicates(tmp_path / f"plan{n}", 0, n)) == n // 2
-    assert peaks[1] < 1.25 * peaks[0], peaks
+    """Peaks while planning 1,500 vs 6,000 rows (6 vs 24 MB of URLs; chunks of 250 rows, shards of 500), measured in
+    a fresh process (tests/curation/plan_memory.py): Arrow's memory pool (where the rows wait for their shard file:
+    tracemalloc does not see it), the Python heap and the peak RSS, for parquet, CSV and JSONL lists.
+
+    The control plans with shards larger than the list, so the whole list waits in Arrow memory: its Arrow peak grows
+    with the list while its Python-heap peak does not, which is why the Python heap alone proved nothing. The RSS
+    bound is coarse: allocator slack moves the RSS peak by several MB at this size (measured up to 6 MB).
+    """
+    (short, _), (long, long_bytes) = _long_url_list(tmp_path, 1500), _long_url_list(tmp_path, 6000)
+    specs = [{"short": str(short[fmt]), "long": str(long[fmt]), "shard_size": shard, "chunk_rows": 250,
+              "plan": str(tmp_path / f"plan-{fmt}-{shard}")}
+             for fmt, shard in (("parquet", 500), ("csv", 500), ("jsonl", 500), ("parquet", 10**6))]  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "tests.curation.plan_memory", json.dumps(specs)], capture_output=True,
+                          text=True, cwd=Path(__file__).parents[2], timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    *bounded, control = json.loads(proc.stdout)
+    for fmt, peaks in zip(("parquet", "csv", "jsonl"), bounded, strict=True):
+        s, lg = peaks["short"], peaks["long"]
+        assert (s["rows"], s["duplicates"], lg["rows"], lg["duplicates"]) == (1500, 750, 6000, 3000), fmt
+        assert lg["arrow_peak"] <= 1.05 * s["arrow_peak"], (fmt, peaks)
+        assert lg["python_peak"] <= 1.25 * s["python_peak"], (fmt, peaks)
+        assert lg["rss_peak"] < 0.5 * long_bytes, (fmt, peaks)  # holding the list would take at least long_bytes
+    s, lg = control["short"], control["long"]
+    assert lg["arrow_peak"] > 3 * s["arrow_peak"] and lg["arrow_peak"] > long_bytes, control
+    assert lg["python_peak"] <= 1.25 * s["python_peak"], control
 
 
 @pytest.mark.parametrize(

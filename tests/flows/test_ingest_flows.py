@@ -1,16 +1,23 @@
 """Ingest, NSFW and faces fanned out over shards by Prefect: thread pool vs a local Dask cluster of 2 workers give
-the same shards and ledger; `lvd retry-failed` fetches only the failed URL and `lvd resume` redoes later stages."""
+the same shards and ledger (and the Dask run's downloads really come from worker processes); `lvd retry-failed`
+fetches only the failed URL (or only those of the given reasons) and `lvd resume` redoes later stages; a truncated
+parquet list stops the run with the file and the fix named, in the run's events too."""
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
+import os
 
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 import yaml
 from PIL import Image
 
+import infra.demo.server
 from infra.demo.server import DemoServer, free_port
 
 pytestmark = pytest.mark.slow
@@ -51,12 +58,40 @@ def _config(root, runner):
     return path
 
 
-def _run(root, runner, port):
+def _owner_pid(client_port: int) -> int | None:
+    """The process (this one or a descendant) that holds the client end of a loopback connection."""
+    me = psutil.Process()
+    for proc in [me, *me.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            if any(c.laddr and c.laddr.port == client_port for c in proc.net_connections("tcp")):
+                return proc.pid
+    return None
+
+
+def _recording_handler(peers: dict[str, set]):
+    """The demo server's request handler, also noting which process sent each request (looked up while it waits)."""
+    make_handler = infra.demo.server._handler
+
+    def make(*args):
+        class Handler(make_handler(*args)):
+            def do_GET(self):
+                peers.setdefault(self.path, set()).add(_owner_pid(self.client_address[1]))
+                super().do_GET()
+
+        return Handler
+
+    return make
+
+
+def _run(root, runner, port, peers=None):
     from infra.cli import main
 
-    with DemoServer(root / "images", port) as server:
-        assert main(["run", str(_config(root, runner))]) == 0
-        return dict(server.hits)
+    with pytest.MonkeyPatch.context() as mp:
+        if peers is not None:
+            mp.setattr(infra.demo.server, "_handler", _recording_handler(peers))
+        with DemoServer(root / "images", port) as server:
+            assert main(["run", str(_config(root, runner))]) == 0
+            return dict(server.hits)
 
 
 def _snapshot(run_dir):
@@ -66,19 +101,28 @@ def _snapshot(run_dir):
     for stage, sub in (("ingest", "shards"), ("nsfw", "scores"), ("faces", "shards")):
         for p in sorted((run_dir / "stages" / stage / sub).glob("*")):
             files[f"{stage}/{p.name}"] = p.read_bytes()
-    ev = Ledger(run_dir).events().drop(columns=["detail"])
+    ev = Ledger(run_dir).events()
+    ev["detail"] = ev["detail"].map(lambda d: None if d is None else json.loads(d))  # compared as values
     return files, ev.sort_values(["stage", "row_id", "kind", "reason"]).reset_index(drop=True)
 
 
 def test_dask_cluster_gives_the_same_shards_and_ledger(crawl, prefect_server):
     root, port = crawl
-    _run(root, "thread", port)
-    _run(root, "dask", port)
+    thread_peers: dict[str, set] = {}
+    dask_peers: dict[str, set] = {}
+    _run(root, "thread", port, thread_peers)
+    _run(root, "dask", port, dask_peers)
     files_t, ev_t = _snapshot(root / "runs" / "ingest-thread")
     files_d, ev_d = _snapshot(root / "runs" / "ingest-dask")
     assert sorted(files_t) == sorted(files_d) and len(files_t) == 4 * (2 + 1 + 2)  # 4 shards: tar + parquet, scores, tar + parquet
     assert [k for k in files_t if files_t[k] != files_d[k]] == []
-    pd.testing.assert_frame_equal(ev_t, ev_d)
+    pd.testing.assert_frame_equal(ev_t, ev_d)  # details included: no field of them depends on where a shard ran
+    # Thread runner: every download from this process. Dask: every download from a worker process of the local
+    # cluster (run.workers = 2), none from this one.
+    assert sorted(thread_peers) == sorted(dask_peers) and len(dask_peers) == 11  # 13 rows: a duplicate, a refusal
+    assert set().union(*thread_peers.values()) == {os.getpid()}
+    workers = set().union(*dask_peers.values())
+    assert None not in workers and os.getpid() not in workers and 1 <= len(workers) <= 2, (workers, dask_peers)
     from prefect import get_client
 
     async def shard_runs():
@@ -94,7 +138,7 @@ def test_dask_cluster_gives_the_same_shards_and_ledger(crawl, prefect_server):
                                                              "ingest:00003", "ingest:00003"]  # fmt: skip
 
 
-def test_retry_failed_cli_then_resume(crawl, prefect_server):
+def test_retry_failed_cli_then_resume(crawl, prefect_server, capsys):
     from infra.cli import main
     from infra.lineage import Ledger, check_terminal_outcomes
     from infra.manifest import read_manifest
@@ -110,6 +154,16 @@ def test_retry_failed_cli_then_resume(crawl, prefect_server):
         hits = dict(server.hits)
     assert hits == {"/fail-first/1/g9.png": 2}  # only the failed URL was fetched again, and it succeeded
     assert (run_dir / "stages" / "ingest" / "shards" / "r1-00002.tar").is_file()
+    with DemoServer(root / "images", port) as server:  # only the rows whose latest failure matches --reason
+        capsys.readouterr()
+        args = ["retry-failed", "ingest-thread", "--root", str(root / "runs"), "--reason", "http_4*", "--json"]
+        assert main(args) == 0
+        hits = dict(server.hits)
+    assert hits == {"/status/404/a.png": 1}
+    assert json.loads(capsys.readouterr().out) == {"attempt": 2, "retried": 1, "recovered": 0,
+                                                   "by_reason": {"http_404": 1}, "shards": ["r2-00002"]}  # fmt: skip
+    assert main(["retry-failed", "ingest-thread", "--root", str(root / "runs"), "--reason", "url_*"]) == 1
+    assert "reasons ['url_*'] are decided without downloading" in capsys.readouterr().err
     assert main(["resume", "ingest-thread", "--root", str(root / "runs")]) == 0
     nsfw_after = read_manifest(run_dir / "stages" / "nsfw")
     assert nsfw_after.inputs_digest != nsfw_before.inputs_digest
@@ -117,4 +171,25 @@ def test_retry_failed_cli_then_resume(crawl, prefect_server):
     assert faces["row_id"].tolist() == [10]
     check = check_terminal_outcomes(Ledger(run_dir))
     assert check.dropped == {"ingest:http_404": 1, "ingest:url_duplicate": 1, "ingest:url_private": 1}
-    assert check.missing == list(range(9)) + [10]  # kept so far: their terminal event is the corpus stage's
+    assert check.missing == [*range(9), 10]  # kept so far: their terminal event is the corpus stage's
+
+
+def test_truncated_parquet_list_stops_the_run_with_the_fix(crawl, prefect_server, capsys):
+    from infra.cli import main
+
+    root, port = crawl
+    data = (root / "urls.parquet").read_bytes()
+    (root / "cut.parquet").write_bytes(data[: len(data) // 2])
+    config = yaml.safe_load(_config(root, "thread").read_text())
+    config["run"]["run_id"] = "ingest-cut"
+    config["data"]["url_list"] = str(root / "cut.parquet")
+    (root / "cut.yaml").write_text(yaml.safe_dump(config))
+    with DemoServer(root / "images", port) as server:
+        assert main(["run", str(root / "cut.yaml")]) == 1
+        assert dict(server.hits) == {}  # stopped before any download
+    fix = f"cannot read URL list {root / 'cut.parquet'} (parquet; truncated or corrupt? re-copy it)"
+    assert fix in capsys.readouterr().err
+    events = [json.loads(line) for line in (root / "runs" / "ingest-cut" / "events.jsonl").read_text().splitlines()]
+    (failed,) = [e for e in events if e["event"] == "failed"]
+    assert failed["stage"] == "ingest" and failed["error"].startswith(f"UrlListError: {fix}")
+    assert "Copy the file again from its source" in failed["error"]

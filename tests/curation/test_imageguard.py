@@ -1,0 +1,86 @@
+"""Image modes img2dataset's OpenCV decoder gets wrong are converted by fixed rules, down to the pixel.
+
+Each case is checked on :func:`normalize`, on the bytes :func:`prepare` hands to OpenCV, and through the guarded
+img2dataset resizer to the stored (png) image. The ingest run of the bad-input crawl covers EXIF orientation,
+16-bit grey, alpha, animation and CMYK (tests/curation/test_ingest_bad_inputs.py).
+"""
+
+from __future__ import annotations
+
+import io
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from curation.imageguard import guarded_resizer, normalize, prepare
+from infra.config.ingest import IngestConfig
+
+
+def _png(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG", **kw)
+    return buf.getvalue()
+
+
+def _palette() -> bytes:
+    img = Image.new("P", (3, 2))
+    img.putpalette([10, 20, 30, 200, 100, 0, 255, 255, 255] + [0, 0, 0] * 253)
+    img.putdata([0, 1, 2, 2, 1, 0])
+    return _png(img)
+
+
+def _one_bit() -> bytes:
+    img = Image.new("1", (4, 2))
+    img.putdata([0, 1, 1, 0, 1, 0, 0, 1])  # Pillow stores 1 as 255
+    return _png(img)
+
+
+RGB16 = np.array([[[0x1234, 0xABCD, 0xFF00], [0x00FF, 0x8000, 0x7FFF]],
+                  [[0xFFFF, 0x0000, 0x0100], [0x01FF, 0xFE01, 0x5A5A]]], np.uint16)  # fmt: skip
+
+
+def _rgb16() -> bytes:
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(RGB16[..., ::-1]))  # OpenCV writes BGR, 16 bits a sample
+    assert ok
+    return buf.tobytes()
+
+
+CASES = {
+    # palette without transparency -> RGB: each index becomes its palette colour
+    "palette": (_palette, "RGB", [[[10, 20, 30], [200, 100, 0], [255, 255, 255]],
+                                  [[255, 255, 255], [200, 100, 0], [10, 20, 30]]]),
+    # 1-bit -> grey 0 or 255
+    "one_bit": (_one_bit, "L", [[0, 255, 255, 0], [255, 0, 0, 255]]),
+    # 16-bit RGB -> 8-bit RGB, the top byte of every sample (0x7FFF -> 0x7F, not rounded up)
+    "rgb16": (_rgb16, "RGB", [[[0x12, 0xAB, 0xFF], [0x00, 0x80, 0x7F]], [[0xFF, 0x00, 0x01], [0x01, 0xFE, 0x5A]]]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_normalize_gives_exact_pixels(case):
+    make, mode, expected = CASES[case]
+    out = normalize(Image.open(io.BytesIO(make())))
+    assert out.mode == mode
+    assert np.asarray(out).tolist() == expected
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_prepare_hands_opencv_the_normalized_image(case):
+    """None of these is plain 8-bit RGB/grey: OpenCV gets a lossless PPM/PGM of the normalized image."""
+    make, mode, expected = CASES[case]
+    data, why = prepare(make(), max_pixels=100)
+    assert why is None and data[:2] == (b"P6" if mode == "RGB" else b"P5")
+    assert np.asarray(Image.open(io.BytesIO(data))).tolist() == expected
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_stored_image_is_8_bit_with_exact_pixels(case):
+    make, mode, expected = CASES[case]
+    resizer = guarded_resizer(IngestConfig(encode_format="png", encode_quality=1, resize_mode="no"))
+    encoded, width, height, original_width, original_height, error = resizer(io.BytesIO(make()))
+    assert error is None and (width, height) == (original_width, original_height) == (len(expected[0]), len(expected))
+    stored = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert stored.dtype == np.uint8
+    assert (stored[..., ::-1] if mode == "RGB" else stored).tolist() == expected
