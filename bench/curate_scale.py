@@ -1,7 +1,8 @@
 """Scale benchmark of the curation core on synthetic embeddings: self-dedup graph, retrieval, hierarchical k-means.
 
     python bench/curate_scale.py --n 1000000            # the issue's target: <= 15 min, peak RSS <= 6 GiB
-    python bench/curate_scale.py --n 250000             # the same per-point settings, for the growth factor
+    python bench/curate_scale.py --n 250000             # the same settings, for the growth factor
+    python bench/curate_scale.py --n 250000 --dedup-lists sqrt --kmeans-levels per_point   # the earlier settings
 
 Data (fp16 shards on disk, memory-mapped, generated chunk by chunk): ``n`` unit vectors in ``dim`` dimensions
 drawn around ``n/50`` cluster centres whose sizes follow a power law (a few huge concepts, a long tail), with a
@@ -10,13 +11,19 @@ one image at cosine 0.8-0.95 to it) covering 2% of the pool.
 
 Steps, each with wall time and peak RSS (sampled from /proc every 20 ms):
 1. peak matmul rate of this machine in fp32 and bf16 (the physical limit the k-means rate is compared with);
-2. dedup graph: IVF partition searched as matmul blocks (``ivf_blocks``, 8 of ~2 sqrt(n) lists probed), k=64
-   neighbours with cosine > 0.6 per vector, union-find components; planted-group recall and false merges;
-3. retrieval: IVF-PQ index (64 lists probed, exact re-scoring of 32x candidates), N=4 neighbours of 10,000 seed
-   queries, recall@4 against brute force on 1,000 of them;
-4. hierarchical k-means: 3 levels (n/500, n/5000, n/50000 clusters), level 1 fitted on 50 points per cluster
-   (k-means++ on 25 per cluster) then every point assigned; resampling on levels 2-3 (10 steps, 5 and 3 points
-   per cluster); balanced sampling of n/4 points. Achieved assignment GFLOP/s against the measured matmul peak.
+2. dedup graph: IVF partition searched as matmul blocks (``ivf_blocks``, 8 lists probed), k=64 neighbours with
+   cosine > 0.6 per vector, union-find components; planted-group recall and false merges; then (its own step) the
+   graph's edge recall against brute force on ~300 nodes (200 of planted groups, 100 at random). ``--dedup-lists fixed`` (default): lists of
+   ``--list-size`` vectors (nlist ~ n / 256) found through an IVF over the centroids (``quantizer: ivf``), so the
+   work per vector does not grow with n; ``sqrt``: ~2 sqrt(n) lists and a flat quantizer (work ~ n^1.5);
+3. retrieval: IVF-PQ index (~2 sqrt(n) lists, 64 probed, exact re-scoring of 32x candidates), N=4 neighbours of
+   10,000 seed queries, recall@4 against brute force on 1,000 of them;
+4. hierarchical k-means: 3 levels, level 1 fitted on 50 points per cluster (k-means++ on 25 per cluster) then every
+   point assigned; resampling on levels 2-3 (10 steps, 5 and 3 points per cluster); balanced sampling of n/4
+   points. ``--kmeans-levels fixed`` (default): the cluster counts of ``--levels`` whatever n (as a corpus
+   configuration fixes them; the fit is then constant and only the assignment grows, linearly); ``per_point``:
+   n/500, n/5000, n/50000 clusters (k ~ n, assignment work ~ n^2). Achieved assignment GFLOP/s against the
+   measured matmul peak.
 """
 
 from __future__ import annotations
@@ -35,14 +42,15 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from curation.graph import UnionFind, knn_edges
-from curation.index import build_index, recall_at_k
+from curation.graph import UnionFind, edge_recall, exact_edges, knn_edges
+from curation.index import build_index, choose_nlist, recall_at_k
 from curation.kmeans import FlopCounter
 from curation.rebalance import balanced_sample, hierarchical_kmeans
 from curation.vectors import RowView, VectorStore, write_vectors
@@ -62,7 +70,7 @@ def rss_bytes() -> int:
 class Step:
     """Wall time and peak RSS of a block (RSS sampled by a thread; ru_maxrss as a floor)."""
 
-    rows: list[dict] = []
+    rows: ClassVar[list[dict]] = []
 
     def __init__(self, name: str):
         self.name, self.peak, self.stop = name, rss_bytes(), threading.Event()
@@ -142,24 +150,47 @@ def generate(out: Path, n: int, dim: int, seed: int, shard: int = 131_072) -> tu
     return VectorStore(paths), cluster, group
 
 
-def dedup_graph(store: VectorStore, group: np.ndarray, nlist: int, work: Path) -> None:
+def dedup_index(n: int, lists: str, list_size: int, quantizer_nprobe: int) -> IndexConfig:
+    if lists == "sqrt":  # ~2 sqrt(n) lists: on CPU the flat quantizer's training and per-query scan dominate
+        nlist = 2 ** round(np.log2(2 * np.sqrt(n)))
+        return IndexConfig(kind="ivf_blocks", nlist=nlist, nprobe=8, train_size=32 * nlist)
+    nlist = choose_nlist(n, IndexConfig(list_size=list_size))
+    return IndexConfig(kind="ivf_blocks", list_size=list_size, nprobe=8, quantizer="ivf",
+                       quantizer_nprobe=quantizer_nprobe, train_size=32 * nlist)  # fmt: skip
+
+
+def dedup_graph(store: VectorStore, group: np.ndarray, cfg: IndexConfig, work: Path) -> None:
     with Step("dedup_graph").run() as info:
-        cfg = IndexConfig(kind="ivf_blocks", nlist=nlist, nprobe=8, train_size=32 * nlist)
+        t = time.perf_counter()
         idx = build_index(RowView(store), cfg, seed=0, work_dir=work)
+        build_s = time.perf_counter() - t
         t = time.perf_counter()
         edges = knn_edges(idx, ((s, b[:, None, :]) for s, b in store.chunks(262_144)), k=64, threshold=0.6)
         search_s = time.perf_counter() - t
         uf = UnionFind(len(store))
         uf.union_edges(edges.src, edges.dst)
         labels = uf.labels()
+        p = idx.params
+        n = len(store)  # work per vector, machine-independent: scored (vector, list member) and (vector, centroid) pairs
+        quantizer_pairs = getattr(idx.index, "scored", 2 * n * p["nlist"])  # flat: base assignment + queries
+        work = {"scanned_per_vector": round(idx.scanned / n, 1), "quantizer_pairs_per_vector": round(quantizer_pairs / n, 1)}
         del idx
         planted = group >= 0
         g, lab = group[planted], labels[planted]
         per_group = np.unique(np.stack([g, lab], 1), axis=0)  # a planted group is recovered in one component
         recovered = np.bincount(per_group[:, 0]) == 1
-        info.update(edges=len(edges), components=len(np.unique(labels)), search_seconds=round(search_s, 1),
-                    planted_groups=len(recovered), planted_groups_recovered=round(float(recovered.mean()), 4),
-                    **false_merges(labels, group), index=f"IVF{nlist} blocks nprobe=8, k=64, cos>0.6")  # fmt: skip
+        quantizer = f"ivf quantizer {p['quantizer_groups']} groups, {p['quantizer_nprobe']} probed" if "quantizer_groups" in p else "flat quantizer"
+        info.update(edges=len(edges), components=len(np.unique(labels)), build_seconds=round(build_s, 1),
+                    search_seconds=round(search_s, 1), planted_groups=len(recovered),
+                    planted_groups_recovered=round(float(recovered.mean()), 4), **false_merges(labels, group), **work,
+                    index=f"IVF{p['nlist']} blocks ({len(store) / p['nlist']:.0f}/list, {quantizer}) nprobe=8, k=64, cos>0.6")  # fmt: skip
+    with Step("dedup_recall").run() as info:  # the same graph by brute force on 300 nodes (planted: nearly all edges)
+        rng = np.random.default_rng(2)
+        planted_nodes = np.flatnonzero(group >= 0)
+        nodes = np.union1d(rng.choice(planted_nodes, min(200, len(planted_nodes)), replace=False),
+                           rng.choice(len(store), min(100, len(store)), replace=False))  # fmt: skip
+        exact = exact_edges(RowView(store), nodes, store.take(nodes)[:, None, :], 64, 0.6)
+        info.update(edge_recall(edges, exact, nodes))
 
 
 def false_merges(labels: np.ndarray, group: np.ndarray) -> dict:
@@ -195,9 +226,9 @@ def retrieval(store: VectorStore, cluster: np.ndarray, nlist: int, seed: int) ->
         del idx
 
 
-def hierarchical(store: VectorStore, precision: str) -> FlopCounter:
+def hierarchical(store: VectorStore, precision: str, levels: list[int] | None) -> FlopCounter:
     n = len(store)
-    k = [max(n // 500, 2), max(n // 5000, 2), max(n // 50000, 2)]
+    k = levels or [max(n // 500, 2), max(n // 5000, 2), max(n // 50000, 2)]
     cfg = RebalanceConfig(n_clusters=k, n_resampling_steps=[1, 10, 10], sample_sizes=[1, 5, 3], n_iter=10,
                           fit_sample=50 * k[0], init_sample=25 * k[0], target_size=n // 4, precision=precision)  # fmt: skip
     counter = FlopCounter()
@@ -219,30 +250,41 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None, help="scratch folder for the shards (default: a temp dir)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="k-means assignment matmul dtype; auto picks the faster one measured in step 1")
+    p.add_argument("--dedup-lists", choices=["fixed", "sqrt"], default="fixed",
+                   help="fixed: lists of --list-size vectors with an IVF quantizer over the centroids (work ~ n); "
+                        "sqrt: ~2 sqrt(n) lists with a flat quantizer (work ~ n^1.5)")
+    p.add_argument("--list-size", type=int, default=256, help="vectors per dedup list (--dedup-lists fixed)")
+    p.add_argument("--quantizer-nprobe", type=int, default=16, help="centroid groups probed (--dedup-lists fixed)")
+    p.add_argument("--kmeans-levels", choices=["fixed", "per_point"], default="fixed",
+                   help="fixed: the cluster counts of --levels whatever n; per_point: n/500, n/5000, n/50000")
+    p.add_argument("--levels", default="2000,200,20", help="clusters per level (--kmeans-levels fixed)")
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     out = args.out or Path(tempfile.mkdtemp(prefix="curate_scale_"))
     out.mkdir(parents=True, exist_ok=True)
     total = time.perf_counter()
     with Step("matmul_peak").run() as info:
-        peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
+        peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16, m=1024, n=1024, reps=1)
+        if peak16 > 0.5 * peak32:  # a native bf16 path: measure it properly (without one it can take minutes)
+            peak16 = matmul_peak(torch.bfloat16)
         info.update(fp32_gflops_per_s=round(peak32 / 1e9, 1), bf16_gflops_per_s=round(peak16 / 1e9, 1))
     precision = args.precision if args.precision != "auto" else ("bf16" if peak16 > peak32 else "fp32")
     with Step("generate").run() as info:
         store, cluster, group = generate(out, args.n, args.dim, args.seed)
         info.update(n=len(store), dim=args.dim, shards=len(store.paths), bytes_on_disk=sum(p.stat().st_size for p in store.paths))
-    # ~2 sqrt(n) lists: on CPU the coarse quantizer's training and per-query scan dominate (docs/scaling.md).
-    nlist = 2 ** round(np.log2(2 * np.sqrt(args.n)))
-    dedup_graph(store, group, nlist, out)
-    retrieval(store, cluster, nlist, args.seed)
-    counter = hierarchical(store, precision)
+    dedup_graph(store, group, dedup_index(args.n, args.dedup_lists, args.list_size, args.quantizer_nprobe), out)
+    # IVF-PQ: ~2 sqrt(n) lists (FAISS's flat quantizer: n x nlist to add, so fixed-size lists would be ~n^2 here).
+    retrieval(store, cluster, 2 ** round(np.log2(2 * np.sqrt(args.n))), args.seed)
+    levels = [int(v) for v in args.levels.split(",")] if args.kmeans_levels == "fixed" else None
+    counter = hierarchical(store, precision, levels)
     with Step("matmul_peak_again").run() as info:  # contention varies: the peak is the best of both measurements
         again = matmul_peak(torch.float32 if precision == "fp32" else torch.bfloat16)
         peak = max(again, peak32 if precision == "fp32" else peak16)
         info.update(gflops_per_s=round(again / 1e9, 1), precision=precision,
                     kmeans_assignment_gflops_per_s=round(counter.rate / 1e9, 1), peak_gflops_per_s=round(peak / 1e9, 1),
                     kmeans_assignment_utilisation=round(counter.rate / peak, 3))  # fmt: skip
-    summary = {"n": args.n, "total_seconds": round(time.perf_counter() - total, 1),
+    summary = {"n": args.n, "dedup_lists": args.dedup_lists, "kmeans_levels": args.kmeans_levels,
+               "total_seconds": round(time.perf_counter() - total, 1),
                "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 2),
                "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}  # fmt: skip
     print(json.dumps(summary), flush=True)

@@ -95,6 +95,13 @@ def main() -> None:
     f = 2 * n * per_query
     print(f"| dedup kNN graph (ivf_blocks, {dedup_nlist:,} lists, nprobe {dedup_nprobe}) | {n:,.0f} | - | {f:.2e} | "
           f"{gb(dedup_nlist * DIM_SSCD * 4)} | {f / rate / 3600:,.2f} |")
+    lsize, qprobe = 1024, 16  # ivf_blocks with list_size 1024 and quantizer: ivf (sqrt(nlist) groups, 16 probed)
+    nl = n / lsize
+    groups = nl**0.5
+    per_query = (groups + qprobe * nl / groups) * DIM_SSCD + dedup_nprobe * lsize * DIM_SSCD
+    f = 2 * n * per_query
+    print(f"| dedup kNN graph (ivf_blocks, lists of {lsize:,} = {nl:,.0f} lists, IVF quantizer over {groups:,.0f} groups "
+          f"probing {qprobe}, nprobe {dedup_nprobe}) | {n:,.0f} | - | {f:.2e} | {gb(nl * DIM_SSCD * 4)} | {f / rate / 3600:,.2f} |")
     total = hierarchical_flops(after_rel)
     print(f"| rebalancing total, web config (levels 100k x split 100 / 500k / 50k / 10k; resampling 1/10/10/10; "
           f"50 Lloyd iterations; level 1 fitted on 100M) | {after_rel:,.0f} | - | {total:.2e} | - | {total / rate / 3600:,.1f} |")

@@ -22,7 +22,7 @@ import pandas as pd
 from PIL import Image
 
 from curation.descriptors import Descriptor, Whitener, build_descriptor, describe, n_views, score_norm_offsets
-from curation.graph import Edges, UnionFind, components, knn_edges
+from curation.graph import Edges, UnionFind, components, edge_recall, exact_edges, knn_edges
 from curation.index import BlockedIVF, SearchIndex, build_index
 from curation.vectors import RowView, VectorStore, VectorWriter, write_vectors
 from infra.config.curation import DedupConfig, IndexConfig
@@ -156,6 +156,7 @@ class DedupGraph:
     edges: Edges  # pool edges above min(threshold, eval_threshold)
     eval_edges: Edges  # pool node -> eval node edges above eval_threshold
     index: dict
+    recall: dict | None = None  # approximate index: the graph's edge recall against exact search on a sample
 
 
 def dedup_graph(pool: Described, ev: Described, cfg: DedupConfig, index_cfg: IndexConfig, seed: int,
@@ -170,7 +171,29 @@ def dedup_graph(pool: Described, ev: Described, cfg: DedupConfig, index_cfg: Ind
     table = _representatives(pool.meta, labels, cfg.representative)
     cross = _eval_edges(pool, ev, index, cfg, seed, background) if n and len(ev.meta) else Edges.empty()
     _relative(table, labels, edges.above(cfg.eval_threshold), cross, ev.meta)
-    return DedupGraph(table, edges, cross, index.params if index else {})
+    approximate = index is not None and index.kind != "flat" and index_cfg.recall_sample > 0
+    recall = graph_recall(pool, edges, cfg, index_cfg.recall_sample, seed, background) if approximate else None
+    return DedupGraph(table, edges, cross, index.params if index else {}, recall)
+
+
+def graph_recall(pool: Described, edges: Edges, cfg: DedupConfig, sample: int, seed: int,
+                 background: np.ndarray | None) -> dict:  # fmt: skip
+    """Edge recall of the pool graph on ``sample`` random nodes against brute-force search (same views, offsets,
+    k and thresholds): at the threshold the graph was kept at, min(threshold, eval_threshold), and at ``threshold``.
+    """
+    rng = np.random.default_rng(seed + 2)
+    nodes = np.sort(rng.choice(len(pool.meta), min(len(pool.meta), sample), replace=False))
+    views = pool.views.take(nodes)  # m, V, D
+    views = pool.whitener(views) if pool.whitener else views
+    offsets = None
+    if background is not None:
+        sn = cfg.score_norm
+        offsets = score_norm_offsets(views.reshape(-1, views.shape[-1]), background, sn.ranks, sn.beta).reshape(views.shape[:2])
+    low = min(cfg.threshold, cfg.eval_threshold)
+    exact = exact_edges(pool.base, nodes, views, cfg.k, low, offsets)
+    out = {"sample": len(nodes), "k": cfg.k, "kept_threshold": low, **edge_recall(edges, exact, nodes)}
+    out["at_threshold"] = edge_recall(edges.above(cfg.threshold), exact.above(cfg.threshold), nodes)
+    return out
 
 
 def _representatives(meta: pd.DataFrame, labels: np.ndarray, rule: str) -> pd.DataFrame:
@@ -222,6 +245,8 @@ def dedup(
     shards: list[Shard], eval_sets: list[EvalSetConfig], stage_dir: Path, cfg: DedupConfig, tracker: ShardTracker,
     descriptor: Descriptor | None = None, seed: int = 0,
 ) -> StageResult:  # fmt: skip
+    if not cfg.enabled:
+        return _record(_passthrough(shards), stage_dir, "none", cfg, 0)
     built: list[Descriptor] = [descriptor] if descriptor else []
 
     def get() -> Descriptor:  # a fully resumed stage still needs the model for the evaluation images
@@ -240,12 +265,25 @@ def dedup(
     return result
 
 
+def _passthrough(shards: list[Shard]) -> DedupGraph:
+    """dedup.enabled=false: every image of the shard tables is its own component; nothing is decoded."""
+    cols = ["image_id", "row_id"]
+    parts = [s.read_table(cols).assign(shard=s.name) for s in shards]
+    meta = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=[*cols, "shard"])
+    table = _representatives(meta.assign(pixels=0), np.arange(len(meta)), "first_row")
+    table["eval_match"], table["eval_sim"] = None, np.nan
+    return DedupGraph(table, Edges.empty(), Edges.empty(), {})
+
+
 def _record(graph: DedupGraph, stage_dir: Path, descriptor: str, cfg: DedupConfig, n_eval: int) -> StageResult:
     table = graph.table
     ledger = LedgerWriter("dedup")
     dropped = {"near_duplicate": 0, "eval_contamination": 0}
     for r in table.itertuples(index=False):
         ids = {"row_id": int(r.row_id), "image_id": r.image_id}
+        if not cfg.enabled:  # the image passes; the event keeps its lineage chain complete
+            ledger.info("dedup_disabled", **ids)
+            continue
         comp = {"component": r.representative, "size": int(r.size), "representative": r.representative,
                 "representative_row": int(r.representative_row)}  # fmt: skip
         ledger.info("dup_component", **ids, detail={**comp, "descriptor": descriptor, "threshold": cfg.threshold})
@@ -275,5 +313,6 @@ def _record(graph: DedupGraph, stage_dir: Path, descriptor: str, cfg: DedupConfi
         extra={"descriptor": descriptor, "views": cfg.descriptor.views, "flip": cfg.descriptor.flip, "k": cfg.k,
                "threshold": cfg.threshold, "eval_threshold": cfg.eval_threshold, "eval_images": n_eval,
                "representative": cfg.representative, "whitening": cfg.descriptor.whitening,
-               "score_norm": cfg.score_norm.enabled, "index": graph.index},
+               "score_norm": cfg.score_norm.enabled, "index": graph.index, "recall": graph.recall,
+               "enabled": cfg.enabled},
     )

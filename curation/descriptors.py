@@ -169,10 +169,25 @@ class Whitener:
         return l2n((np.asarray(x, np.float32) - self.mean) @ self.proj)
 
 
-def score_norm_offsets(queries: np.ndarray, background: np.ndarray, ranks: tuple[int, int], beta: float) -> np.ndarray:
+def score_norm_offsets(queries: np.ndarray, background: np.ndarray, ranks: tuple[int, int], beta: float,
+                       block: int = 1 << 22) -> np.ndarray:  # fmt: skip
     """SSCD score normalisation: beta x mean similarity of each query to its ranks[0]..ranks[1] (inclusive) nearest
-    background vectors; the offset is subtracted from every score of that query."""
-    sims = np.asarray(queries, np.float32) @ np.asarray(background, np.float32).T
+    background vectors; the offset is subtracted from every score of that query.
+
+    Streams: queries and background in chunks whose score block holds at most ``block`` floats (16 MiB), keeping a
+    running top-(ranks[1] + 1) per query by partial selection, so memory does not grow with either count.
+    """
+    q = np.asarray(queries, np.float32)
     k = ranks[1] + 1
-    top = -np.sort(-sims, axis=1)[:, :k]
-    return (beta * top[:, ranks[0] : k].mean(1)).astype(np.float32)
+    bg_rows = max(1, min(len(background), block // 64))
+    q_rows = max(1, block // bg_rows)
+    out = np.empty(len(q), np.float32)
+    for s in range(0, len(q), q_rows):
+        qs = q[s : s + q_rows]
+        best = np.zeros((len(qs), 0), np.float32)  # running top-k similarities (unordered)
+        for b in range(0, len(background), bg_rows):
+            cand = np.concatenate([best, qs @ np.asarray(background[b : b + bg_rows], np.float32).T], 1)
+            best = -np.partition(-cand, k - 1, axis=1)[:, :k] if cand.shape[1] > k else cand
+        top = -np.sort(-best, axis=1)
+        out[s : s + len(qs)] = beta * top[:, ranks[0] : k].mean(1)
+    return out

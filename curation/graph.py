@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from curation.index import BlockedIVF, SearchIndex
+from curation.index import BlockedIVF, SearchIndex, exact_search
+from curation.vectors import RowView
 
 
 class UnionFind:
@@ -85,6 +86,10 @@ class Edges:
         keep = self.sim > threshold
         return Edges(self.src[keep], self.dst[keep], self.sim[keep])
 
+    def src_in(self, nodes: np.ndarray) -> Edges:
+        keep = np.isin(self.src, nodes)
+        return Edges(self.src[keep], self.dst[keep], self.sim[keep])
+
 
 def knn_edges(index: SearchIndex, queries: Iterable[tuple[int, np.ndarray]], k: int, threshold: float, *,
               exclude_self: bool = True, adjust: Iterable[np.ndarray] | None = None) -> Edges:  # fmt: skip
@@ -103,20 +108,52 @@ def knn_edges(index: SearchIndex, queries: Iterable[tuple[int, np.ndarray]], k: 
         offsets = next(adjust_iter).reshape(m * v) if adjust_iter is not None else None
         if isinstance(index, BlockedIVF):  # every probed pair above the threshold, exact, as dense matmuls
             rows, dst, sim = index.range_pairs(flat, threshold, offsets)
-            src = start + rows // v
+            parts.append(_select(start + rows // v, dst, sim, k, threshold, exclude_self))
         else:
             sims, ids = index.search(flat, k + 1 if exclude_self else k)  # m*V, kk
-            if offsets is not None:
-                sims = sims - offsets[:, None]
-            src = np.repeat(np.arange(start, start + m), v * sims.shape[1])
-            dst, sim = ids.ravel(), sims.ravel().astype(np.float32)
-        # Thresholding before the per-node top-k gives the same edges (a pair above the threshold is among the
-        # node's k best overall iff it is among its k best above the threshold) and leaves little to sort.
-        keep = (dst >= 0) & (sim > threshold)
-        if exclude_self:
-            keep &= dst != src
-        parts.append(_top_k_distinct(src[keep], dst[keep], sim[keep], k))
+            parts.append(_select_knn(np.arange(start, start + m), sims, ids, offsets, k, threshold, exclude_self))
     return Edges.concat(parts)
+
+
+def exact_edges(base: RowView, nodes: np.ndarray, views: np.ndarray, k: int, threshold: float,
+                offsets: np.ndarray | None = None, batch: int = 256) -> Edges:  # fmt: skip
+    """The edges of ``nodes`` (query views (m, V, D), offsets (m, V)) in the exact graph over ``base``, by brute
+    force: what :func:`knn_edges` gives with a flat index (self excluded). The reference for graph recall."""
+    parts = []
+    dim = views.shape[-1]
+    for s in range(0, len(nodes), batch):
+        flat = views[s : s + batch].reshape(-1, dim)
+        sims, ids = exact_search(base, flat, k + 1)
+        off = offsets[s : s + batch].reshape(-1) if offsets is not None else None
+        parts.append(_select_knn(nodes[s : s + batch], sims, ids, off, k, threshold, True))
+    return Edges.concat(parts)
+
+
+def edge_recall(approx: Edges, exact: Edges, nodes: np.ndarray) -> dict:
+    """Share of the exact graph's edges out of ``nodes`` that the approximate graph found."""
+    mine = approx.src_in(nodes)
+    n = int(max(approx.dst.max(initial=0), exact.dst.max(initial=0), nodes.max(initial=0))) + 1
+    found = int(np.isin(exact.src * n + exact.dst, mine.src * n + mine.dst).sum())
+    return {"queries": len(nodes), "exact_edges": len(exact), "found": found,
+            "recall": round(found / len(exact), 4) if len(exact) else 1.0}  # fmt: skip
+
+
+def _select_knn(nodes: np.ndarray, sims: np.ndarray, ids: np.ndarray, offsets: np.ndarray | None, k: int,
+                threshold: float, exclude_self: bool) -> Edges:  # fmt: skip
+    """kNN results (m*V, kk) of the views of ``nodes`` -> the nodes' edges."""
+    if offsets is not None:
+        sims = sims - offsets[:, None]
+    src = np.repeat(nodes, sims.size // max(len(nodes), 1))
+    return _select(src, ids.ravel(), sims.ravel().astype(np.float32), k, threshold, exclude_self)
+
+
+def _select(src: np.ndarray, dst: np.ndarray, sim: np.ndarray, k: int, threshold: float, exclude_self: bool) -> Edges:
+    # Thresholding before the per-node top-k gives the same edges (a pair above the threshold is among the
+    # node's k best overall iff it is among its k best above the threshold) and leaves little to sort.
+    keep = (dst >= 0) & (sim > threshold)
+    if exclude_self:
+        keep &= dst != src
+    return _top_k_distinct(src[keep], dst[keep], sim[keep], k)
 
 
 def _top_k_distinct(src: np.ndarray, dst: np.ndarray, sim: np.ndarray, k: int) -> Edges:

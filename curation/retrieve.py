@@ -77,11 +77,12 @@ class PoolClusters:
 
 
 def pool_clusters(pool: RowView, cfg: RetrieveConfig, seed: int) -> PoolClusters:
-    """k-means on the pool: fitted on at most ``kmeans_sample`` images, then every pool image assigned."""
+    """k-means on the pool: fitted on at most ``kmeans_sample`` images (k-means++ on at most ``kmeans_init_sample``
+    of them), then every pool image assigned chunk by chunk (paper A.4: 100,000 clusters at 1B scale)."""
     rng = np.random.default_rng(seed)
     n = len(pool)
     rows = np.arange(n) if n <= cfg.kmeans_sample else np.sort(rng.choice(n, cfg.kmeans_sample, replace=False))
-    km = kmeans(pool.take(rows), cfg.pool_clusters, cfg.kmeans_iters, rng)
+    km = kmeans(pool.take(rows), cfg.pool_clusters, cfg.kmeans_iters, rng, init_sample=cfg.kmeans_init_sample)
     a = km.assign if len(rows) == n else assign(pool.chunks(), km.centroids, n)[0]
     order = np.argsort(a, kind="stable")
     bounds = np.searchsorted(a[order], np.arange(len(km.centroids) + 1))
@@ -140,8 +141,12 @@ def retrieve(pool_meta: pd.DataFrame, pool: RowView, seed_sets: list[SeedQueries
                    max_hits_per_image=int(per_pos.max()) if len(per_pos) else 0)  # fmt: skip
         stats.append(row)
         hits.append(h.assign(seed_set=s.cfg.name, method=s.cfg.retrieval))
+    fit = min(len(pool), cfg.kmeans_sample)  # points k-means is fitted on; k-means++ on at least k of them
+    init = fit if cfg.kmeans_init_sample is None else min(fit, max(cfg.kmeans_init_sample, cfg.pool_clusters))
+    kmeans_info = {"fit_sample": fit, "init_sample": init}
     extra = {"index": index.params if index else None, "recall": recall,
-             "pool_clusters": len(clusters.centroids) if clusters else None}  # fmt: skip
+             "pool_clusters": len(clusters.centroids) if clusters else None,
+             "pool_kmeans": kmeans_info if clusters else None}  # fmt: skip
     return _record(pool_meta, hits, stats, stage_dir, extra)
 
 

@@ -21,13 +21,23 @@ class IndexConfig(Section):
     always recomputed exactly from the stored vectors, so thresholds never see PQ-approximate scores.
     ``ivf_blocks`` (threshold graphs only, e.g. dedup): the IVF partition searched list by list as dense matmuls,
     base vectors stored by list on disk (fp16); exact scores, candidates limited to the ``nprobe`` probed lists.
+    Scaling: by default nlist ~ 4 sqrt(n), so lists grow as sqrt(n) and search work as n^1.5; ``list_size`` fixes
+    the list size instead (nlist = n / list_size, work per query independent of n), and for ``ivf_blocks``
+    ``quantizer: ivf`` finds a query's lists through an IVF over the centroids (~(quantizer_nprobe + 1) sqrt(nlist)
+    dot products instead of nlist), so nothing grows faster than n (docs/scaling.md).
     """
 
     kind: Literal["auto", "flat", "ivf_flat", "ivfpq", "ivf_blocks"] = "auto"
     flat_max: int = Field(default=200_000, ge=1)
     large: Literal["ivf_flat", "ivfpq", "ivf_blocks"] = "ivfpq"  # what `auto` picks above `flat_max`
-    nlist: int | None = Field(default=None, ge=1)  # None: 4 * sqrt(n), rounded to a power of two
+    nlist: int | None = Field(default=None, ge=1)  # None: n / list_size, or 4 * sqrt(n) rounded to a power of two
+    list_size: int | None = Field(default=None, ge=1)  # target vectors per list when nlist is None
     nprobe: int = Field(default=16, ge=1)
+    # Coarse quantizer of ivf_blocks: flat (every centroid scored) or ivf (centroids grouped by a k-means over them;
+    # a query scores the centroids of its `quantizer_nprobe` best groups only). The FAISS kinds (ivf_flat, ivfpq)
+    # always use FAISS's flat quantizer.
+    quantizer: Literal["flat", "ivf"] = "flat"
+    quantizer_nprobe: int = Field(default=16, ge=1)
     pq_m: int = Field(default=32, ge=1)  # sub-quantizers; must divide the dimension
     pq_nbits: int = Field(default=8, ge=1, le=16)
     # Candidates per query taken from the index before exact re-ranking (x the k asked for).
@@ -94,10 +104,15 @@ class ScoreNormConfig(Section):
 
 
 class DedupConfig(Section):
+    # false: nothing is described or searched; every image passes (its own component) with an `info dedup_disabled`
+    # ledger event. The paper's curation always deduplicates; for pools known to be duplicate-free.
     enabled: bool = True
     descriptor: DescriptorConfig = Field(default_factory=DescriptorConfig)
     score_norm: ScoreNormConfig = Field(default_factory=ScoreNormConfig)
-    index: IndexConfig = Field(default_factory=lambda: IndexConfig(kind="auto", large="ivf_blocks", nprobe=8))
+    # Above flat_max: ivf_blocks with lists of a fixed size found through an IVF over the centroids, so the graph's
+    # cost grows ~linearly with the pool (docs/scaling.md); its edge recall is measured and recorded.
+    index: IndexConfig = Field(default_factory=lambda: IndexConfig(kind="auto", large="ivf_blocks", nprobe=8, list_size=256,
+                                                                   quantizer="ivf"))  # fmt: skip
     k: int = Field(default=64, ge=1)  # paper §A.3: 64 neighbours
     threshold: float = Field(default=0.6, ge=-1.0, le=1.0)  # paper §A.3: cosine > 0.6
     eval_threshold: float = Field(default=0.45, ge=-1.0, le=1.0)  # paper §A.3: cosine > 0.45
@@ -117,7 +132,6 @@ class BackboneConfig(Section):
     patch_size: int = Field(default=4, ge=1)
     path: Path | None = None
     image_size: int = Field(default=28, ge=8)
-    grayscale: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> BackboneConfig:
@@ -153,6 +167,9 @@ class RetrieveConfig(Section):
     max_per_dataset: int = Field(default=1_000_000, ge=1)
     kmeans_iters: int = Field(default=20, ge=1)
     kmeans_sample: int = Field(default=1_000_000, ge=1)  # fit on a sample, assign every pool image
+    # k-means++ (sequential in k: ~k x trials passes over its points) on at most this many of the fit sample
+    # (None: all of it); at 100k clusters e.g. 10-20 points per cluster.
+    kmeans_init_sample: int | None = Field(default=None, ge=1)
     # Overrides keyed by seed-set name.
     datasets: dict[str, DatasetRetrieval] = Field(default_factory=dict)
 

@@ -198,3 +198,190 @@ def test_whitening_and_score_norm_run_in_the_stage(tmp_path) -> None:
     res = dedup(shards, ev, out, cfg, ShardTracker("dedup", out))
     assert res.extra["whitening"] == "center" and res.extra["score_norm"] is True
     assert res.counts["input"] == 21 and (out / "index_vectors.npy").is_file()
+
+
+def test_score_norm_offsets_stream_equal_the_dense_formula(rng) -> None:
+    """Chunked background with a running partial top-k = the dense (queries x background) sort, whatever the block."""
+    from curation.descriptors import l2n, score_norm_offsets
+
+    q, bg = l2n(rng.standard_normal((300, 16))), l2n(rng.standard_normal((5000, 16)))
+
+    def dense(bg: np.ndarray, ranks: tuple[int, int], beta: float) -> np.ndarray:  # the formula before streaming
+        top = -np.sort(-(q @ bg.T), axis=1)[:, : ranks[1] + 1]
+        return (beta * top[:, ranks[0] :].mean(1)).astype(np.float32)
+
+    for ranks, beta in (((0, 2), 1.0), ((1, 4), 0.5), ((0, 0), 2.0)):
+        for block in (4096, 100_000, 1 << 22):  # 4096: 64 queries x 64 background rows per block
+            got = score_norm_offsets(q, bg, ranks, beta, block=block)
+            np.testing.assert_allclose(got, dense(bg, ranks, beta), rtol=0, atol=2e-6)  # chunked matmul rounding
+    np.testing.assert_array_equal(score_norm_offsets(q, bg[:2], (0, 2), 1.0), dense(bg[:2], (0, 2), 1.0))  # < k
+
+
+def test_disabled_dedup_passes_every_image_with_an_info_event(tmp_path) -> None:
+    shards, ev = _planted(tmp_path)
+    out = tmp_path / "dedup"
+    res = dedup(shards, ev, out, DedupConfig.model_validate({**PIXEL, "enabled": False}), ShardTracker("dedup", out))
+    assert res.counts == {"input": 21, "kept": 21, "dropped": {"near_duplicate": 0, "eval_contamination": 0},
+                          "components": 21, "components_multi": 0, "edges": 0, "eval_edges": 0}  # fmt: skip
+    assert res.extra["enabled"] is False and not (out / "descriptors").exists()  # nothing was decoded or described
+    kept = pd.read_parquet(out / KEPT)
+    assert kept["row_id"].tolist() == list(range(21)) and (kept["component_size"] == 1).all()
+    comp = pd.read_parquet(out / COMPONENTS)
+    assert (comp["representative"] == comp["image_id"]).all() and comp["eval_match"].isna().all()
+    ledger = pd.read_parquet(out / "ledger" / "dedup.parquet")
+    assert ledger[["kind", "reason"]].drop_duplicates().values.tolist() == [["info", "dedup_disabled"]]
+    assert sorted(ledger["row_id"].tolist()) == list(range(21)) and len(pd.read_parquet(out / "edges.parquet")) == 0
+
+
+def test_approximate_index_recall_is_in_the_stage_result(tmp_path) -> None:
+    """A pool above `flat_max` takes the ivf_blocks path; the graph's edge recall against brute force is recorded."""
+    from infra.manifest import StageManifest, read_manifest, write_manifest
+
+    shards, ev = _planted(tmp_path)
+    out = tmp_path / "dedup"
+    index = {"flat_max": 4, "large": "ivf_blocks", "nlist": 4, "nprobe": 1, "recall_sample": 10}
+    res = dedup(shards, ev, out, DedupConfig.model_validate({**PIXEL, "index": index}), ShardTracker("dedup", out))
+    assert res.extra["index"]["kind"] == "ivf_blocks" and res.extra["index"]["nlist"] == 4
+    assert res.extra["recall"] == {"sample": 10, "k": 64, "kept_threshold": 0.995, "queries": 10, "exact_edges": 4,
+                                   "found": 4, "recall": 1.0,
+                                   "at_threshold": {"queries": 10, "exact_edges": 4, "found": 4, "recall": 1.0}}  # fmt: skip
+    comp = pd.read_parquet(out / COMPONENTS)
+    assert sorted(comp.groupby("representative")["row_id"].apply(sorted).map(len)) == [1] * 10 + [2, 2, 2, 2, 3]
+    write_manifest(out, StageManifest(stage="dedup", run_id="r", config_hash="c", code_version="v", inputs_digest="i",
+                                      started_at="s", finished_at="f", counts=res.counts, extra=res.extra))  # fmt: skip
+    assert read_manifest(out).extra["recall"] == res.extra["recall"]
+    flat = dedup(shards, ev, tmp_path / "flat", DedupConfig.model_validate(PIXEL), ShardTracker("dedup", tmp_path / "flat"))
+    assert flat.extra["recall"] is None  # exact search: nothing to measure
+
+
+def _described(x: np.ndarray, views: np.ndarray, root) -> tuple:
+    from curation.dedup import Described
+    from curation.vectors import VectorStore
+
+    meta = pd.DataFrame({"image_id": [f"i{i}" for i in range(len(x))], "row_id": range(len(x)), "shard": "0", "pixels": 1})
+    pool = Described(meta, VectorStore.from_array(views, root / "views.npy"), RowView(VectorStore.from_array(x, root / "x.npy")))
+    ev_views = VectorStore.from_array(np.zeros((0, views.shape[1], x.shape[1]), np.float32), root / "ev.npy")
+    ev = Described(pd.DataFrame(columns=["eval_image", "eval_image_id"]), ev_views, RowView(np.zeros((0, x.shape[1]), np.float32)))
+    return pool, ev
+
+
+def _clustered(rng, n: int = 3000, dim: int = 16) -> np.ndarray:
+    centres = rng.standard_normal((30, dim)).astype(np.float32)
+    x = centres[rng.integers(0, 30, n)] + 0.6 * rng.standard_normal((n, dim)).astype(np.float32)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16).astype(np.float32)
+
+
+def test_graph_recall_equals_the_share_of_flat_graph_edges_found(tmp_path, rng) -> None:
+    """The recorded recall on a node sample = |approximate edges ∩ flat-index edges| / |flat-index edges| there."""
+    from curation.dedup import dedup_graph
+    from curation.graph import edge_recall, exact_edges
+
+    x = _clustered(rng)
+    views = np.stack([x, x[:, ::-1]], 1)
+    pool, ev = _described(x, views, tmp_path)
+    cfg = DedupConfig(k=5, threshold=0.85, eval_threshold=0.8)
+    flat = knn_edges(build_index(pool.base, IndexConfig(kind="flat")), [(0, views)], k=5, threshold=0.8)
+    every = np.arange(3000)
+    exact = exact_edges(pool.base, every, views, 5, 0.8, batch=700)  # brute force = the flat index's graph
+    assert np.array_equal(exact.src, flat.src) and np.array_equal(exact.dst, flat.dst) and len(exact) == 13621
+    np.testing.assert_allclose(exact.sim, flat.sim, atol=1e-6)
+    for sample, nprobe, expected in ((3000, 2, (13621, 13462, 0.9883)), (500, 1, (2287, 2213, 0.9676))):
+        index_cfg = IndexConfig(kind="ivf_blocks", nlist=16, nprobe=nprobe, recall_sample=sample)
+        g = dedup_graph(pool, ev, cfg, index_cfg, seed=0, work_dir=tmp_path)
+        nodes = np.sort(np.random.default_rng(2).choice(3000, sample, replace=False))  # seed + 2, as recorded
+        ref = edge_recall(g.edges, flat.src_in(nodes), nodes)
+        assert (g.recall["exact_edges"], g.recall["found"], g.recall["recall"]) == expected
+        assert {k: g.recall[k] for k in ref} == ref and g.recall["sample"] == sample
+        above = flat.above(0.85).src_in(nodes)
+        assert g.recall["at_threshold"] == edge_recall(g.edges.above(0.85), above, nodes)
+
+
+def test_centroid_ivf_returns_the_best_centroids_of_the_probed_groups(rng) -> None:
+    from curation.index import CentroidIVF
+
+    x = _clustered(rng, 4000, 16)
+    q = CentroidIVF.train(x, 100, nprobe=3, seed=0)
+    assert len(q.top) == 10 and q.bounds.tolist() == [0, 12, 23, 32, 42, 55, 65, 76, 83, 90, 100]  # sqrt(100) groups
+    queries = _clustered(np.random.default_rng(1), 300, 16)
+    sims, ids = q.search(queries, 7, block=500)  # block: a few queries per chunk
+    for i in range(len(queries)):  # naive: score the 3 best groups' centroids, take the 7 best
+        groups = np.argsort(-(q.top @ queries[i]), kind="stable")[:3]
+        cand = np.concatenate([np.arange(q.bounds[g], q.bounds[g + 1]) for g in groups])
+        s = q.centroids[cand] @ queries[i]
+        assert set(ids[i].tolist()) == set(cand[np.argsort(-s, kind="stable")[:7]].tolist())
+        np.testing.assert_allclose(sims[i], -np.sort(-s)[:7], rtol=1e-5)
+    everything = CentroidIVF(q.top, q.centroids, q.bounds, nprobe=10)  # every group probed = exact search
+    _s, exact = everything.search(queries, 1)
+    np.testing.assert_array_equal(exact[:, 0], (queries @ q.centroids.T).argmax(1))
+
+
+def test_fixed_list_size_and_centroid_ivf_quantizer(tmp_path, rng) -> None:
+    """list_size fixes the list size (nlist = n / list_size); with every group and list probed the ivf quantizer's
+    graph is the exact one, with fewer it is a subset."""
+    from curation.index import choose_nlist
+
+    assert [choose_nlist(n, IndexConfig(list_size=256)) for n in (100, 256, 257, 1_000_000)] == [1, 1, 2, 3907]
+    assert choose_nlist(10_000, IndexConfig()) == 256 and choose_nlist(10_000, IndexConfig(nlist=7, list_size=5)) == 7
+    x = _clustered(rng)
+    views = np.stack([x, x[:, ::-1]], 1)
+    base = RowView(x)
+
+    def edges(cfg: IndexConfig) -> tuple[set, dict]:
+        index = build_index(base, cfg, seed=0, work_dir=tmp_path)
+        e = knn_edges(index, [(0, views)], k=5, threshold=0.8)
+        return set(zip(e.src.tolist(), e.dst.tolist(), strict=True)), index.params
+
+    exact, _ = edges(IndexConfig(kind="flat"))
+    full, params = edges(IndexConfig(kind="ivf_blocks", list_size=100, nprobe=40, quantizer="ivf", quantizer_nprobe=6))
+    assert (params["nlist"], params["quantizer_groups"], params["quantizer_nprobe"]) == (29, 5, 5)  # 30 -> 29: rounding
+    assert full == exact and len(exact) == 13621
+    part, params = edges(IndexConfig(kind="ivf_blocks", list_size=100, nprobe=2, quantizer="ivf", quantizer_nprobe=1))
+    assert (len(part), len(part & exact)) == (13017, 12312)
+
+
+def test_pca_whitening_runs_through_the_stage(tmp_path) -> None:
+    """pcaw fitted on the pool's whole-image descriptors: the index holds the whitened vectors; planted set intact."""
+    from curation.descriptors import Whitener
+
+    shards, ev = _planted(tmp_path)
+    out = tmp_path / "dedup"
+    desc = {**PIXEL["descriptor"], "whitening": "pcaw", "whitening_dim": 8}
+    res = dedup(shards, ev, out, DedupConfig.model_validate({**PIXEL, "descriptor": desc, "threshold": 0.9,
+                                                             "eval_threshold": 0.9}), ShardTracker("dedup", out))  # fmt: skip
+    raw = np.concatenate([np.load(out / "descriptors" / f"{s.name}.npy") for s in shards]).astype(np.float32)
+    ref = Whitener.fit(raw[:, 0], "pcaw", 8)(raw[:, 0])
+    index_vectors = np.load(out / "index_vectors.npy").astype(np.float32)
+    assert index_vectors.shape == (21, 8) and res.extra["whitening"] == "pcaw"
+    np.testing.assert_allclose(index_vectors, ref, atol=2e-3)  # fp16 storage
+    comp = pd.read_parquet(out / COMPONENTS).set_index("row_id")
+    multi = sorted(sorted(int(r) for r in rows) for rows in comp.groupby("representative").groups.values() if len(rows) > 1)
+    assert multi == [[1, 12], [2, 13, 16], [3, 14], [4, 15], [17, 20]]
+    assert sorted(pd.read_parquet(out / KEPT)["row_id"].tolist()) == list(range(12))
+    assert res.counts["edges"] == 14 and res.counts["eval_edges"] == 8
+
+
+def test_sscd_backend_from_a_torchvision_checkpoint_runs_the_stage(tmp_path) -> None:
+    """The stage loads a (tiny) SSCD state dict, describes with the in-project model, and finds the planted set."""
+    from curation.descriptors import SSCDDescriptor, describe
+    from curation.models.sscd import export_torchvision
+    from infra.images import decode
+    from infra.shards import iter_shard_images
+    from infra.storage import sha256_file
+    from tests.curation.test_sscd import _model
+
+    shards, ev = _planted(tmp_path)
+    model = _model()  # resnet18 trunk, 32-d: the release layout at test size
+    path = export_torchvision(model, tmp_path / "tiny.torchvision.pt")
+    desc = {"backend": "sscd", "path": str(path), "arch": "resnet18", "dims": 32, "image_size": 64, "precision": "fp32",
+            "views": [1.0, 0.86], "flip": True}  # fmt: skip
+    cfg = DedupConfig.model_validate({"descriptor": desc, "threshold": 0.997, "eval_threshold": 0.997})
+    out = tmp_path / "dedup"
+    res = dedup(shards, ev, out, cfg, ShardTracker("dedup", out))
+    assert res.extra["descriptor"] == "sscd:tiny.torchvision.pt:square64" and res.extra["model_sha256"] == sha256_file(path)
+    images = [decode(data) for _, data in iter_shard_images(shards[0])]
+    ref = describe(images, SSCDDescriptor(model, "ref", 64, precision="fp32"), cfg.descriptor)
+    np.testing.assert_allclose(np.load(out / "descriptors" / "00000.npy").astype(np.float32), ref, atol=2e-3)
+    comp = pd.read_parquet(out / COMPONENTS).set_index("row_id")
+    multi = sorted(sorted(int(r) for r in rows) for rows in comp.groupby("representative").groups.values() if len(rows) > 1)
+    assert multi == [[1, 12], [2, 13, 16], [3, 14], [4, 15], [17, 20]]
+    assert res.counts["dropped"] == {"near_duplicate": 6, "eval_contamination": 3} and res.counts["edges"] == 12

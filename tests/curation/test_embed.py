@@ -116,6 +116,13 @@ def test_dinov2_kind_needs_a_path() -> None:
         BackboneConfig(kind="dinov2", arch="vit_small", patch_size=14)
 
 
+def test_grayscale_is_not_a_backbone_option() -> None:
+    """`grayscale` was never read (embedding and evaluation share this section): it is now an unknown key, an error
+    rather than a silently ignored setting."""
+    with pytest.raises(ValueError, match="grayscale"):
+        BackboneConfig(grayscale=True)
+
+
 def test_official_dinov2_checkpoint_through_the_backbone_config(tmp_path) -> None:
     """kind=dinov2: a released-format state dict (`blocks.<i>.*` keys, `.pth`) loads into the project ViT."""
     registry = pytest.importorskip("training.registry", reason="needs the training package (training/)")

@@ -135,3 +135,30 @@ def test_stage_records_selection_and_lineage(tmp_path) -> None:
 def test_per_level_lists_are_validated(field) -> None:
     with pytest.raises(ValueError):
         RebalanceConfig(n_clusters=[10, 2], **{field: [1]})
+
+
+def test_random_resampling_strategy() -> None:
+    """`random`: per cluster a random subset of `sample_size` members (clusters no larger are taken whole), drawn from
+    the level's generator; on the rings it spreads level-1 centroids more evenly over the rings than `closest`."""
+    from curation.rebalance import resample
+
+    members = [np.array([3, 0, 7, 1, 9, 4]), np.array([12, 10]), np.array([15, 13, 19, 14, 18])]
+    assert resample(members, 3, "random", np.random.default_rng(0)).tolist() == [1, 4, 9, 12, 10, 14, 15, 18]
+    r = np.random.default_rng(0)
+    ref = [np.sort(r.choice(members[0], 3, replace=False)), members[1], np.sort(r.choice(members[2], 3, replace=False))]
+    assert np.concatenate(ref).tolist() == [1, 4, 9, 12, 10, 14, 15, 18]
+    assert resample(members, 3, "closest", np.random.default_rng(0)).tolist() == [3, 0, 7, 12, 10, 15, 13, 19]
+    x, group = rings()
+    per_ring, runs = {}, {}
+    for strategy in ("closest", "random"):
+        cfg = RebalanceConfig(n_clusters=[100, 10], n_resampling_steps=[5, 5], sample_sizes=[10, 3], n_iter=20,
+                              resample_strategy=strategy)  # fmt: skip
+        runs[strategy] = hierarchical_kmeans(RowView(x), cfg, seed=0)
+        per_ring[strategy] = np.bincount(np.digitize(runs[strategy][0].centroids[:, 0], [-1.5, 1.5]), minlength=3).tolist()
+        sel = balanced_sample(runs[strategy], 150, seed=0)
+        assert np.bincount(group[sel], minlength=3).tolist() == [60, 45, 45] and round(kl_to_uniform(group[sel]), 4) == 0.0097
+    assert per_ring == {"closest": [54, 28, 18], "random": [42, 41, 17]}  # rings of 6,000 / 600 / 60 points
+    again = hierarchical_kmeans(RowView(x), cfg, seed=0)  # cfg: the random strategy (last in the loop)
+    for u, v in zip(runs["random"], again, strict=True):
+        np.testing.assert_array_equal(u.centroids, v.centroids)
+    assert not np.array_equal(runs["random"][0].assign, runs["closest"][0].assign)

@@ -110,3 +110,53 @@ def test_every_pool_image_has_one_retrieval_outcome(tmp_path, rng) -> None:
     dropped = set(ledger.loc[ledger["reason"] == "not_retrieved", "row_id"])
     assert retrieved | dropped == set(range(50)) and not retrieved & dropped
     assert len(ledger[ledger["reason"] == "retrieved"]) == 6
+
+
+def test_stage_records_the_recall_of_an_ivfpq_index(tmp_path, rng) -> None:
+    """retrieve() with an approximate index: recall@N against brute force per sample-based set, in the manifest."""
+    from infra.manifest import StageManifest, read_manifest, write_manifest
+
+    centres = _unit(rng, 20, 32)
+    pool_emb = centres[rng.integers(0, 20, 12_000)] + 0.5 * _unit(rng, 12_000, 32)
+    meta, pool = _pool(tmp_path, pool_emb / np.linalg.norm(pool_emb, axis=1, keepdims=True))
+    index = {"kind": "auto", "flat_max": 10_000, "large": "ivfpq", "nlist": 32, "nprobe": 8, "pq_m": 8, "refine_factor": 4,
+             "recall_sample": 150}  # fmt: skip
+    cfg = RetrieveConfig(index=index, pool_clusters=5)
+    seeds = [_seeds(tmp_path, "s", _unit(rng, 200, 32)), _seeds(tmp_path, "in1k", _unit(rng, 40, 32), n_neighbors=8),
+             _seeds(tmp_path, "cl", _unit(rng, 30, 32), "cluster")]  # fmt: skip
+    res = retrieve(meta, pool, seeds, tmp_path / "out", cfg, seed=0)
+    assert res.extra["index"]["kind"] == "ivfpq" and res.extra["index"]["nlist"] == 32
+    assert res.extra["recall"] == {"s": {"recall_at_n": 0.9283, "queries": 150, "n": 4},
+                                   "in1k": {"recall_at_n": 0.9656, "queries": 40, "n": 8}}  # fmt: skip
+    # the recorded value is recall_at_k on the same query sample (the first draw of the stage's seeded rng)
+    q = seeds[0].emb.take(np.sort(np.random.default_rng(0).choice(200, 150, replace=False)))
+    assert round(recall_at_k(build_index(pool, IndexConfig(**index), seed=0), q, 4), 4) == 0.9283
+    write_manifest(tmp_path, StageManifest(stage="retrieve", run_id="r", config_hash="c", code_version="v",
+                                           inputs_digest="i", started_at="s", finished_at="f", extra=res.extra))  # fmt: skip
+    assert read_manifest(tmp_path).extra["recall"] == res.extra["recall"]
+    flat = retrieve(meta, pool, seeds[:1], tmp_path / "flat", RetrieveConfig(index={"kind": "flat"}), seed=0)
+    assert flat.extra["recall"] == {}  # exact search: nothing to measure
+
+
+def test_pool_kmeans_fits_on_a_sample_with_kmeans_plus_plus_on_a_smaller_one(tmp_path, rng) -> None:
+    """Cluster-based retrieval at scale: k-means++ on `kmeans_init_sample`, Lloyd on `kmeans_sample`, all assigned."""
+    from curation.kmeans import kmeans
+    from curation.retrieve import pool_clusters
+
+    centres = _unit(rng, 12, 8) * 3
+    _, pool = _pool(tmp_path, centres[rng.integers(0, 12, 5000)] + 0.3 * rng.standard_normal((5000, 8)).astype(np.float32))
+    cfg = RetrieveConfig(pool_clusters=12, kmeans_sample=1000, kmeans_init_sample=100, kmeans_iters=10)
+    got = pool_clusters(pool, cfg, seed=3)
+    x = pool.take(np.arange(5000))
+    r = np.random.default_rng(3)  # the same draws: fit rows, then the init rows inside kmeans()
+    rows = np.sort(r.choice(5000, 1000, replace=False))
+    ref = kmeans(x[rows], 12, 10, r, init_sample=100)
+    np.testing.assert_array_equal(got.centroids, ref.centroids)
+    d2 = ((x[:, None, :] - got.centroids[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(got.assign, d2.argmin(1))  # every pool image at its nearest centroid
+    assert sum(len(m) for m in got.members) == 5000 and np.bincount(got.assign, minlength=12).min() > 0
+    no_init_sample = pool_clusters(pool, cfg.model_copy(update={"kmeans_init_sample": None}), seed=3)
+    assert not np.array_equal(no_init_sample.centroids, got.centroids)  # the init sample does change the seeding
+    meta, _ = _pool(tmp_path, x)
+    res = retrieve(meta, pool, [_seeds(tmp_path, "cl", x[:20], "cluster")], tmp_path / "out", cfg, seed=3)
+    assert res.extra["pool_kmeans"] == {"fit_sample": 1000, "init_sample": 100} and res.extra["pool_clusters"] == 12
