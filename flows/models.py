@@ -9,6 +9,7 @@ import torch
 
 from infra.config import PipelineConfig
 from infra.config.curation import BackboneConfig
+from infra.config.train import TrainConfig
 from infra.features import Embedder
 
 if TYPE_CHECKING:
@@ -73,15 +74,17 @@ def feature_model(cfg: BackboneConfig, name: str, seed: int = 0) -> FeatureModel
     return wrap(build_model(cfg, seed), name, fp, cfg.image_size)
 
 
-def evaluation_models(cfg: PipelineConfig, teacher: Path) -> list[EvalModel]:
+def evaluation_models(cfg: PipelineConfig, teacher: Path, train: TrainConfig | None = None) -> list[EvalModel]:
     """The run's pretrained teacher, its baselines (same architecture at random init, raw pixels) and the
-    configured reference checkpoints, in the order the report shows them."""
+    configured reference checkpoints, in the order the report shows them. `train`: the configuration of the training
+    stage that exported `teacher` (default `cfg.train`; a distilled student or a high-resolution stage differ)."""
     from evaluation.features import PixelModel
     from evaluation.suite import EvalModel
 
-    student = cfg.train.student
+    train = train or cfg.train
+    student = train.student
     arch = BackboneConfig(kind="vit", arch=student.arch, patch_size=student.patch_size,
-                          image_size=cfg.train.crops.global_crops_size)  # fmt: skip
+                          image_size=train.crops.global_crops_size)  # fmt: skip
     models = [EvalModel(feature_model(arch.model_copy(update={"path": teacher}), "pretrained"), "pretrained", str(teacher))]
     if cfg.evaluate.random_init_baseline:
         models.append(EvalModel(feature_model(arch, "random-init", seed=cfg.run.seed), "baseline"))

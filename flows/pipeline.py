@@ -18,7 +18,7 @@ from prefect import flow, task
 from prefect.context import TaskRunContext
 from prefect.filesystems import LocalFileSystem
 
-from flows.stages import active_stages
+from flows.stages import SPECS, TRAINING_STAGES, active_stages, training_stages
 from infra.config import PipelineConfig
 from infra.demo.server import DemoServer
 from infra.manifest import read_manifest
@@ -97,4 +97,10 @@ def pipeline(run_root: str, run_id: str) -> dict[str, Any]:
     if cfg.evaluate.report:
         write_report(run)
     run.log_event("flow_completed")
-    return run_summary(run, cfg)
+    return run_summary(run, cfg, summary_stages(cfg))
+
+
+def summary_stages(cfg: PipelineConfig) -> tuple[str, ...]:
+    """The summary's rows: every stage in order, the optional training stages only where enabled."""
+    optional = set(TRAINING_STAGES) - {"pretrain"} - set(training_stages(cfg))
+    return tuple(n for n in SPECS if n not in optional)

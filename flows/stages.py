@@ -6,6 +6,9 @@ resume, manifests, events) is :func:`infra.stage.run_stage`.
 
 from __future__ import annotations
 
+from dataclasses import replace
+from itertools import pairwise
+
 import numpy as np
 import pandas as pd
 
@@ -20,8 +23,10 @@ from curation.retrieve import RETRIEVED, SEED_STATS, SeedQueries, retrieve
 from curation.truth import assert_eval_copies_removed, score_dedup
 from curation.vectors import RowView, VectorStore
 from infra.config import PipelineConfig
+from infra.config.train import TrainConfig
 from infra.demo.benchmarks import SEGMENTATION_DIR, build_digit_segmentation
 from infra.demo.crawl import build_demo_crawl
+from infra.run import RunDir
 from infra.shards import list_shards
 from infra.stage import StageContext, StageResult, StageSpec
 
@@ -63,7 +68,7 @@ def _dedup(ctx: StageContext) -> StageResult:
     shards = list_shards(ctx.upstream_dir("faces") / "shards")
     result = dedup(shards, ctx.cfg.data.eval_sets, ctx.dir, ctx.cfg.dedup, ctx.tracker(), seed=ctx.cfg.run.seed)
     truth = ctx.upstream_dir("crawl") / "truth.parquet"
-    if ctx.cfg.demo.enabled and truth.is_file():  # the demo knows what it planted: score it, and insist
+    if ctx.cfg.demo.enabled and ctx.cfg.dedup.enabled and truth.is_file():  # the demo knows what it planted: insist
         report = score_dedup(pd.read_parquet(ctx.dir / COMPONENTS), pd.read_parquet(truth))
         result.extra["truth"] = report
         assert_eval_copies_removed(report)
@@ -112,15 +117,42 @@ def _corpus(ctx: StageContext) -> StageResult:
     return build_corpus(selected, ctx.upstream_dir("faces") / "shards", as_is, stats, ctx.dir, ctx.cfg.corpus)
 
 
-def _pretrain(ctx: StageContext) -> StageResult:
+# Training stages in order, with the `train.<section>` that enables each optional follow-up of `pretrain`.
+TRAINING_STAGES = {"pretrain": None, "pretrain_highres": "highres", "distill": "distill"}
+TEACHER_BUNDLE = "teacher_checkpoint.safetensors"  # backbone + heads a training stage exports for the next one
+TEACHER_BACKBONE = "teacher_backbone.safetensors"  # what evaluation reads
+
+
+def training_stages(cfg: PipelineConfig) -> list[str]:
+    """The training stages this configuration runs: pretrain, then the enabled follow-ups (`train.highres`,
+    `train.distill`), each continuing from the previous one's teacher bundle."""
+    if not cfg.train.enabled:
+        return []
+    return [n for n, section in TRAINING_STAGES.items() if section is None or getattr(cfg.train, section).enabled]
+
+
+def stage_train_config(cfg: PipelineConfig, run: RunDir, stage: str) -> TrainConfig:
+    """What a training stage trains: the `train` section (pretrain), or a follow-up's stage configuration started
+    from the previous training stage's bundle (`TrainConfig.highres_stage` / `distill_stage`)."""
+    stages = training_stages(cfg)
+    i = stages.index(stage)
+    if i == 0:
+        return cfg.train
+    bundle = run.stage_dir(stages[i - 1]) / TEACHER_BUNDLE
+    return cfg.train.highres_stage(bundle) if stage == "pretrain_highres" else cfg.train.distill_stage(bundle)
+
+
+def _train(ctx: StageContext) -> StageResult:
     from training.pretrain import pretrain
 
     shards = [s.tar for s in list_shards(ctx.upstream_dir("corpus") / "shards")]
-    res = pretrain(shards, ctx.dir, ctx.cfg.train, seed=ctx.cfg.run.seed)
+    train = stage_train_config(ctx.cfg, ctx.run, ctx.name)
+    res = pretrain(shards, ctx.dir, train, seed=ctx.cfg.run.seed)
     return StageResult(
         counts={"steps": res.steps},
-        outputs=[res.teacher_backbone, res.metrics_csv],
-        extra={"final": res.final, "images_per_second": res.images_per_second, "checkpoint": str(res.checkpoint)},
+        outputs=[res.teacher_backbone, res.teacher_bundle, res.metrics_csv],
+        extra={"final": res.final, "images_per_second": res.images_per_second, "checkpoint": str(res.checkpoint),
+               "mode": train.mode, "arch": train.student.arch, "image_size": train.crops.global_crops_size},
     )
 
 
@@ -129,14 +161,18 @@ def _evaluate(ctx: StageContext) -> StageResult:
     from flows.models import evaluation_models
 
     cfg = ctx.cfg
-    teacher = ctx.upstream_dir("pretrain") / "teacher_backbone.safetensors"
+    final = training_stages(cfg)[-1]  # the last training stage's export is the run's model
+    teacher = ctx.upstream_dir(final) / TEACHER_BACKBONE
+    models = evaluation_models(cfg, teacher, stage_train_config(cfg, ctx.run, final))
     benchmarks = classification_benchmarks(cfg.data.eval_sets) + list(cfg.evaluate.benchmarks)
     cache = cfg.evaluate.cache_dir or ctx.run.root / ".cache" / "features"
-    return evaluate(benchmarks, evaluation_models(cfg, teacher), cfg.evaluate, ctx.dir, run_id=ctx.run.run_id,
+    return evaluate(benchmarks, models, cfg.evaluate, ctx.dir, run_id=ctx.run.run_id,
                     cache_dir=cache, table_root=ctx.run.root)  # fmt: skip
 
 
 CURATION = ("curation", "infra")
+# A training stage's key: the train section without the follow-up sections (each follow-up adds its own).
+TRAIN = tuple(f"train.{k}" for k in TrainConfig.model_fields if k not in TRAINING_STAGES.values())
 SPECS: dict[str, StageSpec] = {
     s.name: s
     for s in [
@@ -149,7 +185,12 @@ SPECS: dict[str, StageSpec] = {
         StageSpec("retrieve", ("retrieve", "data", "run.seed"), CURATION, ("embed",), _retrieve),
         StageSpec("rebalance", ("rebalance", "run.seed"), CURATION, ("retrieve", "embed"), _rebalance),
         StageSpec("corpus", ("corpus", "data"), CURATION, ("rebalance", "retrieve", "faces"), _corpus),
-        StageSpec("pretrain", ("train", "run.seed"), ("training", "infra"), ("corpus",), _pretrain),
+        StageSpec("pretrain", (*TRAIN, "run.seed"), ("training", "infra"), ("corpus",), _train),
+        # Upstream: the previous training stage (see active_stages); the section enabling them is in their key.
+        StageSpec("pretrain_highres", (*TRAIN, "train.highres", "run.seed"), ("training", "infra"),
+                  ("corpus", "pretrain"), _train),
+        StageSpec("distill", (*TRAIN, "train.distill", "run.seed"), ("training", "infra"), ("corpus", "pretrain"),
+                  _train),
         StageSpec("evaluate", ("evaluate", "data", "train", "run.seed"), ("evaluation", "training", "infra", "flows"),
                   ("pretrain",), _evaluate),
     ]
@@ -158,9 +199,10 @@ SPECS: dict[str, StageSpec] = {
 
 def active_stages(cfg: PipelineConfig) -> list[StageSpec]:
     """The stages this configuration runs, in order (``run.stop_after`` truncates)."""
-    names = [n for n in SPECS if (n != "crawl" or cfg.demo.enabled)]
-    if not cfg.train.enabled:
-        names = [n for n in names if n not in ("pretrain", "evaluate")]
+    trained = training_stages(cfg)
+    names = [n for n in SPECS if (n != "crawl" or cfg.demo.enabled) and (n not in TRAINING_STAGES or n in trained)]
+    if not trained:
+        names = [n for n in names if n != "evaluate"]
     if not cfg.evaluate.enabled and "evaluate" in names:
         names.remove("evaluate")
     if cfg.run.stop_after is not None and cfg.run.stop_after in names:
@@ -168,4 +210,8 @@ def active_stages(cfg: PipelineConfig) -> list[StageSpec]:
     specs = [SPECS[n] for n in names]
     if cfg.demo.enabled:  # the demo crawl feeds ingest
         specs = [s if s.name != "ingest" else StageSpec(s.name, s.sections, s.packages, ("crawl",), s.fn) for s in specs]
-    return specs
+    # A follow-up continues the previous training stage; evaluation takes the last one's export.
+    rewire = {stage: ("corpus", before) for before, stage in pairwise(trained)}
+    if trained:
+        rewire["evaluate"] = (trained[-1],)
+    return [replace(s, upstream=rewire.get(s.name, s.upstream)) for s in specs]

@@ -19,19 +19,27 @@ from torch import nn
 from infra.config.train import TrainConfig
 from training.layers import Block
 
+LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
-def _mixed_precision(cfg: TrainConfig, reduce_fp32: bool) -> Any:
+
+def mixed_precision(precision: str, reduce_fp32: bool) -> Any:
+    """FSDP's MixedPrecision for a resolved precision ("bf16" / "fp16" / "fp32", see
+    `training.strategy.compute_precision`; never "auto"): None for fp32, else low-precision parameters and
+    gradient reduction (fp32 reduction when `reduce_fp32`), fp32 buffers."""
     from torch.distributed.fsdp import MixedPrecision
 
-    if cfg.precision == "fp32":
+    if precision == "fp32":
         return None
-    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
+    if precision not in LOW_PRECISION:
+        raise ValueError(f"FSDP needs a resolved precision (bf16, fp16 or fp32), not {precision!r}")
+    dtype = LOW_PRECISION[precision]
     return MixedPrecision(param_dtype=dtype, reduce_dtype=torch.float32 if reduce_fp32 else dtype,
                           buffer_dtype=torch.float32)
 
 
-def wrap_fsdp(groups: dict[str, nn.ModuleDict], cfg: TrainConfig, device: torch.device) -> None:
-    """Wrap every submodule of each ModuleDict (student, teacher, ema) in place."""
+def wrap_fsdp(groups: dict[str, nn.ModuleDict], cfg: TrainConfig, device: torch.device, precision: str) -> None:
+    """Wrap every submodule of each ModuleDict (student, teacher, ema) in place; `precision` is the resolved
+    compute precision (`training.strategy.compute_precision`), the one Lightning's autocast uses."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp import ShardingStrategy
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
@@ -44,7 +52,7 @@ def wrap_fsdp(groups: dict[str, nn.ModuleDict], cfg: TrainConfig, device: torch.
             modules[name] = FSDP(
                 modules[name], auto_wrap_policy=ModuleWrapPolicy({Block}),
                 sharding_strategy=getattr(ShardingStrategy, cfg.fsdp_sharding),
-                mixed_precision=_mixed_precision(cfg, head_grads_fp32), device_id=device, use_orig_params=True,
+                mixed_precision=mixed_precision(precision, head_grads_fp32), device_id=device, use_orig_params=True,
                 # Broadcast rank 0's initialisation (GPU only; on CPU every rank seeds the same init anyway).
                 sync_module_states=device.type == "cuda")
 

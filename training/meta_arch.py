@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from infra.config.train import TrainConfig
+from infra.config.train import CollapseGuardConfig, TrainConfig
 from training.distributed import all_reduce_mean
 from training.fsdp import ema_tensors
 from training.layers import DINOHead
@@ -44,6 +44,29 @@ def check_finite(terms: dict[str, torch.Tensor], step: int) -> None:
     raise NonFiniteLossError(f"non-finite loss at step {step}: {', '.join(f'{k}={v}' for k, v in bad.items())} "
                              f"(all terms: {dict(zip(terms, values.tolist(), strict=True))}). Lower optim.base_lr, "
                              "check the data, or resume from the last checkpoint.")
+
+
+class TeacherCollapseError(RuntimeError):
+    pass
+
+
+def check_collapse(stats: dict[str, torch.Tensor], step: int, guard: CollapseGuardConfig,
+                   n_prototypes: int) -> str | None:
+    """The collapse guard (`train.collapse_guard`): a message naming the value when the teacher's prototype usage
+    entropy is below `min_proto_entropy` (from `start_step` on), else None; raises TeacherCollapseError instead when
+    the action is "stop". `proto_entropy` is reduced over ranks, so every rank reaches the same verdict."""
+    if guard.min_proto_entropy is None or step < guard.start_step:
+        return None
+    value = float(stats["proto_entropy"]) + 0.0  # + 0.0: one prototype gives -0.0, shown as 0.0000
+    if value >= guard.min_proto_entropy:
+        return None
+    message = (f"teacher collapse at step {step}: prototype usage entropy proto_entropy={value:.4f} nats is below "
+               f"train.collapse_guard.min_proto_entropy={guard.min_proto_entropy:g} (about {math.exp(value):.1f} of "
+               f"the {n_prototypes} prototypes in use; uniform usage is log K = {math.log(n_prototypes):.3f}). "
+               "Check the centering, the teacher temperature and momentum, and the learning rate.")
+    if guard.action == "stop":
+        raise TeacherCollapseError(message)
+    return message
 
 
 @dataclass

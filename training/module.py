@@ -1,13 +1,15 @@
 """Thin Lightning wiring around the framework-free `SSLMetaArch`: schedules, the optimiser step, EMA, logging.
 
 Manual optimisation: per step, set lr / wd from the schedules, compute the loss terms, fail fast on a non-finite
-term, backward, clip each student submodule, AdamW step, then the EMA teacher update *after* the step. Each step
-reseeds the model's RNG from (seed, step, rank) and checks that the batch belongs to this step, which together with
-the deterministic data stream makes a resumed run continue exactly like an uninterrupted one.
+term, apply the collapse guard (`train.collapse_guard`), backward, clip each student submodule, AdamW step, then the
+EMA teacher update *after* the step. Each step reseeds the model's RNG from (seed, step, rank) and checks that the
+batch belongs to this step, which together with the deterministic data stream makes a resumed run continue exactly
+like an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from functools import partial
 from typing import Any
@@ -21,11 +23,13 @@ from infra.config.train import TrainConfig
 from training.data import BatchStream, ImageSource, MaskingGenerator, MultiCropAugmentation, collate_data_and_cast
 from training.distributed import all_reduce_mean
 from training.fsdp import clip_grad_norm, wrap_fsdp
-from training.meta_arch import SSLMetaArch, check_finite
+from training.meta_arch import SSLMetaArch, check_collapse, check_finite
 from training.param_groups import apply_optim_schedule
 from training.schedules import Derived, Schedules, derive
 from training.seeding import reseed
+from training.strategy import PRECISION, compute_precision
 
+log = logging.getLogger(__name__)
 STEP_SEED_SALT = 0x57E9  # model randomness of step s on rank r: reseed(seed, s, r, STEP_SEED_SALT)
 
 
@@ -40,6 +44,7 @@ class DinoV2Module(L.LightningModule):
         self.derived: Derived | None = None
         self.schedules: Schedules | None = None
         self.last_record: dict[str, float] = {}
+        self.collapsed = False  # below the collapse guard's threshold at the last step
 
     def setup(self, stage: str) -> None:
         self.derived = derive(self.cfg, self.trainer.world_size)
@@ -52,7 +57,10 @@ class DinoV2Module(L.LightningModule):
             groups = {"student": self.meta.student, "teacher": self.meta.teacher}
             if self.meta.distill:
                 groups["ema"] = self.meta.ema
-            wrap_fsdp(groups, self.cfg, self.trainer.strategy.root_device)
+            device = self.trainer.strategy.root_device
+            precision = compute_precision(self.cfg, device.type)  # resolved as for the trainer's flag
+            assert PRECISION[precision] == self.trainer.precision, (precision, self.trainer.precision)
+            wrap_fsdp(groups, self.cfg, device, precision)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         o = self.cfg.optim
@@ -73,6 +81,7 @@ class DinoV2Module(L.LightningModule):
         names = list(terms)
         reduced = all_reduce_mean(torch.stack([terms[k].detach().float() for k in names]))
         check_finite(dict(zip(names, reduced, strict=True)), step)  # same verdict on every rank
+        self._guard_collapse(stats, step)
         self.manual_backward(sum(terms.values()))
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         if scaler is not None:  # fp16: clip unscaled gradients
@@ -89,6 +98,14 @@ class DinoV2Module(L.LightningModule):
             **{k: float(t) for k, t in norms.items()},
             "step_time_s": time.perf_counter() - t0,
         }
+
+    def _guard_collapse(self, stats: dict[str, torch.Tensor], step: int) -> None:
+        """Warn (rank 0) when the teacher falls below the collapse threshold, and again whenever it falls back
+        after recovering; "stop" raises before this step's update."""
+        message = check_collapse(stats, step, self.cfg.collapse_guard, self.cfg.dino.head_n_prototypes)
+        if message is not None and not self.collapsed and self.global_rank == 0:
+            log.warning(message)
+        self.collapsed = message is not None
 
 
 def _set_worker_threads(_: int) -> None:

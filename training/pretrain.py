@@ -40,7 +40,7 @@ __all__ = ["PretrainResult", "build_backbone", "load_backbone", "pretrain"]
 log = logging.getLogger(__name__)
 # Keys that may change between an interrupted run and its resumption without breaking exactness.
 RESUMABLE_CHANGES = {"num_workers", "log_every", "checkpoint_every", "max_steps", "devices", "num_nodes",
-                     "accelerator", "cpu_threads", "enabled"}
+                     "accelerator", "cpu_threads", "enabled", "collapse_guard", "highres", "distill"}
 
 
 @dataclass
@@ -48,6 +48,7 @@ class PretrainResult:
     steps: int
     checkpoint: Path  # the Lightning/resume checkpoint (last)
     teacher_backbone: Path  # exported teacher backbone, official key names, safetensors
+    teacher_bundle: Path  # backbone + heads (`teacher_checkpoint.safetensors`): a highres start or distill teacher
     metrics_csv: Path
     final: dict[str, float]  # last logged values (loss terms, entropy, ...)
     images_per_second: float
@@ -116,6 +117,7 @@ def pretrain(data: Sequence[Path] | Path, out_dir: Path, cfg: TrainConfig, *, se
         trainer.fit(module, datamodule=DinoV2DataModule(source, cfg, seed), ckpt_path=ckpt, weights_only=True)
     return PretrainResult(steps=trainer.global_step, checkpoint=out_dir / "checkpoints" / "last.ckpt",
                           teacher_backbone=out_dir / "teacher_backbone.safetensors",
+                          teacher_bundle=out_dir / "teacher_checkpoint.safetensors",
                           metrics_csv=out_dir / "metrics.csv", final=metrics.last,
                           images_per_second=metrics.images_per_second)
 

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, Strategy
 
@@ -14,8 +16,8 @@ from infra.config.train import TrainConfig
 from infra.precision import native_bf16 as infra_native_bf16
 from training.fsdp import clip_grad_norm, full_state_dict, is_fsdp, wrap_fsdp
 
-__all__ = ["PRECISION", "build_strategy", "clip_grad_norm", "full_state_dict", "is_fsdp", "resolve_accelerator",
-           "resolve_precision", "wrap_fsdp"]
+__all__ = ["PRECISION", "build_strategy", "clip_grad_norm", "compute_precision", "full_state_dict", "is_fsdp",
+           "resolve_accelerator", "resolve_precision", "wrap_fsdp"]
 
 PRECISION = {"bf16": "bf16-mixed", "fp16": "16-mixed", "fp32": "32-true"}
 
@@ -24,12 +26,18 @@ def native_bf16(accelerator: str) -> bool:
     return infra_native_bf16(accelerator)
 
 
+def compute_precision(cfg: TrainConfig, accelerator: str) -> Literal["bf16", "fp16", "fp32"]:
+    """The one resolution of `train.precision` on `accelerator` ("cpu", "gpu" or a device type): `auto` is bf16
+    where bf16 matmuls are native, else fp32. Lightning's flag (`resolve_precision`) and FSDP's mixed precision
+    (`wrap_fsdp`) both derive from this value, so autocast, gradient scaling and parameter dtypes agree."""
+    if cfg.precision == "auto":
+        return "bf16" if native_bf16(accelerator) else "fp32"
+    return cfg.precision
+
+
 def resolve_precision(cfg: TrainConfig, accelerator: str) -> str:
-    """Lightning's precision flag; `auto` picks bf16 autocast only where bf16 matmuls are native."""
-    name = cfg.precision
-    if name == "auto":
-        name = "bf16" if native_bf16(accelerator) else "fp32"
-    return PRECISION[name]
+    """Lightning's precision flag for `compute_precision` (bf16 / fp16 autocast, the latter with a grad scaler)."""
+    return PRECISION[compute_precision(cfg, accelerator)]
 
 
 def resolve_accelerator(cfg: TrainConfig) -> str:

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from infra.config.base import Section
 
 
 class StudentConfig(Section):
     arch: str = "vit_large"
-    patch_size: int = Field(default=16, ge=1)
+    # 14: the paper and every released model (224 / 98 px crops = 16 / 7 patches); the reference code's
+    # ssl_default_config has 16 (with 96 px local crops, its vitl16_short recipe).
+    patch_size: int = Field(default=14, ge=1)
     drop_path_rate: float = Field(default=0.3, ge=0.0, lt=1.0)
     drop_path_uniform: bool = True
     layerscale: float | None = 1.0e-5
@@ -77,7 +79,9 @@ class CropsConfig(Section):
     local_crops_number: int = Field(default=8, ge=0)
     local_crops_scale: tuple[float, float] = (0.05, 0.32)
     global_crops_size: int = Field(default=224, ge=8)
-    local_crops_size: int = Field(default=96, ge=4)
+    # 98 = 7 patches of 14: the paper and the reference's vitl14 / vitg14 recipes. The reference code's
+    # ssl_default_config has 96 (with patch 16).
+    local_crops_size: int = Field(default=98, ge=4)
     # reference: the released code's effective blur probabilities (0.0 / 0.9 / 0.5, dinov2 PR #411);
     # paper: the intended 1.0 / 0.1 / 0.5.
     blur_mode: Literal["reference", "paper", "none"] = "reference"
@@ -88,6 +92,48 @@ class CropsConfig(Section):
     # batched: geometric crops per image (PIL), photometric ops on the stacked batch (fast on CPU);
     # pil: every transform per image with torchvision, as the reference.
     augment_impl: Literal["batched", "pil"] = "batched"
+
+
+class CollapseGuardConfig(Section):
+    """Acts on the teacher's prototype usage entropy (`proto_entropy`, nats: log K when the batch's mean target
+    uses the K prototypes uniformly, 0 when every target is the same prototype). Off by default: at
+    initialisation, before centering has built up, a healthy run can start low (0.69 for the tiny test model)."""
+
+    min_proto_entropy: float | None = Field(default=None, ge=0.0)  # e.g. 1.0: fewer than ~e prototypes in use
+    action: Literal["warn", "stop"] = "warn"  # stop: raise TeacherCollapseError naming the value
+    start_step: int = Field(default=0, ge=0)  # checked from this step on
+
+
+# Keys a follow-up stage's `overrides` may not set: the stage itself decides them.
+_STAGE_OWNED = ("mode", "teacher_weights", "enabled", "highres", "distill")
+
+
+class HighresStageConfig(Section):
+    """The optional `pretrain_highres` pipeline stage (paper §4 and B.2): the pretrain stage's teacher bundle
+    (backbone and heads) continued at a higher resolution for `max_steps` iterations, every schedule compressed
+    into them (`train.mode=highres`). Everything else is the pretrain stage's `train` section."""
+
+    enabled: bool = False
+    global_crops_size: int = Field(default=518, ge=8)  # paper: 518 (37 x 37 patches of 14); §6.6 ablation: 416
+    local_crops_size: int | None = Field(default=None, ge=4)  # None: the pretrain value (the paper does not say)
+    max_steps: int = Field(default=10_000, ge=1)  # paper: 10k iterations
+    # Any other `train` key for this stage, nested as in the section; e.g. {optim: {base_lr: ...}} (the paper
+    # lowers the lr without giving the value) or {batch_size_per_gpu: ...} for memory at 518 px.
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+
+class DistillStageConfig(Section):
+    """The optional `distill` pipeline stage (paper §5): a smaller student trained from the frozen teacher bundle of
+    the previous training stage (`train.mode=distill`: no masking, no drop path, iBOT on every patch of both
+    global crops); the EMA of the student is its export. The student is `arch` with the teacher's patch size and
+    the default architectural options (the paper's students use an MLP FFN); the rest of the stage is the pretrain
+    stage's `train` section (its crops and schedule)."""
+
+    enabled: bool = False
+    arch: str = "vit_small"  # paper: ViT-S/14, B/14 and L/14 distilled from ViT-g/14
+    # Any other `train` key, nested as in the section; e.g. {student: {num_register_tokens: 4}} or the paper's
+    # {optim: {base_lr: 7.1e-4}, batch_size_per_gpu: 8} (lr 1e-3 at batch 2048 under sqrt_wrt_1024).
+    overrides: dict[str, Any] = Field(default_factory=dict)
 
 
 class TrainConfig(Section):
@@ -125,10 +171,60 @@ class TrainConfig(Section):
     cpu_threads: int | None = Field(default=None, ge=1)
     checkpoint_every: int = Field(default=3750, ge=1)
     log_every: int = Field(default=10, ge=1)
+    collapse_guard: CollapseGuardConfig = Field(default_factory=CollapseGuardConfig)
+    # Optional pipeline stages after `pretrain` (flows/stages.py), each continuing from the previous one's bundle.
+    highres: HighresStageConfig = Field(default_factory=HighresStageConfig)
+    distill: DistillStageConfig = Field(default_factory=DistillStageConfig)
+
+    def highres_stage(self, weights: Path) -> TrainConfig:
+        """The `train` configuration of the `pretrain_highres` stage, initialised from the bundle `weights`."""
+        h = self.highres
+        crops: dict[str, Any] = {"global_crops_size": h.global_crops_size}
+        if h.local_crops_size is not None:
+            crops["local_crops_size"] = h.local_crops_size
+        return self._follow_up(h.overrides, {"mode": "highres", "max_steps": h.max_steps, "crops": crops,
+                                             "student": {"pretrained_weights": str(weights)}})
+
+    def distill_stage(self, teacher: Path) -> TrainConfig:
+        """The `train` configuration of the `distill` stage, with the frozen teacher bundle `teacher`."""
+        student = {"arch": self.distill.arch, "patch_size": self.student.patch_size, "drop_path_rate": 0.0}
+        cfg = self._follow_up(self.distill.overrides, {"mode": "distill", "teacher_weights": str(teacher)}, student)
+        if cfg.student.patch_size != self.student.patch_size:  # iBOT compares student and teacher patch by patch
+            raise ValueError(f"the student's patch size must be the teacher's ({self.student.patch_size})")
+        return cfg
+
+    def _follow_up(self, overrides: dict[str, Any], changes: dict[str, Any],
+                   student: dict[str, Any] | None = None) -> TrainConfig:
+        """This section without the follow-up sections (a stage never chains further), with `student` replacing the
+        student section when given, then `overrides`, then the stage's own `changes`."""
+        from infra.config.schema import deep_merge
+
+        owned = sorted(set(overrides) & set(_STAGE_OWNED))
+        if owned:
+            raise ValueError(f"overrides may not set {owned} (the stage sets them)")
+        tree = self.model_dump(mode="json", exclude={"highres", "distill"})
+        if student is not None:
+            tree["student"] = student
+        return TrainConfig.model_validate(deep_merge(deep_merge(tree, overrides), changes))
+
+    def _follow_up_problems(self) -> list[str]:
+        problems = []
+        for name, build in (("highres", self.highres_stage), ("distill", self.distill_stage)):
+            if not getattr(self, name).enabled:
+                continue
+            try:
+                build(Path("teacher_checkpoint.safetensors"))  # a placeholder: only the configuration is checked
+            except ValidationError as err:
+                for e in err.errors():
+                    loc, msg = ".".join(map(str, e["loc"])), e["msg"].removeprefix("Value error, ")
+                    problems.append(f"{name}: {loc}: {msg}" if loc else f"{name}: {msg}")
+            except ValueError as err:
+                problems.append(f"{name}: {err}")
+        return problems
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
-        problems = []
+        problems = self._follow_up_problems()
         patch = self.student.patch_size
         for key, size in (("global_crops_size", self.crops.global_crops_size),
                           ("local_crops_size", self.crops.local_crops_size)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -67,15 +68,70 @@ def test_two_process_cpu_ddp_training(image_folder, tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp_wrapping_equals_gradient_averaging_on_cpu(image_folder, tmp_path):
+def test_two_rank_sinkhorn_and_centering_equal_one_process_on_the_whole_batch(tmp_path):
+    """The all-reduces inside the losses: 2 ranks (gloo) give what one process gives on the concatenated batch."""
+    from sinkhorn_worker import inputs, normalise, rank_inputs
+
+    _torchrun("sinkhorn_worker.py", str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    x = inputs()
+    whole = normalise(x)
+    for key in ("dino_sk", "ibot_sk"):  # iBOT: 5 and 9 masked patches, B = 14 from the all-reduced count
+        got = torch.cat([r[key] for r in ranks])
+        assert_close(got, whole[key], rtol=1e-12, atol=1e-15, msg=key)
+        alone = torch.cat([normalise(rank_inputs(x, r))[key] for r in (0, 1)])  # each rank on its own data
+        assert (got - alone).abs().max() > 1e-3, key  # the marginals are global, so the all-reduces matter
+    assert_close(sum(r["ibot_sk"].sum(0) for r in ranks), whole["ibot_sk"].sum(0), rtol=1e-12, atol=1e-12)
+    # DINO centering (equal rows per rank): the center and every step's targets are the single-process ones.
+    for step in range(3):
+        assert_close(torch.cat([r["dino_centered"][step] for r in ranks]), whole["dino_centered"][step],
+                     rtol=1e-5, atol=1e-7)
+    assert_close(ranks[0]["dino_center"], whole["dino_center"], rtol=1e-5, atol=1e-7)
+    assert torch.equal(ranks[0]["dino_center"], ranks[1]["dino_center"])
+    # iBOT centering with unequal masked counts: as the reference, the mean over ranks of each rank's token mean
+    # (not the mean over all tokens), identical on every rank.
+    center = torch.zeros(1, 7)
+    for logits in x["center_ibot"]:
+        per_rank = [t.mean(0, keepdim=True) for t in logits.split(x["center_ibot_split"])]
+        center = 0.9 * center + 0.1 * (per_rank[0] + per_rank[1]) / 2
+    assert_close(ranks[0]["ibot_center"], center, rtol=1e-5, atol=1e-7)
+    assert torch.equal(ranks[0]["ibot_center"], ranks[1]["ibot_center"])
+    assert (ranks[0]["ibot_center"] - whole["ibot_center"]).abs().max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(image_folder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fsdp")
+    _torchrun("fsdp_worker.py", str(image_folder), str(out))
+    return out
+
+
+@pytest.mark.slow
+def test_fsdp_wrapping_equals_gradient_averaging_on_cpu(fsdp_run):
     """The FSDP path (sharded params, per-shard EMA, sharded clipping) trains exactly like plain data parallelism."""
-    _torchrun("fsdp_worker.py", str(image_folder), str(tmp_path))
-    states = torch.load(tmp_path / "states.pt", weights_only=True)
+    states = torch.load(fsdp_run / "states.pt", weights_only=True)
     plain, sharded = states["plain"], states["fsdp"]
     assert set(plain) == set(sharded) and any(k.startswith("teacher.ibot_head.") for k in plain)
     for key in plain:
         assert_close(sharded[key], plain[key], rtol=1e-5, atol=1e-6, msg=key)
     assert not torch.equal(plain["teacher.backbone.cls_token"], plain["student.backbone.cls_token"])
+
+
+@pytest.mark.slow
+def test_fsdp_bf16_mixed_precision_reduces_head_gradients_in_fp32(fsdp_run):
+    """bf16 as resolved for the trainer: bf16 parameters inside the forward, fp32 reduction for the student heads
+    only (the paper's "head gradients reduced in fp32"), fp32 buffers, and fp32 sharded parameters and gradients."""
+    got = json.loads((fsdp_run / "bf16.json").read_text())
+    bf16, fp32 = "torch.bfloat16", "torch.float32"
+    low, heads = [[bf16, bf16, fp32]], [[bf16, fp32, fp32]]  # (param, reduce, buffer) dtypes of every unit
+    assert got["precision"] == "bf16"
+    assert got["units"] == {"student.backbone": low, "student.dino_head": heads, "student.ibot_head": heads,
+                            "teacher.backbone": low, "teacher.dino_head": low, "teacher.ibot_head": low}
+    assert got["forward_weight"] == {"student": bf16, "teacher": bf16}
+    assert got["grads"] == {"backbone": [fp32], "dino_head": [fp32], "ibot_head": [fp32]}
+    assert got["params"] == [fp32]
+    assert set(got["losses"]) == {"dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss"}
+    assert all(math.isfinite(v) for v in got["losses"].values()) and got["losses"]["ibot_loss"] > 0
 
 
 @pytest.mark.gpu

@@ -3,6 +3,7 @@ against torchvision, and the deterministic stream."""
 
 from __future__ import annotations
 
+import math
 import tarfile
 from functools import partial
 
@@ -14,6 +15,7 @@ from conftest import png_bytes, write_images
 from PIL import Image
 from torch.testing import assert_close
 
+from infra.config.train import TrainConfig
 from infra.shards import ShardWriter, UnsafeArchiveError
 from training.data import (
     BatchStream,
@@ -25,8 +27,9 @@ from training.data import (
     collate_data_and_cast,
     decode_rgb,
 )
-from training.data.augmentations import BLUR_PROBABILITIES
+from training.data.augmentations import BLUR_PROBABILITIES, IMAGENET_MEAN, IMAGENET_STD
 from training.data.photometric import PhotometricParams, apply_photometric
+from training.schedules import derive
 
 
 def test_decode_grayscale_palette_alpha_and_broken():
@@ -86,12 +89,53 @@ def test_multicrop_shapes_and_determinism(impl):
     assert not torch.equal(a["global_crops"][0], c["global_crops"][0])
 
 
+def test_default_multicrop_is_2x224_plus_8x98_at_patch_14():
+    """The paper's views (issue: 2 global 224 + 8 local 98); the reference code's ssl_default_config has 96 / 16."""
+    cfg = TrainConfig()
+    c = cfg.crops
+    assert (c.global_crops_size, c.local_crops_number, c.local_crops_size, cfg.student.patch_size) == (224, 8, 98, 14)
+    d = derive(cfg, 1)
+    assert (d.global_patches, d.local_patches) == (16 * 16, 7 * 7)
+    aug = MultiCropAugmentation()
+    assert (aug.global_size, aug.local_size, aug.local_crops_number) == (224, 98, 8)
+
+
 def test_blur_modes():
     assert BLUR_PROBABILITIES == {"reference": (0.0, 0.9, 0.5), "paper": (1.0, 0.1, 0.5), "none": (0.0, 0.0, 0.0)}
     for mode, (p1, p2, p_local) in BLUR_PROBABILITIES.items():
         aug = MultiCropAugmentation(blur_mode=mode, impl="pil")
         assert (aug.global_transfo1.transforms[1].p, aug.global_transfo2.transforms[1].p,
                 aug.local_transfo.transforms[1].p) == (p1, p2, p_local)
+
+
+@pytest.mark.parametrize("mode", ["reference", "paper", "none"])
+def test_batched_path_blurs_each_view_with_the_mode_probabilities(mode):
+    """The default (batched) augmentation: `finish` applies exactly the decisions of `photometric_params`, whose
+    blur rates over 20,000 seeded draws per view are the mode's probabilities (exactly, where they are 0 or 1)."""
+    aug = MultiCropAugmentation(local_crops_number=2, global_crops_size=16, local_crops_size=8, blur_mode=mode)
+    assert aug.impl == "batched"
+    g = torch.Generator().manual_seed(0)
+    crops = {"collated_global_crops": torch.randint(0, 256, (2 * 6, 3, 16, 16), dtype=torch.uint8, generator=g),
+             "collated_local_crops": torch.randint(0, 256, (2 * 6, 3, 8, 8), dtype=torch.uint8, generator=g)}
+    got = aug.finish(dict(crops), torch.Generator().manual_seed(5))
+    p1, p2, p_local = aug.photometric_params(6, 12, torch.Generator().manual_seed(5))
+    glob = crops["collated_global_crops"].float() / 255
+    want = torch.cat([apply_photometric(glob[:6], p1), apply_photometric(glob[6:], p2)])
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    assert_close(got["collated_global_crops"], (want - mean) / std, rtol=0, atol=0)
+    local = apply_photometric(crops["collated_local_crops"].float() / 255, p_local)
+    assert_close(got["collated_local_crops"], (local - mean) / std, rtol=0, atol=0)
+
+    n = 20_000
+    views = aug.photometric_params(n, n, torch.Generator().manual_seed(0))
+    for name, params, p, solarize in zip(("global 1", "global 2", "local"), views, BLUR_PROBABILITIES[mode],
+                                         (0.0, 0.2, 0.0), strict=True):
+        for decision, prob in ((params.blur, p), (params.solarize, solarize)):
+            rate = decision.double().mean().item()
+            if prob in (0.0, 1.0):
+                assert rate == prob, (name, rate)
+            else:  # 4 standard deviations of a binomial rate: 0.008 at p = 0.9, 0.014 at p = 0.5
+                assert abs(rate - prob) < 4 * math.sqrt(prob * (1 - prob) / n), (name, rate, prob)
 
 
 def _torchvision_reference(x: torch.Tensor, p: PhotometricParams, i: int) -> torch.Tensor:

@@ -55,7 +55,7 @@ class MultiCropAugmentation:
 
     def __init__(self, global_crops_scale: tuple[float, float] = (0.32, 1.0),
                  local_crops_scale: tuple[float, float] = (0.05, 0.32), local_crops_number: int = 8,
-                 global_crops_size: int = 224, local_crops_size: int = 96,
+                 global_crops_size: int = 224, local_crops_size: int = 98,
                  blur_mode: Literal["reference", "paper", "none"] = "reference",
                  impl: Literal["batched", "pil"] = "batched", solarize_p: float = 0.2, hflip_p: float = 0.5):
         self.local_crops_number = local_crops_number
@@ -111,17 +111,24 @@ class MultiCropAugmentation:
         """
         if self.impl != "batched":
             return batch
-        p1, p2, p_local = self.blur_probabilities
         g = batch["collated_global_crops"].float() / 255.0
         b = g.shape[0] // 2
-        g1 = apply_photometric(g[:b], PhotometricParams.sample(b, p1, 0.0, generator))
-        g2 = apply_photometric(g[b:], PhotometricParams.sample(b, p2, self.solarize_p, generator))
-        batch["collated_global_crops"] = _normalize(torch.cat([g1, g2]))
-        if batch["collated_local_crops"] is not None:
-            loc = batch["collated_local_crops"].float() / 255.0
-            loc = apply_photometric(loc, PhotometricParams.sample(loc.shape[0], p_local, 0.0, generator))
-            batch["collated_local_crops"] = _normalize(loc)
+        loc = batch["collated_local_crops"]
+        p1, p2, p_local = self.photometric_params(b, 0 if loc is None else loc.shape[0], generator)
+        batch["collated_global_crops"] = _normalize(torch.cat([apply_photometric(g[:b], p1),
+                                                               apply_photometric(g[b:], p2)]))
+        if loc is not None:
+            batch["collated_local_crops"] = _normalize(apply_photometric(loc.float() / 255.0, p_local))
         return batch
+
+    def photometric_params(self, n_images: int, n_local: int, generator: torch.Generator) -> tuple[
+            PhotometricParams, PhotometricParams, PhotometricParams]:
+        """The random decisions `finish` applies to global view 1, global view 2 and the local crops, in the order it
+        draws them: blur with the `blur_mode` probabilities, solarisation on view 2 only."""
+        p1, p2, p_local = self.blur_probabilities
+        return (PhotometricParams.sample(n_images, p1, 0.0, generator),
+                PhotometricParams.sample(n_images, p2, self.solarize_p, generator),
+                PhotometricParams.sample(n_local, p_local, 0.0, generator))
 
 
 def random_resized_crop_box(height: int, width: int, scale: tuple[float, float], rng: random.Random,

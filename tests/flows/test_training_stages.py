@@ -1,0 +1,147 @@
+"""The optional training stages in the flow, on the tiny demo crawl (configs/tiny_highres_distill.yaml): pretrain a
+ViT-nano, finish it at a higher resolution (pretrain_highres), distill it into a ViT-pico (distill), and evaluate the
+student. Each is a normal stage: a manifest, a key chained to its upstream, cached on a re-run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from infra.config import load_config
+from infra.manifest import inputs_digest, read_manifest
+from infra.runs import prepare_run
+from infra.stage import stage_key
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "configs" / "tiny_highres_distill.yaml"
+TRAINING = ["pretrain", "pretrain_highres", "distill"]
+# What this test does not read is switched off or made small: NSFW scoring, the embedding model of retrieval (a
+# ViT-pico/7 instead of ViT-tiny/4), evaluation beyond kNN and the report.
+FAST = ["nsfw.enabled=false", "embed.backbone.arch=vit_pico", "embed.backbone.patch_size=7",
+        "evaluate.protocols=[knn]", "evaluate.raw_pixel_baseline=false", "evaluate.dense.iterations=10",
+        "evaluate.report=false"]
+
+
+@pytest.mark.parametrize(("changes", "chain"), [
+    ([], {"pretrain": ("corpus",), "evaluate": ("pretrain",)}),
+    (["train.highres.enabled=true"], {"pretrain": ("corpus",), "pretrain_highres": ("corpus", "pretrain"),
+                                      "evaluate": ("pretrain_highres",)}),
+    (["train.distill.enabled=true"], {"pretrain": ("corpus",), "distill": ("corpus", "pretrain"),
+                                      "evaluate": ("distill",)}),
+    (["train.highres.enabled=true", "train.distill.enabled=true"], {
+        "pretrain": ("corpus",), "pretrain_highres": ("corpus", "pretrain"), "distill": ("corpus", "pretrain_highres"),
+        "evaluate": ("distill",)}),
+    (["train.distill.enabled=true", "run.stop_after=pretrain"], {"pretrain": ("corpus",)}),
+    (["train.distill.enabled=true", "train.enabled=false"], {}),
+])
+def test_active_stages_chain_the_enabled_training_stages(changes, chain):
+    from flows.pipeline import summary_stages
+    from flows.stages import active_stages
+
+    cfg = load_config(CONFIG.parent / "tiny.yaml", changes)
+    specs = active_stages(cfg)
+    after_corpus = [s.name for s in specs][[s.name for s in specs].index("corpus") + 1:]
+    assert after_corpus == list(chain)
+    assert {s.name: s.upstream for s in specs if s.name in chain} == chain
+    # The summary lists an optional stage when it is enabled (pending after a stop_after, like any later stage).
+    enabled = [n for n, key in (("pretrain_highres", "highres"), ("distill", "distill"))
+               if f"train.{key}.enabled=true" in changes and "train.enabled=false" not in changes]
+    assert [n for n in summary_stages(cfg) if n in ("pretrain", "pretrain_highres", "distill")] == ["pretrain", *enabled]
+
+
+@pytest.fixture(scope="module")
+def flow_run(prefect_server, tmp_path_factory):
+    from flows.pipeline import pipeline
+
+    root = tmp_path_factory.mktemp("runs")
+    run, cfg = prepare_run(CONFIG, [f"run.root={root}", *FAST])
+    first = pipeline(str(root), run.run_id, return_state=True)
+    n_events = len(run.events())
+    again = pipeline(str(root), run.run_id, return_state=True)
+    return run, cfg, first, again, run.events()[n_events:]
+
+
+def _train_config(run, stage: str) -> dict:
+    return yaml.safe_load((run.stage_dir(stage) / "train_config.yaml").read_text())
+
+
+@pytest.mark.slow
+def test_the_training_stages_run_after_pretrain_with_manifests_chained_to_their_upstream(flow_run):
+    run, _, first, again, rerun_events = flow_run
+    assert first.is_completed(), first.message
+    started = [e["stage"] for e in run.events() if e["event"] == "started"]
+    assert started[-4:] == [*TRAINING, "evaluate"]
+    manifests = {s: read_manifest(run.stage_dir(s)) for s in ["corpus", *TRAINING, "evaluate"]}
+    assert {s: m.counts["steps"] for s, m in manifests.items() if s in TRAINING} == {
+        "pretrain": 3, "pretrain_highres": 3, "distill": 2}
+    for stage in TRAINING:
+        outputs = {o["path"] for o in manifests[stage].outputs}
+        assert {f"stages/{stage}/{f}" for f in ("teacher_backbone.safetensors", "teacher_checkpoint.safetensors",
+                                                "metrics.csv")} <= outputs
+    # Each key covers the previous training stage's manifest (and the corpus): a change upstream redoes it.
+    chain = {"pretrain": ["corpus"], "pretrain_highres": ["corpus", "pretrain"],
+             "distill": ["corpus", "pretrain_highres"], "evaluate": ["distill"]}
+    for stage, upstream in chain.items():
+        assert manifests[stage].inputs_digest == inputs_digest({u: manifests[u] for u in upstream}), stage
+    assert again.is_completed() and [e for e in rerun_events if e["event"] == "started"] == []  # all cached
+
+
+@pytest.mark.slow
+def test_a_distill_change_redoes_only_distill_and_evaluate(flow_run):
+    from flows.stages import active_stages
+
+    run, cfg, *_ = flow_run
+    changed = cfg.model_copy(deep=True)
+    changed.train.distill.overrides = {**cfg.train.distill.overrides, "optim": {"base_lr": 1e-3}}
+    keys = {s.name: (stage_key(s, run, cfg), stage_key(s, run, changed)) for s in active_stages(cfg)}
+    assert [name for name, (a, b) in keys.items() if a != b] == ["distill", "evaluate"]
+
+
+@pytest.mark.slow
+def test_highres_continues_the_pretrain_teacher_at_42_px(flow_run):
+    from training.checkpoint import load_backbone
+    from training.metrics import read_csv
+
+    run, *_ = flow_run
+    hr = _train_config(run, "pretrain_highres")
+    assert (hr["mode"], hr["max_steps"], hr["crops"]["global_crops_size"], hr["student"]["arch"]) == (
+        "highres", 3, 42, "vit_nano")
+    assert hr["student"]["pretrained_weights"] == str(run.stage_dir("pretrain") / "teacher_checkpoint.safetensors")
+    assert load_backbone(run.stage_dir("pretrain") / "teacher_backbone.safetensors").pos_embed.shape == (1, 17, 128)
+    assert load_backbone(run.stage_dir("pretrain_highres") / "teacher_backbone.safetensors").pos_embed.shape == (
+        1, 1 + 6 * 6, 128)
+    rows = read_csv(run.stage_dir("pretrain_highres") / "metrics.csv")
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    # Every schedule compressed into the 3 steps (no warmup left): the lr's whole cosine, 4e-3 x sqrt(16 / 1024) down.
+    peak, low = 4e-3 * (16 / 1024) ** 0.5, 1e-6
+    assert [r["lr"] for r in rows] == pytest.approx([peak, low + (peak - low) * 0.75, low + (peak - low) * 0.25])
+
+
+@pytest.mark.slow
+def test_the_distilled_student_has_the_configured_smaller_architecture(flow_run):
+    from training.checkpoint import load_backbone
+    from training.metrics import read_csv
+
+    run, *_ = flow_run
+    d = _train_config(run, "distill")
+    assert (d["mode"], d["student"]["arch"], d["student"]["patch_size"], d["crops"]["global_crops_size"]) == (
+        "distill", "vit_pico", 7, 28)
+    assert d["teacher_weights"] == str(run.stage_dir("pretrain_highres") / "teacher_checkpoint.safetensors")
+    student = load_backbone(run.stage_dir("distill") / "teacher_backbone.safetensors")  # the student's EMA
+    teacher = load_backbone(run.stage_dir("pretrain_highres") / "teacher_backbone.safetensors")
+    assert (student.embed_dim, len(student.blocks), student.patch_size) == (96, 4, 7)
+    assert (teacher.embed_dim, len(teacher.blocks)) == (128, 6)
+    rows = read_csv(run.stage_dir("distill") / "metrics.csv")
+    assert {r["n_masked_patches"] for r in rows} == {2 * 16 * 16}  # iBOT on every patch of both global crops
+
+
+@pytest.mark.slow
+def test_evaluation_scores_the_last_training_stage(flow_run):
+    run, *_ = flow_run
+    models = read_manifest(run.stage_dir("evaluate")).extra["models"]
+    assert set(models) == {"pretrained", "random-init"}
+    assert models["pretrained"]["checkpoint"] == str(run.stage_dir("distill") / "teacher_backbone.safetensors")
+    assert models["random-init"]["fingerprint"].startswith("vit:vit_pico:random:seed=0:")
+    assert '"image_size": 28' in models["random-init"]["fingerprint"]
