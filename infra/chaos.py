@@ -6,13 +6,14 @@ Used by `bench/chaos.py` (20 random trials) and by the CI test that kills one ru
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from infra.audit import audit_run
@@ -23,9 +24,12 @@ from infra.shards import iter_tar, list_shards
 REPO = Path(__file__).resolve().parents[1]
 DEMO_ORIGIN = r"(127\.0\.0\.1|\[::1\]):\d+"
 
-# The flow's report and evaluation are not part of the comparison; they are switched off to keep trials short
-# unless the caller overrides them back on.
-DEFAULT_OVERRIDES = ["evaluate.enabled=false"]
+# Evaluation is not part of the comparison; it is switched off to keep trials short unless the caller overrides it
+# back on. Pretraining runs 40 steps with a checkpoint every 2 (the tiny config: 10 steps, one checkpoint every 3750),
+# so that a kill inside pretraining resumes from a checkpoint, mid-epoch, as a preempted job does.
+DEFAULT_OVERRIDES = ["evaluate.enabled=false", "train.max_steps=40", "train.checkpoint_every=2"]
+TRAIN_TOLERANCE = 1e-6  # resumed training continues the trajectory exactly, up to float reduction order
+TRAIN_KEYS = ("total_loss", "dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss", "lr")
 
 
 @dataclass
@@ -33,9 +37,16 @@ class Snapshot:
     corpus: list[tuple[str, str]]  # (image id, sha256 of the stored bytes), in shard order
     ledger: str  # digest of the canonical ledger: every event, sorted
     n_events: int
+    train: list[tuple[float, ...]]  # per pretraining step (metrics.csv): (step, *TRAIN_KEYS); empty without pretraining
 
     def same_as(self, other: Snapshot) -> bool:
-        return self.corpus == other.corpus and self.ledger == other.ledger
+        return self.corpus == other.corpus and self.ledger == other.ledger and self.same_training(other)
+
+    def same_training(self, other: Snapshot) -> bool:
+        """Every step once, in order, with the same loss terms and learning rate (a lost or duplicated step fails)."""
+        return [r[0] for r in self.train] == [r[0] for r in other.train] and all(
+            abs(a - b) <= TRAIN_TOLERANCE for ra, rb in zip(self.train, other.train, strict=True)
+            for a, b in zip(ra[1:], rb[1:], strict=True))
 
 
 def snapshot(run_dir: Path) -> Snapshot:
@@ -45,7 +56,12 @@ def snapshot(run_dir: Path) -> Snapshot:
     # The demo crawl is served on a free port chosen per run: the only legitimate difference between two runs.
     events = events.replace(DEMO_ORIGIN, r"\1:PORT", regex=True)
     canonical = events.sort_values(list(events.columns)).to_csv(index=False)
-    return Snapshot(corpus, hashlib.sha256(canonical.encode()).hexdigest(), len(events))
+    metrics = run_dir / "stages" / "pretrain" / "metrics.csv"
+    train = []
+    if metrics.is_file():
+        with open(metrics, newline="") as f:
+            train = [(int(r["step"]), *(float(r[k]) for k in TRAIN_KEYS)) for r in csv.DictReader(f)]
+    return Snapshot(corpus, hashlib.sha256(canonical.encode()).hexdigest(), len(events), train)
 
 
 def lvd(*args: str, env: dict[str, str]) -> subprocess.Popen:
@@ -70,7 +86,8 @@ def run_id_of(root: Path) -> str:
 def environment(prefect_home: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(PREFECT_HOME=str(prefect_home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_LOGGING_LEVEL="ERROR", NO_ALBUMENTATIONS_UPDATE="1", PYTHONPATH=str(REPO))
+               PREFECT_LOGGING_LEVEL="ERROR", NO_ALBUMENTATIONS_UPDATE="1", PYTHONPATH=str(REPO),
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120")  # (20 s by default: too short on a busy machine)
     env.pop("PREFECT_API_URL", None)  # each process runs its own embedded server (SQLite under PREFECT_HOME)
     return env
 
@@ -97,18 +114,35 @@ def in_progress(root: Path) -> str:
     return running
 
 
+def checkpoint_step(root: Path) -> int | None:
+    """The step of the pretraining resume checkpoint on disk, where a resume starts (None: none yet). The names
+    `training.callbacks.find_resume_checkpoint` looks for; a sharded (directory) checkpoint keeps its step in meta.pt."""
+    import torch
+
+    runs = [p for p in root.iterdir() if (p / "config.yaml").is_file()] if root.is_dir() else []
+    for name in ("last.ckpt", "last.ckpt.old") if runs else ():
+        path = runs[0] / "stages" / "pretrain" / "checkpoints" / name
+        target = path / "meta.pt" if path.is_dir() else path
+        if target.is_file():
+            return int(torch.load(target, map_location="cpu", weights_only=True)["global_step"])
+    return None
+
+
 @dataclass
 class TrialResult:
     snapshot: Snapshot
     problems: list[str]  # what `lvd audit` found
     killed_in: list[str]  # per kill: the stage it interrupted, or "finished" when the flow was already done
     finished_after: float | None = None  # seconds the first process took when it ended before its kill
+    # Per kill inside pretraining: the checkpoint step the resume started from (None: from scratch, none yet).
+    resumed_from: list[int | None] = field(default_factory=list)
 
 
 def trial(config: Path, overrides: list[str], root: Path, env: dict[str, str], delays: list[float],
           timeout: float) -> TrialResult:
     """Start the run; after each delay, SIGKILL the process tree and resume; finally resume to the end."""
     killed_in: list[str] = []
+    resumed_from: list[int | None] = []
     finished_after = None
     started = time.perf_counter()
     proc = lvd("run", str(config), f"run.root={root}", *overrides, env=env)
@@ -121,6 +155,8 @@ def trial(config: Path, overrides: list[str], root: Path, env: dict[str, str], d
         except subprocess.TimeoutExpired:
             kill_tree(proc)
             killed_in.append(in_progress(root))
+            if killed_in[-1] == "pretrain":
+                resumed_from.append(checkpoint_step(root))
         if root.is_dir() and any((p / "config.yaml").is_file() for p in root.iterdir()):
             proc = lvd("resume", run_id_of(root), "--root", str(root), env=env)
         else:  # killed before the run directory existed: the same command again (same config, same run id)
@@ -129,4 +165,5 @@ def trial(config: Path, overrides: list[str], root: Path, env: dict[str, str], d
         raise RuntimeError(f"the final resume under {root} failed (exit {proc.returncode})")
     run_dir = root / run_id_of(root)
     audit = audit_run(RunDir(root, run_dir.name))
-    return TrialResult(snapshot(run_dir), [f"[{c}] {m}" for c, m in audit.problems], killed_in, finished_after)
+    return TrialResult(snapshot(run_dir), [f"[{c}] {m}" for c, m in audit.problems], killed_in, finished_after,
+                       resumed_from)

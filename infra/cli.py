@@ -15,12 +15,21 @@
 from __future__ import annotations
 
 import argparse
+import contextvars
 import json
 import os
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 from infra.config import ConfigError
+
+# Seconds Prefect gets, once a flow's own work has ended, to record it at its API before the process exits anyway
+# (see ExitWatchdog).
+TIMEOUT_ENV = "LVD_PREFECT_EXIT_TIMEOUT"
+TIMEOUT_DEFAULT = 60.0
 
 
 def _check_environment() -> None:
@@ -40,18 +49,118 @@ def _quiet() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+def _api_url() -> str:
+    from prefect.settings import get_current_settings
+
+    return get_current_settings().api.url or "(the embedded server)"
+
+
+def _flush_prefect() -> None:
+    """Stop Prefect's event and log services once they have delivered what they hold (what Prefect otherwise does at
+    interpreter exit, with no time limit: `ExitWatchdog` bounds it)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for service in (EventsWorker, APILogWorker):
+        service.drain_all(at_exit=False)
+
+
+class ExitWatchdog(threading.Thread):
+    """Bounds the time from the end of a flow's own work to the process exit.
+
+    With the Prefect API server gone, Prefect retries the final state for ~1 minute per call (twice: Completed, then
+    Failed), and at exit retries each queued event for ~7-10 s: a run whose stages were all done did not exit for many
+    minutes. The run's own record (events.jsonl, manifests, ledger) is on disk by then, so once the flow's work has
+    ended (its `flow_completed` or a `failed` event, or the flow call returned) Prefect gets `timeout` seconds
+    (LVD_PREFECT_EXIT_TIMEOUT) to finish; then the process exits anyway, saying why.
+    """
+
+    def __init__(self, events: Path | None, timeout: float, resume: str):
+        super().__init__(name="lvd-exit-watchdog", daemon=True)
+        self.events, self.timeout, self.resume = events, timeout, resume
+        self.offset = events.stat().st_size if events is not None and events.is_file() else 0
+        self.ended: str | None = None  # what ended the flow's work
+        self.code = 1  # exit status while Prefect has not returned the flow's final state
+        self.deadline: float | None = None
+        self.finished = threading.Event()
+        self.context = contextvars.copy_context()  # the starter's Prefect settings (its API URL), for the message
+
+    def arm(self, ended: str, code: int | None = None) -> None:
+        if self.deadline is None:
+            self.deadline, self.ended = time.monotonic() + self.timeout, ended
+        if code is not None:
+            self.code = code
+
+    def _read_events(self) -> None:
+        if self.events is None or not self.events.is_file():
+            return
+        with open(self.events, "rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        data = data[: data.rfind(b"\n") + 1]  # whole lines only
+        self.offset += len(data)
+        for line in data.splitlines():
+            try:
+                event = json.loads(line).get("event")
+            except json.JSONDecodeError:  # a line cut by an earlier crash
+                continue
+            if event in ("flow_completed", "failed"):
+                self.arm("the flow completed its stages" if event == "flow_completed" else "a stage failed")
+
+    def run(self) -> None:
+        self.context.run(self._watch)
+
+    def _watch(self) -> None:
+        while not self.finished.wait(0.5):
+            if self.deadline is None:
+                self._read_events()
+            elif time.monotonic() > self.deadline:
+                self._expire()
+
+    def _expire(self) -> None:
+        print(f"\nlvd: {self.ended} {self.timeout:g} s ago, but Prefect has not finished recording the run at its API "
+              f"{_api_url()} (is the server down?); exiting with status {self.code} without waiting for its retries "
+              f"({TIMEOUT_ENV}). The run directory holds the run's own record; once the server is back, `{self.resume}` "
+              "records the run in Prefect (completed stages are cache hits).", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(self.code)  # Prefect's exit flush is unbounded
+
+
+def _exit_timeout() -> float:
+    return float(os.environ.get(TIMEOUT_ENV) or TIMEOUT_DEFAULT)
+
+
 def _run_flow(run_root: Path, run_id: str) -> int:
+    import httpx
+
     from flows.pipeline import pipeline
     from infra.runs import open_run
     from infra.summary import format_summary, run_summary
 
-    state = pipeline(str(run_root), run_id, return_state=True)
-    run, cfg = open_run(run_root, run_id)
-    print(format_summary(run_summary(run, cfg)))
-    if state.is_completed():
-        return 0
-    print(f"\nrun {run_id} failed: {state.message}\nresume with: lvd resume {run_id} --root {run_root}", file=sys.stderr)
-    return 1
+    run, _ = open_run(run_root, run_id)
+    resume = f"lvd resume {run_id} --root {run_root}"
+    watchdog = ExitWatchdog(run.events_path, _exit_timeout(), resume)
+    watchdog.start()
+    try:
+        try:
+            state = pipeline(str(run_root), run_id, return_state=True)
+        except httpx.HTTPError as err:  # Prefect's own API calls (flow run and its states), after Prefect's retries
+            state = None
+            message = (f"the Prefect API at {_api_url()} is unreachable ({type(err).__name__}: {err}); completed "
+                       f"stages are kept in the run directory. Once the server is back, resume with: {resume}")
+        code = 0 if state is not None and state.is_completed() else 1
+        watchdog.arm("the flow returned", code)
+        run, cfg = open_run(run_root, run_id)
+        print(format_summary(run_summary(run, cfg)))
+        if state is not None and code:
+            message = f"{state.message}\nresume with: {resume}"
+        if code:
+            print(f"\nrun {run_id} failed: {message}", file=sys.stderr)
+        _flush_prefect()
+        return code
+    finally:
+        watchdog.finished.set()  # (an in-process caller, e.g. a test, must never be exited by it)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -154,6 +263,17 @@ def cmd_retry_failed(args: argparse.Namespace) -> int:
     from flows.retry import retry_failed_flow
 
     state = retry_failed_flow(str(args.root), args.run_id, args.reason or None, return_state=True)
+    watchdog = ExitWatchdog(None, _exit_timeout(), f"lvd retry-failed {args.run_id} --root {args.root}")
+    watchdog.arm("the retry flow returned", 0 if state.is_completed() else 1)
+    watchdog.start()
+    try:
+        return _report_retry(args, state)
+    finally:
+        _flush_prefect()
+        watchdog.finished.set()
+
+
+def _report_retry(args: argparse.Namespace, state: Any) -> int:
     if not state.is_completed():
         print(f"retry of run {args.run_id} failed: {state.message}", file=sys.stderr)
         return 1

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
 import time
+import zipfile
 from pathlib import Path
 
 import lightning as L
@@ -19,25 +21,71 @@ from training.layers import DINOHead
 from training.metrics import MetricsWriter
 from training.vision_transformer import DinoVisionTransformer
 
+TMP_PREFIX = ".last.ckpt.tmp"  # + the step: a checkpoint being written (a file, or a directory when sharded)
+log = logging.getLogger(__name__)
+
+
+def checkpoint_complete(path: Path) -> bool:
+    """Whether `path` is a whole checkpoint: a torch zip archive (its central directory is written last) or a sharded
+    directory holding DCP's `.metadata` and Lightning's `meta.pt` (written last, by rank 0)."""
+    if path.is_file():
+        return zipfile.is_zipfile(path)
+    return (path / ".metadata").is_file() and (path / "meta.pt").is_file()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
 
 def _swap_into_place(tmp: Path, final: Path) -> None:
-    """Replace `final` with the complete `tmp`; the previous checkpoint stays until the new one is whole."""
+    """Replace `final` with the complete `tmp`; the previous checkpoint stays until the new one is whole.
+
+    A file is renamed over `final` in one step. A sharded directory cannot be, so `final` first moves to
+    `final.old`; a crash between the two renames leaves `.old`, which `find_resume_checkpoint` falls back to.
+    """
+    old = final.with_name(final.name + ".old")
     if tmp.is_file():
         commit(tmp, final)  # fsync + atomic rename
+        _remove(old)
         return
-    old = final.with_name(final.name + ".old")
-    if final.exists():
+    if final.exists() and checkpoint_complete(final):
+        _remove(old)  # a crash after the second rename left both: `final` is whole, `.old` is not needed
         os.replace(final, old)
+    else:
+        _remove(final)  # never let a partial `final` replace a whole `.old`
     os.replace(tmp, final)
     fsync_dir(final.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
+
+
+def sweep_partial_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Remove checkpoints a killed run was still writing (`.last.ckpt.tmp<step>`); they are never read, and the
+    stage sweep (`infra.stage`, names ending in `.tmp`) does not match them."""
+    leftovers = sorted(Path(ckpt_dir).glob(TMP_PREFIX + "*")) if Path(ckpt_dir).is_dir() else []
+    for path in leftovers:
+        _remove(path)
+    if leftovers:
+        log.info("removed %d partial checkpoint(s) of an interrupted run: %s", len(leftovers),
+                 ", ".join(p.name for p in leftovers))
+    return leftovers
 
 
 def find_resume_checkpoint(ckpt_dir: Path) -> Path | None:
-    """`last.ckpt`, or the `.old` copy left by a crash between the two renames of a directory checkpoint."""
-    for name in ("last.ckpt", "last.ckpt.old"):
-        if (ckpt_dir / name).exists():
-            return ckpt_dir / name
+    """`last.ckpt`, or the `.old` copy left by a crash between the two renames of a directory checkpoint (or when
+    `last.ckpt` is incomplete). None when there is neither; an error when what is there is incomplete."""
+    candidates = [Path(ckpt_dir) / name for name in ("last.ckpt", "last.ckpt.old")]
+    present = [c for c in candidates if c.exists()]
+    for path in present:
+        if checkpoint_complete(path):
+            if path.name != "last.ckpt":
+                log.warning("resuming from %s: %s is missing or incomplete", path, candidates[0].name)
+            return path
+    if present:
+        raise RuntimeError(f"no complete resume checkpoint in {ckpt_dir} ({', '.join(p.name for p in present)} "
+                           "incomplete); move the checkpoints folder aside to train from scratch")
     return None
 
 
@@ -50,10 +98,14 @@ class AtomicCheckpoint(L.Callback):
         self.interrupt_at = interrupt_at
         self.saved_step = -1
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.is_global_zero:  # before any rank writes a checkpoint (the first save starts with a barrier)
+            sweep_partial_checkpoints(self.path.parent)
+
     def save(self, trainer: L.Trainer) -> None:
         if trainer.global_step == self.saved_step:
             return
-        tmp = self.path.with_name(f".last.ckpt.tmp{trainer.global_step}")
+        tmp = self.path.with_name(f"{TMP_PREFIX}{trainer.global_step}")
         if trainer.is_global_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         barrier()
@@ -82,6 +134,7 @@ class MetricsLogger(L.Callback):
         self.writer = MetricsWriter(out_dir)
         self.flush_every = flush_every
         self.last: dict[str, float] = {}
+        self.logged_step = -1
         self.t_first: float | None = None
         self.t_last: float | None = None
         self.images = 0
@@ -97,13 +150,23 @@ class MetricsLogger(L.Callback):
         else:
             self.images += pl_module.derived.global_batch
         self.t_last = now
-        self.last = dict(pl_module.last_record)
+        self._record(trainer, pl_module)
+        if trainer.is_global_zero and trainer.global_step % self.flush_every == 0:
+            self.writer.flush()
+
+    def _record(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Log the step just trained, once. `AtomicCheckpoint` runs first at a batch end, so its checkpoint is taken
+        before this callback's hook: the row goes in then, or a kill right after the checkpoint would lose it."""
+        row = pl_module.last_record
+        if not row or row["step"] == self.logged_step:
+            return
+        self.logged_step = row["step"]
+        self.last = dict(row)
         if trainer.is_global_zero:
             self.writer.log(self.last)
-            if trainer.global_step % self.flush_every == 0:
-                self.writer.flush()
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self._record(trainer, pl_module)
         if trainer.is_global_zero:
             self.writer.consolidate()
 

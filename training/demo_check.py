@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from infra.storage import atomic_path, fsync_dir
 from training.data.augmentations import IMAGENET_MEAN, IMAGENET_STD
 from training.recipes import DEMO, overrides
 
@@ -34,9 +35,13 @@ def mnist_split(seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def write_folder(images: np.ndarray, root: Path) -> Path:
+    """One PNG per image, each renamed into place (a killed check never leaves a truncated image for the resumed
+    pretraining to read); no fsync per file, the folder is fsync'ed once."""
     root.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(images):
-        Image.fromarray(img, "L").save(root / f"{i:05d}.png")  # grayscale, as the demo corpus stores digits
+        with atomic_path(root / f"{i:05d}.png", fsync=False) as tmp:
+            Image.fromarray(img, "L").save(tmp, format="PNG")  # grayscale, as the demo corpus stores digits
+    fsync_dir(root)
     return root
 
 

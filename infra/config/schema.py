@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -36,10 +37,37 @@ class PipelineConfig(Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
 
 
+# A password in a URL's user info (a Path value keeps one slash of `scheme://`), or a query parameter carrying a secret.
+_USERINFO = re.compile(r"\b([a-z][a-z0-9+.-]*:/{1,2})([^/\s:@]*):([^/\s@]+)@", re.IGNORECASE)
+_SECRET_PARAM = re.compile(r"([?&](?:access_token|token|api_key|apikey|key|password|passwd|secret|sig|signature|"
+                           r"x-amz-signature|x-amz-credential|x-amz-security-token)=)[^&#\s]+", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """``text`` with the credentials of any URL in it replaced by ``***``."""
+    return _SECRET_PARAM.sub(r"\1***", _USERINFO.sub(r"\1\2:***@", text))
+
+
+def credential_problems(tree: Any, path: str = "") -> list[str]:
+    """Every value of a (raw) config tree that embeds a credential in a URL. The resolved configuration is written into
+    the run directory (and hashed into the run id), so secrets must come from the environment or settings instead."""
+    if isinstance(tree, Mapping):
+        return [p for k, v in tree.items() for p in credential_problems(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(tree, list | tuple):
+        return [p for i, v in enumerate(tree) for p in credential_problems(v, f"{path}.{i}")]
+    text = str(tree) if isinstance(tree, str | Path) else ""
+    if redact(text) == text:
+        return []
+    return [f"{path}: a credential inside a URL ({redact(text)}) would be written into the run directory's "
+            "config.yaml; give it through the environment or the tool's own settings (e.g. PREFECT_API_KEY, "
+            "AWS_SECRET_ACCESS_KEY, ~/.netrc, a Dask security config) and leave it out of the URL"]
+
+
 class ConfigError(ValueError):
-    """Every problem of a configuration, listed at once."""
+    """Every problem of a configuration, listed at once (credentials inside URLs redacted)."""
 
     def __init__(self, problems: list[str], source: str = "configuration"):
+        problems = [redact(p) for p in problems]
         self.problems = problems
         body = "\n".join(f"  - {p}" for p in problems)
         super().__init__(f"{source} is invalid ({len(problems)} problem{'s' * (len(problems) != 1)}):\n{body}")
@@ -123,10 +151,14 @@ def _format_errors(err: ValidationError) -> list[str]:
 
 
 def validate(tree: Mapping[str, Any], source: str = "configuration") -> PipelineConfig:
+    problems = credential_problems(tree)
     try:
-        return PipelineConfig.model_validate(dict(tree))
+        cfg = PipelineConfig.model_validate(dict(tree))
     except ValidationError as err:
-        raise ConfigError(_format_errors(err), source) from None
+        raise ConfigError(problems + _format_errors(err), source) from None
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
 
 
 def load_config(path: Path | str | None = None, overrides: Iterable[str] = ()) -> PipelineConfig:

@@ -26,7 +26,7 @@ import pandas as pd
 from PIL import Image, ImageOps
 
 from infra.config.data import DemoConfig
-from infra.storage import atomic_path, atomic_write_json
+from infra.storage import atomic_path, atomic_write_bytes, atomic_write_json, fsync_dir
 
 PHOTOS = (
     "astronaut", "camera", "coffee", "chelsea", "rocket", "hubble_deep_field", "retina", "immunohistochemistry",
@@ -140,12 +140,23 @@ def _split_mnist(y: np.ndarray, cfg: DemoConfig, rng: np.random.Generator) -> di
     return {k: np.array(sorted(v)) for k, v in parts.items()}
 
 
+def _put(path: Path, data: bytes) -> None:
+    """Write one crawl file: a temporary name renamed into place, so a killed crawl never leaves a half-written image
+    under its final name. No fsync per file (thousands of small files): `_sync_dirs` fsyncs each folder once."""
+    atomic_write_bytes(path, data, fsync=False)
+
+
+def _sync_dirs(root: Path) -> None:
+    """Make the renames of a finished crawl durable: one fsync per folder (the stage manifest comes after)."""
+    for d in sorted({root, *(p for p in root.rglob("*") if p.is_dir())}):
+        fsync_dir(d)
+
+
 def _write_class_folder(root: Path, images: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> list[Path]:
     paths = []
     for i, img, lab in zip(ids, images, labels, strict=True):
         p = root / str(int(lab)) / f"mnist_{int(i):05d}.png"
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(_png(Image.fromarray(img)))
+        _put(p, _png(Image.fromarray(img)))
         paths.append(p)
     return paths
 
@@ -157,7 +168,7 @@ class _Images:
         root.mkdir(parents=True, exist_ok=True)
 
     def add(self, name: str, data: bytes, kind: str, **kw: object) -> None:
-        (self.root / name).write_bytes(data)
+        _put(self.root / name, data)
         self.entries.append(Entry(name, kind, **kw))  # type: ignore[arg-type]
 
 
@@ -238,7 +249,7 @@ def _broken_entries(images: _Images, port: int) -> list[Entry]:
     images.add("tiny.png", _png(_pattern(4, 4, 21)), "broken", variant="tiny_image")
     images.add("strip.png", _png(_pattern(600, 20, 22)), "broken", variant="extreme_aspect_ratio")
     for name, seed in (("ctype.png", 23), ("robots.png", 24), ("trickle.png", 25), ("ratelimited.png", 26)):
-        (images.root / name).write_bytes(_png(_pattern(40, 40, seed)))  # served only through misbehaving routes
+        _put(images.root / name, _png(_pattern(40, 40, seed)))  # served only through misbehaving routes
     quirk_files(images)
     quirks = {e.variant: e for e in images.entries if e.kind == "quirk"}
     quirks["retry_after_once"].url_path = "/ratelimit-once/1/quirk_retry_after.png"
@@ -325,6 +336,7 @@ def build_demo_crawl(out: Path, cfg: DemoConfig, port: int, seed: int = 0) -> di
         truth.append({"kind": "broken", "variant": "malformed_url", "of": "", "label": -1, "name": ""})
     urls = pd.DataFrame(rows)
     truth_df = pd.DataFrame(truth).assign(url=urls["url"], row_id=np.arange(len(urls)))
+    _sync_dirs(out)  # the images and folders first; the URL list that points at them last
     for name, df in (("urls.parquet", urls), ("truth.parquet", truth_df)):
         with atomic_path(out / name) as tmp:
             df.to_parquet(tmp, index=False)
@@ -353,6 +365,7 @@ def build_bad_input_crawl(out: Path, port: int, n_good: int = 4) -> pd.DataFrame
     rows.append({"url": "htp:/not a url", "kind": "broken", "variant": "malformed_url"})
     df = pd.DataFrame(rows)
     df["expected"] = df["variant"].map(BAD_INPUT_REASONS).where(df["kind"] == "broken", None)
+    _sync_dirs(out)
     with atomic_path(out / "urls.parquet") as tmp:
         df.to_parquet(tmp, index=False)
     return df

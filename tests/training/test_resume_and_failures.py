@@ -1,23 +1,62 @@
-"""The training system end to end on a tiny model: exact resume, exports, NaN detection, modes."""
+"""The training system end to end on a tiny model: exact resume (also after SIGKILL and crashes inside the checkpoint
+swap), exports, NaN detection, modes."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
 import pytest
 import torch
-from tiny import tiny_config
+import yaml
+from tiny import TINY, tiny_config
 from torch.testing import assert_close
 
+from training.callbacks import _swap_into_place, find_resume_checkpoint
 from training.checkpoint import load_backbone, load_bundle
 from training.meta_arch import NonFiniteLossError
 from training.metrics import read_csv
-from training.pretrain import pretrain
+from training.pretrain import PretrainResult, pretrain
 
+REPO = Path(__file__).resolve().parents[2]
 LOSSES = ("total_loss", "dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss")
+COMPARED = (*LOSSES, "lr", "wd", "momentum", "teacher_temp", "proto_entropy")
 
 
-def test_interrupted_run_resumes_exactly(image_folder, tmp_path):
-    cfg = tiny_config()  # 10 steps; drop path 0.2 (efficient variant), masking, centering, all on
-    full = pretrain(image_folder, tmp_path / "full", cfg, seed=3)
+@pytest.fixture(scope="module")
+def full_run(image_folder, tmp_path_factory) -> PretrainResult:
+    """The uninterrupted reference: 10 steps, seed 3; drop path 0.2 (efficient variant), masking, centering, all on."""
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    return pretrain(image_folder, tmp_path_factory.mktemp("full"), tiny_config(), seed=3)
+
+
+def assert_same_trajectory(metrics_csv: Path, reference: PretrainResult, from_step: int = 0) -> None:
+    """Rows 0..9 once each (no duplicates left by the interrupted attempt), equal to the reference from `from_step`."""
+    rows, ref = read_csv(metrics_csv), read_csv(reference.metrics_csv)
+    assert [r["step"] for r in rows] == list(range(10))
+    for ra, rb in zip(ref[from_step:], rows[from_step:], strict=True):
+        for key in COMPARED:
+            assert rb[key] == pytest.approx(ra[key], abs=1e-6), (ra["step"], key)
+
+
+class StartState(L.Callback):
+    """What a run starts from: the step restored from the checkpoint, and the checkpoint folder after set-up."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.step = trainer.global_step
+        self.files = sorted(p.name for p in (Path(trainer.default_root_dir) / "checkpoints").iterdir())
+
+
+def test_interrupted_run_resumes_exactly(image_folder, tmp_path, full_run):
+    cfg = tiny_config()
+    full = full_run
     part = pretrain(image_folder, tmp_path / "resumed", cfg, seed=3, interrupt_at=5)
     assert part.steps == 5 and part.checkpoint.is_file()
     resumed = pretrain(image_folder, tmp_path / "resumed", cfg, seed=3)
@@ -36,6 +75,118 @@ def test_interrupted_run_resumes_exactly(image_folder, tmp_path):
     assert "meta.dino_loss.centering.center" in ckpt["state_dict"]
     assert 0.0 < full.final["proto_entropy"] <= float(torch.log(torch.tensor(64.0))) + 1e-5
     assert full.images_per_second > 0
+
+
+def test_sigkilled_training_process_resumes_on_the_same_trajectory(image_folder, tmp_path, full_run):
+    """A real `python -m training.pretrain` is SIGKILLed mid-epoch once a checkpoint exists; the same command again
+    resumes from that checkpoint and ends on the uninterrupted trajectory."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"train": {**TINY, "checkpoint_every": 2, "cpu_threads": 2}}))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "training.pretrain", "--data", str(image_folder), "--out", str(out),
+           "--config", str(config), "--seed", "3"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    ckpt = out / "checkpoints" / "last.ckpt"
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL  # it was still running: the kill interrupted it
+    killed_at = torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"]
+    assert killed_at in (2, 4, 6, 8) and not (out / "teacher_backbone.safetensors").exists()
+
+    resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Restored all states from the checkpoint at {ckpt}" in resumed.stderr
+    assert_same_trajectory(out / "metrics.csv", full_run)  # rows before the kill were written by the killed process
+    img = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert_close(load_backbone(out / "teacher_backbone.safetensors")(img),
+                     load_backbone(full_run.teacher_backbone)(img), rtol=1e-6, atol=1e-6)
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["last.ckpt"]
+
+
+@pytest.fixture(scope="module")
+def stopped_at_4(image_folder, tmp_path_factory) -> Path:
+    """A run stopped after 4 steps with its checkpoint: copied by the crash-simulation tests."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    assert pretrain(image_folder, out, tiny_config(), seed=3, interrupt_at=4).steps == 4
+    return out
+
+
+@pytest.mark.parametrize("last", ["missing", "partial"])
+def test_a_crash_inside_the_checkpoint_swap_resumes_from_the_previous_checkpoint(image_folder, tmp_path, full_run,
+                                                                                 stopped_at_4, last):
+    """The state a crash between the two renames leaves (the previous checkpoint moved to `last.ckpt.old`; `last.ckpt`
+    missing, or half-written), plus the partial checkpoints being written then: resume uses `.old`, the leftovers are
+    swept before training starts, and the run ends on the reference trajectory."""
+    out = tmp_path / "run"
+    shutil.copytree(stopped_at_4, out)
+    ckpts = out / "checkpoints"
+    os.replace(ckpts / "last.ckpt", ckpts / "last.ckpt.old")
+    newer = full_run.checkpoint.read_bytes()  # a later checkpoint (step 10), cut short
+    if last == "partial":
+        (ckpts / "last.ckpt").write_bytes(newer[: len(newer) // 2])
+    (ckpts / ".last.ckpt.tmp6").write_bytes(newer[:1000])  # a file checkpoint being written
+    (ckpts / ".last.ckpt.tmp8").mkdir()  # a sharded (directory) checkpoint being written
+    (ckpts / ".last.ckpt.tmp8" / "__0_0.distcp").write_bytes(b"\0" * 100)
+    assert find_resume_checkpoint(ckpts) == ckpts / "last.ckpt.old"
+
+    start = StartState()
+    resumed = pretrain(image_folder, out, tiny_config(), seed=3, callbacks=[start])
+    assert start.step == 4  # restored from the previous complete checkpoint, not from scratch
+    assert start.files == (["last.ckpt", "last.ckpt.old"] if last == "partial" else ["last.ckpt.old"])
+    assert resumed.steps == 10
+    assert_same_trajectory(resumed.metrics_csv, full_run, from_step=4)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt"]  # `.old` goes once a newer one is in place
+    assert torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 10
+
+
+def _sharded(path: Path, step: int, complete: bool = True) -> Path:
+    """A directory checkpoint as Lightning's FSDP strategy writes it (DCP shards + `.metadata`, then `meta.pt`)."""
+    path.mkdir()
+    (path / "__0_0.distcp").write_text(str(step))
+    if complete:
+        (path / ".metadata").write_text("dcp")
+        (path / "meta.pt").write_text("lightning")
+    return path
+
+
+def _step(path: Path) -> int:
+    return int((path / "__0_0.distcp").read_text())
+
+
+def test_directory_checkpoints_keep_the_previous_one_until_the_new_one_is_in_place(tmp_path):
+    """`_swap_into_place` for sharded checkpoints, from every state a crash inside it can leave."""
+    final, old = tmp_path / "last.ckpt", tmp_path / "last.ckpt.old"
+    _swap_into_place(_sharded(tmp_path / ".last.ckpt.tmp2", 2), final)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"] and _step(final) == 2
+    # Crash between the renames: the previous checkpoint is `.old`, `last.ckpt` is missing.
+    os.replace(final, old)
+    assert find_resume_checkpoint(tmp_path) == old
+    _swap_into_place(_sharded(tmp_path / ".last.ckpt.tmp4", 4), final)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"] and _step(final) == 4
+    # Crash while removing `.old` after the second rename: both are there, `last.ckpt` is whole and wins.
+    _sharded(old, 2, complete=False)
+    assert find_resume_checkpoint(tmp_path) == final
+    _swap_into_place(_sharded(tmp_path / ".last.ckpt.tmp6", 6), final)  # (renaming onto a non-empty `.old` fails)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"] and _step(final) == 6
+    # `last.ckpt` incomplete beside a whole `.old`: resume uses `.old`, and the partial one never replaces it.
+    os.replace(final, old)
+    _sharded(final, 8, complete=False)
+    assert find_resume_checkpoint(tmp_path) == old
+    _swap_into_place(_sharded(tmp_path / ".last.ckpt.tmp8", 8), final)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"] and _step(final) == 8
+
+
+def test_an_incomplete_checkpoint_without_a_previous_one_is_an_error(tmp_path):
+    (tmp_path / "last.ckpt").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(RuntimeError, match=r"no complete resume checkpoint in .* \(last\.ckpt incomplete\); move"):
+        find_resume_checkpoint(tmp_path)
+    (tmp_path / "last.ckpt").unlink()
+    assert find_resume_checkpoint(tmp_path) is None
 
 
 def test_non_finite_loss_stops_training_naming_the_term(image_folder, tmp_path, monkeypatch):
