@@ -184,7 +184,8 @@ class Ledger:
 STAGE_ORDER = {
     name: i
     for i, name in enumerate(
-        ["crawl", "ingest", "nsfw", "faces", "dedup", "embed", "retrieve", "rebalance", "corpus", "pretrain", "evaluate"]
+        ["crawl", "ingest", "nsfw", "faces", "dedup", "embed", "retrieve", "rebalance", "corpus", "pretrain",
+         "pretrain_highres", "distill", "evaluate"]
     )
 }
 

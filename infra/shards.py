@@ -78,7 +78,7 @@ class ShardWriter:
         self.table_path = Path(shard_dir) / f"{name}.parquet"
         self.rows: list[dict[str, Any]] = []
         self._tmp = temp_for(self.tar_path)
-        self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
+        self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 (closed by commit/abort)
 
     def add(self, image_id: str, data: bytes, ext: str, **columns: Any) -> None:
         name = f"{image_id}.{ext}"

@@ -9,7 +9,9 @@ from infra.manifest import read_manifest
 from infra.run import RunDir
 from infra.storage import read_json
 
-STAGE_NAMES = ("crawl", "ingest", "nsfw", "faces", "dedup", "embed", "retrieve", "rebalance", "corpus", "pretrain", "evaluate")
+STAGE_NAMES = ("crawl", "ingest", "nsfw", "faces", "dedup", "embed", "retrieve", "rebalance", "corpus", "pretrain",
+               "pretrain_highres", "distill", "evaluate")
+OPTIONAL = {"pretrain_highres": "highres", "distill": "distill"}  # listed only where `train.<section>.enabled`
 
 
 def _state(run: RunDir, stage: str, failed: set[str]) -> str:
@@ -30,6 +32,8 @@ def run_summary(run: RunDir, cfg: PipelineConfig, stages: tuple[str, ...] = STAG
     rows = []
     for stage in stages:
         if stage == "crawl" and not cfg.demo.enabled:
+            continue
+        if stage in OPTIONAL and not getattr(cfg.train, OPTIONAL[stage]).enabled:
             continue
         m = read_manifest(run.stage_dir(stage))
         counts = m.counts if m else {}

@@ -159,8 +159,16 @@ def composition(run: Run) -> pd.DataFrame:
     return pd.read_parquet(run.require("stages/corpus/composition.parquet", "The corpus composition"))
 
 
-def training_metrics(run: Run) -> pd.DataFrame:
-    return pd.read_csv(run.require("stages/pretrain/metrics.csv", "The training log (metrics.csv)"))
+TRAINING_STAGES = ("pretrain", "pretrain_highres", "distill")  # in pipeline order; the follow-ups are optional
+
+
+def training_metrics(run: Run, stage: str = "pretrain") -> pd.DataFrame:
+    return pd.read_csv(run.require(f"stages/{stage}/metrics.csv", "The training log (metrics.csv)"))
+
+
+def training_stages(run: Run) -> list[str]:
+    """pretrain, then the follow-up training stages this run has a log of."""
+    return ["pretrain"] + [s for s in TRAINING_STAGES[1:] if (run.stage(s) / "metrics.csv").is_file()]
 
 
 def eval_results(run: Run) -> pd.DataFrame:

@@ -215,8 +215,17 @@ CURVE_LABELS = {"lr": "backbone", "last_layer_lr": "head's last layer", "proto_e
                 "target_entropy": "per-image target"}  # fmt: skip
 
 
+STAGE_TITLES = {"pretrain": "pretraining", "pretrain_highres": "high-resolution finishing stage",
+                "distill": "distillation into the smaller student"}
+
+
 def training(run: Run) -> str:
-    m = collect.training_metrics(run)
+    stages = collect.training_stages(run)
+    return "".join(_training_stage(run, s, titled=len(stages) > 1) for s in stages)
+
+
+def _training_stage(run: Run, stage: str, titled: bool) -> str:
+    m = collect.training_metrics(run, stage)
     losses = [c for c in m.columns if c.endswith("_loss") and c != "total_loss"]
     panels = [(c.replace("_", " "), [c]) for c in (["total_loss"] if "total_loss" in m else []) + losses]
     for title, cols in (("learning rate", ["lr", "last_layer_lr"]), ("weight decay", ["wd"]),
@@ -225,14 +234,17 @@ def training(run: Run) -> str:
         present = [c for c in cols if c in m]
         if present:
             panels.append((title, present))
-    man = run.manifest("pretrain")
+    man = run.manifest(stage)
     facts = [("steps", f"{len(m):,}")]
+    if man and man.extra.get("arch"):
+        facts.append(("student", f"{man.extra['arch']} at {man.extra.get('image_size', '?')} px"))
     if man and man.extra.get("images_per_second"):
         facts.append(("images / s", f"{man.extra['images_per_second']:.1f}"))
     if "total_loss" in m:
         facts.append(("final total loss", f"{m['total_loss'].iloc[-1]:.3f}"))
-    return kpis(facts) + figure(plots.curves(m, panels, CURVE_LABELS), "training curves",
-                                "Per-step values from stages/pretrain/metrics.csv.")  # fmt: skip
+    head = f"<h3>{STAGE_TITLES[stage]} ({stage})</h3>" if titled else ""
+    return head + kpis(facts) + figure(plots.curves(m, panels, CURVE_LABELS), f"training curves: {stage}",
+                                       f"Per-step values from stages/{stage}/metrics.csv.")  # fmt: skip
 
 
 # --- evaluation ------------------------------------------------------------------------------------------------

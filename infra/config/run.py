@@ -20,6 +20,8 @@ STAGES = (
     "rebalance",
     "corpus",
     "pretrain",
+    "pretrain_highres",
+    "distill",
     "evaluate",
 )
 

@@ -20,6 +20,7 @@ The server only ever answers; it never opens a connection itself.
 
 from __future__ import annotations
 
+import contextlib
 import mimetypes
 import socket
 import struct
@@ -54,10 +55,8 @@ def _handler(root: Path, slow_seconds: float, hits: Counter, lock: threading.Loc
             for k, v in (headers or {}).items():
                 self.send_header(k, v)
             self.end_headers()
-            try:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client gave up (timeouts): expected
                 self.wfile.write(body)
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the client gave up (timeouts): expected
 
         def _file(self, name: str, ctype: str | None = None, headers: dict[str, str] | None = None) -> None:
             f = root / name

@@ -45,7 +45,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
             "train.max_stepz: unknown key",
             "ingest.timeout: Input should be greater than 0 (got -1)",
             "run.stop_after: Input should be 'crawl', 'ingest', 'nsfw', 'faces', 'dedup', 'embed', 'retrieve', "
-            "'rebalance', 'corpus', 'pretrain' or 'evaluate' (got 'nowhere')",
+            "'rebalance', 'corpus', 'pretrain', 'pretrain_highres', 'distill' or 'evaluate' (got 'nowhere')",
             "override 'nonsense' is not of the form key.path=value",
         ]
     )
