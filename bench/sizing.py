@@ -17,9 +17,9 @@ SSCD_GFLOP = 16.68  # SSCD ResNet-50 at 320x320, FLOPs per image (torch FlopCoun
 VITH_GFLOP = 248.27  # ViT-H/16 at 224, FLOPs per image (torch FlopCounterMode)
 SSCD_CPU_UTIL = 18.8 / 56.8  # achieved fp32 GFLOP/s of SSCD / best fp32 matmul peak measured that day
 VITH_CPU_UTIL = 43.5 / 56.8  # same for ViT-H/16
-# --- measured (bench/curate_scale.py --n 1000000, same machine, load average ~10 on its 2 cores) ---
-KMEANS_UTIL = 0.927  # k-means assignment GFLOP/s / fp32 matmul peak in the same run
-EDGES_PER_IMAGE = 102_968 / 1_000_000  # kept kNN edges per image at cosine > 0.6 (synthetic pool, 2% planted copies)
+# --- measured (bench/curate_scale.py --n 1000000, 2026-11-30, 2-core AMD EPYC AVX2, idle; docs/scaling.md) ---
+KMEANS_UTIL = 0.718  # k-means assignment GFLOP/s / fp32 matmul peak in the same run
+EDGES_PER_IMAGE = 99_971 / 1_000_000  # kept kNN edges per image at cosine > 0.6 (synthetic pool, 2% planted copies)
 DEMO_EDGES_PER_IMAGE = 267 / 3_192  # same on the demo crawl (pixel descriptor, 0.995)
 LEDGER_BYTES_PER_ROW = 345  # curation-stage ledger bytes per input row on the demo run (parquet, JSON details)
 # --- published specs (not measured here) ---
