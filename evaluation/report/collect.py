@@ -89,7 +89,8 @@ def nsfw_scores(run: Run) -> tuple[np.ndarray, float | None, int]:
     """(scores, threshold, images dropped)."""
     files = sorted((run.stage("nsfw") / "scores").glob("*.parquet"))
     if files:
-        t = pd.concat([pd.read_parquet(f) for f in files])
+        frames = [pd.read_parquet(f) for f in files]
+        t = pd.concat([f for f in frames if len(f)] or frames[:1])  # empty shards (e.g. a retry's) add nothing
         scores = t["nsfw_score"].dropna().to_numpy(np.float64)
         n_drop = int(t["dropped"].sum()) if "dropped" in t else 0
     else:
