@@ -135,11 +135,13 @@ def _run_flow(run_root: Path, run_id: str) -> int:
     import httpx
 
     from flows.pipeline import pipeline
+    from infra.prefect_db import ensure_embedded_database
     from infra.runs import open_run
     from infra.summary import format_summary, run_summary
 
     run, _ = open_run(run_root, run_id)
     resume = f"lvd resume {run_id} --root {run_root}"
+    ensure_embedded_database()  # a server start killed mid-migration must not break every later resume
     watchdog = ExitWatchdog(run.events_path, _exit_timeout(), resume)
     watchdog.start()
     try:
@@ -261,7 +263,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_retry_failed(args: argparse.Namespace) -> int:
     from flows.retry import retry_failed_flow
+    from infra.prefect_db import ensure_embedded_database
 
+    ensure_embedded_database()
     state = retry_failed_flow(str(args.root), args.run_id, args.reason or None, return_state=True)
     watchdog = ExitWatchdog(None, _exit_timeout(), f"lvd retry-failed {args.run_id} --root {args.root}")
     watchdog.arm("the retry flow returned", 0 if state.is_completed() else 1)

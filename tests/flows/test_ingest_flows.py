@@ -58,12 +58,15 @@ def _config(root, runner):
     return path
 
 
-def _owner_pid(client_port: int) -> int | None:
-    """The process (this one or a descendant) that holds the client end of a loopback connection."""
+def _owner_pid(client_port: int, server_port: int) -> int | None:
+    """The process (this one or a descendant) that holds the client end of a loopback connection. Both ends are
+    matched: the kernel reuses an ephemeral port number for connections to other destinations (this process's
+    connection to the Prefect API could have the same local port as a worker's download)."""
     me = psutil.Process()
     for proc in [me, *me.children(recursive=True)]:
         with contextlib.suppress(psutil.Error):
-            if any(c.laddr and c.laddr.port == client_port for c in proc.net_connections("tcp")):
+            if any(c.laddr and c.raddr and (c.laddr.port, c.raddr.port) == (client_port, server_port)
+                   for c in proc.net_connections("tcp")):  # fmt: skip
                 return proc.pid
     return None
 
@@ -75,7 +78,7 @@ def _recording_handler(peers: dict[str, set]):
     def make(*args):
         class Handler(make_handler(*args)):
             def do_GET(self):
-                peers.setdefault(self.path, set()).add(_owner_pid(self.client_address[1]))
+                peers.setdefault(self.path, set()).add(_owner_pid(self.client_address[1], self.server.server_address[1]))
                 super().do_GET()
 
         return Handler
