@@ -7,7 +7,7 @@ process group (the flow, its Prefect server, every worker) with SIGKILL after a 
 loss terms and lr within 1e-6) equal the reference's, and `lvd audit` finds nothing. Pretraining checkpoints every 2
 of its 40 steps (`infra.chaos.DEFAULT_OVERRIDES`), so a kill inside it resumes from a checkpoint.
 
-    python bench/chaos.py --trials 20 [--kills 1] [--config configs/tiny.yaml] [overrides ...]
+    python bench/chaos.py --trials 20 [--kills 1] [--cold-prefect] [--config configs/tiny.yaml] [overrides ...]
 
 Prints one line per trial, `K/N kills landed mid-run` (and how many inside pretraining, resumed from a checkpoint)
 and `N/T identical`. Exit status 0 only when every trial is identical.
@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", type=Path, default=REPO / "configs" / "tiny.yaml")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder, removed at the end")
+    p.add_argument("--cold-prefect", action="store_true",
+                   help="a fresh PREFECT_HOME per trial: Prefect creates and migrates its database inside the kill "
+                        "window (the default shares one, migrated by the reference run)")  # fmt: skip
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     rng = random.Random(args.seed)
@@ -50,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         identical, landed, horizon, in_pretrain, from_checkpoint = 0, 0, duration, 0, 0
         for i in range(args.trials):
             delays = [rng.uniform(0.0, horizon) for _ in range(args.kills)]
-            res = trial(args.config, overrides, work / f"trial-{i:02d}", env, delays, 4 * duration)
+            trial_env = environment(work / f"prefect-home-{i:02d}") if args.cold_prefect else env
+            res = trial(args.config, overrides, work / f"trial-{i:02d}", trial_env, delays, 4 * duration)
             same = res.snapshot.same_as(ref) and not res.problems
             identical += same
             what = "identical" if same else ", ".join(
