@@ -38,9 +38,16 @@ def _upgrade_to(db: Path, rev: str) -> None:
 
 @pytest.fixture
 def home(tmp_path):
-    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_HOME,
+        PREFECT_SERVER_DATABASE_CONNECTION_URL,
+        temporary_settings,
+    )
 
-    with temporary_settings(updates={PREFECT_HOME: tmp_path / "home"}, restore_defaults={PREFECT_API_URL}):
+    # Defaults restored: other tests' Prefect harnesses set an API URL or a test database in the settings context.
+    with temporary_settings(updates={PREFECT_HOME: tmp_path / "home"},
+                            restore_defaults={PREFECT_API_URL, PREFECT_SERVER_DATABASE_CONNECTION_URL}):  # fmt: skip
         yield tmp_path / "home"
 
 
