@@ -25,9 +25,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-_MIGRATE = ("import asyncio\n"
-            "from prefect.server.database import provide_database_interface\n"
-            "asyncio.run(provide_database_interface().create_db())\n")  # fmt: skip
+from infra.storage import commit
+
+# What Prefect's server runs at start-up (`PrefectDBInterface.create_db`: alembic upgrade in a worker thread, which its
+# migration environment needs), to a given revision.
+_MIGRATE = ("import asyncio, sys\n"
+            "from prefect.server.database.alembic_commands import alembic_upgrade\n"
+            "from prefect.utilities.asyncutils import run_sync_in_worker_thread\n"
+            "asyncio.run(run_sync_in_worker_thread(alembic_upgrade, sys.argv[1]))\n")  # fmt: skip
 _SIDE = ("-wal", "-shm", "-journal")
 
 
@@ -68,12 +73,13 @@ def revision(path: Path) -> str | None:
     return row[0] if row else None
 
 
-def migrate(path: Path, timeout: float = 600) -> tuple[bool, str]:
-    """Create or upgrade the database at ``path`` to Prefect's head in a child process: (succeeded, its stderr)."""
+def migrate(path: Path, to: str = "head", timeout: float = 600) -> tuple[bool, str]:
+    """Create or upgrade the database at ``path`` to revision ``to`` (Prefect's head by default) in a child process:
+    (succeeded, its stderr)."""
     url = f"sqlite+aiosqlite:///{path}"
     env = dict(os.environ, PREFECT_API_DATABASE_CONNECTION_URL=url, PREFECT_SERVER_DATABASE_CONNECTION_URL=url)
     env.pop("PREFECT_API_URL", None)
-    proc = subprocess.run([sys.executable, "-c", _MIGRATE], env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, "-c", _MIGRATE, to], env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode == 0:
         with contextlib.closing(sqlite3.connect(path)) as con:  # fold the WAL into the file before it is renamed
             con.execute("PRAGMA journal_mode=DELETE")  # (Prefect's connections switch it back to WAL)
@@ -120,7 +126,6 @@ def ensure_embedded_database(warn=lambda message: print(message, file=sys.stderr
         for stale in path.parent.glob(f".{path.name}.migrating-*"):  # from a migration that was itself killed
             stale.unlink(missing_ok=True)
         tmp = path.with_name(f".{path.name}.migrating-{os.getpid()}")
-        _remove(tmp)
         ok, err = (False, "")
         if path.exists():
             if _copy(path, tmp):
@@ -139,15 +144,8 @@ def ensure_embedded_database(warn=lambda message: print(message, file=sys.stderr
         if not ok or revision(tmp) not in heads:
             _remove(tmp)
             raise RuntimeError(f"could not create the Prefect database at {path}:\n{err[-2000:]}")
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
         for s in _SIDE:  # a stale WAL next to the new file would be replayed into it
             Path(f"{path}{s}").unlink(missing_ok=True)
-        os.replace(tmp, path)
+        commit(tmp, path)
         _remove(tmp)  # its side files, if any
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
     return path

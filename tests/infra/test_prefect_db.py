@@ -27,13 +27,8 @@ def _env(home: Path) -> dict[str, str]:
 
 
 def _upgrade_to(db: Path, rev: str) -> None:
-    url = f"sqlite+aiosqlite:///{db}"
-    code = ("import asyncio, sys\n"
-            "from prefect.server.database.alembic_commands import alembic_upgrade\n"
-            "from prefect.utilities.asyncutils import run_sync_in_worker_thread\n"
-            "asyncio.run(run_sync_in_worker_thread(alembic_upgrade, sys.argv[1]))\n")  # (alembic's env needs a loop)
-    env = dict(_env(db.parent), PREFECT_API_DATABASE_CONNECTION_URL=url, PREFECT_SERVER_DATABASE_CONNECTION_URL=url)
-    subprocess.run([sys.executable, "-c", code, rev], env=env, check=True, capture_output=True, timeout=600)
+    ok, err = migrate(db, rev)
+    assert ok and revision(db) == rev, err[-2000:]
 
 
 @pytest.fixture
