@@ -1,7 +1,7 @@
 """Named training recipes as `train:` overlays (the integrator copies them into configs/*.yaml).
 
 `DEMO` is the CPU demo: a ViT-nano/7 (128 dim, 6 blocks, 4x4 patch grid) on 28 px digits (the bundled demo corpus
-is mostly MNIST-like digits plus a few small photos), 660 steps of batch 32, about 3 minutes on 2 idle cores (AMD
+is mostly MNIST-like digits plus a few small photos), 660 steps of batch 32, about 3.5 minutes on 2 idle cores (AMD
 EPYC, AVX2) in fp32.
 Checked by `python -m training.demo_check`. Choices measured on that check (teacher 20-NN kNN, class token):
 - patch 7 rather than 4: ~2.5x cheaper steps and faster learning (patch 4 stayed near 40% in this budget);
@@ -27,7 +27,7 @@ LayerScale is small), so DINO contributes mostly in the second half of the run.
 
 Hence this recipe (2026-11-30, same corpus, seeds 0 / 1): ViT-nano/7 with teacher temperature 0.01 and min_lr 2e-4
 gives 71.3% / 70.9% at 960 steps and 69.2% / 72.0% at 660 (random init 45.7%): the larger model learns more per
-step, and 660 of its steps cost ~1.25x the wall time of the ViT-pico/7's 960 (63.9% / 68.3%). With it, its patch
+step: 660 of its steps (the fresh-clone demo: 69.8%, 3.5 min) beat the ViT-pico/7's 960 (63.9% / 68.3%, 2.2 min). With it, its patch
 embedding at the full lr (multiplier 1.0, not 0.2) 71.3% (960 steps, seed 0). On the ViT-pico/7 at 960 steps,
 seeds 0 / 1: global crop scale [0.7, 1] 67.3% / 67.0%, [0.32, 1] 67.3% / 67.8%; LayerScale 0.1 with base_lr 1e-2
 63.4% / 64.9% (DINO's targets sharpen from the start, target entropy 5.3 at step 80, yet kNN is no better).
