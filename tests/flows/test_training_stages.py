@@ -114,8 +114,10 @@ def test_highres_continues_the_pretrain_teacher_at_42_px(flow_run):
         1, 1 + 6 * 6, 128)
     rows = read_csv(run.stage_dir("pretrain_highres") / "metrics.csv")
     assert [r["step"] for r in rows] == [0, 1, 2]
-    # Every schedule compressed into the 3 steps (no warmup left): the lr's whole cosine, 4e-3 x sqrt(16 / 1024) down.
-    peak, low = 4e-3 * (16 / 1024) ** 0.5, 1e-6
+    # Every schedule compressed into the 3 steps (no warmup left): the lr's whole cosine, 4e-3 x sqrt(16 / 1024) down
+    # to the demo recipe's min_lr (which tiny.yaml inherits).
+    assert hr["optim"]["min_lr"] == 2e-4
+    peak, low = 4e-3 * (16 / 1024) ** 0.5, 2e-4
     assert [r["lr"] for r in rows] == pytest.approx([peak, low + (peak - low) * 0.75, low + (peak - low) * 0.25])
 
 
