@@ -27,8 +27,8 @@ LayerScale is small), so DINO contributes mostly in the second half of the run.
 
 Hence this recipe (2026-11-30, same corpus, seeds 0 / 1): ViT-nano/7 with teacher temperature 0.01 and min_lr 2e-4
 gives 71.3% / 70.9% at 960 steps and 69.2% / 72.0% at 660 (random init 45.7%): the larger model learns more per
-step: 660 of its steps (the fresh-clone demo: 69.8%, 3.5 min) beat the ViT-pico/7's 960 (63.9% / 68.3%, 2.2 min). With it, its patch
-embedding at the full lr (multiplier 1.0, not 0.2) 71.3% (960 steps, seed 0). On the ViT-pico/7 at 960 steps,
+step, so 660 of its steps (the fresh-clone demo: 69.8%, 3.5 min) beat the ViT-pico/7's 960 (63.9% / 68.3%, 2.2 min).
+With it, its patch embedding at the full lr (multiplier 1.0, not 0.2) 71.3% (960 steps, seed 0). On the ViT-pico/7 at 960 steps,
 seeds 0 / 1: global crop scale [0.7, 1] 67.3% / 67.0%, [0.32, 1] 67.3% / 67.8%; LayerScale 0.1 with base_lr 1e-2
 63.4% / 64.9% (DINO's targets sharpen from the start, target entropy 5.3 at step 80, yet kNN is no better).
 """

@@ -38,9 +38,12 @@ def _status_bytes(key: str) -> int:
     raise KeyError(key)
 
 
-def measure(path: Path, plan_dir: Path, cfg: IngestConfig, pools: list[pa.MemoryPool]) -> dict[str, int]:
+_POOLS: list[pa.MemoryPool] = []  # a proxy must outlive every buffer it allocated: it lives as long as the process
+
+
+def measure(path: Path, plan_dir: Path, cfg: IngestConfig) -> dict[str, int]:
     pool = pa.proxy_memory_pool(pa.default_memory_pool())
-    pools.append(pool)  # a proxy must outlive every buffer it allocated: it lives as long as the process
+    _POOLS.append(pool)
     pa.set_memory_pool(pool)
     tracemalloc.start()
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
@@ -61,7 +64,7 @@ def _child(spec: dict, size: str, run: int, conn) -> None:
     cfg = IngestConfig(shard_size=spec["shard_size"], chunk_rows=spec["chunk_rows"], url_dedup_buckets=16)
     plan = Path(spec["plan"]) / f"{size}-{run}"
     plan_shards(DataConfig(url_list=Path(spec["short"])), cfg, plan / "warm")
-    conn.send(measure(Path(spec[size]), plan / "measured", cfg, []))
+    conn.send(measure(Path(spec[size]), plan / "measured", cfg))
 
 
 def _measure_in_child(spec: dict, size: str, run: int) -> dict[str, int]:
