@@ -35,10 +35,11 @@ base_lr 1e-2 63.4% / 64.9% (DINO's targets sharpen from the start, target entrop
 Measured 2026-11-30 (later session), same corpus, this recipe, training seed 0 unless noted (base: 69.2% / 72.0%):
 - more images seen is the only lever found: 1,980 steps (epochs 33, 3x the demo's pretraining time) 74.2%; 900
   steps 71.3%; 1,320 steps of batch 16 (same images seen) 69.0% / 66.0% (seeds 0 / 1);
-- the step is compute-bound: `python bench/train_step.py --models demo` times the model's full step (drop path
-  computed for every sample, as the demo's rate 0 does) at 204 ms, 47% of the measured fp32 matmul peak (160 ms with
-  efficient drop path 0.3); loading data in one worker process with one compute
-  thread trains slower (94 vs 110 images/s inline on 2 threads), so 3x the steps does not fit the 15-minute demo;
+- the step is compute-bound: `python bench/train_step.py --models demo` times the model's step with every sample
+  computed (standard drop path 0.3, unpacked) at 204 ms, 47% of the measured fp32 matmul peak (160 ms with efficient
+  drop path); the demo's packed step at drop path 0 trains as fast as unpacked (103.4 vs 103.7 images/s), and
+  loading data in one worker process with one compute thread trains slower (94 vs 110 images/s inline on 2
+  threads), so 3x the steps does not fit the 15-minute demo;
 - teacher momentum 0.9 rising to 0.99 (cosine) ends the ~250-step phase in which the teacher's per-image targets stay
   uniform (its EMA lag, not LayerScale growth: per-image target entropy 4.67 at step 60 against 5.54), yet kNN
   71.5% / 70.1% (seeds 0 / 1), and at 900 steps 74.2% / 69.9%: within the seed spread;
