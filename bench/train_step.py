@@ -10,15 +10,17 @@ of each row is resolved by `training.strategy.compute_precision` as in training:
 FSDP parameters, no autocast, TF32 off), bf16 rows use bf16 FSDP mixed precision (student heads reduced in fp32)
 and bf16 autocast.
 
-Every row times `--steps` steps of `--batch` images. The variants of a (model, dtype) share one model, warmed up by
-`--warmup` steps (on a GPU before every variant). CPU defaults: ViT-S/14 2 images x 2 steps per row (18 ViT-S
-image-steps of ~160 GFLOP per dtype with the warm-up, about the 16 of the former 1-step rows that each had their own
-warm-up, for twice the timed images), the demo model its recipe batch x 4 steps. On 2 cores without native bf16 the bf16 ViT-S rows take most of the time
-(bf16 products there run at ~9 GFLOP/s against ~60 in fp32); `--dtypes fp32` or `--models demo` for a short run.
+Every row times `--steps` steps of `--batch` images, `--rounds` times: the variants of a (model, dtype) share one
+model, warmed up by `--warmup` steps (on a GPU before every variant), and each round times every variant once, in an
+order rotated from round to round, so that drift of the machine's speed (the 2-core VM's step times wander by ~20%
+over a minute) lands on all variants alike. A row prints the median of its rounds and their spread (min-max ms).
+CPU defaults: ViT-S/14 2 images x 2 steps x 1 round per row, the demo model its recipe batch x 4 steps x 3 rounds.
+On 2 cores without native bf16 the bf16 ViT-S rows take most of the time (bf16 products there run at ~9 GFLOP/s
+against ~60 in fp32); `--dtypes fp32` or `--models demo` for a short run.
 
     python bench/train_step.py                         # every model, dtype and variant
     python bench/train_step.py --quick                 # 3 variants instead of 4
-    python bench/train_step.py --models demo --dtypes fp32 --steps 8   # a subset, more steps
+    python bench/train_step.py --models demo --dtypes fp32 --steps 8 --rounds 9   # a subset, more steps
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import argparse
 import contextlib
 import os
 import random
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -162,6 +165,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "its recipe batch on CPU)")
     parser.add_argument("--steps", type=int, default=None,
                         help="timed steps per row (default: 5 on GPU; on CPU ViT-S 2, demo 4)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="timings per row, variants interleaved (default: 5 on GPU; on CPU ViT-S 1, demo 3)")
     parser.add_argument("--warmup", type=int, default=1,
                         help="untimed steps before timing (GPU: before every row; CPU: once per model and dtype)")
     args = parser.parse_args(argv)
@@ -185,38 +190,48 @@ def main(argv: list[str] | None = None) -> None:
     demo = load_config(None, overrides(DEMO)).train
     demo_name = f"demo {demo.student.arch}/{demo.student.patch_size} {demo.crops.global_crops_size}+" \
                 f"{demo.crops.local_crops_size}"
-    defaults = {"vits": ("vit_small/14 224+98", load_config(None, VIT_S).train, 32 if cuda else 2, 5 if cuda else 2),
-                "demo": (demo_name, demo, 256 if cuda else demo.batch_size_per_gpu, 5 if cuda else 4)}
-    models = [(name, cfg, args.batch or batch, args.steps or steps)
-              for key, (name, cfg, batch, steps) in defaults.items() if key in args.models]
+    defaults = {"vits": ("vit_small/14 224+98", load_config(None, VIT_S).train, 32 if cuda else 2, 5 if cuda else 2,
+                         5 if cuda else 1),
+                "demo": (demo_name, demo, 256 if cuda else demo.batch_size_per_gpu, 5 if cuda else 4, 5 if cuda else 3)}
+    models = [(name, cfg, args.batch or batch, args.steps or steps, args.rounds or rounds)
+              for key, (name, cfg, batch, steps, rounds) in defaults.items() if key in args.models]
     print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'} ({args.threads} threads), fsdp={fsdp}; "
           f"matmul peak fp32 {peaks['fp32']:.3f} TFLOP/s, bf16 {peaks['bf16']:.3f} TFLOP/s")
     header = f"{'model':24} {'batch':>5} {'dtype':>5} {'packing':>7} {'droppath':>9} {'img/s':>8} {'step ms':>9} " \
-             f"{'TFLOP/s':>8} {'MFU':>6}"
+             f"{'spread ms':>11} {'TFLOP/s':>8} {'MFU':>6}"
     print(header)
     print("-" * len(header))
-    for name, cfg, batch_size, steps in models:
+    for name, cfg, batch_size, steps, rounds in models:
         cfg.student.drop_path_rate = 0.3
         cfg.student.drop_path_uniform = True
         flops = step_flops(cfg, batch_size)
+        variants = [(True, True), (False, True), (True, False)] if args.quick else \
+                   [(True, True), (False, True), (True, False), (False, False)]
         for dtype in args.dtypes:
-            run = None
-            for packing, efficient in ([(True, True), (False, True), (True, False)] if args.quick else
-                                       [(True, True), (False, True), (True, False), (False, False)]):
-                cfg.sequence_packing = packing
-                block_mod.EFFICIENT_DROP_PATH_MIN = 0.1 if efficient else 1.0  # 1.0: always the per-sample variant
-                # GPU: warm up every variant (its kernels); CPU: only the new model (allocations), a CPU step of
-                # another variant has nothing to warm up, and an untimed ViT-S step there costs seconds.
-                if run is None or cuda:
-                    run = run or prepare(cfg, batch_size, dtype, device, fsdp)
-                    run(args.warmup)
-                dt = run(steps)
+            # GPU: warm up before every timing (each variant has its kernels); CPU: once for the new model
+            # (allocations), a CPU step of another variant has nothing to warm up, and an untimed ViT-S step there
+            # costs seconds.
+            run = prepare(cfg, batch_size, dtype, device, fsdp)
+            if not cuda:
+                run(args.warmup)
+            times: dict[tuple[bool, bool], list[float]] = {v: [] for v in variants}
+            for r in range(rounds):
+                for packing, efficient in variants[r % len(variants):] + variants[:r % len(variants)]:
+                    cfg.sequence_packing = packing
+                    block_mod.EFFICIENT_DROP_PATH_MIN = 0.1 if efficient else 1.0  # 1.0: always the per-sample variant
+                    if cuda:
+                        run(args.warmup)
+                    times[(packing, efficient)].append(run(steps))
+            for packing, efficient in variants:
+                dt, ts = statistics.median(times[(packing, efficient)]), times[(packing, efficient)]
                 tflops = flops / dt / 1e12
+                spread = f"{min(ts) * 1e3:.0f}-{max(ts) * 1e3:.0f}"
                 print(f"{name:24} {batch_size:>5} {dtype:>5} {packing!s:>7} {'subset' if efficient else 'sample':>9} "
-                      f"{batch_size / dt:>8.1f} {dt * 1e3:>9.0f} {tflops:>8.3f} {tflops / peaks[dtype]:>6.1%}", flush=True)
+                      f"{batch_size / dt:>8.1f} {dt * 1e3:>9.0f} {spread:>11} {tflops:>8.3f} {tflops / peaks[dtype]:>6.1%}",
+                      flush=True)
         block_mod.EFFICIENT_DROP_PATH_MIN = 0.1
         print(f"{name}: {flops / 1e9:.1f} GFLOP per step of {batch_size} images (nominal, drop path off)")
-    for name, cfg, batch_size, _ in models:
+    for name, cfg, batch_size, *_ in models:
         arch, patch, c = ARCHS[cfg.student.arch], cfg.student.patch_size, cfg.crops
         n_global, n_local = 1 + (c.global_crops_size // patch) ** 2, 1 + (c.local_crops_size // patch) ** 2
         grouped, dense = packed_attention_variants(device, batch_size, arch["embed_dim"], arch["num_heads"], n_global,
