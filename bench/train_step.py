@@ -11,7 +11,7 @@ FSDP parameters, no autocast, TF32 off), bf16 rows use bf16 FSDP mixed precision
 and bf16 autocast.
 
 Every row times `--steps` steps of `--batch` images, `--rounds` times: the variants of a (model, dtype) share one
-model, warmed up by `--warmup` steps (on a GPU before every variant), and each round times every variant once, in an
+model, warmed up by `--warmup` steps (on a GPU before every timing), and each round times every variant once, in an
 order rotated from round to round, so that drift of the machine's speed (the 2-core VM's step times wander by ~20%
 over a minute) lands on all variants alike. A row prints the median of its rounds and their spread (min-max ms).
 CPU defaults: ViT-S/14 2 images x 2 steps x 1 round per row, the demo model its recipe batch x 4 steps x 3 rounds.
@@ -227,8 +227,8 @@ def main(argv: list[str] | None = None) -> None:
                 tflops = flops / dt / 1e12
                 spread = f"{min(ts) * 1e3:.0f}-{max(ts) * 1e3:.0f}"
                 print(f"{name:24} {batch_size:>5} {dtype:>5} {packing!s:>7} {'subset' if efficient else 'sample':>9} "
-                      f"{batch_size / dt:>8.1f} {dt * 1e3:>9.0f} {spread:>11} {tflops:>8.3f} {tflops / peaks[dtype]:>6.1%}",
-                      flush=True)
+                      f"{batch_size / dt:>8.1f} {dt * 1e3:>9.0f} {spread:>11} {tflops:>8.3f} "
+                      f"{tflops / peaks[dtype]:>6.1%}", flush=True)
         block_mod.EFFICIENT_DROP_PATH_MIN = 0.1
         print(f"{name}: {flops / 1e9:.1f} GFLOP per step of {batch_size} images (nominal, drop path off)")
     for name, cfg, batch_size, *_ in models:
