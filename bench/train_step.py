@@ -168,7 +168,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=None,
                         help="timings per row, variants interleaved (default: 5 on GPU; on CPU ViT-S 1, demo 3)")
     parser.add_argument("--warmup", type=int, default=1,
-                        help="untimed steps before timing (GPU: before every row; CPU: once per model and dtype)")
+                        help="untimed steps before timing (GPU: before every timing; CPU: once per model and dtype)")
     args = parser.parse_args(argv)
     for name, allowed in (("models", {"vits", "demo"}), ("dtypes", {"fp32", "bf16"})):
         values = [v for v in getattr(args, name).split(",") if v]
@@ -223,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
                         run(args.warmup)
                     times[(packing, efficient)].append(run(steps))
             for packing, efficient in variants:
-                dt, ts = statistics.median(times[(packing, efficient)]), times[(packing, efficient)]
+                ts = times[(packing, efficient)]
+                dt = statistics.median(ts)
                 tflops = flops / dt / 1e12
                 spread = f"{min(ts) * 1e3:.0f}-{max(ts) * 1e3:.0f}"
                 print(f"{name:24} {batch_size:>5} {dtype:>5} {packing!s:>7} {'subset' if efficient else 'sample':>9} "
