@@ -55,6 +55,15 @@ beta2 0.95 71.7 / 80.2; weight decay held at 0.04 70.6 / 79.5; KoLeo weight 0.3 
 probability 0.25 73.2 / 81.6 (seed 1: 70.7 / 80.1), 0.1 70.9 / 78.7; 0.25 with beta2 0.99 73.0 / 80.6 (seed 1:
 70.5 / 78.4); 1,980 steps 74.2 / 82.4. Every variant falls within the seed spread of the base, so the recipe stays;
 the 4k protocol moves the margin over random init by about +1.5 points (base +25.5, 1,980 steps +29.0).
+
+Measured 2026-12-01 (later session), same corpus and harness, seed 0, 1k / 4k: DINO loss weight 2 68.1 / 76.4; iBOT
+loss weight 0.5 71.0 / 79.2, 2 70.2 / 78.9; drop path 0.1 69.7 / 79.6; no last-layer freeze 68.8 / 78.1; KoLeo weight
+0.05 68.3 / 75.7: all within the seed spread. Other readouts of the saved teachers (base seeds 0 / 1 and 1,980
+steps; class token 69.2 / 72.0 / 74.2 at 1k, 79.1 / 78.7 / 82.4 at 4k): the mean of the last block's patch tokens
+stays at its random-init level (43.3-45.1 / 54.2-57.0; random init 42.5 / 54.3); class token + patch mean 69.5 /
+70.9 / 74.4 and 80.3 / 78.4 / 82.1; the last 4 blocks' class tokens 68.3 / 71.7 / 73.2 and 78.3 / 78.9 / 80.9 (random
+init 45.0 and 46.5 at 1k, 56.0 and 53.6 at 4k). No readout moves the margin beyond the seed spread: the check keeps
+the class token (dinov2's kNN protocol).
 """
 
 from __future__ import annotations
