@@ -64,6 +64,18 @@ stays at its random-init level (43.3-45.1 / 54.2-57.0; random init 42.5 / 54.3);
 70.9 / 74.4 and 80.3 / 78.4 / 82.1; the last 4 blocks' class tokens 68.3 / 71.7 / 73.2 and 78.3 / 78.9 / 80.9 (random
 init 45.0 and 46.5 at 1k, 56.0 and 53.6 at 4k). No readout moves the margin beyond the seed spread: the check keeps
 the class token (dinov2's kNN protocol).
+
+Measured 2026-12-01 (third session), fresh demo corpus (`make demo` at 2db4a1f: 69.8 / 45.7 / 85.9, as before), same
+harness with 1 thread per run, 2 runs at a time, seed 0, 1k / 4k (random init of each architecture at 1k in brackets):
+192 dim x 3 blocks, 3 heads 69.3 / 78.4 (47.1), 6 heads 71.6 / 78.8 (47.6); 256 x 2, 8 heads 67.5 / 78.1 (46.7);
+ViT-nano with MLP ratio 2 70.2 / 78.1 (46.3). Margins +20.8 to +24.0: no architecture of about this cost learns
+faster per step; the cheaper ones save 15-25% of the wall time (209-225 s against ~260-280 s for the ViT-nano in this
+setting), worth ~100 more steps, ~+1 point at the measured rate. Two ways to fit more steps in the 2 cores, neither
+kept: 2-process DDP (gloo, 1 thread and 16 images per rank, `torch.distributed.run`) trains at 111-115 images/s
+against 108-112 in one 2-thread process (120 steps each, two interleaved rounds), so the gradient and loss
+all-reduces eat what the better per-thread efficiency of small ops gains; `torch.compile` of every block (student
+and teacher) makes the step 7% faster (236-240 vs 248-258 ms) after 35 s of compilation, which a 3-minute run does
+not recover.
 """
 
 from __future__ import annotations
