@@ -1,8 +1,10 @@
 """Image sources for pretraining: corpus shards (`.tar`, WebDataset layout) and plain image folders.
 
 A source is an indexable list of encoded images; decoding happens in the data stream. Tar shards are indexed once
-(member offsets) and read by seeking, so random access does not unpack anything; member names are checked like
-`infra.shards.iter_tar` (no links, no path traversal). Folders are walked recursively for image files of any
+(member offsets) and read by seeking, so random access does not unpack anything (and nothing is ever extracted:
+member names may be nested, `train/n01440764/x.JPEG`, as in users' own tars; directory members are skipped; links,
+devices, absolute names and `..` are still refused). Compressed or truncated tars get an error naming the file.
+Folders are walked recursively for image files of any
 common extension, which is how users point training at their own data.
 """
 
@@ -19,7 +21,7 @@ from typing import Protocol
 from PIL import Image, UnidentifiedImageError
 
 from infra.datasets import IMAGE_EXTS
-from infra.shards import UnsafeArchiveError, check_member_name
+from infra.shards import UnsafeArchiveError
 
 
 class ImageSource(Protocol):
@@ -66,13 +68,20 @@ class TarShardSource:
     def from_tars(cls, tars: Sequence[Path]) -> TarShardSource:
         entries = []
         for t, path in enumerate(tars):
-            with tarfile.open(path, "r:") as tar:
-                for member in tar:
-                    check_member_name(member.name)
-                    if not member.isfile():
-                        raise UnsafeArchiveError(f"{path}: member {member.name!r} is not a regular file")
-                    if _is_image(member.name):
-                        entries.append((t, member.offset_data, member.size, member.name))
+            size = Path(path).stat().st_size
+            try:
+                with tarfile.open(path, "r:") as tar:
+                    for member in tar:
+                        if member.isdir():
+                            continue
+                        _check_indexed_member(path, member)
+                        if member.offset_data + member.size > size:
+                            raise tarfile.ReadError(f"member {member.name!r} runs past the end of the file")
+                        if _is_image(member.name):
+                            entries.append((t, member.offset_data, member.size, member.name))
+            except tarfile.ReadError as err:  # compressed (offsets need a plain tar), truncated or not a tar
+                raise ValueError(f"{path}: not a readable uncompressed tar ({err}); training reads shards by offset, "
+                                 "so decompress .tar.gz / .tgz shards first (`gunzip -k`)") from err
         return cls([Path(p) for p in tars], entries)
 
     def __len__(self) -> int:
@@ -96,6 +105,16 @@ class TarShardSource:
         state = dict(self.__dict__)
         state["_handles"], state["_pid"] = {}, -1
         return state
+
+
+def _check_indexed_member(path: Path, member: tarfile.TarInfo) -> None:
+    """Members are read by offset, never extracted, so nested names are fine; what cannot be read as an image file,
+    or names that would be unsafe anywhere, are refused."""
+    name = member.name
+    if name.startswith(("/", "\\")) or ".." in Path(name).parts:
+        raise UnsafeArchiveError(f"{path}: unsafe tar member name {name!r}")
+    if not member.isfile():
+        raise UnsafeArchiveError(f"{path}: member {name!r} is not a regular file")
 
 
 def build_source(data: Sequence[Path] | Path | str) -> ImageSource:
