@@ -3,7 +3,8 @@
 A stage core takes a *mapper* ``(fn, [args, ...]) -> results as they finish``; this module supplies one that
 submits ``fn(*args)`` as Prefect task runs on the run's task runner: Prefect's ``ThreadPoolTaskRunner`` by
 default, ``prefect_dask.DaskTaskRunner`` with ``run.task_runner=dask`` (a local cluster of ``run.workers``
-single-threaded worker processes, or the scheduler at ``run.dask_address``). ``fn`` must be a module-level
+single-threaded worker processes, or the scheduler at ``run.dask_address``). Each shard's task run is retried
+``run.shard_retries`` times and limited to ``run.shard_timeout_s`` per attempt. ``fn`` must be a module-level
 function of files and small config objects (it is pickled to Dask workers); the core marks shards done as
 results come back, so an interrupted stage resumes at the shard.
 """
@@ -56,7 +57,9 @@ def prefect_mapper(run: RunConfig, stage: str, width: int | None = None) -> Call
             futures = []
             for args in items:
                 name = getattr(args[0], "name", None) or getattr(args[1], "name", "shard")
-                t = shard_task.with_options(name=f"{stage}-shard", task_run_name=f"{stage}:{name}")
+                t = shard_task.with_options(name=f"{stage}-shard", task_run_name=f"{stage}:{name}",
+                                            retries=run.shard_retries, retry_delay_seconds=run.shard_retry_delay_s,
+                                            timeout_seconds=run.shard_timeout_s)
                 futures.append(runner.submit(t, parameters={"fn": fn, "args": args}))
             for future in as_completed(futures):
                 yield future.result()

@@ -39,3 +39,10 @@ class RunConfig(Section):
     workers: int = Field(default=2, ge=1)
     # Address of an existing Dask scheduler (tcp://host:8786); None starts a local cluster.
     dask_address: str | None = None
+    # Per-shard task runs: retries after a failure (a lost worker, a transient disk or network error; a shard's
+    # outputs are written atomically, so a retry starts it clean) and a wall-clock limit per attempt (a hung shard
+    # fails, and is retried, instead of stalling the stage). The stage fails once a shard's attempts are spent;
+    # the shards finished by then are kept and a re-run resumes at the shard.
+    shard_retries: int = Field(default=0, ge=0)
+    shard_retry_delay_s: float = Field(default=5.0, ge=0)
+    shard_timeout_s: float | None = Field(default=None, gt=0)
