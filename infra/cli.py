@@ -1,7 +1,7 @@
 """``lvd``: run, resume, inspect and audit curate-then-train runs.
 
     lvd run CONFIG [key.path=value ...]     run (or re-run: completed stages are reused)
-    lvd resume RUN_ID                       continue a run from where it stopped
+    lvd resume RUN_ID [run.key=value ...]   continue a run from where it stopped (how it executes may change)
     lvd status RUN_ID                       stages, counts, state
     lvd lineage RUN_ID (IMAGE_ID | URL)     every decision about an image or URL (--json)
     lvd report RUN_ID                       (re)write the run's self-contained HTML report
@@ -174,9 +174,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from infra.runs import open_run
+    from infra.runs import amend_run, open_run
 
     run, _ = open_run(args.root, args.run_id)
+    for key, (old, new) in amend_run(run, args.overrides).items():
+        print(f"{key}: {old} -> {new}")
     run.log_event("resumed")
     return _run_flow(run.root, run.run_id)
 
@@ -330,6 +332,9 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("run_id")
         if name == "lineage":
             c.add_argument("key", help="an image id (sha256) or a URL")
+        if name == "resume":
+            c.add_argument("overrides", nargs="*", help="how the run executes from here, e.g. run.shard_retries=2 "
+                                                        "run.shard_timeout_s=600 run.task_runner=dask (nothing else)")
         c.add_argument("--root", default="runs", help="folder that holds the runs (default: runs)")
         c.add_argument("--json", action="store_true", help="machine-readable output")
         c.set_defaults(fn=fn)

@@ -5,13 +5,18 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from infra.config import ConfigError, PipelineConfig, config_hash, load_config
+from infra.config import ConfigError, PipelineConfig, config_hash, load_config, to_yaml
 from infra.config.data import EvalSetConfig, SeedSetConfig
+from infra.config.schema import select
 from infra.demo.server import free_port
 from infra.run import RunDir, derive_run_id, now
-from infra.storage import atomic_write_json, read_json
+from infra.storage import atomic_write_json, atomic_write_text, read_json
 
 RUN_INFO = "run.json"
+# How a run executes, not what its stages compute (no stage key reads them; tests/infra/test_runs.py checks):
+# `lvd resume RUN_ID key=value ...` may change these, e.g. to add shard retries or a Dask cluster after a failure.
+RESUME_OVERRIDABLE = ("run.task_runner", "run.workers", "run.dask_address", "run.shard_retries",
+                      "run.shard_retry_delay_s", "run.shard_timeout_s")
 
 
 def resolve(cfg: PipelineConfig, run: RunDir) -> PipelineConfig:
@@ -88,6 +93,28 @@ def prepare_run(config_path: Path | str | None, overrides: Iterable[str] = ()) -
          "source_config_hash": source_hash},
     )
     return run, resolved
+
+
+def amend_run(run: RunDir, overrides: Iterable[str]) -> dict[str, tuple[object, object]]:
+    """Apply execution-only overrides (`RESUME_OVERRIDABLE`) to an existing run's resolved config, in place; every
+    finished stage and shard stays valid. Returns {key: (old, new)} for the values that changed."""
+    overrides = list(overrides)
+    keys = [text.partition("=")[0].strip() for text in overrides]
+    refused = [k for k in keys if k not in RESUME_OVERRIDABLE]
+    if refused:
+        raise ConfigError([f"{k}: a resumed run keeps its configuration; only how it executes may change "
+                           f"({', '.join(RESUME_OVERRIDABLE)}). Anything else changes what its stages compute: "
+                           "start a new run (lvd run CONFIG ...)" for k in refused], source=f"resume {run.run_id}")
+    old = run.load_config()
+    if not overrides:
+        return {}
+    new = load_config(run.config_path, overrides)
+    before, after = select(old, keys), select(new, keys)
+    changed = {k: (before[k], after[k]) for k in sorted(set(keys)) if before[k] != after[k]}
+    if changed:
+        atomic_write_text(run.config_path, to_yaml(new))
+        run.log_event("config_amended", changed={k: {"old": a, "new": b} for k, (a, b) in changed.items()})
+    return changed
 
 
 def open_run(root: Path | str, run_id: str) -> tuple[RunDir, PipelineConfig]:

@@ -1,0 +1,49 @@
+"""`lvd resume RUN_ID key=value`: only how a run executes may change, and no finished stage is invalidated."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flows.stages import SPECS
+from infra.cli import main
+from infra.config import ConfigError, config_hash, load_config
+from infra.runs import RESUME_OVERRIDABLE, amend_run, prepare_run
+
+DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+AMEND = ["run.shard_retries=3", "run.shard_timeout_s=600", "run.workers=4", "run.task_runner=dask",
+         "run.dask_address=tcp://127.0.0.1:8786", "run.shard_retry_delay_s=1"]
+
+
+def test_execution_overrides_change_no_stage_key():
+    assert sorted(o.partition("=")[0] for o in AMEND) == sorted(RESUME_OVERRIDABLE)
+    base, amended = load_config(DEMO), load_config(DEMO, AMEND)
+    assert config_hash(base) != config_hash(amended)
+    for spec in SPECS.values():
+        assert config_hash(base, spec.sections) == config_hash(amended, spec.sections), spec.name
+
+
+def test_resume_amends_only_execution_keys(tmp_path, capsys):
+    run, cfg = prepare_run(DEMO, [f"run.root={tmp_path}"])
+    assert (cfg.run.shard_retries, cfg.run.workers) == (0, 2)
+    changed = amend_run(run, ["run.shard_retries=3", "run.workers=4", "run.task_runner=thread"])
+    assert changed == {"run.shard_retries": (0, 3), "run.workers": (2, 4)}  # task_runner was already thread
+    saved = run.load_config()
+    assert (saved.run.shard_retries, saved.run.workers) == (3, 4)
+    assert saved.model_dump(exclude={"run"}) == cfg.model_dump(exclude={"run"})
+    event = json.loads(run.events_path.read_text().splitlines()[-1])
+    assert event["event"] == "config_amended"
+    assert event["changed"] == {"run.shard_retries": {"old": 0, "new": 3}, "run.workers": {"old": 2, "new": 4}}
+    again, cfg2 = prepare_run(DEMO, [f"run.root={tmp_path}"])  # `lvd run` of the same config: the amended run
+    assert again.path == run.path and cfg2.run.shard_retries == 3
+    assert amend_run(run, []) == {}
+
+    with pytest.raises(ConfigError, match=r"train.max_steps: a resumed run keeps its configuration"):
+        amend_run(run, ["run.workers=8", "train.max_steps=5"])
+    assert run.load_config().run.workers == 4  # nothing applied
+    with pytest.raises(ConfigError, match=r"run\.workers"):  # invalid value: validated like `lvd run`
+        amend_run(run, ["run.workers=0"])
+    assert main(["resume", run.run_id, "run.seed=1", "--root", str(tmp_path)]) == 2
+    assert "run.seed: a resumed run keeps its configuration" in capsys.readouterr().err
