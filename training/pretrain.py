@@ -38,7 +38,8 @@ from training.weights import init_from_pretrained
 
 __all__ = ["PretrainResult", "build_backbone", "load_backbone", "pretrain"]
 log = logging.getLogger(__name__)
-# Keys that may change between an interrupted run and its resumption without breaking exactness.
+# Keys that may change between an interrupted run and its resumption without breaking exactness (`devices` and
+# `num_nodes` only in how they are written: the number of processes they give is checked by `_check_world_size`).
 RESUMABLE_CHANGES = {"num_workers", "log_every", "checkpoint_every", "max_steps", "devices", "num_nodes",
                      "accelerator", "cpu_threads", "enabled", "collapse_guard", "highres", "distill"}
 
@@ -64,6 +65,18 @@ def _check_resumable(out_dir: Path, cfg: TrainConfig) -> None:
     if changed:
         raise ValueError(f"{out_dir} holds a run with a different train config ({changed}); resume with the same "
                          "config or use a new output directory")
+
+
+def _check_world_size(out_dir: Path, world_size: int) -> None:
+    """`devices` and `num_nodes` may be spelled differently on resume (`auto` vs 8), but the number of processes
+    must not change: the global batch, the lr scaled from it and every sample position depend on it."""
+    saved = out_dir / "derived.json"
+    before = json.loads(saved.read_text()).get("world_size") if saved.is_file() else None
+    if before is not None and before != world_size:
+        raise ValueError(
+            f"{out_dir} was trained on {before} processes (devices x num_nodes) and this start has {world_size}: the "
+            "global batch, the lr scaled from it and every sample position depend on it, so the run cannot continue "
+            f"exactly. Resume with {before} processes, or start a new output directory")
 
 
 def _teacher_for(cfg: TrainConfig) -> nn.ModuleDict | None:
@@ -106,6 +119,8 @@ def pretrain(data: Sequence[Path] | Path, out_dir: Path, cfg: TrainConfig, *, se
     metrics = MetricsLogger(out_dir, flush_every=cfg.log_every)
     trainer = build_trainer(cfg, out_dir, [AtomicCheckpoint(out_dir / "checkpoints", cfg.checkpoint_every, interrupt_at),
                                            metrics, ExportTeacher(out_dir), *callbacks])
+    if ckpt is not None:
+        _check_world_size(out_dir, trainer.world_size)
     if trainer.is_global_zero:
         atomic_write_text(out_dir / "train_config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         derived = derive(cfg, trainer.world_size)

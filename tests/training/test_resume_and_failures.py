@@ -204,6 +204,13 @@ def test_resume_refuses_a_changed_config(image_folder, tmp_path):
         pretrain(image_folder, tmp_path / "r", tiny_config(**{"optim.base_lr": 1e-2}), seed=0)
 
 
+def test_resume_refuses_a_changed_world_size(image_folder, tmp_path):
+    pretrain(image_folder, tmp_path / "r", tiny_config(), seed=0, interrupt_at=2)
+    with pytest.raises(ValueError, match=r"trained on 1 processes .* this start has 2: the global batch"):
+        pretrain(image_folder, tmp_path / "r", tiny_config(devices=2), seed=0)
+    assert pretrain(image_folder, tmp_path / "r", tiny_config(devices=1), seed=0, interrupt_at=3).steps == 3
+
+
 def test_distill_and_highres_modes(image_folder, tmp_path):
     teacher_run = pretrain(image_folder, tmp_path / "teacher", tiny_config(**{"ibot.separate_head": True}), seed=0)
     bundle = tmp_path / "teacher" / "teacher_checkpoint.safetensors"
