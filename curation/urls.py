@@ -20,6 +20,7 @@ carries it too).
 from __future__ import annotations
 
 import csv
+import hashlib
 import itertools
 import json
 import shutil
@@ -65,6 +66,28 @@ def list_files(path: Path, fmt: str) -> list[tuple[Path, str]]:
             raise UrlListError(f"cannot tell the format of {f}; set data.input_format")
         out.append((f, f_fmt))
     return out
+
+
+FINGERPRINT_BYTES = 1 << 20
+
+
+def url_list_fingerprint(data: DataConfig) -> str:
+    """What the ingest stage's key knows of `data.url_list`'s contents: per file (sorted), its name, size and the
+    sha256 of its first and last MiB (a parquet footer holds its row-group statistics). An appended or edited list
+    changes it; a copy elsewhere, with new mtimes, does not; reading it costs 2 MiB per file at any list size.
+    A missing list gives "missing" (the stage itself then fails with the reason)."""
+    if data.url_list is None or not Path(data.url_list).exists():
+        return "missing"
+    h = hashlib.sha256()
+    for path, fmt in list_files(data.url_list, data.input_format):
+        size = path.stat().st_size
+        h.update(f"{path.name}:{fmt}:{size}:".encode())
+        with open(path, "rb") as f:
+            h.update(f.read(FINGERPRINT_BYTES))
+            if size > FINGERPRINT_BYTES:
+                f.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
+                h.update(f.read())
+    return h.hexdigest()
 
 
 def _records(lines: Iterator[str], fmt: str, header: list[str] | None) -> Iterator[dict[str, object]]:

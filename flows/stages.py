@@ -21,6 +21,7 @@ from curation.nsfw import dropped_ids, nsfw_filter
 from curation.rebalance import SELECTED, rebalance
 from curation.retrieve import RETRIEVED, SEED_STATS, SeedQueries, retrieve
 from curation.truth import assert_eval_copies_removed, score_dedup
+from curation.urls import url_list_fingerprint
 from curation.vectors import RowView, VectorStore
 from infra.config import PipelineConfig
 from infra.config.train import TrainConfig
@@ -170,6 +171,10 @@ def _evaluate(ctx: StageContext) -> StageResult:
                     cache_dir=cache, table_root=ctx.run.root)  # fmt: skip
 
 
+def _url_list(cfg: PipelineConfig) -> str:
+    return url_list_fingerprint(cfg.data)
+
+
 CURATION = ("curation", "infra")
 # A training stage's key: the train section without the follow-up sections (each follow-up adds its own).
 TRAIN = tuple(f"train.{k}" for k in TrainConfig.model_fields if k not in TRAINING_STAGES.values())
@@ -177,7 +182,7 @@ SPECS: dict[str, StageSpec] = {
     s.name: s
     for s in [
         StageSpec("crawl", ("demo", "run.seed"), ("infra",), (), _crawl),
-        StageSpec("ingest", ("data", "ingest"), CURATION, (), _ingest),
+        StageSpec("ingest", ("data", "ingest"), CURATION, (), _ingest, external=_url_list),
         StageSpec("nsfw", ("nsfw",), CURATION, ("ingest",), _nsfw),
         StageSpec("faces", ("faces",), CURATION, ("ingest", "nsfw"), _faces),
         StageSpec("dedup", ("dedup", "data", "demo.enabled", "run.seed"), CURATION, ("faces",), _dedup),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import shutil
 from collections.abc import Callable
@@ -171,9 +172,15 @@ class StageSpec:
     packages: tuple[str, ...]
     upstream: tuple[str, ...]
     fn: Callable[[StageContext], StageResult]
+    # Inputs from outside the run (a URL list the user may edit or append to): a fingerprint of their contents,
+    # part of the stage's key, so a changed file makes the stage stale instead of silently reusing its outputs.
+    external: Callable[[PipelineConfig], str] | None = None
 
     def key_parts(self, cfg: PipelineConfig, upstream: dict[str, StageManifest]) -> tuple[str, str, str]:
-        return config_hash(cfg, self.sections), code_version(*self.packages), inputs_digest(upstream)
+        digest = inputs_digest(upstream)
+        if self.external is not None:
+            digest = hashlib.sha256(f"{digest}:{self.external(cfg)}".encode()).hexdigest()
+        return config_hash(cfg, self.sections), code_version(*self.packages), digest
 
 
 def load_upstream(spec: StageSpec, run: RunDir) -> dict[str, StageManifest]:

@@ -16,7 +16,15 @@ import pytest
 
 from curation.ingest import download_reason
 from curation.netguard import DestinationPolicy, UrlGuard, guarded_opener, literal_address
-from curation.urls import UrlListError, first_occurrences, iter_url_rows, plan_shards, url_duplicates
+from curation.urls import (
+    UrlListError,
+    first_occurrences,
+    iter_url_rows,
+    plan_shards,
+    url_duplicates,
+    url_list_fingerprint,
+)
+from infra.config import load_config
 from infra.config.data import DataConfig
 from infra.config.ingest import IngestConfig
 from infra.demo.server import DemoServer, free_port
@@ -202,3 +210,39 @@ def test_download_reason(status, message, reason):
 
 def test_detail_is_json():
     assert json.loads(json.dumps({"error": download_reason("failed_to_download", "x")})) == {"error": "download_error"}
+
+
+def test_url_list_fingerprint_follows_contents_not_copies(tmp_path):
+    """The ingest stage's key: an edited or appended list makes the stage stale; a copy (new mtime) does not."""
+    import os
+    import shutil
+
+    from flows.stages import SPECS
+    from infra.run import RunDir
+    from infra.stage import stage_key
+
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "a.csv").write_text("url\nhttp://127.0.0.1/1.png\n")
+    big = "url\n" + "".join(f"http://127.0.0.1/{i:07d}.png\n" for i in range(120_000))  # ~3.4 MB: head and tail read
+    (lists / "b.csv").write_text(big)
+    data = DataConfig(url_list=lists)
+    first = url_list_fingerprint(data)
+    assert first == url_list_fingerprint(data) and len(first) == 64
+    copy = tmp_path / "copy"
+    shutil.copytree(lists, copy)
+    os.utime(copy / "b.csv", (1, 1))
+    assert url_list_fingerprint(DataConfig(url_list=copy)) == first
+    (copy / "b.csv").write_text(big.replace("0119999", "0119998"))  # same size, last line edited
+    assert url_list_fingerprint(DataConfig(url_list=copy)) != first
+    (lists / "a.csv").write_text("url\nhttp://127.0.0.1/1.png\nhttp://127.0.0.1/2.png\n")  # appended
+    assert url_list_fingerprint(data) != first
+    assert url_list_fingerprint(DataConfig(url_list=tmp_path / "nope")) == "missing"
+    assert url_list_fingerprint(DataConfig()) == "missing"
+
+    cfg = load_config(None, [f"data.url_list={lists / 'a.csv'}"])
+    run = RunDir(tmp_path / "runs", "r")
+    key = stage_key(SPECS["ingest"], run, cfg)
+    assert stage_key(SPECS["ingest"], run, cfg) == key
+    (lists / "a.csv").write_text("url\nhttp://127.0.0.1/3.png\n")
+    assert stage_key(SPECS["ingest"], run, cfg) != key
