@@ -144,11 +144,10 @@ def stage_train_config(cfg: PipelineConfig, run: RunDir, stage: str) -> TrainCon
 
 
 def _train(ctx: StageContext) -> StageResult:
-    from training.pretrain import pretrain
+    from training.launch import pretrain_on_host
 
-    shards = [s.tar for s in list_shards(ctx.upstream_dir("corpus") / "shards")]
     train = stage_train_config(ctx.cfg, ctx.run, ctx.name)
-    res = pretrain(shards, ctx.dir, train, seed=ctx.cfg.run.seed)
+    res = pretrain_on_host(ctx.upstream_dir("corpus") / "shards", ctx.dir, train, seed=ctx.cfg.run.seed)
     return StageResult(
         counts={"steps": res.steps},
         outputs=[res.teacher_backbone, res.teacher_bundle, res.metrics_csv],

@@ -15,9 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import lightning as L
@@ -54,6 +55,14 @@ class PretrainResult:
     final: dict[str, float]  # last logged values (loss terms, entropy, ...)
     images_per_second: float
 
+    def to_json(self) -> dict:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> PretrainResult:
+        paths = {"checkpoint", "teacher_backbone", "teacher_bundle", "metrics_csv"}
+        return cls(**{k: Path(v) if k in paths else v for k, v in data.items()})
+
 
 def _check_resumable(out_dir: Path, cfg: TrainConfig) -> None:
     saved = out_dir / "train_config.yaml"
@@ -85,10 +94,16 @@ def _teacher_for(cfg: TrainConfig) -> nn.ModuleDict | None:
     return nn.ModuleDict(load_bundle(cfg.teacher_weights))
 
 
+def host_processes(cfg: TrainConfig) -> int:
+    """The training processes on each host: `devices`, with `auto` = every GPU (GPU runs) or 1 (CPU runs)."""
+    if cfg.devices != "auto":
+        return cfg.devices
+    return torch.cuda.device_count() if resolve_accelerator(cfg) == "gpu" else 1
+
+
 def build_trainer(cfg: TrainConfig, out_dir: Path, callbacks: list[L.Callback]) -> L.Trainer:
     accelerator = resolve_accelerator(cfg)
-    devices = cfg.devices
-    n_devices = (torch.cuda.device_count() if accelerator == "gpu" else 1) if devices == "auto" else devices
+    n_devices = host_processes(cfg)
     strategy = build_strategy(cfg, accelerator, n_devices * cfg.num_nodes)
     return L.Trainer(
         accelerator=accelerator, devices=n_devices, num_nodes=cfg.num_nodes, strategy=strategy,
@@ -146,13 +161,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--config", type=Path, default=None, help="pipeline YAML (its train: section is used)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--interrupt-at", type=int, default=None)
+    parser.add_argument("--result", type=Path, default=None, help="rank 0 writes the PretrainResult here (JSON)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config(args.config, args.overrides).train
     data = args.data[0] if len(args.data) == 1 else args.data
     result = pretrain(data, args.out, cfg, seed=args.seed, interrupt_at=args.interrupt_at)
-    print(json.dumps({"steps": result.steps, "images_per_second": result.images_per_second, **result.final}))
+    if int(os.environ.get("RANK", "0")) == 0:
+        if args.result is not None:
+            atomic_write_json(args.result, result.to_json())
+        print(json.dumps({"steps": result.steps, "images_per_second": result.images_per_second, **result.final}))
 
 
 if __name__ == "__main__":

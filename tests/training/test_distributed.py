@@ -68,6 +68,31 @@ def test_two_process_cpu_ddp_training(image_folder, tmp_path):
 
 
 @pytest.mark.slow
+def test_pretrain_on_host_starts_its_own_processes(image_folder, tmp_path):
+    """What a pipeline stage calls: with 2 devices it starts 2 `training.pretrain` processes under torchrun (not a
+    re-run of the caller's command, which for `lvd run` would be the whole flow) and trains as one 2-rank DDP run."""
+    from training.launch import pretrain_on_host
+
+    changes = {"devices": 2, "max_steps": 3, "cpu_threads": 1}
+    cfg = tiny_config(**changes)
+    res = pretrain_on_host(image_folder, tmp_path / "two", cfg, seed=0)
+    assert res.steps == 3 and res.teacher_backbone.is_file() and res.checkpoint.exists()
+    assert json.loads((tmp_path / "two" / "derived.json").read_text())["world_size"] == 2
+    rows = read_csv(res.metrics_csv)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    per_rank = [_single_process_losses(cfg, image_folder, r, 2) for r in (0, 1)]
+    logged = torch.tensor([rows[0][k] for k in per_rank[0][1]])
+    assert_close(logged, (per_rank[0][0] + per_rank[1][0]).float() / 2, rtol=1e-5, atol=1e-6)
+    assert res.final["step"] == 2
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RuntimeError, match=r"(?s)2-process pretraining .* failed \(exit code 1\).*no images found"):
+        pretrain_on_host(tmp_path / "empty", tmp_path / "bad", cfg, seed=0)
+    with pytest.raises(ValueError, match=r"train\.num_nodes=2: a pipeline stage trains on the devices of one host"):
+        pretrain_on_host(image_folder, tmp_path / "nodes", tiny_config(num_nodes=2), seed=0)
+
+
+@pytest.mark.slow
 def test_two_rank_sinkhorn_and_centering_equal_one_process_on_the_whole_batch(tmp_path):
     """The all-reduces inside the losses: 2 ranks (gloo) give what one process gives on the concatenated batch."""
     from sinkhorn_worker import inputs, normalise, rank_inputs
