@@ -183,13 +183,23 @@ class MetricsLogger(L.Callback):
 
 class ExportTeacher(L.Callback):
     """At the end of training: the exported model's backbone in the official format (safetensors + .pth) and the
-    backbone + heads bundle (`teacher_checkpoint.safetensors`, usable as a distillation teacher or for highres)."""
+    backbone + heads bundle (`teacher_checkpoint.safetensors`, usable as a distillation teacher or for highres).
+    With `period`, the same files every `period` iterations in `eval/training_<iteration>/` (the reference's
+    eval_period_iterations; a resumed run rewrites those after its checkpoint with identical weights)."""
 
-    def __init__(self, out_dir: Path):
-        self.backbone_path = Path(out_dir) / "teacher_backbone.safetensors"
-        self.bundle_path = Path(out_dir) / "teacher_checkpoint.safetensors"
+    def __init__(self, out_dir: Path, period: int | None = None):
+        self.out_dir = Path(out_dir)
+        self.period = period
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        iteration = trainer.global_step - 1  # the iteration just trained
+        if self.period and (iteration + 1) % self.period == 0:
+            self.export(trainer, pl_module, self.out_dir / "eval" / f"training_{iteration}")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.export(trainer, pl_module, self.out_dir)
+
+    def export(self, trainer: L.Trainer, pl_module: L.LightningModule, folder: Path) -> None:
         modules = pl_module.meta.export_modules()
         template = pl_module.meta.student
         plain = {}
@@ -198,8 +208,9 @@ class ExportTeacher(L.Callback):
             if trainer.is_global_zero:
                 plain[name] = _fresh_copy(template[name], state)
         if trainer.is_global_zero:
-            export_backbone(plain["backbone"], self.backbone_path)
-            export_bundle(plain, self.bundle_path)
+            folder.mkdir(parents=True, exist_ok=True)
+            export_backbone(plain["backbone"], folder / "teacher_backbone.safetensors")
+            export_bundle(plain, folder / "teacher_checkpoint.safetensors")
         barrier()
 
 

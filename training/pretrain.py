@@ -41,7 +41,7 @@ __all__ = ["PretrainResult", "build_backbone", "load_backbone", "pretrain"]
 log = logging.getLogger(__name__)
 # Keys that may change between an interrupted run and its resumption without breaking exactness (`devices` and
 # `num_nodes` only in how they are written: the number of processes they give is checked by `_check_world_size`).
-RESUMABLE_CHANGES = {"num_workers", "log_every", "checkpoint_every", "max_steps", "devices", "num_nodes",
+RESUMABLE_CHANGES = {"num_workers", "log_every", "checkpoint_every", "eval_period_iterations", "max_steps", "devices", "num_nodes",
                      "accelerator", "cpu_threads", "enabled", "collapse_guard", "highres", "distill"}
 
 
@@ -133,7 +133,7 @@ def pretrain(data: Sequence[Path] | Path, out_dir: Path, cfg: TrainConfig, *, se
         init_from_pretrained(module.meta, cfg.student.pretrained_weights)
     metrics = MetricsLogger(out_dir, flush_every=cfg.log_every)
     trainer = build_trainer(cfg, out_dir, [AtomicCheckpoint(out_dir / "checkpoints", cfg.checkpoint_every, interrupt_at),
-                                           metrics, ExportTeacher(out_dir), *callbacks])
+                                           metrics, ExportTeacher(out_dir, cfg.eval_period_iterations), *callbacks])
     if ckpt is not None:
         _check_world_size(out_dir, trainer.world_size)
     if trainer.is_global_zero:

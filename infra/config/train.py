@@ -171,6 +171,10 @@ class TrainConfig(Section):
     cpu_threads: int | None = Field(default=None, ge=1)
     checkpoint_every: int = Field(default=3750, ge=1)
     log_every: int = Field(default=10, ge=1)
+    # The reference's evaluation.eval_period_iterations (12500): every this many iterations, the teacher is exported
+    # to eval/training_<iteration>/ (iteration 0-based, as the reference names them) for evaluating the learning
+    # curve (`lvd evaluate ... --model NAME=<that folder>/teacher_backbone.safetensors`). None: only at the end.
+    eval_period_iterations: int | None = Field(default=None, ge=1)
     collapse_guard: CollapseGuardConfig = Field(default_factory=CollapseGuardConfig)
     # Optional pipeline stages after `pretrain` (flows/stages.py), each continuing from the previous one's bundle.
     highres: HighresStageConfig = Field(default_factory=HighresStageConfig)

@@ -204,6 +204,25 @@ def test_resume_refuses_a_changed_config(image_folder, tmp_path):
         pretrain(image_folder, tmp_path / "r", tiny_config(**{"optim.base_lr": 1e-2}), seed=0)
 
 
+def test_periodic_teacher_exports_follow_the_reference_names_and_survive_resume(image_folder, tmp_path):
+    cfg = tiny_config(max_steps=4, eval_period_iterations=2)
+    whole = pretrain(image_folder, tmp_path / "whole", cfg, seed=0)
+    exports = sorted(p.name for p in (tmp_path / "whole" / "eval").iterdir())
+    assert exports == ["training_1", "training_3"]  # (iteration + 1) % period == 0, 0-based names as the reference
+    states = {e: load_backbone(tmp_path / "whole" / "eval" / e / "teacher_backbone.safetensors").state_dict()
+              for e in exports}
+    final = load_backbone(whole.teacher_backbone).state_dict()
+    assert all(torch.equal(states["training_3"][k], final[k]) for k in final)  # the last period is the end
+    assert not torch.equal(states["training_1"]["blocks.0.attn.qkv.weight"], final["blocks.0.attn.qkv.weight"])
+    assert (tmp_path / "whole" / "eval" / "training_1" / "teacher_checkpoint.safetensors").is_file()
+
+    pretrain(image_folder, tmp_path / "resumed", cfg, seed=0, interrupt_at=3)  # training_1 before, training_3 after
+    pretrain(image_folder, tmp_path / "resumed", cfg, seed=0)
+    for e in exports:  # the same weights as the uninterrupted run's
+        again = load_backbone(tmp_path / "resumed" / "eval" / e / "teacher_backbone.safetensors").state_dict()
+        assert all(torch.equal(again[k], states[e][k]) for k in again), e
+
+
 def test_resume_refuses_a_changed_world_size(image_folder, tmp_path):
     pretrain(image_folder, tmp_path / "r", tiny_config(), seed=0, interrupt_at=2)
     with pytest.raises(ValueError, match=r"trained on 1 processes .* this start has 2: the global batch"):
