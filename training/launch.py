@@ -27,8 +27,7 @@ from training.pretrain import PretrainResult, host_processes, pretrain
 LOG_TAIL = 4000
 
 
-def pretrain_on_host(data: Path, out_dir: Path, cfg: TrainConfig, *, seed: int = 0,
-                     extra_env: dict[str, str] | None = None) -> PretrainResult:
+def pretrain_on_host(data: Path, out_dir: Path, cfg: TrainConfig, *, seed: int = 0) -> PretrainResult:
     """`pretrain(data, out_dir, cfg)` with `host_processes(cfg)` processes on this host (`data`: a folder of shards
     or images, as `python -m training.pretrain --data`)."""
     if cfg.num_nodes > 1:
@@ -46,7 +45,7 @@ def pretrain_on_host(data: Path, out_dir: Path, cfg: TrainConfig, *, seed: int =
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
            "-m", "training.pretrain", "--data", str(data), "--out", str(out_dir), "--config", str(config),
            "--seed", str(seed), "--result", str(result)]
-    env = {**os.environ, **(extra_env or {})}
+    env = dict(os.environ)
     if cfg.cpu_threads:
         env.setdefault("OMP_NUM_THREADS", str(cfg.cpu_threads))
     with open(log, "ab") as sink:
