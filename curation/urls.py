@@ -20,7 +20,6 @@ carries it too).
 from __future__ import annotations
 
 import csv
-import hashlib
 import itertools
 import json
 import shutil
@@ -36,7 +35,7 @@ import pyarrow.parquet as pq
 from infra.config.data import DataConfig
 from infra.config.ingest import IngestConfig
 from infra.shards import shard_name
-from infra.storage import atomic_path, atomic_write_json, read_json
+from infra.storage import atomic_path, atomic_write_json, files_fingerprint, read_json
 
 FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
 ROW_COLUMNS = ["row_id", "url", "caption", "source", "list_error"]
@@ -68,26 +67,14 @@ def list_files(path: Path, fmt: str) -> list[tuple[Path, str]]:
     return out
 
 
-FINGERPRINT_BYTES = 1 << 20
-
-
 def url_list_fingerprint(data: DataConfig) -> str:
-    """What the ingest stage's key knows of `data.url_list`'s contents: per file (sorted), its name, size and the
-    sha256 of its first and last MiB (a parquet footer holds its row-group statistics). An appended or edited list
-    changes it; a copy elsewhere, with new mtimes, does not; reading it costs 2 MiB per file at any list size.
-    A missing list gives "missing" (the stage itself then fails with the reason)."""
+    """What the ingest stage's key knows of `data.url_list`'s contents (`infra.storage.files_fingerprint` of its
+    files, formats included): an appended or edited list changes it, a copy elsewhere does not. A missing list gives
+    "missing" (the stage itself then fails with the reason)."""
     if data.url_list is None or not Path(data.url_list).exists():
         return "missing"
-    h = hashlib.sha256()
-    for path, fmt in list_files(data.url_list, data.input_format):
-        size = path.stat().st_size
-        h.update(f"{path.name}:{fmt}:{size}:".encode())
-        with open(path, "rb") as f:
-            h.update(f.read(FINGERPRINT_BYTES))
-            if size > FINGERPRINT_BYTES:
-                f.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
-                h.update(f.read())
-    return h.hexdigest()
+    files = list_files(data.url_list, data.input_format)
+    return files_fingerprint([p for p, _ in files]) + ":" + ",".join(fmt for _, fmt in files)
 
 
 def _records(lines: Iterator[str], fmt: str, header: list[str] | None) -> Iterator[dict[str, object]]:

@@ -30,6 +30,7 @@ from infra.demo.crawl import build_demo_crawl
 from infra.run import RunDir
 from infra.shards import list_shards
 from infra.stage import StageContext, StageResult, StageSpec
+from infra.storage import files_fingerprint
 
 
 def _crawl(ctx: StageContext) -> StageResult:
@@ -170,8 +171,30 @@ def _evaluate(ctx: StageContext) -> StageResult:
                     cache_dir=cache, table_root=ctx.run.root)  # fmt: skip
 
 
+# Files a stage reads from outside the run, fingerprinted into its key (StageSpec.external): an edited URL list or
+# model file replaced at the same path makes the stage stale.
 def _url_list(cfg: PipelineConfig) -> str:
     return url_list_fingerprint(cfg.data)
+
+
+def _nsfw_models(cfg: PipelineConfig) -> str:
+    return files_fingerprint([cfg.nsfw.encoder_path, cfg.nsfw.head_path])
+
+
+def _face_model(cfg: PipelineConfig) -> str:
+    return files_fingerprint([cfg.faces.model_path])
+
+
+def _descriptor_model(cfg: PipelineConfig) -> str:
+    return files_fingerprint([cfg.dedup.descriptor.path])
+
+
+def _embedder(cfg: PipelineConfig) -> str:
+    return files_fingerprint([cfg.embed.backbone.path])
+
+
+def _evaluated_models(cfg: PipelineConfig) -> str:
+    return files_fingerprint([m.backbone.path for m in cfg.evaluate.models])
 
 
 CURATION = ("curation", "infra")
@@ -182,10 +205,12 @@ SPECS: dict[str, StageSpec] = {
     for s in [
         StageSpec("crawl", ("demo", "run.seed"), ("infra",), (), _crawl),
         StageSpec("ingest", ("data", "ingest"), CURATION, (), _ingest, external=_url_list),
-        StageSpec("nsfw", ("nsfw",), CURATION, ("ingest",), _nsfw),
-        StageSpec("faces", ("faces",), CURATION, ("ingest", "nsfw"), _faces),
-        StageSpec("dedup", ("dedup", "data", "demo.enabled", "run.seed"), CURATION, ("faces",), _dedup),
-        StageSpec("embed", ("embed", "data", "run.seed"), (*CURATION, "training", "flows"), ("dedup", "faces"), _embed),
+        StageSpec("nsfw", ("nsfw",), CURATION, ("ingest",), _nsfw, external=_nsfw_models),
+        StageSpec("faces", ("faces",), CURATION, ("ingest", "nsfw"), _faces, external=_face_model),
+        StageSpec("dedup", ("dedup", "data", "demo.enabled", "run.seed"), CURATION, ("faces",), _dedup,
+                  external=_descriptor_model),
+        StageSpec("embed", ("embed", "data", "run.seed"), (*CURATION, "training", "flows"), ("dedup", "faces"), _embed,
+                  external=_embedder),
         StageSpec("retrieve", ("retrieve", "data", "run.seed"), CURATION, ("embed",), _retrieve),
         StageSpec("rebalance", ("rebalance", "run.seed"), CURATION, ("retrieve", "embed"), _rebalance),
         StageSpec("corpus", ("corpus", "data"), CURATION, ("rebalance", "retrieve", "faces"), _corpus),
@@ -196,7 +221,7 @@ SPECS: dict[str, StageSpec] = {
         StageSpec("distill", (*TRAIN, "train.distill", "run.seed"), ("training", "infra"), ("corpus", "pretrain"),
                   _train),
         StageSpec("evaluate", ("evaluate", "data", "train", "run.seed"), ("evaluation", "training", "infra", "flows"),
-                  ("pretrain",), _evaluate),
+                  ("pretrain",), _evaluate, external=_evaluated_models),
     ]
 }
 

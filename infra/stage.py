@@ -177,10 +177,14 @@ class StageSpec:
     external: Callable[[PipelineConfig], str] | None = None
 
     def key_parts(self, cfg: PipelineConfig, upstream: dict[str, StageManifest]) -> tuple[str, str, str]:
+        return config_hash(cfg, self.sections), code_version(*self.packages), self.inputs_digest(cfg, upstream)
+
+    def inputs_digest(self, cfg: PipelineConfig, upstream: dict[str, StageManifest]) -> str:
+        """The upstream manifests' digest, with the external files' fingerprint when the stage has one."""
         digest = inputs_digest(upstream)
-        if self.external is not None:
-            digest = hashlib.sha256(f"{digest}:{self.external(cfg)}".encode()).hexdigest()
-        return config_hash(cfg, self.sections), code_version(*self.packages), digest
+        if self.external is None:
+            return digest
+        return hashlib.sha256(f"{digest}:{self.external(cfg)}".encode()).hexdigest()
 
 
 def load_upstream(spec: StageSpec, run: RunDir) -> dict[str, StageManifest]:

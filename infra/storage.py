@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -83,6 +83,33 @@ def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+    return h.hexdigest()
+
+
+FINGERPRINT_BYTES = 1 << 20
+
+
+def files_fingerprint(paths: Iterable[Path | str | None]) -> str:
+    """A cheap digest of the contents of files a stage reads from outside the run (URL lists, model weights): per
+    path in order, its name, size and the sha256 of its first and last MiB; a folder's files are taken sorted;
+    "none" / "missing" stand for an unset / absent path. An edited, appended or replaced file changes it; a copy
+    elsewhere (new mtimes) does not; it reads at most 2 MiB per file at any size."""
+    h = hashlib.sha256()
+    for path in paths:
+        if path is None or not Path(path).exists():
+            h.update(b"none;" if path is None else b"missing;")
+            continue
+        path = Path(path)
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for f in files:
+            size = f.stat().st_size
+            h.update(f"{f.relative_to(path) if f != path else f.name}:{size}:".encode())
+            with open(f, "rb") as fh:
+                h.update(fh.read(FINGERPRINT_BYTES))
+                if size > FINGERPRINT_BYTES:
+                    fh.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
+                    h.update(fh.read())
+        h.update(b";")
     return h.hexdigest()
 
 

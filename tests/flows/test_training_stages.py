@@ -69,7 +69,9 @@ def _train_config(run, stage: str) -> dict:
 
 @pytest.mark.slow
 def test_the_training_stages_run_after_pretrain_with_manifests_chained_to_their_upstream(flow_run):
-    run, _, first, again, rerun_events = flow_run
+    from flows.stages import SPECS
+
+    run, cfg, first, again, rerun_events = flow_run
     assert first.is_completed(), first.message
     started = [e["stage"] for e in run.events() if e["event"] == "started"]
     assert started[-4:] == [*TRAINING, "evaluate"]
@@ -84,7 +86,9 @@ def test_the_training_stages_run_after_pretrain_with_manifests_chained_to_their_
     chain = {"pretrain": ["corpus"], "pretrain_highres": ["corpus", "pretrain"],
              "distill": ["corpus", "pretrain_highres"], "evaluate": ["distill"]}
     for stage, upstream in chain.items():
-        assert manifests[stage].inputs_digest == inputs_digest({u: manifests[u] for u in upstream}), stage
+        up = {u: manifests[u] for u in upstream}
+        assert manifests[stage].inputs_digest == SPECS[stage].inputs_digest(cfg, up), stage
+        assert (manifests[stage].inputs_digest == inputs_digest(up)) == (SPECS[stage].external is None), stage
     assert again.is_completed() and [e for e in rerun_events if e["event"] == "started"] == []  # all cached
 
 

@@ -1,3 +1,6 @@
+import os
+import shutil
+
 import pytest
 
 from infra.storage import Markers, atomic_path, atomic_write_text, read_json
@@ -30,3 +33,44 @@ def test_markers(tmp_path):
     assert read_json(m.path("00001")) == {"kept": 3}
     m.clear("00001")
     assert m.done() == ["00000"]
+
+
+def test_files_fingerprint_follows_contents_not_copies(tmp_path):
+    from infra.storage import files_fingerprint
+
+    w = tmp_path / "weights.pt"
+    w.write_bytes(bytes(range(256)) * 20_000)  # 5 MB: head and tail MiB read
+    first = files_fingerprint([w])
+    copy = tmp_path / "copy" / "weights.pt"
+    copy.parent.mkdir()
+    shutil.copyfile(w, copy)
+    os.utime(copy, (1, 1))
+    assert files_fingerprint([copy]) == first
+    data = bytearray(w.read_bytes())
+    data[10] ^= 1  # replaced by other weights of the same size
+    w.write_bytes(bytes(data))
+    assert files_fingerprint([w]) != first
+    assert len({files_fingerprint([None]), files_fingerprint([tmp_path / "gone"]), files_fingerprint([]),
+                files_fingerprint([copy])}) == 4
+    assert files_fingerprint([copy.parent]) == files_fingerprint([copy])  # a folder of one file: that file
+    (copy.parent / "extra.bin").write_bytes(b"x")  # a folder: every file counts
+    assert files_fingerprint([copy.parent]) != files_fingerprint([copy])
+
+
+def test_stages_fingerprint_the_model_files_they_read(tmp_path):
+    """Each stage's key covers the external files its config names, so a file replaced in place makes it stale."""
+    from flows.stages import SPECS
+    from infra.config import load_config
+
+    f = tmp_path / "model.bin"
+    f.write_bytes(b"one")
+    cfg = load_config(None, [f"nsfw.encoder_path={f}", f"nsfw.head_path={f}", f"faces.model_path={f}",
+                             f"dedup.descriptor.path={f}", f"embed.backbone.path={f}"])
+    cfg.evaluate.models = [{"name": "m", "backbone": {"kind": "vit", "path": f}}]
+    cfg = type(cfg).model_validate(cfg.model_dump())
+    stages = ["nsfw", "faces", "dedup", "embed", "evaluate"]
+    before = {s: SPECS[s].external(cfg) for s in stages}
+    f.write_bytes(b"two")
+    after = {s: SPECS[s].external(cfg) for s in stages}
+    assert [s for s in stages if before[s] != after[s]] == stages
+    assert SPECS["retrieve"].external is None and SPECS["corpus"].external is None  # they read only the run
