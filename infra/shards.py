@@ -51,10 +51,12 @@ def list_shards(shard_dir: Path) -> list[Shard]:
     return [Shard(t, t.with_suffix(".parquet")) for t in sorted(shard_dir.glob("*.tar")) if t.with_suffix(".parquet").is_file()]
 
 
-def check_member_name(name: str) -> None:
-    """Refuse absolute paths, parent references and nested paths (tar-slip)."""
-    if name.startswith(("/", "\\")) or ".." in Path(name).parts or "/" in name or "\\" in name:
-        raise UnsafeArchiveError(f"unsafe tar member name {name!r}")
+def check_member_name(name: str, nested: bool = False, source: Path | None = None) -> None:
+    """Refuse absolute paths, parent references and, unless `nested`, nested paths (tar-slip; nested names are safe
+    only where members are never extracted, e.g. read by offset). `source` names the tar in the error."""
+    if name.startswith(("/", "\\")) or ".." in Path(name).parts or (not nested and ("/" in name or "\\" in name)):
+        where = f"{source}: " if source is not None else ""
+        raise UnsafeArchiveError(f"{where}unsafe tar member name {name!r}")
 
 
 def iter_tar(path: Path) -> Iterator[tuple[str, str, bytes]]:

@@ -4,8 +4,8 @@ A source is an indexable list of encoded images; decoding happens in the data st
 (member offsets) and read by seeking, so random access does not unpack anything (and nothing is ever extracted:
 member names may be nested, `train/n01440764/x.JPEG`, as in users' own tars; directory members are skipped; links,
 devices, absolute names and `..` are still refused). Compressed or truncated tars get an error naming the file.
-Folders are walked recursively for image files of any
-common extension, which is how users point training at their own data.
+Folders are walked recursively for image files of any common extension, which is how users point training at their
+own data.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Protocol
 from PIL import Image, UnidentifiedImageError
 
 from infra.datasets import IMAGE_EXTS
-from infra.shards import UnsafeArchiveError
+from infra.shards import UnsafeArchiveError, check_member_name
 
 
 class ImageSource(Protocol):
@@ -110,11 +110,9 @@ class TarShardSource:
 def _check_indexed_member(path: Path, member: tarfile.TarInfo) -> None:
     """Members are read by offset, never extracted, so nested names are fine; what cannot be read as an image file,
     or names that would be unsafe anywhere, are refused."""
-    name = member.name
-    if name.startswith(("/", "\\")) or ".." in Path(name).parts:
-        raise UnsafeArchiveError(f"{path}: unsafe tar member name {name!r}")
+    check_member_name(member.name, nested=True, source=path)
     if not member.isfile():
-        raise UnsafeArchiveError(f"{path}: member {name!r} is not a regular file")
+        raise UnsafeArchiveError(f"{path}: member {member.name!r} is not a regular file")
 
 
 def build_source(data: Sequence[Path] | Path | str) -> ImageSource:
