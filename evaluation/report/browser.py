@@ -8,10 +8,13 @@ from the network: the browser starts with background networking off and a fresh 
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import itertools
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -125,10 +128,12 @@ def render(html: Path, screenshot: Path | None = None, width: int = 1280, timeou
     binary = find_chromium()
     if binary is None:
         raise FileNotFoundError("chromium is not installed (Debian: apt-get install -y chromium chromium-driver)")
-    with tempfile.TemporaryDirectory(prefix="lvd-chromium-") as profile:
+    profile = tempfile.mkdtemp(prefix="lvd-chromium-")
+    try:
         cmd = [binary, *FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0", f"--window-size={width},900",
                "about:blank"]  # fmt: skip
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # its own session, so that the helpers it starts (renderer, GPU, crash handler) can be stopped as one group
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         try:
             port = _devtools_port(Path(profile), proc, timeout)
             target = next(t for t in _targets(port, timeout) if t.get("type") == "page")
@@ -150,8 +155,39 @@ def render(html: Path, screenshot: Path | None = None, width: int = 1280, timeou
             s.ws.close()
             return Rendered(_console_errors(s.events), page["sections"], page["images"], page["broken"], shot, s.events)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            _stop(proc)
+    finally:
+        _remove_profile(Path(profile))
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop the browser (SIGTERM first, so it shuts down cleanly), then any helper process that outlived it."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+    with contextlib.suppress(ProcessLookupError):  # the group is gone when no helper is left
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _remove_profile(profile: Path, timeout: float = 10) -> None:
+    """Delete the throw-away profile. A helper can still be flushing into it for a moment after the browser exits
+    ('Directory not empty' from a plain rmtree), so retry until it is gone or ``timeout`` passes."""
+    # Chromium keeps its singleton socket in a folder of its own under TMPDIR (a short path: sockets have a length
+    # limit), linked from the profile; it is not always removed on exit.
+    link = profile / "SingletonSocket"
+    if link.is_symlink() and (sock_dir := Path(os.readlink(link)).parent).name.startswith("org.chromium."):
+        shutil.rmtree(sock_dir, ignore_errors=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            shutil.rmtree(profile)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)

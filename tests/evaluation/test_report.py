@@ -1,11 +1,15 @@
 import os
 import re
 import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
 from evaluation.report import build_report
-from evaluation.report.browser import find_chromium, render
+from evaluation.report.browser import _remove_profile, find_chromium, render
 from evaluation.report.collect import Run, funnel
 from evaluation.report.sections import SECTIONS
 from tests.evaluation.run_fixture import build_run
@@ -90,10 +94,57 @@ def test_report_of_a_run_stopped_early_says_what_is_missing(run_dir, tmp_path):
 @pytest.mark.browser
 @pytest.mark.skipif(find_chromium() is None and not os.environ.get("LVD_REQUIRE_BROWSER"),
                     reason="chromium is not installed (apt-get install chromium chromium-driver)")
-def test_report_renders_in_headless_chromium_without_errors(report, tmp_path):
+def test_report_renders_in_headless_chromium_without_errors(report, tmp_path, monkeypatch):
+    scratch = Path(tempfile.mkdtemp(prefix="t", dir="/tmp"))  # a short TMPDIR: chromium's socket path is limited
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # the profile
+    monkeypatch.setenv("TMPDIR", str(scratch))  # the browser's own temporary files
     page = render(report, tmp_path / "report.png")
+    leftovers = list(scratch.iterdir())
+    shutil.rmtree(scratch)
+    assert leftovers == []  # the profile and the browser's singleton-socket folder are removed
     assert page.console_errors == []
     assert [s["id"] for s in page.sections] == SECTION_IDS
     assert all(s["title"] and s["text"] > 40 and s["missing"] == 0 for s in page.sections), page.sections
     assert page.images == 2 + 5 + 2 + 10 + 5 and page.broken_images == []
     assert page.screenshot.stat().st_size > 50_000
+
+
+def test_profile_removal_outlasts_a_process_still_writing_into_it(tmp_path):
+    """The CI failure this guards: a browser helper still flushing into the profile while it is deleted made rmtree
+    fail with 'Directory not empty'. Removal retries until the writer stops."""
+    profile = tmp_path / "profile"
+    (profile / "Default").mkdir(parents=True)
+    stop_at = time.monotonic() + 0.6
+    written = []
+
+    def writer():
+        i = 0
+        while time.monotonic() < stop_at:
+            d = profile / "Default"
+            try:
+                d.mkdir(exist_ok=True)  # not parents: once the profile is gone, it stays gone
+                (d / f"f{i}").write_bytes(b"x")
+                written.append(i)
+            except OSError:
+                pass
+            i += 1
+
+    t = threading.Thread(target=writer)
+    t.start()
+    time.sleep(0.05)
+    _remove_profile(profile)
+    t.join()
+    assert written and not profile.exists()
+
+
+def test_profile_removal_gives_up_with_the_error_after_its_timeout(tmp_path, monkeypatch):
+    calls = []
+
+    def rmtree(path):
+        calls.append(path)
+        raise OSError(39, "Directory not empty", str(path))
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    with pytest.raises(OSError, match="Directory not empty"):
+        _remove_profile(tmp_path / "p", timeout=0.5)
+    assert 2 <= len(calls) <= 5  # retried every 0.2 s, then the last error surfaces
