@@ -86,6 +86,7 @@ def build_student(cfg: TrainConfig) -> nn.ModuleDict:
     backbone = build_backbone(
         s.arch, s.patch_size, cfg.crops.global_crops_size, drop_path_rate=0.0 if distill else s.drop_path_rate,
         drop_path_uniform=s.drop_path_uniform, init_values=s.layerscale, block_chunks=s.block_chunks, **options)
+    backbone.activation_checkpointing = cfg.activation_checkpointing
     d, i = cfg.dino, cfg.ibot
     modules: dict[str, nn.Module] = {"backbone": backbone, "dino_head": DINOHead(
         backbone.embed_dim, d.head_n_prototypes, d.head_nlayers, d.head_hidden_dim, d.head_bottleneck_dim)}

@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 # Keys that may change between an interrupted run and its resumption without breaking exactness (`devices` and
 # `num_nodes` only in how they are written: the number of processes they give is checked by `_check_world_size`).
 RESUMABLE_CHANGES = {"num_workers", "log_every", "checkpoint_every", "eval_period_iterations", "max_steps", "devices",
-                     "num_nodes", "accelerator", "cpu_threads", "enabled", "collapse_guard", "highres", "distill"}
+                     "num_nodes", "accelerator", "cpu_threads", "enabled", "collapse_guard", "highres", "distill",
+                     "activation_checkpointing"}
 
 
 @dataclass

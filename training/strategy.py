@@ -55,6 +55,9 @@ def build_strategy(cfg: TrainConfig, accelerator: str, n_processes: int) -> Stra
         return DDPStrategy(process_group_backend="nccl" if accelerator == "gpu" else "gloo", broadcast_buffers=False,
                            find_unused_parameters=False, gradient_as_bucket_view=True)
     if kind == "fsdp":
+        if cfg.fsdp_sharding == "HYBRID_SHARD" and accelerator != "gpu":
+            raise ValueError("train.fsdp_sharding=HYBRID_SHARD shards within the GPUs of a node (PyTorch counts them "
+                             "with torch.cuda.device_count()); on the CPU use FULL_SHARD or SHARD_GRAD_OP")
         # Wrapping happens in `wrap_fsdp` (called from LightningModule.configure_model); Lightning then leaves the
         # already-wrapped module as it is.
         return FSDPStrategy(state_dict_type="sharded", use_orig_params=True,

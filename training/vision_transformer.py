@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from training.layers import Block, BlockChunk, Mlp, PatchEmbed, SwiGLUFFNFused
 from training.layers.attention import Groups, group_sizes
@@ -60,6 +61,8 @@ class DinoVisionTransformer(nn.Module):
         self.num_register_tokens = num_register_tokens
         self.interpolate_antialias = interpolate_antialias
         self.interpolate_offset = interpolate_offset
+        # Training only (not part of the architecture): recompute block activations in the backward pass.
+        self.activation_checkpointing = False
 
         self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
         num_patches = self.patch_embed.num_patches
@@ -145,8 +148,11 @@ class DinoVisionTransformer(nn.Module):
         groups: Groups = tuple((t.shape[0], t.shape[1]) for t in tokens)
         d = tokens[0].shape[-1]
         x = tokens[0].reshape(-1, d) if len(tokens) == 1 else torch.cat([t.reshape(-1, d) for t in tokens])
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for blk in self.blocks:
-            x = blk(x, groups)
+            # Non-reentrant checkpointing: keeps only the block's input; the backward reruns its forward with the
+            # saved RNG state, so the same drop-path samples are dropped.
+            x = checkpoint(blk, x, groups, use_reentrant=False) if recompute else blk(x, groups)
         chunks = x.split(group_sizes(groups)) if len(tokens) > 1 else (x,)
         return [c.view(b, n, d) for c, (b, n) in zip(chunks, groups, strict=True)]
 

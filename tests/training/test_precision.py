@@ -51,6 +51,17 @@ def test_fsdp_refuses_an_unresolved_precision():
         mixed_precision("auto", reduce_fp32=True)
 
 
+@pytest.mark.parametrize("sharding", ["SHARD_GRAD_OP", "FULL_SHARD", "HYBRID_SHARD", "NO_SHARD"])
+def test_fsdp_sharding_strategies(sharding):
+    cfg = tiny_config(strategy="fsdp", fsdp_sharding=sharding)
+    assert strategy.build_strategy(cfg, "gpu", 8).process_group_backend == "nccl"  # wrapping itself: training/fsdp.py
+    if sharding == "HYBRID_SHARD":  # groups ranks by the node's GPUs: refused on the CPU, with the alternatives
+        with pytest.raises(ValueError, match="on the CPU use FULL_SHARD or SHARD_GRAD_OP"):
+            strategy.build_strategy(cfg, "cpu", 2)
+    else:
+        assert strategy.build_strategy(cfg, "cpu", 2).process_group_backend == "gloo"
+
+
 def test_the_trainer_gets_the_resolved_flag(tmp_path):
     for setting in ("auto", "bf16", "fp32"):
         cfg = tiny_config(precision=setting)

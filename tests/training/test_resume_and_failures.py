@@ -77,6 +77,21 @@ def test_interrupted_run_resumes_exactly(image_folder, tmp_path, full_run):
     assert full.images_per_second > 0
 
 
+def test_activation_checkpointing_trains_on_the_same_trajectory_and_can_be_switched_on_at_resume(image_folder, tmp_path,
+                                                                                                 full_run):
+    """The memory switch a user flips after an out-of-memory: same losses, schedules and teacher as without it, also
+    when only the resumed half of a run uses it."""
+    on = tiny_config(activation_checkpointing=True)
+    assert_same_trajectory(pretrain(image_folder, tmp_path / "on", on, seed=3).metrics_csv, full_run)
+    pretrain(image_folder, tmp_path / "switched", tiny_config(), seed=3, interrupt_at=5)
+    resumed = pretrain(image_folder, tmp_path / "switched", on, seed=3)
+    assert_same_trajectory(resumed.metrics_csv, full_run)
+    img = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert_close(load_backbone(resumed.teacher_backbone)(img), load_backbone(full_run.teacher_backbone)(img),
+                     rtol=1e-6, atol=1e-6)
+
+
 def test_sigkilled_training_process_resumes_on_the_same_trajectory(image_folder, tmp_path, full_run):
     """A real `python -m training.pretrain` is SIGKILLed mid-epoch once a checkpoint exists; the same command again
     resumes from that checkpoint and ends on the uninterrupted trajectory."""

@@ -122,3 +122,41 @@ def test_registry_forward_backward_every_param_gets_grad(arch):
     if not big:
         assert all(torch.isfinite(p.grad).all() for p in model.parameters())
         assert model.mask_token.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("block_chunks", [0, 2])
+def test_activation_checkpointing_gives_the_same_outputs_and_gradients(block_chunks):
+    """Recomputed activations (packed global + local crops, masks, efficient drop path at 0.5 so samples are really
+    dropped) give bit-equal outputs and gradients; without grad (the teacher) nothing is checkpointed."""
+
+    def run(recompute: bool):
+        torch.manual_seed(0)
+        model = build_backbone("vit_pico", 4, 16, drop_path_rate=0.5, drop_path_uniform=True, init_values=1e-5,
+                               block_chunks=block_chunks).train()  # fmt: skip
+        model.activation_checkpointing = recompute
+        torch.manual_seed(1)
+        x = [torch.randn(6, 3, 16, 16), torch.randn(8, 3, 8, 8)]
+        masks = torch.rand(6, 16) < 0.4
+        outs = model.forward_features(x, [masks, None])
+        loss = sum(o["x_norm_clstoken"].pow(2).mean() + o["x_norm_patchtokens"].pow(2).mean() for o in outs)
+        loss.backward()
+        return [o["x_norm_patchtokens"].detach() for o in outs], {n: p.grad for n, p in model.named_parameters()}
+
+    outs_a, grads_a = run(False)
+    outs_b, grads_b = run(True)
+    for a, b in zip(outs_a, outs_b, strict=True):
+        assert torch.equal(a, b)
+    assert grads_a.keys() == grads_b.keys() and all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
+    # the switch is real: the checkpointed graph keeps fewer saved tensors
+    model = build_backbone("vit_pico", 4, 16, block_chunks=block_chunks).train()
+    counts = {False: 0, True: 0}
+
+    def count(t):
+        counts[model.activation_checkpointing] += 1
+        return t
+
+    for recompute in (False, True):
+        model.activation_checkpointing = recompute
+        with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+            model.forward_features(torch.randn(2, 3, 16, 16))
+    assert counts[True] < counts[False] / 3, counts
