@@ -84,6 +84,9 @@ _DOWNLOAD_NEEDLES = (
     ("incompleteread", "connection_closed"),
     ("incomplete read", "connection_closed"),
 )
+# Local files (ingest.local_roots): checked first, their messages name a path that may hold any other needle.
+_FILE_NEEDLES = (("outside ingest.local_roots", "path_outside_roots"), ("no such file or directory", "file_missing"),
+                 ("is a directory", "file_missing"), ("permission denied", "file_unreadable"))
 _IMAGE_NEEDLES = (
     ("empty response", "empty_response"),
     ("not an image", "not_an_image"),
@@ -100,6 +103,9 @@ def download_reason(status: str, message: str | None) -> str:
     """A stable reason code for img2dataset's per-sample status and error message."""
     m = (message or "").lower()
     if status == "failed_to_download":
+        for needle, reason in _FILE_NEEDLES:
+            if needle in m:
+                return reason
         for needle, reason in _DOWNLOAD_NEEDLES[:4]:  # refusals and redirects come with an HTTP code too
             if needle in m:
                 return reason

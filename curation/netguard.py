@@ -15,6 +15,9 @@ shard of a run uses the same ingest config). Besides the address
 checks it refuses wrong content types before reading the body, caps the body size and the whole download time
 (a server that trickles bytes cannot hold a thread past ``max_download_seconds``), waits out short ``Retry-After``
 answers to 429/503 once, and records long ones in the error message.
+
+Local files (a folder as the pool, ``ingest.local_roots``): ``file://`` URLs are read only when their real path
+lies under a root, checked by the guard and again when the opener opens the file.
 """
 
 from __future__ import annotations
@@ -22,13 +25,17 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import ipaddress
+import mimetypes
+import os
 import socket
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+import urllib.response
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from http.client import HTTPConnection, HTTPResponse, HTTPSConnection
+from pathlib import Path
 from typing import Any
 from urllib.error import HTTPError
 from urllib.parse import urlsplit
@@ -92,14 +99,42 @@ def literal_address(host: str) -> Address | None:
         return None
 
 
+class LocalFileRefused(OSError):
+    """A file:// URL that may not be read; ``reason`` is its ledger reason code."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def local_file(url: str, roots: Sequence[Path]) -> Path:
+    """The real path (symbolic links resolved) that a ``file://`` URL names, if it lies under one of ``roots``."""
+    parts = urlsplit(url.strip())
+    if (parts.hostname or "") not in ("", "localhost") or parts.query or parts.fragment:
+        raise LocalFileRefused("url_malformed", f"file URL with a host, query or fragment: {url[:200]}")
+    path = Path(urllib.request.url2pathname(parts.path))
+    if not path.is_absolute():
+        raise LocalFileRefused("url_malformed", f"file URL without an absolute path: {url[:200]}")
+    real = Path(os.path.realpath(path))
+    for root in roots:
+        top = Path(os.path.realpath(root))
+        if top in real.parents:
+            return real
+    raise LocalFileRefused("path_outside_roots", f"{path} (real path {real}) is outside ingest.local_roots")
+
+
 @dataclass
 class UrlGuard:
-    """Refuse what must never be fetched: bad schemes, malformed URLs, literal private destinations."""
+    """Refuse what must never be fetched: bad schemes, malformed URLs, literal private destinations, local files
+    outside ``ingest.local_roots``."""
 
     cfg: IngestConfig
 
     def __post_init__(self) -> None:
         self.policy = DestinationPolicy.from_config(self.cfg)
+        for root in self.cfg.local_roots:
+            if not Path(root).is_dir():
+                raise FileNotFoundError(f"ingest.local_roots: {root} is not a folder")
 
     def check(self, url: str) -> str | None:
         """None if the URL may be fetched, else the reason code it may not."""
@@ -112,6 +147,12 @@ class UrlGuard:
             _ = parts.port
         except ValueError:
             return "url_malformed"
+        if parts.scheme.lower() == "file" and self.cfg.local_roots:
+            try:
+                local_file(u, self.cfg.local_roots)
+            except LocalFileRefused as err:
+                return err.reason
+            return None
         if parts.scheme.lower() not in ("http", "https"):
             return "url_scheme" if parts.scheme else "url_malformed"
         if not host:
@@ -283,14 +324,35 @@ class _ResponseGuard(urllib.request.BaseHandler):
     https_response = http_response
 
 
+class _LocalFileHandler(urllib.request.BaseHandler):
+    """file:// under ``ingest.local_roots`` only (checked again at open: a link changed since planning is refused),
+    with the same content-type and size limits as a download."""
+
+    def file_open(self, req: Any) -> urllib.response.addinfourl:
+        cfg: IngestConfig = _POLICY["cfg"]
+        path = local_file(req.full_url, cfg.local_roots)
+        ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        if not any(ctype.startswith(p) for p in cfg.accept_content_types):
+            raise ValueError(f"refused content type {ctype!r} (from the file name)")
+        f = open(path, "rb")  # noqa: SIM115 (the response owns it: img2dataset closes it)
+        size = os.fstat(f.fileno()).st_size
+        if size > cfg.max_download_bytes:
+            f.close()
+            raise ValueError(f"response larger than {cfg.max_download_bytes} bytes: refused (file of {size} bytes)")
+        headers = email.message_from_string(f"Content-Type: {ctype}\nContent-Length: {size}\n")
+        return urllib.response.addinfourl(f, headers, req.full_url, 200)
+
+
 def _build_opener() -> urllib.request.OpenerDirector:
-    opener = urllib.request.OpenerDirector()  # http(s) only: no file:, ftp: or data: handlers
+    opener = urllib.request.OpenerDirector()  # http(s), and file: only under ingest.local_roots; no ftp: or data:
     for handler in (
         urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), urllib.request.HTTPDefaultErrorHandler(),
         urllib.request.HTTPErrorProcessor(), _GuardedHTTPHandler(), _GuardedHTTPSHandler(),
         _GuardedRedirectHandler(), _RetryAfterHandler(), _ResponseGuard(),
     ):
         opener.add_handler(handler)
+    if _POLICY["cfg"].local_roots:
+        opener.add_handler(_LocalFileHandler())
     return opener
 
 

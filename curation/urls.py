@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -276,3 +277,52 @@ def url_duplicates(plan_dir: Path, lo: int, hi: int) -> dict[int, int]:
         a, b = np.searchsorted(pairs[:, 0], [lo, hi])
         out.update((int(r), int(f)) for r, f in np.asarray(pairs[a:b]))
     return out
+
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+FOLDER_LIST_SCHEMA = pa.schema([("url", pa.string()), ("source", pa.string())])
+
+
+@dataclass(frozen=True)
+class FolderListing:
+    listed: int  # rows written
+    skipped: int  # files left out for their suffix (all_files=False)
+    skipped_examples: tuple[str, ...]  # a few of them, to show
+
+
+def folder_url_list(folder: Path, out: Path, *, all_files: bool = False, chunk_rows: int = 100_000) -> FolderListing:
+    """Write a URL list of ``file://`` URLs for the files under ``folder`` (sub-folders included, symbolic links to
+    folders not followed), in sorted path order so that row ids are stable; ``source`` is the top-level
+    sub-folder (or the folder's own name). Images only unless ``all_files`` (anything else is then recorded with
+    its reason at ingest). Streams: memory holds one chunk of rows, not the listing."""
+    folder = Path(folder).resolve()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"not a folder: {folder}")
+    listed = skipped = 0
+    examples: list[str] = []
+    rows: list[tuple[str, str]] = []
+    with atomic_path(Path(out)) as tmp, pq.ParquetWriter(tmp, FOLDER_LIST_SCHEMA) as writer:
+
+        def flush() -> None:
+            if rows:
+                urls, sources = zip(*rows, strict=True)
+                writer.write_table(pa.table({"url": list(urls), "source": list(sources)}, schema=FOLDER_LIST_SCHEMA))
+                rows.clear()
+
+        for top, dirs, files in os.walk(folder):
+            dirs.sort()
+            rel = Path(top).relative_to(folder)
+            source = rel.parts[0] if rel.parts else folder.name
+            for name in sorted(files):
+                path = Path(top) / name
+                if not all_files and path.suffix.lower() not in IMAGE_SUFFIXES:
+                    skipped += 1
+                    if len(examples) < 5:
+                        examples.append(str(path.relative_to(folder)))
+                    continue
+                rows.append((path.as_uri(), source))
+                listed += 1
+                if len(rows) >= chunk_rows:
+                    flush()
+        flush()
+    return FolderListing(listed, skipped, tuple(examples))

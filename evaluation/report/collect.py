@@ -16,7 +16,8 @@ import pandas as pd
 import pyarrow.dataset as ds
 import yaml
 
-from infra.lineage import STAGE_ORDER, Ledger
+from infra.domains import domain_stats
+from infra.lineage import STAGE_ORDER, Ledger, superseded
 from infra.manifest import StageManifest, read_manifest
 
 PIPELINE = [s for s in STAGE_ORDER if s not in ("crawl", "pretrain", "evaluate", "embed")]
@@ -69,7 +70,9 @@ def funnel(run: Run) -> pd.DataFrame:
     inputs = run.ledger((ds.field("stage") == "ingest") & (ds.field("reason") == "input"), ["row_id"])
     if inputs.empty:
         raise Missing("The ingest ledger has no input events (ingest did not run).")
-    drops = run.ledger((ds.field("kind") == "drop") & ds.field("row_id").is_valid(), ["stage", "reason", "row_id"])
+    drops = run.ledger((ds.field("kind") == "drop") & ds.field("row_id").is_valid(),
+                       ["stage", "reason", "row_id", "attempt"])  # fmt: skip
+    drops = drops[~superseded(drops, Ledger(run.path))]  # an ingest drop that a retry replaced is not an outcome
     remaining = int(inputs["row_id"].nunique())
     rows = []
     for stage in PIPELINE:
@@ -82,6 +85,14 @@ def funnel(run: Run) -> pd.DataFrame:
                      "reasons": {str(k): int(v) for k, v in reasons.items()}})  # fmt: skip
         remaining -= n_drop
     return pd.DataFrame(rows)
+
+
+def domains(run: Run) -> pd.DataFrame:
+    """Per host: URLs, requested, downloaded, rate, in corpus, failures (see :mod:`infra.domains`)."""
+    frame = domain_stats(run.path)
+    if frame.empty:
+        raise Missing("The ingest ledger is missing (ingest did not run): no per-host download statistics.")
+    return frame
 
 
 # --- safety ----------------------------------------------------------------------------------------------------

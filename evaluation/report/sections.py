@@ -17,7 +17,7 @@ from evaluation.report.images import Thumb, read_set_images, read_shard_images, 
 from infra.lineage import STAGE_ORDER
 from infra.run import now
 
-N_BLURRED, N_GROUPS, N_QUERIES, N_NEIGHBOURS = 8, 6, 5, 8
+N_BLURRED, N_GROUPS, N_QUERIES, N_NEIGHBOURS, N_HOSTS = 8, 6, 5, 8, 15
 
 
 def _pool_images(run: Run, ids: list[str]) -> dict[str, Thumb]:
@@ -65,6 +65,27 @@ def funnel(run: Run) -> str:
     if extra > 0:
         cap += f" The corpus also holds {extra:,} images of curated sets added as is (not from the crawl)."
     return f'<div class="row">{figure(chart, "funnel of counts per stage", cap, 640)}<div>{tbl}</div></div>'
+
+
+# --- domains ---------------------------------------------------------------------------------------------------
+def domains(run: Run) -> str:
+    d = collect.domains(run)
+    req, got = int(d["requested"].sum()), int(d["downloaded"].sum())
+    dead = d[(d["requested"] > 0) & (d["downloaded"] == 0)]
+    stats = kpis([("hosts", f"{len(d):,}"), ("downloaded", f"{got:,} of {req:,}" + (f" ({got / req:.0%})" if req else "")),
+                  ("hosts with no download", f"{len(dead):,}"), ("hosts in the corpus", f"{int((d['in_corpus'] > 0).sum()):,}")])  # fmt: skip
+    rows = []
+    for r in d.head(N_HOSTS).itertuples(index=False):
+        failures = ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in list(r.failures.items())[:3]) or "–"
+        rate = "–" if r.requested == 0 else f"{r.download_rate:.0%}"
+        rows.append([r.host, r.urls, r.downloaded, rate, r.in_corpus, failures])
+    tbl = table(["host", "URLs", "downloaded", "rate", "in corpus", "top failure reasons"], rows,
+                [False, True, True, False, True, False])  # fmt: skip
+    rest = d.iloc[N_HOSTS:]
+    note = (f"{len(rest):,} more hosts with {int(rest['urls'].sum()):,} URLs; " if len(rest) else "") + \
+        "every host: `lvd domains RUN_ID --top 0` (or `--csv FILE`). Rate: downloaded / requested (repeated URLs " \
+        "and malformed rows are not requested); a retried row counts once, at its latest attempt."
+    return stats + tbl + f'<p class="note">{esc(note)}</p>'
 
 
 # --- safety ----------------------------------------------------------------------------------------------------
@@ -369,6 +390,8 @@ def evaluation(run: Run) -> str:
 SECTIONS: list[tuple[str, str, str, Callable[[Run], str]]] = [
     ("overview", "Run overview", "", overview),
     ("funnel", "Funnel", "How many input rows each stage kept and dropped, and why.", funnel),
+    ("domains", "Hosts", "Where the crawl's images came from: downloads and failures per host, most URLs first.",
+     domains),
     ("safety", "Safety", "NSFW filtering and face blurring.", safety),
     ("dedup", "Duplicates", "Copy detection within the pool and against the evaluation sets (paper §A.3).", dedup),
     ("retrieval", "Retrieval", "Pool images retrieved by the curated seed sets (paper §3).", retrieval),

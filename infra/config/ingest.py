@@ -64,6 +64,10 @@ class IngestConfig(Section):
     # allow_private opens private networks, but cloud metadata addresses stay refused unless listed exactly.
     allow_private: bool = False
     allow_hosts: list[str] = Field(default_factory=list)
+    # Local images as the pool: folders whose files may be read through file:// URLs (`lvd folder-urls` writes such
+    # a list). A file URL is refused (`path_outside_roots`) unless its real path, symbolic links resolved, lies
+    # under one of these; checked when planned and again when opened. Empty: file URLs are refused (`url_scheme`).
+    local_roots: list[Path] = Field(default_factory=list)
     # Exact dedup by content hash (sha256 of the downloaded bytes), and perceptual-hash dedup (paper §A.3
     # post-processing): images whose 64-bit DCT hash is at most phash_max_distance bits from an earlier kept row's
     # are dropped (0: equal hashes only). Cost above 0: each image is compared with the kept images sharing one of

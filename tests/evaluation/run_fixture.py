@@ -1,7 +1,7 @@
 """A small but complete run directory, written with the project's own writers (ledger, shards, manifests), so the
 report can be built and checked without running the pipeline. 40 input rows:
 
-- ingest drops rows 0-1 (http_404) and 2 (decode_error); 37 images go on;
+- rows come from 3 hosts in turn; ingest drops rows 0-1 (http_404) and 2 (decode_error); 37 images go on;
 - nsfw drops row 3 (score 0.95); faces blurs 2 images (rows 4, 5: one face each);
 - dedup: rows 6-8 are one component (6 kept), rows 9-10 another (9 kept), row 11 copies an eval image -> 4 drops;
 - retrieve: 2 seed queries retrieve 4 images each (rows 12-19); the other 12 images are not retrieved;
@@ -25,6 +25,7 @@ from infra.manifest import StageManifest, write_manifest
 from infra.shards import ShardWriter
 
 N_ROWS = 40
+HOSTS = ("img.a.example", "B.Example:8080", "c.example")  # row r comes from HOSTS[r % 3]
 STAGES = ["crawl", "ingest", "nsfw", "faces", "dedup", "embed", "retrieve", "rebalance", "corpus", "pretrain", "evaluate"]
 
 
@@ -67,9 +68,11 @@ def build_run(root: Path, run_id: str = "fixture-run") -> Path:
 
     ingest = LedgerWriter("ingest")
     for r in range(N_ROWS):
-        ingest.info("input", row_id=r, url=f"http://127.0.0.1/img/{r}.png")
+        ingest.info("input", row_id=r, url=f"http://{HOSTS[r % 3]}/img/{r}.png")
     for r, reason in ((0, "http_404"), (1, "http_404"), (2, "decode_error")):
         ingest.drop(reason, row_id=r)
+    for r in range(3, N_ROWS):
+        ingest.info("downloaded", row_id=r, image_id=ids[r])
     ingest.write(stages / "ingest" / "ledger" / "00000.parquet")
     _manifest(run, "ingest", {"rows": N_ROWS, "kept": 37, "dropped": {"http_404": 2, "decode_error": 1}})
 

@@ -36,6 +36,19 @@ def test_funnel_counts_every_row_once(run_dir):
     assert f.loc[3, "reasons"] == {"near_duplicate": 3, "eval_contamination": 1}
 
 
+def test_hosts_section_lists_downloads_failures_and_corpus_images_per_host(report):
+    html = report.read_text()
+    body = html[html.index('<section id="domains">'):]
+    body = body[:body.index("</section>")]
+    cells = re.findall(r"<td[^>]*>([^<]*)</td>", body)
+    assert [cells[i:i + 6] for i in range(0, len(cells), 6)] == [
+        ["img.a.example", "14", "13", "93%", "2", "http 404 1"],  # rows 0, 3, ..., 39; 15 and 18 in the corpus
+        ["b.example", "13", "12", "92%", "2", "http 404 1"],
+        ["c.example", "13", "12", "92%", "2", "decode error 1"],
+    ]
+    assert re.findall(r'<div class="kpi"><b>([^<]*)</b>', body) == ["3", "37 of 40 (92%)", "0", "3"]
+
+
 def test_report_is_self_contained_and_has_every_section(report):
     html = report.read_text()
     assert re.findall(r'<section id="([a-z]+)"', html) == SECTION_IDS

@@ -175,6 +175,16 @@ def test_retry_failed_cli_then_resume(crawl, prefect_server, capsys):
     check = check_terminal_outcomes(Ledger(run_dir))
     assert check.dropped == {"ingest:http_404": 1, "ingest:url_duplicate": 1, "ingest:url_private": 1}
     assert check.missing == [*range(9), 10]  # kept so far: their terminal event is the corpus stage's
+    # per host, at each row's latest attempt: g9 counts as downloaded (its retry), the 404 once (retried, failed again)
+    capsys.readouterr()
+    assert main(["domains", "ingest-thread", "--root", str(root / "runs"), "--json", "--csv", str(root / "d.csv")]) == 0
+    assert json.loads(capsys.readouterr().out) == [
+        {"host": "127.0.0.1", "urls": 12, "requested": 11, "downloaded": 10, "download_rate": 10 / 11, "in_corpus": 0,
+         "failures": {"http_404": 1}},
+        {"host": "169.254.169.254", "urls": 1, "requested": 1, "downloaded": 0, "download_rate": 0.0, "in_corpus": 0,
+         "failures": {"url_private": 1}},
+    ]  # fmt: skip
+    assert pd.read_csv(root / "d.csv")["failures"].tolist() == ['{"http_404": 1}', '{"url_private": 1}']
 
 
 def test_truncated_parquet_list_stops_the_run_with_the_fix(crawl, prefect_server, capsys):

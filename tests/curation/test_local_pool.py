@@ -1,0 +1,125 @@
+"""A folder of local images as the pool: `lvd folder-urls` lists it as file:// URLs, ingest reads them through
+img2dataset under `ingest.local_roots` only, and every file ends in one recorded outcome."""
+
+from __future__ import annotations
+
+import io
+import urllib.request
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from curation.ingest import download_reason, ingest
+from curation.netguard import LocalFileRefused, UrlGuard, guarded_opener, local_file
+from curation.urls import folder_url_list
+from infra.cli import main
+from infra.config.data import DataConfig
+from infra.config.ingest import IngestConfig
+from infra.domains import LOCAL, host_of
+from infra.lineage import Ledger
+from infra.stage import ShardTracker
+
+
+def _image(seed: int, size: int = 32, fmt: str = "PNG") -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def pool(tmp_path):
+    """pool/ with images, a duplicate, a broken file, a text file, an oversized image, a link out of the pool."""
+    root, outside = tmp_path / "pool", tmp_path / "outside"
+    for d in ("cats", "dogs/sub"):
+        (root / d).mkdir(parents=True)
+    outside.mkdir()
+    (outside / "secret.jpg").write_bytes(_image(9, fmt="JPEG"))
+    (root / "big.png").write_bytes(_image(1, size=200))  # ~120 kB: over the 50 kB limit below
+    (root / "escape.jpg").symlink_to(outside / "secret.jpg")
+    (root / "notes.txt").write_text("not an image")
+    (root / "cats" / "a.jpg").write_bytes(_image(2, fmt="JPEG"))
+    (root / "cats" / "b.png").write_bytes(_image(3))
+    (root / "dogs" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
+    (root / "dogs" / "dup.png").write_bytes(_image(3))
+    (root / "dogs" / "gone.jpg").write_bytes(_image(4, fmt="JPEG"))
+    (root / "dogs" / "sub" / "c.JPG").write_bytes(_image(5, fmt="JPEG"))
+    (root / "linkdir").symlink_to(outside, target_is_directory=True)  # not followed when listing
+    return root
+
+
+NAMES = ["big.png", "escape.jpg", "notes.txt", "cats/a.jpg", "cats/b.png", "dogs/broken.jpg", "dogs/dup.png",
+         "dogs/gone.jpg", "dogs/sub/c.JPG"]  # fmt: skip
+
+
+def test_folder_listing_is_sorted_streams_and_says_what_it_left_out(pool, tmp_path):
+    out = tmp_path / "all.parquet"
+    listing = folder_url_list(pool, out, all_files=True, chunk_rows=4)  # 3 chunks
+    urls = pd.read_parquet(out)
+    assert (listing.listed, listing.skipped) == (9, 0)
+    assert urls["url"].tolist() == [(pool / n).as_uri() for n in NAMES]
+    assert urls["source"].tolist() == ["pool"] * 3 + ["cats"] * 2 + ["dogs"] * 4
+    images = folder_url_list(pool, tmp_path / "images.parquet")
+    assert (images.listed, images.skipped, images.skipped_examples) == (8, 1, ("notes.txt",))
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        folder_url_list(pool / "cats" / "a.jpg", tmp_path / "x.parquet")
+
+
+def test_guard_reads_files_only_under_the_roots(pool, tmp_path):
+    guard = UrlGuard(IngestConfig(local_roots=[pool]))
+    assert guard.check((pool / "cats" / "a.jpg").as_uri()) is None
+    assert guard.check((pool / "escape.jpg").as_uri()) == "path_outside_roots"  # a link out of the pool
+    assert guard.check((pool / "cats" / ".." / ".." / "outside" / "secret.jpg").as_uri()) == "path_outside_roots"
+    assert guard.check(pool.as_uri()) == "path_outside_roots"  # the root itself is not a file under it
+    assert guard.check("file://example.com" + (pool / "cats" / "a.jpg").as_posix()) == "url_malformed"
+    assert UrlGuard(IngestConfig()).check((pool / "cats" / "a.jpg").as_uri()) == "url_scheme"  # no roots: refused
+    with pytest.raises(FileNotFoundError, match=r"ingest.local_roots: .* is not a folder"):
+        UrlGuard(IngestConfig(local_roots=[tmp_path / "missing"]))
+
+
+def test_the_opener_checks_again_at_open(pool, tmp_path):
+    """A link that changed between planning and download is refused when opened; the limits of a download apply."""
+    cfg = IngestConfig(local_roots=[pool], max_download_bytes=50_000)
+    link = pool / "cats" / "later.jpg"
+    link.symlink_to(tmp_path / "outside" / "secret.jpg")
+    with guarded_opener(cfg):
+        with urllib.request.urlopen((pool / "cats" / "a.jpg").as_uri(), timeout=5) as r:
+            assert r.read() == (pool / "cats" / "a.jpg").read_bytes()
+            assert r.headers["Content-Type"] == "image/jpeg"
+        errors = {}
+        for name in ("cats/later.jpg", "notes.txt", "big.png", "cats/nothing.jpg"):
+            with pytest.raises(Exception) as err:  # each kind: its reason, below
+                urllib.request.urlopen((pool / name).as_uri(), timeout=5)
+            errors[name] = download_reason("failed_to_download", str(err.value))
+    assert errors == {"cats/later.jpg": "path_outside_roots", "notes.txt": "content_type", "big.png": "too_large",
+                      "cats/nothing.jpg": "file_missing"}  # fmt: skip
+    with pytest.raises(LocalFileRefused, match=r"outside ingest\.local_roots"):
+        local_file(link.as_uri(), [pool])
+    assert host_of(link.as_uri()) == LOCAL
+
+
+def test_a_local_pool_is_ingested_with_one_outcome_per_file(pool, tmp_path, capsys):
+    urls = tmp_path / "urls.parquet"
+    assert main(["folder-urls", str(pool), str(urls), "--all-files"]) == 0
+    assert f"ingest.local_roots=[{pool.resolve()}]" in capsys.readouterr().out
+    (pool / "dogs" / "gone.jpg").unlink()  # listed, then deleted before the download
+    stage = tmp_path / "run" / "stages" / "ingest"
+    cfg = IngestConfig(local_roots=[pool], shard_size=4, threads=2, max_download_bytes=50_000, encode_format="png",
+                       encode_quality=3)
+    result = ingest(DataConfig(url_list=urls), stage, cfg, ShardTracker("ingest", stage))
+    events = Ledger(tmp_path / "run").events()
+    terminal = events[events["kind"] != "info"].set_index("row_id")["reason"].to_dict()
+    downloaded = sorted(events.loc[events["reason"] == "downloaded", "row_id"])
+    outcome = {NAMES[r]: terminal.get(r, "downloaded" if r in downloaded else None) for r in range(len(NAMES))}
+    assert outcome == {
+        "big.png": "too_large", "escape.jpg": "path_outside_roots", "notes.txt": "content_type",
+        "cats/a.jpg": "downloaded", "cats/b.png": "downloaded", "dogs/broken.jpg": "truncated_image",
+        "dogs/dup.png": "exact_duplicate", "dogs/gone.jpg": "file_missing", "dogs/sub/c.JPG": "downloaded",
+    }  # fmt: skip
+    assert result.counts == {"rows": 9, "downloaded": 3, "kept": 3, "dropped": {
+        "content_type": 1, "exact_duplicate": 1, "file_missing": 1, "path_outside_roots": 1, "too_large": 1,
+        "truncated_image": 1}}  # fmt: skip
+    inputs = events[events["reason"] == "input"].sort_values("row_id")
+    assert inputs["url"].tolist() == [(pool / n).as_uri() for n in NAMES]  # lineage: the file each image came from

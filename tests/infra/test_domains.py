@@ -1,0 +1,122 @@
+import math
+
+import pytest
+
+from evaluation.report.collect import Run, funnel
+from infra.domains import NO_HOST, domain_stats, format_domains, host_of
+from infra.lineage import LedgerWriter
+
+
+@pytest.mark.parametrize(
+    ("url", "host"),
+    [
+        ("http://a.example/x.jpg", "a.example"),
+        ("https://User:pw@IMG.Example.COM:8443/x?y=1", "img.example.com"),
+        ("  http://a.example/x.jpg  ", "a.example"),
+        ("http://[::1]:80/x", "::1"),
+        ("http://[::1/x", NO_HOST),  # unbalanced bracket: urlsplit raises
+        ("not a url", NO_HOST),
+        (None, NO_HOST),
+    ],
+)
+def test_host_of(url, host):
+    assert host_of(url) == host
+
+
+def _run_with_a_retry(tmp_path):
+    """8 rows on 3 hosts (+ 2 rows without a host); rows 1 and 6 are retried: 1 succeeds, 6 times out again."""
+    run = tmp_path / "run"
+    first = LedgerWriter("ingest")
+    urls = {0: "http://a.example/0.jpg", 1: "http://a.example/1.jpg", 2: "https://B.example:8443/2.jpg",
+            3: "http://b.example/3.jpg", 4: "not a url", 5: "http://a.example/0.jpg", 6: "http://c.example/6.jpg",
+            7: "http://[::1/7.jpg"}  # fmt: skip
+    for r, u in urls.items():
+        first.info("input", row_id=r, url=u)
+    first.info("downloaded", row_id=0, image_id="i0")
+    first.drop("http_404", row_id=1)
+    first.info("downloaded", row_id=2, image_id="i2")
+    first.drop("exact_duplicate", row_id=3, image_id="i2")  # served, same bytes as row 2
+    first.drop("list_row_malformed", row_id=4)
+    first.drop("url_duplicate", row_id=5)
+    first.drop("timeout", row_id=6)
+    first.drop("url_malformed", row_id=7)  # refused by the URL guard
+    first.write(run / "stages" / "ingest" / "ledger" / "00000.parquet")
+    retry = LedgerWriter("ingest", attempt=1)
+    for r in (1, 6):
+        retry.info("retry", row_id=r, url=urls[r])
+    retry.info("downloaded", row_id=1, image_id="i1")
+    retry.drop("timeout", row_id=6)
+    retry.write(run / "stages" / "ingest" / "ledger" / "r1-00000.parquet")
+    corpus = LedgerWriter("corpus")
+    for r, i in ((0, "i0"), (1, "i1")):
+        corpus.keep("in_corpus", row_id=r, image_id=i)
+    corpus.keep("in_corpus", image_id="curated", source="seeds")  # a curated image: no row, no host
+    corpus.write(run / "stages" / "corpus" / "ledger" / "corpus.parquet")
+    return run
+
+
+def test_domain_stats_count_each_row_once_at_its_latest_attempt(tmp_path):
+    frame = domain_stats(_run_with_a_retry(tmp_path))
+    got = frame.drop(columns="download_rate").to_dict("records")
+    assert got == [
+        # row 1's first 404 is superseded by its successful retry; row 5 (a repeated URL) was never requested
+        {"host": "a.example", "urls": 3, "requested": 2, "downloaded": 2, "in_corpus": 2, "failures": {}},
+        {"host": NO_HOST, "urls": 2, "requested": 1, "downloaded": 0, "in_corpus": 0, "failures": {"url_malformed": 1}},
+        {"host": "b.example", "urls": 2, "requested": 2, "downloaded": 2, "in_corpus": 0, "failures": {}},
+        {"host": "c.example", "urls": 1, "requested": 1, "downloaded": 0, "in_corpus": 0, "failures": {"timeout": 1}},
+    ]
+    assert list(frame["download_rate"]) == [1.0, 0.0, 1.0, 0.0]
+    assert frame["urls"].sum() == 8
+
+
+def test_domain_stats_without_ingest_is_empty_and_rate_is_nan_when_nothing_was_requested(tmp_path):
+    assert domain_stats(tmp_path).empty
+    run = tmp_path / "run"
+    w = LedgerWriter("ingest")
+    w.info("input", row_id=0, url="http://a.example/x")
+    w.drop("url_duplicate", row_id=0)
+    w.write(run / "stages" / "ingest" / "ledger" / "00000.parquet")
+    frame = domain_stats(run)
+    assert frame[["host", "urls", "requested", "downloaded"]].values.tolist() == [["a.example", 1, 0, 0]]
+    assert math.isnan(frame.loc[0, "download_rate"])
+    assert "-" in format_domains(frame).splitlines()[1].split()  # the rate column
+
+
+def test_format_domains_lists_the_top_hosts_then_the_rest(tmp_path):
+    text = format_domains(domain_stats(_run_with_a_retry(tmp_path)), top=2).splitlines()
+    assert text[1].split() == ["a.example", "3", "2", "100%", "2"]
+    assert text[2].split() == [NO_HOST.split()[0], NO_HOST.split()[1], "2", "0", "0%", "0", "url_malformed", "1"]
+    assert text[3] == "... 2 more hosts with 3 URLs"
+    assert text[4] == "4 hosts, 8 URLs, 4 of 6 requested downloaded (66.7%), 2 in the corpus"
+
+
+def test_report_funnel_ignores_ingest_drops_superseded_by_a_retry(tmp_path):
+    f = funnel(Run(_run_with_a_retry(tmp_path)))
+    assert f[["stage", "in", "dropped", "out"]].values.tolist() == [["ingest", 8, 5, 3], ["corpus", 3, 0, 3]]
+    # row 1 (404, then downloaded) is not dropped; row 6 timed out twice and is dropped once
+    assert f.loc[0, "reasons"] == {"exact_duplicate": 1, "list_row_malformed": 1, "timeout": 1, "url_duplicate": 1,
+                                   "url_malformed": 1}
+
+
+def test_domains_cli_json_has_null_for_a_rate_of_nothing_requested(tmp_path, capsys):
+    import json
+
+    from infra.cli import main
+
+    run = tmp_path / "run"
+    w = LedgerWriter("ingest")
+    for r, (url, outcome) in enumerate([("http://a.example/x", "url_duplicate"), ("http://b.example/y", "http_403")]):
+        w.info("input", row_id=r, url=url)
+        w.drop(outcome, row_id=r)
+    w.write(run / "stages" / "ingest" / "ledger" / "00000.parquet")
+    (run / "config.yaml").write_text("{}\n")
+    assert main(["domains", "run", "--root", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [
+        {"host": "a.example", "urls": 1, "requested": 0, "downloaded": 0, "download_rate": None, "in_corpus": 0,
+         "failures": {}},
+        {"host": "b.example", "urls": 1, "requested": 1, "downloaded": 0, "download_rate": 0.0, "in_corpus": 0,
+         "failures": {"http_403": 1}},
+    ]  # fmt: skip
+    assert main(["domains", "run", "--root", str(tmp_path), "--top", "1"]) == 0
+    assert capsys.readouterr().out.splitlines()[-2:] == [
+        "... 1 more hosts with 1 URLs", "2 hosts, 2 URLs, 0 of 1 requested downloaded (0.0%), 0 in the corpus"]
