@@ -79,10 +79,9 @@ def test_interrupted_run_resumes_exactly(image_folder, tmp_path, full_run):
 
 def test_activation_checkpointing_trains_on_the_same_trajectory_and_can_be_switched_on_at_resume(image_folder, tmp_path,
                                                                                                  full_run):
-    """The memory switch a user flips after an out-of-memory: same losses, schedules and teacher as without it, also
-    when only the resumed half of a run uses it."""
+    """The memory switch a user flips after an out-of-memory: steps 5-9 trained with it (resumed from a checkpoint
+    written without it) give the losses, schedules and teacher of the uninterrupted run without it."""
     on = tiny_config(activation_checkpointing=True)
-    assert_same_trajectory(pretrain(image_folder, tmp_path / "on", on, seed=3).metrics_csv, full_run)
     pretrain(image_folder, tmp_path / "switched", tiny_config(), seed=3, interrupt_at=5)
     resumed = pretrain(image_folder, tmp_path / "switched", on, seed=3)
     assert_same_trajectory(resumed.metrics_csv, full_run)
