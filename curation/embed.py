@@ -9,10 +9,12 @@ size. Images that fail to decode are dropped with ``decode_error`` in the ledger
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -118,11 +120,65 @@ def embed_seed_set(seed: SeedSetConfig, runner: Runner, out_dir: Path) -> dict[s
     return {"embedded": len(kept)}
 
 
+@dataclass(frozen=True)
+class EmbedJob:
+    """One pool shard to embed in whatever process runs it (a Dask worker): everything it needs is picklable, and
+    the model is built once per process (``embedder_key`` names it)."""
+
+    shard: Shard
+    keep: frozenset[str]  # the kept image ids of this shard
+    stage_dir: Path
+    make_embedder: Callable[[], Embedder]  # module-level function or functools.partial of one
+    embedder_key: str
+    device: str
+    threads: int
+
+    @property
+    def name(self) -> str:
+        return self.shard.name
+
+
+_RUNNERS: dict[tuple[str, str, int], Runner] = {}
+_RUNNERS_LOCK = threading.Lock()
+
+
+def worker_device(choice: str) -> torch.device:
+    """:func:`pick_device`, except that on a host with several GPUs a Dask worker named by an integer (a local
+    cluster's workers are 0, 1, ...) takes GPU ``name % count``, so one worker per GPU spreads over all of them."""
+    device = pick_device(choice)
+    if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1:
+        try:
+            from distributed import get_worker
+
+            name = get_worker().name
+        except (ImportError, ValueError):  # not inside a Dask worker
+            return device
+        if isinstance(name, int):
+            return torch.device("cuda", name % torch.cuda.device_count())
+    return device
+
+
+def process_runner(make_embedder: Callable[[], Embedder], key: str, device: str, threads: int) -> Runner:
+    """This process's runner for ``key`` (built on first use: a fully resumed stage builds no model)."""
+    with _RUNNERS_LOCK:
+        if (key, device, threads) not in _RUNNERS:
+            _RUNNERS[(key, device, threads)] = Runner(make_embedder(), worker_device(device), threads)
+        return _RUNNERS[(key, device, threads)]
+
+
+def embed_job(job: EmbedJob) -> tuple[str, dict[str, int]]:
+    runner = process_runner(job.make_embedder, job.embedder_key, job.device, job.threads)
+    return job.name, embed_shard(job.shard, set(job.keep), runner, job.stage_dir / POOL, job.stage_dir / "ledger")
+
+
 def embed(
     shards: list[Shard], keep: set[str], seed_sets: list[SeedSetConfig], stage_dir: Path,
     make_embedder: Callable[[], Embedder], tracker: ShardTracker, device: str = "auto", threads: int = 2,
+    mapper: Callable[..., Iterator[Any]] | None = None, embedder_key: str | None = None,
 ) -> StageResult:  # fmt: skip
-    """Embed the kept pool images shard by shard, then each seed set; per-shard resume."""
+    """Embed the kept pool images shard by shard, then each seed set; per-shard resume. With a ``mapper`` (the run's
+    Dask or Ray task runner) the pool shards run as tasks in the workers, each building the model once per
+    ``embedder_key`` (which must identify the model: weights and settings); seed sets (small) stay here."""
     cache: list[Runner] = []
 
     def runner() -> Runner:  # a fully resumed stage builds no model
@@ -130,9 +186,18 @@ def embed(
             cache.append(Runner(make_embedder(), pick_device(device), threads))
         return cache[0]
 
+    if mapper is not None:
+        if not embedder_key:
+            raise ValueError("embedding through a task runner needs an embedder_key naming the model")
+        jobs = [(EmbedJob(s, frozenset(keep & set(s.read_table(["image_id"])["image_id"])), stage_dir, make_embedder,
+                          embedder_key, device, threads),)
+                for s in shards if not tracker.is_done(s.name)]  # fmt: skip
+        for name, counts in mapper(embed_job, jobs):
+            tracker.done(name, counts)
     totals = {"embedded": 0, "decode_error": 0}
     for s in shards:
-        c = tracker.run(s.name, lambda s=s: embed_shard(s, keep, runner(), stage_dir / POOL, stage_dir / "ledger"))
+        c = tracker.info(s.name) if mapper is not None else \
+            tracker.run(s.name, lambda s=s: embed_shard(s, keep, runner(), stage_dir / POOL, stage_dir / "ledger"))
         totals["embedded"] += c["embedded"]
         totals["decode_error"] += c.get("drop:decode_error", 0)
     n_seed = {
@@ -145,7 +210,7 @@ def embed(
         counts={"kept": totals["embedded"], "dropped": {"decode_error": totals["decode_error"]}, "seeds": n_seed},
         outputs=outputs,
         extra={"embedder": cache[0].embedder.name if cache else "resumed", "dim": store[1].dim,
-               "device": str(cache[0].device) if cache else None},
+               "device": str(cache[0].device) if cache else None, "shards_on": "task runner" if mapper else "flow"},
     )
 
 

@@ -7,6 +7,7 @@ resume, manifests, events) is :func:`infra.stage.run_stage`.
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 from itertools import pairwise
 
 import numpy as np
@@ -24,6 +25,7 @@ from curation.truth import assert_eval_copies_removed, score_dedup
 from curation.urls import url_list_fingerprint
 from curation.vectors import RowView, VectorStore
 from infra.config import PipelineConfig
+from infra.config.schema import config_hash
 from infra.config.train import TrainConfig
 from infra.demo.benchmarks import SEGMENTATION_DIR, build_digit_segmentation
 from infra.demo.crawl import build_demo_crawl
@@ -78,6 +80,7 @@ def _dedup(ctx: StageContext) -> StageResult:
 
 
 def _embed(ctx: StageContext) -> StageResult:
+    from flows.fanout import prefect_mapper
     from flows.models import embedder
 
     cfg = ctx.cfg
@@ -85,11 +88,13 @@ def _embed(ctx: StageContext) -> StageResult:
     shards = list_shards(ctx.upstream_dir("faces") / "shards")
     seeds = [s for s in cfg.data.seed_sets if s.retrieval != "as_is"]
 
-    def make():
-        b = cfg.embed.backbone
-        return embedder(b, f"{b.kind}:{b.arch}", cfg.embed.batch_size, cfg.embed.precision, seed=cfg.run.seed)
-
-    return embed(shards, keep, seeds, ctx.dir, make, ctx.tracker(), cfg.embed.device, cfg.embed.decode_threads)
+    b = cfg.embed.backbone
+    make = partial(embedder, b, f"{b.kind}:{b.arch}", cfg.embed.batch_size, cfg.embed.precision, seed=cfg.run.seed)
+    # Dask/Ray: pool shards run in the workers, one model per worker process, named by everything that defines it.
+    fanout = cfg.run.task_runner != "thread"
+    key = config_hash(cfg, ("embed", "run.seed")) + _embedder(cfg)
+    return embed(shards, keep, seeds, ctx.dir, make, ctx.tracker(), cfg.embed.device, cfg.embed.decode_threads,
+                 mapper=prefect_mapper(cfg.run, "embed") if fanout else None, embedder_key=key)  # fmt: skip
 
 
 def _retrieve(ctx: StageContext) -> StageResult:

@@ -51,3 +51,43 @@ def test_shard_timeout_fails_then_retries_a_hung_shard(tmp_path, prefect_server)
     assert time.monotonic() - start < 30  # not the 60 s the attempt would have spun
     run = RunConfig(shard_timeout_s=0.5, shard_retries=1, shard_retry_delay_s=0)
     assert list(prefect_mapper(run, "t")(hangs_first, [(tmp_path / "b", 60.0)])) == [1]
+
+
+def test_embedding_shards_fan_out_over_dask_workers(tmp_path, prefect_server):
+    """`run.task_runner=dask`: pool shards are embedded in 2 worker processes (each builds the model once) and give
+    the embeddings, order, ledger and counts of the in-process run; a rerun redoes nothing."""
+    from functools import partial
+
+    import numpy as np
+    import pandas as pd
+
+    from curation.embed import embed, pool_store
+    from flows.models import embedder
+    from infra.config.curation import BackboneConfig
+    from infra.lineage import Ledger
+    from infra.stage import ShardTracker
+    from tests.curation.conftest import blob_image, png, write_pool
+
+    shards = write_pool(tmp_path / "pool", [png(blob_image(i)) for i in range(20)], shard_size=6)  # 4 shards
+    keep = {i for s in shards for i in s.read_table()["image_id"]} - {shards[2].read_table()["image_id"][1]}
+    make = partial(embedder, BackboneConfig(kind="vit", arch="vit_pico", patch_size=4, image_size=28), "vit", 4,
+                   "fp32", seed=0)  # fmt: skip
+    out = {}
+    for name, mapper in (("flow", None), ("dask", prefect_mapper(RunConfig(task_runner="dask", workers=2), "embed"))):
+        d = tmp_path / name / "stages" / "embed"
+        res = embed(shards, keep, [], d, make, ShardTracker("embed", d), "cpu", 1, mapper=mapper, embedder_key="k")
+        meta, store = pool_store(d)
+        out[name] = res, meta, store.read_all(), Ledger(tmp_path / name).events()
+    (res_f, meta_f, emb_f, _), (res_d, meta_d, emb_d, ev_d) = out["flow"], out["dask"]
+    assert res_d.counts == res_f.counts == {"kept": 19, "dropped": {"decode_error": 0}, "seeds": {}}
+    pd.testing.assert_frame_equal(meta_d, meta_f)
+    np.testing.assert_allclose(emb_d, emb_f, atol=1e-3)  # fp16 storage; worker thread counts may differ
+    assert res_d.extra["shards_on"] == "task runner" and res_d.extra["embedder"] == "resumed"  # no model here
+    done = tmp_path / "dask" / "stages" / "embed" / "_done"
+    stamps = {p.name: p.stat().st_mtime_ns for p in done.iterdir()}
+    assert len(stamps) == 4, stamps
+    again = embed(shards, keep, [], tmp_path / "dask" / "stages" / "embed", make,
+                  ShardTracker("embed", tmp_path / "dask" / "stages" / "embed"), "cpu", 1,
+                  mapper=prefect_mapper(RunConfig(task_runner="dask", workers=2), "embed"), embedder_key="k")  # fmt: skip
+    assert again.counts == res_d.counts and {p.name: p.stat().st_mtime_ns for p in done.iterdir()} == stamps
+    assert set(ev_d["stage"]) <= {"embed"}
