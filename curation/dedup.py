@@ -13,9 +13,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -33,6 +34,7 @@ from infra.lineage import LedgerWriter
 from infra.shards import Shard, iter_shard_images
 from infra.stage import ShardTracker, StageResult
 from infra.storage import atomic_path, sha256_file
+from infra.workers import process_cached, worker_gpu
 
 DESCRIPTORS = "descriptors"
 KEPT = "kept.parquet"
@@ -67,6 +69,22 @@ def describe_shard(shard: Shard, descriptor: Descriptor, cfg: DedupConfig, out_d
     with atomic_path(out_dir / f"{shard.name}.parquet") as tmp:
         pd.DataFrame(rows, columns=["image_id", "row_id", "shard", "pixels"]).to_parquet(tmp, index=False)
     return {"images": len(rows)}
+
+
+def describe_job(shard: Shard, cfg: DedupConfig, out_dir: Path, key: str) -> tuple[str, dict[str, int]]:
+    """:func:`describe_shard` in whichever process runs it (a Dask/Ray worker): the copy-detection model is built
+    once per process and ``key`` (descriptor config and model file) names it; a worker on a multi-GPU host uses its
+    own GPU."""
+
+    def build() -> Descriptor:
+        gpu = worker_gpu()
+        if gpu is not None:
+            import torch
+
+            torch.cuda.set_device(gpu)  # build_descriptor moves the model to the current device
+        return build_descriptor(cfg.descriptor)
+
+    return shard.name, describe_shard(shard, process_cached(f"dedup:{key}", build), cfg, out_dir)
 
 
 @dataclass
@@ -243,8 +261,11 @@ def _relative(table: pd.DataFrame, labels: np.ndarray, pool_edges: Edges, cross:
 
 def dedup(
     shards: list[Shard], eval_sets: list[EvalSetConfig], stage_dir: Path, cfg: DedupConfig, tracker: ShardTracker,
-    descriptor: Descriptor | None = None, seed: int = 0,
+    descriptor: Descriptor | None = None, seed: int = 0, mapper: Callable[..., Iterator[Any]] | None = None,
+    descriptor_key: str | None = None,
 ) -> StageResult:  # fmt: skip
+    """Describe every pool shard (through ``mapper``, the run's Dask or Ray task runner, when given: each worker
+    builds the model named by ``descriptor_key`` once), then build the graph and components here."""
     if not cfg.enabled:
         return _record(_passthrough(shards), stage_dir, "none", cfg, 0)
     built: list[Descriptor] = [descriptor] if descriptor else []
@@ -254,8 +275,16 @@ def dedup(
             built.append(build_descriptor(cfg.descriptor))
         return built[0]
 
-    for shard in shards:
-        tracker.run(shard.name, lambda shard=shard: describe_shard(shard, get(), cfg, stage_dir / DESCRIPTORS))
+    if mapper is not None:
+        if descriptor is not None or not descriptor_key:
+            raise ValueError("describing through a task runner builds the model from the config: pass a "
+                             "descriptor_key naming it, and no descriptor object")
+        jobs = [(s, cfg, stage_dir / DESCRIPTORS, descriptor_key) for s in shards if not tracker.is_done(s.name)]
+        for name, counts in mapper(describe_job, jobs):
+            tracker.done(name, counts)
+    else:
+        for shard in shards:
+            tracker.run(shard.name, lambda shard=shard: describe_shard(shard, get(), cfg, stage_dir / DESCRIPTORS))
     pool = load_described(stage_dir, shards, cfg, seed)
     ev = eval_described(eval_sets, get(), cfg, stage_dir, pool.whitener)
     graph = dedup_graph(pool, ev, cfg, cfg.index, seed, _background(pool, get(), cfg, seed), stage_dir)

@@ -9,7 +9,6 @@ size. Images that fail to decode are dropped with ``decode_error`` in the ledger
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from infra.precision import resolve
 from infra.shards import Shard, iter_shard_images
 from infra.stage import ShardTracker, StageResult
 from infra.storage import atomic_path
+from infra.workers import process_cached, worker_gpu
 
 POOL, SEEDS = "pool", "seeds"
 
@@ -138,36 +138,16 @@ class EmbedJob:
         return self.shard.name
 
 
-_RUNNERS: dict[tuple[str, str, int], Runner] = {}
-_RUNNERS_LOCK = threading.Lock()
-
-
 def worker_device(choice: str) -> torch.device:
-    """:func:`pick_device`, except that on a host with several GPUs a Dask worker named by an integer (a local
-    cluster's workers are 0, 1, ...) takes GPU ``name % count``, so one worker per GPU spreads over all of them."""
+    """:func:`pick_device`; a Dask worker on a multi-GPU host takes its own GPU (:func:`infra.workers.worker_gpu`)."""
     device = pick_device(choice)
-    if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1:
-        try:
-            from distributed import get_worker
-
-            name = get_worker().name
-        except (ImportError, ValueError):  # not inside a Dask worker
-            return device
-        if isinstance(name, int):
-            return torch.device("cuda", name % torch.cuda.device_count())
-    return device
-
-
-def process_runner(make_embedder: Callable[[], Embedder], key: str, device: str, threads: int) -> Runner:
-    """This process's runner for ``key`` (built on first use: a fully resumed stage builds no model)."""
-    with _RUNNERS_LOCK:
-        if (key, device, threads) not in _RUNNERS:
-            _RUNNERS[(key, device, threads)] = Runner(make_embedder(), worker_device(device), threads)
-        return _RUNNERS[(key, device, threads)]
+    gpu = worker_gpu() if device.type == "cuda" and device.index is None else None
+    return device if gpu is None else torch.device("cuda", gpu)
 
 
 def embed_job(job: EmbedJob) -> tuple[str, dict[str, int]]:
-    runner = process_runner(job.make_embedder, job.embedder_key, job.device, job.threads)
+    runner = process_cached(f"embed:{job.embedder_key}:{job.device}:{job.threads}",
+                            lambda: Runner(job.make_embedder(), worker_device(job.device), job.threads))  # fmt: skip
     return job.name, embed_shard(job.shard, set(job.keep), runner, job.stage_dir / POOL, job.stage_dir / "ledger")
 
 

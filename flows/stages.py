@@ -68,9 +68,21 @@ def _faces(ctx: StageContext) -> StageResult:
     return blur_faces(shards, skip, ctx.dir, ctx.cfg.faces, ctx.tracker(), prefect_mapper(ctx.cfg.run, "faces"))
 
 
+def _fanout(cfg: PipelineConfig) -> bool:
+    """Model stages (descriptors, embedding) send shards to the task runner only on a cluster (Dask, Ray): one
+    model per worker process. On threads they stay in the flow's process, one model for all."""
+    return cfg.run.task_runner != "thread"
+
+
 def _dedup(ctx: StageContext) -> StageResult:
+    from flows.fanout import prefect_mapper
+
+    cfg = ctx.cfg
     shards = list_shards(ctx.upstream_dir("faces") / "shards")
-    result = dedup(shards, ctx.cfg.data.eval_sets, ctx.dir, ctx.cfg.dedup, ctx.tracker(), seed=ctx.cfg.run.seed)
+    mapper = prefect_mapper(cfg.run, "dedup") if _fanout(cfg) else None
+    key = config_hash(cfg, ("dedup.descriptor",)) + _descriptor_model(cfg)
+    result = dedup(shards, cfg.data.eval_sets, ctx.dir, cfg.dedup, ctx.tracker(), seed=cfg.run.seed, mapper=mapper,
+                   descriptor_key=key)  # fmt: skip
     truth = ctx.upstream_dir("crawl") / "truth.parquet"
     if ctx.cfg.demo.enabled and ctx.cfg.dedup.enabled and truth.is_file():  # the demo knows what it planted: insist
         report = score_dedup(pd.read_parquet(ctx.dir / COMPONENTS), pd.read_parquet(truth))
@@ -90,11 +102,9 @@ def _embed(ctx: StageContext) -> StageResult:
 
     b = cfg.embed.backbone
     make = partial(embedder, b, f"{b.kind}:{b.arch}", cfg.embed.batch_size, cfg.embed.precision, seed=cfg.run.seed)
-    # Dask/Ray: pool shards run in the workers, one model per worker process, named by everything that defines it.
-    fanout = cfg.run.task_runner != "thread"
-    key = config_hash(cfg, ("embed", "run.seed")) + _embedder(cfg)
+    key = config_hash(cfg, ("embed", "run.seed")) + _embedder(cfg)  # everything that defines the model
     return embed(shards, keep, seeds, ctx.dir, make, ctx.tracker(), cfg.embed.device, cfg.embed.decode_threads,
-                 mapper=prefect_mapper(cfg.run, "embed") if fanout else None, embedder_key=key)  # fmt: skip
+                 mapper=prefect_mapper(cfg.run, "embed") if _fanout(cfg) else None, embedder_key=key)  # fmt: skip
 
 
 def _retrieve(ctx: StageContext) -> StageResult:

@@ -91,3 +91,30 @@ def test_embedding_shards_fan_out_over_dask_workers(tmp_path, prefect_server):
                   mapper=prefect_mapper(RunConfig(task_runner="dask", workers=2), "embed"), embedder_key="k")  # fmt: skip
     assert again.counts == res_d.counts and {p.name: p.stat().st_mtime_ns for p in done.iterdir()} == stamps
     assert set(ev_d["stage"]) <= {"embed"}
+
+
+def test_dedup_descriptors_fan_out_over_dask_workers(tmp_path, prefect_server):
+    """The copy-detection descriptors of each pool shard are computed in the workers (the model built from the
+    config there): the same descriptor files, components and ledger as the in-process stage."""
+    import pandas as pd
+
+    from curation.dedup import COMPONENTS, DESCRIPTORS, dedup
+    from infra.config.curation import DedupConfig
+    from infra.stage import ShardTracker
+    from tests.curation.test_dedup import PIXEL, _planted
+
+    shards, ev = _planted(tmp_path)  # 21 rows in 3 shards: planted pool copies and evaluation-set copies
+    cfg = DedupConfig.model_validate(PIXEL)
+    out = {}
+    for name, mapper in (("flow", None), ("dask", prefect_mapper(RunConfig(task_runner="dask", workers=2), "dedup"))):
+        d = tmp_path / name
+        res = dedup(shards, ev, d, cfg, ShardTracker("dedup", d), mapper=mapper, descriptor_key="pixel")
+        files = {p.name: p.read_bytes() for p in sorted((d / DESCRIPTORS).glob("*.npy"))}
+        out[name] = res.counts, files, pd.read_parquet(d / COMPONENTS), pd.read_parquet(d / "ledger" / "dedup.parquet")
+    (counts_f, files_f, comp_f, ledger_f), (counts_d, files_d, comp_d, ledger_d) = out["flow"], out["dask"]
+    assert counts_d == counts_f and counts_f["dropped"] == {"near_duplicate": 6, "eval_contamination": 3}
+    assert sorted(files_d) == ["00000.npy", "00001.npy", "00002.npy"] and files_d == files_f  # byte-equal
+    pd.testing.assert_frame_equal(comp_d, comp_f)
+    pd.testing.assert_frame_equal(ledger_d, ledger_f)
+    with pytest.raises(ValueError, match="descriptor_key"):
+        dedup(shards, ev, tmp_path / "x", cfg, ShardTracker("dedup", tmp_path / "x"), mapper=lambda *a: iter(()))
