@@ -8,7 +8,8 @@ one ledger file, the corpus's row ids and the per-host counts, never the URL lis
 A row's download outcome is that of its latest attempt (see :mod:`infra.lineage`): ``downloaded`` when the bytes
 arrived (an ``exact_duplicate`` of an image already fetched in that shard counts: the host served it), ``not
 requested`` for rows never sent to the network (malformed list rows, repeated URLs), otherwise the drop reason
-(``http_404``, ``timeout``, a URL-guard refusal, ...).
+(``http_404``, ``timeout``, a URL-guard refusal, ...). Duplicates found across shards after the download
+(``_dedup.parquet``: exact and perceptual) stay counted as downloaded.
 """
 
 from __future__ import annotations
@@ -79,10 +80,12 @@ def _file_counts(ev: pd.DataFrame, latest: dict[int, int], corpus: np.ndarray) -
     current = ev["row_id"].map(latest).fillna(0).astype("int64")
     outcome = ev[((ev["kind"] == "drop") | (ev["reason"] == "downloaded")) & (ev["attempt"].fillna(0) == current)]
     parts = [(inputs, "urls"), (inputs[np.isin(inputs, corpus)], "in_corpus"), (outcome["row_id"], outcome["reason"])]
-    keyed = pd.concat(pd.DataFrame({"host": host.reindex(rows.to_numpy()).fillna(NO_HOST).to_numpy(),
+    keyed = pd.concat(pd.DataFrame({"host": host.reindex(rows.to_numpy()).to_numpy(),
                                     "key": key if isinstance(key, str) else key.to_numpy()})
                       for rows, key in parts)  # fmt: skip
-    return keyed.groupby(["host", "key"]).size()
+    # A row not named in this file: a decision after its download was counted (the cross-shard exact and perceptual
+    # duplicates of ingest's `_dedup.parquet`), not a download outcome.
+    return keyed.dropna(subset=["host"]).groupby(["host", "key"]).size()
 
 
 def domain_stats(run_dir: Path) -> pd.DataFrame:

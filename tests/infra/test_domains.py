@@ -24,7 +24,8 @@ def test_host_of(url, host):
 
 
 def _run_with_a_retry(tmp_path):
-    """8 rows on 3 hosts (+ 2 rows without a host); rows 1 and 6 are retried: 1 succeeds, 6 times out again."""
+    """8 rows on 3 hosts (+ 2 rows without a host); rows 1 and 6 are retried: 1 succeeds, 6 times out again;
+    row 2 is a perceptual duplicate found across shards after its download."""
     run = tmp_path / "run"
     first = LedgerWriter("ingest")
     urls = {0: "http://a.example/0.jpg", 1: "http://a.example/1.jpg", 2: "https://B.example:8443/2.jpg",
@@ -47,6 +48,9 @@ def _run_with_a_retry(tmp_path):
     retry.info("downloaded", row_id=1, image_id="i1")
     retry.drop("timeout", row_id=6)
     retry.write(run / "stages" / "ingest" / "ledger" / "r1-00000.parquet")
+    cross = LedgerWriter("ingest")  # ingest's cross-shard duplicates, decided after the download (_dedup.parquet)
+    cross.drop("phash_duplicate", row_id=2, image_id="i2")
+    cross.write(run / "stages" / "ingest" / "ledger" / "_dedup.parquet")
     corpus = LedgerWriter("corpus")
     for r, i in ((0, "i0"), (1, "i1")):
         corpus.keep("in_corpus", row_id=r, image_id=i)
@@ -92,10 +96,10 @@ def test_format_domains_lists_the_top_hosts_then_the_rest(tmp_path):
 
 def test_report_funnel_ignores_ingest_drops_superseded_by_a_retry(tmp_path):
     f = funnel(Run(_run_with_a_retry(tmp_path)))
-    assert f[["stage", "in", "dropped", "out"]].values.tolist() == [["ingest", 8, 5, 3], ["corpus", 3, 0, 3]]
+    assert f[["stage", "in", "dropped", "out"]].values.tolist() == [["ingest", 8, 6, 2], ["corpus", 2, 0, 2]]
     # row 1 (404, then downloaded) is not dropped; row 6 timed out twice and is dropped once
     assert f.loc[0, "reasons"] == {"exact_duplicate": 1, "list_row_malformed": 1, "timeout": 1, "url_duplicate": 1,
-                                   "url_malformed": 1}
+                                   "url_malformed": 1, "phash_duplicate": 1}
 
 
 def test_domains_cli_json_has_null_for_a_rate_of_nothing_requested(tmp_path, capsys):
