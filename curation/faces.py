@@ -11,6 +11,7 @@ synthetic ONNX model of YuNet's outputs (tests/curation/tiny_onnx.py), down to t
 
 from __future__ import annotations
 
+import math
 import threading
 from pathlib import Path
 from typing import Protocol
@@ -19,6 +20,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageFilter
 
+from curation.urls import parse_face_boxes
 from infra.config.ingest import FacesConfig
 from infra.images import decode, encode
 from infra.lineage import LedgerWriter
@@ -83,7 +85,7 @@ class YuNetDetector:
 
 
 class NoDetector:
-    """faces.enabled=false: images pass through unchanged."""
+    """faces.enabled=false: no detection (boxes given with the pool, data.face_boxes_col, are still blurred)."""
 
     name = "disabled"
 
@@ -110,6 +112,17 @@ def detector_for(cfg: FacesConfig) -> FaceDetector:
     if key not in cache:
         cache[key] = build_detector(cfg)
     return cache[key]
+
+
+def given_boxes(text: str | None, size: tuple[int, int]) -> list[Box]:
+    """Boxes shipped with the pool (normalised JSON [[x0, y0, x1, y1], ...] relative to the image, written by
+    ingest) in pixels of the stored image; at least one pixel each."""
+    w, h = size
+    out = []
+    for x0, y0, x1, y1 in parse_face_boxes(text):
+        x, y = min(w - 1, int(x0 * w)), min(h - 1, int(y0 * h))
+        out.append((x, y, max(1, math.ceil(x1 * w) - x), max(1, math.ceil(y1 * h) - y)))
+    return out
 
 
 def expand(box: Box, margin: float, size: tuple[int, int]) -> Box:
@@ -145,13 +158,14 @@ def blur_shard(stage_dir: Path, shard: Shard, skip: frozenset[str], cfg: FacesCo
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # recorded, run goes on
                 ledger.drop("decode_error", **ids, detail={"error": str(err)})
                 continue
-            boxes = [expand(b, cfg.margin, img.size) for b in detector.detect(img)]
+            given = given_boxes(meta.get("face_boxes"), img.size)
+            boxes = [expand(b, cfg.margin, img.size) for b in given + detector.detect(img)]
             columns = {k: meta[k] for k in ("row_id", "url", "source", "width", "height") if k in meta}
             if boxes:
                 data = encode(blur_boxes(img, boxes, cfg.blur), meta["ext"], cfg.encode_quality)
                 n_blurred += 1
-            ledger.info("faces", **ids, detail={"n_faces": len(boxes), "boxes": boxes, "detector": detector.name,
-                                                "blur": cfg.blur if boxes else None})  # fmt: skip
+            ledger.info("faces", **ids, detail={"n_faces": len(boxes), "n_given": len(given), "boxes": boxes,
+                                                "detector": detector.name, "blur": cfg.blur if boxes else None})  # fmt: skip
             writer.add(meta["image_id"], data, meta["ext"], **columns, n_faces=len(boxes))
             n_images += 1
     ledger.write(stage_dir / "ledger" / f"{shard.name}.parquet")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import io
+import json
 import re
 import shutil
 from collections.abc import Callable, Iterable, Iterator
@@ -35,7 +36,7 @@ from PIL import Image
 from curation.imageguard import guarded_resizer
 from curation.netguard import UrlGuard, guarded_opener
 from curation.phash import distance, near_duplicates, phash, to_hex
-from curation.urls import plan_shards, read_rows, url_duplicates
+from curation.urls import parse_face_boxes, plan_shards, read_rows, url_duplicates
 from infra.config.data import DataConfig
 from infra.config.ingest import TRANSIENT_REASONS, IngestConfig
 from infra.lineage import LEDGER_SCHEMA, LedgerWriter
@@ -49,11 +50,12 @@ PLAN = "plan"
 SHARD_SCHEMA = pa.schema(
     [("image_id", pa.string()), ("ext", pa.string()), ("sha256", pa.string()), ("bytes", pa.int64()),
      ("row_id", pa.int64()), ("url", pa.string()), ("source", pa.string()), ("width", pa.int32()),
-     ("height", pa.int32()), ("original_width", pa.int32()), ("original_height", pa.int32()), ("phash", pa.int64())]
+     ("height", pa.int32()), ("original_width", pa.int32()), ("original_height", pa.int32()), ("phash", pa.int64()),
+     ("face_boxes", pa.string())]
 )  # fmt: skip
 # Reasons a row can leave ingest with that no retry can change (decided before or without downloading).
 NOT_RETRYABLE = ("list_row_malformed", "url_malformed", "url_scheme", "url_private", "url_duplicate",
-                 "exact_duplicate", "phash_duplicate")  # fmt: skip
+                 "exact_duplicate", "phash_duplicate", "face_boxes_malformed")  # fmt: skip
 
 Mapper = Callable[[Callable[..., Any], list[tuple[Any, ...]]], Iterable[Any]]
 
@@ -190,9 +192,25 @@ def _first_rows(job: ShardJob, rows: pd.DataFrame, ledger: LedgerWriter, guard: 
             ledger.drop("url_duplicate", row_id=row_id, detail={"duplicate_of_row": dup_of[row_id]})
         elif reason := guard.check(r.url):
             ledger.drop(reason, row_id=row_id, detail={"url": r.url[:300]})
+        elif error := _face_boxes_error(r):
+            ledger.drop("face_boxes_malformed", row_id=row_id, detail={"error": error})
         else:
             fetch.append(r)
     return fetch
+
+
+def _face_boxes_error(row: Any) -> str | None:
+    try:
+        parse_face_boxes(getattr(row, "face_boxes", None))
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def _face_boxes(row: Any) -> str | None:
+    """The row's given face boxes, normalised JSON (checked in :func:`_first_rows`); None when none were given."""
+    text = getattr(row, "face_boxes", None)
+    return None if text is None else json.dumps(parse_face_boxes(text))
 
 
 def ingest_shard(job: ShardJob) -> tuple[str, dict[str, int]]:
@@ -232,7 +250,8 @@ def ingest_shard(job: ShardJob) -> tuple[str, dict[str, int]]:
                     h = phash(im)
                 seen[m.sha256] = (row_id, h)
                 size = {k: int(getattr(m, k)) for k in ("width", "height", "original_width", "original_height")}
-                writer.add(m.sha256, data, cfg.encode_format, row_id=row_id, url=r.url, source=r.source, **size, phash=h)
+                writer.add(m.sha256, data, cfg.encode_format, row_id=row_id, url=r.url, source=r.source, **size, phash=h,
+                           face_boxes=_face_boxes(r))  # fmt: skip
                 ledger.info("downloaded", row_id=row_id, image_id=m.sha256, detail={**size, "phash": to_hex(h)})
     except BaseException:
         writer.abort()

@@ -39,10 +39,10 @@ from infra.shards import shard_name
 from infra.storage import atomic_path, atomic_write_json, files_fingerprint, read_json
 
 FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
-ROW_COLUMNS = ["row_id", "url", "caption", "source", "list_error"]
+ROW_COLUMNS = ["row_id", "url", "caption", "source", "list_error", "face_boxes"]
 ROW_SCHEMA = pa.schema(
     [("row_id", pa.int64()), ("url", pa.string()), ("caption", pa.string()), ("source", pa.string()),
-     ("list_error", pa.string())]
+     ("list_error", pa.string()), ("face_boxes", pa.string())]
 )
 PLAN_FILE = "plan.json"
 _HASH_DTYPE = np.dtype([("h1", "<u8"), ("h2", "<u8"), ("row", "<i8")])
@@ -139,6 +139,46 @@ def _column(chunk: pd.DataFrame, name: str | None, n: int) -> np.ndarray:
     return vals
 
 
+def _boxes_column(chunk: pd.DataFrame, name: str | None, n: int) -> np.ndarray:
+    """Face boxes as JSON text (a list column is serialised; a string is kept as given and checked at ingest)."""
+    if not name or name not in chunk.columns:
+        return np.full(n, None, dtype=object)
+    out = np.full(n, None, dtype=object)
+    for i, v in enumerate(chunk[name].tolist()):
+        if isinstance(v, str):
+            out[i] = v if v.strip() else None  # an empty CSV cell: no boxes given
+        elif v is not None and not (isinstance(v, float) and np.isnan(v)):
+            try:
+                out[i] = json.dumps([[float(c) for c in box] for box in v])
+            except (TypeError, ValueError):
+                out[i] = repr(v)[:300]  # not boxes: ingest records the row as face_boxes_malformed
+    return out
+
+
+def parse_face_boxes(text: str | None) -> list[tuple[float, float, float, float]]:
+    """``[[x0, y0, x1, y1], ...]`` relative to the image (0-1; values a hair outside are clipped) from JSON text;
+    raises ValueError for anything else, including an empty or inverted box."""
+    if text is None:
+        return []
+    try:
+        boxes = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"face boxes are not JSON: {text[:100]!r}") from err
+    if not isinstance(boxes, list):
+        raise ValueError(f"face boxes must be a list of [x0, y0, x1, y1]: {text[:100]!r}")
+    out = []
+    for box in boxes:
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(c, int | float) for c in box)):
+            raise ValueError(f"a face box must be [x0, y0, x1, y1] in 0-1: {box!r}")
+        if not all(-0.01 <= c <= 1.01 for c in box):
+            raise ValueError(f"a face box must be relative to the image (0-1): {box!r}")
+        x0, y0, x1, y1 = (min(1.0, max(0.0, float(c))) for c in box)
+        if not (x0 < x1 and y0 < y1):
+            raise ValueError(f"an empty or inverted face box: {box!r}")
+        out.append((x0, y0, x1, y1))
+    return out
+
+
 def iter_url_rows(data: DataConfig, chunk_rows: int = 100_000) -> Iterator[pd.DataFrame]:
     """Yield chunks with the columns of ROW_COLUMNS; row_id counts rows across files in order."""
     if data.url_list is None:
@@ -156,6 +196,7 @@ def iter_url_rows(data: DataConfig, chunk_rows: int = 100_000) -> Iterator[pd.Da
             out["caption"] = _column(chunk, data.caption_col, n)
             out["source"] = _column(chunk, data.source_col, n)
             out["list_error"] = errors
+            out["face_boxes"] = _boxes_column(chunk, data.face_boxes_col, n)
             next_row += n
             yield out
 

@@ -44,6 +44,10 @@ class DataConfig(Section):
     url_col: str = "url"
     caption_col: str | None = "caption"
     source_col: str | None = "source"
+    # Face boxes shipped with the pool (DataComp's `face_bboxes`): a column of [x0, y0, x1, y1] boxes relative to
+    # the image (0-1), as a list or a JSON string. They are blurred by the faces stage besides what its detector
+    # finds; a row whose boxes cannot be read is dropped (`face_boxes_malformed`) rather than kept unblurred.
+    face_boxes_col: str | None = None
     seed_sets: list[SeedSetConfig] = Field(default_factory=list)
     eval_sets: list[EvalSetConfig] = Field(default_factory=list)
 

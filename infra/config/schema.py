@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from infra.config.base import Section
 from infra.config.curation import CorpusConfig, DedupConfig, EmbedConfig, RebalanceConfig, RetrieveConfig
@@ -35,6 +35,13 @@ class PipelineConfig(Section):
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @model_validator(mode="after")
+    def _face_boxes_survive_resizing(self) -> PipelineConfig:
+        if self.data.face_boxes_col and self.ingest.resize_mode in ("center_crop", "border"):
+            raise ValueError(f"data.face_boxes_col: boxes relative to the original image stay valid under "
+                             f"ingest.resize_mode keep_ratio, keep_ratio_largest or no, not {self.ingest.resize_mode}")
+        return self
 
 
 # A password in a URL's user info (a Path value keeps one slash of `scheme://`), or a query parameter carrying a secret.

@@ -148,7 +148,7 @@ def test_faces_shard_blurs_records_and_reencodes_only_faces(tmp_path):
     astro, coffee = (json.loads(ev.loc[i, "detail"]) for i in ids)
     assert astro["n_faces"] == 1 and astro["detector"] == "opencv-haar:haarcascade_frontalface_default.xml"
     assert astro["blur"] == "gaussian" and len(astro["boxes"][0]) == 4
-    assert coffee == {"n_faces": 0, "boxes": [], "detector": astro["detector"], "blur": None}
+    assert coffee == {"n_faces": 0, "n_given": 0, "boxes": [], "detector": astro["detector"], "blur": None}
     stored = {k: d for k, _e, d in iter_tar(out / "shards" / "00000.tar")}
     original = {k: d for k, _e, d in iter_tar(shard.tar)}
     assert stored[ids[1]] == original[ids[1]] and stored[ids[0]] != original[ids[0]]
@@ -203,7 +203,7 @@ def test_faces_shard_blurs_the_yunet_box(tmp_path, mode):
     (event,) = Ledger(tmp_path / "run").events().itertuples()
     box = [58, 26, 44, 44]  # (64, 32, 32, 32) grown by margin 0.2: round(6.4) = 6 px on each side
     assert (event.kind, event.reason, event.image_id, event.row_id) == ("info", "faces", "a" * 64, 0)
-    assert json.loads(event.detail) == {"n_faces": 1, "boxes": [box], "detector": "opencv-yunet:tiny_yunet.onnx",
+    assert json.loads(event.detail) == {"n_faces": 1, "n_given": 0, "boxes": [box], "detector": "opencv-yunet:tiny_yunet.onnx",
                                         "blur": mode}  # fmt: skip
     ((_key, _ext, data),) = iter_tar(out / "shards" / "00000.tar")
     stored = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
