@@ -15,7 +15,9 @@ env: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip wheel setuptools
-	$(BIN)/python -m pip install -q -e ".[dev,dask]"
+	# --no-compile: modules are byte-compiled when first imported instead of all at install (measured here: env
+	# 3m08s -> 1m51s; the imports the tests need compile in ~30 s of that).
+	$(BIN)/python -m pip install -q --no-compile -e ".[dev,dask]"
 	# img2dataset pulls the py3.6 `dataclasses` backport, which breaks Prefect's API server
 	# (environment.md); it must not stay installed.
 	$(BIN)/python -m pip uninstall -q -y dataclasses
