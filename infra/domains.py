@@ -23,7 +23,7 @@ import pandas as pd
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from infra.lineage import ledger_dir
+from infra.lineage import Ledger, latest_attempts, ledger_dir
 
 NOT_REQUESTED = frozenset({"list_row_malformed", "url_duplicate"})
 FETCHED = frozenset({"downloaded", "exact_duplicate"})
@@ -47,31 +47,13 @@ def host_of(url: object) -> str:
     return host or NO_HOST
 
 
-def _files(run_dir: Path, stage: str) -> list[Path]:
-    return sorted(ledger_dir(Path(run_dir) / "stages" / stage).glob("*.parquet"))
+def _corpus_rows(ledger: Ledger) -> np.ndarray:
+    keeps = ledger.query((ds.field("stage") == "corpus") & (ds.field("kind") == "keep") & ds.field("row_id").is_valid(),
+                         ["row_id"])  # fmt: skip
+    return np.unique(keeps["row_id"].to_numpy(np.int64))
 
 
-def _latest_attempts(files: list[Path]) -> dict[int, int]:
-    """Row id -> latest retry attempt, for the (few) rows that were retried."""
-    latest: dict[int, int] = {}
-    for f in files:
-        t = pq.read_table(f, columns=["row_id", "reason", "attempt"], filters=[("reason", "==", "retry")])
-        for row, attempt in zip(t["row_id"].to_pylist(), t["attempt"].to_pylist(), strict=True):
-            latest[row] = max(latest.get(row, 0), attempt or 0)
-    return latest
-
-
-def _corpus_rows(run_dir: Path) -> np.ndarray:
-    files = _files(run_dir, "corpus")
-    if not files:
-        return np.empty(0, np.int64)
-    t = ds.dataset(files, format="parquet").to_table(
-        columns=["row_id"], filter=(ds.field("kind") == "keep") & ds.field("row_id").is_valid()
-    )
-    return np.unique(t["row_id"].to_numpy())
-
-
-def _file_counts(ev: pd.DataFrame, latest: dict[int, int], corpus: np.ndarray) -> pd.Series:
+def _file_counts(ev: pd.DataFrame, latest: pd.Series, corpus: np.ndarray) -> pd.Series:
     """One ledger file's rows counted by (host, key): key ``urls``, ``in_corpus`` or the outcome reason."""
     named = ev[ev["reason"].isin(("input", "retry"))]
     host = pd.Series(named["url"].map(host_of).to_numpy(), index=named["row_id"].to_numpy())
@@ -92,9 +74,9 @@ def domain_stats(run_dir: Path) -> pd.DataFrame:
     """One row per host (most URLs first): ``urls`` in the list, ``requested`` from the network, ``downloaded``,
     ``download_rate`` (downloaded / requested), ``in_corpus``, and ``failures`` ({reason: rows}, largest first).
     Empty when ingest wrote no ledger."""
-    files = _files(run_dir, "ingest")
-    latest = _latest_attempts(files)
-    corpus = _corpus_rows(run_dir)
+    ledger = Ledger(run_dir)
+    latest, corpus = latest_attempts(ledger), _corpus_rows(ledger)  # the retried rows; the corpus's row ids
+    files = sorted(ledger_dir(Path(run_dir) / "stages" / "ingest").glob("*.parquet"))
     totals: dict[str, Counter] = {}
     for f in files:
         ev = pq.read_table(f, columns=["row_id", "kind", "reason", "url", "attempt"]).to_pandas()

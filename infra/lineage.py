@@ -211,14 +211,19 @@ class OutcomeCheck:
         return not self.missing and not self.multiple and self.n_kept + sum(self.dropped.values()) == self.n_rows
 
 
+def latest_attempts(ledger: Ledger) -> pd.Series:
+    """Row id -> its latest ingest attempt, for the rows that were retried (every other row's is 0)."""
+    retries = ledger.query((ds.field("stage") == "ingest") & (ds.field("reason") == "retry"), ["row_id", "attempt"])
+    return retries.groupby("row_id")["attempt"].max()
+
+
 def superseded(events: pd.DataFrame, ledger: Ledger) -> pd.Series:
     """True for the ingest events of ``events`` that belong to an attempt older than their row's latest one."""
     attempt = events["attempt"].fillna(0).astype("int64")
     is_ingest = (events["stage"] == "ingest") & events["row_id"].notna()
-    retries = ledger.query((ds.field("stage") == "ingest") & (ds.field("reason") == "retry"), ["row_id", "attempt"])
-    if retries.empty:
+    latest = latest_attempts(ledger)
+    if latest.empty:
         return pd.Series(False, index=events.index)
-    latest = retries.groupby("row_id")["attempt"].max()
     row_latest = events["row_id"].map(latest).fillna(0).astype("int64")
     return is_ingest & (attempt < row_latest)
 
