@@ -34,7 +34,7 @@ from infra.lineage import LedgerWriter
 from infra.shards import Shard, iter_shard_images
 from infra.stage import ShardTracker, StageResult
 from infra.storage import atomic_path, sha256_file
-from infra.workers import process_cached, worker_gpu
+from infra.workers import claim_worker_gpu, process_cached
 
 DESCRIPTORS = "descriptors"
 KEPT = "kept.parquet"
@@ -77,11 +77,7 @@ def describe_job(shard: Shard, cfg: DedupConfig, out_dir: Path, key: str) -> tup
     own GPU."""
 
     def build() -> Descriptor:
-        gpu = worker_gpu()
-        if gpu is not None:
-            import torch
-
-            torch.cuda.set_device(gpu)  # build_descriptor moves the model to the current device
+        claim_worker_gpu()  # build_descriptor moves the model to the current device
         return build_descriptor(cfg.descriptor)
 
     return shard.name, describe_shard(shard, process_cached(f"dedup:{key}", build), cfg, out_dir)

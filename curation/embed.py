@@ -30,7 +30,7 @@ from infra.precision import resolve
 from infra.shards import Shard, iter_shard_images
 from infra.stage import ShardTracker, StageResult
 from infra.storage import atomic_path
-from infra.workers import process_cached, worker_gpu
+from infra.workers import claim_worker_gpu, process_cached
 
 POOL, SEEDS = "pool", "seeds"
 
@@ -138,16 +138,12 @@ class EmbedJob:
         return self.shard.name
 
 
-def worker_device(choice: str) -> torch.device:
-    """:func:`pick_device`; a Dask worker on a multi-GPU host takes its own GPU (:func:`infra.workers.worker_gpu`)."""
-    device = pick_device(choice)
-    gpu = worker_gpu() if device.type == "cuda" and device.index is None else None
-    return device if gpu is None else torch.device("cuda", gpu)
-
-
 def embed_job(job: EmbedJob) -> tuple[str, dict[str, int]]:
-    runner = process_cached(f"embed:{job.embedder_key}:{job.device}:{job.threads}",
-                            lambda: Runner(job.make_embedder(), worker_device(job.device), job.threads))  # fmt: skip
+    def build() -> Runner:
+        claim_worker_gpu()  # device "cuda" (or "auto" on a GPU host) is then this worker's own GPU
+        return Runner(job.make_embedder(), pick_device(job.device), job.threads)
+
+    runner = process_cached(f"embed:{job.embedder_key}:{job.device}:{job.threads}", build)
     return job.name, embed_shard(job.shard, set(job.keep), runner, job.stage_dir / POOL, job.stage_dir / "ledger")
 
 

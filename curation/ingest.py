@@ -175,11 +175,13 @@ class ShardJob:
     attempt: int = 0
 
 
-def _first_rows(job: ShardJob, rows: pd.DataFrame, ledger: LedgerWriter, guard: UrlGuard) -> list[Any]:
-    """Record every row, drop what must not be fetched; return the rows to download."""
+def _first_rows(job: ShardJob, rows: pd.DataFrame, ledger: LedgerWriter, guard: UrlGuard
+                ) -> tuple[list[Any], dict[int, str | None]]:
+    """Record every row, drop what must not be fetched; return the rows to download and their given face boxes
+    (normalised JSON, None where none were given)."""
     lo, hi = (int(rows["row_id"].min()), int(rows["row_id"].max()) + 1) if len(rows) else (0, 0)
     dup_of = url_duplicates(job.stage_dir / PLAN, lo, hi) if job.attempt == 0 else {}
-    fetch = []
+    fetch, boxes = [], {}
     for r in rows.itertuples(index=False):
         row_id = int(r.row_id)
         if job.attempt == 0:
@@ -192,25 +194,15 @@ def _first_rows(job: ShardJob, rows: pd.DataFrame, ledger: LedgerWriter, guard: 
             ledger.drop("url_duplicate", row_id=row_id, detail={"duplicate_of_row": dup_of[row_id]})
         elif reason := guard.check(r.url):
             ledger.drop(reason, row_id=row_id, detail={"url": r.url[:300]})
-        elif error := _face_boxes_error(r):
-            ledger.drop("face_boxes_malformed", row_id=row_id, detail={"error": error})
         else:
+            text = getattr(r, "face_boxes", None)
+            try:
+                boxes[row_id] = None if text is None else json.dumps(parse_face_boxes(text))
+            except ValueError as err:
+                ledger.drop("face_boxes_malformed", row_id=row_id, detail={"error": str(err)})
+                continue
             fetch.append(r)
-    return fetch
-
-
-def _face_boxes_error(row: Any) -> str | None:
-    try:
-        parse_face_boxes(getattr(row, "face_boxes", None))
-    except ValueError as err:
-        return str(err)
-    return None
-
-
-def _face_boxes(row: Any) -> str | None:
-    """The row's given face boxes, normalised JSON (checked in :func:`_first_rows`); None when none were given."""
-    text = getattr(row, "face_boxes", None)
-    return None if text is None else json.dumps(parse_face_boxes(text))
+    return fetch, boxes
 
 
 def ingest_shard(job: ShardJob) -> tuple[str, dict[str, int]]:
@@ -220,7 +212,7 @@ def ingest_shard(job: ShardJob) -> tuple[str, dict[str, int]]:
     if "previous" not in rows.columns:
         rows["previous"] = None
     ledger = LedgerWriter("ingest", attempt=job.attempt)
-    fetch = _first_rows(job, rows, ledger, UrlGuard(cfg))
+    fetch, boxes = _first_rows(job, rows, ledger, UrlGuard(cfg))
     work = job.stage_dir / "work" / job.name
     shutil.rmtree(work, ignore_errors=True)
     meta, images = (
@@ -251,7 +243,7 @@ def ingest_shard(job: ShardJob) -> tuple[str, dict[str, int]]:
                 seen[m.sha256] = (row_id, h)
                 size = {k: int(getattr(m, k)) for k in ("width", "height", "original_width", "original_height")}
                 writer.add(m.sha256, data, cfg.encode_format, row_id=row_id, url=r.url, source=r.source, **size, phash=h,
-                           face_boxes=_face_boxes(r))  # fmt: skip
+                           face_boxes=boxes[row_id])  # fmt: skip
                 ledger.info("downloaded", row_id=row_id, image_id=m.sha256, detail={**size, "phash": to_hex(h)})
     except BaseException:
         writer.abort()

@@ -35,3 +35,14 @@ def worker_gpu() -> int | None:
     except (ImportError, ValueError):  # not inside a Dask worker
         return None
     return name % torch.cuda.device_count() if isinstance(name, int) else None
+
+
+def claim_worker_gpu() -> int | None:
+    """Make this Dask worker's GPU (:func:`worker_gpu`) the process's current CUDA device, so that a model built for
+    device "cuda" afterwards lands on it; returns that GPU (None: nothing changed). Call it before building a model."""
+    gpu = worker_gpu()
+    if gpu is not None:
+        import torch
+
+        torch.cuda.set_device(gpu)
+    return gpu

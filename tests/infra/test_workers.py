@@ -1,6 +1,6 @@
 from concurrent.futures import ThreadPoolExecutor
 
-from infra.workers import process_cached, worker_gpu
+from infra.workers import claim_worker_gpu, process_cached, worker_gpu
 
 
 def test_process_cached_builds_once_per_key_even_when_asked_concurrently():
@@ -18,3 +18,4 @@ def test_process_cached_builds_once_per_key_even_when_asked_concurrently():
 
 def test_no_worker_gpu_outside_a_dask_worker_or_without_several_gpus():
     assert worker_gpu() is None  # this process is no Dask worker (and CI has no GPU)
+    assert claim_worker_gpu() is None  # nothing to claim: the current device is left alone
