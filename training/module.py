@@ -1,8 +1,9 @@
 """Thin Lightning wiring around the framework-free `SSLMetaArch`: schedules, the optimiser step, EMA, logging.
 
 Manual optimisation: per step, set lr / wd from the schedules, compute the loss terms, fail fast on a non-finite
-term, apply the collapse guard (`train.collapse_guard`), backward, clip each student submodule, AdamW step, then the
-EMA teacher update *after* the step. Each step reseeds the model's RNG from (seed, step, rank) and checks that the
+term, apply the collapse guard (`train.collapse_guard`), backward (for each of `train.accumulate_grad_batches`
+micro-batches, the loss divided by their number), clip each student submodule, AdamW step, then the EMA teacher
+update *after* the step. Each step reseeds the model's RNG from (seed, step, rank) and checks that the
 batch belongs to this step, which together with the deterministic data stream makes a resumed run continue exactly
 like an uninterrupted one.
 """
@@ -11,11 +12,13 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ParallelStrategy
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -77,12 +80,19 @@ class DinoV2Module(L.LightningModule):
         v = self.schedules.at(step)
         opt = self.optimizers()
         apply_optim_schedule(opt.optimizer, v.lr, v.wd, v.last_layer_lr)
-        terms, stats = self.meta.forward_losses(batch, v.teacher_temp)
-        names = list(terms)
-        reduced = all_reduce_mean(torch.stack([terms[k].detach().float() for k in names]))
-        check_finite(dict(zip(names, reduced, strict=True)), step)  # same verdict on every rank
-        self._guard_collapse(stats, step)
-        self.manual_backward(sum(terms.values()))
+        micro = batch.get("micro_batches") or [batch]
+        reduced_sum, stats_sum = None, {}
+        for j, mb in enumerate(micro):
+            terms, stats = self.meta.forward_losses(mb, v.teacher_temp)
+            names = list(terms)
+            reduced = all_reduce_mean(torch.stack([terms[k].detach().float() for k in names]))
+            check_finite(dict(zip(names, reduced, strict=True)), step)  # same verdict on every rank
+            self._guard_collapse(stats, step)
+            with self._sync_gradients(j == len(micro) - 1):  # DDP all-reduces once, in the step's last backward
+                self.manual_backward(sum(terms.values()) / len(micro))
+            reduced_sum = reduced if reduced_sum is None else reduced_sum + reduced
+            stats_sum = {k: t.detach().float() + stats_sum.get(k, 0.0) for k, t in stats.items()}
+        reduced = reduced_sum / len(micro)
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         if scaler is not None:  # fp16: clip unscaled gradients
             scaler.unscale_(opt.optimizer)
@@ -94,10 +104,16 @@ class DinoV2Module(L.LightningModule):
         self.last_record = {
             "step": step, "total_loss": sum(values.values()), **values,
             "lr": v.lr, "last_layer_lr": v.last_layer_lr, "wd": v.wd, "momentum": v.momentum,
-            "teacher_temp": v.teacher_temp, **{k: float(t) for k, t in stats.items()},
+            "teacher_temp": v.teacher_temp, **{k: float(t) / len(micro) for k, t in stats_sum.items()},
             **{k: float(t) for k, t in norms.items()},
             "step_time_s": time.perf_counter() - t0,
         }
+
+    def _sync_gradients(self, sync: bool) -> AbstractContextManager[None]:
+        """Lightning's block of DDP's gradient all-reduce for the backward of a micro-batch that is not a step's last
+        (FSDP and a single process: nothing to block)."""
+        strategy = None if sync else self.trainer.strategy
+        return strategy.block_backward_sync() if isinstance(strategy, ParallelStrategy) else nullcontext()
 
     def _guard_collapse(self, stats: dict[str, torch.Tensor], step: int) -> None:
         """Warn (rank 0) when the teacher falls below the collapse threshold, and again whenever it falls back
@@ -129,8 +145,8 @@ class DinoV2DataModule(L.LightningDataModule):
         probability = 0.0 if self.cfg.mode == "distill" else self.cfg.ibot.mask_sample_probability
         collate = partial(collate_data_and_cast, mask_ratio_tuple=tuple(self.cfg.ibot.mask_ratio_min_max),
                           mask_probability=probability, n_tokens=grid * grid, mask_generator=masking)
-        return BatchStream(self.source, augment, collate,
-                           self.cfg.batch_size_per_gpu, self.seed, start_step, rank, world_size)
+        return BatchStream(self.source, augment, collate, self.cfg.batch_size_per_gpu, self.seed, start_step, rank,
+                           world_size, accumulate=self.cfg.accumulate_grad_batches)
 
     def train_dataloader(self) -> DataLoader:
         t = self.trainer

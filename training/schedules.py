@@ -82,7 +82,7 @@ def derive(cfg: TrainConfig, world_size: int) -> Derived:
     In `highres` mode every epoch-based length is compressed into `max_steps` (an "epoch" becomes
     max_steps / optim.epochs iterations), i.e. the whole schedule shape is replayed over the finishing stage.
     """
-    global_batch = cfg.batch_size_per_gpu * world_size
+    global_batch = cfg.batch_size_per_gpu * world_size * cfg.accumulate_grad_batches
     if cfg.mode == "highres":
         assert cfg.max_steps is not None, "highres mode needs train.max_steps"
         per_epoch = cfg.max_steps / cfg.optim.epochs

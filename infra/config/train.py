@@ -151,6 +151,11 @@ class TrainConfig(Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     crops: CropsConfig = Field(default_factory=CropsConfig)
     batch_size_per_gpu: int = Field(default=64, ge=1)
+    # Micro-batches of batch_size_per_gpu per optimiser step and process (gradients summed, averaged): the global batch
+    # (the lr's square-root scaling, the schedules) is batch_size_per_gpu x processes x this. The teacher's targets
+    # (centering or Sinkhorn-Knopp) and KoLeo are computed per micro-batch, over all processes; DDP all-reduces the
+    # gradients once per step. Not in the reference. Changing it at resume is refused (data order changes).
+    accumulate_grad_batches: int = Field(default=1, ge=1)
     official_epoch_length: int = Field(default=1250, ge=1)
     centering: Literal["centering", "sinkhorn_knopp"] = "centering"
     # Stop after this many iterations (None: epochs x official_epoch_length).

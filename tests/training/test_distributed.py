@@ -48,8 +48,11 @@ def _single_process_losses(cfg, image_folder: Path, rank: int, world: int) -> to
 
 
 @pytest.mark.slow
-def test_two_process_cpu_ddp_training(image_folder, tmp_path):
-    changes = {"strategy": "ddp", "devices": 2, "max_steps": 3, "cpu_threads": 1}
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_two_process_cpu_ddp_training(image_folder, tmp_path, accumulate):
+    """With accumulation, DDP's all-reduce is blocked in all but a step's last backward, which must still average the
+    gradients summed over the micro-batches: the ranks stay identical."""
+    changes = {"strategy": "ddp", "devices": 2, "max_steps": 3, "cpu_threads": 1, "accumulate_grad_batches": accumulate}
     _torchrun("ddp_worker.py", str(image_folder), str(tmp_path), json.dumps(changes))
     r0, r1 = torch.load(tmp_path / "rank0.pt", weights_only=True), torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert set(r0) == set(r1)
@@ -57,6 +60,9 @@ def test_two_process_cpu_ddp_training(image_folder, tmp_path):
         assert torch.equal(r0[key], r1[key]), key
     rows = read_csv(tmp_path / "metrics.csv")
     assert [r["step"] for r in rows] == [0, 1, 2]
+    assert json.loads((tmp_path / "derived.json").read_text())["global_batch"] == 4 * 2 * accumulate
+    if accumulate > 1:  # the loss check below is for one batch per step (centering state moves between micro-batches)
+        return
     cfg = tiny_config(**changes)
     per_rank = [_single_process_losses(cfg, image_folder, r, 2) for r in (0, 1)]
     names = per_rank[0][1]

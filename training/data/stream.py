@@ -3,9 +3,11 @@
 Every batch is a pure function of (seed, step, rank): sample position p = step * global_batch + rank * B + i maps
 to image `perm_e[p mod n]` of epoch e = p // n (a seeded permutation per epoch, an infinite sampler with
 drop_last like the reference's SHARDED_INFINITE); the crops of position p are drawn with seed (seed, p); the masks
-and the batched photometric parameters of a step with seed (seed, step, rank). Resuming at step s therefore
-reproduces the uninterrupted run exactly, whatever the number of DataLoader workers (worker w of W produces the
-steps s + w, s + w + W, ..., which the DataLoader interleaves back in order).
+and the batched photometric parameters of a step with seed (seed, step, rank). With gradient accumulation
+(`train.accumulate_grad_batches` = A) a step is A micro-batches, and micro-batch j of step s plays the part of
+step s * A + j above. Resuming at step s therefore reproduces the uninterrupted run exactly, whatever the number of
+DataLoader workers (worker w of W produces the steps s + w, s + w + W, ..., which the DataLoader interleaves back
+in order).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ log = logging.getLogger(__name__)
 class BatchStream(IterableDataset):
     def __init__(self, source: ImageSource, transform: MultiCropAugmentation,
                  collate: Callable[..., dict[str, Any]], batch_size: int,
-                 seed: int, start_step: int = 0, rank: int = 0, world_size: int = 1, max_bad_retries: int = 16):
+                 seed: int, start_step: int = 0, rank: int = 0, world_size: int = 1, max_bad_retries: int = 16,
+                 accumulate: int = 1):
         self.source = source
         self.transform = transform
         self.collate = collate
@@ -38,6 +41,7 @@ class BatchStream(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.max_bad_retries = max_bad_retries
+        self.accumulate = accumulate
         self.n_bad = 0
         self._perm: tuple[int, torch.Tensor] | None = None
 
@@ -49,8 +53,10 @@ class BatchStream(IterableDataset):
             self._perm = (epoch, torch.randperm(n, generator=g))
         return int(self._perm[1][offset])
 
-    def positions(self, step: int) -> list[int]:
-        start = step * self.batch_size * self.world_size + self.rank * self.batch_size
+    def positions(self, index: int) -> list[int]:
+        """Stream positions of micro-batch ``index`` (step x accumulate + j; the step itself without accumulation) on
+        this rank: consecutive micro-batches, and within one the ranks, take consecutive runs of the stream."""
+        start = index * self.batch_size * self.world_size + self.rank * self.batch_size
         return list(range(start, start + self.batch_size))
 
     def sample(self, position: int) -> dict[str, Any]:
@@ -67,13 +73,21 @@ class BatchStream(IterableDataset):
             raise RuntimeError(f"{self.max_bad_retries} undecodable images in a row near position {position}")
         return self.transform(image, mix_seed(self.seed, position, 0xA116))
 
-    def batch(self, step: int) -> dict[str, Any]:
-        positions = self.positions(step)
+    def micro_batch(self, index: int) -> dict[str, Any]:
+        positions = self.positions(index)
         with torch.random.fork_rng(devices=[]):  # the "pil" augmentation seeds the global RNG; keep the caller's
             samples = [self.sample(p) for p in positions]
-        out = self.collate(samples, rng=random.Random(mix_seed(self.seed, step, self.rank, 0x3A5C)))
-        out = self.transform.finish(out, torch.Generator().manual_seed(mix_seed(self.seed, step, self.rank, 0xC010)))
+        out = self.collate(samples, rng=random.Random(mix_seed(self.seed, index, self.rank, 0x3A5C)))
+        out = self.transform.finish(out, torch.Generator().manual_seed(mix_seed(self.seed, index, self.rank, 0xC010)))
         out["positions"] = torch.tensor(positions, dtype=torch.long)
+        return out
+
+    def batch(self, step: int) -> dict[str, Any]:
+        """The batch of optimiser step ``step``; with accumulation, ``{"micro_batches": [...], "step": step}``."""
+        if self.accumulate == 1:
+            out = self.micro_batch(step)
+        else:
+            out = {"micro_batches": [self.micro_batch(step * self.accumulate + j) for j in range(self.accumulate)]}
         out["step"] = step
         return out
 
