@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip wheel setuptools
 	# Byte-compiled at install on purpose: these machines set PYTHONDONTWRITEBYTECODE=1, so with --no-compile every
 	# process (each test's subprocess too) compiles what it imports again (measured: CI 15.5 -> 21 min).
-	$(BIN)/python -m pip install -q -e ".[dev,dask]"
+	$(BIN)/python -m pip install -q -e ".[dev,dask,ray]"
 	# img2dataset pulls the py3.6 `dataclasses` backport, which breaks Prefect's API server
 	# (environment.md); it must not stay installed.
 	$(BIN)/python -m pip uninstall -q -y dataclasses

@@ -3,7 +3,8 @@
 A stage core takes a *mapper* ``(fn, [args, ...]) -> results as they finish``; this module supplies one that
 submits ``fn(*args)`` as Prefect task runs on the run's task runner: Prefect's ``ThreadPoolTaskRunner`` by
 default, ``prefect_dask.DaskTaskRunner`` with ``run.task_runner=dask`` (a local cluster of ``run.workers``
-single-threaded worker processes, or the scheduler at ``run.dask_address``). Each shard's task run is retried
+single-threaded worker processes, or the scheduler at ``run.dask_address``), ``prefect_ray.RayTaskRunner`` with
+``run.task_runner=ray`` (a local Ray of ``run.workers`` CPUs, or the cluster at ``run.ray_address``). Each shard's task run is retried
 ``run.shard_retries`` times and limited to ``run.shard_timeout_s`` per attempt. ``fn`` must be a module-level
 function of files and small config objects (it is pickled to Dask workers); the core marks shards done as
 results come back, so an interrupted stage resumes at the shard.
@@ -12,6 +13,7 @@ results come back, so an interrupted stage resumes at the shard.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from prefect import task
@@ -41,19 +43,32 @@ def task_runner(run: RunConfig, width: int) -> Any:
             from prefect_ray import RayTaskRunner
         except ImportError as err:
             raise ImportError("run.task_runner=ray needs `pip install prefect-ray`") from err
-        return RayTaskRunner()
+        if run.ray_address:
+            return RayTaskRunner(address=run.ray_address)
+        return RayTaskRunner(init_kwargs={"num_cpus": run.workers, "include_dashboard": False})
     from prefect.task_runners import ThreadPoolTaskRunner
 
     return ThreadPoolTaskRunner(max_workers=width)
 
 
-def prefect_mapper(run: RunConfig, stage: str, width: int | None = None) -> Callable[..., Iterator[Any]]:
-    """A mapper for stage cores: shards as task runs named ``<stage>:<shard>``, results as they complete."""
+def ray_gpus(run: RunConfig) -> float:
+    """GPUs a Ray shard task of a model stage reserves (`run.ray_gpus_per_task`; None: 1 on a CUDA host, else 0)."""
+    if run.ray_gpus_per_task is not None:
+        return run.ray_gpus_per_task
+    import torch
+
+    return 1.0 if torch.cuda.is_available() else 0.0
+
+
+def prefect_mapper(run: RunConfig, stage: str, width: int | None = None,
+                   gpu: bool = False) -> Callable[..., Iterator[Any]]:
+    """A mapper for stage cores: shards as task runs named ``<stage>:<shard>``, results as they complete. ``gpu``:
+    the tasks run a model, and on Ray reserve :func:`ray_gpus` each (Ray shows a task only the GPUs it reserved)."""
 
     def mapper(fn: Callable[..., Any], items: list[tuple[Any, ...]]) -> Iterator[Any]:
         if not items:
             return
-        with task_runner(run, width or run.workers) as runner:
+        with task_runner(run, width or run.workers) as runner, _ray_options(run, gpu):
             futures = []
             for args in items:
                 name = getattr(args[0], "name", None) or getattr(args[1], "name", "shard")
@@ -65,3 +80,11 @@ def prefect_mapper(run: RunConfig, stage: str, width: int | None = None) -> Call
                 yield future.result()
 
     return mapper
+
+
+def _ray_options(run: RunConfig, gpu: bool) -> AbstractContextManager[Any]:
+    if run.task_runner != "ray" or not gpu or not ray_gpus(run):
+        return nullcontext()
+    from prefect_ray.context import remote_options
+
+    return remote_options(num_gpus=ray_gpus(run))

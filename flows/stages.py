@@ -79,7 +79,7 @@ def _dedup(ctx: StageContext) -> StageResult:
 
     cfg = ctx.cfg
     shards = list_shards(ctx.upstream_dir("faces") / "shards")
-    mapper = prefect_mapper(cfg.run, "dedup") if _fanout(cfg) else None
+    mapper = prefect_mapper(cfg.run, "dedup", gpu=True) if _fanout(cfg) else None
     key = config_hash(cfg, ("dedup.descriptor",)) + _descriptor_model(cfg)
     result = dedup(shards, cfg.data.eval_sets, ctx.dir, cfg.dedup, ctx.tracker(), seed=cfg.run.seed, mapper=mapper,
                    descriptor_key=key)  # fmt: skip
@@ -104,7 +104,7 @@ def _embed(ctx: StageContext) -> StageResult:
     make = partial(embedder, b, f"{b.kind}:{b.arch}", cfg.embed.batch_size, cfg.embed.precision, seed=cfg.run.seed)
     key = config_hash(cfg, ("embed", "run.seed")) + _embedder(cfg)  # everything that defines the model
     return embed(shards, keep, seeds, ctx.dir, make, ctx.tracker(), cfg.embed.device, cfg.embed.decode_threads,
-                 mapper=prefect_mapper(cfg.run, "embed") if _fanout(cfg) else None, embedder_key=key)  # fmt: skip
+                 mapper=prefect_mapper(cfg.run, "embed", gpu=True) if _fanout(cfg) else None, embedder_key=key)  # fmt: skip
 
 
 def _retrieve(ctx: StageContext) -> StageResult:

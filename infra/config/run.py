@@ -39,6 +39,12 @@ class RunConfig(Section):
     workers: int = Field(default=2, ge=1)
     # Address of an existing Dask scheduler (tcp://host:8786); None starts a local cluster.
     dask_address: str | None = None
+    # Address of an existing Ray cluster ("auto", "ray://head:10001"); None starts a local Ray with `workers` CPUs.
+    ray_address: str | None = None
+    # GPUs Ray reserves for each shard task of the model stages (dedup descriptors, embedding; 0.5 packs two per GPU).
+    # Ray hides every GPU from a task that reserves none, so 0 runs them on the CPU. None: 1 where the flow's host
+    # has CUDA, else 0.
+    ray_gpus_per_task: float | None = Field(default=None, ge=0)
     # Per-shard task runs: retries after a failure (a lost worker, a transient disk or network error; a shard's
     # outputs are written atomically, so a retry starts it clean) and a wall-clock limit per attempt (a hung shard
     # fails, and is retried, instead of stalling the stage). The stage fails once a shard's attempts are spent;

@@ -93,9 +93,11 @@ def test_embedding_shards_fan_out_over_dask_workers(tmp_path, prefect_server):
     assert set(ev_d["stage"]) <= {"embed"}
 
 
-def test_dedup_descriptors_fan_out_over_dask_workers(tmp_path, prefect_server):
-    """The copy-detection descriptors of each pool shard are computed in the workers (the model built from the
-    config there): the same descriptor files, components and ledger as the in-process stage."""
+@pytest.mark.parametrize("cluster", ["dask", "ray"])
+def test_dedup_descriptors_fan_out_over_cluster_workers(tmp_path, prefect_server, cluster):
+    """The copy-detection descriptors of each pool shard are computed in the workers of a local Dask or Ray cluster
+    (the model built from the config there): the same descriptor files, components and ledger as the in-process
+    stage."""
     import pandas as pd
 
     from curation.dedup import COMPONENTS, DESCRIPTORS, dedup
@@ -106,7 +108,8 @@ def test_dedup_descriptors_fan_out_over_dask_workers(tmp_path, prefect_server):
     shards, ev = _planted(tmp_path)  # 21 rows in 3 shards: planted pool copies and evaluation-set copies
     cfg = DedupConfig.model_validate(PIXEL)
     out = {}
-    for name, mapper in (("flow", None), ("dask", prefect_mapper(RunConfig(task_runner="dask", workers=2), "dedup"))):
+    cluster_mapper = prefect_mapper(RunConfig(task_runner=cluster, workers=2), "dedup", gpu=True)
+    for name, mapper in (("flow", None), ("dask", cluster_mapper)):
         d = tmp_path / name
         res = dedup(shards, ev, d, cfg, ShardTracker("dedup", d), mapper=mapper, descriptor_key="pixel")
         files = {p.name: p.read_bytes() for p in sorted((d / DESCRIPTORS).glob("*.npy"))}
@@ -118,3 +121,20 @@ def test_dedup_descriptors_fan_out_over_dask_workers(tmp_path, prefect_server):
     pd.testing.assert_frame_equal(ledger_d, ledger_f)
     with pytest.raises(ValueError, match="descriptor_key"):
         dedup(shards, ev, tmp_path / "x", cfg, ShardTracker("dedup", tmp_path / "x"), mapper=lambda *a: iter(()))
+
+
+def test_task_runner_settings_reach_the_runners():
+    from prefect_dask import DaskTaskRunner
+    from prefect_ray import RayTaskRunner
+
+    from flows.fanout import ray_gpus, task_runner
+
+    local = task_runner(RunConfig(task_runner="ray", workers=3), 3)
+    assert isinstance(local, RayTaskRunner) and local.address is None
+    assert local.init_kwargs["num_cpus"] == 3 and local.init_kwargs["include_dashboard"] is False
+    remote = task_runner(RunConfig(task_runner="ray", ray_address="ray://head:10001"), 2)
+    assert remote.address == "ray://head:10001"
+    dask = task_runner(RunConfig(task_runner="dask", dask_address="tcp://sched:8786"), 2)
+    assert isinstance(dask, DaskTaskRunner) and dask.address == "tcp://sched:8786"
+    assert ray_gpus(RunConfig(ray_gpus_per_task=0.5)) == 0.5
+    assert ray_gpus(RunConfig()) == (1.0 if __import__("torch").cuda.is_available() else 0.0)
