@@ -22,18 +22,20 @@ def test_the_global_batch_counts_the_micro_batches():
     assert d.lr == derive(tiny_config(batch_size_per_gpu=12), world_size=2).lr
 
 
-def test_micro_batches_take_the_positions_of_the_larger_batch(image_folder):
-    """Step s with A micro-batches on W ranks reads the images that step s of an A x W-rank run reads."""
+def test_micro_batches_are_the_batches_of_a_wider_run(image_folder):
+    """Micro-batch j of rank r with A micro-batches on W ranks is the batch of rank j * W + r of an A x W-rank run
+    without accumulation: the same images, crops and masks."""
     cfg = tiny_config(accumulate_grad_batches=2)
     stream = DinoV2DataModule(build_source(image_folder), cfg, seed=0).make_stream(start_step=0, rank=1, world_size=2)
     wide = [DinoV2DataModule(build_source(image_folder), tiny_config(), seed=0).make_stream(0, r, 4) for r in range(4)]
     batch = stream.batch(3)
     assert batch["step"] == 3 and len(batch["micro_batches"]) == 2
-    got = [mb["positions"].tolist() for mb in batch["micro_batches"]]
-    assert got == [wide[1].positions(3), wide[3].positions(3)]  # micro-batch j of rank r: rank j * W + r of 4
-    plain = DinoV2DataModule(build_source(image_folder), tiny_config(), seed=0).make_stream(0, 1, 2).batch(6)
-    for key in ("collated_global_crops", "collated_local_crops", "collated_masks", "positions"):
-        assert torch.equal(batch["micro_batches"][0][key], plain[key]), key  # = step 2s of the plain stream
+    for micro, lane in zip(batch["micro_batches"], (1, 3), strict=True):  # rank 1 of 2: lanes 1 and 3 of 4
+        want = wide[lane].batch(3)
+        assert micro["positions"].tolist() == wide[lane].positions(3) == list(range((12 + lane) * 4, (13 + lane) * 4))
+        for key in ("collated_global_crops", "collated_local_crops", "collated_masks", "mask_indices_list"):
+            assert torch.equal(micro[key], want[key]), key
+    assert not torch.equal(batch["micro_batches"][0]["collated_masks"], batch["micro_batches"][1]["collated_masks"])
 
 
 def _fit(cfg, batches: list[dict]) -> DinoV2Module:

@@ -4,10 +4,10 @@ Every batch is a pure function of (seed, step, rank): sample position p = step *
 to image `perm_e[p mod n]` of epoch e = p // n (a seeded permutation per epoch, an infinite sampler with
 drop_last like the reference's SHARDED_INFINITE); the crops of position p are drawn with seed (seed, p); the masks
 and the batched photometric parameters of a step with seed (seed, step, rank). With gradient accumulation
-(`train.accumulate_grad_batches` = A) a step is A micro-batches, and micro-batch j of step s plays the part of
-step s * A + j above. Resuming at step s therefore reproduces the uninterrupted run exactly, whatever the number of
-DataLoader workers (worker w of W produces the steps s + w, s + w + W, ..., which the DataLoader interleaves back
-in order).
+(`train.accumulate_grad_batches` = A) micro-batch j of rank r is, in all of this, rank j * W + r of a run on A * W
+ranks without accumulation: the same images, crops and masks. Resuming at step s therefore reproduces the
+uninterrupted run exactly, whatever the number of DataLoader workers (worker w of W produces the steps s + w,
+s + w + W, ..., which the DataLoader interleaves back in order).
 """
 
 from __future__ import annotations
@@ -53,10 +53,13 @@ class BatchStream(IterableDataset):
             self._perm = (epoch, torch.randperm(n, generator=g))
         return int(self._perm[1][offset])
 
-    def positions(self, index: int) -> list[int]:
-        """Stream positions of micro-batch ``index`` (step x accumulate + j; the step itself without accumulation) on
-        this rank: consecutive micro-batches, and within one the ranks, take consecutive runs of the stream."""
-        start = index * self.batch_size * self.world_size + self.rank * self.batch_size
+    def lane(self, micro: int = 0) -> int:
+        """Micro-batch ``micro`` of this rank is the batch rank ``lane`` of a run with accumulate x world_size ranks
+        and no accumulation would read (micro-batches outermost, then ranks)."""
+        return micro * self.world_size + self.rank
+
+    def positions(self, step: int, micro: int = 0) -> list[int]:
+        start = (step * self.accumulate * self.world_size + self.lane(micro)) * self.batch_size
         return list(range(start, start + self.batch_size))
 
     def sample(self, position: int) -> dict[str, Any]:
@@ -73,12 +76,12 @@ class BatchStream(IterableDataset):
             raise RuntimeError(f"{self.max_bad_retries} undecodable images in a row near position {position}")
         return self.transform(image, mix_seed(self.seed, position, 0xA116))
 
-    def micro_batch(self, index: int) -> dict[str, Any]:
-        positions = self.positions(index)
+    def micro_batch(self, step: int, micro: int = 0) -> dict[str, Any]:
+        positions, lane = self.positions(step, micro), self.lane(micro)
         with torch.random.fork_rng(devices=[]):  # the "pil" augmentation seeds the global RNG; keep the caller's
             samples = [self.sample(p) for p in positions]
-        out = self.collate(samples, rng=random.Random(mix_seed(self.seed, index, self.rank, 0x3A5C)))
-        out = self.transform.finish(out, torch.Generator().manual_seed(mix_seed(self.seed, index, self.rank, 0xC010)))
+        out = self.collate(samples, rng=random.Random(mix_seed(self.seed, step, lane, 0x3A5C)))
+        out = self.transform.finish(out, torch.Generator().manual_seed(mix_seed(self.seed, step, lane, 0xC010)))
         out["positions"] = torch.tensor(positions, dtype=torch.long)
         return out
 
@@ -87,7 +90,7 @@ class BatchStream(IterableDataset):
         if self.accumulate == 1:
             out = self.micro_batch(step)
         else:
-            out = {"micro_batches": [self.micro_batch(step * self.accumulate + j) for j in range(self.accumulate)]}
+            out = {"micro_batches": [self.micro_batch(step, j) for j in range(self.accumulate)]}
         out["step"] = step
         return out
 
