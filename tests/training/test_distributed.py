@@ -39,20 +39,21 @@ def _torchrun(worker: str, *args: str, nproc: int = 2) -> None:
 
 
 def _single_process_losses(cfg, image_folder: Path, rank: int, world: int) -> torch.Tensor:
-    """Step 0 of rank `rank`, computed in this process: same init, same batch, same RNG."""
+    """Step 0 of rank `rank` (its first micro-batch), computed in this process: same init, same batch, same RNG."""
     module = DinoV2Module(cfg, seed=0)
     batch = DinoV2DataModule(build_source(image_folder), cfg, seed=0).make_stream(0, rank, world).batch(0)
     reseed(0, 0, rank, STEP_SEED_SALT)
-    terms, _ = module.meta.train().forward_losses(batch, teacher_temp=cfg.teacher.warmup_teacher_temp)
+    first = batch.get("micro_batches", [batch])[0]
+    terms, _ = module.meta.train().forward_losses(first, teacher_temp=cfg.teacher.warmup_teacher_temp)
     return torch.stack([t.detach() for t in terms.values()]), list(terms)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("accumulate", [1, 2])
-def test_two_process_cpu_ddp_training(image_folder, tmp_path, accumulate):
-    """With accumulation, DDP's all-reduce is blocked in all but a step's last backward, which must still average the
-    gradients summed over the micro-batches: the ranks stay identical."""
-    changes = {"strategy": "ddp", "devices": 2, "max_steps": 3, "cpu_threads": 1, "accumulate_grad_batches": accumulate}
+def test_two_process_cpu_ddp_training_with_accumulation(image_folder, tmp_path):
+    """2 ranks, 2 micro-batches per step: DDP's all-reduce is blocked in the first backward of each step, and the
+    second must still average the gradients summed over both: the ranks stay identical (students, teachers, centers).
+    Without accumulation, test_pretrain_on_host_starts_its_own_processes checks the logged loss is the ranks' mean."""
+    changes = {"strategy": "ddp", "devices": 2, "max_steps": 3, "cpu_threads": 1, "accumulate_grad_batches": 2}
     _torchrun("ddp_worker.py", str(image_folder), str(tmp_path), json.dumps(changes))
     r0, r1 = torch.load(tmp_path / "rank0.pt", weights_only=True), torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert set(r0) == set(r1)
@@ -60,15 +61,10 @@ def test_two_process_cpu_ddp_training(image_folder, tmp_path, accumulate):
         assert torch.equal(r0[key], r1[key]), key
     rows = read_csv(tmp_path / "metrics.csv")
     assert [r["step"] for r in rows] == [0, 1, 2]
-    assert json.loads((tmp_path / "derived.json").read_text())["global_batch"] == 4 * 2 * accumulate
-    if accumulate > 1:  # the loss check below is for one batch per step (centering state moves between micro-batches)
-        return
+    assert json.loads((tmp_path / "derived.json").read_text())["global_batch"] == 4 * 2 * 2
     cfg = tiny_config(**changes)
-    per_rank = [_single_process_losses(cfg, image_folder, r, 2) for r in (0, 1)]
-    names = per_rank[0][1]
-    logged = torch.tensor([rows[0][k] for k in names])
-    assert_close(logged, (per_rank[0][0] + per_rank[1][0]).float() / 2, rtol=1e-5, atol=1e-6)
-    assert not torch.equal(per_rank[0][0], per_rank[1][0])  # the ranks did see different data
+    per_rank = [_single_process_losses(cfg, image_folder, r, 2)[0] for r in (0, 1)]
+    assert not torch.equal(per_rank[0], per_rank[1])  # the ranks did see different data
     start = DinoV2Module(cfg, seed=0).meta.student.backbone.state_dict()
     assert not torch.equal(start["blocks.0.attn.qkv.weight"], r0["student.backbone.blocks.0.attn.qkv.weight"])
 
