@@ -4,10 +4,10 @@ A stage core takes a *mapper* ``(fn, [args, ...]) -> results as they finish``; t
 submits ``fn(*args)`` as Prefect task runs on the run's task runner: Prefect's ``ThreadPoolTaskRunner`` by
 default, ``prefect_dask.DaskTaskRunner`` with ``run.task_runner=dask`` (a local cluster of ``run.workers``
 single-threaded worker processes, or the scheduler at ``run.dask_address``), ``prefect_ray.RayTaskRunner`` with
-``run.task_runner=ray`` (a local Ray of ``run.workers`` CPUs, or the cluster at ``run.ray_address``). Each shard's task run is retried
-``run.shard_retries`` times and limited to ``run.shard_timeout_s`` per attempt. ``fn`` must be a module-level
-function of files and small config objects (it is pickled to Dask workers); the core marks shards done as
-results come back, so an interrupted stage resumes at the shard.
+``run.task_runner=ray`` (a local Ray with ``run.workers`` CPUs, or the cluster at ``run.ray_address``). Each shard's
+task run is retried ``run.shard_retries`` times and limited to ``run.shard_timeout_s`` per attempt. ``fn`` must be a
+module-level function of files and small config objects (it is pickled to the workers); the core marks shards done
+as results come back, so an interrupted stage resumes at the shard.
 """
 
 from __future__ import annotations

