@@ -26,11 +26,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/lvd run configs/demo.yaml $(ARGS)
 
+# Test modules are spread over TEST_WORKERS processes (pytest-xdist); a module's tests stay in one process, so its
+# module-scoped fixtures (e.g. the reference pipeline run of tests/flows/test_pipeline.py) are built once.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope $(ARGS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope -m "not slow" $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
