@@ -83,8 +83,9 @@ def prefect_mapper(run: RunConfig, stage: str, width: int | None = None,
 
 
 def _ray_options(run: RunConfig, gpu: bool) -> AbstractContextManager[Any]:
-    if run.task_runner != "ray" or not gpu or not ray_gpus(run):
+    gpus = ray_gpus(run) if run.task_runner == "ray" and gpu else 0.0
+    if not gpus:
         return nullcontext()
     from prefect_ray.context import remote_options
 
-    return remote_options(num_gpus=ray_gpus(run))
+    return remote_options(num_gpus=gpus)

@@ -109,12 +109,12 @@ def test_dedup_descriptors_fan_out_over_cluster_workers(tmp_path, prefect_server
     cfg = DedupConfig.model_validate(PIXEL)
     out = {}
     cluster_mapper = prefect_mapper(RunConfig(task_runner=cluster, workers=2), "dedup", gpu=True)
-    for name, mapper in (("flow", None), ("dask", cluster_mapper)):
+    for name, mapper in (("flow", None), (cluster, cluster_mapper)):
         d = tmp_path / name
         res = dedup(shards, ev, d, cfg, ShardTracker("dedup", d), mapper=mapper, descriptor_key="pixel")
         files = {p.name: p.read_bytes() for p in sorted((d / DESCRIPTORS).glob("*.npy"))}
         out[name] = res.counts, files, pd.read_parquet(d / COMPONENTS), pd.read_parquet(d / "ledger" / "dedup.parquet")
-    (counts_f, files_f, comp_f, ledger_f), (counts_d, files_d, comp_d, ledger_d) = out["flow"], out["dask"]
+    (counts_f, files_f, comp_f, ledger_f), (counts_d, files_d, comp_d, ledger_d) = out["flow"], out[cluster]
     assert counts_d == counts_f and counts_f["dropped"] == {"near_duplicate": 6, "eval_contamination": 3}
     assert sorted(files_d) == ["00000.npy", "00001.npy", "00002.npy"] and files_d == files_f  # byte-equal
     pd.testing.assert_frame_equal(comp_d, comp_f)
