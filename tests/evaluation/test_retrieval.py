@@ -44,11 +44,11 @@ def test_ground_truth_files_pickle_and_json(tmp_path):
 
 
 def test_ground_truth_pickle_cannot_run_code(tmp_path):
-    class Evil:
-        def __reduce__(self):
-            return (print, ("pwned",))
-
-    (tmp_path / "gnd_evil.pkl").write_bytes(pickle.dumps({"imlist": [], "qimlist": [], "gnd": [Evil()]}))
+    # Written opcode by opcode (protocol 0): {"gnd": [builtins.print("pwned")]}. Not pickle.dumps(print): pickle names
+    # the object that builtins.print is in this process, and a Ray driver replaces it with Ray's own print.
+    evil = b"(dp0\nVgnd\np1\n(lp2\ncbuiltins\nprint\np3\n(Vpwned\np4\ntp5\nRp6\nas."
+    assert pickle.loads(evil.replace(b"cbuiltins\nprint", b"cbuiltins\nlen").replace(b"pwned", b"abc")) == {"gnd": [3]}
+    (tmp_path / "gnd_evil.pkl").write_bytes(evil)
     with pytest.raises(pickle.UnpicklingError, match=r"refusing builtins\.print"):
         load_revisited_gnd(tmp_path / "gnd_evil.pkl")
 

@@ -94,11 +94,15 @@ def test_embedding_shards_fan_out_over_dask_workers(tmp_path, prefect_server):
 
 
 @pytest.mark.parametrize("cluster", ["dask", "ray"])
-def test_dedup_descriptors_fan_out_over_cluster_workers(tmp_path, prefect_server, cluster):
+def test_dedup_descriptors_fan_out_over_cluster_workers(tmp_path, prefect_server, cluster, monkeypatch):
     """The copy-detection descriptors of each pool shard are computed in the workers of a local Dask or Ray cluster
     (the model built from the config there): the same descriptor files, components and ledger as the in-process
     stage."""
+    import builtins
+
     import pandas as pd
+
+    monkeypatch.setattr(builtins, "print", builtins.print)  # ray.shutdown() leaves Ray's print in builtins: undo
 
     from curation.dedup import COMPONENTS, DESCRIPTORS, dedup
     from infra.config.curation import DedupConfig
