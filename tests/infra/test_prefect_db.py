@@ -22,7 +22,8 @@ HALF_DONE = "CREATE INDEX ix_block_document__block_type_name_name ON block_docum
 
 def _env(home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_")}
-    env.update(PREFECT_HOME=str(home), PREFECT_LOGGING_LEVEL="ERROR", PYTHONPATH=str(REPO))
+    env.update(PREFECT_HOME=str(home), PREFECT_LOGGING_LEVEL="ERROR", PYTHONPATH=str(REPO),
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120")  # 20 s by default: CI's other worker is busy
     return env
 
 
