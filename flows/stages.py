@@ -26,7 +26,7 @@ from curation.urls import url_list_fingerprint
 from curation.vectors import RowView, VectorStore
 from infra.config import PipelineConfig
 from infra.config.schema import config_hash
-from infra.config.train import TrainConfig
+from infra.config.train import EXECUTION_KEYS, TrainConfig
 from infra.demo.benchmarks import SEGMENTATION_DIR, build_digit_segmentation
 from infra.demo.crawl import build_demo_crawl
 from infra.run import RunDir
@@ -213,8 +213,11 @@ def _evaluated_models(cfg: PipelineConfig) -> str:
 
 
 CURATION = ("curation", "infra")
-# A training stage's key: the train section without the follow-up sections (each follow-up adds its own).
-TRAIN = tuple(f"train.{k}" for k in TrainConfig.model_fields if k not in TRAINING_STAGES.values())
+# What training learns: the train section without how it executes (EXECUTION_KEYS: devices, micro-batches, workers,
+# threads, ...; `lvd resume` may change them). A training stage's key leaves out the follow-up sections too (each
+# follow-up adds its own).
+LEARNED = tuple(f"train.{k}" for k in TrainConfig.model_fields if k not in EXECUTION_KEYS)
+TRAIN = tuple(k for k in LEARNED if k.removeprefix("train.") not in TRAINING_STAGES.values())
 SPECS: dict[str, StageSpec] = {
     s.name: s
     for s in [
@@ -235,7 +238,7 @@ SPECS: dict[str, StageSpec] = {
                   ("corpus", "pretrain"), _train),
         StageSpec("distill", (*TRAIN, "train.distill", "run.seed"), ("training", "infra"), ("corpus", "pretrain"),
                   _train),
-        StageSpec("evaluate", ("evaluate", "data", "train", "run.seed"), ("evaluation", "training", "infra", "flows"),
+        StageSpec("evaluate", ("evaluate", "data", *LEARNED, "run.seed"), ("evaluation", "training", "infra", "flows"),
                   ("pretrain",), _evaluate, external=_evaluated_models),
     ]
 }

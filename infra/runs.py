@@ -8,6 +8,7 @@ from pathlib import Path
 from infra.config import ConfigError, PipelineConfig, config_hash, load_config, to_yaml
 from infra.config.data import EvalSetConfig, SeedSetConfig
 from infra.config.schema import select
+from infra.config.train import EXECUTION_KEYS, TrainConfig
 from infra.demo.server import free_port
 from infra.run import RunDir, derive_run_id, now
 from infra.storage import atomic_write_json, atomic_write_text, read_json
@@ -16,7 +17,13 @@ RUN_INFO = "run.json"
 # How a run executes, not what its stages compute (no stage key reads them; tests/infra/test_runs.py checks):
 # `lvd resume RUN_ID key=value ...` may change these, e.g. to add shard retries or a Dask cluster after a failure.
 RESUME_OVERRIDABLE = ("run.task_runner", "run.workers", "run.dask_address", "run.shard_retries",
-                      "run.shard_retry_delay_s", "run.shard_timeout_s")
+                      "run.shard_retry_delay_s", "run.shard_timeout_s", "run.ray_address", "run.ray_gpus_per_task",
+                      *(f"train.{k}" for k in EXECUTION_KEYS))
+
+
+def _lanes(train: TrainConfig) -> int | None:
+    """Batches per optimiser step over the whole run (processes x micro-batches); None while `devices` is `auto`."""
+    return None if train.devices == "auto" else train.devices * train.num_nodes * train.accumulate_grad_batches
 
 
 def resolve(cfg: PipelineConfig, run: RunDir) -> PipelineConfig:
@@ -109,6 +116,14 @@ def amend_run(run: RunDir, overrides: Iterable[str]) -> dict[str, tuple[object, 
     if not overrides:
         return {}
     new = load_config(run.config_path, overrides)
+    lanes = _lanes(old.train), _lanes(new.train)
+    if None not in lanes and lanes[0] != lanes[1]:
+        t = old.train
+        raise ConfigError([f"train.devices x train.num_nodes x train.accumulate_grad_batches: {lanes[1]} batches per "
+                           f"step where the run has {lanes[0]} ({t.devices} x {t.num_nodes} x "
+                           f"{t.accumulate_grad_batches}): the global batch, the lr scaled from it and the data order "
+                           "would change. Keep the product (e.g. half the devices, twice the micro-batches)"],
+                          source=f"resume {run.run_id}")
     before, after = select(old, keys), select(new, keys)
     changed = {k: (before[k], after[k]) for k in sorted(set(keys)) if before[k] != after[k]}
     if changed:

@@ -3,7 +3,9 @@
 A run directory holds `checkpoints/last.ckpt` (resume checkpoint, replaced atomically), `metrics.csv` (one row per
 step), `train_config.yaml` and `derived.json` (the resolved config and derived values), and the exports
 `teacher_backbone.safetensors` (+ `.pth`, official key names) and `teacher_checkpoint.safetensors` (backbone +
-heads). Calling `pretrain` again on the same directory resumes from the checkpoint and continues exactly.
+heads). Calling `pretrain` again on the same directory resumes from the checkpoint and continues exactly; on another
+number of processes when the global batch stays the same (see `_check_global_batch`; `derived.json` lists the
+run's segments).
 
 CLI (also under torchrun for several processes):
     python -m training.pretrain --data DIR_OR_TARS... --out RUN_DIR [--config configs/x.yaml] [--seed 0]
@@ -20,13 +22,14 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 import yaml
 from torch import nn
 
-from infra.config.train import TrainConfig
+from infra.config.train import EXECUTION_KEYS, TrainConfig
 from infra.storage import atomic_write_json, atomic_write_text
 from training.callbacks import AtomicCheckpoint, ExportTeacher, MetricsLogger, find_resume_checkpoint
 from training.checkpoint import load_backbone, load_bundle
@@ -39,11 +42,11 @@ from training.weights import init_from_pretrained
 
 __all__ = ["PretrainResult", "build_backbone", "load_backbone", "pretrain"]
 log = logging.getLogger(__name__)
-# Keys that may change between an interrupted run and its resumption without breaking exactness (`devices` and
-# `num_nodes` only in how they are written: the number of processes they give is checked by `_check_world_size`).
-RESUMABLE_CHANGES = {"num_workers", "log_every", "checkpoint_every", "eval_period_iterations", "max_steps", "devices",
-                     "num_nodes", "accelerator", "cpu_threads", "enabled", "collapse_guard", "highres", "distill",
-                     "activation_checkpointing"}
+# Keys that may change between an interrupted run and its resumption: how it executes (EXECUTION_KEYS; the global
+# batch that `devices`, `num_nodes` and `accumulate_grad_batches` give is checked by `_check_global_batch`), how far it
+# goes and what it exports or guards, and the follow-up stages' sections.
+RESUMABLE_CHANGES = {*EXECUTION_KEYS, "eval_period_iterations", "max_steps", "accelerator", "enabled", "collapse_guard",
+                     "highres", "distill"}
 
 
 @dataclass
@@ -77,16 +80,58 @@ def _check_resumable(out_dir: Path, cfg: TrainConfig) -> None:
                          "config or use a new output directory")
 
 
-def _check_world_size(out_dir: Path, world_size: int) -> None:
-    """`devices` and `num_nodes` may be spelled differently on resume (`auto` vs 8), but the number of processes
-    must not change: the global batch, the lr scaled from it and every sample position depend on it."""
+def _check_global_batch(out_dir: Path, cfg: TrainConfig, world_size: int) -> list[dict[str, int]]:
+    """A run may resume on another number of processes when the global batch stays the same (world size x
+    `accumulate_grad_batches`, e.g. 8 GPUs -> 4 GPUs x 2 micro-batches): every step then sees the same images, crops and
+    masks (micro-batch j of rank r is the batch of rank j x W + r of the run without accumulation), with the same lr
+    and schedules. Only the statistics computed per micro-batch (Sinkhorn-Knopp, centering, KoLeo) group the images
+    differently, so from the change on the losses are close to, not bit-equal with, those of an uninterrupted run.
+    Returns the run's segments (`from_step`, `world_size`, `accumulate_grad_batches`) with this start's appended when
+    the layout changes."""
     saved = out_dir / "derived.json"
-    before = json.loads(saved.read_text()).get("world_size") if saved.is_file() else None
-    if before is not None and before != world_size:
+    before = json.loads(saved.read_text()) if saved.is_file() else {}
+    was_world = before.get("world_size", world_size)
+    was_accumulate = before.get("accumulate_grad_batches", 1)  # runs from before accumulation existed
+    segments = before.get("segments") or [{"from_step": 0, "world_size": was_world,
+                                           "accumulate_grad_batches": was_accumulate}]
+    if not before or (was_world, was_accumulate) == (world_size, cfg.accumulate_grad_batches):
+        return segments
+    was_batch, batch = before["global_batch"], derive(cfg, world_size).global_batch
+    if was_batch != batch:
+        per_step = cfg.batch_size_per_gpu * world_size
+        fits = (f"train.accumulate_grad_batches={was_batch // per_step}" if was_batch % per_step == 0
+                else f"a number of processes that divides {was_batch // cfg.batch_size_per_gpu}")
         raise ValueError(
-            f"{out_dir} was trained on {before} processes (devices x num_nodes) and this start has {world_size}: the "
-            "global batch, the lr scaled from it and every sample position depend on it, so the run cannot continue "
-            f"exactly. Resume with {before} processes, or start a new output directory")
+            f"{out_dir} was trained with a global batch of {was_batch} ({was_world} processes (devices x num_nodes) x "
+            f"{was_accumulate} micro-batches x {cfg.batch_size_per_gpu}) and this start gives {batch} ({world_size} x "
+            f"{cfg.accumulate_grad_batches} x {cfg.batch_size_per_gpu}): the lr scaled from it and every sample "
+            f"position depend on it, so the run cannot continue. Resume with {fits}, or start a new output directory")
+    log.warning("resuming %s on %d processes x %d micro-batches (it ran on %d x %d): the same global batch, data and "
+                "schedules; Sinkhorn-Knopp, centering and KoLeo now see the images in other groups, so the losses are "
+                "close to, not equal to, those of an uninterrupted run", out_dir, world_size, cfg.accumulate_grad_batches,
+                was_world, was_accumulate)
+    return [*segments, {"from_step": None, "world_size": world_size,  # the restored step: filled in by RecordDerived
+                        "accumulate_grad_batches": cfg.accumulate_grad_batches}]
+
+
+class RecordDerived(L.Callback):
+    """Rank 0 writes `train_config.yaml` and `derived.json` (derived values and the run's segments: from which step
+    it ran on how many processes x micro-batches) once the trainer has restored its step."""
+
+    def __init__(self, out_dir: Path, cfg: TrainConfig, segments: list[dict[str, Any]]):
+        self.out_dir, self.cfg, self.segments = out_dir, cfg, segments
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        segments = [{**s, "from_step": trainer.global_step if s["from_step"] is None else s["from_step"]}
+                    for s in self.segments]
+        derived = {**derive(self.cfg, trainer.world_size).as_dict(),
+                   "accumulate_grad_batches": self.cfg.accumulate_grad_batches, "segments": segments}
+        atomic_write_text(self.out_dir / "train_config.yaml",
+                          yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
+        atomic_write_json(self.out_dir / "derived.json", derived)
+        log.info("derived values: %s", json.dumps(derived))
 
 
 def _teacher_for(cfg: TrainConfig) -> nn.ModuleDict | None:
@@ -102,10 +147,12 @@ def host_processes(cfg: TrainConfig) -> int:
     return torch.cuda.device_count() if resolve_accelerator(cfg) == "gpu" else 1
 
 
-def build_trainer(cfg: TrainConfig, out_dir: Path, callbacks: list[L.Callback]) -> L.Trainer:
+def build_trainer(cfg: TrainConfig, out_dir: Path, callbacks: list[L.Callback], resume: Path | None = None
+                  ) -> L.Trainer:
     accelerator = resolve_accelerator(cfg)
     n_devices = host_processes(cfg)
-    strategy = build_strategy(cfg, accelerator, n_devices * cfg.num_nodes)
+    strategy = build_strategy(cfg, accelerator, n_devices * cfg.num_nodes, sharded_checkpoint=resume is not None
+                              and resume.is_dir())
     return L.Trainer(
         accelerator=accelerator, devices=n_devices, num_nodes=cfg.num_nodes, strategy=strategy,
         precision=resolve_precision(cfg, accelerator), max_steps=derive(cfg, 1).run_iters, callbacks=callbacks, logger=False,
@@ -134,14 +181,11 @@ def pretrain(data: Sequence[Path] | Path, out_dir: Path, cfg: TrainConfig, *, se
         init_from_pretrained(module.meta, cfg.student.pretrained_weights)
     metrics = MetricsLogger(out_dir, flush_every=cfg.log_every)
     trainer = build_trainer(cfg, out_dir, [AtomicCheckpoint(out_dir / "checkpoints", cfg.checkpoint_every, interrupt_at),
-                                           metrics, ExportTeacher(out_dir, cfg.eval_period_iterations), *callbacks])
-    if ckpt is not None:
-        _check_world_size(out_dir, trainer.world_size)
-    if trainer.is_global_zero:
-        atomic_write_text(out_dir / "train_config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-        derived = derive(cfg, trainer.world_size)
-        atomic_write_json(out_dir / "derived.json", derived.as_dict())
-        log.info("derived values: %s", json.dumps(derived.as_dict()))
+                                           metrics, ExportTeacher(out_dir, cfg.eval_period_iterations), *callbacks],
+                            resume=ckpt)
+    segments = (_check_global_batch(out_dir, cfg, trainer.world_size) if ckpt is not None else
+                [{"from_step": 0, "world_size": trainer.world_size, "accumulate_grad_batches": cfg.accumulate_grad_batches}])
+    trainer.callbacks.insert(0, RecordDerived(out_dir, cfg, segments))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")

@@ -46,22 +46,29 @@ def resolve_accelerator(cfg: TrainConfig) -> str:
     return cfg.accelerator
 
 
-def build_strategy(cfg: TrainConfig, accelerator: str, n_processes: int) -> Strategy | str:
+def build_strategy(cfg: TrainConfig, accelerator: str, n_processes: int, sharded_checkpoint: bool = False
+                   ) -> Strategy | str:
+    """`auto`: FSDP on several GPUs, DDP on several CPU processes, else Lightning's single-device strategy. A run
+    resumed from a sharded (FSDP) checkpoint stays on FSDP on one GPU too: only FSDP reads those directories
+    (torch.distributed.checkpoint reshards them to the new number of ranks)."""
     kind = cfg.strategy
     if kind == "auto":
-        kind = "fsdp" if accelerator == "gpu" and n_processes > 1 else ("ddp" if n_processes > 1 else "auto")
+        kind = ("fsdp" if accelerator == "gpu" and (n_processes > 1 or sharded_checkpoint)
+                else ("ddp" if n_processes > 1 else "auto"))
     if kind == "ddp":
         # Buffers (centers) are kept identical by all-reduces, so DDP need not broadcast them every step.
         return DDPStrategy(process_group_backend="nccl" if accelerator == "gpu" else "gloo", broadcast_buffers=False,
                            find_unused_parameters=False, gradient_as_bucket_view=True)
     if kind == "fsdp":
-        if cfg.fsdp_sharding == "HYBRID_SHARD" and accelerator != "gpu":
-            raise ValueError("train.fsdp_sharding=HYBRID_SHARD shards within the GPUs of a node (PyTorch counts them "
-                             "with torch.cuda.device_count()); on the CPU use FULL_SHARD or SHARD_GRAD_OP")
+        if accelerator != "gpu":  # Lightning's FSDPStrategy refuses the CPU accelerator
+            raise ValueError("train.strategy=fsdp trains on GPUs (Lightning's FSDPStrategy refuses the CPU); on the "
+                             "CPU use train.strategy=ddp or auto")
         # Wrapping happens in `wrap_fsdp` (called from LightningModule.configure_model); Lightning then leaves the
         # already-wrapped module as it is.
-        return FSDPStrategy(state_dict_type="sharded", use_orig_params=True,
-                            process_group_backend="nccl" if accelerator == "gpu" else "gloo")
+        return FSDPStrategy(state_dict_type="sharded", use_orig_params=True, process_group_backend="nccl")
+    if sharded_checkpoint:
+        raise ValueError("this run resumes from a sharded (FSDP) checkpoint, which only train.strategy=fsdp on GPUs "
+                         "reads: resume it on GPUs")
     return "auto"
 
 

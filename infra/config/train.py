@@ -105,6 +105,10 @@ class CollapseGuardConfig(Section):
 
 
 # Keys a follow-up stage's `overrides` may not set: the stage itself decides them.
+# How a training run executes, not what it learns: outside the training stages' keys, and changeable by `lvd resume`.
+# Processes x accumulate_grad_batches sets the global batch; a change of it is refused when training resumes.
+EXECUTION_KEYS = ("devices", "num_nodes", "accumulate_grad_batches", "num_workers", "cpu_threads", "log_every",
+                  "checkpoint_every", "activation_checkpointing")
 _STAGE_OWNED = ("mode", "teacher_weights", "enabled", "highres", "distill")
 
 
@@ -154,7 +158,8 @@ class TrainConfig(Section):
     # Micro-batches of batch_size_per_gpu per optimiser step and process (gradients summed, averaged): the global batch
     # (the lr's square-root scaling, the schedules) is batch_size_per_gpu x processes x this. The teacher's targets
     # (centering or Sinkhorn-Knopp) and KoLeo are computed per micro-batch, over all processes; DDP all-reduces the
-    # gradients once per step. Not in the reference. Changing it at resume is refused (data order changes).
+    # gradients once per step. Not in the reference. It may change at resume only with the number of processes, so that
+    # the global batch stays the same (8 GPUs -> 4 GPUs x 2): the same images per step, the same schedules.
     accumulate_grad_batches: int = Field(default=1, ge=1)
     official_epoch_length: int = Field(default=1250, ge=1)
     centering: Literal["centering", "sinkhorn_knopp"] = "centering"

@@ -14,7 +14,10 @@ from infra.runs import RESUME_OVERRIDABLE, amend_run, prepare_run
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 AMEND = ["run.shard_retries=3", "run.shard_timeout_s=600", "run.workers=4", "run.task_runner=dask",
-         "run.dask_address=tcp://127.0.0.1:8786", "run.shard_retry_delay_s=1"]
+         "run.dask_address=tcp://127.0.0.1:8786", "run.shard_retry_delay_s=1", "run.ray_address=ray://head:10001",
+         "run.ray_gpus_per_task=0.5", "train.devices=4", "train.num_nodes=2", "train.accumulate_grad_batches=2",
+         "train.num_workers=3", "train.cpu_threads=1", "train.log_every=5", "train.checkpoint_every=7",
+         "train.activation_checkpointing=true"]
 
 
 def test_execution_overrides_change_no_stage_key():
@@ -47,3 +50,16 @@ def test_resume_amends_only_execution_keys(tmp_path, capsys):
         amend_run(run, ["run.workers=0"])
     assert main(["resume", run.run_id, "run.seed=1", "--root", str(tmp_path)]) == 2
     assert "run.seed: a resumed run keeps its configuration" in capsys.readouterr().err
+
+
+def test_resume_may_trade_devices_for_micro_batches_at_the_same_global_batch(tmp_path):
+    """Lost half the GPUs: resume on the rest with twice the micro-batches (the training stage continues from its
+    checkpoint: tests/training/test_distributed.py); a change of devices x nodes x micro-batches is refused."""
+    run, _ = prepare_run(DEMO, [f"run.root={tmp_path}", "train.devices=8"])
+    assert amend_run(run, ["train.devices=4", "train.accumulate_grad_batches=2"]) == {
+        "train.devices": (8, 4), "train.accumulate_grad_batches": (1, 2)}
+    with pytest.raises(ConfigError, match=r"16 batches per step where the run has 8 \(4 x 1 x 2\).* Keep the product"):
+        amend_run(run, ["train.devices=8"])
+    saved = run.load_config().train
+    assert (saved.devices, saved.accumulate_grad_batches) == (4, 2)
+    assert amend_run(run, ["train.devices=auto"]) == {"train.devices": (4, "auto")}  # the host decides: checked there

@@ -70,6 +70,42 @@ def test_two_process_cpu_ddp_training_with_accumulation(image_folder, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_run_resumes_on_more_processes_with_the_same_global_batch(image_folder, tmp_path):
+    """Preempted on 1 process x 2 micro-batches, resumed on 2 processes x 1: every later step sees the same images
+    (rank r's batch is micro-batch r of the uninterrupted run) with the same schedules; the losses stay close (only
+    the per-micro-batch Sinkhorn-Knopp / centering / KoLeo groups change), and derived.json records both segments."""
+    from ddp_worker import SeenPositions
+
+    from training.pretrain import pretrain
+
+    one = {"accumulate_grad_batches": 2, "cpu_threads": 1}
+    whole = pretrain(image_folder, tmp_path / "whole", tiny_config(**one), seed=0, callbacks=[SeenPositions(tmp_path)])
+    assert pretrain(image_folder, tmp_path / "run", tiny_config(**one), seed=0, interrupt_at=5).steps == 5
+    _torchrun("ddp_worker.py", str(image_folder), str(tmp_path / "run"),
+              json.dumps({"devices": 2, "cpu_threads": 1}))
+    seen = json.loads((tmp_path / "positions_rank0.json").read_text())
+    ranks = [json.loads((tmp_path / "run" / f"positions_rank{r}.json").read_text()) for r in (0, 1)]
+    assert sorted(ranks[0]) == sorted(ranks[1]) == [str(s) for s in range(5, 10)]
+    for step in range(5, 10):
+        assert [ranks[r][str(step)][0] for r in (0, 1)] == seen[str(step)]
+    a, b = read_csv(whole.metrics_csv), read_csv(tmp_path / "run" / "metrics.csv")
+    assert [r["step"] for r in b] == list(range(10))
+    for key in ("lr", "last_layer_lr", "wd", "momentum", "teacher_temp"):
+        assert [r[key] for r in b] == [r[key] for r in a], key
+    for ra, rb in zip(a[:5], b[:5], strict=True):
+        assert rb["total_loss"] == ra["total_loss"]
+    # Step 5 starts from the same weights and centers on the same crops: only the groups of the per-micro-batch
+    # statistics differ (Sinkhorn-Knopp over 8 images on 2 ranks, not 4 + 4), which moved this loss by 2 %.
+    assert b[5]["total_loss"] != a[5]["total_loss"]
+    assert b[5]["total_loss"] == pytest.approx(a[5]["total_loss"], rel=0.05)
+    assert all(math.isfinite(r["total_loss"]) for r in b[5:])
+    derived = json.loads((tmp_path / "run" / "derived.json").read_text())
+    assert derived["segments"] == [{"from_step": 0, "world_size": 1, "accumulate_grad_batches": 2},
+                                   {"from_step": 5, "world_size": 2, "accumulate_grad_batches": 1}]
+    assert derived["global_batch"] == 8 and derived["world_size"] == 2
+
+
+@pytest.mark.slow
 def test_pretrain_on_host_starts_its_own_processes(image_folder, tmp_path):
     """What a pipeline stage calls: with 2 devices it starts 2 `training.pretrain` processes under torchrun (not a
     re-run of the caller's command, which for `lvd run` would be the whole flow) and trains as one 2-rank DDP run."""

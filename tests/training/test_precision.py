@@ -55,11 +55,23 @@ def test_fsdp_refuses_an_unresolved_precision():
 def test_fsdp_sharding_strategies(sharding):
     cfg = tiny_config(strategy="fsdp", fsdp_sharding=sharding)
     assert strategy.build_strategy(cfg, "gpu", 8).process_group_backend == "nccl"  # wrapping itself: training/fsdp.py
-    if sharding == "HYBRID_SHARD":  # groups ranks by the node's GPUs: refused on the CPU, with the alternatives
-        with pytest.raises(ValueError, match="on the CPU use FULL_SHARD or SHARD_GRAD_OP"):
-            strategy.build_strategy(cfg, "cpu", 2)
-    else:
-        assert strategy.build_strategy(cfg, "cpu", 2).process_group_backend == "gloo"
+    with pytest.raises(ValueError, match=r"train\.strategy=fsdp trains on GPUs .* on the CPU use train\.strategy=ddp"):
+        strategy.build_strategy(cfg, "cpu", 2)  # what Lightning's FSDPStrategy would refuse inside fit
+
+
+def test_auto_strategy_and_sharded_checkpoints():
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    cfg = tiny_config()
+    assert isinstance(strategy.build_strategy(cfg, "gpu", 2), FSDPStrategy)
+    assert strategy.build_strategy(cfg, "gpu", 1) == "auto"
+    # a run sharded on several GPUs resumes on one GPU with FSDP: only it reads the sharded checkpoint directory
+    assert isinstance(strategy.build_strategy(cfg, "gpu", 1, sharded_checkpoint=True), FSDPStrategy)
+    ddp = strategy.build_strategy(cfg, "cpu", 2)
+    assert isinstance(ddp, DDPStrategy) and ddp.process_group_backend == "gloo"
+    assert strategy.build_strategy(cfg, "cpu", 1) == "auto"
+    with pytest.raises(ValueError, match=r"sharded \(FSDP\) checkpoint, which only train.strategy=fsdp on GPUs reads"):
+        strategy.build_strategy(cfg, "cpu", 1, sharded_checkpoint=True)
 
 
 def test_the_trainer_gets_the_resolved_flag(tmp_path):

@@ -3,6 +3,7 @@ swap), exports, NaN detection, modes."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -237,11 +238,16 @@ def test_periodic_teacher_exports_follow_the_reference_names_and_survive_resume(
         assert all(torch.equal(again[k], states[e][k]) for k in again), e
 
 
-def test_resume_refuses_a_changed_world_size(image_folder, tmp_path):
+def test_resume_refuses_a_changed_global_batch(image_folder, tmp_path):
     pretrain(image_folder, tmp_path / "r", tiny_config(), seed=0, interrupt_at=2)
-    with pytest.raises(ValueError, match=r"trained on 1 processes .* this start has 2: the global batch"):
+    with pytest.raises(ValueError, match=r"global batch of 4 \(1 processes .* x 1 micro-batches x 4\) and this start "
+                                         r"gives 8 \(2 x 1 x 4\).* Resume with a number of processes that divides 1,"):
         pretrain(image_folder, tmp_path / "r", tiny_config(devices=2), seed=0)
+    with pytest.raises(ValueError, match=r"gives 8 \(1 x 2 x 4\)"):
+        pretrain(image_folder, tmp_path / "r", tiny_config(accumulate_grad_batches=2), seed=0)
     assert pretrain(image_folder, tmp_path / "r", tiny_config(devices=1), seed=0, interrupt_at=3).steps == 3
+    derived = json.loads((tmp_path / "r" / "derived.json").read_text())
+    assert derived["segments"] == [{"from_step": 0, "world_size": 1, "accumulate_grad_batches": 1}]
 
 
 def test_distill_and_highres_modes(image_folder, tmp_path):
