@@ -91,16 +91,18 @@ def _check_global_batch(out_dir: Path, cfg: TrainConfig, world_size: int) -> lis
     saved = out_dir / "derived.json"
     before = json.loads(saved.read_text()) if saved.is_file() else {}
     was_world = before.get("world_size", world_size)
-    was_accumulate = before.get("accumulate_grad_batches", 1)  # runs from before accumulation existed
+    # derived.json of runs from before this key was written: the micro-batches follow from the global batch
+    was_accumulate = before.get("accumulate_grad_batches") or max(
+        1, before.get("global_batch", 0) // (cfg.batch_size_per_gpu * was_world))
     segments = before.get("segments") or [{"from_step": 0, "world_size": was_world,
                                            "accumulate_grad_batches": was_accumulate}]
     if not before or (was_world, was_accumulate) == (world_size, cfg.accumulate_grad_batches):
         return segments
     was_batch, batch = before["global_batch"], derive(cfg, world_size).global_batch
     if was_batch != batch:
-        per_step = cfg.batch_size_per_gpu * world_size
-        fits = (f"train.accumulate_grad_batches={was_batch // per_step}" if was_batch % per_step == 0
-                else f"a number of processes that divides {was_batch // cfg.batch_size_per_gpu}")
+        lanes, per_step = was_batch // cfg.batch_size_per_gpu, cfg.batch_size_per_gpu * world_size
+        fits = f"processes x train.accumulate_grad_batches = {lanes}" + (
+            f" (here: train.accumulate_grad_batches={was_batch // per_step})" if was_batch % per_step == 0 else "")
         raise ValueError(
             f"{out_dir} was trained with a global batch of {was_batch} ({was_world} processes (devices x num_nodes) x "
             f"{was_accumulate} micro-batches x {cfg.batch_size_per_gpu}) and this start gives {batch} ({world_size} x "
