@@ -7,6 +7,11 @@ each centroid (or a random subset of that size), rerun k-means on that union, an
 level to the new centroids. Resampling pulls centroids away from dense regions toward a uniform cover of the
 support. Level 1 is fitted on a sample when the pool is larger than ``fit_sample`` and then assigned in chunks.
 
+Every finished k-means step (and level 1's assignment of the whole pool) is saved in the stage folder with the RNG
+state after it (:class:`StepCheckpoints`): a stage interrupted after hours of k-means continues from its last
+finished step and selects exactly what an uninterrupted run selects. The folder is removed once the selection is
+written.
+
 Balanced sampling, top-down: at each node the quota is split among its children with the largest cap x such
 that sum_i min(x, size_i) <= quota (sizes count the leaf points under each child); the remainder goes +1 to
 random children larger than x. At level 1 the points are drawn at random (``random``) or closest to the
@@ -15,6 +20,9 @@ centroid first (``closest``).
 
 from __future__ import annotations
 
+import json
+import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +34,11 @@ from curation.vectors import RowView
 from infra.config.curation import RebalanceConfig
 from infra.lineage import LedgerWriter
 from infra.stage import StageResult
-from infra.storage import atomic_path
+from infra.storage import atomic_open, atomic_path
 
 SELECTED = "selected.parquet"
+CHECKPOINTS = "kmeans_steps"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,32 +66,85 @@ def resample(members: list[np.ndarray], size: int, strategy: str, rng: np.random
     return np.concatenate(picked) if picked else np.zeros(0, np.int64)
 
 
+class StepCheckpoints:
+    """Finished k-means steps of the hierarchy: one ``level{t}_{step}.npz`` per step (centroids, assignment, squared
+    distances, and the RNG state after the step, so that what follows draws the same numbers). ``folder=None``:
+    nothing is saved or restored."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = None if folder is None else Path(folder)
+        self.restored: list[tuple[int, str]] = []  # (level, step) read back, in order
+
+    def _path(self, level: int, step: str) -> Path:
+        assert self.folder is not None
+        return self.folder / f"level{level}_{step}.npz"
+
+    def restore(self, level: int, step: str, rng: np.random.Generator) -> Level | None:
+        if self.folder is None or not self._path(level, step).is_file():
+            return None
+        with np.load(self._path(level, step)) as z:
+            rng.bit_generator.state = json.loads(str(z["rng"]))
+            lv = Level(z["centroids"], z["assign"], z["dist2"])
+        self.restored.append((level, step))
+        return lv
+
+    def save(self, level: int, step: str, lv: Level, rng: np.random.Generator) -> None:
+        if self.folder is None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with atomic_open(self._path(level, step)) as f:
+            np.savez(f, centroids=lv.centroids, assign=lv.assign, dist2=lv.dist2,
+                     rng=np.array(json.dumps(rng.bit_generator.state)))
+
+    def last(self, level: int, steps: int) -> int:
+        """The last finished resampling step of ``level`` (-1: none)."""
+        done = [s for s in range(steps) if self.folder is not None and self._path(level, str(s)).is_file()]
+        return max(done, default=-1)
+
+
 def fit_level(x: np.ndarray, k: int, steps: int, sample_size: int, cfg: RebalanceConfig, rng: np.random.Generator,
-              counter: FlopCounter | None = None) -> Level:  # fmt: skip
-    """k-means with resampling on the in-memory inputs of one level."""
-    km = kmeans(x, k, cfg.n_iter, rng, cfg.precision, counter, init_sample=cfg.init_sample)
-    for _ in range(1, steps):
-        members = members_by_distance(km.assign, km.dist2, len(km.centroids))
-        sub = resample(members, sample_size, cfg.resample_strategy, rng)
-        fitted = kmeans(x[sub], k, cfg.n_iter, rng, cfg.precision, counter, init_sample=cfg.init_sample)
-        a, d = assign(array_chunks(x), fitted.centroids, len(x), cfg.precision, counter)
-        km = type(km)(fitted.centroids, a, d, float(d.sum()))
-    return Level(km.centroids, km.assign, km.dist2)
+              counter: FlopCounter | None = None, checkpoints: StepCheckpoints | None = None,
+              level: int = 0) -> Level:  # fmt: skip
+    """k-means with resampling on the in-memory inputs of one level, continuing after its last saved step."""
+    checkpoints = checkpoints or StepCheckpoints(None)
+    start = checkpoints.last(level, steps)
+    lv = checkpoints.restore(level, str(start), rng) if start >= 0 else None
+    if lv is not None:
+        log.info("rebalance: level %d continues after its saved k-means step %d", level + 1, start)
+    for step in range(start + 1, steps):
+        if lv is None:
+            km = kmeans(x, k, cfg.n_iter, rng, cfg.precision, counter, init_sample=cfg.init_sample)
+        else:
+            members = members_by_distance(lv.assign, lv.dist2, len(lv.centroids))
+            sub = resample(members, sample_size, cfg.resample_strategy, rng)
+            km = kmeans(x[sub], k, cfg.n_iter, rng, cfg.precision, counter, init_sample=cfg.init_sample)
+            km.assign, km.dist2 = assign(array_chunks(x), km.centroids, len(x), cfg.precision, counter)
+        lv = Level(km.centroids, km.assign, km.dist2)
+        checkpoints.save(level, str(step), lv, rng)
+    assert lv is not None
+    return lv
 
 
-def hierarchical_kmeans(points: RowView, cfg: RebalanceConfig, seed: int,
-                        counter: FlopCounter | None = None) -> list[Level]:  # fmt: skip
+def hierarchical_kmeans(points: RowView, cfg: RebalanceConfig, seed: int, counter: FlopCounter | None = None,
+                        checkpoints: StepCheckpoints | None = None) -> list[Level]:  # fmt: skip
     """Bottom-up hierarchy over a (possibly memory-mapped) point set; level 1 fitted on a sample."""
+    checkpoints = checkpoints or StepCheckpoints(None)
     rng = np.random.default_rng(seed)
     n = len(points)
     fit_rows = np.arange(n) if n <= cfg.fit_sample else np.sort(rng.choice(n, cfg.fit_sample, replace=False))
-    data = points.take(fit_rows)
+    data = None
     levels = []
     for t, k in enumerate(cfg.n_clusters):
-        level = fit_level(data, k, cfg.steps(t), cfg.sample_size(t), cfg, rng, counter)
-        if t == 0 and len(fit_rows) < n:  # assign every point, chunk by chunk
-            a, d = assign(points.chunks(), level.centroids, n, cfg.precision, counter)
-            level = Level(level.centroids, a, d)
+        whole = t == 0 and len(fit_rows) < n  # level 1 fitted on a sample, then every point assigned
+        level = checkpoints.restore(t, "all", rng) if whole else None
+        if level is None:
+            if data is None:
+                data = points.take(fit_rows)
+            level = fit_level(data, k, cfg.steps(t), cfg.sample_size(t), cfg, rng, counter, checkpoints, t)
+            if whole:  # assign every point, chunk by chunk
+                a, d = assign(points.chunks(), level.centroids, n, cfg.precision, counter)
+                level = Level(level.centroids, a, d)
+                checkpoints.save(t, "all", level, rng)
         levels.append(level)
         data = level.centroids
     return levels
@@ -146,7 +209,8 @@ def rebalance(meta: pd.DataFrame, points: RowView, stage_dir: Path, cfg: Rebalan
     n = len(meta)
     target = n if cfg.target_size is None else min(cfg.target_size, n)
     counter = FlopCounter()
-    levels = hierarchical_kmeans(points, cfg, seed, counter) if n and cfg.enabled else []
+    checkpoints = StepCheckpoints(stage_dir / CHECKPOINTS)
+    levels = hierarchical_kmeans(points, cfg, seed, counter, checkpoints) if n and cfg.enabled else []
     chosen = balanced_sample(levels, target, seed, cfg.leaf_strategy) if levels and target < n else np.arange(n)
     paths = cluster_paths(levels, n)
     selected = np.zeros(n, bool)
@@ -157,13 +221,15 @@ def rebalance(meta: pd.DataFrame, points: RowView, stage_dir: Path, cfg: Rebalan
         out[f"cluster_l{t + 1}"] = paths[:, t]
     with atomic_path(stage_dir / SELECTED) as tmp:
         out.to_parquet(tmp, index=False)
+    shutil.rmtree(stage_dir / CHECKPOINTS, ignore_errors=True)  # the selection holds every level's clusters
     sizes = [np.bincount(paths[:, t], minlength=len(lv.centroids)) for t, lv in enumerate(levels)]
     return StageResult(
         counts={"input": n, "kept": int(selected.sum()), "dropped": {"not_sampled": int(n - selected.sum())}},
         outputs=[stage_dir / SELECTED, stage_dir / "ledger" / "rebalance.parquet"],
         extra={"levels": [len(lv.centroids) for lv in levels], "target_size": target,
                "largest_cluster_per_level": [int(s.max()) for s in sizes],
-               "assignment_gflops": round(counter.flops / 1e9, 3)},
+               "assignment_gflops": round(counter.flops / 1e9, 3),
+               "kmeans_steps_restored": len(checkpoints.restored)},
     )
 
 

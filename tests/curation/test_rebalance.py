@@ -7,7 +7,16 @@ import pandas as pd
 import pytest
 
 from curation.kmeans import kmeans, kmeans_plusplus
-from curation.rebalance import SELECTED, balanced_sample, cluster_paths, hierarchical_kmeans, rebalance, split_quota
+from curation.rebalance import (
+    CHECKPOINTS,
+    SELECTED,
+    StepCheckpoints,
+    balanced_sample,
+    cluster_paths,
+    hierarchical_kmeans,
+    rebalance,
+    split_quota,
+)
 from curation.vectors import RowView, VectorStore
 from infra.config.curation import RebalanceConfig
 
@@ -129,6 +138,41 @@ def test_stage_records_selection_and_lineage(tmp_path) -> None:
     assert list(out.columns[-2:]) == ["cluster_l1", "cluster_l2"]
     ledger = pd.read_parquet(tmp_path / "ledger" / "rebalance.parquet")
     assert (ledger["reason"] == "cluster").sum() == 520 and (ledger["reason"] == "not_sampled").sum() == 420
+    assert not (tmp_path / CHECKPOINTS).exists() and res.extra["kmeans_steps_restored"] == 0  # removed once written
+
+
+def test_an_interrupted_hierarchy_continues_after_its_last_saved_step(tmp_path, monkeypatch) -> None:
+    """Every k-means step is saved with the RNG state after it: a run preempted inside level 2 resumes without
+    redoing a finished step and ends with exactly the uninterrupted run's levels and selection."""
+    import curation.rebalance as rb
+
+    x, _ = rings(5, (3000, 300, 30))
+    cfg = RebalanceConfig(n_clusters=[30, 6], n_resampling_steps=[3, 2], sample_sizes=[5, 2], fit_sample=1500,
+                          n_iter=10)
+    whole = hierarchical_kmeans(RowView(x), cfg, seed=0)
+    real, calls = rb.kmeans, []
+
+    def preempted_at_the_fifth(*args, **kwargs):  # level 1: k-means calls 1-3; level 2: 4 (its step 0) and 5
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("preempted")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rb, "kmeans", preempted_at_the_fifth)
+    with pytest.raises(RuntimeError, match="preempted"):
+        hierarchical_kmeans(RowView(x), cfg, seed=0, checkpoints=StepCheckpoints(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["level0_0.npz", "level0_1.npz", "level0_2.npz",
+                                                          "level0_all.npz", "level1_0.npz"]
+    calls.clear()
+    again = StepCheckpoints(tmp_path)
+    resumed = hierarchical_kmeans(RowView(x), cfg, seed=0, checkpoints=again)
+    assert len(calls) == 1 and again.restored == [(0, "all"), (1, "0")]  # only level 2's last step ran
+    for a, b in zip(whole, resumed, strict=True):
+        np.testing.assert_array_equal(a.centroids, b.centroids)
+        np.testing.assert_array_equal(a.assign, b.assign)
+        np.testing.assert_array_equal(a.dist2, b.dist2)
+    np.testing.assert_array_equal(balanced_sample(whole, 200, seed=0), balanced_sample(resumed, 200, seed=0))
+    assert len(np.unique(resumed[1].assign)) > 1
 
 
 @pytest.mark.parametrize("field", ["n_resampling_steps", "sample_sizes"])
