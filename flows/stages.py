@@ -19,6 +19,7 @@ from curation.embed import embed, pool_store, seed_store
 from curation.faces import blur_faces
 from curation.ingest import excluded, ingest
 from curation.nsfw import dropped_ids, nsfw_filter
+from curation.rebalance import CHECKPOINTS as KMEANS_STEPS
 from curation.rebalance import SELECTED, rebalance
 from curation.retrieve import RETRIEVED, SEED_STATS, SeedQueries, retrieve
 from curation.truth import assert_eval_copies_removed, score_dedup
@@ -32,7 +33,7 @@ from infra.demo.crawl import build_demo_crawl
 from infra.run import RunDir
 from infra.shards import list_shards
 from infra.stage import StageContext, StageResult, StageSpec
-from infra.storage import files_fingerprint
+from infra.storage import Markers, files_fingerprint, read_json
 
 
 def _crawl(ctx: StageContext) -> StageResult:
@@ -184,6 +185,26 @@ def _evaluate(ctx: StageContext) -> StageResult:
     cache = cfg.evaluate.cache_dir or ctx.run.root / ".cache" / "features"
     return evaluate(benchmarks, models, cfg.evaluate, ctx.dir, run_id=ctx.run.run_id,
                     cache_dir=cache, table_root=ctx.run.root)  # fmt: skip
+
+
+def stage_progress(run: RunDir, stage: str) -> str | None:
+    """Where an unfinished stage will continue (`lvd status`): a training stage's checkpoint step, rebalancing's saved
+    k-means steps, or the shards marked done; None when nothing is kept."""
+    stage_dir = run.stage_dir(stage)
+    if stage in TRAINING_STAGES:
+        from training.callbacks import checkpoint_step, find_resume_checkpoint
+
+        ckpt = find_resume_checkpoint(stage_dir / "checkpoints") if (stage_dir / "checkpoints").is_dir() else None
+        if ckpt is None:
+            return None
+        derived = read_json(stage_dir / "derived.json") if (stage_dir / "derived.json").is_file() else {}
+        total = f" of {derived['run_iters']}" if "run_iters" in derived else ""
+        return f"resumes at step {checkpoint_step(ckpt)}{total} (its checkpoint)"
+    if stage == "rebalance" and (stage_dir / KMEANS_STEPS).is_dir():
+        saved = len(list((stage_dir / KMEANS_STEPS).glob("*.npz")))
+        return f"{saved} k-means steps saved" if saved else None
+    done = len(Markers(stage_dir).done())
+    return f"{done} shard{'s' if done != 1 else ''} done" if done else None
 
 
 # Files a stage reads from outside the run, fingerprinted into its key (StageSpec.external): an edited URL list or

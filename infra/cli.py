@@ -186,11 +186,12 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from flows.stages import stage_progress
     from infra.runs import open_run
     from infra.summary import format_summary, run_summary
 
     run, cfg = open_run(args.root, args.run_id)
-    summary = run_summary(run, cfg)
+    summary = run_summary(run, cfg, progress=stage_progress)
     print(json.dumps(summary, indent=2, default=str) if args.json else format_summary(summary))
     return 0
 
@@ -368,7 +369,8 @@ def parser() -> argparse.ArgumentParser:
             c.add_argument("key", help="an image id (sha256) or a URL")
         if name == "resume":
             c.add_argument("overrides", nargs="*", help="how the run executes from here, e.g. run.shard_retries=2 "
-                                                        "run.shard_timeout_s=600 run.task_runner=dask (nothing else)")
+                                                        "run.task_runner=dask train.devices=4 "
+                                                        "train.accumulate_grad_batches=2 (nothing else)")
         if name == "domains":
             c.add_argument("--top", type=int, default=30, help="hosts to list, most URLs first (0: all)")
             c.add_argument("--csv", default=None, help="also write every host to this CSV file")

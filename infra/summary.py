@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from infra.config import PipelineConfig
@@ -22,7 +23,10 @@ def _state(run: RunDir, stage: str, failed: set[str]) -> str:
     return "partial" if run.stage_dir(stage).exists() else "pending"
 
 
-def run_summary(run: RunDir, cfg: PipelineConfig, stages: tuple[str, ...] = STAGE_NAMES) -> dict[str, Any]:
+def run_summary(run: RunDir, cfg: PipelineConfig, stages: tuple[str, ...] = STAGE_NAMES,
+                progress: Callable[[RunDir, str], str | None] | None = None) -> dict[str, Any]:
+    """`progress(run, stage)`: where an unfinished stage continues (`flows.stages.stage_progress`), for the
+    stages that are partial or failed."""
     events = run.events()
     last = {}
     for e in events:
@@ -38,8 +42,11 @@ def run_summary(run: RunDir, cfg: PipelineConfig, stages: tuple[str, ...] = STAG
         m = read_manifest(run.stage_dir(stage))
         counts = m.counts if m else {}
         dropped = counts.get("dropped", {}) if isinstance(counts.get("dropped"), dict) else {}
-        rows.append({"stage": stage, "state": _state(run, stage, failed), "kept": counts.get("kept"),
+        state = _state(run, stage, failed)
+        rows.append({"stage": stage, "state": state, "kept": counts.get("kept"),
                      "dropped": sum(dropped.values()) if dropped else 0, "reasons": dropped})  # fmt: skip
+        if progress is not None and state in ("partial", "failed"):
+            rows[-1]["progress"] = progress(run, stage)
     out: dict[str, Any] = {"run_id": run.run_id, "path": str(run.path), "stages": rows}
     corpus = read_manifest(run.stage_dir("corpus"))
     if corpus:
@@ -57,6 +64,8 @@ def format_summary(s: dict[str, Any]) -> str:
     for r in s["stages"]:
         kept = "" if r["kept"] is None else str(r["kept"])
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(r["reasons"].items()) if v)
+        if r.get("progress"):
+            reasons = r["progress"]
         lines.append(f"{r['stage']:<10} {r['state']:<10} {kept:>8} {r['dropped']:>8}  {reasons}")
     if "corpus_size" in s:
         lines += ["", f"corpus: {s['corpus_size']} images"]

@@ -89,6 +89,17 @@ def find_resume_checkpoint(ckpt_dir: Path) -> Path | None:
     return None
 
 
+def checkpoint_step(path: Path) -> int:
+    """The optimiser step a resume checkpoint continues from, without reading its tensors: a file is memory-mapped,
+    and a sharded directory keeps the step in Lightning's `meta.pt`."""
+    path = Path(path)
+    if path.is_dir():
+        state = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return int(state["global_step"])
+
+
 class AtomicCheckpoint(L.Callback):
     """Save `last.ckpt` every `every` steps, at `interrupt_at` (then stop), and at the end of training."""
 

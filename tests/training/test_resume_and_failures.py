@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -286,3 +287,31 @@ def test_a_tampered_resume_checkpoint_is_refused(image_folder, tmp_path):
     with pytest.raises(pickle.UnpicklingError):
         pretrain(data, out, tiny_config(), seed=0)
     assert not marker.exists()
+
+
+def test_status_says_where_an_unfinished_run_continues(image_folder, tmp_path, capsys):
+    """`lvd status`: a preempted training stage shows the step its checkpoint resumes at, rebalancing its saved k-means
+    steps, a sharded stage its finished shards; completed and untouched stages show nothing of the kind."""
+    from curation.rebalance import CHECKPOINTS
+    from infra.cli import main
+    from infra.runs import prepare_run
+    from infra.storage import Markers
+
+    run, _ = prepare_run(REPO / "configs" / "tiny.yaml", [f"run.root={tmp_path}"])
+    pretrain(image_folder, run.stage_dir("pretrain"), tiny_config(), seed=0, interrupt_at=3)
+    for shard in ("00000", "00001"):
+        Markers(run.stage_dir("nsfw")).mark(shard)
+    (run.stage_dir("rebalance") / CHECKPOINTS).mkdir(parents=True)
+    for name in ("level0_0.npz", "level0_1.npz"):
+        (run.stage_dir("rebalance") / CHECKPOINTS / name).write_bytes(b"")
+    run.stage_dir("faces").mkdir()
+    assert main(["status", run.run_id, "--root", str(tmp_path), "--json"]) == 0
+    rows = {r["stage"]: r for r in json.loads(capsys.readouterr().out)["stages"]}
+    assert rows["pretrain"]["progress"] == "resumes at step 3 of 10 (its checkpoint)"
+    assert rows["rebalance"]["progress"] == "2 k-means steps saved"
+    assert rows["nsfw"]["progress"] == "2 shards done"
+    assert rows["faces"]["state"] == "partial" and rows["faces"]["progress"] is None
+    assert "progress" not in rows["ingest"] and rows["ingest"]["state"] == "pending"
+    assert main(["status", run.run_id, "--root", str(tmp_path)]) == 0
+    [line] = [x for x in capsys.readouterr().out.splitlines() if x.startswith("pretrain")]
+    assert re.fullmatch(r"pretrain +partial +0  resumes at step 3 of 10 \(its checkpoint\)", line), line
