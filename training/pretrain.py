@@ -80,7 +80,7 @@ def _check_resumable(out_dir: Path, cfg: TrainConfig) -> None:
                          "config or use a new output directory")
 
 
-def _check_global_batch(out_dir: Path, cfg: TrainConfig, world_size: int) -> list[dict[str, int]]:
+def _check_global_batch(out_dir: Path, cfg: TrainConfig, world_size: int) -> list[dict[str, Any]]:
     """A run may resume on another number of processes when the global batch stays the same (world size x
     `accumulate_grad_batches`, e.g. 8 GPUs -> 4 GPUs x 2 micro-batches): every step then sees the same images, crops and
     masks (micro-batch j of rank r is the batch of rank j x W + r of the run without accumulation), with the same lr
