@@ -27,9 +27,15 @@ def _env(home: Path) -> dict[str, str]:
     return env
 
 
-def _upgrade_to(db: Path, rev: str) -> None:
-    ok, err = migrate(db, rev)
-    assert ok and revision(db) == rev, err[-2000:]
+@pytest.fixture(scope="module")
+def killed_at(tmp_path_factory) -> bytes:
+    """A database migrated to KILLED_AT (the whole state in the file), built once for the tests that start there."""
+    db = tmp_path_factory.mktemp("killed_at") / "prefect.db"
+    ok, err = migrate(db, KILLED_AT)
+    assert ok and revision(db) == KILLED_AT, err[-2000:]
+    with sqlite3.connect(db) as con:
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return db.read_bytes()
 
 
 @pytest.fixture
@@ -64,10 +70,10 @@ def test_fresh_home_gets_a_complete_database_then_is_left_alone(home):
     assert (db.stat().st_ino, db.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
 
 
-def test_a_database_behind_head_is_upgraded_on_a_copy_keeping_its_data(home):
+def test_a_database_behind_head_is_upgraded_on_a_copy_keeping_its_data(home, killed_at):
     home.mkdir()
     db = home / "prefect.db"
-    _upgrade_to(db, KILLED_AT)
+    db.write_bytes(killed_at)
     with sqlite3.connect(db) as con:
         con.execute("CREATE TABLE lvd_probe (v TEXT)")
         con.execute("INSERT INTO lvd_probe VALUES ('kept')")
@@ -80,10 +86,10 @@ def test_a_database_behind_head_is_upgraded_on_a_copy_keeping_its_data(home):
     assert not list(home.glob("prefect.db.broken-*"))
 
 
-def test_a_half_migrated_database_is_moved_aside_and_prefect_starts_again(home):
+def test_a_half_migrated_database_is_moved_aside_and_prefect_starts_again(home, killed_at):
     home.mkdir()
     db = home / "prefect.db"
-    _upgrade_to(db, KILLED_AT)
+    db.write_bytes(killed_at)
     with sqlite3.connect(db) as con:
         con.execute(HALF_DONE)  # the kill landed inside the next revision (its index committed, no version bump)
     with sqlite3.connect(db) as con:
