@@ -161,10 +161,12 @@ def stage_train_config(cfg: PipelineConfig, run: RunDir, stage: str) -> TrainCon
 
 
 def _train(ctx: StageContext) -> StageResult:
+    from flows.progress import TrainingProgress
     from training.launch import pretrain_on_host
 
     train = stage_train_config(ctx.cfg, ctx.run, ctx.name)
-    res = pretrain_on_host(ctx.upstream_dir("corpus") / "shards", ctx.dir, train, seed=ctx.cfg.run.seed)
+    with TrainingProgress(ctx.dir, ctx.run.run_id, ctx.name):
+        res = pretrain_on_host(ctx.upstream_dir("corpus") / "shards", ctx.dir, train, seed=ctx.cfg.run.seed)
     return StageResult(
         counts={"steps": res.steps},
         outputs=[res.teacher_backbone, res.teacher_bundle, res.metrics_csv],

@@ -13,7 +13,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from infra.storage import commit, fsync_dir
+from infra.storage import atomic_write_json, commit, fsync_dir
 from training.checkpoint import export_backbone, export_bundle, load_official_state_dict
 from training.distributed import barrier
 from training.fsdp import full_state_dict
@@ -21,6 +21,7 @@ from training.layers import DINOHead
 from training.metrics import MetricsWriter
 from training.vision_transformer import DinoVisionTransformer
 
+PROGRESS = "progress.json"
 TMP_PREFIX = ".last.ckpt.tmp"  # + the step: a checkpoint being written (a file, or a directory when sharded)
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,14 @@ class MetricsLogger(L.Callback):
         self._record(trainer, pl_module)
         if trainer.is_global_zero and trainer.global_step % self.flush_every == 0:
             self.writer.flush()
+            self.write_progress(trainer)
+
+    def write_progress(self, trainer: L.Trainer) -> None:
+        """`progress.json`: steps done of the run's length, for whoever watches the run (the flow's Prefect progress
+        artifact, `lvd status`); written with every flush and at the end."""
+        atomic_write_json(self.writer.out_dir / PROGRESS, {
+            "step": trainer.global_step, "total": trainer.max_steps, "images_per_second": round(self.images_per_second, 2),
+            "time": time.time()})
 
     def _record(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Log the step just trained, once. `AtomicCheckpoint` runs first at a batch end, so its checkpoint is taken
@@ -184,6 +193,7 @@ class MetricsLogger(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
             self.writer.consolidate()
+            self.write_progress(trainer)
 
     @property
     def images_per_second(self) -> float:

@@ -151,3 +151,30 @@ def test_evaluation_scores_the_last_training_stage(flow_run):
     assert models["pretrained"]["checkpoint"] == str(run.stage_dir("distill") / "teacher_backbone.safetensors")
     assert models["random-init"]["fingerprint"].startswith("vit:vit_pico:random:seed=0:")
     assert '"image_size": 28' in models["random-init"]["fingerprint"]
+
+
+@pytest.mark.slow
+def test_each_training_stage_reports_its_progress_to_prefect(flow_run):
+    """The Prefect UI shows each training stage's progress artifact, at 100 % once the stage has trained."""
+    import asyncio
+    import json
+    import re
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    run, _, first, *_ = flow_run
+
+    async def read():
+        async with get_client() as client:
+            flow_run_id = ArtifactFilterFlowRunId(any_=[first.state_details.flow_run_id])
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=flow_run_id))
+
+    artifacts = {a.key: a for a in asyncio.run(read()) if a.type == "progress"}
+    assert set(artifacts) == {"pretrain-progress", "pretrain-highres-progress", "distill-progress"}
+    for stage in ("pretrain", "pretrain_highres", "distill"):
+        artifact = artifacts[f"{stage.replace('_', '-')}-progress"]
+        progress = json.loads((run.stage_dir(stage) / "progress.json").read_text())
+        assert progress["step"] == progress["total"] and float(artifact.data) == 100.0
+        want = rf"run {run.run_id}, stage {stage}: step {progress['total']} of {progress['total']}, [0-9.]+ images/s"
+        assert re.fullmatch(want, artifact.description), artifact.description
