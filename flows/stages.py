@@ -199,9 +199,14 @@ def stage_progress(run: RunDir, stage: str) -> str | None:
         ckpt = find_resume_checkpoint(stage_dir / "checkpoints") if (stage_dir / "checkpoints").is_dir() else None
         if ckpt is None:
             return None
+        from flows.progress import read_progress
+
         derived = read_json(stage_dir / "derived.json") if (stage_dir / "derived.json").is_file() else {}
         total = f" of {derived['run_iters']}" if "run_iters" in derived else ""
-        return f"resumes at step {checkpoint_step(ckpt)}{total} (its checkpoint)"
+        step, logged = checkpoint_step(ckpt), read_progress(stage_dir) or {}
+        if logged.get("step", 0) > step:  # running, or stopped after its last checkpoint
+            return f"at step {logged['step']}{total}, resumes at step {step} (its checkpoint)"
+        return f"resumes at step {step}{total} (its checkpoint)"
     if stage == "rebalance" and (stage_dir / KMEANS_STEPS).is_dir():
         saved = len(list((stage_dir / KMEANS_STEPS).glob("*.npz")))
         return f"{saved} k-means steps saved" if saved else None

@@ -315,3 +315,8 @@ def test_status_says_where_an_unfinished_run_continues(image_folder, tmp_path, c
     assert main(["status", run.run_id, "--root", str(tmp_path)]) == 0
     [line] = [x for x in capsys.readouterr().out.splitlines() if x.startswith("pretrain")]
     assert re.fullmatch(r"pretrain +partial +0  resumes at step 3 of 10 \(its checkpoint\)", line), line
+    # Training went on past its checkpoint (still running, or killed before the next one): both steps are shown.
+    (run.stage_dir("pretrain") / "progress.json").write_text(json.dumps({"step": 5, "total": 10}))
+    assert main(["status", run.run_id, "--root", str(tmp_path), "--json"]) == 0
+    rows = {r["stage"]: r for r in json.loads(capsys.readouterr().out)["stages"]}
+    assert rows["pretrain"]["progress"] == "at step 5 of 10, resumes at step 3 (its checkpoint)"
