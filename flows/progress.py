@@ -74,8 +74,9 @@ class TrainingProgress:
         from prefect.artifacts import update_progress_artifact
 
         current = self._current()
-        if current is None or self.artifact is None or (self.reported and current[0] == self.reported[-1]):
+        if current is None or current[0] == self.reported[-1]:  # only called once the artifact exists
             return True
+        assert self.artifact is not None
         try:
             update_progress_artifact(self.artifact, current[0], description=current[1])
         except Exception as e:

@@ -194,13 +194,12 @@ def stage_progress(run: RunDir, stage: str) -> str | None:
     k-means steps, or the shards marked done; None when nothing is kept."""
     stage_dir = run.stage_dir(stage)
     if stage in TRAINING_STAGES:
+        from flows.progress import read_progress
         from training.callbacks import checkpoint_step, find_resume_checkpoint
 
         ckpt = find_resume_checkpoint(stage_dir / "checkpoints") if (stage_dir / "checkpoints").is_dir() else None
         if ckpt is None:
             return None
-        from flows.progress import read_progress
-
         derived = read_json(stage_dir / "derived.json") if (stage_dir / "derived.json").is_file() else {}
         total = f" of {derived['run_iters']}" if "run_iters" in derived else ""
         step, logged = checkpoint_step(ckpt), read_progress(stage_dir) or {}
