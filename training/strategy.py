@@ -3,6 +3,9 @@
 - CPU: DDP over gloo (or a single process); bf16 autocast ("bf16-mixed") is the main CPU speed lever.
 - GPU: FSDP as in the reference (`dinov2/fsdp`), see `training/fsdp.py`; checkpoints are sharded
   (torch.distributed.checkpoint directories, which also handle a change of world size).
+- FSDP also runs on CPU processes over gloo (`train.strategy=fsdp`, `accelerator=cpu`): the same strategy, wrapping
+  and sharded checkpoints as on GPUs, which is how CI trains, checkpoints and reshards the GPU path without a GPU,
+  and how a sharded checkpoint resumes on a CPU host.
 """
 
 from __future__ import annotations
@@ -46,29 +49,33 @@ def resolve_accelerator(cfg: TrainConfig) -> str:
     return cfg.accelerator
 
 
+class ShardedStrategy(FSDPStrategy):
+    """Lightning's FSDPStrategy, unchanged, on GPUs (NCCL) or CPU processes (gloo). Lightning refuses the class
+    `FSDPStrategy` itself with the CPU accelerator (an exact-type check in its accelerator connector), although torch's
+    FSDP runs there; a subclass is accepted."""
+
+
 def build_strategy(cfg: TrainConfig, accelerator: str, n_processes: int, sharded_checkpoint: bool = False
                    ) -> Strategy | str:
     """`auto`: FSDP on several GPUs, DDP on several CPU processes, else Lightning's single-device strategy. A run
-    resumed from a sharded (FSDP) checkpoint stays on FSDP on one GPU too: only FSDP reads those directories
-    (torch.distributed.checkpoint reshards them to the new number of ranks)."""
+    resumed from a sharded (FSDP) checkpoint stays on FSDP, on one process and on the CPU too: only FSDP reads
+    those directories (torch.distributed.checkpoint reshards them to the new number of ranks)."""
     kind = cfg.strategy
     if kind == "auto":
-        kind = ("fsdp" if accelerator == "gpu" and (n_processes > 1 or sharded_checkpoint)
+        kind = ("fsdp" if sharded_checkpoint or (accelerator == "gpu" and n_processes > 1)
                 else ("ddp" if n_processes > 1 else "auto"))
+    if sharded_checkpoint and kind != "fsdp":
+        raise ValueError("this run resumes from a sharded (FSDP) checkpoint, which only train.strategy=fsdp (or "
+                         f"auto) reads, not train.strategy={kind}")
     if kind == "ddp":
         # Buffers (centers) are kept identical by all-reduces, so DDP need not broadcast them every step.
         return DDPStrategy(process_group_backend="nccl" if accelerator == "gpu" else "gloo", broadcast_buffers=False,
                            find_unused_parameters=False, gradient_as_bucket_view=True)
     if kind == "fsdp":
-        if accelerator != "gpu":  # Lightning's FSDPStrategy refuses the CPU accelerator
-            raise ValueError("train.strategy=fsdp trains on GPUs (Lightning's FSDPStrategy refuses the CPU); on the "
-                             "CPU use train.strategy=ddp or auto")
         # Wrapping happens in `wrap_fsdp` (called from LightningModule.configure_model); Lightning then leaves the
         # already-wrapped module as it is.
-        return FSDPStrategy(state_dict_type="sharded", use_orig_params=True, process_group_backend="nccl")
-    if sharded_checkpoint:
-        raise ValueError("this run resumes from a sharded (FSDP) checkpoint, which only train.strategy=fsdp on GPUs "
-                         "reads: resume it on GPUs")
+        return ShardedStrategy(state_dict_type="sharded", use_orig_params=True,
+                               process_group_backend="nccl" if accelerator == "gpu" else "gloo")
     return "auto"
 
 

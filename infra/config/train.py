@@ -172,6 +172,8 @@ class TrainConfig(Section):
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     devices: int | Literal["auto"] = "auto"
     num_nodes: int = Field(default=1, ge=1)
+    # auto: FSDP on several GPUs (and to resume a sharded checkpoint), DDP on several CPU processes, else one process.
+    # fsdp also runs on CPU processes (gloo): the GPU path without a GPU (tests, a sharded checkpoint on a CPU host).
     strategy: Literal["auto", "fsdp", "ddp"] = "auto"
     # auto: bf16 autocast where the hardware computes bf16 natively (CUDA, or CPUs with AMX / AVX512-BF16), else
     # fp32 (emulated bf16 matmuls measured ~4x slower than fp32 on an AVX-512 CPU without them).

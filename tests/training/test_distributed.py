@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tiny import tiny_config
 from torch.testing import assert_close
 
@@ -67,42 +68,6 @@ def test_two_process_cpu_ddp_training_with_accumulation(image_folder, tmp_path):
     assert not torch.equal(per_rank[0], per_rank[1])  # the ranks did see different data
     start = DinoV2Module(cfg, seed=0).meta.student.backbone.state_dict()
     assert not torch.equal(start["blocks.0.attn.qkv.weight"], r0["student.backbone.blocks.0.attn.qkv.weight"])
-
-
-@pytest.mark.slow
-def test_a_run_resumes_on_more_processes_with_the_same_global_batch(image_folder, tmp_path):
-    """Preempted on 1 process x 2 micro-batches, resumed on 2 processes x 1: every later step sees the same images
-    (rank r's batch is micro-batch r of the uninterrupted run) with the same schedules; the losses stay close (only
-    the per-micro-batch Sinkhorn-Knopp / centering / KoLeo groups change), and derived.json records both segments."""
-    from ddp_worker import SeenPositions
-
-    from training.pretrain import pretrain
-
-    one = {"accumulate_grad_batches": 2, "cpu_threads": 1}
-    whole = pretrain(image_folder, tmp_path / "whole", tiny_config(**one), seed=0, callbacks=[SeenPositions(tmp_path)])
-    assert pretrain(image_folder, tmp_path / "run", tiny_config(**one), seed=0, interrupt_at=5).steps == 5
-    _torchrun("ddp_worker.py", str(image_folder), str(tmp_path / "run"),
-              json.dumps({"devices": 2, "cpu_threads": 1}))
-    seen = json.loads((tmp_path / "positions_rank0.json").read_text())
-    ranks = [json.loads((tmp_path / "run" / f"positions_rank{r}.json").read_text()) for r in (0, 1)]
-    assert sorted(ranks[0]) == sorted(ranks[1]) == [str(s) for s in range(5, 10)]
-    for step in range(5, 10):
-        assert [ranks[r][str(step)][0] for r in (0, 1)] == seen[str(step)]
-    a, b = read_csv(whole.metrics_csv), read_csv(tmp_path / "run" / "metrics.csv")
-    assert [r["step"] for r in b] == list(range(10))
-    for key in ("lr", "last_layer_lr", "wd", "momentum", "teacher_temp"):
-        assert [r[key] for r in b] == [r[key] for r in a], key
-    for ra, rb in zip(a[:5], b[:5], strict=True):
-        assert rb["total_loss"] == ra["total_loss"]
-    # Step 5 starts from the same weights and centers on the same crops: only the groups of the per-micro-batch
-    # statistics differ (Sinkhorn-Knopp over 8 images on 2 ranks, not 4 + 4), which moved this loss by 2 %.
-    assert b[5]["total_loss"] != a[5]["total_loss"]
-    assert b[5]["total_loss"] == pytest.approx(a[5]["total_loss"], rel=0.05)
-    assert all(math.isfinite(r["total_loss"]) for r in b[5:])
-    derived = json.loads((tmp_path / "run" / "derived.json").read_text())
-    assert derived["segments"] == [{"from_step": 0, "world_size": 1, "accumulate_grad_batches": 2},
-                                   {"from_step": 5, "world_size": 2, "accumulate_grad_batches": 1}]
-    assert derived["global_batch"] == 8 and derived["world_size"] == 2
 
 
 @pytest.mark.slow
@@ -195,6 +160,51 @@ def test_fsdp_bf16_mixed_precision_reduces_head_gradients_in_fp32(fsdp_run):
     assert got["params"] == [fp32]
     assert set(got["losses"]) == {"dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss"}
     assert all(math.isfinite(v) for v in got["losses"].values()) and got["losses"]["ibot_loss"] > 0
+
+
+@pytest.mark.slow
+def test_lightning_fsdp_resumes_exactly_and_on_fewer_processes_with_the_same_global_batch(image_folder, tmp_path):
+    """The GPU strategy (Lightning's FSDPStrategy, sharded checkpoints) on CPU processes. A 2-process run preempted at
+    step 5 resumes on its 2 processes on the exact trajectory. The same checkpoint, resharded on load, continues on
+    1 process x 2 micro-batches: every later step sees the same images (micro-batch j is rank j's batch of the
+    uninterrupted run) with the same schedules, the losses move only as far as the per-micro-batch Sinkhorn-Knopp /
+    centering / KoLeo groups make them, and they are those of the same run's one-file DDP checkpoint resumed there
+    (weights and AdamW state survive the resharding: skipping the optimizer state moved them by 3-10 %)."""
+    _torchrun("fsdp_resume_worker.py", str(image_folder), str(tmp_path), "two")
+    _torchrun("fsdp_resume_worker.py", str(image_folder), str(tmp_path), "one", nproc=1)
+
+    def files(run: str) -> list[str]:
+        return sorted(p.name for p in (tmp_path / run / "checkpoints" / "last.ckpt").iterdir())
+
+    assert files("run") == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]  # one shard per rank
+    assert files("reshard") == [".metadata", "__0_0.distcp", "meta.pt"]  # written again by the one process
+    rows = {run: read_csv(tmp_path / run / "metrics.csv") for run in ("whole", "run", "reshard", "ddp")}
+    assert all([r["step"] for r in got] == list(range(10)) for got in rows.values())
+    for a, b in zip(rows["whole"], rows["run"], strict=True):  # exact resume: every value but the step time
+        assert {k: v for k, v in b.items() if k != "step_time_s"} == {k: v for k, v in a.items() if k != "step_time_s"}
+    whole, run = (load_file(tmp_path / r / "teacher_checkpoint.safetensors") for r in ("whole", "run"))
+    assert set(whole) == set(run) and all(torch.equal(whole[k], run[k]) for k in whole)
+
+    lanes = [json.loads((tmp_path / "whole" / f"positions_rank{r}.json").read_text()) for r in (0, 1)]
+    seen = json.loads((tmp_path / "reshard" / "positions_rank0.json").read_text())
+    assert sorted(seen, key=int) == [str(s) for s in range(5, 10)]
+    for step in range(5, 10):
+        assert seen[str(step)] == [lanes[r][str(step)][0] for r in (0, 1)]
+    a, b = rows["whole"], rows["reshard"]
+    for key in ("lr", "last_layer_lr", "wd", "momentum", "teacher_temp"):
+        assert [r[key] for r in b] == [r[key] for r in a], key
+    assert [r["total_loss"] for r in b[:5]] == [r["total_loss"] for r in a[:5]]
+    # Step 5: the same weights and crops; only the groups of the per-micro-batch statistics differ (Sinkhorn-Knopp over
+    # 4 + 4 images, not 8 on 2 ranks), which moved this loss by 3 %.
+    assert b[5]["total_loss"] != a[5]["total_loss"]
+    assert b[5]["total_loss"] == pytest.approx(a[5]["total_loss"], rel=0.06)
+    for x, y in zip(rows["ddp"][5:], b[5:], strict=True):  # FSDP and DDP differ in float summation order only
+        for key in ("total_loss", "dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss"):
+            assert y[key] == pytest.approx(x[key], rel=2e-3), (x["step"], key)  # measured: at most 2.2e-4
+    derived = json.loads((tmp_path / "reshard" / "derived.json").read_text())
+    assert derived["segments"] == [{"from_step": 0, "world_size": 2, "accumulate_grad_batches": 1},
+                                   {"from_step": 5, "world_size": 1, "accumulate_grad_batches": 2}]
+    assert derived["global_batch"] == 8 and derived["world_size"] == 1
 
 
 @pytest.mark.gpu
