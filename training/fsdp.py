@@ -11,6 +11,7 @@ in fp32"), the backbone's in the compute dtype; buffers stay fp32.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 from infra.config.train import TrainConfig
 from training.layers import Block
 
+log = logging.getLogger(__name__)
 LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -37,13 +39,43 @@ def mixed_precision(precision: str, reduce_fp32: bool) -> Any:
                           buffer_dtype=torch.float32)
 
 
-def wrap_fsdp(groups: dict[str, nn.ModuleDict], cfg: TrainConfig, device: torch.device, precision: str) -> None:
-    """Wrap every submodule of each ModuleDict (student, teacher, ema) in place; `precision` is the resolved
-    compute precision (`training.strategy.compute_precision`), the one Lightning's autocast uses."""
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+def sharding(cfg: TrainConfig, device: torch.device, devices_per_node: int | None) -> tuple[Any, Any]:
+    """FSDP's (ShardingStrategy, device mesh) for `train.fsdp_sharding`. HYBRID_SHARD gets an explicit (nodes x
+    devices per node) mesh: left to itself, FSDP takes a node's size from `device_count()`, which is 1 where each
+    process sees one GPU (SLURM's --gpus-per-task=1) or on the CPU, and with a shard group of one process it falls
+    back to NO_SHARD over that group alone, so nothing is ever reduced across nodes and the replicas drift apart
+    silently. With one device per node there is nothing to shard inside a node: NO_SHARD over all processes is
+    HYBRID_SHARD's meaning there."""
+    import torch.distributed as dist
     from torch.distributed.fsdp import ShardingStrategy
+
+    kind = cfg.fsdp_sharding
+    if kind != "HYBRID_SHARD":
+        return getattr(ShardingStrategy, kind), None
+    world = dist.get_world_size()
+    local = devices_per_node or world
+    if world % local:
+        raise ValueError(f"HYBRID_SHARD: {world} processes are not whole nodes of {local} devices")
+    if local == 1:
+        if dist.get_rank() == 0:
+            log.warning("train.fsdp_sharding=HYBRID_SHARD with one device per node: nothing to shard inside a "
+                        "node, training replicates over all %d processes (NO_SHARD)", world)
+        return ShardingStrategy.NO_SHARD, None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (world // local, local), mesh_dim_names=("replicate", "shard"))
+    return ShardingStrategy.HYBRID_SHARD, mesh
+
+
+def wrap_fsdp(groups: dict[str, nn.ModuleDict], cfg: TrainConfig, device: torch.device, precision: str,
+              devices_per_node: int | None = None) -> None:
+    """Wrap every submodule of each ModuleDict (student, teacher, ema) in place; `precision` is the resolved
+    compute precision (`training.strategy.compute_precision`), the one Lightning's autocast uses;
+    `devices_per_node` (default: all processes on one node) places HYBRID_SHARD's shard groups (see `sharding`)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
+    strategy, mesh = sharding(cfg, device, devices_per_node)
     for group_name, modules in groups.items():
         for name in list(modules.keys()):
             if isinstance(modules[name], FSDP):
@@ -51,7 +83,7 @@ def wrap_fsdp(groups: dict[str, nn.ModuleDict], cfg: TrainConfig, device: torch.
             head_grads_fp32 = group_name == "student" and name != "backbone"
             modules[name] = FSDP(
                 modules[name], auto_wrap_policy=ModuleWrapPolicy({Block}),
-                sharding_strategy=getattr(ShardingStrategy, cfg.fsdp_sharding),
+                sharding_strategy=strategy, device_mesh=mesh,
                 mixed_precision=mixed_precision(precision, head_grads_fp32), device_id=device, use_orig_params=True,
                 # Broadcast rank 0's initialisation (GPU only; on CPU every rank seeds the same init anyway).
                 sync_module_states=device.type == "cuda")

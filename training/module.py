@@ -63,7 +63,7 @@ class DinoV2Module(L.LightningModule):
             device = self.trainer.strategy.root_device
             precision = compute_precision(self.cfg, device.type)  # resolved as for the trainer's flag
             assert PRECISION[precision] == self.trainer.precision, (precision, self.trainer.precision)
-            wrap_fsdp(groups, self.cfg, device, precision)
+            wrap_fsdp(groups, self.cfg, device, precision, devices_per_node=self.trainer.num_devices)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         o = self.cfg.optim

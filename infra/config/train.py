@@ -180,7 +180,8 @@ class TrainConfig(Section):
     precision: Literal["auto", "bf16", "fp32", "fp16"] = "auto"
     # FSDP sharding (PyTorch's names): SHARD_GRAD_OP (the reference's), FULL_SHARD (also parameters between
     # forward and backward: least memory), HYBRID_SHARD (FULL_SHARD within a node, replicated across nodes: all-gathers
-    # stay on the node's fast links), NO_SHARD (DDP-like).
+    # stay on the node's fast links; a node is `devices` processes, and with one device per node it replicates like
+    # NO_SHARD), NO_SHARD (DDP-like).
     fsdp_sharding: Literal["SHARD_GRAD_OP", "FULL_SHARD", "HYBRID_SHARD", "NO_SHARD"] = "SHARD_GRAD_OP"
     # Recompute each student block's activations in the backward pass instead of keeping them: activation memory of
     # one block instead of all, for about one more forward of the blocks. Gradients are unchanged (tested), drop-path

@@ -1,9 +1,9 @@
 """Started by torchrun from test_distributed.py: the FSDP code path (the GPU strategy) on CPU processes (gloo).
 
-The same 3 training steps run twice from the same initialisation on the same per-rank batches: once with plain
-modules and gradients averaged by hand (what DDP does), once with every student/teacher submodule wrapped by
+The same 3 training steps run from the same initialisation on the same per-rank batches: once with plain
+modules and gradients averaged by hand (what DDP does), then with every student/teacher submodule wrapped by
 `training.strategy.wrap_fsdp` (sharded parameters, per-shard EMA, sharded gradient clipping, param groups of
-flattened parameters). Rank 0 saves both
+flattened parameters): SHARD_GRAD_OP, then HYBRID_SHARD as 1 node x 2 processes and as 2 nodes x 1. Rank 0 saves both
 final states; the test asserts they are equal. A third run wraps with bf16 mixed precision (the precision resolved
 by `training.strategy.compute_precision`) and records what FSDP does with it: per-unit dtypes, the parameter dtype
 seen inside the forward, gradient dtypes and the losses of one step under bf16 autocast.
@@ -31,13 +31,13 @@ from training.seeding import reseed
 from training.strategy import compute_precision
 
 
-def run(cfg, data: Path, fsdp: bool, steps: int = 3) -> dict[str, torch.Tensor]:
+def run(cfg, data: Path, fsdp: bool, steps: int = 3, devices_per_node: int | None = None) -> dict[str, torch.Tensor]:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     meta = SSLMetaArch(cfg).train()
     if fsdp:
         wrap_fsdp({"student": meta.student, "teacher": meta.teacher}, cfg, torch.device("cpu"),
-                  compute_precision(cfg, "cpu"))
+                  compute_precision(cfg, "cpu"), devices_per_node)
     # SGD rather than AdamW: Adam's first steps are sign-like, so gradients that are ~0 and differ only in float
     # summation order would flip whole updates; SGD keeps the comparison well conditioned.
     opt = torch.optim.SGD(meta.param_groups(), lr=0.0)
@@ -113,10 +113,13 @@ if __name__ == "__main__":
     # clipping active; a large lr so that the three updates are far above float noise
     cfg = tiny_config(**{"ibot.separate_head": True, "optim.clip_grad": 0.5, "optim.base_lr": 10.0})
     plain, sharded = run(cfg, data, fsdp=False), run(cfg, data, fsdp=True)
+    # HYBRID_SHARD as one node of 2 processes (shard groups of 2) and as 2 nodes of 1 (nothing to shard: replicated)
+    hybrid = cfg.model_copy(update={"fsdp_sharding": "HYBRID_SHARD"})
+    hybrids = {f"hybrid_{n}": run(hybrid, data, fsdp=True, devices_per_node=n) for n in (2, 1)}
     bf16 = bf16_step(tiny_config(**{"ibot.separate_head": True, "precision": "bf16"}), data)
     if dist.get_rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
-        torch.save({"plain": plain, "fsdp": sharded}, out / "states.pt")
+        torch.save({"plain": plain, "fsdp": sharded, **hybrids}, out / "states.pt")
         (out / "bf16.json").write_text(json.dumps(bf16))
     dist.barrier()
     dist.destroy_process_group()

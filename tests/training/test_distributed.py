@@ -136,12 +136,16 @@ def fsdp_run(image_folder, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_fsdp_wrapping_equals_gradient_averaging_on_cpu(fsdp_run):
-    """The FSDP path (sharded params, per-shard EMA, sharded clipping) trains exactly like plain data parallelism."""
+    """The FSDP path (sharded params, per-shard EMA, sharded clipping) trains exactly like plain data parallelism, with
+    SHARD_GRAD_OP and with HYBRID_SHARD on 1 node x 2 processes and 2 nodes x 1 (left to FSDP's own node detection,
+    which takes a node's size from the visible device count, the replicas were never reduced: 1.5 % off in 10 steps)."""
     states = torch.load(fsdp_run / "states.pt", weights_only=True)
-    plain, sharded = states["plain"], states["fsdp"]
-    assert set(plain) == set(sharded) and any(k.startswith("teacher.ibot_head.") for k in plain)
-    for key in plain:
-        assert_close(sharded[key], plain[key], rtol=1e-5, atol=1e-6, msg=key)
+    plain = states["plain"]
+    assert any(k.startswith("teacher.ibot_head.") for k in plain)
+    for run in ("fsdp", "hybrid_2", "hybrid_1"):
+        assert set(states[run]) == set(plain), run
+        for key in plain:
+            assert_close(states[run][key], plain[key], rtol=1e-5, atol=1e-6, msg=f"{run}: {key}")
     assert not torch.equal(plain["teacher.backbone.cls_token"], plain["student.backbone.cls_token"])
 
 
