@@ -96,7 +96,9 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
     with safe_open(str(path), framework="pt", device="cpu") as f:
         meta = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-    decoded = {k: json.loads(v) for k, v in meta.items() if k != "format"}
+    # safetensors hands the metadata over as a Rust HashMap: its order differs from process to process (and call to
+    # call), so anything built by iterating it must not see that order.
+    decoded = {k: json.loads(meta[k]) for k in sorted(meta) if k != "format"}
     return tensors, decoded
 
 
@@ -122,13 +124,20 @@ def export_bundle(modules: Mapping[str, nn.Module], path: Path) -> Path:
     return save_safetensors(state, path, meta)
 
 
+BUNDLE_ORDER = ("backbone", "dino_head", "ibot_head")  # the order SSLMetaArch builds a student and its teacher in
+
+
 def load_bundle(path: Path) -> dict[str, nn.Module]:
-    """Rebuild the modules of `export_bundle` (or a backbone-only export, as {"backbone": ...})."""
+    """Rebuild the modules of `export_bundle` (or a backbone-only export, as {"backbone": ...}), always in
+    `BUNDLE_ORDER`: a distillation teacher's module order is its parameter order, which DDP's start-up broadcast and
+    FSDP's wrapping follow on every rank; an order that differed between processes silently gave every rank but the
+    first a teacher with its tensors swapped between modules (DDP) or mismatched collectives (FSDP)."""
     tensors, meta = read_safetensors(Path(path))
     if "lvd_backbone" in meta and not any(k.startswith("backbone.") for k in tensors):
         tensors = {f"backbone.{k}": v for k, v in tensors.items()}
     out: dict[str, nn.Module] = {}
-    for key, kwargs in meta.items():
+    rank = {name: i for i, name in enumerate(BUNDLE_ORDER)}
+    for key, kwargs in sorted(meta.items(), key=lambda kv: (rank.get(kv[0].removeprefix("lvd_"), len(rank)), kv[0])):
         name = key.removeprefix("lvd_")
         module = DinoVisionTransformer(**kwargs) if name == "backbone" else DINOHead(**kwargs)
         sub = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}

@@ -166,16 +166,23 @@ def test_fsdp_bf16_mixed_precision_reduces_head_gradients_in_fp32(fsdp_run):
     assert all(math.isfinite(v) for v in got["losses"].values()) and got["losses"]["ibot_loss"] > 0
 
 
+@pytest.fixture(scope="module")
+def lightning_runs(image_folder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("lightning")
+    _torchrun("fsdp_resume_worker.py", str(image_folder), str(out), "two")
+    _torchrun("fsdp_resume_worker.py", str(image_folder), str(out), "one", nproc=1)
+    return out
+
+
 @pytest.mark.slow
-def test_lightning_fsdp_resumes_exactly_and_on_fewer_processes_with_the_same_global_batch(image_folder, tmp_path):
+def test_lightning_fsdp_resumes_exactly_and_on_fewer_processes_with_the_same_global_batch(lightning_runs):
     """The GPU strategy (Lightning's FSDPStrategy, sharded checkpoints) on CPU processes. A 2-process run preempted at
     step 5 resumes on its 2 processes on the exact trajectory. The same checkpoint, resharded on load, continues on
     1 process x 2 micro-batches: every later step sees the same images (micro-batch j is rank j's batch of the
     uninterrupted run) with the same schedules, the losses move only as far as the per-micro-batch Sinkhorn-Knopp /
     centering / KoLeo groups make them, and they are those of the same run's one-file DDP checkpoint resumed there
     (weights and AdamW state survive the resharding: skipping the optimizer state moved them by 3-10 %)."""
-    _torchrun("fsdp_resume_worker.py", str(image_folder), str(tmp_path), "two")
-    _torchrun("fsdp_resume_worker.py", str(image_folder), str(tmp_path), "one", nproc=1)
+    tmp_path = lightning_runs
 
     def files(run: str) -> list[str]:
         return sorted(p.name for p in (tmp_path / run / "checkpoints" / "last.ckpt").iterdir())
@@ -209,6 +216,22 @@ def test_lightning_fsdp_resumes_exactly_and_on_fewer_processes_with_the_same_glo
     assert derived["segments"] == [{"from_step": 0, "world_size": 2, "accumulate_grad_batches": 1},
                                    {"from_step": 5, "world_size": 1, "accumulate_grad_batches": 2}]
     assert derived["global_batch"] == 8 and derived["world_size"] == 1
+
+
+@pytest.mark.slow
+def test_ddp_distillation_gives_every_rank_the_teacher_of_the_bundle(lightning_runs):
+    """A distillation teacher loaded on each rank has one module order (`training.checkpoint.BUNDLE_ORDER`), so DDP's
+    start-up broadcast from rank 0 lands on the same tensors: before, the order came from the file's metadata in a
+    per-process order, and rank 1 trained against a teacher whose tensors were swapped between modules."""
+    bundle = load_file(lightning_runs / "whole" / "teacher_checkpoint.safetensors")
+    ranks = [torch.load(lightning_runs / "distill" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    teacher = {k: v for k, v in ranks[0].items() if k.startswith("teacher.")}
+    assert {k.removeprefix("teacher.") for k in teacher} == set(bundle)
+    for key, value in teacher.items():
+        assert torch.equal(value, bundle[key.removeprefix("teacher.")]), key  # frozen: the bundle's own tensors
+    assert set(ranks[0]) == set(ranks[1])
+    for key in ranks[0]:  # and every rank holds the same student, EMA student and teacher
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
 
 
 @pytest.mark.gpu

@@ -7,7 +7,15 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from training.checkpoint import export_backbone, load_backbone, load_official_state_dict, official_state_dict
+from training.checkpoint import (
+    BUNDLE_ORDER,
+    export_backbone,
+    export_bundle,
+    load_backbone,
+    load_bundle,
+    load_official_state_dict,
+    official_state_dict,
+)
 from training.registry import ARCHS, build_backbone
 
 # (arch, embed dim, depth, SwiGLU hidden width of the released checkpoint)
@@ -85,6 +93,23 @@ def test_pos_embed_interpolation_shapes():
         tokens = model.prepare_tokens_with_masks(torch.randn(1, 3, px, px))
         assert tokens.shape == (1, grid * grid + 1, 384)
     assert model.interpolate_pos_encoding(torch.zeros(1, 257, 384), 224, 224).shape == (1, 257, 384)
+
+
+def test_a_bundle_loads_in_one_module_order(tmp_path):
+    """safetensors returns a file's metadata in an order that changes from call to call (a Rust HashMap); a bundle's
+    modules must come back in one order all the same, since a distillation teacher's parameter order follows it (two
+    ranks with different orders got swapped teacher tensors from DDP's start-up broadcast)."""
+    from training.layers.dino_head import DINOHead
+
+    modules = {"ibot_head": DINOHead(96, 48, hidden_dim=32, bottleneck_dim=16),
+               "backbone": build_backbone("vit_pico", 4, 16, init_values=1e-5),
+               "dino_head": DINOHead(96, 64, hidden_dim=32, bottleneck_dim=16)}
+    path = export_bundle(modules, tmp_path / "bundle.safetensors")
+    orders = {tuple(load_bundle(path)) for _ in range(12)}  # a random order would show up in 12 loads (1 - 6^-11)
+    assert orders == {BUNDLE_ORDER}
+    loaded = load_bundle(path)
+    for name, module in modules.items():
+        assert all(torch.equal(v, loaded[name].state_dict()[k]) for k, v in module.state_dict().items()), name
 
 
 def test_chunked_export_is_flat_and_round_trips(tmp_path):
