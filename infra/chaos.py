@@ -1,6 +1,6 @@
 """Crash-and-resume trials: SIGKILL the whole `lvd` process tree at chosen points, resume, compare with a reference.
 
-Used by `bench/chaos.py` (20 random trials) and by the CI test that kills one run three times.
+Used by `bench/chaos.py` (20 random trials) and by the CI test that kills one run twice.
 """
 
 from __future__ import annotations
