@@ -11,9 +11,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from infra.config import ConfigError, PipelineConfig, config_hash, to_yaml, validate
+from infra.config import ConfigError, PipelineConfig, config_hash, parse_yaml, to_yaml, validate
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_FILE = "config.yaml"
@@ -55,7 +53,7 @@ class RunDir:
     def load_config(self) -> PipelineConfig:
         if not self.exists():
             raise FileNotFoundError(f"no run {self.run_id!r} under {self.root} (missing {self.config_path})")
-        return validate(yaml.safe_load(self.config_path.read_text()), str(self.config_path))
+        return validate(parse_yaml(self.config_path.read_text()), str(self.config_path))
 
     def save_config(self, cfg: PipelineConfig) -> None:
         """Write the resolved config; an existing run keeps its config (a different one is an error)."""

@@ -29,6 +29,7 @@ import torch
 import yaml
 from torch import nn
 
+from infra.config import parse_yaml
 from infra.config.train import EXECUTION_KEYS, TrainConfig
 from infra.storage import atomic_write_json, atomic_write_text
 from training.callbacks import AtomicCheckpoint, ExportTeacher, MetricsLogger, find_resume_checkpoint
@@ -72,7 +73,7 @@ def _check_resumable(out_dir: Path, cfg: TrainConfig) -> None:
     saved = out_dir / "train_config.yaml"
     if not saved.is_file():
         return
-    before = yaml.safe_load(saved.read_text())
+    before = parse_yaml(saved.read_text())
     now = cfg.model_dump(mode="json")
     changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
     if changed:

