@@ -1,6 +1,8 @@
+import fcntl
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
@@ -26,9 +28,51 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 @pytest.fixture(scope="session")
-def prefect_server():
-    """One temporary Prefect database and API server for every flow test of the session."""
-    from prefect.testing.utilities import prefect_test_harness
+def prefect_server(migrated_prefect_db):
+    """One temporary Prefect database and API server for every flow test of the session (Prefect's test harness,
+    its database a copy of `migrated_prefect_db`: the harness's server would otherwise migrate a new one)."""
+    from prefect.testing import utilities
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+    folder = tempfile.mkdtemp(prefix="lvd-prefect-harness-")  # the harness removes it at exit
+    shutil.copyfile(migrated_prefect_db, Path(folder) / "prefect-test.db")  # the file name the harness uses
+    mp = pytest.MonkeyPatch()
+    mp.setattr(utilities, "mkdtemp", lambda: folder)
+    try:
+        with utilities.prefect_test_harness(server_startup_timeout=120):
+            mp.undo()
+            yield
+    finally:
+        mp.undo()
+
+
+@pytest.fixture(scope="session")
+def migrated_prefect_db(tmp_path_factory) -> Path:
+    """An embedded-server database at Prefect's head revision, migrated once per test session and shared by the
+    pytest-xdist workers (a file lock in their common temporary folder): a test that starts `lvd` in a fresh
+    PREFECT_HOME begins from a copy instead of migrating one from scratch (~15 s each on 2 idle cores, ~25 s in CI).
+    Migrating from scratch, and surviving a kill inside it, is what tests/infra/test_prefect_db.py tests."""
+    from infra.prefect_db import head_revisions, migrate, revision
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    db = shared / "prefect-head.db"
+    with open(shared / "prefect-head.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if revision(db) not in head_revisions():
+            tmp = shared / f"prefect-head.db.{os.getpid()}"
+            ok, err = migrate(tmp)
+            assert ok, err[-3000:]
+            os.replace(tmp, db)
+    return db
+
+
+@pytest.fixture
+def prefect_home(migrated_prefect_db):
+    """``prefect_home(path)`` makes ``path`` a PREFECT_HOME whose database is a copy of `migrated_prefect_db`."""
+
+    def make(path: Path) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(migrated_prefect_db, path / "prefect.db")
+        return path
+
+    return make

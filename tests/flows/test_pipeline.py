@@ -195,7 +195,7 @@ def test_audit_passes_then_names_a_corrupted_shard_byte_and_a_removed_ledger_row
     assert out.rstrip().endswith("audit: 5 discrepancies")
 
 
-def test_two_sigkills_at_random_points_then_resume_give_the_same_corpus_and_ledger(runs, tmp_path):
+def test_two_sigkills_at_random_points_then_resume_give_the_same_corpus_and_ledger(runs, tmp_path, prefect_home):
     """The whole `lvd` process tree is SIGKILLed twice (seeded random delays), each time resumed; the result equals
     the module's completed run (same config and seed) and audits clean. (Three kills cost CI ~40 s more; bench/chaos.py
     runs 20 random trials.)"""
@@ -209,7 +209,7 @@ def test_two_sigkills_at_random_points_then_resume_give_the_same_corpus_and_ledg
     delays = [rng.uniform(5.0, 20.0) for _ in range(2)]
     # Evaluation is off: it writes no ledger event and no corpus byte, and the comparison is about those.
     result = trial(REPO / "configs" / "tiny.yaml", ["evaluate.enabled=false"], tmp_path / "chaos",
-                   environment(tmp_path / "prefect-home"), delays, timeout=900)
+                   environment(prefect_home(tmp_path / "prefect-home")), delays, timeout=900)
     assert result.killed_in.count("finished") == 0, result.killed_in  # every kill interrupted the flow
     assert result.problems == []
     reference = snapshot(runs.run.path)

@@ -18,8 +18,8 @@ CHILD = Path(__file__).with_name("prefect_outage_child.py")
 pytestmark = pytest.mark.slow
 
 
-def launch(mode: str, tmp_path: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / mode), "LVD_PREFECT_EXIT_TIMEOUT": "3",
+def launch(mode: str, tmp_path: Path, prefect_home) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(prefect_home(tmp_path / mode)), "LVD_PREFECT_EXIT_TIMEOUT": "3",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
     env.pop("PREFECT_API_URL", None)
     return subprocess.Popen([sys.executable, str(CHILD), mode, "5", str(tmp_path / mode / "runs")], cwd=REPO, env=env,
@@ -33,10 +33,10 @@ def server_stopped(proc: subprocess.Popen) -> float:
     return time.monotonic()
 
 
-def test_prefect_exit_flush_against_a_dead_server_is_bounded(tmp_path):
+def test_prefect_exit_flush_against_a_dead_server_is_bounded(tmp_path, prefect_home):
     """Two children side by side (each starts its own server): one exits through the bound, the other (the control)
     shows that what `lvd` guards against still happens in this Prefect version."""
-    bounded, plain = launch("bounded", tmp_path), launch("plain", tmp_path)
+    bounded, plain = launch("bounded", tmp_path, prefect_home), launch("plain", tmp_path, prefect_home)
     try:
         stopped = server_stopped(bounded)
         _, err = bounded.communicate(timeout=120)
