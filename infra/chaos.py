@@ -100,13 +100,31 @@ def reference(config: Path, overrides: list[str], root: Path, env: dict[str, str
     return snapshot(root / run_id_of(root)), time.perf_counter() - t0
 
 
+def _events(root: Path) -> list[dict]:
+    runs = [p for p in root.iterdir() if (p / "events.jsonl").is_file()] if root.is_dir() else []
+    return RunDir(root, runs[0].name).events() if runs else []
+
+
+def wait_for_stage(root: Path, stage: str, since: int, proc: subprocess.Popen, timeout: float) -> bool:
+    """Wait until the run's event log, past its first `since` events, says that `stage` started; False when the
+    process exited first (the stage was cached, or the flow ended)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(e.get("event") == "started" and e.get("stage") == stage for e in _events(root)[since:]):
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.1)
+    raise TimeoutError(f"stage {stage!r} did not start under {root} within {timeout:g} s")
+
+
 def in_progress(root: Path) -> str:
     """The stage that was running (started, not finished) per the run's event log; 'start-up' if none yet."""
-    runs = [p for p in root.iterdir() if (p / "events.jsonl").is_file()] if root.is_dir() else []
-    if not runs:
+    events = _events(root)
+    if not events:
         return "start-up"
     running = "between stages"
-    for event in RunDir(root, runs[0].name).events():
+    for event in events:
         if event.get("event") == "started":
             running = event["stage"]
         elif event.get("event") in ("completed", "failed", "skipped"):
@@ -139,14 +157,20 @@ class TrialResult:
 
 
 def trial(config: Path, overrides: list[str], root: Path, env: dict[str, str], delays: list[float],
-          timeout: float) -> TrialResult:
-    """Start the run; after each delay, SIGKILL the process tree and resume; finally resume to the end."""
+          timeout: float, stages: list[str] | None = None) -> TrialResult:
+    """Start the run; after each delay, SIGKILL the process tree and resume; finally resume to the end.
+
+    A delay counts from the start of the process, or, with `stages`, from the moment the process's flow starts
+    stage `stages[i]` (a kill inside a chosen stage, whatever the start-up and the earlier stages took)."""
     killed_in: list[str] = []
     resumed_from: list[int | None] = []
     finished_after = None
     started = time.perf_counter()
+    since = 0  # events logged before the current process started
     proc = lvd("run", str(config), f"run.root={root}", *overrides, env=env)
-    for delay in delays:
+    for i, delay in enumerate(delays):
+        if stages is not None:
+            wait_for_stage(root, stages[i], since, proc, timeout)  # (an exited process: "finished" just below)
         try:
             proc.wait(timeout=delay)
             killed_in.append("finished")
@@ -157,6 +181,7 @@ def trial(config: Path, overrides: list[str], root: Path, env: dict[str, str], d
             killed_in.append(in_progress(root))
             if killed_in[-1] == "pretrain":
                 resumed_from.append(checkpoint_step(root))
+        since = len(_events(root))
         if root.is_dir() and any((p / "config.yaml").is_file() for p in root.iterdir()):
             proc = lvd("resume", run_id_of(root), "--root", str(root), env=env)
         else:  # killed before the run directory existed: the same command again (same config, same run id)
