@@ -49,7 +49,7 @@ def prefect_server(migrated_prefect_db):
 def migrated_prefect_db(tmp_path_factory) -> Path:
     """An embedded-server database at Prefect's head revision, migrated once per test session and shared by the
     pytest-xdist workers (a file lock in their common temporary folder): a test that starts `lvd` in a fresh
-    PREFECT_HOME begins from a copy instead of migrating one from scratch (~15 s each on 2 idle cores, ~25 s in CI).
+    PREFECT_HOME begins from a copy instead of migrating one from scratch (~15 s each on 2 idle cores, more under load).
     Migrating from scratch, and surviving a kill inside it, is what tests/infra/test_prefect_db.py tests."""
     from infra.prefect_db import head_revisions, migrate, revision
 
