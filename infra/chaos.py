@@ -105,17 +105,38 @@ def _events(root: Path) -> list[dict]:
     return RunDir(root, runs[0].name).events() if runs else []
 
 
-def wait_for_stage(root: Path, stage: str, since: int, proc: subprocess.Popen, timeout: float) -> bool:
-    """Wait until the run's event log, past its first `since` events, says that `stage` started; False when the
-    process exited first (the stage was cached, or the flow ended)."""
+@dataclass(frozen=True)
+class Anchor:
+    """Where a kill's delay starts counting: once the process's flow has started `stage` and, with `checkpoint`,
+    once pretraining has also written a resume checkpoint at that step or later."""
+
+    stage: str
+    checkpoint: int | None = None
+
+
+def _reached(root: Path, anchor: Anchor, since: int) -> bool:
+    if not any(e.get("event") == "started" and e.get("stage") == anchor.stage for e in _events(root)[since:]):
+        return False
+    if anchor.checkpoint is None:
+        return True
+    try:
+        step = checkpoint_step(root)
+    except Exception:  # a checkpoint being written: not yet
+        return False
+    return step is not None and step >= anchor.checkpoint
+
+
+def wait_for(root: Path, anchor: Anchor, since: int, proc: subprocess.Popen, timeout: float) -> bool:
+    """Wait until the run's event log, past its first `since` events, says that the anchor's stage started (and its
+    checkpoint exists); False when the process exited first (the stage was cached, or the flow ended)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if any(e.get("event") == "started" and e.get("stage") == stage for e in _events(root)[since:]):
+        if _reached(root, anchor, since):
             return True
         if proc.poll() is not None:
             return False
         time.sleep(0.1)
-    raise TimeoutError(f"stage {stage!r} did not start under {root} within {timeout:g} s")
+    raise TimeoutError(f"{anchor} not reached under {root} within {timeout:g} s")
 
 
 def in_progress(root: Path) -> str:
@@ -157,11 +178,11 @@ class TrialResult:
 
 
 def trial(config: Path, overrides: list[str], root: Path, env: dict[str, str], delays: list[float],
-          timeout: float, stages: list[str] | None = None) -> TrialResult:
+          timeout: float, anchors: list[Anchor] | None = None) -> TrialResult:
     """Start the run; after each delay, SIGKILL the process tree and resume; finally resume to the end.
 
-    A delay counts from the start of the process, or, with `stages`, from the moment the process's flow starts
-    stage `stages[i]` (a kill inside a chosen stage, whatever the start-up and the earlier stages took)."""
+    A delay counts from the start of the process, or, with `anchors`, from the moment the process reaches
+    `anchors[i]` (a kill inside a chosen stage, whatever the start-up and the earlier stages took)."""
     killed_in: list[str] = []
     resumed_from: list[int | None] = []
     finished_after = None
@@ -169,8 +190,8 @@ def trial(config: Path, overrides: list[str], root: Path, env: dict[str, str], d
     since = 0  # events logged before the current process started
     proc = lvd("run", str(config), f"run.root={root}", *overrides, env=env)
     for i, delay in enumerate(delays):
-        if stages is not None:
-            wait_for_stage(root, stages[i], since, proc, timeout)  # (an exited process: "finished" just below)
+        if anchors is not None:
+            wait_for(root, anchors[i], since, proc, timeout)  # (an exited process: "finished" just below)
         try:
             proc.wait(timeout=delay)
             killed_in.append("finished")
