@@ -1,4 +1,3 @@
-import fcntl
 import os
 import shutil
 import tempfile
@@ -47,23 +46,25 @@ def prefect_server(migrated_prefect_db):
 
 @pytest.fixture(scope="session")
 def migrated_prefect_db(tmp_path_factory) -> Path:
-    """An embedded-server database at Prefect's head revision, migrated once per test session and shared by the
-    pytest-xdist workers (a file lock in their common temporary folder): a test that starts `lvd` in a fresh
-    PREFECT_HOME begins from a copy instead of migrating one from scratch (~15 s each on 2 idle cores, more under load).
-    Migrating from scratch, and surviving a kill inside it, is what tests/infra/test_prefect_db.py tests."""
-    from infra.prefect_db import head_revisions, migrate, revision
+    """An embedded-server database at Prefect's head revision, made once per test session by `lvd`'s own
+    `ensure_embedded_database` (locked and atomic, so the pytest-xdist workers share it through their common temporary
+    folder): a test that starts `lvd` in a fresh PREFECT_HOME begins from a copy instead of migrating one from
+    scratch (~15 s each on 2 idle cores, more under load). Migrating from scratch, and surviving a kill inside it, is
+    what tests/infra/test_prefect_db.py tests."""
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_HOME,
+        PREFECT_SERVER_DATABASE_CONNECTION_URL,
+        temporary_settings,
+    )
+
+    from infra.prefect_db import ensure_embedded_database
 
     base = tmp_path_factory.getbasetemp()
     shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    db = shared / "prefect-head.db"
-    with open(shared / "prefect-head.lock", "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if revision(db) not in head_revisions():
-            tmp = shared / f"prefect-head.db.{os.getpid()}"
-            ok, err = migrate(tmp)
-            assert ok, err[-3000:]
-            os.replace(tmp, db)
-    return db
+    with temporary_settings(updates={PREFECT_HOME: shared / "prefect-template"},
+                            restore_defaults={PREFECT_API_URL, PREFECT_SERVER_DATABASE_CONNECTION_URL}):  # fmt: skip
+        return ensure_embedded_database()
 
 
 @pytest.fixture
