@@ -121,7 +121,7 @@ def _reached(root: Path, anchor: Anchor, since: int) -> bool:
         return True
     try:
         step = checkpoint_step(root)
-    except Exception:  # a checkpoint being written: not yet
+    except FileNotFoundError:  # replaced between the check and the read (AtomicCheckpoint renames twice): not yet
         return False
     return step is not None and step >= anchor.checkpoint
 
