@@ -11,4 +11,5 @@ from infra.config.schema import (
     validate,
 )
 
-__all__ = ["ConfigError", "PipelineConfig", "config_hash", "deep_merge", "load_config", "parse_yaml", "to_yaml", "validate"]
+__all__ = ["ConfigError", "PipelineConfig", "config_hash", "deep_merge", "load_config", "parse_yaml", "to_yaml",
+           "validate"]

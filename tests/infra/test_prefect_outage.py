@@ -19,8 +19,9 @@ pytestmark = pytest.mark.slow
 
 
 def launch(mode: str, tmp_path: Path, prefect_home) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(prefect_home(tmp_path / mode)), "LVD_PREFECT_EXIT_TIMEOUT": "3",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(prefect_home(tmp_path / mode)),
+           "LVD_PREFECT_EXIT_TIMEOUT": "3", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
     env.pop("PREFECT_API_URL", None)
     return subprocess.Popen([sys.executable, str(CHILD), mode, "5", str(tmp_path / mode / "runs")], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

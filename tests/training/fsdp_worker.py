@@ -4,9 +4,10 @@ The same 3 training steps run from the same initialisation on the same per-rank 
 modules and gradients averaged by hand (what DDP does), then with every student/teacher submodule wrapped by
 `training.strategy.wrap_fsdp` (sharded parameters, per-shard EMA, sharded gradient clipping, param groups of
 flattened parameters): SHARD_GRAD_OP, then HYBRID_SHARD as 1 node x 2 processes and as 2 nodes x 1. Rank 0 saves
-the four final states; the test asserts the wrapped ones equal the plain one. A third run wraps with bf16 mixed precision (the precision resolved
-by `training.strategy.compute_precision`) and records what FSDP does with it: per-unit dtypes, the parameter dtype
-seen inside the forward, gradient dtypes and the losses of one step under bf16 autocast.
+the four final states; the test asserts the wrapped ones equal the plain one. A third run wraps with bf16 mixed
+precision (the precision resolved by `training.strategy.compute_precision`) and records what FSDP does with it:
+per-unit dtypes, the parameter dtype seen inside the forward, gradient dtypes and the losses of one step under bf16
+autocast.
 """
 
 from __future__ import annotations
