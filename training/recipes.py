@@ -86,6 +86,20 @@ Measured 2026-12-01 (sixth session): does a larger pretraining set help at the s
 training.demo_check --out DIR --pretrain-images N` (MNIST digits, the check's own 1,000 / 1,000 kNN split, seed 0,
 2 threads, nothing else running): 2,500 images 71.6% (213 s), the first 1,500 of them (the demo corpus's size)
 69.4%: +2.2, within the seed spread, so the corpus size is no lever either (raw pixels 91.0%).
+
+Measured 2026-12-02 (tenth session), `python -m training.demo_check --out DIR --threads 1 [overrides]`, two runs at a
+time, seed 0 (base at 1 thread: ~300 s of training; random init with LayerScale 1.0, seeds 0 / 1 / 2: 48.0 / 46.9 /
+48.2% at patch 7):
+- patch 14 (a 2 x 2 grid on 28 px, local crops one patch): 89.7% at 660 steps (150 s), 90.1% at 1,320 (297 s), near
+  raw pixels (91.0%), but its random init is 75.8 / 71.9 / 71.2% (seeds 0 / 1 / 2): a margin of about +17, against
+  about +22 at patch 7. Few large patches keep most of the pixels even at random initialisation (the class token of
+  a random ViT is close to a bag of its patch embeddings, whose position embeddings are ~0.2 in norm against ~12 for
+  the patch tokens), so the margin is best at patch 7 (patch 4: +14.7, above);
+- pretraining at 14 px (patch 7, 2 x 2 grid, local crops 7 px) then the highres stage at 28 / 14 px: 660 + 300 steps
+  68.7% (65.7% before the highres stage), 1,320 + 150 steps 70.2% (69.4%): the speed of the small grid does not
+  carry over to 28 px;
+- local crops of 7 px (one patch) 70.9%, and 4 of them 71.3%; pos_embed at 10x / 30x the lr (the hypothesis: its
+  ~7e-4 Adam steps need ~1,000 steps to give the tokens their positions) 71.3 / 70.1%: within the seed spread.
 """
 
 from __future__ import annotations
