@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,6 +184,15 @@ def trial(config: Path, overrides: list[str], root: Path, env: dict[str, str], d
 
     A delay counts from the start of the process, or, with `anchors`, from the moment the process reaches
     `anchors[i]` (a kill inside a chosen stage, whatever the start-up and the earlier stages took)."""
+    # The trial's processes get a temporary folder of their own, removed at the end: a SIGKILLed process never
+    # removes its temporary files (wandb, which img2dataset imports, makes two folders at import). Under the default
+    # temporary folder, so the paths stay short (multiprocessing's AF_UNIX sockets live there: 107 characters at most).
+    with tempfile.TemporaryDirectory(prefix="lvd-chaos-") as tmp:
+        return _trial(config, overrides, root, {**env, "TMPDIR": tmp}, delays, timeout, anchors)
+
+
+def _trial(config: Path, overrides: list[str], root: Path, env: dict[str, str], delays: list[float],
+           timeout: float, anchors: list[Anchor] | None) -> TrialResult:
     killed_in: list[str] = []
     resumed_from: list[int | None] = []
     finished_after = None
