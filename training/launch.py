@@ -5,7 +5,8 @@ One process trains in the calling process (`training.pretrain.pretrain`). Severa
 re-executes the caller's command line in each child, which for `lvd run` would be the whole flow, once per device,
 all writing the same run directory. The children read the stage's train config from `launch_config.yaml` in the
 output directory, rank 0 writes `launch_result.json`, and their output goes to `launch.log` (its tail is in the error
-when they fail). Resume is unchanged: the children find the stage's checkpoint like a single process does.
+when they fail); torchrun's own folders go to `torchelastic/` there. Resume is unchanged: the children find the
+stage's checkpoint like a single process does.
 
 A pipeline stage trains on one host. For several nodes, start `python -m training.pretrain` on each under the
 cluster's launcher (torchrun, srun) on the run's corpus shards, and evaluate its export with `lvd evaluate`.
@@ -42,9 +43,11 @@ def pretrain_on_host(data: Path, out_dir: Path, cfg: TrainConfig, *, seed: int =
     config, result, log = out_dir / "launch_config.yaml", out_dir / "launch_result.json", out_dir / "launch.log"
     atomic_write_text(config, yaml.safe_dump({"train": cfg.model_dump(mode="json")}, sort_keys=False))
     result.unlink(missing_ok=True)
+    # --log-dir: torchrun's per-launch folders (workers' error files) stay with the run, not one more folder left in
+    # the system's temporary folder at every launch.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-           "-m", "training.pretrain", "--data", str(data), "--out", str(out_dir), "--config", str(config),
-           "--seed", str(seed), "--result", str(result)]
+           f"--log-dir={out_dir / 'torchelastic'}", "-m", "training.pretrain", "--data", str(data), "--out", str(out_dir),
+           "--config", str(config), "--seed", str(seed), "--result", str(result)]
     env = dict(os.environ)
     if cfg.cpu_threads:
         env.setdefault("OMP_NUM_THREADS", str(cfg.cpu_threads))

@@ -31,10 +31,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(worker: str, *args: str, nproc: int = 2) -> None:
+def _torchrun(worker: str, *args: str, log_dir: Path, nproc: int = 2) -> None:
+    """`worker args` on `nproc` processes; torchrun's own folders go under `log_dir` (by default it leaves one in the
+    system's temporary folder per launch)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(HERE)]), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", str(HERE / worker), *args]
+           f"--master_port={_free_port()}", f"--log-dir={log_dir}", str(HERE / worker), *args]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
@@ -55,7 +57,7 @@ def test_two_process_cpu_ddp_training_with_accumulation(image_folder, tmp_path):
     second must still average the gradients summed over both: the ranks stay identical (students, teachers, centers).
     Without accumulation, test_pretrain_on_host_starts_its_own_processes checks the logged loss is the ranks' mean."""
     changes = {"strategy": "ddp", "devices": 2, "max_steps": 3, "cpu_threads": 1, "accumulate_grad_batches": 2}
-    _torchrun("ddp_worker.py", str(image_folder), str(tmp_path), json.dumps(changes))
+    _torchrun("ddp_worker.py", str(image_folder), str(tmp_path), json.dumps(changes), log_dir=tmp_path / "elastic")
     r0, r1 = torch.load(tmp_path / "rank0.pt", weights_only=True), torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert set(r0) == set(r1)
     for key in r0:  # gradients were averaged: both ranks hold identical students, teachers and centers
@@ -100,7 +102,7 @@ def test_two_rank_sinkhorn_and_centering_equal_one_process_on_the_whole_batch(tm
     """The all-reduces inside the losses: 2 ranks (gloo) give what one process gives on the concatenated batch."""
     from sinkhorn_worker import inputs, normalise, rank_inputs
 
-    _torchrun("sinkhorn_worker.py", str(tmp_path))
+    _torchrun("sinkhorn_worker.py", str(tmp_path), log_dir=tmp_path / "elastic")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     x = inputs()
     whole = normalise(x)
@@ -130,7 +132,7 @@ def test_two_rank_sinkhorn_and_centering_equal_one_process_on_the_whole_batch(tm
 @pytest.fixture(scope="module")
 def fsdp_run(image_folder, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fsdp")
-    _torchrun("fsdp_worker.py", str(image_folder), str(out))
+    _torchrun("fsdp_worker.py", str(image_folder), str(out), log_dir=out / "elastic")
     return out
 
 
@@ -170,8 +172,8 @@ def test_fsdp_bf16_mixed_precision_reduces_head_gradients_in_fp32(fsdp_run):
 @pytest.fixture(scope="module")
 def lightning_runs(image_folder, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("lightning")
-    _torchrun("fsdp_resume_worker.py", str(image_folder), str(out), "two")
-    _torchrun("fsdp_resume_worker.py", str(image_folder), str(out), "one", nproc=1)
+    _torchrun("fsdp_resume_worker.py", str(image_folder), str(out), "two", log_dir=out / "elastic")
+    _torchrun("fsdp_resume_worker.py", str(image_folder), str(out), "one", log_dir=out / "elastic", nproc=1)
     return out
 
 
