@@ -4,8 +4,9 @@ One reference run goes uninterrupted. Each trial starts the same configuration i
 process group (the flow, its Prefect server, every worker) with SIGKILL after a random delay, resumes with
 `lvd resume`, kills again `--kills` times in all, then resumes to the end. A trial is *identical* when its corpus
 (image ids and bytes), its lineage ledger (every event, order aside) and its pretraining trajectory (every step once,
-loss terms and lr within 1e-6) equal the reference's, and `lvd audit` finds nothing. Pretraining checkpoints every 2
-of its 40 steps (`infra.chaos.DEFAULT_OVERRIDES`), so a kill inside it resumes from a checkpoint.
+loss terms and lr within 1e-6) equal the reference's, `lvd audit` finds nothing, and every resumed pretraining
+continued from the checkpoint its kill left (the run's "training_resumed" events). Pretraining checkpoints every 2 of
+its 40 steps (`infra.chaos.DEFAULT_OVERRIDES`), so a kill inside it resumes from a checkpoint.
 
     python bench/chaos.py --trials 20 [--kills 1] [--cold-prefect] [--config configs/tiny.yaml] [overrides ...]
 
@@ -55,12 +56,17 @@ def main(argv: list[str] | None = None) -> int:
             delays = [rng.uniform(0.0, horizon) for _ in range(args.kills)]
             trial_env = environment(work / f"prefect-home-{i:02d}") if args.cold_prefect else env
             res = trial(args.config, overrides, work / f"trial-{i:02d}", trial_env, delays, 4 * duration)
-            same = res.snapshot.same_as(ref) and not res.problems
+            # Every resume of pretraining continued from the checkpoint a kill left (the run's "training_resumed"
+            # events against the checkpoints read after the kills; a process killed before it reached pretraining
+            # makes the next one log the same step again, hence sets).
+            elsewhere = set(res.training_resumed) != {step for step in res.resumed_from if step is not None}
+            same = res.snapshot.same_as(ref) and not res.problems and not elsewhere
             identical += same
             what = "identical" if same else ", ".join(
                 [w for w, bad in (("corpus differs", res.snapshot.corpus != ref.corpus),
                                   ("ledger differs", res.snapshot.ledger != ref.ledger),
-                                  ("training differs", not res.snapshot.same_training(ref))) if bad] + res.problems[:3])
+                                  ("training differs", not res.snapshot.same_training(ref)),
+                                  (f"training resumed at {res.training_resumed}", elsewhere)) if bad] + res.problems[:3])
             resumed = iter(res.resumed_from)
             kills = ", ".join(f"{d:.1f}s ({stage}{_resumed_at(next(resumed)) if stage == 'pretrain' else ''})"
                               for d, stage in zip(delays, res.killed_in, strict=True))

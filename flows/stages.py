@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 from functools import partial
 from itertools import pairwise
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -165,6 +166,9 @@ def _train(ctx: StageContext) -> StageResult:
     from training.launch import pretrain_on_host
 
     train = stage_train_config(ctx.cfg, ctx.run, ctx.name)
+    step = resume_step(ctx.dir)
+    if step is not None:  # the run's record of where the interrupted training continues (lineage of a resume)
+        ctx.run.log_event("training_resumed", ctx.name, step=step)
     with TrainingProgress(ctx.dir, ctx.run.run_id, ctx.name):
         res = pretrain_on_host(ctx.upstream_dir("corpus") / "shards", ctx.dir, train, seed=ctx.cfg.run.seed)
     return StageResult(
@@ -189,20 +193,27 @@ def _evaluate(ctx: StageContext) -> StageResult:
                     cache_dir=cache, table_root=ctx.run.root)  # fmt: skip
 
 
+def resume_step(stage_dir: Path) -> int | None:
+    """The step a training stage in `stage_dir` continues from: its resume checkpoint's (None: it starts at 0)."""
+    from training.callbacks import checkpoint_step, find_resume_checkpoint
+
+    ckpt = find_resume_checkpoint(stage_dir / "checkpoints") if (stage_dir / "checkpoints").is_dir() else None
+    return None if ckpt is None else checkpoint_step(ckpt)
+
+
 def stage_progress(run: RunDir, stage: str) -> str | None:
     """Where an unfinished stage will continue (`lvd status`): a training stage's checkpoint step, rebalancing's saved
     k-means steps, or the shards marked done; None when nothing is kept."""
     stage_dir = run.stage_dir(stage)
     if stage in TRAINING_STAGES:
         from flows.progress import read_progress
-        from training.callbacks import checkpoint_step, find_resume_checkpoint
 
-        ckpt = find_resume_checkpoint(stage_dir / "checkpoints") if (stage_dir / "checkpoints").is_dir() else None
-        if ckpt is None:
+        step = resume_step(stage_dir)
+        if step is None:
             return None
         derived = read_json(stage_dir / "derived.json") if (stage_dir / "derived.json").is_file() else {}
         total = f" of {derived['run_iters']}" if "run_iters" in derived else ""
-        step, logged = checkpoint_step(ckpt), read_progress(stage_dir) or {}
+        logged = read_progress(stage_dir) or {}
         if logged.get("step", 0) > step:  # running, or stopped after its last checkpoint
             return f"at step {logged['step']}{total}, resumes at step {step} (its checkpoint)"
         return f"resumes at step {step}{total} (its checkpoint)"

@@ -174,8 +174,11 @@ class TrialResult:
     problems: list[str]  # what `lvd audit` found
     killed_in: list[str]  # per kill: the stage it interrupted, or "finished" when the flow was already done
     finished_after: float | None = None  # seconds the first process took when it ended before its kill
-    # Per kill inside pretraining: the checkpoint step the resume started from (None: from scratch, none yet).
+    # Per kill inside pretraining: the checkpoint step on disk after the kill, where a resume must start (None: none
+    # yet, from scratch).
     resumed_from: list[int | None] = field(default_factory=list)
+    # The steps the run's own events say its pretraining resumed at ("training_resumed"), in order.
+    training_resumed: list[int] = field(default_factory=list)
 
 
 def trial(config: Path, overrides: list[str], root: Path, env: dict[str, str], delays: list[float],
@@ -221,5 +224,6 @@ def _trial(config: Path, overrides: list[str], root: Path, env: dict[str, str], 
         raise RuntimeError(f"the final resume under {root} failed (exit {proc.returncode})")
     run_dir = root / run_id_of(root)
     audit = audit_run(RunDir(root, run_dir.name))
+    resumed = [e["step"] for e in _events(root) if e.get("event") == "training_resumed" and e["stage"] == "pretrain"]
     return TrialResult(snapshot(run_dir), [f"[{c}] {m}" for c, m in audit.problems], killed_in, finished_after,
-                       resumed_from)
+                       resumed_from, resumed)

@@ -201,8 +201,8 @@ def test_sigkills_inside_ingest_and_pretraining_then_resume_give_the_same_corpus
     being downloaded), then as soon as the resumed flow's pretraining has written a checkpoint at step 4 or later
     (one every 2 steps here; an execution setting, which must not change the trajectory). The result equals the
     module's completed run (same config and seed): corpus bytes, ledger, and every pretraining step once with the
-    same losses. (That the resumed stage starts from the checkpoint rather than from step 0 is not visible in what
-    is compared here; tests/training/test_resume_and_failures.py checks it for the same resume code.) The kills are
+    same losses; and the run's events record that the resumed pretraining continued from the checkpoint the kill
+    left (read independently of the code that resumes), not from step 0. The kills are
     anchored to the flow's progress, not to the process start (the start-up alone takes ~17 s on 2 idle cores, more
     in CI). bench/chaos.py runs random trials."""
     from infra.chaos import Anchor, environment, snapshot, trial
@@ -213,6 +213,7 @@ def test_sigkills_inside_ingest_and_pretraining_then_resume_give_the_same_corpus
                    anchors=[Anchor("ingest"), Anchor("pretrain", checkpoint=4)])
     assert result.killed_in == ["ingest", "pretrain"]
     assert len(result.resumed_from) == 1 and 4 <= result.resumed_from[0] < 10, result.resumed_from
+    assert result.training_resumed == result.resumed_from  # the first resume had no checkpoint: it started at 0
     assert result.problems == []
     reference = snapshot(runs.run.path)
     assert result.snapshot.corpus == reference.corpus
