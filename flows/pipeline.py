@@ -91,9 +91,14 @@ def pipeline(run_root: str, run_id: str) -> dict[str, Any]:
     storage = result_storage(run)
     run.log_event("flow_started")
     for spec in active_stages(cfg):
+        if stage_state(run, spec, cfg) == "completed":
+            # Completed by an earlier attempt: Prefect's cache hit below runs no task body, so the run's history
+            # records the reuse here ("skipped" when the body runs anyway and finds the manifest).
+            run.log_event("reused", spec.name)
         task_ = stage_task.with_options(name=spec.name, task_run_name=spec.name, result_storage=storage)
         with demo_server(spec, run, cfg):
             task_(str(run.root), run.run_id, spec.name)
+    run.log_event("stages_completed")  # before the report, which shows the run's attempts (this one completed)
     if cfg.evaluate.report:
         write_report(run)
     run.log_event("flow_completed")

@@ -45,6 +45,16 @@ def retry_failed_flow(run_root: str, run_id: str, reasons: list[str] | None = No
     spec = next(s for s in active_stages(cfg) if s.name == "ingest")
     if stage_state(run, spec, cfg) != "completed":
         raise RetryError(f"ingest of run {run_id!r} is not complete (or is stale): run `lvd resume {run_id}` first")
+    run.log_event("retry_started", "ingest", reasons=reasons)  # the shard events that follow are this retry's
+    try:
+        return _retry(run, cfg, reasons)
+    except BaseException as err:
+        with contextlib.suppress(OSError):  # the disk may be full or read-only: keep the original error
+            run.log_event("retry_failed", "ingest", error=f"{type(err).__name__}: {err}")
+        raise
+
+
+def _retry(run: RunDir, cfg: PipelineConfig, reasons: list[str] | None) -> dict[str, Any]:
     stage_dir = run.stage_dir("ingest")
     manifest = read_manifest(stage_dir)
     assert manifest is not None

@@ -22,6 +22,7 @@ from PIL import Image
 
 from infra.lineage import LedgerWriter
 from infra.manifest import StageManifest, write_manifest
+from infra.run import RunDir
 from infra.shards import ShardWriter
 
 N_ROWS = 40
@@ -184,4 +185,49 @@ def build_run(root: Path, run_id: str = "fixture-run") -> Path:
     _manifest(run, "evaluate", {"results": len(rows)}, {"feature_cache": {"hits": 2, "misses": 6}})
     (stages / "crawl").mkdir(parents=True)
     _manifest(run, "crawl", {"rows": N_ROWS})
+    _history(RunDir(root, run_id))
     return run
+
+
+def _history(run: RunDir) -> None:
+    """events.jsonl of a run that took three processes and a retry: killed inside ingest after 2 shards; resumed
+    with one key changed, ingest then finishes and pretraining fails; resumed again from pretraining's step-4
+    checkpoint to the end; then `lvd retry-failed` downloads the 3 failed URLs again (none recovered), and once more
+    with reasons it refuses."""
+    run.log_event("flow_started")
+    run.log_event("started", "crawl", key="k")
+    run.log_event("completed", "crawl", key="k", counts={})
+    run.log_event("started", "ingest", key="k")
+    run.log_event("shard_done", "ingest", shard="00000")
+    run.log_event("shard_done", "ingest", shard="00001")
+    run.log_event("config_amended", changed={"run.shard_retries": {"old": 0, "new": 2}})
+    run.log_event("resumed")
+    run.log_event("flow_started")
+    run.log_event("skipped", "crawl", key="k")
+    run.log_event("started", "ingest", key="k")
+    run.log_event("shard_skipped", "ingest", shard="00000")
+    run.log_event("shard_skipped", "ingest", shard="00001")
+    run.log_event("shard_done", "ingest", shard="00002")
+    run.log_event("completed", "ingest", key="k", counts={})
+    for stage in STAGES[2:9]:
+        run.log_event("started", stage, key="k")
+        run.log_event("completed", stage, key="k", counts={})
+    run.log_event("started", "pretrain", key="k")
+    run.log_event("failed", "pretrain", key="k", error="RuntimeError: loss is NaN")
+    run.log_event("resumed")
+    run.log_event("flow_started")
+    for stage in STAGES[:9]:
+        run.log_event("reused", stage)
+    run.log_event("started", "pretrain", key="k")
+    run.log_event("training_resumed", "pretrain", step=4)
+    run.log_event("completed", "pretrain", key="k", counts={})
+    run.log_event("started", "evaluate", key="k")
+    run.log_event("completed", "evaluate", key="k", counts={})
+    run.log_event("stages_completed")
+    run.log_event("report_written", path="report.html")
+    run.log_event("flow_completed")
+    run.log_event("retry_started", "ingest", reasons=None)
+    run.log_event("shard_done", "ingest", shard="r1-00000")
+    run.log_event("retried", "ingest", attempt=1, rows=3, recovered=0)
+    run.log_event("retry_started", "ingest", reasons=["url_*"])
+    run.log_event("retry_failed", "ingest", error="ValueError: reasons ['url_*'] are decided without downloading")

@@ -10,7 +10,7 @@ import pytest
 
 from evaluation.report import build_report
 from evaluation.report.browser import _remove_profile, find_chromium, render
-from evaluation.report.collect import Run, funnel
+from evaluation.report.collect import Run, attempts, funnel
 from evaluation.report.sections import SECTIONS
 from tests.evaluation.run_fixture import build_run
 
@@ -59,6 +59,34 @@ def test_report_is_self_contained_and_has_every_section(report):
     assert html.count('<div class="thumb') == 2 + 5 + 2 + 10
     # figures: funnel, NSFW histogram, component sizes, cluster sizes, training curves
     assert html.count("data:image/svg+xml;base64,") == 5
+
+
+def test_overview_lists_every_attempt_with_what_it_reused_and_where_it_stopped(run_dir, report):
+    history = attempts(Run(run_dir))
+    assert [(a.by, a.changed, a.completed, a.stopped_in) for a in history] == [
+        ("lvd run", [], False, "ingest"), ("lvd resume", ["run.shard_retries"], False, "pretrain"),
+        ("lvd resume", [], True, None), ("lvd retry-failed", [], True, "ingest"),
+        ("lvd retry-failed", [], False, "ingest")]
+    ingest = history[1].stages["ingest"]
+    assert (ingest.outcome, ingest.reused, ingest.done) == ("completed", 2, 1)
+    assert history[2].stages["pretrain"].from_step == 4
+    html = report.read_text()
+    body = html[html.index('<section id="overview">'):]
+    body = body[body.index("<h3>Attempts</h3>"):body.index("</section>")]
+    cells = re.findall(r"<td[^>]*>([^<]*)</td>", body)
+    rows = [cells[i:i + 5] for i in range(0, len(cells), 5)]
+    assert [r[0] for r in rows] == ["1", "2", "3", "4", "5"]
+    middle = "nsfw, faces, dedup, embed, retrieve, rebalance, corpus"
+    assert [r[2:] for r in rows] == [
+        ["lvd run", "ran crawl, ingest (did not finish)", "interrupted in ingest"],
+        ["lvd resume (changed run.shard_retries)",
+         f"ran ingest (2 shards reused), {middle}, pretrain (failed: RuntimeError: loss is NaN); reused (completed "
+         "before): crawl", "failed in pretrain"],
+        ["lvd resume", f"ran pretrain (resumed at step 4), evaluate; reused (completed before): crawl, ingest, {middle}",
+         "completed"],
+        ["lvd retry-failed", "ingest: 3 failed URLs downloaded again (retry 1), 0 recovered", "completed"],
+        ["lvd retry-failed", "ingest: a retry of the failed URLs",
+         "failed: ValueError: reasons [&#x27;url_*&#x27;] are decided without downloading"]]
 
 
 def test_evaluation_table_puts_references_and_baselines_beside_the_model(report):

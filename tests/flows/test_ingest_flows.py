@@ -149,6 +149,7 @@ def test_dask_cluster_gives_the_same_shards_and_ledger(crawl, prefect_server):
 
 
 def test_retry_failed_cli_then_resume(crawl, prefect_server, capsys):
+    from evaluation.report.collect import Run, attempts
     from infra.cli import main
     from infra.lineage import Ledger, check_terminal_outcomes
     from infra.manifest import read_manifest
@@ -175,6 +176,17 @@ def test_retry_failed_cli_then_resume(crawl, prefect_server, capsys):
     assert main(["retry-failed", "ingest-thread", "--root", str(root / "runs"), "--reason", "url_*"]) == 1
     assert "reasons ['url_*'] are decided without downloading" in capsys.readouterr().err
     assert main(["resume", "ingest-thread", "--root", str(root / "runs")]) == 0
+    # The run's history (the report's attempts): the two retries, the refused one, then the resume, which redid the
+    # stages after ingest and reused the rest.
+    history = attempts(Run(run_dir))[-4:]
+    assert [(a.by, a.completed, a.retried, a.error) for a in history[:3]] == [
+        ("lvd retry-failed", True, {"attempt": 1, "rows": 1, "recovered": 1}, None),
+        ("lvd retry-failed", True, {"attempt": 2, "rows": 1, "recovered": 0}, None),
+        ("lvd retry-failed", False, {}, "ValueError: reasons ['url_*'] are decided without downloading; a retry "
+                                        "cannot change them")]
+    assert history[3].by == "lvd resume" and history[3].completed
+    assert {n: s.outcome for n, s in history[3].stages.items()} == {
+        "ingest": "cached", "nsfw": "completed", "faces": "completed"}
     nsfw_after = read_manifest(run_dir / "stages" / "nsfw")
     assert nsfw_after.inputs_digest != nsfw_before.inputs_digest
     faces = pd.read_parquet(run_dir / "stages" / "faces" / "shards" / "r1-00002.parquet")

@@ -205,7 +205,8 @@ def test_sigkills_inside_ingest_and_pretraining_then_resume_give_the_same_corpus
     left (read independently of the code that resumes), not from step 0. The kills are
     anchored to the flow's progress, not to the process start (the start-up alone takes ~17 s on 2 idle cores, more
     in CI). bench/chaos.py runs random trials."""
-    from infra.chaos import Anchor, environment, snapshot, trial
+    from evaluation.report.collect import Run, attempts
+    from infra.chaos import Anchor, environment, run_id_of, snapshot, trial
 
     # Evaluation is off: it writes no ledger event and no corpus byte, and the comparison is about those.
     result = trial(REPO / "configs" / "tiny.yaml", ["evaluate.enabled=false", "train.checkpoint_every=2"],
@@ -214,6 +215,14 @@ def test_sigkills_inside_ingest_and_pretraining_then_resume_give_the_same_corpus
     assert result.killed_in == ["ingest", "pretrain"]
     assert len(result.resumed_from) == 1 and 4 <= result.resumed_from[0] < 10, result.resumed_from
     assert result.training_resumed == result.resumed_from  # the first resume had no checkpoint: it started at 0
+    # The report's record of the three processes: where each stopped, what the last one reused and resumed from.
+    history = attempts(Run(tmp_path / "chaos" / run_id_of(tmp_path / "chaos")))
+    assert [(a.by, a.completed, a.stopped_in) for a in history] == [
+        ("lvd run", False, "ingest"), ("lvd resume", False, "pretrain"), ("lvd resume", True, None)]
+    assert history[1].stages["ingest"].outcome == "completed" and history[1].stages["crawl"].outcome == "cached"
+    assert {n for n, s in history[2].stages.items() if s.outcome == "cached"} == {
+        "crawl", "ingest", "nsfw", "faces", "dedup", "embed", "retrieve", "rebalance", "corpus"}
+    assert history[2].stages["pretrain"].from_step == result.resumed_from[0]
     assert result.problems == []
     reference = snapshot(runs.run.path)
     assert result.snapshot.corpus == reference.corpus
