@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from infra.config import PipelineConfig
+from infra.history import attempts, describe
 from infra.manifest import read_manifest
 from infra.run import RunDir
 from infra.storage import read_json
@@ -47,7 +48,8 @@ def run_summary(run: RunDir, cfg: PipelineConfig, stages: tuple[str, ...] = STAG
                      "dropped": sum(dropped.values()) if dropped else 0, "reasons": dropped})  # fmt: skip
         if progress is not None and state in ("partial", "failed"):
             rows[-1]["progress"] = progress(run, stage)
-    out: dict[str, Any] = {"run_id": run.run_id, "path": str(run.path), "stages": rows}
+    out: dict[str, Any] = {"run_id": run.run_id, "path": str(run.path), "stages": rows,
+                           "attempts": describe(attempts(run))}
     corpus = read_manifest(run.stage_dir("corpus"))
     if corpus:
         out["corpus_size"] = corpus.counts.get("kept")
@@ -67,6 +69,11 @@ def format_summary(s: dict[str, Any]) -> str:
         if r.get("progress"):
             reasons = r["progress"]
         lines.append(f"{r['stage']:<10} {r['state']:<10} {kept:>8} {r['dropped']:>8}  {reasons}")
+    if s.get("attempts"):
+        lines += ["", "attempts:"]
+        for a in s["attempts"]:
+            lines += [f"{a['attempt']:>3}  {a['started'][:16].replace('T', ' ')}  {a['by']}: {a['ended']}",
+                      f"     {a['what']}"]
     if "corpus_size" in s:
         lines += ["", f"corpus: {s['corpus_size']} images"]
     for eval_set, models in s.get("metrics", {}).items():

@@ -7,7 +7,7 @@ a run stopped early (or a stage that was switched off) still gets a report with 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +15,10 @@ import numpy as np
 import pandas as pd
 import pyarrow.dataset as ds
 
+from infra import history
 from infra.config import parse_yaml
 from infra.domains import domain_stats
+from infra.history import Attempt
 from infra.lineage import STAGE_ORDER, Ledger, superseded
 from infra.manifest import StageManifest, read_manifest
 from infra.run import RunDir
@@ -60,76 +62,10 @@ class Run:
 
 
 # --- attempts --------------------------------------------------------------------------------------------------
-@dataclass
-class StageOutcome:
-    outcome: str  # "running" (started, no end recorded), "completed", "cached" (skipped: done before), "failed"
-    reused: int = 0  # shards finished by an earlier attempt (shard_skipped)
-    done: int = 0  # shards this attempt finished
-    from_step: int | None = None  # training: the checkpoint step it continued from
-    error: str | None = None
-
-
-@dataclass
-class Attempt:
-    started: str
-    by: str  # "lvd run", "lvd resume" or "lvd retry-failed"
-    changed: list[str] = field(default_factory=list)  # configuration keys `lvd resume` amended first
-    stages: dict[str, StageOutcome] = field(default_factory=dict)
-    completed: bool = False
-    retried: dict[str, Any] = field(default_factory=dict)  # lvd retry-failed: attempt, rows, recovered
-    error: str | None = None  # lvd retry-failed: why it failed
-
-    @property
-    def stopped_in(self) -> str | None:
-        """The stage that failed, or that was running when the attempt's record stops."""
-        for outcome in ("failed", "running"):
-            stages = [name for name, s in self.stages.items() if s.outcome == outcome]
-            if stages:
-                return stages[-1]
-        return None
-
-
 def attempts(run: Run) -> list[Attempt]:
-    """The run's history, from its events.jsonl: one entry per process that ran the flow (`lvd run`, `lvd resume`)
-    or retried failed downloads (`lvd retry-failed`), with what each ran, reused and where it stopped."""
+    """The run's history (`infra.history.attempts`)."""
     run.require("events.jsonl", "The run's history")
-    out: list[Attempt] = []
-    resumed, changed = False, []
-    for e in RunDir(run.path.parent, run.run_id).events():
-        kind, stage = e.get("event"), e.get("stage")
-        if kind == "resumed":
-            resumed = True
-        elif kind == "config_amended":
-            changed += sorted(e.get("changed") or {})
-        elif kind in ("flow_started", "retry_started"):
-            by = "lvd retry-failed" if kind == "retry_started" else "lvd resume" if resumed else "lvd run"
-            out.append(Attempt(e.get("time", ""), by, changed))
-            if kind == "retry_started":
-                out[-1].stages["ingest"] = StageOutcome("running")
-            resumed, changed = False, []
-        elif not out:
-            continue  # events of a run directory older than these records
-        elif kind in ("stages_completed", "flow_completed"):
-            out[-1].completed = True
-        elif kind == "retried":
-            out[-1].completed = True
-            out[-1].retried = {k: e.get(k) for k in ("attempt", "rows", "recovered")}
-        elif kind == "retry_failed":
-            out[-1].error = e.get("error") or "no error recorded"
-        elif stage:
-            s = out[-1].stages.setdefault(stage, StageOutcome("running"))
-            if kind in ("started", "completed", "failed"):
-                s.outcome = kind if kind != "started" else "running"
-                s.error = e.get("error") if kind == "failed" else None
-            elif kind in ("reused", "skipped"):  # the flow's record of a stage completed before / run_stage's
-                s.outcome = "cached"
-            elif kind == "shard_skipped":
-                s.reused += 1
-            elif kind == "shard_done":
-                s.done += 1
-            elif kind == "training_resumed":
-                s.from_step = e.get("step")
-    return out
+    return history.attempts(RunDir(run.path.parent, run.run_id))
 
 
 def details(frame: pd.DataFrame) -> pd.DataFrame:

@@ -14,6 +14,7 @@ from evaluation.report import collect, plots
 from evaluation.report.collect import Missing, Run
 from evaluation.report.html import Raw, esc, figure, grid, kpis, missing, page, section, table, thumb
 from evaluation.report.images import Thumb, read_set_images, read_shard_images, thumbnail
+from infra.history import Attempt, describe
 from infra.lineage import STAGE_ORDER
 from infra.run import now
 
@@ -54,49 +55,11 @@ def overview(run: Run) -> str:
     return f'<p class="lead">{esc(lead)}</p>' + stages + "<h3>Attempts</h3>" + history
 
 
-def _short(text: str, n: int = 160) -> str:
-    return text if len(text) <= n else text[:n - 3] + "..."
-
-
-def _stage_note(name: str, s: collect.StageOutcome) -> str:
-    notes = [f"{s.reused:,} shard{'s' if s.reused != 1 else ''} reused"] if s.reused else []
-    if s.from_step is not None:
-        notes.append(f"resumed at step {s.from_step:,}")
-    if s.outcome == "failed":
-        notes.append("failed: " + _short(s.error or "no error recorded"))
-    elif s.outcome == "running":
-        notes.append("did not finish")
-    return name + (f" ({'; '.join(notes)})" if notes else "")
-
-
-def attempts_table(history: list[collect.Attempt]) -> str:
+def attempts_table(history: list[Attempt]) -> str:
     """Every process that worked on the run, from its events: what it ran, what it reused, where it stopped."""
     if not history:
         return missing("The run's events.jsonl records no attempt (its flow never started).")
-    rows = []
-    for i, a in enumerate(history):
-        last = i == len(history) - 1
-        by = a.by + (f" (changed {', '.join(a.changed)})" if a.changed else "")
-        if a.by == "lvd retry-failed":
-            what = (f"ingest: {a.retried.get('rows') or 0:,} failed URLs downloaded again (retry "
-                    f"{a.retried.get('attempt')}), {a.retried.get('recovered') or 0:,} recovered" if a.retried
-                    else "ingest: a retry of the failed URLs")
-        else:
-            ran = [_stage_note(n, s) for n, s in a.stages.items() if s.outcome != "cached"]
-            cached = [n for n, s in a.stages.items() if s.outcome == "cached"]
-            what = "; ".join(p for p in ("ran " + ", ".join(ran) if ran else "",
-                                         "reused (completed before): " + ", ".join(cached) if cached else "") if p)
-        stopped = a.stopped_in
-        if a.completed:
-            ended = "completed"
-        elif a.error is not None:
-            ended = "failed: " + _short(a.error)
-        elif stopped is not None and a.stages[stopped].outcome == "failed":
-            ended = f"failed in {stopped}"
-        else:
-            where = f"in {stopped}" if stopped else "between stages"
-            ended = f"running, or interrupted {where}" if last else f"interrupted {where}"
-        rows.append([i + 1, _when(a.started), by, what or "nothing", ended])
+    rows = [[r["attempt"], _when(r["started"]), r["by"], r["what"], r["ended"]] for r in describe(history)]
     n = len(history)
     lead = (f"{n} attempt{'s' if n != 1 else ''}, from the run's events.jsonl: a resumed attempt reuses the stages and "
             "shards finished before it, and training continues from its last checkpoint.")

@@ -187,6 +187,15 @@ def test_retry_failed_cli_then_resume(crawl, prefect_server, capsys):
     assert history[3].by == "lvd resume" and history[3].completed
     assert {n: s.outcome for n, s in history[3].stages.items()} == {
         "ingest": "cached", "nsfw": "completed", "faces": "completed"}
+    capsys.readouterr()
+    assert main(["status", "ingest-thread", "--root", str(root / "runs"), "--json"]) == 0  # the same, in words
+    rows = json.loads(capsys.readouterr().out)["attempts"][-4:]
+    assert [(r["by"], r["what"], r["ended"]) for r in rows] == [
+        ("lvd retry-failed", "ingest: 1 failed URLs downloaded again (retry 1), 1 recovered", "completed"),
+        ("lvd retry-failed", "ingest: 1 failed URLs downloaded again (retry 2), 0 recovered", "completed"),
+        ("lvd retry-failed", "ingest: a retry of the failed URLs", "failed: ValueError: reasons ['url_*'] are "
+                                                                   "decided without downloading; a retry cannot change them"),
+        ("lvd resume", "ran nsfw, faces; reused (completed before): ingest", "completed")]
     nsfw_after = read_manifest(run_dir / "stages" / "nsfw")
     assert nsfw_after.inputs_digest != nsfw_before.inputs_digest
     faces = pd.read_parquet(run_dir / "stages" / "faces" / "shards" / "r1-00002.parquet")

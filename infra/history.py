@@ -1,0 +1,123 @@
+"""A run's history from its events.jsonl: every process that worked on it (`lvd run`, `lvd resume`,
+`lvd retry-failed`), what each ran and reused, and where it stopped. Shown by the report and by `lvd status`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from infra.run import RunDir
+
+
+@dataclass
+class StageOutcome:
+    outcome: str  # "running" (started, no end recorded), "completed", "cached" (skipped: done before), "failed"
+    reused: int = 0  # shards finished by an earlier attempt (shard_skipped)
+    done: int = 0  # shards this attempt finished
+    from_step: int | None = None  # training: the checkpoint step it continued from
+    error: str | None = None
+
+
+@dataclass
+class Attempt:
+    started: str
+    by: str  # "lvd run", "lvd resume" or "lvd retry-failed"
+    changed: list[str] = field(default_factory=list)  # configuration keys `lvd resume` amended first
+    stages: dict[str, StageOutcome] = field(default_factory=dict)
+    completed: bool = False
+    retried: dict[str, Any] = field(default_factory=dict)  # lvd retry-failed: attempt, rows, recovered
+    error: str | None = None  # lvd retry-failed: why it failed
+
+    @property
+    def stopped_in(self) -> str | None:
+        """The stage that failed, or that was running when the attempt's record stops."""
+        for outcome in ("failed", "running"):
+            stages = [name for name, s in self.stages.items() if s.outcome == outcome]
+            if stages:
+                return stages[-1]
+        return None
+
+
+def attempts(run: RunDir) -> list[Attempt]:
+    """The run's history, from its events.jsonl: one entry per process that ran the flow (`lvd run`, `lvd resume`)
+    or retried failed downloads (`lvd retry-failed`), with what each ran, reused and where it stopped."""
+    out: list[Attempt] = []
+    resumed, changed = False, []
+    for e in run.events():
+        kind, stage = e.get("event"), e.get("stage")
+        if kind == "resumed":
+            resumed = True
+        elif kind == "config_amended":
+            changed += sorted(e.get("changed") or {})
+        elif kind in ("flow_started", "retry_started"):
+            by = "lvd retry-failed" if kind == "retry_started" else "lvd resume" if resumed else "lvd run"
+            out.append(Attempt(e.get("time", ""), by, changed))
+            if kind == "retry_started":
+                out[-1].stages["ingest"] = StageOutcome("running")
+            resumed, changed = False, []
+        elif not out:
+            continue  # events of a run directory older than these records
+        elif kind in ("stages_completed", "flow_completed"):
+            out[-1].completed = True
+        elif kind == "retried":
+            out[-1].completed = True
+            out[-1].retried = {k: e.get(k) for k in ("attempt", "rows", "recovered")}
+        elif kind == "retry_failed":
+            out[-1].error = e.get("error") or "no error recorded"
+        elif stage:
+            s = out[-1].stages.setdefault(stage, StageOutcome("running"))
+            if kind in ("started", "completed", "failed"):
+                s.outcome = kind if kind != "started" else "running"
+                s.error = e.get("error") if kind == "failed" else None
+            elif kind in ("reused", "skipped"):  # the flow's record of a stage completed before / run_stage's
+                s.outcome = "cached"
+            elif kind == "shard_skipped":
+                s.reused += 1
+            elif kind == "shard_done":
+                s.done += 1
+            elif kind == "training_resumed":
+                s.from_step = e.get("step")
+    return out
+
+
+def _short(text: str, n: int = 160) -> str:
+    return text if len(text) <= n else text[:n - 3] + "..."
+
+
+def _stage_note(name: str, s: StageOutcome) -> str:
+    notes = [f"{s.reused:,} shard{'s' if s.reused != 1 else ''} reused"] if s.reused else []
+    if s.from_step is not None:
+        notes.append(f"resumed at step {s.from_step:,}")
+    if s.outcome == "failed":
+        notes.append("failed: " + _short(s.error or "no error recorded"))
+    elif s.outcome == "running":
+        notes.append("did not finish")
+    return name + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def describe(history: list[Attempt]) -> list[dict[str, Any]]:
+    """One row per attempt, in words: `by` (with the keys a resume changed), `what` it did, how it `ended`."""
+    rows = []
+    for i, a in enumerate(history):
+        by = a.by + (f" (changed {', '.join(a.changed)})" if a.changed else "")
+        if a.by == "lvd retry-failed":
+            what = (f"ingest: {a.retried.get('rows') or 0:,} failed URLs downloaded again (retry "
+                    f"{a.retried.get('attempt')}), {a.retried.get('recovered') or 0:,} recovered" if a.retried
+                    else "ingest: a retry of the failed URLs")
+        else:
+            ran = [_stage_note(n, s) for n, s in a.stages.items() if s.outcome != "cached"]
+            cached = [n for n, s in a.stages.items() if s.outcome == "cached"]
+            what = "; ".join(p for p in ("ran " + ", ".join(ran) if ran else "",
+                                         "reused (completed before): " + ", ".join(cached) if cached else "") if p)
+        stopped = a.stopped_in
+        if a.completed:
+            ended = "completed"
+        elif a.error is not None:
+            ended = "failed: " + _short(a.error)
+        elif stopped is not None and a.stages[stopped].outcome == "failed":
+            ended = f"failed in {stopped}"
+        else:
+            where = f"in {stopped}" if stopped else "between stages"
+            ended = f"running, or interrupted {where}" if i == len(history) - 1 else f"interrupted {where}"
+        rows.append({"attempt": i + 1, "started": a.started, "by": by, "what": what or "nothing", "ended": ended})
+    return rows
