@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from infra.audit import audit_run
+from infra.history import attempts_from
 from infra.lineage import Ledger
 from infra.run import RunDir
 from infra.shards import iter_tar, list_shards
@@ -140,18 +141,15 @@ def wait_for(root: Path, anchor: Anchor, since: int, proc: subprocess.Popen, tim
     raise TimeoutError(f"{anchor} not reached under {root} within {timeout:g} s")
 
 
-def in_progress(root: Path) -> str:
-    """The stage that was running (started, not finished) per the run's event log; 'start-up' if none yet."""
-    events = _events(root)
-    if not events:
+def in_progress(root: Path, since: int) -> str:
+    """The stage the current process was running (started, not ended) per the events it logged, those past the run's
+    first `since`; 'start-up' if its flow had not started yet (a resumed process killed before its flow started is
+    not in the stage the previous process was killed in)."""
+    history = attempts_from(_events(root)[since:])
+    if not history:
         return "start-up"
-    running = "between stages"
-    for event in events:
-        if event.get("event") == "started":
-            running = event["stage"]
-        elif event.get("event") in ("completed", "failed", "skipped"):
-            running = "between stages"
-    return running
+    running = [name for name, s in history[-1].stages.items() if s.outcome == "running"]
+    return running[-1] if running else "between stages"
 
 
 def checkpoint_step(root: Path) -> int | None:
@@ -212,7 +210,7 @@ def _trial(config: Path, overrides: list[str], root: Path, env: dict[str, str], 
                 finished_after = time.perf_counter() - started
         except subprocess.TimeoutExpired:
             kill_tree(proc)
-            killed_in.append(in_progress(root))
+            killed_in.append(in_progress(root, since))
             if killed_in[-1] == "pretrain":
                 resumed_from.append(checkpoint_step(root))
         since = len(_events(root))

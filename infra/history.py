@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,9 +42,14 @@ class Attempt:
 def attempts(run: RunDir) -> list[Attempt]:
     """The run's history, from its events.jsonl: one entry per process that ran the flow (`lvd run`, `lvd resume`)
     or retried failed downloads (`lvd retry-failed`), with what each ran, reused and where it stopped."""
+    return attempts_from(run.events())
+
+
+def attempts_from(events: Iterable[dict[str, Any]]) -> list[Attempt]:
+    """`attempts` of these events (a run's, in order, or the tail one process logged)."""
     out: list[Attempt] = []
     resumed, changed = False, []
-    for e in run.events():
+    for e in events:
         kind, stage = e.get("event"), e.get("stage")
         if kind == "resumed":
             resumed = True
