@@ -83,6 +83,10 @@ def _random_like(arch: dict[str, Any], image_size: int, seed: int) -> FeatureMod
     from evaluation.features import wrap
     from training.vision_transformer import DinoVisionTransformer
 
+    # LayerScale off (1.0), as the flow's baseline (flows.models.random_init_model): at a checkpoint's 1e-5 every
+    # image's class token would be the same to float precision. The position embeddings take the default init (an
+    # export records the architecture, not how training initialised it).
+    arch = {**arch, "init_values": None}
     torch.manual_seed(seed)
     spec = json.dumps(arch, sort_keys=True)
     return wrap(DinoVisionTransformer(**arch), "random-init", f"dinov2-arch:{spec}:random:seed={seed}", image_size)

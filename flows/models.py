@@ -74,6 +74,17 @@ def feature_model(cfg: BackboneConfig, name: str, seed: int = 0) -> FeatureModel
     return wrap(build_model(cfg, seed), name, fp, cfg.image_size)
 
 
+def random_init_model(train: TrainConfig, seed: int = 0) -> FeatureModel:
+    """The random-init baseline (`training.meta_arch.random_init_backbone`) wrapped for evaluation."""
+    from evaluation.features import fingerprint, wrap
+    from training.meta_arch import backbone_options, random_init_backbone
+
+    s, size = train.student, train.crops.global_crops_size
+    torch.manual_seed(seed)
+    return wrap(random_init_backbone(train), "random-init", fingerprint(
+        "vit", s.arch, None, seed, patch_size=s.patch_size, image_size=size, **backbone_options(s)), size)
+
+
 def evaluation_models(cfg: PipelineConfig, teacher: Path, train: TrainConfig | None = None) -> list[EvalModel]:
     """The run's pretrained teacher, its baselines (same architecture at random init, raw pixels) and the
     configured reference checkpoints, in the order the report shows them. `train`: the configuration of the training
@@ -87,7 +98,7 @@ def evaluation_models(cfg: PipelineConfig, teacher: Path, train: TrainConfig | N
                           image_size=train.crops.global_crops_size)  # fmt: skip
     models = [EvalModel(feature_model(arch.model_copy(update={"path": teacher}), "pretrained"), "pretrained", str(teacher))]
     if cfg.evaluate.random_init_baseline:
-        models.append(EvalModel(feature_model(arch, "random-init", seed=cfg.run.seed), "baseline"))
+        models.append(EvalModel(random_init_model(train, cfg.run.seed), "baseline"))
     if cfg.evaluate.raw_pixel_baseline:
         # At most ~32 px: raw pixels of a 224 px image would make 150k-dim linear probes (x 13 lrs x classes).
         p = student.patch_size

@@ -2,8 +2,9 @@
 
 Split (fixed permutation, seed 0): 2,500 images to pretrain on (`--pretrain-images N`: the first N of them), then a
 disjoint 1,000 / 1,000 kNN train / test split. Reports 20-NN top-1 (cosine, T = 0.07 softmax-weighted votes, as
-dinov2's kNN eval) of the pretrained teacher's class token, of the same architecture at random initialisation, and
-of raw pixels.
+dinov2's kNN eval) of the pretrained teacher's class token, of the same architecture at random initialisation (the
+demo's baseline: the run's initialisation with LayerScale off, `training.meta_arch.random_init_backbone`), and of
+raw pixels.
 
     python -m training.demo_check --out /tmp/demo [train.key=value ...]
 """
@@ -84,7 +85,7 @@ def evaluate(model: torch.nn.Module | None, split: dict) -> float:
 
 def main() -> None:
     from infra.config.schema import load_config
-    from training.meta_arch import build_student
+    from training.meta_arch import random_init_backbone
     from training.pretrain import load_backbone, pretrain
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -102,7 +103,7 @@ def main() -> None:
     result = pretrain(data, args.out / "run", cfg, seed=args.seed)
     wall = time.perf_counter() - t0
     torch.manual_seed(args.seed)
-    random_init = build_student(cfg).backbone  # the same initialisation the run started from
+    random_init = random_init_backbone(cfg)  # the run's initialisation, LayerScale off: the demo's baseline
     report = {
         "pretrained": evaluate(load_backbone(result.teacher_backbone), split),
         "random_init": evaluate(random_init, split),

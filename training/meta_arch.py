@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from infra.config.train import CollapseGuardConfig, TrainConfig
+from infra.config.train import CollapseGuardConfig, StudentConfig, TrainConfig
 from training.distributed import all_reduce_mean
 from training.fsdp import ema_tensors
 from training.layers import DINOHead
@@ -76,16 +76,29 @@ class TeacherOutput:
     stats: dict[str, torch.Tensor]
 
 
+def backbone_options(s: StudentConfig) -> dict[str, Any]:
+    """The backbone's architectural options and initialisation as the student sets them (LayerScale, drop path and
+    block chunks aside). A registry entry that fixes an option (e.g. registers, SwiGLU) keeps it unless the config
+    sets that option explicitly; options the entry leaves open take the config's value (its default included)."""
+    options = {k: getattr(s, k) for k in ARCH_OPTIONS if k in s.model_fields_set or k not in ARCHS.get(s.arch, {})}
+    return {**options, "pos_embed_init_std": s.pos_embed_init_std}
+
+
+def random_init_backbone(cfg: TrainConfig) -> nn.Module:
+    """The student's backbone as training builds it (architecture and initialisation, position embeddings included)
+    with LayerScale off (1.0): the random-init baseline. At the reference's 1e-5 every image's class token is the
+    same to float precision and kNN sits at chance, which would flatter pretraining."""
+    s = cfg.student
+    return build_backbone(s.arch, s.patch_size, cfg.crops.global_crops_size, **backbone_options(s))
+
+
 def build_student(cfg: TrainConfig) -> nn.ModuleDict:
     s = cfg.student
     distill = cfg.mode == "distill"
-    # A registry entry that fixes an architectural option (e.g. registers, SwiGLU) keeps it unless the config sets
-    # that option explicitly; options the entry leaves open take the config's value (its default included).
-    options = {k: getattr(s, k) for k in ARCH_OPTIONS
-               if k in s.model_fields_set or k not in ARCHS.get(s.arch, {})}
     backbone = build_backbone(
         s.arch, s.patch_size, cfg.crops.global_crops_size, drop_path_rate=0.0 if distill else s.drop_path_rate,
-        drop_path_uniform=s.drop_path_uniform, init_values=s.layerscale, block_chunks=s.block_chunks, **options)
+        drop_path_uniform=s.drop_path_uniform, init_values=s.layerscale, block_chunks=s.block_chunks,
+        **backbone_options(s))
     backbone.activation_checkpointing = cfg.activation_checkpointing
     d, i = cfg.dino, cfg.ibot
     modules: dict[str, nn.Module] = {"backbone": backbone, "dino_head": DINOHead(

@@ -107,7 +107,8 @@ from __future__ import annotations
 from typing import Any
 
 DEMO: dict[str, Any] = {
-    "student": {"arch": "vit_nano", "patch_size": 7, "drop_path_rate": 0.0, "layerscale": 1.0e-5},
+    "student": {"arch": "vit_nano", "patch_size": 7, "drop_path_rate": 0.0, "layerscale": 1.0e-5,
+                "pos_embed_init_std": 1.0},
     "teacher": {"momentum_teacher": 0.99, "final_momentum_teacher": 0.99, "warmup_teacher_temp": 0.01,
                 "teacher_temp": 0.01, "warmup_teacher_temp_epochs": 0},
     "dino": {"head_n_prototypes": 256, "head_hidden_dim": 512, "head_bottleneck_dim": 128},

@@ -43,7 +43,7 @@ class DinoVisionTransformer(nn.Module):
                  ffn_bias: bool = True, proj_bias: bool = True, drop_path_rate: float = 0.0,
                  drop_path_uniform: bool = False, init_values: float | None = None, ffn_layer: str = "mlp",
                  block_chunks: int = 0, num_register_tokens: int = 0, interpolate_antialias: bool = False,
-                 interpolate_offset: float = 0.1):
+                 interpolate_offset: float = 0.1, pos_embed_init_std: float = 0.02):
         super().__init__()
         # What rebuilds this exact structure (recorded in exports); training-only options are left out.
         self.arch_kwargs: dict[str, Any] = {
@@ -63,6 +63,7 @@ class DinoVisionTransformer(nn.Module):
         self.interpolate_offset = interpolate_offset
         # Training only (not part of the architecture): recompute block activations in the backward pass.
         self.activation_checkpointing = False
+        self.pos_embed_init_std = pos_embed_init_std  # initialisation only: not in arch_kwargs
 
         self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
         num_patches = self.patch_embed.num_patches
@@ -87,7 +88,11 @@ class DinoVisionTransformer(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        # The reference: trunc_normal(std=0.02) cut at +-2, i.e. +-100 std; another std keeps that cut (the default
+        # draws exactly the reference's values). A larger std gives the patch tokens distinct positions from the
+        # start (`train.student.pos_embed_init_std`: training/recipes.py measures what that does on a short run).
+        s = self.pos_embed_init_std
+        nn.init.trunc_normal_(self.pos_embed, std=s, a=-100 * s, b=100 * s)
         nn.init.normal_(self.cls_token, std=1e-6)
         if self.register_tokens is not None:
             nn.init.normal_(self.register_tokens, std=1e-6)

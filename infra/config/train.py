@@ -26,6 +26,9 @@ class StudentConfig(Section):
     num_register_tokens: int = Field(default=0, ge=0)
     interpolate_antialias: bool = False
     interpolate_offset: float = 0.1
+    # Initial scale of the position embeddings (reference: 0.02, small against the patch tokens' ~1 per dimension, so
+    # a freshly built ViT sees its patches nearly as a bag; the CPU demo's short run learns faster at 1.0).
+    pos_embed_init_std: float = Field(default=0.02, gt=0.0)
     # Initialise from a checkpoint (project, or official DINOv2 format).
     pretrained_weights: Path | None = None
 

@@ -95,6 +95,23 @@ def test_pos_embed_interpolation_shapes():
     assert model.interpolate_pos_encoding(torch.zeros(1, 257, 384), 224, 224).shape == (1, 257, 384)
 
 
+def test_pos_embed_init_draws_the_reference_values_and_another_std_scales_the_same_draw():
+    # The reference's trunc_normal_(std=0.02) cuts at its default +-2, i.e. +-100 std: the backbone's scaled cut.
+    ref, ours = torch.empty(1, 17, 64), torch.empty(1, 17, 64)
+    torch.manual_seed(3)
+    torch.nn.init.trunc_normal_(ref, std=0.02)
+    torch.manual_seed(3)
+    torch.nn.init.trunc_normal_(ours, std=0.02, a=-100 * 0.02, b=100 * 0.02)
+    assert torch.equal(ref, ours)
+    models = {}
+    for std in (0.02, 1.0):
+        torch.manual_seed(0)
+        models[std] = build_backbone("vit_pico", 7, 28, pos_embed_init_std=std).state_dict()
+    assert_close(models[1.0]["pos_embed"], models[0.02]["pos_embed"] * 50, rtol=1e-6, atol=0)
+    assert 0.9 < models[1.0]["pos_embed"].std().item() < 1.1
+    assert all(torch.equal(v, models[0.02][k]) for k, v in models[1.0].items() if k != "pos_embed")  # nothing else
+
+
 def test_a_bundle_loads_in_one_module_order(tmp_path):
     """safetensors returns a file's metadata in an order that changes from call to call (a Rust HashMap); a bundle's
     modules must come back in one order all the same, since a distillation teacher's parameter order follows it (two
