@@ -56,7 +56,7 @@ def start_server(port: int, env: dict[str, str], log: Path) -> subprocess.Popen:
 
 def lvd(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "infra.cli", *args], cwd=REPO, env=env, stdout=out,
+        return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 

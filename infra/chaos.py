@@ -68,7 +68,7 @@ def snapshot(run_dir: Path) -> Snapshot:
 
 def lvd(*args: str, env: dict[str, str]) -> subprocess.Popen:
     """`lvd ...` in its own session, so that the whole process tree can be killed at once."""
-    return subprocess.Popen([sys.executable, "-m", "infra.cli", *args], cwd=REPO, env=env, start_new_session=True,
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 from curation.ingest import download_reason, ingest
 from curation.netguard import LocalFileRefused, UrlGuard, guarded_opener, local_file
 from curation.urls import folder_url_list
-from infra.cli import main
+from flows.cli import main
 from infra.config.data import DataConfig
 from infra.config.ingest import IngestConfig
 from infra.domains import LOCAL, host_of

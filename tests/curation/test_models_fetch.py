@@ -11,7 +11,7 @@ import pytest
 
 from curation.models import registry
 from curation.models.registry import REGISTRY, ChecksumError, fetch, resolve
-from infra.cli import main
+from flows.cli import main
 
 
 class FakeOpener:

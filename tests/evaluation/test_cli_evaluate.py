@@ -9,7 +9,7 @@ import yaml
 
 from evaluation.features import read_image_set
 from evaluation.results import read_table
-from infra.cli import main as cli
+from flows.cli import main as cli
 from infra.features import eval_transform
 from training.checkpoint import export_backbone, official_state_dict
 from training.registry import build_backbone

@@ -88,7 +88,7 @@ def _recording_handler(peers: dict[str, set]):
 
 
 def _run(root, runner, port, peers=None):
-    from infra.cli import main
+    from flows.cli import main
 
     with pytest.MonkeyPatch.context() as mp:
         if peers is not None:
@@ -150,7 +150,7 @@ def test_dask_cluster_gives_the_same_shards_and_ledger(crawl, prefect_server):
 
 def test_retry_failed_cli_then_resume(crawl, prefect_server, capsys):
     from evaluation.report.collect import Run, attempts
-    from infra.cli import main
+    from flows.cli import main
     from infra.lineage import Ledger, check_terminal_outcomes
     from infra.manifest import read_manifest
 
@@ -216,7 +216,7 @@ def test_retry_failed_cli_then_resume(crawl, prefect_server, capsys):
 
 
 def test_truncated_parquet_list_stops_the_run_with_the_fix(crawl, prefect_server, capsys):
-    from infra.cli import main
+    from flows.cli import main
 
     root, port = crawl
     data = (root / "urls.parquet").read_bytes()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from infra.cli import main as cli
+from flows.cli import main as cli
 from infra.demo.crawl import BAD_INPUT_REASONS
 from infra.lineage import Ledger, check_terminal_outcomes
 from infra.run import RunDir

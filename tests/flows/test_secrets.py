@@ -33,7 +33,7 @@ def test_environment_secrets_never_reach_the_run_directory_or_the_output(tmp_pat
     env = {**os.environ, **SECRETS, "PREFECT_HOME": str(prefect_home(tmp_path / "prefect-home")),
            "PYTHONPATH": str(REPO), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
     env.pop("PREFECT_API_URL", None)  # the run's own embedded server
-    proc = subprocess.run([sys.executable, "-m", "infra.cli", "run", str(REPO / "configs" / "tiny.yaml"),
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(REPO / "configs" / "tiny.yaml"),
                            f"run.root={root}", "run.stop_after=ingest"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -1,6 +1,6 @@
 """Child process of test_prefect_outage.py: Prefect's event client connects to a real API server, the server stops,
 more events are queued, the flow's work "ends" (a `flow_completed` event in the run's events.jsonl), and the process
-flushes Prefect's services as `lvd` does, under `infra.cli.ExitWatchdog` ("bounded") or without it ("plain").
+flushes Prefect's services as `lvd` does, under `flows.cli.running.ExitWatchdog` ("bounded") or without it ("plain").
 
     python tests/infra/prefect_outage_child.py (bounded|plain) N_EVENTS RUN_ROOT
 """
@@ -15,7 +15,7 @@ from prefect.events.worker import EventsWorker
 from prefect.server.api.server import SubprocessASGIServer
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from infra.cli import ExitWatchdog, _exit_timeout, _flush_prefect
+from flows.cli.running import ExitWatchdog, _exit_timeout, _flush_prefect
 from infra.run import RunDir
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from infra.cli import main as cli
+from flows.cli import main as cli
 from infra.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[2]

@@ -105,7 +105,7 @@ def test_report_funnel_ignores_ingest_drops_superseded_by_a_retry(tmp_path):
 def test_domains_cli_json_has_null_for_a_rate_of_nothing_requested(tmp_path, capsys):
     import json
 
-    from infra.cli import main
+    from flows.cli import main
 
     run = tmp_path / "run"
     w = LedgerWriter("ingest")

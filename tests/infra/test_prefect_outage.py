@@ -1,6 +1,6 @@
 """The Prefect API server going away: Prefect's flush of its queued events retries each one against the dead server
 (~7-10 s each) without a time limit; `lvd` bounds the time from the end of the flow's work to the exit
-(`infra.cli.ExitWatchdog`, LVD_PREFECT_EXIT_TIMEOUT) and says why. The whole `lvd run` against a server killed
+(`flows.cli.running.ExitWatchdog`, LVD_PREFECT_EXIT_TIMEOUT) and says why. The whole `lvd run` against a server killed
 mid-run is `bench/prefect_outage.py`."""
 
 from __future__ import annotations

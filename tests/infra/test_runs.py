@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from flows.cli import main
 from flows.stages import SPECS
-from infra.cli import main
 from infra.config import ConfigError, config_hash, load_config
 from infra.runs import RESUME_OVERRIDABLE, amend_run, prepare_run
 

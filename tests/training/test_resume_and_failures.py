@@ -293,7 +293,7 @@ def test_status_says_where_an_unfinished_run_continues(image_folder, tmp_path, c
     """`lvd status`: a preempted training stage shows the step its checkpoint resumes at, rebalancing its saved k-means
     steps, a sharded stage its finished shards; completed and untouched stages show nothing of the kind."""
     from curation.rebalance import CHECKPOINTS
-    from infra.cli import main
+    from flows.cli import main
     from infra.runs import prepare_run
     from infra.storage import Markers
 

@@ -1,0 +1,5 @@
+"""`python -m flows.cli` is `lvd`."""
+
+from flows.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,122 @@
+"""Commands that read a run: `lvd status`, `lineage`, `audit`, `domains`, `report`, and `folder-urls` (a pool's list)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from flows.stages import stage_progress
+    from infra.runs import open_run
+    from infra.summary import format_summary, run_summary
+
+    run, cfg = open_run(args.root, args.run_id)
+    summary = run_summary(run, cfg, progress=stage_progress)
+    print(json.dumps(summary, indent=2, default=str) if args.json else format_summary(summary))
+    return 0
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from infra.lineage import Ledger
+    from infra.lineage_view import describe_chain
+
+    ledger = Ledger(Path(args.root) / args.run_id)
+    key = args.key
+    is_image = len(key) == 64 and all(c in "0123456789abcdef" for c in key.lower())
+    chain = ledger.chain(image_id=key.lower()) if is_image else ledger.chain(url=key)
+    if chain.empty:
+        print(f"no lineage for {key!r} in run {args.run_id}", file=sys.stderr)
+        return 1
+    print(chain.to_json(orient="records", indent=2) if args.json else describe_chain(chain, key))
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from infra.audit import audit_run
+    from infra.runs import open_run
+
+    run, _ = open_run(args.root, args.run_id)
+    report = audit_run(run)
+    print(json.dumps(report.to_json(), indent=2) if args.json else report.format())
+    return 0 if report.ok else 1
+
+
+def cmd_domains(args: argparse.Namespace) -> int:
+    from infra.domains import domain_stats, format_domains
+    from infra.runs import open_run
+
+    run, _ = open_run(args.root, args.run_id)
+    frame = domain_stats(run.path)
+    if frame.empty:
+        print(f"run {args.run_id} has no ingest ledger yet", file=sys.stderr)
+        return 1
+    if args.csv:
+        out = frame.assign(failures=[json.dumps(f) for f in frame["failures"]])
+        out.to_csv(args.csv, index=False)
+        print(f"{len(frame):,} hosts written to {args.csv}", file=sys.stderr)
+    records = frame.astype(object).where(frame.notna(), None).to_dict("records")  # a rate of nothing requested: null
+    print(json.dumps(records, indent=2) if args.json else format_domains(frame, args.top or None))
+    return 0
+
+
+def cmd_folder_urls(args: argparse.Namespace) -> int:
+    from curation.urls import folder_url_list
+
+    listing = folder_url_list(Path(args.folder), Path(args.out), all_files=args.all_files)
+    print(f"{listing.listed:,} files listed in {args.out}")
+    if listing.skipped:
+        print(f"{listing.skipped:,} files left out for their suffix (e.g. {', '.join(listing.skipped_examples)}); "
+              "--all-files lists them too, each then recorded with its reason at ingest")
+    root = Path(args.folder).resolve()
+    print(f'use it with: data.url_list={args.out} "ingest.local_roots=[{root}]"')
+    return 0 if listing.listed else 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from evaluation.report import build_report
+
+    run_dir = Path(args.root) / args.run_id
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"no run {args.run_id!r} under {args.root}")
+    path = build_report(run_dir, Path(args.out) if args.out else None)
+    print(f"report: {path}")
+    if args.screenshot:
+        from evaluation.report.browser import render
+
+        shot = render(path, Path(args.screenshot))
+        print(f"screenshot: {shot.screenshot}" + (f" ({len(shot.console_errors)} console errors)" if shot.console_errors else ""))
+    return 0
+
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    for name, fn, helptext in (
+        ("status", cmd_status, "stages, counts and state of a run"),
+        ("lineage", cmd_lineage, "every decision about an image id or a URL"),
+        ("audit", cmd_audit, "re-hash the corpus and check the ledger and manifests (exit 1 on any discrepancy)"),
+        ("domains", cmd_domains, "per host: URLs, downloads, failure reasons and images in the corpus"),
+    ):
+        c = sub.add_parser(name, help=helptext)
+        c.add_argument("run_id")
+        if name == "lineage":
+            c.add_argument("key", help="an image id (sha256) or a URL")
+        if name == "domains":
+            c.add_argument("--top", type=int, default=30, help="hosts to list, most URLs first (0: all)")
+            c.add_argument("--csv", default=None, help="also write every host to this CSV file")
+        c.add_argument("--root", default="runs", help="folder that holds the runs (default: runs)")
+        c.add_argument("--json", action="store_true", help="machine-readable output")
+        c.set_defaults(fn=fn)
+    fu = sub.add_parser("folder-urls", help="a URL list of file:// URLs for a folder of images (a local pool)")
+    fu.add_argument("folder", type=Path)
+    fu.add_argument("out", type=Path, help="the URL list to write (.parquet)")
+    fu.add_argument("--all-files", action="store_true", help="list every file, not only image suffixes")
+    fu.set_defaults(fn=cmd_folder_urls)
+    rep = sub.add_parser("report", help="(re)write the run's self-contained HTML report")
+    rep.add_argument("run_id")
+    rep.add_argument("--root", default="runs", help="folder that holds the runs (default: runs)")
+    rep.add_argument("--out", default=None, help="where to write it (default: <run>/report.html)")
+    rep.add_argument("--screenshot", default=None, help="also render it in headless chromium to this PNG")
+    rep.set_defaults(fn=cmd_report)
