@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -18,49 +19,71 @@ from prefect import flow
 from evaluation.features import FeatureModel, PixelModel
 from evaluation.suite import EvalModel, classification_benchmarks, evaluate
 from flows.models import feature_model
-from infra.config import PipelineConfig, to_yaml
+from infra.config import ConfigError, PipelineConfig, to_yaml
 from infra.config.curation import BackboneConfig
 from infra.config.evaluate import ModelEntry
 from infra.stage import StageResult
 from infra.storage import atomic_write_text
 
 OFFICIAL_EVAL_SIZE = 224  # dinov2's eval transform crops 224 px; released checkpoints carry 518 px pos-embeds
+RELEASED_SIZE = 518  # the released checkpoints' position-embedding grid: 37 x 37 patches of 14 px
+SPEC_OPTIONS = ("kind", "arch", "image_size", "patch_size", "interpolate_offset", "interpolate_antialias")
 
 
-def checkpoint_image_size(path: Path) -> int:
-    """A project export's training size (from its metadata); official checkpoints are evaluated at 224 px."""
-    if Path(path).suffix == ".safetensors":
-        from safetensors import safe_open
+def checkpoint_image_size(path: Path, name: str = "NAME") -> int:
+    """The resolution a checkpoint records (project exports, the sidecar of a `.pth` export, a transformers folder's
+    processor); a released official checkpoint (518 px grid) is evaluated at 224 px as dinov2's eval does. Anything
+    else is refused rather than guessed: a plain state dict does not say at which size it was trained."""
+    from training.checkpoint import read_checkpoint, recorded_image_size
 
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-        arch = json.loads(meta.get("lvd_backbone", "{}"))
-        if "img_size" in arch:
-            return int(arch["img_size"])
-    return OFFICIAL_EVAL_SIZE
+    size = recorded_image_size(path)
+    if size is not None:
+        return size
+    state = read_checkpoint(path).backbone
+    patch = state["patch_embed.proj.weight"].shape[-1]
+    grid = math.isqrt(state["pos_embed"].shape[1] - 1)  # official layout: 1 + grid x grid
+    if grid * patch == RELEASED_SIZE:
+        return OFFICIAL_EVAL_SIZE
+    raise ConfigError([f"--model {name}: {path} records no training resolution (a plain state dict; lvd's .pth "
+                       f"exports carry it in {path.name}.json beside them). Its position embeddings hold {grid} x "
+                       f"{grid} patches of {patch} px ({grid * patch} px), which need not be the size to evaluate at: "
+                       f"give it, e.g. --model {name}={path},image_size={grid * patch}"], source="--model")
 
 
 def parse_model_spec(spec: str) -> ModelEntry:
-    """``NAME=PATH[,kind=vit|dinov2|timm][,arch=A][,image_size=N][,patch_size=P]``.
+    """``NAME=PATH[,kind=vit|dinov2|timm][,arch=A][,image_size=N][,patch_size=P][,interpolate_offset=F]
+    [,interpolate_antialias=true|false]``.
 
-    Without ``kind``: ``.safetensors`` is a project export (vit), ``.pth`` an official DINOv2 state dict (dinov2).
+    Without ``kind``: ``.safetensors`` is a project export (vit), anything else (an official ``.pth``, a transformers
+    folder, a timm state dict) a DINOv2 checkpoint (dinov2).
     """
     name, sep, rest = spec.partition("=")
     if not sep or not rest:
         raise ValueError(f"--model {spec!r}: expected NAME=PATH[,key=value...]")
     path, *options = rest.split(",")
     opts: dict[str, Any] = dict(o.split("=", 1) for o in options if "=" in o)
-    unknown = set(opts) - {"kind", "arch", "image_size", "patch_size"}
+    unknown = set(opts) - set(SPEC_OPTIONS)
     if unknown or len(opts) != len(options):
-        raise ValueError(f"--model {spec!r}: options are kind=, arch=, image_size=, patch_size= (got {options})")
+        raise ValueError(f"--model {spec!r}: options are {', '.join(f'{o}=' for o in SPEC_OPTIONS)} (got {options})")
     p = Path(path).expanduser()
-    if not p.is_file():
+    if not p.exists():
         raise FileNotFoundError(f"--model {name}: checkpoint {p} does not exist")
     kind = opts.get("kind") or ("vit" if p.suffix == ".safetensors" else "dinov2")
-    size = int(opts["image_size"]) if "image_size" in opts else checkpoint_image_size(p) if kind != "timm" else 224
+    size = int(opts["image_size"]) if "image_size" in opts else checkpoint_image_size(p, name) if kind != "timm" else 224
+    interpolation = {k: opts[k] for k in ("interpolate_offset", "interpolate_antialias") if k in opts}
+    if "interpolate_antialias" in interpolation:
+        interpolation["interpolate_antialias"] = _flag(interpolation["interpolate_antialias"], spec)
     backbone = BackboneConfig(kind=kind, arch=opts.get("arch", "vit_tiny" if kind != "timm" else ""), path=p,
-                              image_size=size, patch_size=int(opts.get("patch_size", 14)))  # fmt: skip
+                              image_size=size, patch_size=int(opts.get("patch_size", 14)), **interpolation)  # fmt: skip
     return ModelEntry(name=name, backbone=backbone)
+
+
+def _flag(text: str, spec: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(f"--model {spec!r}: interpolate_antialias is true or false, not {text!r}")
 
 
 def build_models(entries: list[ModelEntry], random_init: bool, raw_pixels: bool, seed: int = 0) -> list[EvalModel]:

@@ -25,14 +25,15 @@ def build_model(cfg: BackboneConfig, seed: int = 0) -> torch.nn.Module:
     from training.checkpoint import load_backbone
     from training.registry import build_backbone
 
+    interpolation = {k: v for k in ("interpolate_offset", "interpolate_antialias") if (v := getattr(cfg, k)) is not None}
     if cfg.path is not None:
         # The file knows its architecture: project exports record it, official `.pth` state dicts are inferred
         # from tensor shapes (config defaults such as patch_size must not override a checkpoint's own).
         pin = cfg.arch if cfg.kind == "vit" and Path(cfg.path).suffix == ".pth" else None
-        return load_backbone(cfg.path, arch=pin)
+        return load_backbone(cfg.path, arch=pin, **interpolation)
     if cfg.kind == "dinov2":
         raise ValueError("backbone.kind=dinov2 needs backbone.path (an official DINOv2 checkpoint)")
-    return build_backbone(cfg.arch, patch_size=cfg.patch_size, img_size=cfg.image_size)
+    return build_backbone(cfg.arch, patch_size=cfg.patch_size, img_size=cfg.image_size, **interpolation)
 
 
 def _timm_model(cfg: BackboneConfig) -> torch.nn.Module:
@@ -67,11 +68,20 @@ def embedder(cfg: BackboneConfig, name: str, batch_size: int, precision: str, se
 
 
 def feature_model(cfg: BackboneConfig, name: str, seed: int = 0) -> FeatureModel:
-    """A backbone wrapped for evaluation, with the fingerprint its cached features are keyed on."""
-    from evaluation.features import fingerprint, wrap
+    """A backbone wrapped for evaluation, with the fingerprint its cached features are keyed on (and the results
+    record): the checkpoint's bytes (a transformers folder's weights and config) and the position-embedding resizing
+    a DINOv2 backbone uses."""
+    from evaluation.features import file_sha256, fingerprint, wrap
 
-    fp = fingerprint(cfg.kind, cfg.arch, cfg.path, seed, patch_size=cfg.patch_size, image_size=cfg.image_size)
-    return wrap(build_model(cfg, seed), name, fp, cfg.image_size)
+    model = build_model(cfg, seed)
+    folder = cfg.path is not None and Path(cfg.path).is_dir()
+    path = Path(cfg.path) / "model.safetensors" if folder else cfg.path
+    fp = fingerprint(cfg.kind, cfg.arch, path, seed, patch_size=cfg.patch_size, image_size=cfg.image_size)
+    if folder:
+        fp += f":config={file_sha256(Path(cfg.path).resolve() / 'config.json')}"
+    if hasattr(model, "interpolate_offset"):
+        fp += f":interpolate_offset={model.interpolate_offset:g}:interpolate_antialias={model.interpolate_antialias}"
+    return wrap(model, name, fp, cfg.image_size)
 
 
 def random_init_model(train: TrainConfig, seed: int = 0) -> FeatureModel:

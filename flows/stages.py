@@ -162,6 +162,7 @@ def stage_train_config(cfg: PipelineConfig, run: RunDir, stage: str) -> TrainCon
 
 
 def _train(ctx: StageContext) -> StageResult:
+    from flows.export import write_stage_exports
     from flows.progress import TrainingProgress
     from training.launch import pretrain_on_host
 
@@ -171,16 +172,19 @@ def _train(ctx: StageContext) -> StageResult:
         ctx.run.log_event("training_resumed", ctx.name, step=step)
     with TrainingProgress(ctx.dir, ctx.run.run_id, ctx.name):
         res = pretrain_on_host(ctx.upstream_dir("corpus") / "shards", ctx.dir, train, seed=ctx.cfg.run.seed)
+    exports = write_stage_exports(ctx.run, ctx.name, train.exports)  # hf/ (+ model card), timm/: `train.exports`
     return StageResult(
         counts={"steps": res.steps},
-        outputs=[res.teacher_backbone, res.teacher_bundle, res.metrics_csv],
+        outputs=[res.teacher_backbone, res.teacher_bundle, res.metrics_csv, *exports],
         extra={"final": res.final, "images_per_second": res.images_per_second, "checkpoint": str(res.checkpoint),
                "mode": train.mode, "arch": train.student.arch, "image_size": train.crops.global_crops_size},
     )
 
 
 def _evaluate(ctx: StageContext) -> StageResult:
+    from evaluation.results import RESULTS
     from evaluation.suite import classification_benchmarks, evaluate
+    from flows.export import complete_card
     from flows.models import evaluation_models
 
     cfg = ctx.cfg
@@ -189,8 +193,10 @@ def _evaluate(ctx: StageContext) -> StageResult:
     models = evaluation_models(cfg, teacher, stage_train_config(cfg, ctx.run, final))
     benchmarks = classification_benchmarks(cfg.data.eval_sets) + list(cfg.evaluate.benchmarks)
     cache = cfg.evaluate.cache_dir or ctx.run.root / ".cache" / "features"
-    return evaluate(benchmarks, models, cfg.evaluate, ctx.dir, run_id=ctx.run.run_id,
-                    cache_dir=cache, table_root=ctx.run.root)  # fmt: skip
+    result = evaluate(benchmarks, models, cfg.evaluate, ctx.dir, run_id=ctx.run.run_id,
+                      cache_dir=cache, table_root=ctx.run.root)  # fmt: skip
+    card = complete_card(ctx.run, final, pd.read_parquet(ctx.dir / RESULTS))  # the evaluated model's hf/README.md
+    return replace(result, outputs=[*result.outputs, card]) if card else result
 
 
 def resume_step(stage_dir: Path) -> int | None:

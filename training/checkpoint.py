@@ -1,10 +1,16 @@
-"""Weights in and out: the official DINOv2 backbone format, safetensors exports, and safe loading.
+"""Weights in and out: the official DINOv2 backbone format, safetensors exports, and safe loading of every DINOv2
+checkpoint users hold.
 
 - Official format: a flat state dict with the released key names (`blocks.<i>.*`, chunking flattened), as in
-  `dinov2_vit{s,b,l,g}14[_reg4]_pretrain.pth`; `.pth` files are read with `torch.load(weights_only=True)`.
+  `dinov2_vit{s,b,l,g}14[_reg4]_pretrain.pth`; `.pth` files are read with `torch.load(weights_only=True)`. The
+  `.pth` this project writes has a sidecar `<file>.json` (architecture, training resolution): a plain state dict
+  cannot hold metadata without breaking the official strict load.
 - Project exports: safetensors with the same key names and, in the metadata, the architecture that rebuilds the
   model (`lvd_backbone` JSON); a bundle (`teacher_checkpoint.safetensors`) adds the heads under `dino_head.` /
   `ibot_head.` with their sizes. Nothing is ever unpickled beyond tensors and plain containers.
+- Read as well (`read_checkpoint`): official training checkpoints (block chunks `blocks.<chunk>.<i>.*`, the
+  `{"teacher": ...}` of `eval/<iter>/teacher_checkpoint.pth`, `teacher.` / `student.` prefixes, DDP / FSDP wrapper
+  names), transformers folders (`training/export/hf.py`) and timm state dicts (`training/export/timm_format.py`).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +27,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from infra.storage import atomic_path
+from infra.storage import atomic_path, atomic_write_text
+from training.export.hf import is_hf_folder, read_hf, read_hf_image_size
+from training.export.timm_format import from_timm_state, is_timm_state
 from training.layers import DINOHead
 from training.registry import ARCHS
 from training.vision_transformer import DinoVisionTransformer
@@ -28,8 +37,7 @@ from training.vision_transformer import DinoVisionTransformer
 FORMAT = "lvd.dinov2.v1"
 _CHUNKED = re.compile(r"^blocks\.(\d+)\.(\d+)\.")
 _FLAT = re.compile(r"^blocks\.(\d+)\.")
-# Prefixes that wrap a backbone state dict in training checkpoints (reference, DDP, FSDP, this project).
-_PREFIXES = ("module.", "_fsdp_wrapped_module.", "_orig_mod.", "backbone.")
+HEADS = ("dino_head", "ibot_head")
 
 
 def official_state_dict(backbone: DinoVisionTransformer) -> dict[str, torch.Tensor]:
@@ -47,19 +55,6 @@ def load_official_state_dict(backbone: DinoVisionTransformer, state: Mapping[str
         size = len([b for b in backbone.blocks[0] if not isinstance(b, nn.Identity)])
         state = {_FLAT.sub(lambda m: f"blocks.{int(m[1]) // size}.{m[1]}.", k): v for k, v in state.items()}
     return backbone.load_state_dict(dict(state), strict=strict)
-
-
-def strip_prefixes(state: Mapping[str, Any], prefixes: tuple[str, ...] = _PREFIXES) -> dict[str, Any]:
-    out = {}
-    for k, v in state.items():
-        changed = True
-        while changed:
-            changed = False
-            for p in prefixes:
-                if k.startswith(p):
-                    k, changed = k[len(p):], True
-        out[k] = v
-    return out
 
 
 def infer_arch_kwargs(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
@@ -103,14 +98,21 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
 
 
 def export_backbone(backbone: DinoVisionTransformer, path: Path, official_pth: bool = True) -> Path:
-    """Write `<path>` (.safetensors, arch in metadata) and, optionally, the official `.pth` beside it."""
+    """Write `<path>` (.safetensors, arch in metadata) and, optionally, the official `.pth` (+ its sidecar) beside it."""
     path = Path(path)
     state = official_state_dict(backbone)
     save_safetensors(state, path, {"lvd_backbone": backbone.arch_kwargs})
     if official_pth:
-        with atomic_path(path.with_suffix(".pth")) as tmp:
-            torch.save(state, tmp)
+        write_official_pth(state, backbone.arch_kwargs, path.with_suffix(".pth"))
     return path
+
+
+def write_official_pth(state: Mapping[str, torch.Tensor], arch: Mapping[str, Any], path: Path) -> Path:
+    """The official state dict (what `torch.hub`'s DINOv2 builders load strictly) and its sidecar `<path>.json`."""
+    with atomic_path(path) as tmp:
+        torch.save(dict(state), tmp)
+    write_sidecar(path, arch)
+    return Path(path)
 
 
 def export_bundle(modules: Mapping[str, nn.Module], path: Path) -> Path:
@@ -146,33 +148,151 @@ def load_bundle(path: Path) -> dict[str, nn.Module]:
     return out
 
 
-def read_backbone_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """Official-named backbone tensors and, for project exports, the recorded architecture."""
+# --- the `.pth` sidecar ----------------------------------------------------------------------------------------------
+def sidecar_path(weights: Path) -> Path:
+    """`<file>.json` beside a weights file that cannot hold metadata without breaking its readers' strict loads (an
+    official `.pth` state dict, a timm state dict): the architecture, the training resolution, for timm the
+    `create_model` call."""
+    weights = Path(weights)
+    return weights.with_name(weights.name + ".json")
+
+
+def write_sidecar(weights: Path, arch: Mapping[str, Any], **extra: Any) -> Path:
+    info = {"format": FORMAT, "weights": Path(weights).name, "image_size": arch["img_size"], "lvd_backbone": dict(arch),
+            **extra}
+    atomic_write_text(sidecar_path(weights), json.dumps(info, indent=2) + "\n")
+    return sidecar_path(weights)
+
+
+def read_sidecar(weights: Path) -> dict[str, Any] | None:
+    path = sidecar_path(weights)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+# --- reading any DINOv2 checkpoint ---------------------------------------------------------------------------------
+@dataclass
+class Checkpoint:
+    """A backbone's official-named tensors (blocks flat) with what is known about it, and any DINO / iBOT heads."""
+
+    backbone: dict[str, torch.Tensor]
+    arch: dict[str, Any] | None  # None: inferred from the tensor shapes (`infer_arch_kwargs`)
+    layout: str  # lvd (project export) | official | hf | timm
+    image_size: int | None = None  # the resolution recorded with the weights (None: not recorded)
+    heads: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+
+def read_checkpoint(path: Path | str, arch: str | None = None) -> Checkpoint:
+    """A project export or bundle (.safetensors), an official DINOv2 checkpoint (released `.pth`, a training run's
+    `teacher_checkpoint.pth` or `{"model": ...}` checkpoint with `teacher.` / `student.` prefixes, block chunks or
+    not), a transformers folder, or a timm DINOv2 state dict. `arch`: a registry name pinning the head count where
+    the file does not record it. Only tensors and plain containers are ever unpickled."""
     path = Path(path)
+    if path.is_dir():
+        if not is_hf_folder(path):
+            raise FileNotFoundError(f"{path} is a folder without config.json (not a transformers checkpoint)")
+        return _hf_checkpoint(path)
     if path.suffix == ".safetensors":
         tensors, meta = read_safetensors(path)
-        if any(k.startswith("backbone.") for k in tensors):
-            tensors = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
-        return tensors, meta.get("lvd_backbone")
+        if any(k.startswith("lvd_") for k in meta):
+            return _bundle_checkpoint(tensors, meta)
+        return _state_checkpoint(tensors, path, arch)
     obj = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("teacher", "model", "state_dict"):  # reference training / eval checkpoint wrappers
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
-    state = strip_prefixes(obj)
-    return {k: v for k, v in state.items() if not k.startswith(("dino_head.", "ibot_head."))}, None
+    return _state_checkpoint(obj, path, arch)
+
+
+def _hf_checkpoint(folder: Path) -> Checkpoint:
+    state, arch, size = read_hf(folder)
+    return Checkpoint(state, arch, "hf", size)
+
+
+def _bundle_checkpoint(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Checkpoint:
+    if not any(k.startswith("backbone.") for k in tensors):  # a backbone export
+        tensors = {f"backbone.{k}": v for k, v in tensors.items()}
+    parts = _split(tensors)
+    arch = meta.get("lvd_backbone")
+    return Checkpoint(parts.pop("backbone"), arch, "lvd", arch["img_size"] if arch else None, parts)
+
+
+def _state_checkpoint(state: Mapping[str, Any], path: Path, arch: str | None) -> Checkpoint:
+    state = _select_model(state)
+    if any(k.startswith("embeddings.") for k in state):  # a transformers state dict: its config is beside it
+        if is_hf_folder(path.parent):
+            return _hf_checkpoint(path.parent)
+        raise ValueError(f"{path} holds transformers weights; give the folder with its config.json")
+    parts = _split(state)
+    backbone = parts.pop("backbone")
+    sidecar = read_sidecar(path) or {}
+    recorded = sidecar.get("lvd_backbone")
+    if is_timm_state(backbone):
+        backbone, kwargs = from_timm_state(backbone, recorded, arch)
+        return Checkpoint(backbone, kwargs, "timm", sidecar.get("image_size"), parts)
+    backbone = {_CHUNKED.sub(r"blocks.\2.", k): v for k, v in backbone.items()}  # block chunks: flat indices
+    return Checkpoint(backbone, recorded, "official", sidecar.get("image_size"), parts)
+
+
+_WRAPPERS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _select_model(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Wrapper names removed (DDP `module.`, FSDP, activation checkpointing, torch.compile); of a checkpoint holding
+    the whole SSL model (`teacher.*` and `student.*`), the teacher: what the reference evaluates and releases."""
+    clean = {}
+    for k, v in state.items():
+        for w in _WRAPPERS:
+            k = k.replace(w, "")
+        clean[k.removeprefix("module.")] = v
+    for model in ("teacher.", "student."):
+        if any(k.startswith(model) for k in clean):
+            return {k[len(model):]: v for k, v in clean.items() if k.startswith(model)}
+    return clean
+
+
+def _split(state: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """{"backbone": ..., "dino_head": ..., "ibot_head": ...} by prefix; without `backbone.` keys, everything that
+    is not a head is the backbone."""
+    heads = {h: {k[len(h) + 1:]: v for k, v in state.items() if k.startswith(h + ".")} for h in HEADS}
+    prefixed = any(k.startswith("backbone.") for k in state)
+    backbone = {k.removeprefix("backbone."): v for k, v in state.items()
+                if (k.startswith("backbone.") if prefixed else not k.startswith(tuple(f"{h}." for h in HEADS)))}
+    return {"backbone": backbone, **{h: sd for h, sd in heads.items() if sd}}
+
+
+def read_backbone_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """Official-named backbone tensors and, where the file records it, the architecture."""
+    ck = read_checkpoint(path)
+    return ck.backbone, ck.arch
+
+
+def recorded_image_size(path: Path | str) -> int | None:
+    """The resolution a checkpoint records (project exports, sidecars, transformers folders) without reading its
+    tensors; None when it records none (a plain official or timm state dict)."""
+    path = Path(path)
+    if path.is_dir():
+        return read_hf_image_size(path) if is_hf_folder(path) else None
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+        if "lvd_backbone" in meta:
+            return int(json.loads(meta["lvd_backbone"])["img_size"])
+    sidecar = read_sidecar(path)
+    return int(sidecar["image_size"]) if sidecar and "image_size" in sidecar else None
 
 
 def load_backbone(path: Path | str, arch: str | None = None, **overrides: Any) -> DinoVisionTransformer:
-    """A backbone from a project safetensors export or an official DINOv2 `.pth` (strict key match).
+    """A backbone from any checkpoint `read_checkpoint` reads (strict key match).
 
-    For `.pth` files the architecture is inferred from the tensor shapes; `arch` (a registry name) pins the
-    head count and `overrides` set anything else (e.g. `interpolate_offset`).
+    Where the file records no architecture it is inferred from the tensor shapes; `arch` (a registry name) pins the
+    head count and `overrides` set anything else (e.g. `interpolate_offset`, `interpolate_antialias`).
     """
-    state, kwargs = read_backbone_state(Path(path))
+    ck = read_checkpoint(Path(path), arch)
+    kwargs = ck.arch
     if kwargs is None:
-        kwargs = infer_arch_kwargs(state)
+        kwargs = infer_arch_kwargs(ck.backbone)
         if arch is not None:
             kwargs["num_heads"] = ARCHS[arch]["num_heads"]
-    backbone = DinoVisionTransformer(**{**kwargs, **overrides})
-    load_official_state_dict(backbone, state, strict=True)
+    backbone = DinoVisionTransformer(**{**kwargs, **{k: v for k, v in overrides.items() if v is not None}})
+    load_official_state_dict(backbone, ck.backbone, strict=True)
     return backbone.eval()

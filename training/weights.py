@@ -1,9 +1,12 @@
-"""Initialising a run from pretrained weights (highres finishing stage, fine-tuned continuations).
+"""Initialising a run from pretrained weights (highres finishing stage, continued pretraining, fine-tuned
+continuations).
 
-Accepts a project bundle (`teacher_checkpoint.safetensors`: backbone + heads), a backbone export, or an official
-DINOv2 `.pth`. The backbone (and heads when present and of matching shape) are loaded into the student, and the
-teacher is reset to a copy of the student. A positional embedding of another grid (e.g. 224 px weights for a
-518 px stage) is resampled bicubically to the new grid.
+Accepts whatever `training.checkpoint.read_checkpoint` reads: a project bundle (`teacher_checkpoint.safetensors`:
+backbone + heads), a backbone export, an official DINOv2 checkpoint (a released `.pth`, or a training run's
+`teacher_checkpoint.pth` / `{"model": ...}` checkpoint with its DINO and iBOT heads, block chunks or not), a
+transformers folder or a timm state dict. The backbone (and the heads when present and of matching shape) are
+loaded into the student, and the teacher is reset to a copy of the student. A positional embedding of another grid
+(e.g. 224 px weights for a 518 px stage) is resampled bicubically to the new grid.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from training.checkpoint import load_official_state_dict, read_backbone_state, read_safetensors
+from training.checkpoint import load_official_state_dict, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -34,20 +37,23 @@ def resize_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
 
 def init_from_pretrained(meta, path: Path) -> None:  # meta: SSLMetaArch (import cycle otherwise)
     path = Path(path)
-    state, _ = read_backbone_state(path)
+    ck = read_checkpoint(path)
+    state = dict(ck.backbone)
     backbone = meta.student.backbone
     grid = backbone.patch_embed.patches_resolution[0]
     state["pos_embed"] = resize_pos_embed(state["pos_embed"], grid)
     load_official_state_dict(backbone, state, strict=True)
-    if path.suffix == ".safetensors":
-        tensors, _ = read_safetensors(path)
-        for head in ("dino_head", "ibot_head"):
-            sub = {k[len(head) + 1:]: v for k, v in tensors.items() if k.startswith(head + ".")}
-            if sub and head in meta.student:
-                own = meta.student[head].state_dict()
-                if all(k in sub and sub[k].shape == v.shape for k, v in own.items()):
-                    meta.student[head].load_state_dict(sub, strict=True)
-                else:
-                    log.warning("%s in %s does not match the configured head; it starts from scratch", head, path)
+    for head, sub in ck.heads.items():
+        if head not in meta.student:
+            log.warning("%s in %s is not used (this run has no separate %s)", head, path, head)
+            continue
+        own = meta.student[head].state_dict()
+        if set(sub) == set(own) and all(sub[k].shape == v.shape for k, v in own.items()):
+            meta.student[head].load_state_dict(sub, strict=True)
+        else:
+            log.warning("%s in %s does not match the configured head; it starts from scratch", head, path)
+    missing = [h for h in meta.student if h != "backbone" and h not in ck.heads]
+    if missing:
+        log.info("%s: no %s in %s; initialised from scratch", path.name, ", ".join(missing), path)
     (meta.ema if meta.distill else meta.teacher).load_state_dict(meta.student.state_dict(), strict=True)
-    log.info("initialised student and teacher from %s", path)
+    log.info("initialised student and teacher from %s (%s layout)", path, ck.layout)

@@ -8,6 +8,7 @@
     lvd evaluate (CONFIG | RUN_ID) --model NAME=CHECKPOINT ...
                                             checkpoints side by side on a configuration's benchmarks
     lvd compare RUN_A RUN_B                 evaluation results of two runs (or evaluations) side by side
+    lvd export RUN_ID --format F DEST       the run's model for transformers (hf), timm, torch (pth) or safetensors
     lvd retry-failed RUN_ID [--reason R]    re-download only the failed URLs of a finished ingest
     lvd models fetch NAME [NAME ...]        download official model files (SSCD, DINOv2) with checksums
 """
@@ -18,7 +19,7 @@ import argparse
 import os
 import sys
 
-from flows.cli import models, records, running
+from flows.cli import export, models, records, running
 from infra.config import ConfigError
 
 
@@ -37,6 +38,7 @@ def parser() -> argparse.ArgumentParser:
     running.register(sub)
     records.register(sub)
     models.register(sub)
+    export.register(sub)
     return p
 
 

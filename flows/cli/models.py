@@ -62,8 +62,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("evaluate", help="evaluate checkpoints on the benchmarks of a configuration or a run")
     ev.add_argument("source", help="a pipeline YAML, or a run id whose resolved config declares the benchmarks")
     ev.add_argument("overrides", nargs="*", help="dotted overrides, e.g. evaluate.linear.iterations=1000")
-    ev.add_argument("--model", action="append", required=True, metavar="NAME=PATH[,kind=..,arch=..,image_size=..]",
-                    help="a checkpoint: project .safetensors, official DINOv2 .pth, or kind=timm,arch=NAME (repeat)")
+    ev.add_argument("--model", action="append", required=True,
+                    metavar="NAME=PATH[,kind=..,arch=..,image_size=..,interpolate_offset=..,interpolate_antialias=..]",
+                    help="a checkpoint: project .safetensors, official DINOv2 .pth (released or training), transformers "
+                         "folder, timm DINOv2 file, or kind=timm,arch=NAME (repeat)")
     ev.add_argument("--random-init", action="store_true", help="add the first model's architecture, untrained")
     ev.add_argument("--raw-pixels", action="store_true", help="add the raw-pixel baseline")
     ev.add_argument("--name", default=None, help="evaluation id (default: eval-<hash of config and models>)")

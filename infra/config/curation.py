@@ -124,19 +124,29 @@ class DedupConfig(Section):
 class BackboneConfig(Section):
     """Any backbone that yields a global image embedding."""
 
-    # vit: this project's DINOv2 ViT (random init unless `path` is a project checkpoint);
-    # dinov2: an official DINOv2 backbone state dict (dinov2_vit*14*_pretrain.pth), `path` required;
+    # vit: this project's DINOv2 ViT (random init unless `path` is a checkpoint);
+    # dinov2: a DINOv2 checkpoint, `path` required: official (dinov2_vit*14*_pretrain.pth, a training run's
+    # teacher_checkpoint.pth, block chunks or not), a transformers folder, or a timm DINOv2 state dict;
     # timm: a timm architecture with a local weights file (.safetensors / .pth state dict).
     kind: Literal["vit", "dinov2", "timm"] = "vit"
     arch: str = "vit_tiny"
     patch_size: int = Field(default=4, ge=1)
     path: Path | None = None
     image_size: int = Field(default=28, ge=8)
+    # How a DINOv2 backbone resizes its position embeddings to another resolution (dinov2's interpolate_offset and
+    # interpolate_antialias). None keeps the checkpoint's own: what a project export records; for an official
+    # checkpoint the hub's convention (0.1 / false without registers, 0 / true with); for a transformers folder or a
+    # timm file, what that library computes. Official register models trained with the SSL defaults need 0.1 / false.
+    interpolate_offset: float | None = Field(default=None, ge=0)
+    interpolate_antialias: bool | None = None
 
     @model_validator(mode="after")
     def _check(self) -> BackboneConfig:
         if self.kind == "dinov2" and self.path is None:
             raise ValueError("kind=dinov2 needs `path` (an official dinov2_*_pretrain.pth; `lvd models fetch`)")
+        if self.kind == "timm" and (self.interpolate_offset is not None or self.interpolate_antialias is not None):
+            raise ValueError("interpolate_offset / interpolate_antialias apply to DINOv2 backbones (kind vit or "
+                             "dinov2), not to kind=timm (timm resizes its own way)")
         return self
 
 

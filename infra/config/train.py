@@ -111,7 +111,7 @@ class CollapseGuardConfig(Section):
 # How a training run executes, not what it learns: outside the training stages' keys, and changeable by `lvd resume`.
 # Processes x accumulate_grad_batches sets the global batch; a change of it is refused when training resumes.
 EXECUTION_KEYS = ("devices", "num_nodes", "accumulate_grad_batches", "num_workers", "cpu_threads", "log_every",
-                  "checkpoint_every", "activation_checkpointing")
+                  "checkpoint_every", "activation_checkpointing", "exports")
 _STAGE_OWNED = ("mode", "teacher_weights", "enabled", "highres", "distill")
 
 
@@ -199,6 +199,10 @@ class TrainConfig(Section):
     # curve (`lvd evaluate ... --model NAME=<that folder>/teacher_backbone.safetensors`). None: only at the end.
     eval_period_iterations: int | None = Field(default=None, ge=1)
     collapse_guard: CollapseGuardConfig = Field(default_factory=CollapseGuardConfig)
+    # Formats a pipeline training stage writes beside its safetensors and official .pth exports, each with a model card:
+    # hf (<stage>/hf/: transformers' AutoModel.from_pretrained), timm (<stage>/timm/model.safetensors). Not part of what
+    # the stage learns: a change applies to stages trained from then on; `lvd export` writes any format of a finished run.
+    exports: list[Literal["hf", "timm"]] = Field(default_factory=lambda: ["hf"])
     # Optional pipeline stages after `pretrain` (flows/stages.py), each continuing from the previous one's bundle.
     highres: HighresStageConfig = Field(default_factory=HighresStageConfig)
     distill: DistillStageConfig = Field(default_factory=DistillStageConfig)

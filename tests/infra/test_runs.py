@@ -17,7 +17,7 @@ AMEND = ["run.shard_retries=3", "run.shard_timeout_s=600", "run.workers=4", "run
          "run.dask_address=tcp://127.0.0.1:8786", "run.shard_retry_delay_s=1", "run.ray_address=ray://head:10001",
          "run.ray_gpus_per_task=0.5", "train.devices=4", "train.num_nodes=2", "train.accumulate_grad_batches=2",
          "train.num_workers=3", "train.cpu_threads=1", "train.log_every=5", "train.checkpoint_every=7",
-         "train.activation_checkpointing=true"]
+         "train.activation_checkpointing=true", "train.exports=[hf,timm]"]
 
 
 def test_execution_overrides_change_no_stage_key():
