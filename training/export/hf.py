@@ -228,6 +228,8 @@ def from_hf_state(tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> d
         out[f"blocks.{i}.{block[stem]}" + (f".{leaf}" if leaf else "")] = value
     for (i, leaf), parts in qkv.items():
         out[f"blocks.{i}.attn.qkv.{leaf}"] = torch.cat([parts["query"], parts["key"], parts["value"]])
+    if "register_tokens" in out and not out["register_tokens"].numel():  # the registers class without registers
+        del out["register_tokens"]
     if not config.get("use_mask_token", True) or "mask_token" not in out:
         out["mask_token"] = torch.zeros(1, config["hidden_size"])
     gammas = [v for k, v in out.items() if k.endswith("gamma")]
