@@ -35,16 +35,22 @@ def evaluated_stage(run: RunDir) -> str | None:
     return Path(checkpoint).parent.name if checkpoint else None
 
 
-def card_inputs(run: RunDir, stage: str, exported: Export, results: pd.DataFrame | None = None) -> CardInputs:
-    """`results`: the evaluation just computed for this stage's model; None reads the run's, if it scored this stage."""
+def card_inputs(run: RunDir, stage: str, exported: Export, results: pd.DataFrame | None = None,
+                evaluates: str | None = None) -> CardInputs:
+    """`results`: the evaluation just computed for this stage's model; None reads the run's, if it scored this stage.
+    `evaluates`: the stage the run will evaluate (a card written before evaluation); None: the one it evaluated."""
     from training.checkpoint import read_checkpoint
 
     corpus = read_manifest(run.stage_dir("corpus"))
-    evaluated = stage if results is not None else evaluated_stage(run)
+    evaluated = stage if results is not None else evaluates or evaluated_stage(run)
     if results is None and evaluated == stage and (run.stage_dir("evaluate") / RESULTS).is_file():
         results = pd.read_parquet(run.stage_dir("evaluate") / RESULTS)
-    note = (f"The run evaluated the `{evaluated}` stage's model, which continues this one." if evaluated else
-            "Not evaluated yet: the run's evaluate stage adds its table here.")
+    if evaluated == stage:
+        note = "Not evaluated yet: the run's evaluate stage adds its table here."
+    elif evaluated:
+        note = f"The run evaluates the `{evaluated}` stage's model, which continues this one."
+    else:
+        note = f"Not evaluated in this run: `lvd evaluate CONFIG --model {stage}={exported.path}`."
     arch = read_checkpoint(run.stage_dir(stage) / TEACHER_BACKBONE).arch or {}
     return CardInputs(run.run_id, stage, arch, exported.usage, recipe(run, stage),
                       corpus.extra.get("composition", []) if corpus else [], results, note, exported.notes)
@@ -74,30 +80,32 @@ def recipe(run: RunDir, stage: str) -> dict[str, Any]:
     }
 
 
-def write_card(run: RunDir, stage: str, exported: Export, results: pd.DataFrame | None = None) -> Path:
+def write_card(run: RunDir, stage: str, exported: Export, results: pd.DataFrame | None = None,
+               evaluates: str | None = None) -> Path:
     from infra.storage import atomic_write_text
 
     path = exported.path / "README.md"
-    atomic_write_text(path, model_card(card_inputs(run, stage, exported, results)))
+    atomic_write_text(path, model_card(card_inputs(run, stage, exported, results, evaluates)))
     return path
 
 
-def export_stage(run: RunDir, stage: str, fmt: str, dest: Path) -> Export:
+def export_stage(run: RunDir, stage: str, fmt: str, dest: Path, evaluates: str | None = None) -> Export:
     """One training stage's model in `fmt` at `dest`; an `hf` folder gets the model card."""
     from training.checkpoint import load_backbone
 
     exported = export_model(load_backbone(run.stage_dir(stage) / TEACHER_BACKBONE), fmt, dest)
     if fmt == "hf":
-        write_card(run, stage, exported)
+        write_card(run, stage, exported, evaluates=evaluates)
     return exported
 
 
-def write_stage_exports(run: RunDir, stage: str, formats: list[str]) -> list[Path]:
+def write_stage_exports(run: RunDir, stage: str, formats: list[str], evaluates: str | None) -> list[Path]:
     """The configured exports of a training stage that has just trained (`train.exports`): the files its manifest
-    lists. An `hf` folder's `README.md` is left out: the evaluate stage completes it with the run's table."""
+    lists. `evaluates`: the training stage the run's evaluation will score (None: it evaluates none). An `hf`
+    folder's `README.md` is left out: the evaluate stage completes that stage's card with the run's table."""
     files = []
     for fmt in formats:
-        exported = export_stage(run, stage, fmt, run.stage_dir(stage) / EXPORT_DIRS[fmt])
+        exported = export_stage(run, stage, fmt, run.stage_dir(stage) / EXPORT_DIRS[fmt], evaluates)
         files += sorted(p for p in exported.path.iterdir() if p.name != "README.md") if fmt == "hf" else [
             exported.path, exported.path.with_name(exported.path.name + ".json")]
     return files

@@ -172,7 +172,8 @@ def _train(ctx: StageContext) -> StageResult:
         ctx.run.log_event("training_resumed", ctx.name, step=step)
     with TrainingProgress(ctx.dir, ctx.run.run_id, ctx.name):
         res = pretrain_on_host(ctx.upstream_dir("corpus") / "shards", ctx.dir, train, seed=ctx.cfg.run.seed)
-    exports = write_stage_exports(ctx.run, ctx.name, train.exports)  # hf/ (+ model card), timm/: `train.exports`
+    evaluates = training_stages(ctx.cfg)[-1] if "evaluate" in [s.name for s in active_stages(ctx.cfg)] else None
+    exports = write_stage_exports(ctx.run, ctx.name, train.exports, evaluates)  # hf/ (+ model card), timm/
     return StageResult(
         counts={"steps": res.steps},
         outputs=[res.teacher_backbone, res.teacher_bundle, res.metrics_csv, *exports],

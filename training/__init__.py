@@ -10,5 +10,6 @@ patch_embed, block, dino_head), `vision_transformer.py` + `registry.py` (the ViT
 iBOT, KoLeo, Sinkhorn-Knopp, softmax centering), `data/` (sources, multi-crop, batched photometric ops, masking,
 collate, deterministic stream), `schedules.py`, `param_groups.py`, `meta_arch.py` (framework-free SSL
 student/teacher), `module.py` (thin LightningModule + DataModule), `callbacks.py`, `fsdp.py` / `strategy.py`,
-`checkpoint.py` / `weights.py` (official format, safetensors, weights-only loads), `metrics.py`.
+`checkpoint.py` / `weights.py` (official format and every official checkpoint layout, safetensors, weights-only
+loads), `export/` (transformers, timm, official `.pth`, model card), `metrics.py`.
 """

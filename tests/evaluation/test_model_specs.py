@@ -111,3 +111,22 @@ def test_a_pth_export_carries_its_resolution_and_a_bare_one_is_refused(toy_class
     capsys.readouterr()
     same = [pd.read_parquet(root / n / "results.parquet").set_index("metric")["value"] for n in ("p", "r")]
     pd.testing.assert_series_equal(*same)
+
+
+def test_lvd_export_converts_a_checkpoint_it_reads(tmp_path, capsys):
+    """`lvd export PATH`: a bare official `.pth` (no sidecar) to a transformers folder, the head count from --arch."""
+    import transformers
+
+    m = model()
+    torch.save(official_state_dict(m), tmp_path / "bare.pth")
+    assert cli(["export", str(tmp_path / "bare.pth"), str(tmp_path / "hf"), "--format", "hf", "--arch", "vit_pico"]) == 0
+    out = capsys.readouterr().out
+    assert f"hf export of {tmp_path / 'bare.pth'} -> {tmp_path / 'hf'}" in out
+    assert "note: transformers' Dinov2Model resizes position embeddings with offset 0" in out  # m: offset 0.1
+    assert f'AutoModel.from_pretrained("{tmp_path / "hf"}")' in out
+    hf = transformers.AutoModel.from_pretrained(tmp_path / "hf").eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(pixel_values=x).pooler_output, m(x), atol=1e-5, rtol=1e-5)
+    assert cli(["export", "no-such-run", str(tmp_path / "x"), "--format", "hf", "--root", str(tmp_path)]) == 2
+    assert "neither a checkpoint path nor a run under" in capsys.readouterr().err

@@ -178,3 +178,54 @@ def test_each_training_stage_reports_its_progress_to_prefect(flow_run):
         assert progress["step"] == progress["total"] and float(artifact.data) == 100.0
         want = rf"run {run.run_id}, stage {stage}: step {progress['total']} of {progress['total']}, [0-9.]+ images/s"
         assert re.fullmatch(want, artifact.description), artifact.description
+
+
+@pytest.mark.slow
+def test_each_training_stage_writes_a_transformers_export_with_its_model_card(flow_run, tmp_path, capsys):
+    """`train.exports` (default [hf]): every training stage's folder loads in transformers with the stage's features;
+    its card names the run and its corpus; the evaluated stage's card holds the run's evaluation table (completed
+    by the evaluate stage, whose manifest lists it: the audit stays clean). `lvd export` writes the other formats."""
+    import pandas as pd
+    import torch
+    import transformers
+
+    from flows.cli import main as cli
+    from training.checkpoint import load_backbone, read_sidecar
+
+    run, *_ = flow_run
+    composition = read_manifest(run.stage_dir("corpus")).extra["composition"]
+    for stage in TRAINING:
+        folder = run.stage_dir(stage) / "hf"
+        hf = transformers.AutoModel.from_pretrained(folder).eval()
+        ours = load_backbone(run.stage_dir(stage) / "teacher_backbone.safetensors")
+        x = torch.randn(2, 3, ours.arch_kwargs["img_size"], ours.arch_kwargs["img_size"])
+        with torch.no_grad():
+            torch.testing.assert_close(hf(pixel_values=x).pooler_output, ours(x), atol=1e-5, rtol=1e-5)
+        listed = {o["path"] for o in read_manifest(run.stage_dir(stage)).outputs}
+        assert {f"stages/{stage}/hf/{f}" for f in ("config.json", "model.safetensors", "preprocessor_config.json")} <= listed
+        card = (folder / "README.md").read_text()
+        assert f"run `{run.run_id}`, stage `{stage}`" in card and "library_name: transformers" in card
+        assert all(f"| {row['dataset']} |" in card for row in composition)
+        assert f"{sum(r['final'] for r in composition):,} images in the corpus." in card
+        if stage != "distill":
+            assert "The run evaluates the `distill` stage's model" in card
+    results = pd.read_parquet(run.stage_dir("evaluate") / "results.parquet")
+    card = (run.stage_dir("distill") / "hf" / "README.md").read_text()
+    models = list(dict.fromkeys(results["model"]))
+    for (bench, protocol, metric), rows in results.groupby(["benchmark", "protocol", "metric"]):
+        values = rows.set_index("model")["value"]
+        assert f"| {bench} | {protocol} | {metric} | " + " | ".join(f"{values[m]:.2f}" for m in models) + " |" in card
+    assert "stages/distill/hf/README.md" in {o["path"] for o in read_manifest(run.stage_dir("evaluate")).outputs}
+    assert cli(["audit", run.run_id, "--root", str(run.root)]) == 0
+
+    assert cli(["export", run.run_id, "--format", "timm", str(tmp_path / "m.safetensors"), "--root", str(run.root)]) == 0
+    out = capsys.readouterr().out
+    assert f"timm export of run {run.run_id}, stage distill ->" in out and "timm.create_model(" in out
+    assert read_sidecar(tmp_path / "m.safetensors")["image_size"] == 28
+    assert cli(["export", run.run_id, "--format", "pth", str(tmp_path / "p.pth"), "--stage", "pretrain",
+                "--root", str(run.root)]) == 0
+    assert load_backbone(tmp_path / "p.pth").arch_kwargs == load_backbone(
+        run.stage_dir("pretrain") / "teacher_backbone.safetensors").arch_kwargs
+    assert cli(["export", run.run_id, "--format", "hf", str(tmp_path / "hf"), "--stage", "nope",
+                "--root", str(run.root)]) == 2
+    assert "trained stages: pretrain, pretrain_highres, distill" in capsys.readouterr().err

@@ -181,7 +181,7 @@ def test_the_official_pth_export_carries_its_architecture_and_resolution(tmp_pat
         x = torch.randn(2, 3, size, size)
         close(ours(back, x)[1], ours(model, x)[1])
     assert 'torch.hub.load("facebookresearch/dinov2"' not in exported.usage  # not a released size: the class itself
-    assert "DinoVisionTransformer(**json.load" in exported.usage
+    assert "DinoVisionTransformer(block_chunks=0, **json.load" in exported.usage  # official default: 1 chunk
 
 
 def test_hub_builder_call_for_a_released_size():
@@ -236,3 +236,27 @@ def test_a_state_dict_timm_saved_is_read_back(name, tmp_path):
             out = net.forward_features(x)
         close(ours(back, x)[0], out[:, 0])
         close(ours(back, x)[1], out[:, net.num_prefix_tokens:])
+
+
+@pytest.mark.parametrize("fmt", ["hf", "timm"])
+def test_a_transformers_or_timm_checkpoint_starts_training(fmt, tmp_path):
+    """As `train.student.pretrained_weights`: the round trip gives the student (and the teacher) the exported
+    backbone's weights exactly; timm keeps no mask token, which starts at zero (the reference's initialisation)."""
+    from tiny import tiny_config
+
+    from training.module import DinoV2Module
+    from training.weights import init_from_pretrained
+
+    model = make(img_size=16, patch_size=4, embed_dim=96, depth=4, num_heads=3)  # vit_pico, tiny_config's student
+    dest = tmp_path / ("hf" if fmt == "hf" else "model.safetensors")
+    export_model(model, fmt, dest)
+    meta = DinoV2Module(tiny_config(), seed=0).meta
+    init_from_pretrained(meta, dest)
+    want = official_state_dict(model)
+    if fmt == "timm":
+        want["mask_token"] = torch.zeros(1, 96)
+    for part in (meta.student, meta.teacher):
+        got = part["backbone"].state_dict()
+        assert set(got) == set(want)
+        for k, v in want.items():
+            torch.testing.assert_close(got[k], v, atol=0, rtol=0, msg=k)

@@ -100,7 +100,7 @@ def torch_usage(arch: dict[str, Any], path: Path) -> str:
     swiglu = arch["ffn_layer"] in ("swiglu", "swiglufused")
     if size is None or swiglu != (size == "g"):
         return (f'import json, torch\nfrom dinov2.models.vision_transformer import DinoVisionTransformer\n'
-                f'model = DinoVisionTransformer(**json.load(open("{path}.json"))["lvd_backbone"])\n'
+                f'model = DinoVisionTransformer(block_chunks=0, **json.load(open("{path}.json"))["lvd_backbone"])\n'
                 f'model.load_state_dict(torch.load("{path}"))')
     kwargs = {k: arch[k] for k, v in HUB_DEFAULTS.items() if arch[k] != v}
     if kwargs.get("init_values"):
