@@ -38,12 +38,13 @@ def evaluated_stage(run: RunDir) -> str | None:
 def card_inputs(run: RunDir, stage: str, exported: Export, results: pd.DataFrame | None = None,
                 evaluates: str | None = None) -> CardInputs:
     """`results`: the evaluation just computed for this stage's model; None reads the run's, if it scored this stage.
-    `evaluates`: the stage the run will evaluate (a card written before evaluation); None: the one it evaluated."""
+    `evaluates`: the stage the run will evaluate (a card written at training time: an earlier attempt's results do not
+    describe this model); None: the one it evaluated, with its results."""
     from training.checkpoint import read_checkpoint
 
     corpus = read_manifest(run.stage_dir("corpus"))
     evaluated = stage if results is not None else evaluates or evaluated_stage(run)
-    if results is None and evaluated == stage and (run.stage_dir("evaluate") / RESULTS).is_file():
+    if results is None and evaluates is None and evaluated == stage and (run.stage_dir("evaluate") / RESULTS).is_file():
         results = pd.read_parquet(run.stage_dir("evaluate") / RESULTS)
     if evaluated == stage:
         note = "Not evaluated yet: the run's evaluate stage adds its table here."

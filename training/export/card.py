@@ -3,6 +3,7 @@ was trained on (run id, corpus composition), the recipe, and the run's evaluatio
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +39,8 @@ def model_card(c: CardInputs) -> str:
     parts = [FRONT_MATTER, f"# {c.run_id}: {c.stage} ({describe(a)})\n",
              f"A DINOv2 backbone trained with lvd from a curated corpus: run `{c.run_id}`, stage `{c.stage}`.\n",
              "## Use\n", f"```python\n{c.usage}\n```\n", _io(a), *[f"> {n}\n" for n in c.notes],
-             "## Data\n", _composition(c.composition), "## Recipe\n", _table(["", ""], list(c.recipe.items())),
+             "## Data\n", _composition(c.composition), "## Recipe\n",
+             _table(["", ""], [(k, _cell(v, ".3g") if isinstance(v, float) else _cell(v)) for k, v in c.recipe.items()]),
              "## Evaluation\n", _evaluation(c)]
     return "\n".join(parts)
 
@@ -63,19 +65,32 @@ def _composition(rows: Sequence[Mapping[str, Any]]) -> str:
     if not rows:
         return "Corpus composition: not recorded.\n"
     cols = ["dataset", "images", "retrieval", "retrieved", "final"]
-    body = [[r.get(c, "") for c in cols] for r in rows]
-    total = sum(int(r.get("final", 0) or 0) for r in rows)
+    body = [[_cell(r.get(c)) for c in cols] for r in rows]
+    totals = [r for r in rows if r.get("dataset") == "total"]
+    total = int(totals[0]["final"]) if totals else sum(int(r.get("final") or 0) for r in rows)
     return _table(cols, body) + f"\n{total:,} images in the corpus.\n"
 
 
 def _evaluation(c: CardInputs) -> str:
     if c.results is None or c.results.empty:
         return (c.evaluation_note or "Not evaluated.") + "\n"
-    wide = c.results.pivot_table(index=["benchmark", "protocol", "metric"], columns="model", values="value",
-                                 aggfunc="first")
     models = list(dict.fromkeys(c.results["model"]))
-    rows = [[*key, *(f"{row.get(m, float('nan')):.2f}" for m in models)] for key, row in wide.iterrows()]
+    keys = list(dict.fromkeys(zip(c.results["benchmark"], c.results["protocol"], c.results["metric"], strict=True)))
+    values = {(b, p, m, model): v for b, p, m, model, v in
+              c.results[["benchmark", "protocol", "metric", "model", "value"]].itertuples(index=False)}
+    rows = [[*key, *(_cell(values.get((*key, m)), ".2f") for m in models)] for key in keys]  # the run's order (k10, k20..)
     return _table(["benchmark", "protocol", "metric", *models], rows)
+
+
+def _cell(value: Any, fmt: str = ",.0f") -> str:
+    """Numbers as numbers (a count without `.0`), a missing value as a dash."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return str(value)
+    if fmt == ",.0f" and float(value) != int(value):
+        return f"{value:.3g}"
+    return format(value, fmt)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
