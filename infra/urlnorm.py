@@ -19,8 +19,8 @@ For the special schemes (http, https, ws, wss, ftp, file):
   literals are written in their shortest form (an IPv4-mapped one in hex); zone ids (``%25eth0``) are refused;
 - a default port (80 for http, 443 for https) is dropped, a port above 65535 is refused.
 
-Other schemes are only recognised (scheme lower-cased, the rest kept); one with whitespace or control characters
-inside is refused as malformed, since nothing fetches it anyway. Stdlib plus ``idna`` (a dependency of httpx,
+Other schemes are only recognised (scheme lower-cased, the rest percent-encoded with the C0 control set); one with
+whitespace or control characters inside is refused as malformed, since nothing fetches it anyway. Stdlib plus ``idna`` (a dependency of httpx,
 requests and anyio) for the UTS #46 mapping table; nothing here touches the network.
 """
 
@@ -42,6 +42,7 @@ _STRIP = "".join(sorted(_C0)) + " "
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _SPACE_OR_CONTROL = re.compile(r"[\x00-\x20\x7f]|\s")
 # The standard's percent-encode sets (code points above U+007E are always encoded).
+C0_SET = frozenset(_C0)
 FRAGMENT_SET = frozenset(_C0 | set(' "<>`'))
 QUERY_SET = frozenset(_C0 | set(' "#<>'))
 SPECIAL_QUERY_SET = frozenset(QUERY_SET | {"'"})
@@ -56,7 +57,7 @@ def _needs_encoding(keep_out: frozenset[str]) -> re.Pattern[str]:
     return re.compile("[^\x00-\x7e]|[" + re.escape("".join(sorted(keep_out))) + "]")
 
 
-_NEEDS = {s: _needs_encoding(s) for s in (FRAGMENT_SET, QUERY_SET, SPECIAL_QUERY_SET, PATH_SET, USERINFO_SET)}
+_NEEDS = {s: _needs_encoding(s) for s in (C0_SET, FRAGMENT_SET, QUERY_SET, SPECIAL_QUERY_SET, PATH_SET, USERINFO_SET)}
 _FORBIDDEN = _needs_encoding(FORBIDDEN_DOMAIN)
 
 
@@ -122,7 +123,7 @@ def parse_url(text: str) -> Url:
     if scheme not in SPECIAL_PORTS:
         if _SPACE_OR_CONTROL.search(rest):
             raise UrlNormalizationError(f"whitespace or control characters in a {scheme}: URL")
-        return Url(scheme, path=rest)
+        return Url(scheme, path=_encode(rest, C0_SET) or "")
     rest, fragment = _cut(rest, "#")
     rest, query = _cut(rest, "?")
     rest = rest.replace("\\", "/")  # in a special URL's authority and path only
@@ -151,7 +152,7 @@ def _encode(text: str | None, keep_out: frozenset[str]) -> str | None:
         return None
     if not _NEEDS[keep_out].search(text):
         return text
-    return "".join(c if c.isascii() and c not in keep_out else _pct(c) for c in text)
+    return "".join(c if c <= "~" and c not in keep_out else _pct(c) for c in text)  # "~" is U+007E
 
 
 def _pct(c: str) -> str:
