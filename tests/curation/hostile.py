@@ -36,6 +36,7 @@ class Behaviour:
     cut_at: int | None = None  # stop after this many bytes of the whole answer...
     reset: bool = False  # ... with RST instead of FIN (also without cut_at: no answer at all)
     silent: bool = False  # read the request, answer nothing until the client gives up
+    raw: bytes | None = None  # send exactly these bytes instead of an HTTP answer
 
     def head(self) -> list[bytes]:
         lines = [f"HTTP/1.1 {self.status} X".encode()]
@@ -49,7 +50,8 @@ class Behaviour:
 
 
 class HostileServer:
-    def __init__(self) -> None:
+    def __init__(self, non_http: str = "silent") -> None:
+        self.non_http = non_http  # a TLS ClientHello: "silent" (a handshake that hangs) or "answer" (plain HTTP back)
         self.behaviours: list[Behaviour] = []
         self.hits: Counter[str] = Counter()
         self._stop = threading.Event()
@@ -85,8 +87,11 @@ class HostileServer:
         with conn:
             try:
                 path = _request_path(conn)
+                if not path.startswith("/") and self.non_http == "silent":
+                    self._stop.wait(30)
+                    return
                 self.hits[path] += 1
-                n = int(path.split("/")[2]) if path.startswith("/s/") else -1
+                n = int(path.split("?")[0].split("/")[2]) if path.startswith("/s/") else -1
                 b = self.behaviours[n] if 0 <= n < len(self.behaviours) else Behaviour(404, b"", "text/plain")
                 self._play(conn, b)
             except (OSError, ValueError, IndexError):
@@ -98,6 +103,9 @@ class HostileServer:
             return
         if b.reset and b.cut_at is None:
             return _rst(conn)
+        if b.raw is not None:
+            conn.sendall(b.raw)
+            return None
         self._stop.wait(b.delay)
         sent = 0
         parts = b.head()
@@ -129,7 +137,8 @@ def _request_path(conn: socket.socket) -> str:
     data = b""
     while b"\r\n\r\n" not in data and len(data) < 65536:
         block = conn.recv(4096)
-        if not block:
+        if not block or not (data + block)[:3].isalpha():  # not HTTP (a TLS ClientHello): answer at once
+            data += block
             break
         data += block
     return data.split(b" ", 2)[1].decode("latin-1") if data.count(b" ") >= 2 else ""
