@@ -52,13 +52,18 @@ USERINFO_SET = frozenset(PATH_SET | set("/:;=@[\\]|"))
 FORBIDDEN_DOMAIN = frozenset(_C0 | set(" #/:<>?@[\\]^|%\x7f"))
 
 
-def _needs_encoding(keep_out: frozenset[str]) -> re.Pattern[str]:
-    """Matches a character that a percent-encode set encodes: one of ``keep_out`` or any non-ASCII one."""
-    return re.compile("[^\x00-\x7e]|[" + re.escape("".join(sorted(keep_out))) + "]")
+def _printable_members(chars: frozenset[str]) -> tuple[str, ...]:
+    return tuple(sorted(c for c in chars if " " <= c <= "~"))
 
 
-_NEEDS = {s: _needs_encoding(s) for s in (C0_SET, FRAGMENT_SET, QUERY_SET, SPECIAL_QUERY_SET, PATH_SET, USERINFO_SET)}
-_FORBIDDEN = _needs_encoding(FORBIDDEN_DOMAIN)
+# The printable members of each set: with str.isascii/isprintable (C speed) they tell a string needs no encoding.
+_PRINTABLE = {s: _printable_members(s) for s in (C0_SET, FRAGMENT_SET, QUERY_SET, SPECIAL_QUERY_SET, PATH_SET,
+                                                 USERINFO_SET, FORBIDDEN_DOMAIN)}  # fmt: skip
+
+
+def _clean(text: str, keep_out: frozenset[str]) -> bool:
+    """No character of ``text`` is in ``keep_out`` or outside printable ASCII."""
+    return text.isascii() and text.isprintable() and not any(c in text for c in _PRINTABLE[keep_out])
 
 
 class UrlNormalizationError(ValueError):
@@ -139,7 +144,9 @@ def parse_url(text: str) -> Url:
 
 def _scalar_values(text: str) -> str:
     """Lone surrogates (not Unicode scalar values) become U+FFFD, as a browser's string conversion does."""
-    return _SURROGATE.sub("\ufffd", text) if _SURROGATE.search(text) else text
+    if text.isascii() or not _SURROGATE.search(text):
+        return text
+    return _SURROGATE.sub("\ufffd", text)
 
 
 def _cut(text: str, sep: str) -> tuple[str, str | None]:
@@ -150,7 +157,7 @@ def _cut(text: str, sep: str) -> tuple[str, str | None]:
 def _encode(text: str | None, keep_out: frozenset[str]) -> str | None:
     if text is None:
         return None
-    if not _NEEDS[keep_out].search(text):
+    if _clean(text, keep_out):
         return text
     return "".join(c if c <= "~" and c not in keep_out else _pct(c) for c in text)  # "~" is U+007E
 
@@ -238,7 +245,7 @@ def parse_host(text: str) -> str:
         raise UrlNormalizationError("empty host")
     raw = unquote_to_bytes(text) if "%" in text else text.encode("utf-8")
     domain = domain_to_ascii(raw.decode("utf-8", "replace"))
-    if _FORBIDDEN.search(domain):  # the domain is ASCII by now: only the forbidden set can match
+    if not _clean(domain, FORBIDDEN_DOMAIN):  # ASCII by now: a control or forbidden character is left
         raise UrlNormalizationError(f"forbidden character in host: {domain[:100]!r}")
     if ends_in_a_number(domain):
         return str(ipaddress.IPv4Address(parse_ipv4(domain)))
