@@ -387,10 +387,11 @@ def failed_rows(stage_dir: Path, reasons: list[str] | None = None) -> pd.DataFra
     latest = ev.groupby("row_id")["attempt"].transform("max")
     drops = ev[(ev["kind"] == "drop") & (ev["attempt"] == latest)][["row_id", "reason", "attempt"]]
     patterns = list(reasons) if reasons else list(TRANSIENT)
-    bad = not_retryable_matches(patterns)
-    if bad:
-        raise ValueError(f"reasons {bad} are decided without downloading or by the run's policy (private destinations, "
-                         "robots opt-outs, size limits, duplicates...); a retry cannot change them")  # fmt: skip
+    if bad := not_retryable_matches(patterns, before_download=True):
+        raise ValueError(f"reasons {bad} are decided without downloading; a retry cannot change them")
+    if bad := not_retryable_matches(patterns):
+        raise ValueError(f"reasons {bad} are decided by the run's policy (class policy in docs/ingest.md: robots "
+                         "opt-outs, size limits, refused redirects...); a retry would decide the same")  # fmt: skip
     keep = drops["reason"].map(lambda r: any(fnmatch.fnmatchcase(r, p) for p in patterns) and retryable(r))
     return drops[keep].sort_values("row_id").reset_index(drop=True)
 

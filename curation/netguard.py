@@ -41,10 +41,6 @@ METADATA = frozenset(
 )
 
 
-class DestinationRefused(OSError):
-    """A host resolved to an address the policy refuses (raised before connecting)."""
-
-
 @dataclass(frozen=True)
 class DestinationPolicy:
     allow_private: bool

@@ -109,7 +109,13 @@ class _DeadlineSSLSocket(_Deadline, ssl.SSLSocket):
 
 
 def _resolve(host: str, port: int, deadline: float | None) -> list[Any]:
-    """getaddrinfo, given up at the deadline (the lookup thread is left to finish on its own)."""
+    """getaddrinfo, given up at the deadline (the lookup thread is left to finish on its own). An IP literal needs no
+    lookup: it is resolved in this thread."""
+    try:
+        ipaddress.ip_address(host)
+        return socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    except ValueError:
+        pass
     result: dict[str, Any] = {}
 
     def lookup() -> None:

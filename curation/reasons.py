@@ -113,7 +113,8 @@ def retryable(name: str) -> bool:
 TRANSIENT = tuple(r.name for r in REASONS if r.cls == "transient")
 
 
-def not_retryable_matches(patterns: list[str]) -> list[str]:
-    """The patterns that name a reason retry-failed may not retry (shell patterns, ``http_5*``)."""
-    names = [r.name for r in REASONS if not retryable(r.name)]
+def not_retryable_matches(patterns: list[str], before_download: bool = False) -> list[str]:
+    """The patterns that name a reason retry-failed may not retry (shell patterns, ``http_5*``); with
+    ``before_download``, only those naming a reason decided without downloading."""
+    names = [r.name for r in REASONS if (r.step in ("list", "guard", "dedup") if before_download else not retryable(r.name))]
     return [p for p in patterns if any(fnmatch.fnmatchcase(n, p) for n in names)]

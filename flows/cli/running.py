@@ -164,14 +164,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_retry_failed(args: argparse.Namespace) -> int:
-    from curation.reasons import not_retryable_matches
     from flows.retry import retry_failed_flow
     from infra.prefect_db import ensure_embedded_database
 
-    if bad := not_retryable_matches(args.reason or []):
-        print(f"lvd retry-failed: --reason {' '.join(bad)}: decided without downloading or by the run's policy "
-              "(class policy in docs/ingest.md's reason table); a retry would decide the same", file=sys.stderr)
-        return 2
     ensure_embedded_database()
     state = retry_failed_flow(str(args.root), args.run_id, args.reason or None, return_state=True)
     watchdog = ExitWatchdog(None, _exit_timeout(), f"lvd retry-failed {args.run_id} --root {args.root}")

@@ -193,6 +193,9 @@ def test_retry_failed_follows_the_classes(zoo):
                                      "http_502", "http_503", "http_504"}  # fmt: skip
     assert failed_rows(zoo["stage"], ["http_4*", "tls_error"])["reason"].tolist() == [
         "tls_error", "http_404", "http_408", "http_429"]  # fmt: skip (permanent ones on request)
-    for policy in (["robots_disallowed"], ["url_credentials"], ["redirect_*"], ["*_duplicate"], ["too_large"]):
-        with pytest.raises(ValueError, match="decided without downloading or by the run's policy"):
+    for before in (["url_credentials"], ["*_duplicate"], ["list_*"]):
+        with pytest.raises(ValueError, match="decided without downloading; a retry cannot change them"):
+            failed_rows(zoo["stage"], before)
+    for policy in (["robots_disallowed"], ["redirect_*"], ["too_large"], ["decompression_bomb"]):
+        with pytest.raises(ValueError, match="decided by the run's policy"):
             failed_rows(zoo["stage"], policy)
