@@ -3,9 +3,9 @@
 Generated corruptions of a real photograph (scikit-image's astronaut): JPEGs truncated at several points in their
 scan data, with and without an end-of-image marker appended; a damaged Huffman table; bit flips and damaged runs
 anywhere in the scan; PNGs with a bad IDAT checksum, with their zlib stream cut short (checksums fixed up), with
-corrupt deflate data. The decode paths: :func:`prepare` (what
-img2dataset's OpenCV decoder then reads: the strict fast path, or Pillow's path for EXIF-rotated, CMYK and
-progressive files), and the same bytes rotated by EXIF so that they take Pillow's path.
+corrupt deflate data. The decode paths, through img2dataset's resizer
+behind the guard (what ingest runs): OpenCV's for plain JPEG/PNG files, Pillow's for EXIF-rotated, CMYK, 16-bit and
+palette files; the same scan behind an EXIF rotation takes Pillow's path.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from curation.imageguard import prepare
+from curation.imageguard import guarded_resizer
+from curation.ingest import download_reason
+from infra.config.ingest import IngestConfig
 
-MAX = 10**8
 PHOTO = Image.fromarray(skimage.data.astronaut()).resize((160, 160))
 
 
@@ -50,12 +51,17 @@ def _scan(data: bytes) -> tuple[int, int]:
     return sos + 2 + struct.unpack(">H", data[sos + 2 : sos + 4])[0], data.rfind(b"\xff\xd9")
 
 
+RESIZER = guarded_resizer(IngestConfig(encode_format="png", encode_quality=1, resize_mode="no"))
+
+
 def _decoded(data: bytes) -> tuple[str, np.ndarray | None]:
-    """('ok', what img2dataset's OpenCV decode of prepare's output gives) or ('truncated'/'corrupt', None)."""
-    out, why = prepare(data, MAX)
+    """What img2dataset's resizer (behind the guard) makes of the bytes: ('ok', the stored pixels), or
+    ('truncated' / 'corrupt', None) by the reason ingest would record."""
+    img, *_sizes, why = RESIZER(io.BytesIO(data))
     if why is not None:
-        return ("truncated" if "truncated" in why else "corrupt"), None
-    return "ok", cv2.imdecode(np.frombuffer(out, np.uint8), cv2.IMREAD_UNCHANGED)
+        return {"truncated_image": "truncated", "decode_error": "corrupt"}.get(
+            download_reason("failed_to_resize", why), why), None
+    return "ok", cv2.imdecode(np.frombuffer(img, np.uint8), cv2.IMREAD_UNCHANGED)
 
 
 @pytest.mark.parametrize("name", sorted(FILES))
