@@ -34,11 +34,13 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from curation.imageguard import guarded_resizer
-from curation.netguard import UrlGuard, guarded_opener
+from curation.netguard import UrlGuard, Verdict
+from curation.opener import guarded_opener
 from curation.phash import distance, near_duplicates, phash, to_hex
+from curation.reasons import TRANSIENT, not_retryable_matches, reason, retryable
 from curation.urls import parse_face_boxes, plan_shards, read_rows, url_duplicates
 from infra.config.data import DataConfig
-from infra.config.ingest import TRANSIENT_REASONS, IngestConfig
+from infra.config.ingest import IngestConfig
 from infra.lineage import LEDGER_SCHEMA, LedgerWriter
 from infra.shards import ShardWriter, iter_tar, list_shards
 from infra.stage import ShardTracker, StageResult, add_counts, summarize
@@ -53,9 +55,6 @@ SHARD_SCHEMA = pa.schema(
      ("height", pa.int32()), ("original_width", pa.int32()), ("original_height", pa.int32()), ("phash", pa.int64()),
      ("face_boxes", pa.string())]
 )  # fmt: skip
-# Reasons a row can leave ingest with that no retry can change (decided before or without downloading).
-NOT_RETRYABLE = ("list_row_malformed", "url_malformed", "url_scheme", "url_private", "url_duplicate",
-                 "exact_duplicate", "phash_duplicate", "face_boxes_malformed")  # fmt: skip
 
 Mapper = Callable[[Callable[..., Any], list[tuple[Any, ...]]], Iterable[Any]]
 
@@ -68,24 +67,28 @@ def serial_map(fn: Callable[..., Any], items: list[tuple[Any, ...]]) -> Iterator
 
 _DOWNLOAD_NEEDLES = (
     ("destination refused", "url_private"),
+    ("not a validated host name", "url_malformed"),
     ("redirect to a refused url", "redirect_refused"),
+    ("redirect to a malformed url", "redirect_malformed"),
     ("infinite loop", "redirect_loop"),
-    ("redirect", "redirect_error"),
     ("refused content type", "content_type"),
     ("response larger than", "too_large"),
     ("x-robots-tag", "robots_disallowed"),
     ("timed out", "timeout"),
     ("timeout", "timeout"),
-    ("hash mismatch", "hash_mismatch"),
     ("name or service not known", "dns_error"),
     ("temporary failure in name resolution", "dns_error"),
+    ("no address associated with hostname", "dns_error"),
     ("nodename nor servname", "dns_error"),
     ("connection reset", "connection_reset"),
     ("connection refused", "connection_refused"),
     ("remote end closed", "connection_closed"),
     ("incompleteread", "connection_closed"),
     ("incomplete read", "connection_closed"),
+    ("[ssl", "tls_error"),
+    ("certificate verify failed", "tls_error"),
 )
+_FIRST_NEEDLES = 5  # refusals and redirects come with an HTTP code too: matched before it
 # Local files (ingest.local_roots): checked first, their messages name a path that may hold any other needle.
 _FILE_NEEDLES = (("outside ingest.local_roots", "path_outside_roots"), ("no such file or directory", "file_missing"),
                  ("is a directory", "file_missing"), ("permission denied", "file_unreadable"))
@@ -105,21 +108,21 @@ def download_reason(status: str, message: str | None) -> str:
     """A stable reason code for img2dataset's per-sample status and error message."""
     m = (message or "").lower()
     if status == "failed_to_download":
-        for needle, reason in _FILE_NEEDLES:
+        for needle, code in _FILE_NEEDLES:
             if needle in m:
-                return reason
-        for needle, reason in _DOWNLOAD_NEEDLES[:4]:  # refusals and redirects come with an HTTP code too
+                return code
+        for needle, code in _DOWNLOAD_NEEDLES[:_FIRST_NEEDLES]:
             if needle in m:
-                return reason
-        if code := re.search(r"http error (\d{3})", m):
-            return f"http_{code.group(1)}"
-        for needle, reason in _DOWNLOAD_NEEDLES[4:]:
+                return code
+        if status_code := re.search(r"http error (\d{3})", m):
+            return f"http_{status_code.group(1)}"
+        for needle, code in _DOWNLOAD_NEEDLES[_FIRST_NEEDLES:]:
             if needle in m:
-                return reason
+                return code
         return "download_error"
-    for needle, reason in _IMAGE_NEEDLES:
+    for needle, code in _IMAGE_NEEDLES:
         if needle in m:
-            return reason
+            return code
     return "decode_error"
 
 
@@ -175,33 +178,50 @@ class ShardJob:
     attempt: int = 0
 
 
+def _drop(ledger: LedgerWriter, why: str, **kw: Any) -> None:
+    reason(why)  # every reason recorded is in curation/reasons.py's table (KeyError otherwise)
+    ledger.drop(why, **kw)
+
+
+def _record_row(job: ShardJob, r: Any, ledger: LedgerWriter, verdict: Verdict | None) -> None:
+    """The row's first event: the URL as listed; the URL fetched instead when normalisation changed it."""
+    row_id = int(r.row_id)
+    if job.attempt:
+        ledger.info("retry", row_id=row_id, url=r.url, detail={"attempt": job.attempt, "previous": r.previous})
+        return
+    detail = {"source": r.source, "caption": r.caption}
+    if verdict is not None and verdict.url is not None and verdict.url != r.url:
+        detail["fetch_url"] = verdict.url
+    if verdict is not None and verdict.stripped:
+        detail["credentials"] = "stripped"  # ingest.url_credentials: strip
+    ledger.info("input", row_id=row_id, url=r.url, detail=detail)
+
+
 def _first_rows(job: ShardJob, rows: pd.DataFrame, ledger: LedgerWriter, guard: UrlGuard
                 ) -> tuple[list[Any], dict[int, str | None]]:
-    """Record every row, drop what must not be fetched; return the rows to download and their given face boxes
-    (normalised JSON, None where none were given)."""
+    """Record every row, drop what must not be fetched; return the rows to download (``url``: the normalised URL
+    to fetch) and their given face boxes (normalised JSON, None where none were given)."""
     lo, hi = (int(rows["row_id"].min()), int(rows["row_id"].max()) + 1) if len(rows) else (0, 0)
     dup_of = url_duplicates(job.stage_dir / PLAN, lo, hi) if job.attempt == 0 else {}
     fetch, boxes = [], {}
     for r in rows.itertuples(index=False):
         row_id = int(r.row_id)
-        if job.attempt == 0:
-            ledger.info("input", row_id=row_id, url=r.url, detail={"source": r.source, "caption": r.caption})
-        else:
-            ledger.info("retry", row_id=row_id, url=r.url, detail={"attempt": job.attempt, "previous": r.previous})
-        if r.list_error is not None:
-            ledger.drop("list_row_malformed", row_id=row_id, detail={"error": r.list_error})
+        verdict = guard.decide(r.url) if r.list_error is None else None
+        _record_row(job, r, ledger, verdict)
+        if verdict is None:
+            _drop(ledger, "list_row_malformed", row_id=row_id, detail={"error": r.list_error})
         elif row_id in dup_of:
-            ledger.drop("url_duplicate", row_id=row_id, detail={"duplicate_of_row": dup_of[row_id]})
-        elif reason := guard.check(r.url):
-            ledger.drop(reason, row_id=row_id, detail={"url": r.url[:300]})
+            _drop(ledger, "url_duplicate", row_id=row_id, detail={"duplicate_of_row": dup_of[row_id]})
+        elif verdict.reason:
+            _drop(ledger, verdict.reason, row_id=row_id, detail={"url": None if r.url is None else str(r.url)[:300]})
         else:
             text = getattr(r, "face_boxes", None)
             try:
                 boxes[row_id] = None if text is None else json.dumps(parse_face_boxes(text))
             except ValueError as err:
-                ledger.drop("face_boxes_malformed", row_id=row_id, detail={"error": str(err)})
+                _drop(ledger, "face_boxes_malformed", row_id=row_id, detail={"error": str(err)})
                 continue
-            fetch.append(r)
+            fetch.append(r._replace(url=verdict.url))
     return fetch, boxes
 
 
@@ -213,6 +233,7 @@ def ingest_shard(job: ShardJob) -> tuple[str, dict[str, int]]:
         rows["previous"] = None
     ledger = LedgerWriter("ingest", attempt=job.attempt)
     fetch, boxes = _first_rows(job, rows, ledger, UrlGuard(cfg))
+    listed = dict(zip(rows["row_id"].astype("int64"), rows["url"], strict=True))  # the URLs as the list has them
     work = job.stage_dir / "work" / job.name
     shutil.rmtree(work, ignore_errors=True)
     meta, images = (
@@ -228,10 +249,10 @@ def ingest_shard(job: ShardJob) -> tuple[str, dict[str, int]]:
             row_id = int(r.row_id)
             m = by_row.get(row_id)
             if m is None:
-                ledger.drop("lost_by_downloader", row_id=row_id, detail={"note": "no per-sample record from img2dataset"})
+                _drop(ledger, "lost_by_downloader", row_id=row_id, detail={"note": "no per-sample record from img2dataset"})
             elif m.status != "success" or m.key not in images:
                 msg = m.error_message if m.status != "success" else "success without image bytes"
-                ledger.drop(download_reason(m.status, msg), row_id=row_id, detail={"status": m.status, "error": msg})
+                _drop(ledger, download_reason(m.status, msg), row_id=row_id, detail={"status": m.status, "error": msg})
             elif m.sha256 in seen:  # same bytes twice in one shard: stored once (a member is named by its id)
                 first_row, h = seen[m.sha256]
                 detail = {"duplicate_of_row": first_row, "duplicate_of": m.sha256, "phash": to_hex(h)}
@@ -242,7 +263,7 @@ def ingest_shard(job: ShardJob) -> tuple[str, dict[str, int]]:
                     h = phash(im)
                 seen[m.sha256] = (row_id, h)
                 size = {k: int(getattr(m, k)) for k in ("width", "height", "original_width", "original_height")}
-                writer.add(m.sha256, data, cfg.encode_format, row_id=row_id, url=r.url, source=r.source, **size, phash=h,
+                writer.add(m.sha256, data, cfg.encode_format, row_id=row_id, url=listed[row_id], source=r.source, **size, phash=h,
                            face_boxes=boxes[row_id])  # fmt: skip
                 ledger.info("downloaded", row_id=row_id, image_id=m.sha256, detail={**size, "phash": to_hex(h)})
     except BaseException:
@@ -252,8 +273,8 @@ def ingest_shard(job: ShardJob) -> tuple[str, dict[str, int]]:
     ledger.write(job.stage_dir / "ledger" / f"{job.name}.parquet")
     shutil.rmtree(work, ignore_errors=True)
     counts: dict[str, int] = {"rows": len(rows) if job.attempt == 0 else 0, "downloaded": len(seen)}
-    for reason, n in ledger.counts()["drop"].items():
-        counts[f"drop:{reason}"] = counts.get(f"drop:{reason}", 0) + n
+    for why, n in ledger.counts()["drop"].items():
+        counts[f"drop:{why}"] = counts.get(f"drop:{why}", 0) + n
     if job.attempt:  # the retried rows' previous outcomes no longer count
         counts["retried"] = len(rows)
         for prev, n in rows["previous"].value_counts().items():
@@ -318,8 +339,8 @@ def finish(stage_dir: Path, cfg: IngestConfig, tracker: ShardTracker) -> StageRe
     totals: dict[str, int] = {}
     for name in tracker.markers.done():
         add_counts(totals, tracker.info(name))
-    for reason, n in dups["reason"].value_counts().items():
-        totals[f"drop:{reason}"] = totals.get(f"drop:{reason}", 0) + int(n)
+    for why, n in dups["reason"].value_counts().items():
+        totals[f"drop:{why}"] = totals.get(f"drop:{why}", 0) + int(n)
     totals["kept"] = totals.get("downloaded", 0) - len(dups)
     totals = {k: v for k, v in totals.items() if v or not k.startswith("drop:")}
     shutil.rmtree(stage_dir / "work", ignore_errors=True)
@@ -358,18 +379,21 @@ def _ingest_events(stage_dir: Path) -> pd.DataFrame:
 def failed_rows(stage_dir: Path, reasons: list[str] | None = None) -> pd.DataFrame:
     """Rows whose latest ingest outcome is a failed download: row_id, reason, attempt.
 
-    ``reasons``: shell-style patterns (``http_5*``); None means the transient failures (``TRANSIENT_REASONS``).
+    ``reasons``: shell-style patterns (``http_5*``); None means the transient failures (class ``transient`` in
+    :mod:`curation.reasons`). Reasons of class ``policy``, and those decided without downloading, are refused.
     """
     ev = _ingest_events(Path(stage_dir))
     ev["attempt"] = ev["attempt"].fillna(0).astype("int64")
     latest = ev.groupby("row_id")["attempt"].transform("max")
     drops = ev[(ev["kind"] == "drop") & (ev["attempt"] == latest)][["row_id", "reason", "attempt"]]
-    patterns = list(reasons) if reasons else list(TRANSIENT_REASONS)
-    bad = [p for p in patterns if any(fnmatch.fnmatchcase(r, p) for r in NOT_RETRYABLE)]
-    if bad:
+    patterns = list(reasons) if reasons else list(TRANSIENT)
+    if bad := not_retryable_matches(patterns, before_download=True):
         raise ValueError(f"reasons {bad} are decided without downloading; a retry cannot change them")
-    keep = drops["reason"].map(lambda r: any(fnmatch.fnmatchcase(r, p) for p in patterns))
-    return drops[keep & ~drops["reason"].isin(NOT_RETRYABLE)].sort_values("row_id").reset_index(drop=True)
+    if bad := not_retryable_matches(patterns):
+        raise ValueError(f"reasons {bad} are decided by the run's policy (class policy in docs/ingest.md: robots "
+                         "opt-outs, size limits, refused redirects...); a retry would decide the same")  # fmt: skip
+    keep = drops["reason"].map(lambda r: any(fnmatch.fnmatchcase(r, p) for p in patterns) and retryable(r))
+    return drops[keep].sort_values("row_id").reset_index(drop=True)
 
 
 @dataclass

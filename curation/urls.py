@@ -5,7 +5,8 @@ a row across the files and never changes. :func:`plan_shards` reads the list onc
 
 - ``inputs/<shard>.parquet``: the rows of each shard (shard k holds rows [k*size, (k+1)*size)): the shard
   assignment, fixed on disk, so reruns and retries read exactly the same rows;
-- ``urldups/<bucket>.npy``: (row_id, first row_id with the same URL) for every duplicate URL, sorted by row.
+- ``urldups/<bucket>.npy``: (row_id, first row_id with the same URL) for every duplicate URL, sorted by row. URLs
+  are compared normalised (:func:`dedup_keys`); one that cannot be normalised is nobody's duplicate.
 
 Duplicate URLs are found without holding the list: each row's 128-bit URL hash is appended to one of
 ``url_dedup_buckets`` files, and each bucket is then sorted on its own (peak memory about 24 B x rows / buckets).
@@ -37,6 +38,7 @@ from infra.config.data import DataConfig
 from infra.config.ingest import IngestConfig
 from infra.shards import shard_name
 from infra.storage import atomic_path, atomic_write_json, files_fingerprint, read_json
+from infra.urlnorm import UrlNormalizationError, normalize_url
 
 FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
 ROW_COLUMNS = ["row_id", "url", "caption", "source", "list_error", "face_boxes"]
@@ -201,11 +203,25 @@ def iter_url_rows(data: DataConfig, chunk_rows: int = 100_000) -> Iterator[pd.Da
             yield out
 
 
-def url_hashes(urls: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+def dedup_keys(urls: pd.Series) -> tuple[list[str], np.ndarray]:
+    """The URLs as duplicates are found: normalised (:func:`infra.urlnorm.normalize_url`: ``HTTP://Example.com/a``
+    and `` http://example.com/a`` are one URL), and a mask of the rows that have one. A URL that cannot be
+    normalised (empty and null ones too) is never anyone's duplicate: the guard records it as ``url_malformed``."""
+    keys, ok = [], np.zeros(len(urls), bool)
+    for i, u in enumerate(urls.tolist()):  # no ``.str`` accessor: see url_hashes
+        try:
+            keys.append(normalize_url(u))
+        except UrlNormalizationError:
+            continue
+        ok[i] = True
+    return keys, ok
+
+
+def url_hashes(urls: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Two independent 64-bit hashes per URL (128 bits: collisions are negligible even at 1e9 rows)."""
     # No ``.str`` accessor: it caches itself on the Series (a reference cycle that keeps every chunk alive until
     # the next full garbage collection, so peak memory grew with the list).
-    s = pd.Series([u.strip() for u in urls.tolist()], dtype=object)
+    s = pd.Series(urls, dtype=object)
     h1 = pd.util.hash_pandas_object(s, index=False, hash_key="lvd-url-hash-one").to_numpy(np.uint64)
     h2 = pd.util.hash_pandas_object(s, index=False, hash_key="lvd-url-hash-two").to_numpy(np.uint64)
     return h1, h2
@@ -243,7 +259,9 @@ def plan_shards(data: DataConfig, cfg: IngestConfig, plan_dir: Path) -> Plan:
     pending: pa.Table | None = None  # rows not yet in a shard file (Arrow memory: no Python objects per row)
     n_rows = 0
     for chunk in iter_url_rows(data, chunk_rows=cfg.chunk_rows):
-        buckets.add(*url_hashes(chunk["url"]), chunk["row_id"].to_numpy())
+        keys, ok = dedup_keys(chunk["url"])
+        buckets.add(*url_hashes(keys), chunk["row_id"].to_numpy()[ok])
+        del keys
         n_rows += len(chunk)
         table = pa.Table.from_pandas(chunk[ROW_COLUMNS], schema=ROW_SCHEMA, preserve_index=False)
         pending = table if pending is None else pa.concat_tables([pending, table])

@@ -1,5 +1,9 @@
 """``lvd retry-failed``: re-download only the failed URLs of a finished ingest, as a Prefect flow.
 
+Which rows: by default those whose reason is of class ``transient`` in :mod:`curation.reasons` (timeouts, 408,
+429, 5xx, connection and DNS errors); given reasons may also name ``permanent`` download failures (``http_404``);
+``policy`` reasons and those decided without downloading are refused.
+
 The retried rows go into new shards ``stages/ingest/shards/r<attempt>-<shard>`` (finished shards are never
 rewritten); the ingest manifest is rewritten with the new outputs and counts, which changes its digest, so the
 next ``lvd resume`` redoes every later stage (NSFW, faces, dedup, ...) and nothing before it.

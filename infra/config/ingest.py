@@ -9,12 +9,6 @@ from pydantic import Field, model_validator
 
 from infra.config.base import Section
 
-# Reasons `lvd retry-failed` retries when no --reason is given: failures that may go away by themselves.
-TRANSIENT_REASONS = (
-    "timeout", "http_408", "http_429", "http_500", "http_502", "http_503", "http_504", "connection_reset",
-    "connection_refused", "connection_closed", "connection_error", "dns_error", "download_error",
-)  # fmt: skip
-
 
 class IngestConfig(Section):
     # Rows per shard. The shard of a row is row_id // shard_size and never changes between reruns.
@@ -64,6 +58,9 @@ class IngestConfig(Section):
     # allow_private opens private networks, but cloud metadata addresses stay refused unless listed exactly.
     allow_private: bool = False
     allow_hosts: list[str] = Field(default_factory=list)
+    # Credentials in a URL (http://user:pass@host/...): refuse the row (`url_credentials`, never retried), or strip
+    # them and fetch the URL without (recorded on the row's input event). They never reach a resolver or a server.
+    url_credentials: Literal["refuse", "strip"] = "refuse"
     # Local images as the pool: folders whose files may be read through file:// URLs (`lvd folder-urls` writes such
     # a list). A file URL is refused (`path_outside_roots`) unless its real path, symbolic links resolved, lies
     # under one of these; checked when planned and again when opened. Empty: file URLs are refused (`url_scheme`).

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from curation.ingest import download_reason, ingest
-from curation.netguard import LocalFileRefused, UrlGuard, guarded_opener, local_file
+from curation.netguard import LocalFileRefused, UrlGuard, local_file
+from curation.opener import guarded_opener
 from curation.urls import folder_url_list
 from flows.cli import main
 from infra.config.data import DataConfig

@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.ingest import download_reason
-from curation.netguard import DestinationPolicy, UrlGuard, guarded_opener, literal_address
+from curation.netguard import DestinationPolicy, UrlGuard, literal_address
+from curation.opener import guarded_opener
 from curation.urls import (
     UrlListError,
     first_occurrences,
