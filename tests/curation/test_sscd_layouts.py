@@ -77,8 +77,8 @@ def test_fixed_size_is_read_and_enforced(tmp_path, photos):
 
 def test_ambiguous_signature_needs_the_input_option(tmp_path, photos):
     path = sscd_onnx.save(tmp_path / "sym.onnx", "float_nchw", input_shape=["b", "c", "h", "w"])
-    with pytest.raises(ValueError, match="channel position is ambiguous; set dedup.descriptor.input to float_nchw or "
-                                         "float_nhwc"):  # fmt: skip
+    with pytest.raises(ValueError, match=r"channel position is ambiguous; set dedup.descriptor.input to float_nchw or "
+                                         r"float_nhwc"):  # fmt: skip
         load_sscd(path)
     cfg = _cfg(path, input="float_nchw")
     ref = describe(photos, build_descriptor(_cfg(sscd_onnx.save(tmp_path / "f.onnx", "float_nchw"))), cfg)
