@@ -18,8 +18,8 @@ def _scores(scorer, images):
 
 @pytest.fixture(scope="module")
 def labelled():
-    """211 real images (scikit-image photographs, lfw_subset faces and non-faces, MNIST digits) labelled by fp32."""
-    images = real_images()[::2]
+    """141 real images (scikit-image photographs, lfw_subset faces and non-faces, MNIST digits) labelled by fp32."""
+    images = real_images()[::3]
     return images, _scores(OpenNsfw(NsfwConfig()), images)
 
 
