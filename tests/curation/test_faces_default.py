@@ -55,3 +55,21 @@ def test_faces_stage_blurs_the_astronaut_and_leaves_the_coffee(tmp_path):
     blurred = Image.open(io.BytesIO(stored[f"{0:064x}"]))
     assert build_detector(FacesConfig()).detect(blurred) == []  # the blurred face is not found again
     assert np.asarray(blurred).shape == np.asarray(images[0]).shape
+
+
+def test_retinaface_anchors_and_decoding_follow_the_reference():
+    """curation.models.retinaface against the reference's PriorBox loop and decode (biubug6/Pytorch_Retinaface)."""
+    from itertools import product
+
+    from curation.models.retinaface import MIN_SIZES, STEPS, anchors, decode
+
+    h, w = 40, 72
+    ref = []
+    for step, sizes in zip(STEPS, MIN_SIZES, strict=True):
+        for i, j in product(range(-(-h // step)), range(-(-w // step))):
+            ref += [[(j + 0.5) * step / w, (i + 0.5) * step / h, s / w, s / h] for s in sizes]
+    np.testing.assert_allclose(anchors(h, w), np.array(ref, np.float32), rtol=1e-6)
+    prior = np.array([[0.5, 0.5, 0.2, 0.4]], np.float32)
+    loc = np.array([[1.0, -2.0, np.log(2) / 0.2, 0.0]], np.float32)  # centre moved by 0.1 x size, width doubled
+    cx, cy, bw, bh = 0.5 + 0.1 * 0.2, 0.5 - 0.2 * 0.4, 0.4, 0.4
+    np.testing.assert_allclose(decode(loc, prior), [[cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2]], rtol=1e-5)
