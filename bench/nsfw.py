@@ -1,14 +1,15 @@
-"""NSFW scoring speed: onnxruntime vs open_nsfw in PyTorch (fp32, bf16), side by side in one run on the same images.
+"""NSFW scoring speed: onnxruntime fp32 and int8 vs open_nsfw in PyTorch (fp32, bf16), side by side on the same images.
 
     python bench/nsfw.py [--n 128] [--rounds 5] [--batch 64] [--accuracy]
 
-Each round scores the same N images with every scorer, in turn (onnxruntime, torch fp32, torch bf16, then the next
-round), so that a machine shared with other jobs slows them alike; medians over rounds and their ratios are printed.
+Each round scores the same N images with every scorer, in turn (onnxruntime, onnxruntime int8, torch fp32, torch bf16,
+then the next round), so that a machine shared with other jobs slows them alike; medians over rounds and their ratios are printed.
 A round is ``scorer.score`` on batches of ``--batch``: preprocessing (resize, crop, BGR, mean) plus the network,
 what the stage pays per image. The same rounds time a 2048^3 matmul in fp32 and in bf16, the machine's limits, and
 each scorer's network GFLOP/s is put against them. ``--accuracy`` also scores 421 real images (scikit-image
 photographs, lfw_subset, MNIST digits) with every scorer and prints the largest score and logit differences to
-onnxruntime and the decisions that differ at the threshold (bf16 without and with the fp32 re-check).
+onnxruntime and the decisions that differ at the threshold and at the median score (int8 and bf16 without and
+with the fp32 re-check; a re-check is set up for its threshold, so each threshold gets its own scorers).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from curation.models.open_nsfw import open_nsfw
-from curation.nsfw import OpenNsfw, OpenNsfwTorch, cpu_has_amx_bf16
+from curation.nsfw import OpenNsfw, OpenNsfwInt8, OpenNsfwTorch, cpu_has_amx_bf16
 from infra.config.ingest import NsfwConfig
 
 NAMES = ["astronaut", "coffee", "chelsea", "rocket", "camera", "horse", "page", "hubble_deep_field"]
@@ -84,10 +85,15 @@ def matmul_tflops(dtype: torch.dtype, n: int = 2048, reps: int = 3) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
 
 
-def ms_per_image(score: Callable[[list[Image.Image]], np.ndarray], imgs: list[Image.Image], batch: int) -> float:
-    t = time.perf_counter()
+CPU_MS: dict[str, list[float]] = {}  # CPU ms/image of this process per scorer and round (less disturbed by other jobs)
+
+
+def ms_per_image(score: Callable[[list[Image.Image]], np.ndarray], imgs: list[Image.Image], batch: int,
+                 name: str = "") -> float:  # fmt: skip
+    t, c = time.perf_counter(), time.process_time()
     for i in range(0, len(imgs), batch):
         score(imgs[i : i + batch])
+    CPU_MS.setdefault(name, []).append((time.process_time() - c) / len(imgs) * 1000)
     return (time.perf_counter() - t) / len(imgs) * 1000
 
 
@@ -96,16 +102,26 @@ def logit(p: np.ndarray) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
-def accuracy(scorers: dict, threshold: float) -> None:
+def accuracy(make: Callable[[float], dict], threshold: float) -> None:
+    """Decisions of every scorer vs onnxruntime fp32 at ``threshold`` and at the median fp32 score."""
     imgs = real_images()
-    s = {k: np.concatenate([sc.score(imgs[i : i + 64]) for i in range(0, len(imgs), 64)]) for k, sc in scorers.items()}
+
+    def scores(scorers: dict) -> dict[str, np.ndarray]:
+        return {k: np.concatenate([sc.score(imgs[i : i + 64]) for i in range(0, len(imgs), 64)])
+                for k, sc in scorers.items()}  # fmt: skip
+
+    s = scores(make(threshold))
     ref = s["onnxruntime"]
-    print(f"\naccuracy on {len(imgs)} real images (onnxruntime scores {ref.min():.2g}..{ref.max():.2g}):")
-    for k, v in s.items():
-        if k != "onnxruntime":
-            flips = int(((v >= threshold) != (ref >= threshold)).sum())
-            print(f"  {k:28s} max |score diff| {np.abs(v - ref).max():.3g}   max |logit diff| "
-                  f"{np.abs(logit(v) - logit(ref)).max():.3g}   decisions differing at {threshold}: {flips}")  # fmt: skip
+    for t in (threshold, float(np.median(ref))):
+        s = s if t == threshold else scores(make(t))
+        print(f"\naccuracy on {len(imgs)} real images (onnxruntime scores {ref.min():.2g}..{ref.max():.2g}), threshold "
+              f"{t:.4g}:")  # fmt: skip
+        for k, v in s.items():
+            if k != "onnxruntime":
+                flips = int(((v >= t) != (ref >= t)).sum())
+                print(f"  {k:32s} max |score diff| {np.abs(v - ref).max():.3g}   max |logit diff| "
+                      f"{np.abs(logit(v) - logit(ref)).max():.3g}   decisions differing: {flips} "
+                      f"(agreement {1 - flips / len(imgs):.1%})")  # fmt: skip
 
 
 def main() -> None:
@@ -114,16 +130,21 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--accuracy", action="store_true")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads of every scorer (0: one per core); with 1, "
+                   "CPU ms/image measures the work itself on a machine shared with other jobs")
     args = p.parse_args()
 
     imgs = images(args.n)
-    cfg = NsfwConfig(batch_size=args.batch)
+    cfg = NsfwConfig(batch_size=args.batch, threads=args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     scorers = {
         "onnxruntime": OpenNsfw(cfg.model_copy(update={"backend": "opennsfw"})),
+        "onnxruntime int8": OpenNsfwInt8(cfg.model_copy(update={"backend": "opennsfw-int8"})),
         "torch fp32": OpenNsfwTorch(cfg.model_copy(update={"backend": "opennsfw-torch", "precision": "fp32"})),
         "torch bf16": OpenNsfwTorch(cfg.model_copy(update={"backend": "opennsfw-torch", "precision": "bf16"})),
     }
-    timers = {k: (lambda sc=sc: ms_per_image(sc.score, imgs, args.batch)) for k, sc in scorers.items()}
+    timers = {k: (lambda sc=sc, k=k: ms_per_image(sc.score, imgs, args.batch, k)) for k, sc in scorers.items()}
     timers["matmul fp32"] = lambda: matmul_tflops(torch.float32)
     timers["matmul bf16"] = lambda: matmul_tflops(torch.bfloat16)
     for sc in scorers.values():  # warm-up: oneDNN builds its kernels for each new shape once
@@ -146,14 +167,26 @@ def main() -> None:
         rate = gflop * 1000 / med[k]  # GFLOP/s of the network alone (preprocessing counted as time)
         print(f"  {k:12s} {med[k]:7.1f} ms/image (rounds: {', '.join(f'{v:.1f}' for v in runs[k])})   "
               f"{rate:.0f} GFLOP/s, {rate / 1000 / peak:.0%} of the {'bf16' if 'bf16' in k else 'fp32'} matmul")  # fmt: skip
+    cpu = {k: float(np.median(CPU_MS[k])) for k in scorers}
+    print("CPU ms/image of this process (medians): " + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items())
+          + "; ratio to onnxruntime: " + ", ".join(f"{k} {cpu['onnxruntime'] / v:.2f}x" for k, v in cpu.items()
+                                                    if k != "onnxruntime"))  # fmt: skip
     base = med["onnxruntime"]
     print("speed-up over onnxruntime (median ms ratio): "
           + ", ".join(f"{k} {base / med[k]:.2f}x" for k in scorers if k != "onnxruntime"))  # fmt: skip
-    print(f"torch bf16 images re-scored in fp32 near the threshold: {scorers['torch bf16'].rechecked}")
+    print(f"images re-scored in fp32 near the threshold: torch bf16 {scorers['torch bf16'].rechecked}, int8 "
+          f"{scorers['onnxruntime int8'].rechecked} (of {args.n * (args.rounds + 1)})")  # fmt: skip
 
     if args.accuracy:
-        no_recheck = cfg.model_copy(update={"backend": "opennsfw-torch", "recheck_margin": 0.0})
-        accuracy({**scorers, "torch bf16 (no re-check)": OpenNsfwTorch(no_recheck)}, cfg.threshold)
+        def make(t: float) -> dict:
+            c = cfg.model_copy(update={"threshold": t})
+            return {"onnxruntime": OpenNsfw(c), "onnxruntime int8": OpenNsfwInt8(c),
+                    "onnxruntime int8 (no re-check)": OpenNsfwInt8(c.model_copy(update={"recheck_margin": 0.0})),
+                    "torch bf16": OpenNsfwTorch(c.model_copy(update={"backend": "opennsfw-torch"})),
+                    "torch bf16 (no re-check)": OpenNsfwTorch(c.model_copy(update={"backend": "opennsfw-torch",
+                                                                                  "recheck_margin": 0.0}))}  # fmt: skip
+
+        accuracy(make, cfg.threshold)
 
 
 if __name__ == "__main__":

@@ -108,11 +108,24 @@ def build_descriptor(cfg: DescriptorConfig) -> Descriptor:
             "*.torchvision.pt or *.onnx); `lvd models fetch sscd_disc_mixup` downloads the official one, or set "
             "dedup.descriptor.backend=pixel"
         )
-    model = load_sscd(cfg.path, cfg.format, cfg.arch, cfg.dims)
+    model = load_sscd(cfg.path, cfg.format, cfg.arch, cfg.dims, cfg.input, cfg.threads)
+    if _is_onnx(model):
+        check_fixed_size(model.input, cfg)
+    elif cfg.threads:
+        torch.set_num_threads(cfg.threads)  # process-wide: the stage's cores go to this model
     if torch.cuda.is_available() and isinstance(model, torch.nn.Module) and not _is_onnx(model):
         model = model.cuda()
     name = f"sscd:{cfg.path.name}:{cfg.resize}{cfg.size}"
     return SSCDDescriptor(model, name, cfg.size, cfg.resize, cfg.batch_size, cfg.precision)
+
+
+def check_fixed_size(inp, cfg: DescriptorConfig) -> None:
+    """An ONNX model with a fixed height and width takes only square inputs of that size."""
+    if inp.height is None and inp.width is None:
+        return
+    if (inp.height, inp.width) != (cfg.size, cfg.size) or cfg.resize != "square":
+        raise ValueError(f"dedup.descriptor: the model takes {inp.height}x{inp.width} images only; set "
+                         f"dedup.descriptor.resize=square and dedup.descriptor.image_size={inp.height or inp.width}")
 
 
 def centre_crop(img: Image.Image, fraction: float) -> Image.Image:

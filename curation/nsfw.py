@@ -7,7 +7,14 @@ Backends implement :class:`NsfwScorer` (``score(images) -> P(nsfw)`` per image):
   per image), with open_nsfw's reference preprocessing: 256x256 bilinear, centre 224 crop, BGR, mean subtracted.
 - ``opennsfw-torch``: the same network and weights in PyTorch (:mod:`curation.models.open_nsfw`), the same
   preprocessing, bf16 autocast; scores near the threshold are recomputed in fp32, so the decisions are the fp32
-  network's. ``auto`` picks it on CPUs with AMX-BF16 and ``opennsfw`` elsewhere (see ``NsfwConfig.backend``).
+  network's.
+- ``opennsfw-int8``: the same ONNX network with its convolutions statically quantised to int8 (per-channel weights,
+  activations calibrated on photographs that ship with scikit-image), made once from the bundled file and cached
+  (:func:`int8_model_path`); an image whose logit lies within ``recheck_margin`` (default 3.0) of the threshold's is
+  scored again by the fp32 network, so decisions are the fp32 network's (measured: bench/nsfw.py --accuracy).
+- ``auto``: the fastest of ``opennsfw``, ``opennsfw-int8`` and (on CPUs with AMX-BF16) ``opennsfw-torch``, timed on
+  this machine on a few images when the first scorer is built (:func:`measured_backend`); every candidate makes the
+  fp32 network's decisions, so the choice changes speed only.
 - ``clip_head``: an image encoder from a local ONNX file (e.g. a CLIP visual tower: N,3,S,S normalised RGB ->
   N,D) followed by an MLP head from a local ``.npz`` (``w0, b0, w1, b1, ...``, ReLU between layers; one output
   -> sigmoid, two -> softmax, last column) applied to the L2-normalised embedding, as LAION's CLIP NSFW detector.
@@ -19,9 +26,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import math
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Protocol
 
@@ -36,6 +45,7 @@ from infra.shards import Shard, iter_shard_images
 from infra.stage import ShardTracker, StageResult, add_counts, summarize
 from infra.storage import atomic_path
 
+log = logging.getLogger(__name__)
 SCORES = "scores"
 OPEN_NSFW_MEAN_BGR = np.array([104.0, 117.0, 123.0], np.float32)
 
@@ -107,6 +117,95 @@ def cpu_has_amx_bf16() -> bool:
     return bool(caps.get("amx_bf16", False))
 
 
+BF16_RECHECK_MARGIN = 0.5  # logits; bf16 vs fp32 logit error measured at most 0.164 on 421 real images
+INT8_RECHECK_MARGIN = 3.0  # logits; int8 vs fp32 logit error measured at most 2.31 on 421 real images (bench/nsfw.py)
+INT8_VERSION = "conv-perchannel-minmax-v1"  # part of the cached file's name: change it when the recipe changes
+
+
+def _threshold_logit(t: float) -> float:
+    return math.log(t / (1 - t)) if 0 < t < 1 else math.copysign(math.inf, t - 0.5)
+
+
+def calibration_photos() -> list[Image.Image]:
+    """Photographs that ship with scikit-image, read as files (nothing is fetched)."""
+    import skimage.data
+
+    root = Path(skimage.data.__file__).parent
+    out = []
+    for name in ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "camera.png", "coins.png", "brick.png",
+                 "motorcycle_left.png", "hubble_deep_field.jpg", "retina.jpg", "ihc.png", "page.png", "horse.png",
+                 "grass.png", "gravel.png", "moon.png"):  # fmt: skip
+        with Image.open(root / name) as img:
+            out.append(img.convert("RGB"))
+    return out
+
+
+def calibration_batch() -> np.ndarray:
+    """open_nsfw inputs of :func:`calibration_photos`, (N, 224, 224, 3)."""
+    return np.stack([open_nsfw_input(img, jpeg_reencode=False) for img in calibration_photos()])
+
+
+def quantize_open_nsfw(src: Path | str, dst: Path) -> Path:
+    """Static int8 quantisation of open_nsfw's convolutions (onnxruntime.quantization): per-channel int8 weights,
+    uint8 activations with min/max ranges calibrated on :func:`calibration_batch`; the fc and softmax stay fp32."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    batch = calibration_batch()
+    name = _session(src, 1).get_inputs()[0].name
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.feeds = iter([{name: batch[i : i + 4]} for i in range(0, len(batch), 4)])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dst.with_suffix(".pre.onnx")) as pre, atomic_path(dst) as tmp:
+        quant_pre_process(str(src), str(pre))
+        quantize_static(str(pre), str(tmp), Reader(), quant_format=QuantFormat.QOperator, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["Conv"])  # fmt: skip
+    dst.with_suffix(".pre.onnx").unlink(missing_ok=True)
+    return dst
+
+
+def int8_model_path() -> Path:
+    """The int8 model of the bundled open_nsfw, made on first use and cached under $LVD_CACHE (~/.cache/lvd)."""
+    src = _bundled_open_nsfw()
+    cache = Path(os.environ.get("LVD_CACHE") or Path.home() / ".cache" / "lvd")
+    path = cache / f"open-nsfw-int8-{_short_sha(src)}-{INT8_VERSION}.onnx"
+    if path.is_file():
+        return path
+    log.info("making the int8 open_nsfw model once (about 20 s on 2 cores): %s", path)
+    return quantize_open_nsfw(src, path)
+
+
+class OpenNsfwInt8:
+    """open_nsfw with int8 convolutions (onnxruntime); images near the threshold are re-scored by the fp32 network."""
+
+    def __init__(self, cfg: NsfwConfig):
+        self.fp32 = OpenNsfw(cfg)
+        path = int8_model_path()
+        self._session = _session(path, cfg.threads)
+        self._input = self._session.get_inputs()[0].name
+        self.jpeg_reencode = cfg.jpeg_reencode
+        self.margin = INT8_RECHECK_MARGIN if cfg.recheck_margin is None else cfg.recheck_margin
+        self.threshold_logit = _threshold_logit(cfg.threshold)
+        self.rechecked = 0  # images scored again in fp32, over the scorer's life
+        self.name = f"opennsfw-int8:{_short_sha(path)}"
+
+    def score(self, images: list[Image.Image]) -> np.ndarray:
+        batch = np.ascontiguousarray(np.stack([open_nsfw_input(im, self.jpeg_reencode) for im in images]))
+        (probs,) = self._session.run(None, {self._input: batch})  # B, 2 (sfw, nsfw): the fc and softmax in fp32
+        p = np.clip(probs.astype(np.float64), 1e-30, 1.0)
+        near = np.abs(np.log(p[:, 1]) - np.log(p[:, 0]) - self.threshold_logit) < self.margin
+        if near.any():
+            (probs[near],) = self.fp32._session.run(None, {self.fp32._input: batch[near]})
+            self.rechecked += int(near.sum())
+        return probs[:, 1].astype(np.float32)
+
+
 class OpenNsfwTorch:
     """open_nsfw in PyTorch with the bundled ONNX file's weights; fp32 or bf16 autocast with an fp32 re-check.
 
@@ -125,9 +224,9 @@ class OpenNsfwTorch:
         # NHWC input arrives as a channels_last view; channels_last weights too (oneDNN's preferred CPU layout;
         # no slower than NCHW at batch 64 here, within the noise of the shared machine).
         self.model = open_nsfw(path).to(memory_format=torch.channels_last)
-        self.jpeg_reencode, self.bf16, self.margin = cfg.jpeg_reencode, cfg.precision == "bf16", cfg.recheck_margin
-        t = cfg.threshold
-        self.threshold_logit = math.log(t / (1 - t)) if 0 < t < 1 else math.copysign(math.inf, t - 0.5)
+        self.jpeg_reencode, self.bf16 = cfg.jpeg_reencode, cfg.precision == "bf16"
+        self.margin = BF16_RECHECK_MARGIN if cfg.recheck_margin is None else cfg.recheck_margin
+        self.threshold_logit = _threshold_logit(cfg.threshold)
         self.rechecked = 0  # images scored again in fp32, over the scorer's life
         self._lock = threading.Lock()  # one forward at a time: concurrent ones would only fight over the cores
         self.name = f"opennsfw-torch-{cfg.precision}:{_short_sha(path)}"
@@ -207,15 +306,39 @@ _SCORERS: dict[str, NsfwScorer] = {}
 _LOCK = threading.Lock()
 
 
-_BACKENDS = {"opennsfw": OpenNsfw, "opennsfw-torch": OpenNsfwTorch, "clip_head": ClipHead,
-             "disabled": lambda _: Disabled()}  # fmt: skip
+_BACKENDS = {"opennsfw": OpenNsfw, "opennsfw-int8": OpenNsfwInt8, "opennsfw-torch": OpenNsfwTorch,
+             "clip_head": ClipHead, "disabled": lambda _: Disabled()}  # fmt: skip
+_MEASURED: dict[str, tuple[str, dict[str, float]]] = {}  # auto's choice per (threads, batch): (backend, ms/image)
+
+
+def measured_backend(cfg: NsfwConfig, n: int = 16) -> tuple[str, dict[str, float]]:
+    """The fastest open_nsfw backend on this machine, timed on ``n`` calibration images (best of two rounds) at
+    the stage's threads; with its ms/image per candidate. Measured once per process and (threads, batch size)."""
+    key = f"{cfg.threads}:{cfg.batch_size}"
+    if key not in _MEASURED:
+        candidates = ["opennsfw", "opennsfw-int8"] + (["opennsfw-torch"] if cpu_has_amx_bf16() else [])
+        images = [img.resize((256, 256)) for img in calibration_photos()][:n]
+        ms = {}
+        for name in candidates:
+            scorer = _BACKENDS[name](cfg.model_copy(update={"backend": name}))
+            scorer.score(images[:2])  # warm-up
+            ms[name] = min(_time(scorer, images, cfg.batch_size) for _ in range(2))
+        _MEASURED[key] = (min(ms, key=ms.__getitem__), ms)
+    return _MEASURED[key]
+
+
+def _time(scorer: NsfwScorer, images: list[Image.Image], batch: int) -> float:
+    t = time.perf_counter()
+    for i in range(0, len(images), batch):
+        scorer.score(images[i : i + batch])
+    return (time.perf_counter() - t) / len(images) * 1000
 
 
 def resolve_backend(cfg: NsfwConfig) -> str:
     if not cfg.enabled:
         return "disabled"
     if cfg.backend == "auto":
-        return "opennsfw-torch" if cpu_has_amx_bf16() else "opennsfw"
+        return measured_backend(cfg)[0]
     return cfg.backend
 
 

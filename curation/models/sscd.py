@@ -9,14 +9,20 @@ Loaders for the official release formats, from a local path:
 
 - ``*.torchscript.pt``: a standalone TorchScript module (``torch.jit.load``);
 - ``*.torchvision.pt``: a state dict for the model above (with or without the ``backbone.`` prefix);
-- ``*.onnx``: an ONNX export (``export_onnx``), run with onnxruntime.
+- ``*.onnx``: an ONNX export, run with onnxruntime, in either layout published SSCD exports use, read from the
+  model's input signature (:func:`onnx_input`): ``float_nchw`` (B, 3, H, W) float32 ImageNet-normalised, as
+  ``export_onnx`` writes; or ``uint8_nhwc`` (B, H, W, 3) RGB 0-255 with the normalisation inside the graph (e.g. the
+  int8 export of ``sscd_disc_mixup`` shipped on PyPI: Cast, Sub mean x 255, Div std x 255, Transpose). Height and
+  width may be free or fixed. ``dedup.descriptor.input`` names the layout where the signature does not tell.
 
-Every loaded model maps a normalised (B, 3, H, W) float tensor to (B, dims) L2-normalised descriptors.
+Every loaded model maps a normalised (B, 3, H, W) float tensor to (B, dims) L2-normalised descriptors (an ONNX model
+of another layout gets the same pixels in its own layout).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +32,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from infra.features import IMAGENET_MEAN, IMAGENET_STD
 from infra.storage import atomic_path
 
 TRUNKS: dict[str, Callable[..., nn.Module]] = {
@@ -34,6 +41,8 @@ TRUNKS: dict[str, Callable[..., nn.Module]] = {
     "resnext101_32x8d": torchvision.models.resnext101_32x8d,
 }
 FORMATS = ("torchscript", "torchvision", "onnx")
+LAYOUTS = ("float_nchw", "float_nhwc", "uint8_nchw", "uint8_nhwc")  # float: ImageNet-normalised; uint8: RGB 0-255
+_ELEMENT = {"tensor(float)": "float", "tensor(uint8)": "uint8"}
 _WRAPPERS = ("module.", "model.", "_orig_mod.")
 
 
@@ -72,21 +81,86 @@ class SSCDModel(nn.Module):
         return self.embeddings(self.backbone(x))
 
 
-class OnnxModel(nn.Module):
-    """An ONNX export run by onnxruntime behind the same tensor-in, tensor-out interface."""
+@dataclass(frozen=True)
+class OnnxInput:
+    """What an ONNX model's first input asks for: its name, layout and fixed height/width (None: free)."""
 
-    def __init__(self, path: Path, providers: list[str] | None = None):
+    name: str
+    layout: str  # one of LAYOUTS
+    height: int | None
+    width: int | None
+
+
+def _channels(shape: list) -> str | None:
+    """"first" (B, 3, H, W), "last" (B, H, W, 3), or None where the shape does not tell."""
+    first, last = shape[1] == 3, shape[3] == 3
+    return "first" if first and not last else "last" if last and not first else None
+
+
+def onnx_input(session, layout: str = "auto") -> OnnxInput:
+    """The input layout of an SSCD ONNX model from its signature (element type, rank, channel position), or the
+    ``layout`` asked for, checked against the signature."""
+    inp = session.get_inputs()[0]
+    shape = list(inp.shape)
+    if len(shape) != 4:
+        raise ValueError(f"the model's input {inp.name!r} has shape {shape}; an SSCD image model takes 4 dimensions")
+    element = _ELEMENT.get(inp.type)
+    if element is None:
+        raise ValueError(f"the model's input {inp.name!r} is {inp.type}; supported: float32 or uint8 images")
+    channels = _channels(shape)
+    if layout == "auto":
+        if channels is None:
+            raise ValueError(f"the model's input {inp.name!r} has shape {shape}: the channel position is ambiguous; "
+                             f"set dedup.descriptor.input to {element}_nchw or {element}_nhwc")  # fmt: skip
+        layout = f"{element}_{'nchw' if channels == 'first' else 'nhwc'}"
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown input layout {layout!r}; one of {LAYOUTS}")
+    wanted_channels = "first" if layout.endswith("nchw") else "last"
+    if not layout.startswith(element) or (channels is not None and channels != wanted_channels):
+        raise ValueError(f"dedup.descriptor.input={layout}, but the model's input {inp.name!r} is {inp.type} of "
+                         f"shape {shape}")  # fmt: skip
+    h, w = (shape[2], shape[3]) if wanted_channels == "first" else (shape[1], shape[2])
+    return OnnxInput(inp.name, layout, h if isinstance(h, int) else None, w if isinstance(w, int) else None)
+
+
+def to_pixels(x: torch.Tensor) -> np.ndarray:
+    """ImageNet-normalised (B, 3, H, W) -> the RGB 0-255 uint8 (B, H, W, 3) it was made from (exact: rounding)."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32)[:, None, None]
+    pixels = ((x.detach().float().cpu() * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).numpy()
+
+
+class OnnxModel(nn.Module):
+    """An ONNX export run by onnxruntime behind the same tensor-in, tensor-out interface, in the layout it asks for."""
+
+    def __init__(self, path: Path, providers: list[str] | None = None, layout: str = "auto", threads: int = 0):
         super().__init__()
         import onnxruntime as ort
 
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads  # 0: one per core (onnxruntime's default)
+        opts.inter_op_num_threads = 1
         available = ort.get_available_providers()
         wanted = providers or ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(path), providers=[p for p in wanted if p in available])
-        self.input_name = self.session.get_inputs()[0].name
+        self.session = ort.InferenceSession(str(path), sess_options=opts,
+                                            providers=[p for p in wanted if p in available])  # fmt: skip
+        self.input = onnx_input(self.session, layout)
+        self.input_name = self.input.name
+        out = self.session.get_outputs()[0].shape
+        self.dims = out[-1] if len(out) == 2 and isinstance(out[-1], int) else None  # None: known once run
+
+    def feed(self, x: torch.Tensor) -> np.ndarray:
+        """The model's input for a normalised (B, 3, H, W) batch."""
+        if self.input.layout.startswith("uint8"):
+            arr = to_pixels(x)  # B, H, W, 3
+            return np.ascontiguousarray(arr.transpose(0, 3, 1, 2) if self.input.layout.endswith("nchw") else arr)
+        arr = x.detach().float().cpu().numpy()  # B, 3, H, W
+        return np.ascontiguousarray(arr if self.input.layout.endswith("nchw") else arr.transpose(0, 2, 3, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(None, {self.input_name: x.detach().float().cpu().numpy()})[0]
-        return torch.from_numpy(np.ascontiguousarray(out))
+        out = self.session.run(None, {self.input_name: self.feed(x)})[0]
+        return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
 
 
 def detect_format(path: Path) -> str:
@@ -120,8 +194,10 @@ def _read_state(path: Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_sscd(path: Path | str, fmt: str = "auto", arch: str = "resnet50", dims: int = 512) -> nn.Module:
-    """An SSCD model from a local file in one of the official formats, in eval mode."""
+def load_sscd(path: Path | str, fmt: str = "auto", arch: str = "resnet50", dims: int = 512, layout: str = "auto",
+              threads: int = 0) -> nn.Module:  # fmt: skip
+    """An SSCD model from a local file in one of the official formats, in eval mode. ``layout`` and ``threads``
+    apply to ONNX files (the input layout, see :func:`onnx_input`, and onnxruntime's intra-op threads)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -135,7 +211,7 @@ def load_sscd(path: Path | str, fmt: str = "auto", arch: str = "resnet50", dims:
         model = SSCDModel(arch, dims)
         model.load_state_dict(sscd_state_dict(_read_state(path)), strict=True)
     elif fmt == "onnx":
-        model = OnnxModel(path)
+        model = OnnxModel(path, layout=layout, threads=threads)
     else:
         raise ValueError(f"unknown SSCD format {fmt!r}; one of {FORMATS}")
     return model.eval()

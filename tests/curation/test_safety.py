@@ -140,7 +140,7 @@ def test_faces_shard_blurs_records_and_reencodes_only_faces(tmp_path):
     images = [_photo("astronaut", 256), _photo("coffee", 256)]
     shard, ids = _shard(tmp_path, images)
     out = tmp_path / "run" / "stages" / "faces"
-    name, counts = blur_shard(out, shard, frozenset(), FacesConfig())
+    name, counts = blur_shard(out, shard, frozenset(), FacesConfig(backend="haar"))
     assert (name, counts) == ("00000", {"kept": 2, "blurred": 1})
     from infra.lineage import Ledger
 

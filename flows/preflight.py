@@ -1,0 +1,168 @@
+"""Every model file a run will use, opened and checked before any stage runs (``lvd run``, ``lvd resume``).
+
+A wrong file otherwise fails only when its stage starts, after hours of download and filtering. Each model a run's
+remaining stages will load is built here exactly as its stage builds it and run on one small image: the file exists,
+loads, accepts the input its stage feeds, and gives an output of the configured size (SSCD: ``dedup.descriptor.dims``;
+a CLIP-style NSFW head: the encoder's embedding size). Problems name the config key and the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from infra.config import PipelineConfig
+from infra.run import RunDir
+
+
+def probe_image(size: tuple[int, int] = (96, 72)) -> Image.Image:
+    """A small RGB image with some structure (a gradient and a disc), as a stage would decode one."""
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    disc = ((xx - w / 2) ** 2 + (yy - h / 2) ** 2 < (h / 3) ** 2) * 120
+    arr = np.stack([xx * 255 // w, yy * 255 // h, disc + 60], -1).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+def _file(key: str, path: Path | None) -> str | None:
+    if path is None:
+        return f"{key}: required (a local model file)"
+    if not Path(path).is_file():
+        return f"{key}: {path} does not exist"
+    return None
+
+
+def _attempt(key: str, path: Path | str | None, check: Callable[[], str | None]) -> list[str]:
+    """Run ``check`` (which loads and probes a model); any error becomes a problem naming ``key`` and the file."""
+    where = f"{key}: {path}" if path is not None else key
+    try:
+        problem = check()
+    except Exception as err:  # the top-level check: every load failure is reported with its key, none raised
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        return [f"{where} cannot be used: {type(err).__name__}: {first[:400]}"]
+    return [f"{where}: {problem}"] if problem else []
+
+
+def sscd_problems(cfg: PipelineConfig) -> list[str]:
+    d = cfg.dedup.descriptor
+    if not cfg.dedup.enabled or d.backend != "sscd":
+        return []
+    missing = _file("dedup.descriptor.path", d.path)
+    if missing:
+        return [missing]
+
+    def check() -> str | None:
+        from curation.descriptors import build_descriptor
+
+        out = build_descriptor(d)([probe_image()])
+        if out.shape != (1, d.dims):
+            return f"gives {out.shape[-1]}-d descriptors, but dedup.descriptor.dims is {d.dims}"
+        return None
+
+    return _attempt("dedup.descriptor.path", d.path, check)
+
+
+def nsfw_problems(cfg: PipelineConfig) -> list[str]:
+    n = cfg.nsfw
+    if not n.enabled:
+        return []
+    if n.backend == "clip_head":
+        missing = [p for p in (_file("nsfw.encoder_path", n.encoder_path), _file("nsfw.head_path", n.head_path)) if p]
+        if missing:
+            return missing
+    key, path = ("nsfw.encoder_path / nsfw.head_path", f"{n.encoder_path}, {n.head_path}") if n.backend == "clip_head" \
+        else ("nsfw.backend", n.backend)  # fmt: skip
+
+    def check() -> str | None:
+        from curation.nsfw import scorer_for
+
+        scores = scorer_for(n).score([probe_image()])  # the stage's own model, cached for this process
+        if scores.shape != (1,) or not 0.0 <= float(scores[0]) <= 1.0:
+            return f"scored the probe image {scores!r}; expected one probability"
+        return None
+
+    return _attempt(key, path, check)
+
+
+def faces_problems(cfg: PipelineConfig) -> list[str]:
+    f = cfg.faces
+    if not f.enabled:
+        return []
+    if f.backend == "yunet":
+        missing = _file("faces.model_path", f.model_path)
+        if missing:
+            return [missing]
+    key, path = ("faces.model_path", f.model_path) if f.backend == "yunet" else ("faces.backend", f.backend)
+
+    def check() -> str | None:
+        from curation.faces import build_detector
+
+        boxes = build_detector(f).detect(probe_image())
+        return None if isinstance(boxes, list) else f"returned {type(boxes).__name__}, not a list of boxes"
+
+    return _attempt(key, path, check)
+
+
+def backbone_problems(key: str, backbone) -> list[str]:  # backbone: BackboneConfig
+    if backbone.path is None:
+        return [] if backbone.kind != "dinov2" else [f"{key}.path: required for kind=dinov2"]
+    missing = _file(f"{key}.path", backbone.path)
+    if missing:
+        return [missing]
+
+    def check() -> str | None:
+        import torch
+
+        from flows.models import build_model
+
+        model = build_model(backbone).eval()
+        s = backbone.image_size
+        with torch.inference_mode():
+            out = model(torch.zeros(1, 3, s, s))
+        if out.ndim != 2 or out.shape[0] != 1:
+            return f"gives an output of shape {tuple(out.shape)} for one {s}x{s} image; expected (1, dim)"
+        return None
+
+    return _attempt(f"{key}.path", backbone.path, check)
+
+
+def check_model_files(cfg: PipelineConfig, stages: set[str] | None = None) -> list[str]:
+    """Problems with the model files of ``stages`` (default: every stage this configuration runs), each naming the
+    config key and the file. Models are loaded and run once on a small image; nothing is written."""
+    if stages is None:
+        from flows.stages import active_stages
+
+        stages = {s.name for s in active_stages(cfg)}
+    problems: list[str] = []
+    if "nsfw" in stages:
+        problems += nsfw_problems(cfg)
+    if "faces" in stages:
+        problems += faces_problems(cfg)
+    if "dedup" in stages:
+        problems += sscd_problems(cfg)
+    if "embed" in stages:
+        problems += backbone_problems("embed.backbone", cfg.embed.backbone)
+    if "evaluate" in stages:
+        for m in cfg.evaluate.models:
+            problems += backbone_problems(f"evaluate.models[{m.name}].backbone", m.backbone)
+    return problems
+
+
+def remaining_stages(run: RunDir, cfg: PipelineConfig) -> set[str]:
+    """The stages a resumed run still has to run (completed ones load no model)."""
+    from flows.stages import active_stages
+    from infra.stage import stage_state
+
+    return {s.name for s in active_stages(cfg) if stage_state(run, s, cfg) != "completed"}
+
+
+def preflight(cfg: PipelineConfig, stages: set[str] | None = None) -> None:
+    """Raise a :class:`ConfigError` listing every model-file problem (before any stage runs)."""
+    from infra.config import ConfigError
+
+    problems = check_model_files(cfg, stages)
+    if problems:
+        raise ConfigError(problems, "model files")

@@ -1,0 +1,49 @@
+"""The int8 open_nsfw fast path makes the fp32 network's decisions (near-threshold scores re-checked in fp32), and
+`nsfw.backend: auto` is a measured choice among backends that all do."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import curation.nsfw as nsfw
+from bench.nsfw import real_images
+from curation.nsfw import OpenNsfw, OpenNsfwInt8, measured_backend, resolve_backend
+from infra.config.ingest import NsfwConfig
+
+
+def _scores(scorer, images):
+    return np.concatenate([scorer.score(images[i : i + 64]) for i in range(0, len(images), 64)])
+
+
+@pytest.fixture(scope="module")
+def labelled():
+    """141 real images (scikit-image photographs, lfw_subset faces and non-faces, MNIST digits) labelled by fp32."""
+    images = real_images()[::3]
+    return images, _scores(OpenNsfw(NsfwConfig()), images)
+
+
+def test_int8_decisions_agree_with_fp32(labelled):
+    images, fp32 = labelled
+    # The default threshold, and the median fp32 score: half the images then lie near the threshold.
+    for threshold in (0.8, float(np.median(fp32))):
+        fast = OpenNsfwInt8(NsfwConfig(threshold=threshold))
+        agree = ((_scores(fast, images) >= threshold) == (fp32 >= threshold)).mean()
+        assert agree >= 0.995, (threshold, agree)
+        assert agree == 1.0  # measured: every decision, at both thresholds
+        if threshold != 0.8:
+            assert fast.rechecked > len(images) // 4  # the re-check did the work
+            bare = OpenNsfwInt8(NsfwConfig(threshold=threshold, recheck_margin=0.0))
+            assert ((_scores(bare, images) >= threshold) != (fp32 >= threshold)).sum() > 0  # int8 alone flips some
+
+
+def test_auto_is_measured_and_picks_the_fastest(monkeypatch):
+    monkeypatch.setattr(nsfw, "_MEASURED", {})
+    monkeypatch.setattr(nsfw, "cpu_has_amx_bf16", lambda: False)
+    choice, ms = measured_backend(NsfwConfig(), n=4)
+    assert set(ms) == {"opennsfw", "opennsfw-int8"}
+    assert choice == min(ms, key=ms.__getitem__)
+    assert resolve_backend(NsfwConfig()) == choice  # cached for the process
+    monkeypatch.setattr(nsfw, "_MEASURED", {"0:64": ("opennsfw", {})})
+    assert resolve_backend(NsfwConfig()) == "opennsfw"
+    assert resolve_backend(NsfwConfig(backend="opennsfw-int8")) == "opennsfw-int8"
