@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml
 	# core; compileall on every core writes the same .pyc files (pip install 217 s, against 126 s + 62 s on 2 cores).
 	# Like pip, it skips what does not compile (torch ships a Python 3.12-only test file), hence `|| true`.
 	$(BIN)/python -m pip install -q --no-compile -e ".[dev,dask,ray]"
+	# The default face detector is facenet-pytorch's MTCNN (its weights ship inside the MIT wheel; docs/safety.md has
+	# the benchmark that chose it). Its metadata pins torch<2.3, a stale pin: its code runs on our torch and numpy
+	# (tests/curation/test_faces_default.py), so it is installed without its dependencies.
+	$(BIN)/python -m pip install -q --no-compile --no-deps facenet-pytorch==2.6.0
 	$(BIN)/python -m compileall -qq -j 0 $$($(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") || true
 	# img2dataset pulls the py3.6 `dataclasses` backport, which breaks Prefect's API server
 	# (environment.md); it must not stay installed.
