@@ -56,8 +56,11 @@ def atomic_path(path: Path | str, fsync: bool = True) -> Iterator[Path]:
     On any error the temporary file is removed and ``path`` keeps its previous content.
     """
     tmp = temp_for(path)
+    mode = tmp.stat().st_mode & 0o777  # what the umask gives
     try:
         yield tmp
+        if tmp.stat().st_mode & 0o777 != mode:  # a writer that replaced the file with its own (safetensors: 0600)
+            os.chmod(tmp, mode)
         commit(tmp, path, fsync=fsync)
     except BaseException:
         tmp.unlink(missing_ok=True)
