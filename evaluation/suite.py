@@ -234,8 +234,8 @@ def run_benchmarks(benchmarks: list[Any], models: list[EvalModel], cfg: Evaluate
         for b in benchmarks:
             t0 = time.perf_counter()
             rows += RUNNERS[b.kind](b, _Ticking(models, progress), cfg, extract)
-            log.info("evaluate: benchmark %s (%s, %d models) in %.1f s", b.name, b.kind, len(models),
-                     time.perf_counter() - t0)
+            logging.getLogger("lvd").info("evaluate: benchmark %s (%s, %d models) in %.1f s", b.name, b.kind,
+                                          len(models), time.perf_counter() - t0)
     return pd.DataFrame(rows, columns=COLUMNS)
 
 

@@ -252,6 +252,8 @@ class Progress:
         self.items_seen += items
         self.fields.update(fields)
         _update_task(self)
+        if self.total is not None and self.done >= self.total and not self.quiet:
+            return  # the summary says it when the caller closes
         if self.last_line is None or time.monotonic() - self.last_line >= self.every:
             self._line(periodic=True)
 
