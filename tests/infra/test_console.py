@@ -97,3 +97,29 @@ def test_one_line_per_event_and_no_advertisement_on_a_plain_console():
         "WARNING py.warnings: UserWarning: a warning from a library (<string>:12)",
     ], out.stderr
     assert out.stdout == ""
+
+
+RICH_CHILD = """
+import logging, time
+from infra.console import Progress, setup_console
+setup_console()
+with Progress("ingest", 4, "shards", items="URLs", every=0) as p:
+    for _ in range(4):
+        time.sleep(0.25)  # (the display refreshes 10 times a second)
+        p.advance(1, items=80)
+        logging.getLogger("curation.ingest").warning("shard done")
+"""
+
+
+def test_on_a_terminal_progress_is_a_live_bar_and_log_lines_print_above_it():
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LVD_CONSOLE": "rich", "COLUMNS": "100", "TERM": "xterm"}
+    out = subprocess.run([sys.executable, "-c", RICH_CHILD], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.stderr)  # the terminal's control sequences
+    bars = re.findall(r"ingest [━╺╸]+ (\d)/4 shards \d:\d\d:\d\d ?(.*?) *$", text, re.MULTILINE)
+    assert {n for n, _ in bars} >= {"0", "1", "2", "3"}, text
+    assert all(re.fullmatch(r"[\d,.]+ URLs/s, ETA 0:00:\d\d", info) for n, info in bars if n != "0"), bars
+    assert text.count("WARNING  shard done") == 4  # printed above the bar, once each
+    assert "ingest: 1/4 shards, " not in text  # the plain periodic lines are the bar's on a terminal
+    assert re.search(r"INFO     ingest: 4/4 shards \(320 URLs\) in \d:\d\d:\d\d, [\d,.]+ URLs/s", text), text
