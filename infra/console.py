@@ -141,11 +141,13 @@ def quiet_third_parties() -> None:
     if _state.handler is None:
         return
     # Lightning adds a stderr handler of its own to `lightning` at import and lets records propagate to the root as
-    # well: each of its lines came twice (plain and timestamped).
-    lightning = logging.getLogger("lightning")
-    for handler in list(lightning.handlers):
-        if type(handler) is logging.StreamHandler:
-            lightning.removeHandler(handler)
+    # well: each of its lines came twice (plain and timestamped). Imported before the root had a handler, its
+    # `lightning.pytorch` / `lightning.fabric` loggers get one more each and stop propagating.
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
+            logger.removeHandler(handler)
+            logger.propagate = True
 
 
 def forward_to_prefect(level: int = logging.INFO) -> None:
