@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from infra.console import Progress
 from infra.datasets import iter_images
 from infra.features import eval_transform
 from infra.images import decode
@@ -234,12 +235,14 @@ class FeatureExtractor:
     @torch.inference_mode()
     def extract(self, model: FeatureModel, images: list[Image.Image], patches: bool) -> Features:
         parts: dict[str, list[np.ndarray]] = {"cls": [], "patch_mean": [], "patch": []}
-        for i in range(0, len(images), self.batch_size):
-            x = torch.stack([eval_transform(im, model.image_size) for im in images[i : i + self.batch_size]])
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-                out = model(x, patches)
-            for k, v in out.items():
-                parts[k].append(v.float().numpy())
+        with Progress(f"features of {model.name}", len(images), unit="images", quiet=True) as progress:
+            for i in range(0, len(images), self.batch_size):
+                x = torch.stack([eval_transform(im, model.image_size) for im in images[i : i + self.batch_size]])
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+                    out = model(x, patches)
+                for k, v in out.items():
+                    parts[k].append(v.float().numpy())
+                progress.advance(len(x))
         if not parts["cls"]:
             raise ValueError("no images to extract features from")
         cat = {k: np.concatenate(v) for k, v in parts.items() if v}
@@ -267,4 +270,4 @@ class FeatureExtractor:
                     np.save(f, arr)
         atomic_write_json(d / "meta.json", {"model": model.name, "fingerprint": model.fingerprint, "n": len(images),
                                             "content_digest": images.content_digest, "image_size": model.image_size})
-        log.info("cached %s features of %d images under %s", model.name, len(images), d)
+        log.debug("cached %s features of %d images under %s", model.name, len(images), d)

@@ -111,6 +111,15 @@ def run_results(root: Path, run_id: str) -> pd.DataFrame:
     raise FileNotFoundError(f"no evaluation results for {run_id!r} under {root}")
 
 
+def natural(text: Any) -> str:
+    """A sort key that orders the numbers inside names by value: k10 < k20 < k100, top1 < top5."""
+    return re.sub(r"\d+", lambda m: m.group().zfill(12), str(text))
+
+
+def _natural_sort(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    return frame.sort_values(columns, key=lambda col: col.map(natural), kind="stable")
+
+
 def compare(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
     """Side by side on (benchmark, protocol, model, metric): a, b, b - a, and whether data and settings match."""
     cols = [*KEY, "value", "dataset_digest", "config_hash"]
@@ -120,31 +129,39 @@ def compare(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
     for col in ("dataset_digest", "config_hash"):
         if f"{col}_a" in m and f"{col}_b" in m:
             m[f"same_{col.split('_')[0]}"] = m[f"{col}_a"] == m[f"{col}_b"]
-    return m.sort_values(KEY, kind="stable").reset_index(drop=True)
+    return _natural_sort(m, KEY).reset_index(drop=True)
+
+
+def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
+    """Columns as wide as their widest cell (whole names: run ids, models), numbers aligned right."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return [" ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+            .rstrip() for r in [header, *rows]]
+
+
+def _flags(r: Any) -> str:
+    if pd.isna(r.value_a) or pd.isna(r.value_b):
+        return ""
+    flags = [text for attr, text in (("same_dataset", "different data"), ("same_config", "different settings"))
+             if hasattr(r, attr) and not getattr(r, attr)]
+    return f"({', '.join(flags)})" if flags else ""
 
 
 def format_compare(m: pd.DataFrame, name_a: str, name_b: str) -> str:
-    lines = [f"{'benchmark':<14} {'protocol':<15} {'model':<16} {'metric':<14} {name_a[:12]:>12} {name_b[:12]:>12} {'delta':>8}"]
+    rows = []
     for r in m.itertuples(index=False):
         va = "" if pd.isna(r.value_a) else f"{r.value_a:.2f}"
         vb = "" if pd.isna(r.value_b) else f"{r.value_b:.2f}"
         d = "" if pd.isna(r.delta) else f"{r.delta:+.2f}"
-        flags = []
-        if hasattr(r, "same_dataset") and not r.same_dataset and not (pd.isna(r.value_a) or pd.isna(r.value_b)):
-            flags.append("different data")
-        if hasattr(r, "same_config") and not r.same_config and not (pd.isna(r.value_a) or pd.isna(r.value_b)):
-            flags.append("different settings")
-        lines.append(f"{r.benchmark:<14} {r.protocol:<15} {r.model:<16} {r.metric:<14} {va:>12} {vb:>12} {d:>8}"
-                     + (f"  ({', '.join(flags)})" if flags else ""))
-    return "\n".join(lines)
+        rows.append([r.benchmark, r.protocol, r.model, r.metric, va, vb, d, _flags(r)])
+    header = ["benchmark", "protocol", "model", "metric", name_a, name_b, "delta", ""]
+    return "\n".join(_table(header, rows, right={4, 5, 6}))
 
 
 def format_results(results: pd.DataFrame) -> str:
     """One line per (benchmark, protocol, metric), one column per model."""
     models = list(dict.fromkeys(results["model"]))
     wide = results.pivot_table(index=["benchmark", "protocol", "metric"], columns="model", values="value", aggfunc="first")
-    lines = [f"{'benchmark':<16} {'protocol':<15} {'metric':<15}" + "".join(f" {m[:14]:>14}" for m in models)]
-    for key, row in wide.iterrows():
-        vals = "".join(f" {row.get(m, float('nan')):>14.2f}" for m in models)
-        lines.append(f"{key[0]:<16} {key[1]:<15} {key[2]:<15}{vals}")
-    return "\n".join(lines)
+    wide = wide.iloc[sorted(range(len(wide)), key=lambda i: tuple(natural(k) for k in wide.index[i]))]
+    rows = [[*key, *(f"{row.get(m, float('nan')):.2f}" for m in models)] for key, row in wide.iterrows()]
+    return "\n".join(_table(["benchmark", "protocol", "metric", *models], rows, right=set(range(3, 3 + len(models)))))

@@ -46,6 +46,7 @@ from infra.config.evaluate import (
     RetrievalBenchmark,
     SegmentationBenchmark,
 )  # fmt: skip
+from infra.console import Progress
 from infra.images import decode
 from infra.precision import resolve
 from infra.stage import StageResult
@@ -229,11 +230,27 @@ RUNNERS: dict[str, Callable[..., Rows]] = {
 def run_benchmarks(benchmarks: list[Any], models: list[EvalModel], cfg: EvaluateConfig,
                    extract: FeatureExtractor) -> pd.DataFrame:  # fmt: skip
     rows: Rows = []
-    for b in benchmarks:
-        t0 = time.perf_counter()
-        rows += RUNNERS[b.kind](b, models, cfg, extract)
-        log.info("benchmark %s (%s): %.1f s", b.name, b.kind, time.perf_counter() - t0)
+    with Progress("evaluate", len(benchmarks) * len(models), unit="model x benchmark", rate=False) as progress:
+        for b in benchmarks:
+            t0 = time.perf_counter()
+            rows += RUNNERS[b.kind](b, _Ticking(models, progress), cfg, extract)
+            logging.getLogger("lvd").info("evaluate: benchmark %s (%s, %d models) in %.1f s", b.name, b.kind,
+                                          len(models), time.perf_counter() - t0)
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+class _Ticking(list):
+    """A benchmark's models: the evaluation's progress advances as a runner finishes each one (runners loop over
+    their models once, sharing what the models have in common: the images, their digests)."""
+
+    def __init__(self, models: list[EvalModel], progress: Progress):
+        super().__init__(models)
+        self.progress = progress
+
+    def __iter__(self) -> Any:
+        for m in super().__iter__():
+            yield m
+            self.progress.advance(1)
 
 
 def evaluate(benchmarks: list[Any], models: list[EvalModel], cfg: EvaluateConfig, out_dir: Path, *,

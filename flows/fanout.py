@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import PurePath
 from typing import Any
 
 from prefect import task
@@ -25,7 +26,22 @@ from infra.config.run import RunConfig
 
 @task(cache_policy=NO_CACHE, persist_result=False)
 def shard_task(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    from infra.console import forward_to_prefect
+
+    forward_to_prefect()  # on a Dask or Ray worker too: what the shard logs goes to its task run
     return fn(*args)
+
+
+def shard_name(args: tuple[Any, ...]) -> str:
+    """The shard a job works on: the first argument with a `name` (a shard, an ingest job) or a `shard`, paths aside
+    (a stage folder's name is the stage's)."""
+    for arg in args:
+        if isinstance(arg, PurePath):
+            continue
+        name = getattr(arg, "name", None) or getattr(getattr(arg, "shard", None), "name", None)
+        if isinstance(name, str):
+            return name
+    return "shard"
 
 
 def task_runner(run: RunConfig, width: int) -> Any:
@@ -62,7 +78,7 @@ def ray_gpus(run: RunConfig) -> float:
 
 def prefect_mapper(run: RunConfig, stage: str, width: int | None = None,
                    gpu: bool = False) -> Callable[..., Iterator[Any]]:
-    """A mapper for stage cores: shards as task runs named ``<stage>:<shard>``, results as they complete. ``gpu``:
+    """A mapper for stage cores: shards as task runs named ``<stage>[<shard>]``, results as they complete. ``gpu``:
     the tasks run a model, and on Ray reserve :func:`ray_gpus` each (Ray shows a task only the GPUs it reserved)."""
 
     def mapper(fn: Callable[..., Any], items: list[tuple[Any, ...]]) -> Iterator[Any]:
@@ -71,8 +87,7 @@ def prefect_mapper(run: RunConfig, stage: str, width: int | None = None,
         with task_runner(run, width or run.workers) as runner, _ray_options(run, gpu):
             futures = []
             for args in items:
-                name = getattr(args[0], "name", None) or getattr(args[1], "name", "shard")
-                t = shard_task.with_options(name=f"{stage}-shard", task_run_name=f"{stage}:{name}",
+                t = shard_task.with_options(name=f"{stage}-shard", task_run_name=f"{stage}[{shard_name(args)}]",
                                             retries=run.shard_retries, retry_delay_seconds=run.shard_retry_delay_s,
                                             timeout_seconds=run.shard_timeout_s)
                 futures.append(runner.submit(t, parameters={"fn": fn, "args": args}))

@@ -9,24 +9,31 @@ failed run resumed with ``lvd resume`` redoes nothing before the stage that fail
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow, tags, task
+from prefect.client.schemas.objects import State
 from prefect.context import TaskRunContext
 from prefect.filesystems import LocalFileSystem
 
 from flows.stages import SPECS, TRAINING_STAGES, active_stages, training_stages
 from infra.config import PipelineConfig
+from infra.console import forward_to_prefect
 from infra.demo.server import DemoServer
+from infra.history import attempts
 from infra.manifest import read_manifest
 from infra.run import RunDir
+from infra.runs import RUN_INFO
 from infra.stage import StageInputError, StageSpec, run_stage, stage_key, stage_state
+from infra.storage import read_json
 from infra.summary import run_summary
 
 RESULTS_DIR = ".prefect-results"
+log = logging.getLogger("lvd")
 
 
 def _spec(cfg: PipelineConfig, name: str) -> StageSpec:
@@ -84,8 +91,32 @@ def write_report(run: RunDir) -> Path:
     return path
 
 
-@flow(name="lvd-pipeline")
+def flow_run_name() -> str:
+    """`<run id> attempt <n>`: the attempt this flow run starts, numbered as `lvd status` and the report number them."""
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters
+    run = RunDir(Path(params["run_root"]), params["run_id"])
+    return f"{run.run_id} attempt {len(attempts(run)) + 1}"
+
+
+def run_tags(run: RunDir, cfg: PipelineConfig) -> list[str]:
+    """The flow run's tags: `lvd`, `config:<config file name>` and `stage:<name>` for each stage it runs."""
+    info = read_json(run.path / RUN_INFO) if (run.path / RUN_INFO).is_file() else {}
+    config = Path(info["config_file"]).stem if info.get("config_file") else "none"
+    return ["lvd", f"config:{config}", *(f"stage:{s.name}" for s in active_stages(cfg))]
+
+
+def run_pipeline(run_root: str, run_id: str) -> State:
+    """Start (or resume) the run's flow with its tags; the final state, as `pipeline(..., return_state=True)`."""
+    run = RunDir(Path(run_root), run_id)
+    with tags(*run_tags(run, run.load_config())):
+        return pipeline(run_root, run_id, return_state=True)
+
+
+@flow(name="lvd-pipeline", flow_run_name=flow_run_name)
 def pipeline(run_root: str, run_id: str) -> dict[str, Any]:
+    forward_to_prefect()  # the stages' log lines in the flow run's Logs tab
     run = RunDir(Path(run_root), run_id)
     cfg = run.load_config()
     storage = result_storage(run)
@@ -95,12 +126,13 @@ def pipeline(run_root: str, run_id: str) -> dict[str, Any]:
             # Completed by an earlier attempt: Prefect's cache hit below runs no task body, so the run's history
             # records the reuse here ("skipped" when the body runs anyway and finds the manifest).
             run.log_event("reused", spec.name)
+            log.info("%s: completed by an earlier attempt, reused", spec.name)
         task_ = stage_task.with_options(name=spec.name, task_run_name=spec.name, result_storage=storage)
         with demo_server(spec, run, cfg):
             task_(str(run.root), run.run_id, spec.name)
     run.log_event("stages_completed")  # before the report, which shows the run's attempts (this one completed)
     if cfg.evaluate.report:
-        write_report(run)
+        log.info("report: %s", write_report(run))
     run.log_event("flow_completed")
     return run_summary(run, cfg, summary_stages(cfg))
 

@@ -22,7 +22,9 @@ from curation.ingest import retry_failed
 from flows.fanout import prefect_mapper
 from flows.stages import active_stages
 from infra.config import PipelineConfig
+from infra.console import forward_to_prefect
 from infra.demo.server import DemoServer
+from infra.history import attempts
 from infra.manifest import read_manifest, write_manifest
 from infra.run import RunDir, now
 from infra.stage import ShardTracker, stage_state
@@ -42,8 +44,18 @@ def _demo_server(run: RunDir, cfg: PipelineConfig) -> Iterator[None]:
         yield
 
 
-@flow(name="lvd-retry-failed")
+def flow_run_name() -> str:
+    """`<run id> attempt <n> (retry-failed)`, numbered with the run's other attempts (`lvd status`)."""
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters
+    run = RunDir(Path(params["run_root"]), params["run_id"])
+    return f"{run.run_id} attempt {len(attempts(run)) + 1} (retry-failed)"
+
+
+@flow(name="lvd-retry-failed", flow_run_name=flow_run_name)
 def retry_failed_flow(run_root: str, run_id: str, reasons: list[str] | None = None) -> dict[str, Any]:
+    forward_to_prefect()
     run = RunDir(Path(run_root), run_id)
     cfg = run.load_config()
     spec = next(s for s in active_stages(cfg) if s.name == "ingest")
@@ -64,8 +76,13 @@ def _retry(run: RunDir, cfg: PipelineConfig, reasons: list[str] | None) -> dict[
     assert manifest is not None
     tracker = ShardTracker("ingest", stage_dir, run)
     with _demo_server(run, cfg):
-        plan, result = retry_failed(stage_dir, cfg.ingest, tracker, reasons,
-                                    prefect_mapper(cfg.run, "ingest", cfg.ingest.processes))  # fmt: skip
+        try:
+            plan, result = retry_failed(stage_dir, cfg.ingest, tracker, reasons,
+                                        prefect_mapper(cfg.run, "ingest", cfg.ingest.processes))  # fmt: skip
+        except BaseException:
+            tracker.close(failed=True)
+            raise
+        tracker.close()
     retries = [*manifest.extra.get("retries", []),
                {"attempt": plan.attempt, "rows": len(plan.rows), "reasons": reasons, "at": now()}]  # fmt: skip
     updated = manifest.model_copy(

@@ -57,7 +57,7 @@ def _nsfw(ctx: StageContext) -> StageResult:
     ingest_dir = ctx.upstream_dir("ingest")
     shards = list_shards(ingest_dir / "shards")
     mapper = prefect_mapper(ctx.cfg.run, "nsfw")
-    return nsfw_filter(shards, excluded(ingest_dir), ctx.dir, ctx.cfg.nsfw, ctx.tracker(), mapper)
+    return nsfw_filter(shards, excluded(ingest_dir), ctx.dir, ctx.cfg.nsfw, ctx.tracker(len(shards)), mapper)
 
 
 def _faces(ctx: StageContext) -> StageResult:
@@ -67,7 +67,7 @@ def _faces(ctx: StageContext) -> StageResult:
     shards = list_shards(ingest_dir / "shards")
     dup, nsfw = excluded(ingest_dir), dropped_ids(ctx.upstream_dir("nsfw"))
     skip = {s.name: dup.get(s.name, set()) | nsfw for s in shards}
-    return blur_faces(shards, skip, ctx.dir, ctx.cfg.faces, ctx.tracker(), prefect_mapper(ctx.cfg.run, "faces"))
+    return blur_faces(shards, skip, ctx.dir, ctx.cfg.faces, ctx.tracker(len(shards)), prefect_mapper(ctx.cfg.run, "faces"))
 
 
 def _fanout(cfg: PipelineConfig) -> bool:
@@ -83,7 +83,7 @@ def _dedup(ctx: StageContext) -> StageResult:
     shards = list_shards(ctx.upstream_dir("faces") / "shards")
     mapper = prefect_mapper(cfg.run, "dedup", gpu=True) if _fanout(cfg) else None
     key = config_hash(cfg, ("dedup.descriptor",)) + _descriptor_model(cfg)
-    result = dedup(shards, cfg.data.eval_sets, ctx.dir, cfg.dedup, ctx.tracker(), seed=cfg.run.seed, mapper=mapper,
+    result = dedup(shards, cfg.data.eval_sets, ctx.dir, cfg.dedup, ctx.tracker(len(shards)), seed=cfg.run.seed, mapper=mapper,
                    descriptor_key=key)  # fmt: skip
     truth = ctx.upstream_dir("crawl") / "truth.parquet"
     if ctx.cfg.demo.enabled and ctx.cfg.dedup.enabled and truth.is_file():  # the demo knows what it planted: insist
@@ -105,7 +105,8 @@ def _embed(ctx: StageContext) -> StageResult:
     b = cfg.embed.backbone
     make = partial(embedder, b, f"{b.kind}:{b.arch}", cfg.embed.batch_size, cfg.embed.precision, seed=cfg.run.seed)
     key = config_hash(cfg, ("embed", "run.seed")) + _embedder(cfg)  # everything that defines the model
-    return embed(shards, keep, seeds, ctx.dir, make, ctx.tracker(), cfg.embed.device, cfg.embed.decode_threads,
+    tracker = ctx.tracker(len(shards) + len(seeds))  # a shard task per pool shard, one per seed set
+    return embed(shards, keep, seeds, ctx.dir, make, tracker, cfg.embed.device, cfg.embed.decode_threads,
                  mapper=prefect_mapper(cfg.run, "embed", gpu=True) if _fanout(cfg) else None, embedder_key=key)  # fmt: skip
 
 
@@ -165,12 +166,14 @@ def _train(ctx: StageContext) -> StageResult:
     from flows.export import write_stage_exports
     from flows.progress import TrainingProgress
     from training.launch import pretrain_on_host
+    from training.pretrain import host_processes
 
     train = stage_train_config(ctx.cfg, ctx.run, ctx.name)
     step = resume_step(ctx.dir)
     if step is not None:  # the run's record of where the interrupted training continues (lineage of a resume)
         ctx.run.log_event("training_resumed", ctx.name, step=step)
-    with TrainingProgress(ctx.dir, ctx.run.run_id, ctx.name):
+    # In child processes (torchrun) training reports to the stage's launch.log: this process shows its progress.
+    with TrainingProgress(ctx.dir, ctx.run.run_id, ctx.name, console=host_processes(train) > 1):
         res = pretrain_on_host(ctx.upstream_dir("corpus") / "shards", ctx.dir, train, seed=ctx.cfg.run.seed)
     evaluates = training_stages(ctx.cfg)[-1] if "evaluate" in [s.name for s in active_stages(ctx.cfg)] else None
     exports = write_stage_exports(ctx.run, ctx.name, train.exports, evaluates)  # hf/ (+ model card), timm/

@@ -75,7 +75,7 @@ class RunDir:
         record = {"time": now(), "run_id": self.run_id, "event": event, "stage": stage, **fields}
         line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode()
         self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.events_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.events_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # (less the umask)
         try:
             os.write(fd, line)
         finally:

@@ -15,19 +15,23 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import logging
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from infra.config import PipelineConfig, config_hash
+from infra.console import Progress, duration
 from infra.lineage import LedgerWriter, ledger_dir
 from infra.manifest import StageManifest, cache_key, inputs_digest, read_manifest, write_manifest
 from infra.run import RunDir, code_version, now
 from infra.storage import Markers, atomic_write_json, file_record, read_json
 
+log = logging.getLogger("lvd")
 FAULT_ENV = "LVD_FAULT"  # "<stage>" or "<stage>:<n>" (fail after n shards of the stage); for tests and chaos runs
 KEY_FILE = "_key.json"
 
@@ -92,20 +96,41 @@ def add_counts(totals: dict[str, int], counts: dict[str, int]) -> None:
         totals[k] = totals.get(k, 0) + v
 
 
+def shard_items(counts: dict[str, Any]) -> tuple[int, str]:
+    """What a shard's counts say it processed, for progress: (n, "URLs") at ingest, else (n, "images")."""
+    if "rows" in counts:
+        return int(counts["rows"]), "URLs"
+    for key in ("images", "scored", "kept", "embedded"):
+        if isinstance(counts.get(key), int):
+            drops = sum(v for k, v in counts.items() if k.startswith("drop:") and isinstance(v, int))
+            return counts[key] + (drops if key == "embedded" else 0), "images"
+    return 0, "images"
+
+
 @dataclass
 class ShardTracker:
-    """Per-shard completion within a stage: markers, events and the fault-injection hook."""
+    """Per-shard completion within a stage: markers, events, progress and the fault-injection hook. `total`: the
+    stage's shards when the caller knows them; otherwise those asked about before the first one is done."""
 
     stage: str
     stage_dir: Path
     rundir: RunDir | None = None
+    total: int | None = None
     _n_done: int = 0
 
     def __post_init__(self) -> None:
         self.markers = Markers(self.stage_dir)
+        self.progress: Progress | None = None
+        self._asked: set[str] = set()
+        self._skipped = 0
 
     def is_done(self, shard: str) -> bool:
         done = self.markers.is_done(shard)
+        if shard not in self._asked:
+            self._asked.add(shard)
+            self._skipped += done
+        if self.progress is None:
+            self.progress = Progress(self.stage, self.total, "shards")
         if done and self.rundir is not None:
             self.rundir.log_event("shard_skipped", self.stage, shard=shard)
         return done
@@ -133,7 +158,23 @@ class ShardTracker:
         self._n_done += 1
         if self.rundir is not None:
             self.rundir.log_event("shard_done", self.stage, shard=shard)
+        self._advance(info or {})
         check_fault(self.stage, self._n_done)
+
+    def _advance(self, counts: dict[str, Any]) -> None:
+        p = self.progress = self.progress or Progress(self.stage, self.total, "shards")
+        if p.total is None and self._asked:
+            p.total = len(self._asked)
+        if p.done == 0 and self._skipped:  # shards finished by an earlier attempt: done, not part of the rate
+            p.done = p.start_done = p.before = self._skipped
+        n, p.items = shard_items(counts)
+        p.advance(1, items=n)
+        if p.total is not None and p.done >= p.total:
+            p.close()  # the stage may go on (dedup's graph, ingest's summary): its end is logged by run_stage
+
+    def close(self, failed: bool = False) -> None:
+        if self.progress is not None:
+            self.progress.close(failed)
 
 
 def check_fault(stage: str, n_done: int | None = None) -> None:
@@ -153,6 +194,7 @@ class StageContext:
     cfg: PipelineConfig
     name: str
     upstream: dict[str, StageManifest]
+    trackers: list[ShardTracker] = field(default_factory=list)
 
     @property
     def dir(self) -> Path:
@@ -161,8 +203,14 @@ class StageContext:
     def upstream_dir(self, stage: str) -> Path:
         return self.run.stage_dir(stage)
 
-    def tracker(self) -> ShardTracker:
-        return ShardTracker(self.name, self.dir, self.run)
+    def tracker(self, total: int | None = None) -> ShardTracker:
+        """The stage's shard tracker; `total`: how many shards it will mark (for progress), where known."""
+        self.trackers.append(ShardTracker(self.name, self.dir, self.run, total))
+        return self.trackers[-1]
+
+    def close(self, failed: bool = False) -> None:
+        for tracker in self.trackers:
+            tracker.close(failed)
 
 
 @dataclass(frozen=True)
@@ -210,13 +258,21 @@ def run_stage(spec: StageSpec, run: RunDir, cfg: PipelineConfig) -> StageManifes
     existing = read_manifest(stage_dir)
     if existing is not None and existing.key == key:
         run.log_event("skipped", spec.name, key=key)
+        log.info("%s: complete already (same inputs and configuration), skipped", spec.name)
         return existing
-    started = now()
+    started, t0 = now(), time.monotonic()
+    ctx = StageContext(run, cfg, spec.name, upstream)
     try:
         _prepare(stage_dir, key)
         run.log_event("started", spec.name, key=key)
+        log.info("%s: started", spec.name)
         check_fault(spec.name)
-        result = spec.fn(StageContext(run, cfg, spec.name, upstream))
+        try:
+            result = spec.fn(ctx)
+        except BaseException:
+            ctx.close(failed=True)
+            raise
+        ctx.close()
         manifest = StageManifest(
             stage=spec.name,
             run_id=run.run_id,
@@ -233,12 +289,24 @@ def run_stage(spec: StageSpec, run: RunDir, cfg: PipelineConfig) -> StageManifes
     except BaseException as err:
         with contextlib.suppress(OSError):  # the disk may be full or read-only: keep the original error
             run.log_event("failed", spec.name, key=key, error=f"{type(err).__name__}: {err}")
+        log.error("%s: failed after %s: %s: %s", spec.name, duration(time.monotonic() - t0), type(err).__name__, err)
         storage = storage_error(err)
         if storage is not None and not isinstance(err, StageStorageError):
             raise StageStorageError(spec.name, run, storage) from err
         raise
     run.log_event("completed", spec.name, key=key, counts=result.counts)
+    log.info("%s: completed in %s%s", spec.name, duration(time.monotonic() - t0), describe_counts(result.counts))
     return manifest
+
+
+def describe_counts(counts: dict[str, Any]) -> str:
+    """`, kept 270, dropped 12` (what left the stage), or the first few plain counts of a stage without them."""
+    dropped = counts.get("dropped")
+    if "kept" in counts:
+        n = sum(dropped.values()) if isinstance(dropped, dict) else 0
+        return f", kept {counts['kept']:,}" + (f", dropped {n:,}" if n else "")
+    plain = [(k, v) for k, v in counts.items() if isinstance(v, int) and not isinstance(v, bool)][:3]
+    return "".join(f", {k} {v:,}" for k, v in plain)
 
 
 def _prepare(stage_dir: Path, key: str) -> None:

@@ -6,7 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -21,12 +21,21 @@ def fsync_dir(path: Path) -> None:
 
 
 def temp_for(path: Path | str) -> Path:
-    """A new empty temporary file beside ``path`` (same directory, so the final rename is atomic)."""
+    """A new empty temporary file beside ``path`` (same directory, so the final rename is atomic), created with the
+    mode a plain `open` gives (0666 less the umask: 0644 under the usual 022). `tempfile.mkstemp` makes 0600 files,
+    and every run file kept that mode whatever the umask: a shared runs folder or a web server showing reports got
+    "permission denied"."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:  # (a name taken by a concurrent writer: draw another)
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"no free temporary name beside {path}")
 
 
 def commit(tmp: Path, path: Path | str, fsync: bool = True) -> None:
@@ -47,8 +56,11 @@ def atomic_path(path: Path | str, fsync: bool = True) -> Iterator[Path]:
     On any error the temporary file is removed and ``path`` keeps its previous content.
     """
     tmp = temp_for(path)
+    mode = tmp.stat().st_mode & 0o777  # what the umask gives
     try:
         yield tmp
+        if tmp.stat().st_mode & 0o777 != mode:  # a writer that replaced the file with its own (safetensors: 0600)
+            os.chmod(tmp, mode)
         commit(tmp, path, fsync=fsync)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from infra.console import Progress
 from infra.storage import atomic_write_json, commit, fsync_dir
 from training.checkpoint import export_backbone, export_bundle, load_official_state_dict
 from training.distributed import barrier
@@ -150,6 +151,7 @@ class MetricsLogger(L.Callback):
         self.t_first: float | None = None
         self.t_last: float | None = None
         self.images = 0
+        self.global_batch = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
@@ -161,6 +163,7 @@ class MetricsLogger(L.Callback):
             self.t_first = now  # throughput excludes the first step (start-up, allocations)
         else:
             self.images += pl_module.derived.global_batch
+        self.global_batch = pl_module.derived.global_batch
         self.t_last = now
         self._record(trainer, pl_module)
         if trainer.is_global_zero and trainer.global_step % self.flush_every == 0:
@@ -170,9 +173,10 @@ class MetricsLogger(L.Callback):
     def write_progress(self, trainer: L.Trainer) -> None:
         """`progress.json`: steps done of the run's length, for whoever watches the run (the flow's Prefect progress
         artifact, `lvd status`); written with every flush and at the end."""
+        loss = self.last.get("total_loss")
         atomic_write_json(self.writer.out_dir / PROGRESS, {
             "step": trainer.global_step, "total": trainer.max_steps, "images_per_second": round(self.images_per_second, 2),
-            "time": time.time()})
+            "loss": None if loss is None else float(loss), "global_batch": self.global_batch, "time": time.time()})
 
     def _record(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Log the step just trained, once. `AtomicCheckpoint` runs first at a batch end, so its checkpoint is taken
@@ -200,6 +204,39 @@ class MetricsLogger(L.Callback):
         if self.t_first is None or self.t_last is None or self.t_last <= self.t_first:
             return 0.0
         return self.images / (self.t_last - self.t_first)
+
+
+class ConsoleProgress(L.Callback):
+    """Rank 0's progress on the console (`infra.console`): step of the run's length, loss, images/s and ETA; a rich
+    bar on a terminal, a plain line every `LVD_PROGRESS_INTERVAL` seconds otherwise. The images/s exclude the first
+    step of this process (start-up, allocations), as `MetricsLogger`'s do."""
+
+    def __init__(self, name: str = "pretrain"):
+        self.name = name
+        self.progress: Progress | None = None
+        self.first = True
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.progress = Progress(self.name, trainer.max_steps, unit="steps", done=trainer.global_step)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        p = self.progress
+        if p is None or trainer.global_step == p.done:  # (a micro-batch within the step)
+            return
+        n, loss = trainer.global_step - p.done, pl_module.last_record.get("total_loss")
+        p.advance(n, items=n * pl_module.derived.global_batch, **({"loss": float(loss)} if loss is not None else {}))
+        if self.first:
+            self.first = False
+            p.restart_clock()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.progress is not None:
+            self.progress.close()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if self.progress is not None:
+            self.progress.close(failed=True)
 
 
 class ExportTeacher(L.Callback):

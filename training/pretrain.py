@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -31,8 +32,9 @@ from torch import nn
 
 from infra.config import parse_yaml
 from infra.config.train import EXECUTION_KEYS, TrainConfig
+from infra.console import quiet_third_parties
 from infra.storage import atomic_write_json, atomic_write_text
-from training.callbacks import AtomicCheckpoint, ExportTeacher, MetricsLogger, find_resume_checkpoint
+from training.callbacks import AtomicCheckpoint, ConsoleProgress, ExportTeacher, MetricsLogger, find_resume_checkpoint
 from training.checkpoint import load_backbone, load_bundle
 from training.data import build_source
 from training.module import DinoV2DataModule, DinoV2Module
@@ -46,6 +48,8 @@ log = logging.getLogger(__name__)
 # Keys that may change between an interrupted run and its resumption: how it executes (EXECUTION_KEYS; the global
 # batch that `devices`, `num_nodes` and `accumulate_grad_batches` give is checked by `_check_global_batch`), how far it
 # goes and what it exports or guards, and the follow-up stages' sections.
+# The console names a training by its stage (`train.mode`).
+STAGE_NAMES = {"pretrain": "pretrain", "highres": "pretrain_highres", "distill": "distill"}
 RESUMABLE_CHANGES = {*EXECUTION_KEYS, "eval_period_iterations", "max_steps", "accelerator", "enabled", "collapse_guard",
                      "highres", "distill"}
 
@@ -171,6 +175,7 @@ def pretrain(data: Sequence[Path] | Path, out_dir: Path, cfg: TrainConfig, *, se
     time-sliced jobs); a later call continues from there. `callbacks`: extra Lightning callbacks (progress
     reporting, inspection).
     """
+    quiet_third_parties()  # (Lightning is imported by now)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.cpu_threads:
@@ -184,14 +189,18 @@ def pretrain(data: Sequence[Path] | Path, out_dir: Path, cfg: TrainConfig, *, se
         init_from_pretrained(module.meta, cfg.student.pretrained_weights)
     metrics = MetricsLogger(out_dir, flush_every=cfg.log_every)
     trainer = build_trainer(cfg, out_dir, [AtomicCheckpoint(out_dir / "checkpoints", cfg.checkpoint_every, interrupt_at),
-                                           metrics, ExportTeacher(out_dir, cfg.eval_period_iterations), *callbacks],
-                            resume=ckpt)
+                                           metrics, ExportTeacher(out_dir, cfg.eval_period_iterations),
+                                           ConsoleProgress(STAGE_NAMES[cfg.mode]), *callbacks], resume=ckpt)
     segments = (_check_global_batch(out_dir, cfg, trainer.world_size) if ckpt is not None else
                 [{"from_step": 0, "world_size": trainer.world_size, "accumulate_grad_batches": cfg.accumulate_grad_batches}])
     trainer.callbacks.insert(0, RecordDerived(out_dir, cfg, segments))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
+        # Lightning 2.6's CombinedLoader builds a torch `LeafSpec`, deprecated in torch 2.14: one warning per fit from
+        # inside Lightning, nothing we call.
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree",
+                                message=re.escape("`isinstance(treespec, LeafSpec)` is deprecated"))
         trainer.fit(module, datamodule=DinoV2DataModule(source, cfg, seed), ckpt_path=ckpt, weights_only=True)
     return PretrainResult(steps=trainer.global_step, checkpoint=out_dir / "checkpoints" / "last.ckpt",
                           teacher_backbone=out_dir / "teacher_backbone.safetensors",
@@ -212,7 +221,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--result", type=Path, default=None, help="rank 0 writes the PretrainResult here (JSON)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from infra.console import setup_console
+
+    setup_console()  # (torchrun's children: plain lines into the stage's launch.log)
     cfg = load_config(args.config, args.overrides).train
     data = args.data[0] if len(args.data) == 1 else args.data
     result = pretrain(data, args.out, cfg, seed=args.seed, interrupt_at=args.interrupt_at)

@@ -68,9 +68,11 @@ def build_strategy(cfg: TrainConfig, accelerator: str, n_processes: int, sharded
         raise ValueError("this run resumes from a sharded (FSDP) checkpoint, which only train.strategy=fsdp (or "
                          f"auto) reads, not train.strategy={kind}")
     if kind == "ddp":
-        # Buffers (centers) are kept identical by all-reduces, so DDP need not broadcast them every step.
-        return DDPStrategy(process_group_backend="nccl" if accelerator == "gpu" else "gloo", broadcast_buffers=False,
-                           find_unused_parameters=False, gradient_as_bucket_view=True)
+        # Buffers (centers) are kept identical by all-reduces, so DDP need not broadcast them every step. (torch 2.14
+        # deprecates `broadcast_buffers` for this flag; it also syncs them once at init, where every rank holds the
+        # same values.)
+        return DDPStrategy(process_group_backend="nccl" if accelerator == "gpu" else "gloo",
+                           forward_sync_buffers=False, find_unused_parameters=False, gradient_as_bucket_view=True)
     if kind == "fsdp":
         # Wrapping happens in `wrap_fsdp` (called from LightningModule.configure_model); Lightning then leaves the
         # already-wrapped module as it is.

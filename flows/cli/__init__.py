@@ -2,7 +2,8 @@
 
     lvd run CONFIG [key.path=value ...]     run (or re-run: completed stages are reused)
     lvd resume RUN_ID [run.key=value ...]   continue a run from where it stopped (how it executes may change)
-    lvd status RUN_ID                       stages, counts, state
+    lvd runs                                the runs under --root: id, created, state, corpus size, headline kNN
+    lvd status [RUN_ID]                     stages, counts, state (default: the latest run)
     lvd lineage RUN_ID (IMAGE_ID | URL)     every decision about an image or URL (--json)
     lvd report RUN_ID                       (re)write the run's self-contained HTML report
     lvd evaluate (CONFIG | RUN_ID) --model NAME=CHECKPOINT ...
@@ -11,6 +12,10 @@
     lvd export RUN_ID --format F DEST       the run's model for transformers (hf), timm, torch (pth) or safetensors
     lvd retry-failed RUN_ID [--reason R]    re-download only the failed URLs of a finished ingest
     lvd models fetch NAME [NAME ...]        download official model files (SSCD, DINOv2) with checksums
+
+A run id may be shortened to any prefix that names one run (`lvd status tiny`); dotted overrides (key=value) may come
+before or after the options. Progress and log lines go to stderr (a live display on a terminal, plain lines
+otherwise: LVD_PROGRESS_INTERVAL seconds apart, 30 by default); results go to stdout.
 """
 
 from __future__ import annotations
@@ -18,14 +23,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from flows.cli import export, models, records, running
 from infra.config import ConfigError
+from infra.run_index import RunIdError, latest_run, resolve_run_id
 
 
 def _quiet() -> None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # Prefect's own INFO lines (task runs created, states) go to the flow run's logs, not to the console
+    # (infra.console.setup_console).
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The embedded server's start (20 s by default) can take longer on a machine busy with the flow's own workers.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -42,16 +51,50 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Each command's arguments in any order (`lvd evaluate RUN --model X key=value`): argparse's intermixed parsing,
+    which refuses parsers with sub-commands, applied from the innermost command down."""
+    sub = next((a for a in p._actions if isinstance(a, argparse._SubParsersAction)), None)
+    if sub is None:
+        return p.parse_intermixed_args(argv)
+    if not argv or argv[0] not in sub.choices:
+        return p.parse_args(argv)  # help, or argparse's own error naming the choices
+    args = parse(sub.choices[argv[0]], argv[1:])
+    setattr(args, sub.dest, argv[0])
+    return args
+
+
+def resolve_ids(args: argparse.Namespace) -> None:
+    """Whole run ids for the prefixes given; `lvd status` alone: the latest run."""
+    root = getattr(args, "root", "runs")
+    for attr in ("run_id", "run_a", "run_b"):
+        if getattr(args, attr, None):
+            setattr(args, attr, resolve_run_id(root, getattr(args, attr)))
+    if getattr(args, "command", None) == "status" and not args.run_id:
+        args.run_id = latest_run(root)
+    if getattr(args, "command", None) == "evaluate" and not Path(args.source).is_file():
+        try:
+            args.source = resolve_run_id(root, args.source)
+        except RunIdError as err:
+            if err.candidates:  # ambiguous: say so
+                raise
+            raise FileNotFoundError(f"{args.source} is neither a configuration file nor a run under {root}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parse(parser(), sys.argv[1:] if argv is None else list(argv))
     _quiet()
+    from infra.console import setup_console
+
+    setup_console()
     if getattr(args, "starts_flow", False):
         running.check_environment()
     try:
+        resolve_ids(args)
         return int(args.fn(args))
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
-    except FileNotFoundError as err:
+    except (FileNotFoundError, RunIdError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

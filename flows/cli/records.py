@@ -1,4 +1,5 @@
-"""Commands that read a run: `lvd status`, `lineage`, `audit`, `domains`, `report`, and `folder-urls` (a pool's list)."""
+"""Commands that read runs: `lvd runs`, `status`, `lineage`, `audit`, `domains`, `report`, and `folder-urls` (a pool's
+list)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     run, cfg = open_run(args.root, args.run_id)
     summary = run_summary(run, cfg, progress=stage_progress)
     print(json.dumps(summary, indent=2, default=str) if args.json else format_summary(summary))
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from infra.run_index import format_runs, list_runs
+
+    rows = list_runs(args.root)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif rows:
+        print(format_runs(rows))
+    else:
+        print(f"no runs under {args.root} (start one with: lvd run CONFIG)", file=sys.stderr)
     return 0
 
 
@@ -100,7 +114,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         ("domains", cmd_domains, "per host: URLs, downloads, failure reasons and images in the corpus"),
     ):
         c = sub.add_parser(name, help=helptext)
-        c.add_argument("run_id")
+        if name == "status":
+            c.add_argument("run_id", nargs="?", help="a run id or a prefix of one (default: the latest run)")
+        else:
+            c.add_argument("run_id", help="a run id or a prefix of one")
         if name == "lineage":
             c.add_argument("key", help="an image id (sha256) or a URL")
         if name == "domains":
@@ -109,6 +126,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         c.add_argument("--root", default="runs", help="folder that holds the runs (default: runs)")
         c.add_argument("--json", action="store_true", help="machine-readable output")
         c.set_defaults(fn=fn)
+    runs = sub.add_parser("runs", help="the runs under --root: id, created, state, corpus size, headline kNN")
+    runs.add_argument("--root", default="runs", help="folder that holds the runs (default: runs)")
+    runs.add_argument("--json", action="store_true", help="machine-readable output")
+    runs.set_defaults(fn=cmd_runs)
     fu = sub.add_parser("folder-urls", help="a URL list of file:// URLs for a folder of images (a local pool)")
     fu.add_argument("folder", type=Path)
     fu.add_argument("out", type=Path, help="the URL list to write (.parquet)")

@@ -114,7 +114,7 @@ def _exit_timeout() -> float:
 def _run_flow(run_root: Path, run_id: str) -> int:
     import httpx
 
-    from flows.pipeline import pipeline
+    from flows.pipeline import run_pipeline
     from infra.prefect_db import ensure_embedded_database
     from infra.runs import open_run
     from infra.summary import format_summary, run_summary
@@ -126,7 +126,7 @@ def _run_flow(run_root: Path, run_id: str) -> int:
     watchdog.start()
     try:
         try:
-            state = pipeline(str(run_root), run_id, return_state=True)
+            state = run_pipeline(str(run_root), run_id)
         except httpx.HTTPError as err:  # Prefect's own API calls (flow run and its states), after Prefect's retries
             state = None
             message = (f"the Prefect API at {_api_url()} is unreachable ({type(err).__name__}: {err}); completed "

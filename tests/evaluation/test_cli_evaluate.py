@@ -42,16 +42,21 @@ def test_official_and_project_checkpoints_side_by_side_then_compare(toy_classifi
     assert ckpt["raw-pixels"] is None
     assert res["dataset_digest"].nunique() == 1 and res["config_hash"].nunique() == 3
 
-    # A second evaluation with another linear-probe budget, then compare: kNN equal, linear flagged.
-    assert cli(["evaluate", str(tmp_path / "bench.yaml"), "evaluate.linear.iterations=60", *models[:2],
-                "--root", str(root), "--name", "b"]) == 0
+    # A second evaluation with another linear-probe budget (the override after the options), then compare (by short
+    # ids): kNN equal, linear flagged.
+    assert cli(["evaluate", str(tmp_path / "bench.yaml"), *models[:2], "--root", str(root), "--name",
+                "linear-budget-60", "evaluate.linear.iterations=60"]) == 0
     capsys.readouterr()
-    assert cli(["compare", "a", "b", "--root", str(root)]) == 0
+    linear = pd.read_parquet(root / "linear-budget-60" / "results.parquet").query("protocol == 'linear'")
+    assert {json.loads(d)["iterations"] for d in linear["detail"]} == {60}
+    assert cli(["compare", "a", "linear-b", "--root", str(root)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    knn = next(line for line in lines if line.split()[1:4] == ["knn", "ours", "top1_k1"])
-    assert knn.split()[-1] == "+0.00"
+    assert lines[0].split() == ["benchmark", "protocol", "model", "metric", "a", "linear-budget-60", "delta"]
+    knn = [line.split() for line in lines if line.split()[1:3] == ["knn", "ours"]]
+    assert [k[3] for k in knn] == ["top1_k1", "top1_k5", "top5_k1", "top5_k5"]  # numbers in numeric order
+    assert knn[0][-1] == "+0.00"
     assert all("different settings" in line for line in lines if " linear " in line and " ours " in line)
-    assert len(read_table(root)) == len(res) + len(pd.read_parquet(root / "b" / "results.parquet"))
+    assert len(read_table(root)) == len(res) + len(pd.read_parquet(root / "linear-budget-60" / "results.parquet"))
 
 
 def test_official_checkpoint_with_released_geometry_is_evaluated_at_224(toy_classification, tmp_path, capsys):

@@ -30,7 +30,7 @@ class Runs:
 
 @pytest.fixture(scope="module")
 def runs(prefect_server, tmp_path_factory) -> Runs:
-    from flows.pipeline import pipeline
+    from flows.pipeline import run_pipeline
 
     root = tmp_path_factory.mktemp("runs")
     run, _ = prepare_run(REPO / "configs" / "tiny.yaml", [f"run.root={root}"])
@@ -41,7 +41,7 @@ def runs(prefect_server, tmp_path_factory) -> Runs:
             mp.setenv(FAULT_ENV, fault)
         else:
             mp.delenv(FAULT_ENV, raising=False)
-        states.append(pipeline(str(root), run.run_id, return_state=True))
+        states.append(run_pipeline(str(root), run.run_id))
         all_events = run.events()
         events.append(all_events[seen:])
         seen = len(all_events)
@@ -87,6 +87,47 @@ def test_prefect_api_shows_one_completed_task_run_per_stage(runs):
     rerun = asyncio.run(task_states(runs.states[2].state_details.flow_run_id))
     assert sorted(n for n, _, _ in rerun) == sorted(STAGES)
     assert {(t, name) for _, t, name in rerun} == {("COMPLETED", "Cached")}
+
+
+def test_prefect_shows_named_tagged_flow_runs_shard_tasks_and_every_stages_log_lines(runs):
+    """What the Prefect UI shows of the three flow runs: names, tags, shard task names, and the Logs tab."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all()  # the logs still queued in this process
+    ids = [s.state_details.flow_run_id for s in runs.states]
+
+    async def read():
+        async with get_client() as client:
+            flow_runs = [await client.read_flow_run(i) for i in ids]
+            tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[ids[0]])))
+            logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[ids[1]])),
+                                          sort=LogSort.TIMESTAMP_ASC)
+            return flow_runs, tasks, logs
+
+    flow_runs, tasks, logs = asyncio.run(read())
+    run_id = runs.run.run_id
+    assert [f.name for f in flow_runs] == [f"{run_id} attempt 1", f"{run_id} attempt 2", f"{run_id} attempt 3"]
+    assert all(sorted(f.tags) == sorted(["lvd", "config:tiny", *(f"stage:{s}" for s in STAGES)]) for f in flow_runs)
+    shards = sorted(p.stem for p in (runs.run.stage_dir("ingest") / "shards").glob("*.tar"))
+    names = {t.name for t in tasks}
+    for stage in ("ingest", "nsfw", "faces"):  # the shard tasks of the first flow run (dedup failed on entry)
+        assert {n for n in names if n.startswith(f"{stage}[")} == {f"{stage}[{s}]" for s in shards}
+    messages = [log.message for log in logs if log.name == "lvd"]  # (with Prefect's own, at PREFECT_LOGGING_LEVEL)
+    for stage in STAGES[:4]:  # completed by the first flow run: cache hits
+        assert f"{stage}: completed by an earlier attempt, reused" in messages
+    for stage in STAGES[4:]:
+        assert f"{stage}: started" in messages
+        assert any(m.startswith(f"{stage}: completed in ") for m in messages), stage
+    n = len(shards)
+    assert any(m.startswith(f"dedup: {n}/{n} shards (286 images) in ") for m in messages), messages  # faces kept 286
+    assert any(m.startswith("pretrain: step 10/10 (") and ", loss " in m for m in messages), messages
+    assert any(m.startswith("evaluate: 9/9 model x benchmark in ") for m in messages), messages
+    assert len(messages) == len(set(messages))  # one line per event
 
 
 def test_every_input_row_has_exactly_one_terminal_outcome(runs):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 
 import pytest
@@ -69,6 +70,37 @@ def test_without_a_prefect_run_training_goes_on(tmp_path, monkeypatch, caplog):
         _write(tmp_path, 8)
     assert reporter.artifact is None and reporter.reported == []
     assert "no Prefect progress artifact for pretrain: no API" in caplog.text
+
+
+def test_training_in_child_processes_shows_its_progress_on_this_console(tmp_path, monkeypatch, caplog):
+    """`train.devices` > 1: torchrun's children log into launch.log; the stage's process follows progress.json."""
+    import logging
+
+    import prefect.artifacts
+
+    monkeypatch.setattr(prefect.artifacts, "create_progress_artifact", lambda *a, **k: (_ for _ in ()).throw(
+        RuntimeError("no API")))  # the console goes on without Prefect
+    caplog.set_level(logging.INFO, "lvd")
+
+    def write(step: int, loss: float) -> None:
+        (tmp_path / "progress.json").write_text(json.dumps({"step": step, "total": 8, "images_per_second": 3.0,
+                                                            "loss": loss, "global_batch": 16}))
+
+    write(2, 11.5)  # resumed at its checkpoint
+    with TrainingProgress(tmp_path, "r1", "pretrain", interval_s=60, console=True, console_s=0.05) as reporter:
+        deadline = time.monotonic() + 30
+        while reporter.console is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        write(5, 10.25)
+        while reporter.console.done < 5:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        write(8, 9.5)
+    lines = [r.getMessage() for r in caplog.records if r.name == "lvd"]
+    assert re.fullmatch(r"pretrain: step 5/8, loss 10.25, [\d.,]+ images/s, ETA \d:\d\d:\d\d", lines[0]), lines
+    assert re.fullmatch(r"pretrain: step 8/8 \(96 images; 2 done before\) in \d:\d\d:\d\d, [\d.,]+ images/s, "
+                        r"loss 9.5", lines[-1]), lines
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

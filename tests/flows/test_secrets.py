@@ -4,6 +4,8 @@ directory (config, events, manifests, ledgers, shards, Prefect results, report) 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,15 +30,43 @@ def texts(path: Path) -> list[bytes]:
     return out
 
 
-def test_environment_secrets_never_reach_the_run_directory_or_the_output(tmp_path, prefect_home):
-    root = tmp_path / "runs"
-    env = {**os.environ, **SECRETS, "PREFECT_HOME": str(prefect_home(tmp_path / "prefect-home")),
-           "PYTHONPATH": str(REPO), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
-    env.pop("PREFECT_API_URL", None)  # the run's own embedded server
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, migrated_prefect_db) -> tuple[Path, subprocess.CompletedProcess]:
+    """`lvd run configs/tiny.yaml run.stop_after=ingest` as a user starts it, its output a pipe (not a terminal)."""
+    tmp_path = tmp_path_factory.mktemp("secrets")
+    root, home = tmp_path / "runs", tmp_path / "prefect-home"
+    home.mkdir()
+    shutil.copyfile(migrated_prefect_db, home / "prefect.db")
+    env = {**os.environ, **SECRETS, "PREFECT_HOME": str(home), "PYTHONPATH": str(REPO),
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", "LVD_PROGRESS_INTERVAL": "30"}
+    for name in ("PREFECT_API_URL", "PREFECT_LOGGING_LEVEL", "LVD_CONSOLE"):
+        env.pop(name, None)  # the run's own embedded server; the console as a user gets it
     proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(REPO / "configs" / "tiny.yaml"),
                            f"run.root={root}", "run.stop_after=ingest"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return root, proc
+
+
+def test_the_console_shows_one_line_per_event_and_progress_when_not_on_a_terminal(tiny_run):
+    root, proc = tiny_run
+    (run_dir,) = root.iterdir()
+    n = len(list((run_dir / "stages" / "ingest" / "shards").glob("*.tar")))
+    lines = [re.sub(r"^\d\d:\d\d:\d\d ", "", line) for line in proc.stderr.splitlines()]
+    assert len(lines) == len(set(lines)), proc.stderr  # no line twice (two handlers, a library's own print)
+    # Durations as D, rates as R: the rest is exact. Plain lines: the first shard, one every 30 s, the end.
+    shown = [re.sub(r"\d+:\d\d:\d\d", "D", re.sub(r"[\d.,]+ URLs/s", "R URLs/s", line)) for line in lines]
+    periodic = [s for s in shown[4:-3] if re.fullmatch(rf"INFO    ingest: [2-{n - 1}]/{n} shards, R URLs/s, ETA D", s)]
+    assert shown == ["INFO    crawl: started", "INFO    crawl: completed in D, rows 323", "INFO    ingest: started",
+                     f"INFO    ingest: 1/{n} shards, R URLs/s, ETA D", *periodic,
+                     f"INFO    ingest: {n}/{n} shards (323 URLs) in D, R URLs/s",
+                     "INFO    ingest: completed in D, kept 286, dropped 37",
+                     f"INFO    report: {run_dir / 'report.html'}"], proc.stderr
+    assert proc.stdout.startswith(f"run {run_dir.name} in {run_dir}\n")
+
+
+def test_environment_secrets_never_reach_the_run_directory_or_the_output(tiny_run):
+    root, proc = tiny_run
     (run_dir,) = root.iterdir()
     files = sorted(p for p in run_dir.rglob("*") if p.is_file())
     names = {str(p.relative_to(run_dir)) for p in files}

@@ -74,3 +74,32 @@ def test_stages_fingerprint_the_model_files_they_read(tmp_path):
     after = {s: SPECS[s].external(cfg) for s in stages}
     assert [s for s in stages if before[s] != after[s]] == stages
     assert SPECS["retrieve"].external is None and SPECS["corpus"].external is None  # they read only the run
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
+def test_run_files_honour_the_umask(tmp_path, umask):
+    """Every writer of run files gives the mode a plain `open` would (0666 less the umask), not mkstemp's 0600."""
+    import torch
+    from safetensors.torch import save_file
+
+    from infra.run import RunDir
+    from infra.shards import ShardWriter
+    from infra.storage import atomic_write_json
+
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "config.yaml", "a: 1\n")
+        atomic_write_json(tmp_path / "run.json", {})
+        Markers(tmp_path / "stages" / "ingest").mark("00000", {"kept": 1})
+        RunDir(tmp_path, "r").log_event("flow_started")
+        with atomic_path(tmp_path / "teacher_backbone.safetensors") as tmp:  # safetensors writes a file of its own
+            save_file({"w": torch.zeros(2)}, str(tmp))
+        shard = ShardWriter(tmp_path / "shards", "00000")
+        shard.add("ab" * 32, b"bytes", "jpg")
+        shard.close()
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in tmp_path.rglob("*") if p.is_file()}
+    assert modes == {name: oct(0o666 & ~umask) for name in ("config.yaml", "run.json", "stages/ingest/_done/00000.json",
+                                                            "r/events.jsonl", "shards/00000.tar", "shards/00000.parquet",
+                                                            "teacher_backbone.safetensors")}

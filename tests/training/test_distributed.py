@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -89,6 +90,13 @@ def test_pretrain_on_host_starts_its_own_processes(image_folder, tmp_path):
     logged = torch.tensor([rows[0][k] for k in per_rank[0][1]])
     assert_close(logged, (per_rank[0][0] + per_rank[1][0]).float() / 2, rtol=1e-5, atol=1e-6)
     assert res.final["step"] == 2
+    # The children's console (infra.console, plain lines into launch.log): rank 0's progress, once; no advertisement.
+    lines = (tmp_path / "two" / "launch.log").read_text().splitlines()
+    assert sum(bool(re.fullmatch(r"\d\d:\d\d:\d\d INFO    pretrain: step 3/3 \(24 images\) in .*", line))
+               for line in lines) == 1, lines
+    assert not any("litlogger" in line or "deprecated" in line for line in lines), lines
+    gpu = [line for line in lines if line.endswith("GPU available: False, used: False")]
+    assert len(gpu) == 1 and re.match(r"\d\d:\d\d:\d\d INFO    lightning", gpu[0]), lines  # one handler, rank 0
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(RuntimeError, match=r"(?s)2-process pretraining .* failed \(exit code 1\).*no images found"):

@@ -4,6 +4,7 @@ swap), exports, NaN detection, modes."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -56,15 +57,23 @@ class StartState(L.Callback):
         self.files = sorted(p.name for p in (Path(trainer.default_root_dir) / "checkpoints").iterdir())
 
 
-def test_interrupted_run_resumes_exactly(image_folder, tmp_path, full_run):
+def test_interrupted_run_resumes_exactly(image_folder, tmp_path, full_run, caplog):
     cfg = tiny_config()
     full = full_run
     part = pretrain(image_folder, tmp_path / "resumed", cfg, seed=3, interrupt_at=5)
     assert part.steps == 5 and part.checkpoint.is_file()
+    caplog.set_level(logging.INFO, "lvd")
     resumed = pretrain(image_folder, tmp_path / "resumed", cfg, seed=3)
     assert (full.steps, resumed.steps) == (10, 10)
     a, b = read_csv(full.metrics_csv), read_csv(resumed.metrics_csv)
     assert [r["step"] for r in b] == list(range(10))  # no duplicated rows from the interrupted run
+    # The console (infra.console): the first step trained here, then (after 30 s, if any) periodic lines, the summary.
+    lines = [r.getMessage() for r in caplog.records if r.name == "lvd"]
+    batch = json.loads((tmp_path / "resumed" / "derived.json").read_text())["global_batch"]
+    loss6, loss10 = (re.escape(f"{float(b[i]['total_loss']):.4g}") for i in (5, 9))
+    assert re.fullmatch(rf"pretrain: step 6/10, loss {loss6}, [\d.]+ images/s, ETA \d:\d\d:\d\d", lines[0]), lines
+    assert re.fullmatch(rf"pretrain: step 10/10 \({5 * batch} images; 5 done before\) in \d:\d\d:\d\d, [\d.]+ "
+                        rf"images/s, loss {loss10}", lines[-1]), lines
     for ra, rb in zip(a[5:], b[5:], strict=True):  # the 5 steps after the resume
         for key in (*LOSSES, "lr", "wd", "momentum", "teacher_temp", "proto_entropy"):
             assert rb[key] == pytest.approx(ra[key], abs=1e-6), (ra["step"], key)
