@@ -88,17 +88,18 @@ def test_stored_image_is_8_bit_with_exact_pixels(case):
 
 def test_a_png_with_a_damaged_chunk_is_refused_before_libpng_prints_on_stderr(capfd):
     """libpng (inside OpenCV) refuses a damaged IDAT too, but prints `libpng error: ...` on the process's stderr on the
-    way (Pillow reads only the chunks before it); the CRC check refuses it with a message the ledger keeps."""
+    way (Pillow reads only the chunks before it); the chunk checksums (`integrity`) refuse it first, with a message the
+    ledger keeps."""
     from infra.demo.crawl import _pattern, corrupt_png
     from infra.demo.crawl import _png as demo_png
 
     assert prepare(corrupt_png(_pattern(48, 48, 20)), 10**8) == (
-        None, "decode error: png chunk IDAT fails its CRC (damaged data)")
+        None, "decode error: png 'IDAT' chunk checksum mismatch")
     good = demo_png(_pattern(48, 48, 20)) + b"trailing bytes after IEND"  # (never decoded: not checked)
     assert prepare(good, 10**8) == (good, None)
     text = _png(Image.new("RGB", (8, 8), (1, 2, 3))).replace(b"IEND", b"")[:-8]  # cut before IEND: the same data
     after = text + _chunk(b"tEXt", b"comment\x00hello", damaged=True) + _chunk(b"IEND", b"")
-    assert prepare(after, 10**8) == (None, "decode error: png chunk tEXt fails its CRC (damaged data)")
+    assert prepare(after, 10**8) == (None, "decode error: png 'tEXt' chunk checksum mismatch")
     assert capfd.readouterr().err == ""
 
 
