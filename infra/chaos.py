@@ -1,4 +1,5 @@
-"""Crash-and-resume trials: SIGKILL the whole `lvd` process tree at chosen points, resume, compare with a reference.
+"""Crash-and-resume trials: SIGKILL the whole `lvd` process tree (or Ctrl-C it) at chosen points, resume, compare
+with a reference.
 
 Used by `bench/chaos.py` (20 random trials) and by the CI test that kills one run twice.
 """
@@ -76,6 +77,55 @@ def kill_tree(proc: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+@dataclass(frozen=True)
+class Kill:
+    """How a trial stops a process: SIGKILL to the whole tree (a crash, an OOM kill, a lost node), or SIGINT the way
+    a terminal's Ctrl-C sends it (`group`: to the process group) or to the `lvd` process alone, `times` times."""
+
+    signum: int = signal.SIGKILL
+    group: bool = True
+    times: int = 1
+
+
+SIGINT_GRACE_S = 60.0  # how long an interrupted `lvd` may take to stop before the trial calls it a hang
+
+
+def stop(proc: subprocess.Popen, kill: Kill) -> tuple[int, float, int]:
+    """Send `kill`; return the process's exit status, the seconds it took to exit, and how many of its descendants
+    outlived it (SIGKILL to the group: the tree is gone)."""
+    import psutil
+
+    t0 = time.monotonic()
+    if kill.signum == signal.SIGKILL:
+        kill_tree(proc)
+        return proc.returncode, time.monotonic() - t0, 0
+    with contextlib.suppress(psutil.Error):
+        family = psutil.Process(proc.pid).children(recursive=True)
+    for _ in range(kill.times):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, kill.signum) if kill.group else os.kill(proc.pid, kill.signum)
+        time.sleep(0.05)
+    try:
+        proc.wait(timeout=SIGINT_GRACE_S)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc)
+        raise RuntimeError(f"lvd did not stop within {SIGINT_GRACE_S:g} s of {kill}") from None
+    elapsed = time.monotonic() - t0
+    _, alive = psutil.wait_procs(family, timeout=1.0)
+    return proc.returncode, elapsed, sum(_running(p) for p in alive)
+
+
+def _running(p: object) -> bool:
+    """Alive and not a zombie (a child killed as its parent exits stays a zombie until init reaps it, which a
+    container's init may never do; it holds no resources but its process-table entry)."""
+    import psutil
+
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE  # type: ignore[attr-defined]
+    except psutil.Error:
+        return False
 
 
 def run_id_of(root: Path) -> str:
@@ -177,11 +227,14 @@ class TrialResult:
     resumed_from: list[int | None] = field(default_factory=list)
     # The steps the run's own events say its pretraining resumed at ("training_resumed"), in order.
     training_resumed: list[int] = field(default_factory=list)
+    # Per stop that landed: (exit status, seconds from the signal to the exit, descendants left alive).
+    exits: list[tuple[int, float, int]] = field(default_factory=list)
 
 
 def trial(config: Path, overrides: list[str], root: Path, env: dict[str, str], delays: list[float],
-          timeout: float, anchors: list[Anchor] | None = None) -> TrialResult:
-    """Start the run; after each delay, SIGKILL the process tree and resume; finally resume to the end.
+          timeout: float, anchors: list[Anchor] | None = None, kills: list[Kill] | None = None) -> TrialResult:
+    """Start the run; after each delay, stop it (`kills[i]`: SIGKILL to the process tree by default) and resume;
+    finally resume to the end.
 
     A delay counts from the start of the process, or, with `anchors`, from the moment the process reaches
     `anchors[i]` (a kill inside a chosen stage, whatever the start-up and the earlier stages took)."""
@@ -189,12 +242,14 @@ def trial(config: Path, overrides: list[str], root: Path, env: dict[str, str], d
     # removes its temporary files (wandb, which img2dataset imports, makes two folders at import). Under the default
     # temporary folder, so the paths stay short (multiprocessing's AF_UNIX sockets live there: 107 characters at most).
     with tempfile.TemporaryDirectory(prefix="lvd-chaos-") as tmp:
-        return _trial(config, overrides, root, {**env, "TMPDIR": tmp}, delays, timeout, anchors)
+        return _trial(config, overrides, root, {**env, "TMPDIR": tmp}, delays, timeout, anchors,
+                      kills or [Kill()] * len(delays))
 
 
 def _trial(config: Path, overrides: list[str], root: Path, env: dict[str, str], delays: list[float],
-           timeout: float, anchors: list[Anchor] | None) -> TrialResult:
+           timeout: float, anchors: list[Anchor] | None, kills: list[Kill]) -> TrialResult:
     killed_in: list[str] = []
+    exits: list[tuple[int, float, int]] = []
     resumed_from: list[int | None] = []
     finished_after = None
     started = time.perf_counter()
@@ -209,7 +264,7 @@ def _trial(config: Path, overrides: list[str], root: Path, env: dict[str, str], 
             if finished_after is None and len(killed_in) == 1:
                 finished_after = time.perf_counter() - started
         except subprocess.TimeoutExpired:
-            kill_tree(proc)
+            exits.append(stop(proc, kills[i]))
             killed_in.append(in_progress(root, since))
             if killed_in[-1] == "pretrain":
                 resumed_from.append(checkpoint_step(root))
@@ -224,4 +279,4 @@ def _trial(config: Path, overrides: list[str], root: Path, env: dict[str, str], 
     audit = audit_run(RunDir(root, run_dir.name))
     resumed = [e["step"] for e in _events(root) if e.get("event") == "training_resumed" and e["stage"] == "pretrain"]
     return TrialResult(snapshot(run_dir), [f"[{c}] {m}" for c, m in audit.problems], killed_in, finished_after,
-                       resumed_from, resumed)
+                       resumed_from, resumed, exits)

@@ -28,6 +28,7 @@ class Attempt:
     completed: bool = False
     retried: dict[str, Any] = field(default_factory=dict)  # lvd retry-failed: attempt, rows, recovered
     error: str | None = None  # lvd retry-failed: why it failed
+    interrupted: str | None = None  # the signal that stopped the process (SIGINT: Ctrl-C), when it recorded one
 
     @property
     def stopped_in(self) -> str | None:
@@ -70,6 +71,11 @@ def attempts_from(events: Iterable[dict[str, Any]]) -> list[Attempt]:
             out[-1].retried = {k: e.get(k) for k in ("attempt", "rows", "recovered")}
         elif kind == "retry_failed":
             out[-1].error = e.get("error") or "no error recorded"
+        elif kind == "interrupted":
+            out[-1].interrupted = e.get("signal") or "a signal"
+            for st in out[-1].stages.values():  # a stage the signal cut short is unfinished, not failed
+                if st.outcome == "failed" and (st.error or "").startswith(SIGNAL_ERRORS):
+                    st.outcome, st.error = "running", None
         elif stage:
             s = out[-1].stages.setdefault(stage, StageOutcome("running"))
             if kind in ("started", "completed", "failed"):
@@ -84,6 +90,11 @@ def attempts_from(events: Iterable[dict[str, Any]]) -> list[Attempt]:
             elif kind == "training_resumed":
                 s.from_step = e.get("step")
     return out
+
+
+SIGNAL_WORDS = {"SIGINT": "Ctrl-C (SIGINT)"}
+# How a stage's `failed` event reads when a signal cut it short (Prefect raises TerminationSignal on SIGTERM).
+SIGNAL_ERRORS = ("TerminationSignal", "KeyboardInterrupt")
 
 
 def _short(text: str, n: int = 160) -> str:
@@ -120,6 +131,9 @@ def describe(history: list[Attempt]) -> list[dict[str, Any]]:
             ended = "completed"
         elif a.error is not None:
             ended = "failed: " + _short(a.error)
+        elif a.interrupted is not None:
+            where = f"in {stopped}" if stopped else "between stages"
+            ended = f"interrupted by {SIGNAL_WORDS.get(a.interrupted, a.interrupted)} {where}"
         elif stopped is not None and a.stages[stopped].outcome == "failed":
             ended = f"failed in {stopped}"
         else:

@@ -21,11 +21,12 @@ otherwise: LVD_PROGRESS_INTERVAL seconds apart, 30 by default); results go to st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
 
-from flows.cli import export, models, records, running
+from flows.cli import export, interrupt, models, records, running
 from infra.config import ConfigError
 from infra.run_index import RunIdError, latest_run, resolve_run_id
 
@@ -87,11 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     from infra.console import setup_console
 
     setup_console()
-    if getattr(args, "starts_flow", False):
+    starts_flow = getattr(args, "starts_flow", False)
+    if starts_flow:
         running.check_environment()
     try:
         resolve_ids(args)
-        return int(args.fn(args))
+        # Ctrl-C before the run's flow starts (loading the configuration, Prefect's database): a clean stop too.
+        with interrupt.handled() if starts_flow else contextlib.nullcontext():
+            return int(args.fn(args))
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2

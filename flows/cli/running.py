@@ -114,6 +114,7 @@ def _exit_timeout() -> float:
 def _run_flow(run_root: Path, run_id: str) -> int:
     import httpx
 
+    from flows.cli import interrupt
     from flows.pipeline import run_pipeline
     from infra.prefect_db import ensure_embedded_database
     from infra.runs import open_run
@@ -126,7 +127,8 @@ def _run_flow(run_root: Path, run_id: str) -> int:
     watchdog.start()
     try:
         try:
-            state = run_pipeline(str(run_root), run_id)
+            with interrupt.for_run(run_root, run_id):  # Ctrl-C / SIGTERM: recorded, children stopped, exit 130 / 143
+                state = run_pipeline(str(run_root), run_id)
         except httpx.HTTPError as err:  # Prefect's own API calls (flow run and its states), after Prefect's retries
             state = None
             message = (f"the Prefect API at {_api_url()} is unreachable ({type(err).__name__}: {err}); completed "
@@ -170,11 +172,13 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_retry_failed(args: argparse.Namespace) -> int:
+    from flows.cli import interrupt
     from flows.retry import retry_failed_flow
     from infra.prefect_db import ensure_embedded_database
 
     ensure_embedded_database()
-    state = retry_failed_flow(str(args.root), args.run_id, args.reason or None, return_state=True)
+    with interrupt.for_run(args.root, args.run_id):
+        state = retry_failed_flow(str(args.root), args.run_id, args.reason or None, return_state=True)
     watchdog = ExitWatchdog(None, _exit_timeout(), f"lvd retry-failed {args.run_id} --root {args.root}")
     watchdog.arm("the retry flow returned", 0 if state.is_completed() else 1)
     watchdog.start()

@@ -236,34 +236,46 @@ def test_audit_passes_then_names_a_corrupted_shard_byte_and_a_removed_ledger_row
     assert out.rstrip().endswith("audit: 5 discrepancies")
 
 
-def test_sigkills_inside_ingest_and_pretraining_then_resume_give_the_same_corpus_ledger_and_training(
+def test_kills_and_ctrl_c_in_curation_and_pretraining_then_resume_give_the_same_corpus_ledger_and_training(
         runs, tmp_path, prefect_home):
-    """The whole `lvd` process tree is SIGKILLed twice, each time resumed: 2 s after its flow started `ingest` (shards
-    being downloaded), then as soon as the resumed flow's pretraining has written a checkpoint at step 4 or later
-    (one every 2 steps here; an execution setting, which must not change the trajectory). The result equals the
-    module's completed run (same config and seed): corpus bytes, ledger, and every pretraining step once with the
-    same losses; and the run's events record that the resumed pretraining continued from the checkpoint the kill
-    left (read independently of the code that resumes), not from step 0. The kills are
-    anchored to the flow's progress, not to the process start (the start-up alone takes ~17 s on 2 idle cores, more
-    in CI). bench/chaos.py runs random trials."""
+    """The run is stopped three times, each time resumed: its whole process tree SIGKILLed 2 s after its flow started
+    `ingest` (shards being downloaded); Ctrl-C (SIGINT to the process group, as a terminal sends it) 0.2 s into the
+    resumed flow's NSFW scoring; and Ctrl-C twice to the `lvd` process alone as soon as the resumed flow's pretraining
+    has written a checkpoint at step 4 or later (one every 2 steps here; an execution setting, which must not change
+    the trajectory). Ctrl-C stops within seconds with status 130, recorded as interrupted, no process left behind.
+    The result equals the module's completed run (same config and seed): corpus bytes, ledger, and every pretraining
+    step once with the same losses; and the run's events record that the resumed pretraining continued from the
+    checkpoint the stop left (read independently of the code that resumes), not from step 0. The stops are anchored
+    to the flow's progress, not to the process start (the start-up alone takes ~17 s on 2 idle cores, more in CI).
+    bench/chaos.py runs random SIGKILL trials."""
+    import signal
+
     from evaluation.report.collect import Run, attempts
-    from infra.chaos import Anchor, environment, run_id_of, snapshot, trial
+    from infra.chaos import Anchor, Kill, environment, run_id_of, snapshot, trial
+    from infra.history import describe
 
     # Evaluation is off: it writes no ledger event and no corpus byte, and the comparison is about those.
     result = trial(REPO / "configs" / "tiny.yaml", ["evaluate.enabled=false", "train.checkpoint_every=2"],
-                   tmp_path / "chaos", environment(prefect_home(tmp_path / "prefect-home")), [2.0, 0.0], timeout=900,
-                   anchors=[Anchor("ingest"), Anchor("pretrain", checkpoint=4)])
-    assert result.killed_in == ["ingest", "pretrain"]
+                   tmp_path / "chaos", environment(prefect_home(tmp_path / "prefect-home")), [2.0, 0.2, 0.0],
+                   timeout=900, anchors=[Anchor("ingest"), Anchor("nsfw"), Anchor("pretrain", checkpoint=4)],
+                   kills=[Kill(), Kill(signal.SIGINT), Kill(signal.SIGINT, group=False, times=2)])
+    assert result.killed_in == ["ingest", "nsfw", "pretrain"]
+    assert [(code, alive) for code, _, alive in result.exits] == [(-9, 0), (130, 0), (130, 0)]
+    assert all(seconds < 30 for _, seconds, _ in result.exits[1:]), result.exits  # ~2-3 s on an idle machine
     assert len(result.resumed_from) == 1 and 4 <= result.resumed_from[0] < 10, result.resumed_from
-    assert result.training_resumed == result.resumed_from  # the first resume had no checkpoint: it started at 0
-    # The report's record of the three processes: where each stopped, what the last one reused and resumed from.
-    history = attempts(Run(tmp_path / "chaos" / run_id_of(tmp_path / "chaos")))
-    assert [(a.by, a.completed, a.stopped_in) for a in history] == [
-        ("lvd run", False, "ingest"), ("lvd resume", False, "pretrain"), ("lvd resume", True, None)]
+    assert result.training_resumed == result.resumed_from  # the earlier resumes had no checkpoint: they started at 0
+    # The report's record of the four processes: where each stopped, what the last one reused and resumed from.
+    run_dir = tmp_path / "chaos" / run_id_of(tmp_path / "chaos")
+    history = attempts(Run(run_dir))
+    assert [(a.by, a.completed, a.stopped_in, a.interrupted) for a in history] == [
+        ("lvd run", False, "ingest", None), ("lvd resume", False, "nsfw", "SIGINT"),
+        ("lvd resume", False, "pretrain", "SIGINT"), ("lvd resume", True, None, None)]
+    assert [r["ended"] for r in describe(history)][1:3] == [
+        "interrupted by Ctrl-C (SIGINT) in nsfw", "interrupted by Ctrl-C (SIGINT) in pretrain"]
     assert history[1].stages["ingest"].outcome == "completed" and history[1].stages["crawl"].outcome == "cached"
-    assert {n for n, s in history[2].stages.items() if s.outcome == "cached"} == {
+    assert {n for n, s in history[3].stages.items() if s.outcome == "cached"} == {
         "crawl", "ingest", "nsfw", "faces", "dedup", "embed", "retrieve", "rebalance", "corpus"}
-    assert history[2].stages["pretrain"].from_step == result.resumed_from[0]
+    assert history[3].stages["pretrain"].from_step == result.resumed_from[0]
     assert result.problems == []
     reference = snapshot(runs.run.path)
     assert result.snapshot.corpus == reference.corpus

@@ -1,0 +1,169 @@
+"""Ctrl-C (SIGINT) and SIGTERM stop a run the same way, within seconds: recorded, children stopped, nothing half-written.
+
+Left to Python, SIGINT becomes a KeyboardInterrupt in whatever frame the main thread is in, and Prefect (during a
+flow run) and Lightning (during fit) replace the SIGTERM handler with their own: the signal was caught by a thread
+pool's wait, Prefect's engine or Lightning's loop, each its own way (the flow ran on to its end; or it hung a minute
+while worker threads finished their shards; or the process ignored it). So the signals are not handled in a Python
+handler at all: `signal.set_wakeup_fd` makes the interpreter's C-level handler write each signal's number to a pipe as
+it arrives, whichever Python handler is installed, and a watcher thread reading that pipe stops the process: the
+run's events.jsonl records `interrupted` (with the signal), the Prefect flow run is marked Cancelled where its API still
+answers (a few seconds at most), the process's children (training processes, Dask/Ray workers, the embedded Prefect
+server) are stopped, and the process exits with 128 + the signal number, as a shell reports it.
+
+Nothing is lost by stopping between any two instructions: every file a stage writes is written to a temporary name and
+renamed, shards are marked done last and training checkpoints are atomic (infra.storage), so `lvd resume` continues
+from the last finished shard or checkpoint. A second signal while the first is handled stops at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from infra.run import RunDir
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+NAMES = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}
+CHILD_GRACE_S = 2.0  # children get this long to stop after SIGTERM before they are killed (nothing to save)
+PREFECT_GRACE_S = 3.0  # the Prefect API gets this long to record the flow run as cancelled
+
+
+def descendants() -> list:
+    """Every process below this one (psutil.Process objects), taken before any is stopped: a grandchild whose parent
+    exits first is re-parented away from this process and no longer listed as its descendant."""
+    import psutil
+
+    try:
+        return psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def stop_children(procs: list, grace: float = CHILD_GRACE_S) -> None:
+    """SIGTERM `procs` (and any descendant started since), then SIGKILL those still alive after `grace` seconds (0:
+    SIGKILL at once)."""
+    import psutil
+
+    procs = list({p.pid: p for p in [*procs, *descendants()]}.values())
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.kill() if grace <= 0 else p.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=grace or 0.5)  # (also reaps the children: no zombies left)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+
+
+def _cancel_flow_run(flow_run_id: object | None, message: str) -> None:
+    """Mark the Prefect flow run Cancelled, bounded in time (the server may be gone: the embedded one is a child, and
+    Ctrl-C in a terminal reaches it too). The run's own record is its events.jsonl."""
+    if flow_run_id is None:
+        return
+
+    def cancel() -> None:
+        with contextlib.suppress(Exception):
+            from prefect.client.orchestration import get_client
+            from prefect.states import Cancelled
+
+            with get_client(sync_client=True) as client:
+                client.set_flow_run_state(flow_run_id, Cancelled(message=message), force=True)
+
+    t = threading.Thread(target=cancel, name="lvd-cancel-flow-run", daemon=True)
+    t.start()
+    t.join(PREFECT_GRACE_S)
+
+
+def _flow_run_of(run: RunDir | None) -> str | None:
+    """The Prefect flow run of the run's current attempt (its last `flow_started` event names it)."""
+    if run is None:
+        return None
+    started = [e for e in run.events() if e.get("event") == "flow_started"]
+    return started[-1].get("prefect_flow_run") if started else None
+
+
+class Interrupts:
+    """Stops the process on SIGINT / SIGTERM; `run` (None before the run directory exists) records the interruption,
+    `resume` is the command that continues it."""
+
+    def __init__(self, run: RunDir | None, resume: str | None):
+        self.run, self.resume = run, resume
+        self.since = len(run.events()) if run is not None else 0  # events logged before this process's flow
+        self.count = 0
+        self.family: list = []  # the process tree when the first signal arrived
+        self._lock = threading.Lock()
+
+    def stop(self, signum: int) -> None:
+        with self._lock:
+            self.count += 1
+            first = self.count == 1
+            if first:
+                self.family = descendants()
+        code = 128 + signum
+        if not first:  # a second signal while the first is handled: stop now
+            stop_children(self.family, grace=0)
+            os._exit(code)
+        name = NAMES.get(signum, signal.Signals(signum).name)
+        if self.run is not None and self.run.path.is_dir():
+            self.run.log_event("interrupted", signal=signal.Signals(signum).name)
+        again = "Ctrl-C again" if signum == signal.SIGINT else "a second signal"
+        print(f"\nlvd: interrupted by {name}: stopping ({again} stops at once).", file=sys.stderr, flush=True)
+        mine = self.run is not None and len(self.run.events()) > self.since  # this process's flow has started
+        flow_run = _flow_run_of(self.run) if mine else None
+        _cancel_flow_run(flow_run, f"interrupted by {name}" + (f"; `{self.resume}` continues it" if self.resume else ""))
+        stop_children(self.family)
+        if self.resume:
+            print(f"lvd: finished shards and training checkpoints are kept; continue with: {self.resume}",
+                  file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # not SystemExit: no handler of Prefect's or Lightning's may go on working on the way out
+
+
+def _watch(read_fd: int, handler: Interrupts) -> None:
+    while True:
+        try:
+            data = os.read(read_fd, 64)
+        except OSError:  # closed: the context ended
+            return
+        if not data:
+            return
+        for signum in data:
+            if signum in SIGNALS:  # the first stops in its own thread, so that a second is still read: stop now
+                threading.Thread(target=handler.stop, args=(signum,), name="lvd-stop", daemon=True).start()
+
+
+def _ignore(_signum: int, _frame: object) -> None:
+    """The Python-level handler: nothing (the watcher acts); its presence keeps the C-level handler installed, and
+    SIGINT no longer raises KeyboardInterrupt wherever the main thread happens to be."""
+
+
+@contextlib.contextmanager
+def handled(run: RunDir | None = None, resume: str | None = None) -> Iterator[Interrupts]:
+    """Stop on SIGINT / SIGTERM for the duration (main thread only: elsewhere, e.g. a test's worker thread, a no-op)."""
+    handler = Interrupts(run, resume)
+    if threading.current_thread() is not threading.main_thread():
+        yield handler
+        return
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    previous = {s: signal.signal(s, _ignore) for s in SIGNALS}
+    previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    watcher = threading.Thread(target=_watch, args=(read_fd, handler), name="lvd-interrupts", daemon=True)
+    watcher.start()
+    try:
+        yield handler
+    finally:
+        signal.set_wakeup_fd(previous_fd)
+        for s, h in previous.items():
+            signal.signal(s, h)
+        os.close(write_fd)
+        os.close(read_fd)  # the watcher's read fails: it returns
+
+
+def for_run(root: Path, run_id: str) -> contextlib.AbstractContextManager[Interrupts]:
+    return handled(RunDir(Path(root), run_id), f"lvd resume {run_id} --root {root}")
