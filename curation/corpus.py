@@ -3,10 +3,13 @@ manifest table, and a composition table in the style of paper Table 15."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
+from PIL import Image
 
 from infra.config.curation import CorpusConfig
 from infra.config.data import SeedSetConfig
@@ -31,7 +34,8 @@ class _Writer:
     def add(self, image_id: str, data: bytes, ext: str, **cols: object) -> str:
         if self.w is None:
             self.w = ShardWriter(self.shard_dir, shard_name(self.index))
-        self.w.add(image_id, data, ext, **cols)
+        meta = {"image_id": image_id, **cols, "sha256": sha256_bytes(data)}
+        self.w.add(image_id, data, ext, meta={k: v for k, v in meta.items() if v is not None}, **cols)
         name = shard_name(self.index)
         self.rows.append({"image_id": image_id, "shard": name, **cols})
         self.n += 1
@@ -45,21 +49,51 @@ class _Writer:
             self.w, self.n, self.index = None, 0, self.index + 1
 
 
+# Per corpus image, from the pool's shard tables (ingest's for what it alone records): what img2dataset and
+# WebDataset users expect beside each image, in the shard's `.json` member and in the corpus tables.
+POOL_COLUMNS = ("row_id", "url", "caption", "source", "width", "height", "original_width", "original_height")
+
+
+def _pool_rows(pool_shard: Path, ingest_shard_dir: Path | None, ids: set[str]) -> pd.DataFrame:
+    """POOL_COLUMNS of the wanted images of one shard (the sanitized pool's table, joined with ingest's by id)."""
+    table = pd.read_parquet(pool_shard)
+    table = table[table["image_id"].isin(ids)]
+    ingest_table = None if ingest_shard_dir is None else ingest_shard_dir / pool_shard.name
+    if ingest_table is not None and ingest_table.is_file():
+        have = set(pq.read_schema(ingest_table).names)
+        extra = [c for c in POOL_COLUMNS if c not in table.columns and c in have]
+        more = pd.read_parquet(ingest_table, columns=["image_id", *extra]) if extra else None
+        if more is not None:
+            table = table.merge(more.drop_duplicates("image_id"), on="image_id", how="left")
+    return table.reindex(columns=["image_id", *POOL_COLUMNS]).set_index("image_id")
+
+
+def _value(v: object) -> object:
+    """A JSON/parquet-friendly scalar: NaN and pandas' NA become None, numpy numbers Python ones."""
+    if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA:
+        return None
+    return v.item() if isinstance(v, np.generic) else v
+
+
 def build_corpus(
     selected: pd.DataFrame, pool_shard_dir: Path, as_is: list[SeedSetConfig], stats: pd.DataFrame, stage_dir: Path,
-    cfg: CorpusConfig,
+    cfg: CorpusConfig, ingest_shard_dir: Path | None = None,
 ) -> StageResult:  # fmt: skip
-    """``selected``: image_id, row_id, shard (of the sanitized pool), seed_set, method."""
+    """``selected``: image_id, row_id, shard (of the sanitized pool), seed_set, method. Each corpus image gets a
+    ``<image_id>.json`` member (image id, row, URL, caption, source, sizes, seed set, method, sha256)."""
     writer = _Writer(stage_dir / "shards", cfg.shard_size)
     ledger = LedgerWriter("corpus")
     by_shard = {s.name: s for s in list_shards(pool_shard_dir)}
     info = selected.set_index("image_id")
     for shard_id in sorted(selected["shard"].unique()):
         wanted = set(selected.loc[selected["shard"] == shard_id, "image_id"])
+        pool = _pool_rows(by_shard[shard_id].table, ingest_shard_dir, wanted)
         for key, ext, data in by_shard[shard_id]:
             if key in wanted:
                 r = info.loc[key]
-                name = writer.add(key, data, ext, row_id=int(r.row_id), source=POOL, seed_set=r.seed_set, method=r.method)
+                cols = {c: _value(pool.at[key, c]) for c in POOL_COLUMNS if c not in ("row_id", "source")}
+                cols |= {"row_id": int(r.row_id), "source": POOL, "seed_set": r.seed_set, "method": r.method}
+                name = writer.add(key, data, ext, **cols)
                 ledger.keep("in_corpus", row_id=int(r.row_id), image_id=key,
                             detail={"shard": name, "seed_set": r.seed_set, "sha256": sha256_bytes(data)})  # fmt: skip
     written = set(info.index)
@@ -69,7 +103,10 @@ def build_corpus(
                 continue
             written.add(item.image_id)
             ext = item.name.rsplit(".", 1)[-1].lower()
-            name = writer.add(item.image_id, item.data, ext, row_id=-1, source=s.name, seed_set=s.name, method="as_is")
+            width, height = _size(item.data)
+            name = writer.add(item.image_id, item.data, ext, row_id=-1, url=None, caption=None, source=s.name,
+                              width=width, height=height, original_width=width, original_height=height,
+                              seed_set=s.name, method="as_is", path=item.name)  # fmt: skip
             ledger.keep("in_corpus", image_id=item.image_id, source=s.name,
                         detail={"shard": name, "as_is": True, "sha256": sha256_bytes(item.data)})  # fmt: skip
     writer.close()
@@ -84,10 +121,21 @@ def build_corpus(
     outputs = [p for s in list_shards(stage_dir / "shards") for p in (s.tar, s.table)]
     outputs += [stage_dir / MANIFEST_TABLE, stage_dir / COMPOSITION, stage_dir / "ledger" / "corpus.parquet"]
     return StageResult(
-        counts={"kept": len(table), "shards": writer.index, "by_source": table.groupby("seed_set").size().to_dict()},
+        counts={"kept": len(table), "shards": writer.index, "by_source": table.groupby("seed_set").size().to_dict(),
+                "from_pool": int((table["source"] == POOL).sum()) if len(table) else 0,
+                "as_is": table[table["method"] == "as_is"].groupby("seed_set").size().to_dict() if len(table) else {}},
         outputs=outputs,
         extra={"composition": comp.to_dict(orient="records")},
     )
+
+
+def _size(data: bytes) -> tuple[int | None, int | None]:
+    """Width and height from the image header (no decode); None where it cannot be read."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.size
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None, None
 
 
 def composition(table: pd.DataFrame, stats: pd.DataFrame) -> pd.DataFrame:
@@ -107,7 +155,7 @@ def composition(table: pd.DataFrame, stats: pd.DataFrame) -> pd.DataFrame:
     def label(r: pd.Series) -> str:
         if r["method"] == "sample" and pd.notna(r["n_neighbors"]):
             return f"sample (k={int(r['n_neighbors'])})"
-        return {"as_is": "as is"}.get(r["method"], r["method"])
+        return {"as_is": "as is", "pool": "whole pool (no seed sets)"}.get(r["method"], r["method"])
 
     out["retrieval"] = out.apply(label, axis=1) if len(out) else pd.Series(dtype=str)
     out.loc[as_is, "retrieved"] = None

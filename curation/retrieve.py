@@ -6,6 +6,10 @@
   dataset's total is capped at ``max_images`` (1M in the paper) by uniform subsampling;
 - ``as_is``: nothing is retrieved; the set itself goes into the corpus.
 
+Without seed sets that retrieve (``mode="pool"``) nothing is searched: every deduplicated pool image is passed on to
+rebalancing, whose clustering-based balanced sampling needs no seeds (Vo et al. 2024); the ledger says so per image
+(``whole_pool``) and the composition table has one ``(pool)`` row.
+
 The pool index is chosen by scale (exact Flat, IVF-PQ beyond ``index.flat_max``); when it is approximate, the
 recall@N of sample-based retrieval against brute force is measured on a sample of queries and recorded.
 A pool image hit by several queries is a collision; collisions are counted per seed set and overall.
@@ -32,6 +36,7 @@ RETRIEVED = "retrieved.parquet"
 HITS = "hits.parquet"
 SEED_STATS = "seed_stats.parquet"
 HIT_COLUMNS = ["pos", "query", "similarity", "cluster"]
+WHOLE_POOL = "(pool)"  # the seed_set of pool images passed on without retrieval (not a valid seed-set name)
 
 
 @dataclass
@@ -112,8 +117,23 @@ def cluster_based(pool: RowView, clusters: PoolClusters, seeds: SeedQueries, s: 
     return out
 
 
+def whole_pool(pool_meta: pd.DataFrame, seed_sets: list[SeedQueries], stage_dir: Path) -> StageResult:
+    """No retrieval: every pool image goes on to rebalancing (``mode="pool"``)."""
+    n = len(pool_meta)
+    hits = pd.DataFrame({"pos": np.arange(n), "query": None, "similarity": np.nan, "cluster": -1})
+    stats = [{"seed_set": WHOLE_POOL, "method": "pool", "queries": None, "n_neighbors": None, "hits": n,
+              "retrieved": n, "collisions": 0, "max_hits_per_image": int(n > 0)}]  # fmt: skip
+    stats += [{"seed_set": s.cfg.name, "method": s.cfg.retrieval, "queries": len(s.meta), "n_neighbors": None, "hits": 0,
+               "retrieved": 0, "collisions": 0, "max_hits_per_image": 0} for s in seed_sets]  # fmt: skip
+    return _record(pool_meta, [hits.assign(seed_set=WHOLE_POOL, method="pool")], stats, stage_dir,
+                   {"mode": "pool", "index": None, "recall": {}, "pool_clusters": None, "pool_kmeans": None})
+
+
 def retrieve(pool_meta: pd.DataFrame, pool: RowView, seed_sets: list[SeedQueries], stage_dir: Path,
-             cfg: RetrieveConfig, seed: int = 0) -> StageResult:  # fmt: skip
+             cfg: RetrieveConfig, seed: int = 0, mode: str = "seeds") -> StageResult:  # fmt: skip
+    """``mode``: ``seeds`` (retrieval around the seed sets) or ``pool`` (:func:`whole_pool`)."""
+    if mode == "pool":
+        return whole_pool(pool_meta, seed_sets, stage_dir)
     rng = np.random.default_rng(seed)
     active = {s.cfg.name for s in seed_sets if s.cfg.retrieval != "as_is" and len(pool)}
     methods = {s.cfg.retrieval for s in seed_sets if s.cfg.name in active}
@@ -144,7 +164,7 @@ def retrieve(pool_meta: pd.DataFrame, pool: RowView, seed_sets: list[SeedQueries
     fit = min(len(pool), cfg.kmeans_sample)  # points k-means is fitted on; k-means++ on at least k of them
     init = fit if cfg.kmeans_init_sample is None else min(fit, max(cfg.kmeans_init_sample, cfg.pool_clusters))
     kmeans_info = {"fit_sample": fit, "init_sample": init}
-    extra = {"index": index.params if index else None, "recall": recall,
+    extra = {"mode": "seeds", "index": index.params if index else None, "recall": recall,
              "pool_clusters": len(clusters.centroids) if clusters else None,
              "pool_kmeans": kmeans_info if clusters else None}  # fmt: skip
     return _record(pool_meta, hits, stats, stage_dir, extra)
@@ -168,6 +188,11 @@ def _record(pool_meta: pd.DataFrame, hits: list[pd.DataFrame], stats: list[dict]
     ledger = LedgerWriter("retrieve")
     joined = allhits.merge(pool_meta[["image_id", "row_id"]], left_on="pos", right_index=True)
     for h in joined.itertuples(index=False):
+        if h.method == "pool":
+            ledger.info("whole_pool", row_id=int(h.row_id), image_id=h.image_id,
+                        detail={"seed_set": WHOLE_POOL, "why": "no seed set retrieves: every deduplicated pool image "
+                                                                "goes to rebalancing"})  # fmt: skip
+            continue
         ledger.info("retrieved", row_id=int(h.row_id), image_id=h.image_id,
                     detail={"seed_set": h.seed_set, "method": h.method, "query": h.query, "cluster": int(h.cluster),
                             "similarity": round(float(h.similarity), 6), "n_hits": int(h.n_hits)})  # fmt: skip

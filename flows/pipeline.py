@@ -9,9 +9,10 @@ failed run resumed with ``lvd resume`` redoes nothing before the stage that fail
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,9 @@ from prefect import flow, tags, task
 from prefect.client.schemas.objects import State
 from prefect.context import TaskRunContext
 from prefect.filesystems import LocalFileSystem
+from prefect.runtime import flow_run as prefect_flow_run
 
-from flows.stages import SPECS, TRAINING_STAGES, active_stages, training_stages
+from flows.stages import active_stages
 from infra.config import PipelineConfig
 from infra.console import forward_to_prefect
 from infra.demo.server import DemoServer
@@ -81,12 +83,28 @@ def result_storage(run: RunDir) -> LocalFileSystem:
     return storage
 
 
+def face_blur(cfg: PipelineConfig) -> Callable[[bytes], bytes]:
+    """The run's face detection and blurring (its `faces` section) as bytes -> PNG bytes: the report shows seed and
+    evaluation images only through it, as the pool's images are shown only as the faces stage stored them."""
+    from curation.faces import blur_boxes, detector_for, expand
+    from infra.images import decode
+
+    def blur(data: bytes) -> bytes:
+        img = decode(data)
+        boxes = [expand(b, cfg.faces.margin, img.size) for b in detector_for(cfg.faces).detect(img)]
+        buf = io.BytesIO()
+        (blur_boxes(img, boxes, cfg.faces.blur) if boxes else img).save(buf, "PNG")
+        return buf.getvalue()
+
+    return blur
+
+
 def write_report(run: RunDir) -> Path:
     """The run's HTML report, rebuilt from the run directory (cheap, so never cached; not a stage: it has no
     outputs other stages read, and `lvd report` rebuilds it for any run)."""
     from evaluation.report import build_report
 
-    path = build_report(run.path)
+    path = build_report(run.path, blur=face_blur(run.load_config()))
     run.log_event("report_written", path=str(path))
     return path
 
@@ -120,7 +138,7 @@ def pipeline(run_root: str, run_id: str) -> dict[str, Any]:
     run = RunDir(Path(run_root), run_id)
     cfg = run.load_config()
     storage = result_storage(run)
-    run.log_event("flow_started")
+    run.log_event("flow_started", prefect_flow_run=str(prefect_flow_run.id))  # the attempt's run in Prefect
     for spec in active_stages(cfg):
         if stage_state(run, spec, cfg) == "completed":
             # Completed by an earlier attempt: Prefect's cache hit below runs no task body, so the run's history
@@ -134,10 +152,5 @@ def pipeline(run_root: str, run_id: str) -> dict[str, Any]:
     if cfg.evaluate.report:
         log.info("report: %s", write_report(run))
     run.log_event("flow_completed")
-    return run_summary(run, cfg, summary_stages(cfg))
+    return run_summary(run, cfg)
 
-
-def summary_stages(cfg: PipelineConfig) -> tuple[str, ...]:
-    """The summary's rows: every stage in order, the optional training stages only where enabled."""
-    optional = set(TRAINING_STAGES) - {"pretrain"} - set(training_stages(cfg))
-    return tuple(n for n in SPECS if n not in optional)

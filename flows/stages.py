@@ -26,6 +26,7 @@ from curation.retrieve import RETRIEVED, SEED_STATS, SeedQueries, retrieve
 from curation.truth import assert_eval_copies_removed, score_dedup
 from curation.urls import url_list_fingerprint
 from curation.vectors import RowView, VectorStore
+from infra import plan
 from infra.config import PipelineConfig
 from infra.config.schema import config_hash
 from infra.config.train import EXECUTION_KEYS, TrainConfig
@@ -119,7 +120,8 @@ def _retrieve(ctx: StageContext) -> StageResult:
             seeds.append(SeedQueries(s, pd.DataFrame(columns=["image_id"]), VectorStore([])))
         else:
             seeds.append(SeedQueries(s, *seed_store(emb_dir, s.name)))
-    return retrieve(pool_meta, RowView(pool), seeds, ctx.dir, ctx.cfg.retrieve, seed=ctx.cfg.run.seed)
+    return retrieve(pool_meta, RowView(pool), seeds, ctx.dir, ctx.cfg.retrieve, seed=ctx.cfg.run.seed,
+                    mode=plan.retrieval_mode(ctx.cfg))
 
 
 def _rebalance(ctx: StageContext) -> StageResult:
@@ -134,7 +136,8 @@ def _corpus(ctx: StageContext) -> StageResult:
     selected = selected[selected["selected"]]
     stats = pd.read_parquet(ctx.upstream_dir("retrieve") / SEED_STATS)
     as_is = [s for s in ctx.cfg.data.seed_sets if s.retrieval == "as_is" or s.include_as_is]
-    return build_corpus(selected, ctx.upstream_dir("faces") / "shards", as_is, stats, ctx.dir, ctx.cfg.corpus)
+    return build_corpus(selected, ctx.upstream_dir("faces") / "shards", as_is, stats, ctx.dir, ctx.cfg.corpus,
+                        ingest_shard_dir=ctx.upstream_dir("ingest") / "shards")
 
 
 # Training stages in order, with the `train.<section>` that enables each optional follow-up of `pretrain`.
@@ -279,7 +282,7 @@ SPECS: dict[str, StageSpec] = {
                   external=_embedder),
         StageSpec("retrieve", ("retrieve", "data", "run.seed"), CURATION, ("embed",), _retrieve),
         StageSpec("rebalance", ("rebalance", "run.seed"), CURATION, ("retrieve", "embed"), _rebalance),
-        StageSpec("corpus", ("corpus", "data"), CURATION, ("rebalance", "retrieve", "faces"), _corpus),
+        StageSpec("corpus", ("corpus", "data"), CURATION, ("rebalance", "retrieve", "faces", "ingest"), _corpus),
         StageSpec("pretrain", (*TRAIN, "run.seed"), ("training", "infra"), ("corpus",), _train),
         # Upstream: the previous training stage (see active_stages); the section enabling them is in their key.
         StageSpec("pretrain_highres", (*TRAIN, "train.highres", "run.seed"), ("training", "infra"),
@@ -293,15 +296,9 @@ SPECS: dict[str, StageSpec] = {
 
 
 def active_stages(cfg: PipelineConfig) -> list[StageSpec]:
-    """The stages this configuration runs, in order (``run.stop_after`` truncates)."""
+    """The stages this configuration runs, in order (`infra.plan`: the others, and why, for status and the report)."""
     trained = training_stages(cfg)
-    names = [n for n in SPECS if (n != "crawl" or cfg.demo.enabled) and (n not in TRAINING_STAGES or n in trained)]
-    if not trained:
-        names = [n for n in names if n != "evaluate"]
-    if not cfg.evaluate.enabled and "evaluate" in names:
-        names.remove("evaluate")
-    if cfg.run.stop_after is not None and cfg.run.stop_after in names:
-        names = names[: names.index(cfg.run.stop_after) + 1]
+    names = plan.active(cfg)
     specs = [SPECS[n] for n in names]
     if cfg.demo.enabled:  # the demo crawl feeds ingest
         specs = [s if s.name != "ingest" else StageSpec(s.name, s.sections, s.packages, ("crawl",), s.fn) for s in specs]

@@ -74,7 +74,7 @@ def _iter_webdataset(root: Path) -> Iterator[LabeledImage]:
     tars = [root] if root.is_file() else sorted(root.glob("*.tar"))
     for tar in tars:
         pending: dict[str, dict[str, bytes]] = {}
-        for key, ext, data in iter_tar(tar):
+        for key, ext, data in iter_tar(tar, sidecars=True):
             pending.setdefault(key, {})[ext.lower()] = data
         for key, parts in pending.items():
             image_ext = next((e for e in parts if e in IMAGE_EXTS), None)

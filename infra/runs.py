@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from infra import plan
 from infra.config import ConfigError, PipelineConfig, config_hash, load_config, to_yaml
 from infra.config.data import EvalSetConfig, SeedSetConfig
 from infra.config.schema import select
@@ -26,8 +28,12 @@ def _lanes(train: TrainConfig) -> int | None:
     return None if train.devices == "auto" else train.devices * train.num_nodes * train.accumulate_grad_batches
 
 
-def resolve(cfg: PipelineConfig, run: RunDir) -> PipelineConfig:
+Checks = Callable[[PipelineConfig], list[str]]  # more problems of a configuration (e.g. its model files)
+
+
+def resolve(cfg: PipelineConfig, run: RunDir, checks: Checks | None = None) -> PipelineConfig:
     """Fill what is known only once the run exists: absolute paths, and the demo crawl's inputs and port."""
+    problems = _check_demo(cfg)  # before the demo fills in its inputs
     cfg = cfg.model_copy(deep=True)
     cfg.run.run_id = run.run_id
     cfg.run.root = run.root.resolve()
@@ -47,10 +53,63 @@ def resolve(cfg: PipelineConfig, run: RunDir) -> PipelineConfig:
             from infra.demo.benchmarks import demo_benchmarks
 
             cfg.evaluate.benchmarks = demo_benchmarks(crawl)
-    problems = _check_inputs(cfg)
+    problems += _check_inputs(cfg) + _check_plan(cfg) + _check_writable(run.root) + (checks(cfg) if checks else [])
     if problems:
         raise ConfigError(problems, "configuration")
     return cfg
+
+
+def _check_demo(cfg: PipelineConfig) -> list[str]:
+    """The demo builds its own crawl: a list or folder given beside it would be silently replaced."""
+    if not cfg.demo.enabled:
+        return []
+    problems = []
+    if cfg.data.url_list is not None:
+        problems.append(f"data.url_list: {cfg.data.url_list} is given while demo.enabled is true, and the demo crawls "
+                        "its own list: set demo.enabled=false to curate your list (e.g. start from "
+                        "configs/own_urls.yaml or configs/own_folder.yaml)")
+    if cfg.ingest.local_roots:
+        problems.append(f"ingest.local_roots: {[str(p) for p in cfg.ingest.local_roots]} is given while demo.enabled "
+                        "is true, and the demo crawls its own list: set demo.enabled=false to curate your folder "
+                        "(configs/own_folder.yaml)")
+    return problems
+
+
+def _check_plan(cfg: PipelineConfig) -> list[str]:
+    """Stages whose inputs can never exist, and an embedder that would silently be random."""
+    problems = []
+    retrieving = [s.name for s in cfg.data.seed_sets if s.retrieval in plan.RETRIEVING]
+    if cfg.retrieve.mode == "seeds" and not retrieving and not cfg.demo.enabled:
+        problems.append("retrieve.mode: seeds, but no seed set retrieves (data.seed_sets with retrieval: sample or "
+                        "cluster): add one, or set retrieve.mode=auto (without seed sets, rebalancing samples the "
+                        "whole deduplicated pool)")
+    active = plan.active(cfg)
+    if "embed" in active and plan.embeds_without_weights(cfg) and not cfg.embed.allow_random_init:
+        b = cfg.embed.backbone
+        problems.append(f"embed.backbone: {b.kind}:{b.arch} without `path` is a randomly initialised network, and "
+                        "retrieval and rebalancing on its embeddings are noise. Give it weights: "
+                        "`embed.backbone: {kind: dinov2, path: models/dinov2_vits14_pretrain.pth, image_size: 224}` "
+                        "(`lvd models fetch dinov2_vits14` where online), a timm checkpoint (kind: timm), or a model "
+                        "this project trained (kind: vit, path: runs/<run>/stages/pretrain/teacher_backbone.safetensors); "
+                        "or set embed.allow_random_init=true to run with random weights knowingly")
+    return problems
+
+
+def _check_writable(root: Path) -> list[str]:
+    """The runs folder must be creatable and take a file, before any work starts: tried with a temporary file in it or
+    in its nearest existing parent, not inferred from permission bits (root ignores them, and a read-only mount or a
+    full disk does not show in them). Nothing is left behind."""
+    root = Path(root).absolute()
+    existing = next(p for p in (root, *root.parents) if p.exists())
+    if not existing.is_dir():
+        return [f"run.root: {root} cannot be created ({existing} is not a folder); choose another with run.root=DIR"]
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        return [f"run.root: {root} cannot be written ({err.strerror or type(err).__name__} in {existing}); choose "
+                "another with run.root=DIR"]
+    return []
 
 
 def _check_inputs(cfg: PipelineConfig) -> list[str]:
@@ -75,14 +134,15 @@ def _check_inputs(cfg: PipelineConfig) -> list[str]:
             p = getattr(b, key, None)
             if p is not None and not Path(p).exists():
                 problems.append(f"evaluate.benchmarks[{b.name}].{key}: {p} does not exist")
-    for m in cfg.evaluate.models:
-        if m.backbone.path is None or not Path(m.backbone.path).is_file():
-            problems.append(f"evaluate.models[{m.name}].backbone.path: {m.backbone.path} is not a checkpoint file")
+    # Model files (embedder, evaluated checkpoints, NSFW, faces, SSCD) are opened and probed by the `checks` the CLI
+    # passes to prepare_run (flows.preflight.check_model_files), listed with these.
     return problems
 
 
-def prepare_run(config_path: Path | str | None, overrides: Iterable[str] = ()) -> tuple[RunDir, PipelineConfig]:
-    """Load and validate; the same configuration maps to the same run (reused), a new one to a new run."""
+def prepare_run(config_path: Path | str | None, overrides: Iterable[str] = (),
+                checks: Checks | None = None) -> tuple[RunDir, PipelineConfig]:
+    """Load and validate (every problem at once, `checks` included); the same configuration maps to the same run
+    (reused, its saved configuration checked again by `checks`), a new one to a new run."""
     cfg = load_config(config_path, list(overrides))
     run_id = cfg.run.run_id or derive_run_id(Path(config_path) if config_path else None, cfg)
     run = RunDir(cfg.run.root, run_id)
@@ -91,8 +151,12 @@ def prepare_run(config_path: Path | str | None, overrides: Iterable[str] = ()) -
         info = read_json(run.path / RUN_INFO) if (run.path / RUN_INFO).is_file() else {}
         if info.get("source_config_hash") not in (None, source_hash):
             raise ConfigError([f"run {run_id!r} already exists with a different configuration; set run.run_id"])
-        return run, run.load_config()
-    resolved = resolve(cfg, run)
+        saved = run.load_config()
+        problems = checks(saved) if checks else []
+        if problems:
+            raise ConfigError(problems, "configuration")
+        return run, saved
+    resolved = resolve(cfg, run, checks)
     run.save_config(resolved)
     atomic_write_json(
         run.path / RUN_INFO,

@@ -2,13 +2,15 @@
 
 A shard ``<name>`` of a stage is ``shards/<name>.tar`` (members ``<image_id>.<ext>``, in table order) and
 ``shards/<name>.parquet`` (one row per image: ``image_id``, ``row_id``, ``source``, ``ext``, ``sha256`` of the
-stored bytes, ``width``, ``height`` and stage columns). Tars are written deterministically (fixed mtime, owner
+stored bytes, ``width``, ``height`` and stage columns); a member ``<image_id>.json`` beside an image holds that sample's metadata
+(the corpus writes one per image, as img2dataset and WebDataset readers expect). Tars are written deterministically (fixed mtime, owner
 and mode) so a rerun produces byte-identical shards. Both files are written atomically.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +26,9 @@ from infra.storage import atomic_path, commit, sha256_bytes, temp_for
 
 class UnsafeArchiveError(ValueError):
     pass
+
+
+SIDECAR = "json"  # the extension of a sample's metadata member
 
 
 def shard_name(index: int) -> str:
@@ -59,16 +64,19 @@ def check_member_name(name: str, nested: bool = False, source: Path | None = Non
         raise UnsafeArchiveError(f"{where}unsafe tar member name {name!r}")
 
 
-def iter_tar(path: Path) -> Iterator[tuple[str, str, bytes]]:
-    """Yield (key, ext, bytes) for regular members; links, devices and unsafe names are refused."""
+def iter_tar(path: Path, sidecars: bool = False) -> Iterator[tuple[str, str, bytes]]:
+    """Yield (key, ext, bytes) for regular members; links, devices and unsafe names are refused. A sample's metadata
+    (``<key>.json``, WebDataset style) is skipped unless ``sidecars``: the images of a shard are its other members."""
     with tarfile.open(path, "r|") as tar:
         for member in tar:
             check_member_name(member.name)
             if not member.isfile():
                 raise UnsafeArchiveError(f"{path}: member {member.name!r} is not a regular file")
+            key, _, ext = member.name.partition(".")
+            if ext == SIDECAR and not sidecars:
+                continue
             f = tar.extractfile(member)
             assert f is not None
-            key, _, ext = member.name.partition(".")
             yield key, ext, f.read()
 
 
@@ -82,8 +90,15 @@ class ShardWriter:
         self._tmp = temp_for(self.tar_path)
         self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 (closed by commit/abort)
 
-    def add(self, image_id: str, data: bytes, ext: str, **columns: Any) -> None:
-        name = f"{image_id}.{ext}"
+    def add(self, image_id: str, data: bytes, ext: str, meta: dict[str, Any] | None = None, **columns: Any) -> None:
+        """One image; with ``meta``, also its ``<image_id>.json`` member right after it (a WebDataset sample)."""
+        assert ext != SIDECAR, "json is the metadata member of a sample"
+        self._member(f"{image_id}.{ext}", data)
+        if meta is not None:
+            self._member(f"{image_id}.{SIDECAR}", json.dumps(meta, sort_keys=True, default=str).encode())
+        self.rows.append({"image_id": image_id, "ext": ext, "sha256": sha256_bytes(data), "bytes": len(data), **columns})
+
+    def _member(self, name: str, data: bytes) -> None:
         check_member_name(name)
         info = tarfile.TarInfo(name)
         info.size = len(data)
@@ -92,7 +107,6 @@ class ShardWriter:
         info.uid = info.gid = 0
         info.uname = info.gname = ""
         self._tar.addfile(info, io.BytesIO(data))
-        self.rows.append({"image_id": image_id, "ext": ext, "sha256": sha256_bytes(data), "bytes": len(data), **columns})
 
     def close(self, schema: pa.Schema | None = None) -> Shard:
         """Finish the tar, then the table: a shard is readable only once both exist."""

@@ -5,15 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from infra import plan
 from infra.config import PipelineConfig
 from infra.history import attempts, describe
 from infra.manifest import read_manifest
 from infra.run import RunDir
 from infra.storage import read_json
-
-STAGE_NAMES = ("crawl", "ingest", "nsfw", "faces", "dedup", "embed", "retrieve", "rebalance", "corpus", "pretrain",
-               "pretrain_highres", "distill", "evaluate")
-OPTIONAL = {"pretrain_highres": "highres", "distill": "distill"}  # listed only where `train.<section>.enabled`
 
 
 def _state(run: RunDir, stage: str, failed: set[str]) -> str:
@@ -24,9 +21,10 @@ def _state(run: RunDir, stage: str, failed: set[str]) -> str:
     return "partial" if run.stage_dir(stage).exists() else "pending"
 
 
-def run_summary(run: RunDir, cfg: PipelineConfig, stages: tuple[str, ...] = STAGE_NAMES,
+def run_summary(run: RunDir, cfg: PipelineConfig,
                 progress: Callable[[RunDir, str], str | None] | None = None) -> dict[str, Any]:
-    """`progress(run, stage)`: where an unfinished stage continues (`flows.stages.stage_progress`), for the
+    """One row per stage of the configuration's pipeline (`infra.plan.listed`); a stage it does not run is "not run",
+    with why. `progress(run, stage)`: where an unfinished stage continues (`flows.stages.stage_progress`), for the
     stages that are partial or failed."""
     events = run.events()
     last = {}
@@ -35,17 +33,16 @@ def run_summary(run: RunDir, cfg: PipelineConfig, stages: tuple[str, ...] = STAG
             last[e["stage"]] = e["event"]
     failed = {s for s, ev in last.items() if ev == "failed"}
     rows = []
-    for stage in stages:
-        if stage == "crawl" and not cfg.demo.enabled:
-            continue
-        if stage in OPTIONAL and not getattr(cfg.train, OPTIONAL[stage]).enabled:
-            continue
+    skipped = plan.not_run(cfg)
+    for stage in plan.listed(cfg):
         m = read_manifest(run.stage_dir(stage))
         counts = m.counts if m else {}
         dropped = counts.get("dropped", {}) if isinstance(counts.get("dropped"), dict) else {}
-        state = _state(run, stage, failed)
+        state = "not run" if stage in skipped and m is None else _state(run, stage, failed)
         rows.append({"stage": stage, "state": state, "kept": counts.get("kept"),
                      "dropped": sum(dropped.values()) if dropped else 0, "reasons": dropped})  # fmt: skip
+        if state == "not run":
+            rows[-1]["why"] = skipped[stage]
         if progress is not None and state in ("partial", "failed"):
             rows[-1]["progress"] = progress(run, stage)
     out: dict[str, Any] = {"run_id": run.run_id, "path": str(run.path), "stages": rows,
@@ -53,12 +50,34 @@ def run_summary(run: RunDir, cfg: PipelineConfig, stages: tuple[str, ...] = STAG
     corpus = read_manifest(run.stage_dir("corpus"))
     if corpus:
         out["corpus_size"] = corpus.counts.get("kept")
+        out["corpus_from_pool"] = corpus.counts.get("from_pool")
+        out["corpus_as_is"] = corpus.counts.get("as_is") or {}
+    out["warnings"] = warnings(cfg)
     metrics_path = run.stage_dir("evaluate") / "metrics.json"
     if metrics_path.is_file():
         out["metrics"] = read_json(metrics_path)
     if (run.path / "report.html").is_file():
         out["report"] = str(run.path / "report.html")
     return out
+
+
+def warnings(cfg: PipelineConfig) -> list[str]:
+    """What a person must know about how the run's results came about (also shown by the report)."""
+    out = []
+    if plan.embeds_without_weights(cfg) and "embed" in plan.active(cfg):
+        b = cfg.embed.backbone
+        out.append(f"the embedder ({b.kind}:{b.arch}) has no weights: retrieval and rebalancing ran on a randomly "
+                   "initialised network (embed.allow_random_init). Give embed.backbone.path a pretrained model.")
+    return out
+
+
+def _composition(s: dict[str, Any]) -> str:
+    """How the corpus is made: the pool images rebalancing selected, plus the seed images added as they are."""
+    as_is, pool = s.get("corpus_as_is") or {}, s.get("corpus_from_pool")
+    if pool is None or not as_is:
+        return ""
+    sets = ", ".join(f"{k} {v:,}" for k, v in sorted(as_is.items()))
+    return f" = {pool:,} pool images selected + {sum(as_is.values()):,} seed images added as they are ({sets})"
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -68,6 +87,8 @@ def format_summary(s: dict[str, Any]) -> str:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(r["reasons"].items()) if v)
         if r.get("progress"):
             reasons = r["progress"]
+        if r.get("why"):
+            reasons = r["why"]
         lines.append(f"{r['stage']:<10} {r['state']:<10} {kept:>8} {r['dropped']:>8}  {reasons}")
     if s.get("attempts"):
         lines += ["", "attempts:"]
@@ -75,7 +96,9 @@ def format_summary(s: dict[str, Any]) -> str:
             lines += [f"{a['attempt']:>3}  {a['started'][:16].replace('T', ' ')}  {a['by']}: {a['ended']}",
                       f"     {a['what']}"]
     if "corpus_size" in s:
-        lines += ["", f"corpus: {s['corpus_size']} images"]
+        lines += ["", f"corpus: {s['corpus_size']:,} images" + _composition(s)]
+    for w in s.get("warnings", []):
+        lines += ["", f"warning: {w}"]
     for eval_set, models in s.get("metrics", {}).items():
         if not any("knn_top1_k20" in m for m in models.values()):
             continue  # not a classification benchmark

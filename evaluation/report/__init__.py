@@ -7,6 +7,7 @@ Sections whose inputs are absent (a stage not run) say so instead of failing the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from evaluation.report.sections import build_html
@@ -14,12 +15,14 @@ from evaluation.report.sections import build_html
 REPORT = "report.html"
 
 
-def build_report(run_dir: Path, out: Path | None = None) -> Path:
+def build_report(run_dir: Path, out: Path | None = None, blur: Callable[[bytes], bytes] | None = None) -> Path:
+    """``blur``: face blurring for the images shown that are not pool images (which are shown as the faces stage
+    stored them); without it those images are left out."""
     from infra.storage import atomic_write_text
 
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / REPORT
-    atomic_write_text(out, build_html(run_dir))
+    atomic_write_text(out, build_html(run_dir, blur))
     return out
 
 

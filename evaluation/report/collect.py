@@ -7,6 +7,7 @@ a run stopped early (or a stage that was switched off) still gets a report with 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import pandas as pd
 import pyarrow.dataset as ds
 
 from infra import history
-from infra.config import parse_yaml
+from infra.config import ConfigError, PipelineConfig, parse_yaml
 from infra.domains import domain_stats
 from infra.history import Attempt
 from infra.lineage import STAGE_ORDER, Ledger, superseded
@@ -33,6 +34,9 @@ class Missing(LookupError):
 @dataclass
 class Run:
     path: Path
+    # Face blurring for images the report shows that did not pass the pool's faces stage (seed queries, evaluation
+    # images): the run's own detector (flows passes it in). None: such images are not shown.
+    blur: Callable[[bytes], bytes] | None = None
 
     @property
     def run_id(self) -> str:
@@ -50,6 +54,13 @@ class Run:
         if not p.is_file():
             raise Missing(f"{p} is missing: this is not a run directory")
         return parse_yaml(p.read_text()) or {}
+
+    def pipeline_config(self) -> PipelineConfig | None:
+        """The configuration under today's schema (None when it no longer parses: the report still renders)."""
+        try:
+            return RunDir(self.path.parent, self.run_id).load_config()
+        except (ConfigError, OSError, ValueError):
+            return None
 
     def require(self, rel: str, what: str) -> Path:
         p = self.path / rel

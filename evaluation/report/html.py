@@ -25,6 +25,7 @@ section { background: #fff; border: 1px solid var(--line); border-radius: 8px; p
 section h2 { margin: 0 0 4px; font-size: 18px; }
 section h3 { margin: 16px 0 6px; font-size: 15px; }
 p.lead, p.note { color: var(--muted); margin: 2px 0 10px; max-width: 900px; }
+p.note.warn { color: var(--red); font-weight: 600; }
 p.missing { color: var(--muted); font-style: italic; }
 .row { display: flex; flex-wrap: wrap; gap: 18px 28px; align-items: flex-start; }
 figure { margin: 6px 0; }

@@ -14,9 +14,11 @@ from evaluation.report import collect, plots
 from evaluation.report.collect import Missing, Run
 from evaluation.report.html import Raw, esc, figure, grid, kpis, missing, page, section, table, thumb
 from evaluation.report.images import Thumb, read_set_images, read_shard_images, thumbnail
+from infra import plan
 from infra.history import Attempt, describe
 from infra.lineage import STAGE_ORDER
 from infra.run import now
+from infra.summary import warnings
 
 N_BLURRED, N_GROUPS, N_QUERIES, N_NEIGHBOURS, N_HOSTS = 8, 6, 5, 8, 15
 
@@ -31,13 +33,22 @@ def _when(iso: str) -> str:
 
 
 # --- overview --------------------------------------------------------------------------------------------------
+def _unpooled(run: Run, data: bytes) -> Thumb | None:
+    """A thumbnail of an image that did not pass the pool's faces stage, blurred by the run's detector first (None:
+    no detector was given, so it is not shown)."""
+    return None if run.blur is None else thumbnail(run.blur(data))
+
+
 def overview(run: Run) -> str:
     rows = []
-    for stage in STAGE_ORDER:
+    cfg = run.pipeline_config()
+    stages, skipped = (plan.listed(cfg), plan.not_run(cfg)) if cfg is not None else (STAGE_ORDER, {})
+    for stage in stages:
         m = run.manifest(stage)
         if m is None:
             state = "partial" if run.stage(stage).exists() else "not run"
-            rows.append([stage, Raw(f'<span class="state-pending">{state}</span>'), "", None, None])
+            why = f": {skipped[stage]}" if stage in skipped else ""
+            rows.append([stage, Raw(f'<span class="state-pending">{esc(state + why)}</span>'), "", None, None])
             continue
         secs = (pd.Timestamp(m.finished_at) - pd.Timestamp(m.started_at)).total_seconds()
         kept = m.counts.get("kept")
@@ -47,12 +58,13 @@ def overview(run: Run) -> str:
     info = run.path / "run.json"
     created = json.loads(info.read_text()).get("created", "") if info.is_file() else ""
     lead = f"Run {run.run_id}" + (f", created {_when(created)}" if created else "") + ". Stages in order, with wall time and counts."
-    stages = table(["stage", "state", "time", "kept", "dropped"], rows, [False, False, True, True, True])
+    stage_table = table(["stage", "state", "time", "kept", "dropped"], rows, [False, False, True, True, True])
     try:
         history = attempts_table(collect.attempts(run))
     except Missing as err:
         history = missing(str(err))
-    return f'<p class="lead">{esc(lead)}</p>' + stages + "<h3>Attempts</h3>" + history
+    warn = "".join(f'<p class="note warn">{esc("Warning: " + w)}</p>' for w in (warnings(cfg) if cfg else []))
+    return f'<p class="lead">{esc(lead)}</p>' + warn + stage_table + "<h3>Attempts</h3>" + history
 
 
 def attempts_table(history: list[Attempt]) -> str:
@@ -168,8 +180,8 @@ def dedup(run: Run) -> str:
         t = thumbs.get(r.image_id)
         items = [thumb(t.uri, "pool image", r.image_id[:12], "warn " + t.css)] if t else []
         data = _eval_image(cfg, r.eval_image)
-        if data is not None:
-            e = thumbnail(data)
+        e = _unpooled(run, data) if data is not None else None
+        if e is not None:
             items.append(thumb(e.uri, "eval image", r.eval_image, e.css))
         blocks.append(f'<div class="group"><div class="title">removed: copy of eval image<br>{esc(r.eval_image)}</div>'
                       f"{grid(items)}</div>")
@@ -183,6 +195,9 @@ def dedup(run: Run) -> str:
 # --- retrieval -------------------------------------------------------------------------------------------------
 def retrieval(run: Run) -> str:
     hits = collect.retrievals(run)
+    if len(hits) and (hits["method"] == "pool").all():
+        return missing(f"No seed set retrieves, so nothing was searched: all {len(hits):,} deduplicated pool images "
+                       "went to rebalancing, which samples them by cluster (Vo et al. 2024; retrieve.mode).")
     counts = hits.groupby("query").size().sort_values(ascending=False, kind="stable")
     queries = list(counts.index[:N_QUERIES])
     cfg = run.config()
@@ -191,7 +206,7 @@ def retrieval(run: Run) -> str:
     for name in hits[hits["query"].isin(queries)]["seed_set"].unique():
         s = seeds.get(name, {})
         found = read_set_images(s.get("path", ""), queries, s.get("format", "auto"))
-        qthumbs |= {k: thumbnail(v) for k, v in found.items()}
+        qthumbs |= {k: t for k, v in found.items() if (t := _unpooled(run, v)) is not None}
     shown = hits[hits["query"].isin(queries)].sort_values(["query", "similarity"], ascending=[True, False])
     shown = shown.groupby("query").head(N_NEIGHBOURS)
     nthumbs = _pool_images(run, list(shown["image_id"]))
@@ -205,7 +220,8 @@ def retrieval(run: Run) -> str:
     emb = (cfg.get("embed") or {}).get("backbone") or {}
     embedder = f"{emb.get('kind', '?')}:{emb.get('arch', '?')}" + ("" if emb.get("path") else " at random initialisation")
     lead = (f"{len(hits):,} retrievals by {hits['query'].nunique():,} seed queries (embedder {embedder}); "
-            "a few queries (blue frame) with their nearest pool images, labelled by cosine similarity.")
+            "a few queries (blue frame) with their nearest pool images, labelled by cosine similarity. Seed images "
+            "pass the run's face blurring before they are shown, as the pool's do.")
     return f'<p class="note">{esc(lead)}</p><div class="groups">{"".join(rows)}</div>'
 
 
@@ -365,7 +381,14 @@ def _dense_notes(r: pd.DataFrame, models: list[str]) -> list[str]:
 
 
 def evaluation(run: Run) -> str:
+    cfg = run.pipeline_config()
+    why = plan.not_run(cfg).get("evaluate") if cfg is not None else None
+    if why is not None and run.manifest("evaluate") is None:
+        return missing(f"Not evaluated: {why}. Declare data.eval_sets (folders of class subfolders, WebDataset "
+                       "tars or parquet manifests) or evaluate.benchmarks, then `lvd evaluate` or a new run.")
     r = collect.eval_results(run)
+    if r.empty:
+        raise Missing("The evaluation stage recorded no results (no benchmark produced a value).")
     roles = r.drop_duplicates("model").set_index("model")["role"] if "role" in r else pd.Series(dtype=str)
     models = sorted(r["model"].unique(), key=lambda m: (ROLE_ORDER.get(roles.get(m, "model"), 2), list(r["model"]).index(m)))
     wide = r.pivot_table(index=["benchmark", "protocol", "metric"], columns="model", values="value", aggfunc="first")
@@ -419,8 +442,8 @@ SECTIONS: list[tuple[str, str, str, Callable[[Run], str]]] = [
 ]
 
 
-def build_html(run_dir: Path) -> str:
-    run = Run(Path(run_dir))
+def build_html(run_dir: Path, blur: Callable[[bytes], bytes] | None = None) -> str:
+    run = Run(Path(run_dir), blur)
     run.config()  # fail early if this is not a run directory
     body = []
     for sid, title, lead, fn in SECTIONS:

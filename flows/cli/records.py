@@ -85,17 +85,20 @@ def cmd_folder_urls(args: argparse.Namespace) -> int:
         print(f"{listing.skipped:,} files left out for their suffix (e.g. {', '.join(listing.skipped_examples)}); "
               "--all-files lists them too, each then recorded with its reason at ingest")
     root = Path(args.folder).resolve()
-    print(f'use it with: data.url_list={args.out} "ingest.local_roots=[{root}]"')
+    print(f'use it with: lvd run configs/own_folder.yaml data.url_list={args.out} "ingest.local_roots=[{root}]"')
     return 0 if listing.listed else 1
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from evaluation.report import build_report
+    from flows.pipeline import face_blur
+    from infra.runs import open_run
 
     run_dir = Path(args.root) / args.run_id
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"no run {args.run_id!r} under {args.root}")
-    path = build_report(run_dir, Path(args.out) if args.out else None)
+    _, cfg = open_run(args.root, args.run_id)
+    path = build_report(run_dir, Path(args.out) if args.out else None, blur=face_blur(cfg))
     print(f"report: {path}")
     if args.screenshot:
         from evaluation.report.browser import render

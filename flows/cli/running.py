@@ -148,12 +148,11 @@ def _run_flow(run_root: Path, run_id: str) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.preflight import preflight
-    from infra.config import load_config
+    from flows.preflight import check_model_files
     from infra.runs import prepare_run
 
-    preflight(load_config(args.config, args.overrides))  # every model file, before a run directory exists
-    run, _ = prepare_run(args.config, args.overrides)
+    # Every problem at once, the model files' included (opened and probed), before a run directory exists.
+    run, _ = prepare_run(args.config, args.overrides, checks=check_model_files)
     print(f"run {run.run_id} in {run.path}")
     return _run_flow(run.root, run.run_id)
 

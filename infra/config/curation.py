@@ -159,6 +159,9 @@ class BackboneConfig(Section):
 
 class EmbedConfig(Section):
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    # Retrieval and rebalancing are only as good as this embedder (the paper: a self-supervised ViT-H/16). A run
+    # whose backbone has no weights (kind=vit without `path`) is refused unless this says it is meant (the demo).
+    allow_random_init: bool = False
     batch_size: int = Field(default=256, ge=1)
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # autocast dtype; auto: bf16 where native (infra.precision)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -174,6 +177,10 @@ class DatasetRetrieval(Section):
 
 
 class RetrieveConfig(Section):
+    # seeds: retrieval around the curated seed sets (paper §3); pool: no retrieval, the whole deduplicated pool goes
+    # to rebalancing (clustering-based balanced sampling, Vo et al. 2024); auto: seeds when a seed set retrieves
+    # (`retrieval: sample | cluster`), else pool.
+    mode: Literal["auto", "seeds", "pool"] = "auto"
     n_neighbors: int = Field(default=4, ge=1)  # paper §3: N = 4
     index: IndexConfig = Field(default_factory=IndexConfig)
     # Cluster-based retrieval (paper §A.4): k-means on the pool (100,000 clusters at 1B scale); clusters holding

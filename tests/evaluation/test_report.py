@@ -24,7 +24,17 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def report(run_dir):
-    return build_report(run_dir)
+    from flows.pipeline import face_blur
+    from infra.run import RunDir
+
+    # Seed and evaluation images are shown only through the run's face blurring, as `lvd report` and the flow do.
+    return build_report(run_dir, blur=face_blur(RunDir(run_dir.parent, run_dir.name).load_config()))
+
+
+def test_without_a_face_blur_no_seed_or_evaluation_image_is_shown(run_dir, report, tmp_path):
+    bare = build_report(run_dir, tmp_path / "bare.html").read_text()
+    # 2 retrieval queries and 1 evaluation image left out; every pool image still shown (as the faces stage stored it)
+    assert bare.count('<div class="thumb') == report.read_text().count('<div class="thumb') - 3
 
 
 def test_funnel_counts_every_row_once(run_dir):

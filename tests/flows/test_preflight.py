@@ -69,12 +69,13 @@ def test_lvd_run_with_a_wrong_file_fails_before_any_stage(tmp_path, capsys, _no_
     junk = tmp_path / "sscd_disc_mixup.onnx"
     junk.write_bytes(b"\0" * 64)
     config = tmp_path / "run.yaml"
-    config.write_text(f"data: {{url_list: {urls}}}\ndedup: {{descriptor: {{path: {junk}}}}}\n")
+    config.write_text(f"data: {{url_list: {urls}}}\ndedup: {{descriptor: {{path: {junk}}}}}\n"
+                      "embed: {allow_random_init: true}\n")
     t = time.perf_counter()
     code = cli(["run", str(config), *QUIET, f"run.root={tmp_path / 'runs'}"])
     err = capsys.readouterr().err
     assert code == 2
-    assert "model files is invalid (1 problem)" in err
+    assert "configuration is invalid (1 problem)" in err
     assert f"dedup.descriptor.path: {junk} cannot be used" in err
     assert not (tmp_path / "runs").exists()  # no run directory, no stage
     assert time.perf_counter() - t < 60

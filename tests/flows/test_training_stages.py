@@ -37,8 +37,8 @@ FAST = ["nsfw.enabled=false", "embed.backbone.arch=vit_pico", "embed.backbone.pa
     (["train.distill.enabled=true", "train.enabled=false"], {}),
 ])
 def test_active_stages_chain_the_enabled_training_stages(changes, chain):
-    from flows.pipeline import summary_stages
     from flows.stages import active_stages
+    from infra.plan import listed
 
     cfg = load_config(CONFIG.parent / "tiny.yaml", changes)
     specs = active_stages(cfg)
@@ -48,7 +48,7 @@ def test_active_stages_chain_the_enabled_training_stages(changes, chain):
     # The summary lists an optional stage when it is enabled (pending after a stop_after, like any later stage).
     enabled = [n for n, key in (("pretrain_highres", "highres"), ("distill", "distill"))
                if f"train.{key}.enabled=true" in changes and "train.enabled=false" not in changes]
-    assert [n for n in summary_stages(cfg) if n in ("pretrain", "pretrain_highres", "distill")] == ["pretrain", *enabled]
+    assert [n for n in listed(cfg) if n in ("pretrain", "pretrain_highres", "distill")] == ["pretrain", *enabled]
 
 
 @pytest.fixture(scope="module")

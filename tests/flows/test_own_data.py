@@ -1,0 +1,175 @@
+"""A user's own folder of photographs, end to end through `lvd run configs/own_folder.yaml`, in each curation mode:
+with and without seed sets (retrieval around them, or balanced sampling of the whole pool), with and without
+evaluation sets (evaluated, or "not run" with why). The ledger and the corpus hold the user's rows and nothing else,
+`lvd lineage` finds an image by its file:// URL, every corpus image carries its metadata, and the report shows seed
+images only through the run's face blurring."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from flows.cli import main as cli
+from infra.lineage import Ledger, check_terminal_outcomes
+from infra.run import RunDir
+from infra.shards import iter_tar, list_shards
+from tests.flows.own_data import write_eval_set, write_pool, write_seeds
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "configs" / "own_folder.yaml"
+pytestmark = pytest.mark.slow
+
+# The shipped configuration, made small enough for CI: no embedding weights offline (said explicitly), 2 training
+# steps on 32 px crops, the kNN protocol only.
+SMALL = ["ingest.image_size=64", "embed.backbone.kind=vit", "embed.backbone.path=null", "embed.backbone.image_size=32",
+         "embed.allow_random_init=true", "train.max_steps=2", "train.batch_size_per_gpu=4",
+         "train.crops.global_crops_size=32", "train.crops.local_crops_size=16", "train.crops.local_crops_number=2",
+         "train.dino.head_n_prototypes=64", "train.ibot.head_n_prototypes=64", "evaluate.protocols=[knn]",
+         "evaluate.knn.ks=[5]"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, object]:
+    root = tmp_path_factory.mktemp("own")
+    pool = write_pool(root / "photos")
+    seeds = write_seeds(root / "seeds")
+    train, test = write_eval_set(root / "eval")
+    assert cli(["folder-urls", str(root / "photos"), str(root / "photos.parquet")]) == 0
+    return {"root": root, "pool": pool, "seeds": seeds, "train": train, "test": test}
+
+
+def _run(data: dict, name: str, seeds: bool, evals: bool, capsys) -> tuple[RunDir, str]:
+    root = data["root"]
+    args = ["run", str(CONFIG), f"data.url_list={root / 'photos.parquet'}", f"ingest.local_roots=[{root / 'photos'}]",
+            f"run.root={root / 'runs'}", f"run.run_id={name}", *SMALL]  # fmt: skip
+    if seeds:
+        args.append(f"data.seed_sets=[{{name: mine, path: {root / 'seeds'}, retrieval: sample, n_neighbors: 2, "
+                    "include_as_is: true}]")
+    if evals:
+        args.append(f"data.eval_sets=[{{name: lfw, train: {data['train']}, test: {data['test']}}}]")
+    capsys.readouterr()
+    assert cli(args) == 0, capsys.readouterr().err
+    return RunDir(root / "runs", name), capsys.readouterr().out
+
+
+def _corpus_samples(run: RunDir) -> dict[str, dict]:
+    """image id -> (its .json member, the sha256 of its image member), straight from the corpus tars."""
+    out: dict[str, dict] = {}
+    for shard in list_shards(run.stage_dir("corpus") / "shards"):
+        for key, ext, data in iter_tar(shard.tar, sidecars=True):
+            out.setdefault(key, {})[ext] = data
+    return out
+
+
+@pytest.mark.parametrize("seeds,evals", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["pool-noeval", "seeds-noeval", "pool-eval", "seeds-eval"])
+def test_own_folder_end_to_end(data, prefect_server, capsys, seeds, evals):
+    name = f"own-{'seeds' if seeds else 'pool'}-{'eval' if evals else 'noeval'}"
+    run, out = _run(data, name, seeds, evals, capsys)
+    root = data["root"]
+    urls = sorted(p.resolve().as_uri() for p in data["pool"])
+
+    # The ledger's input rows are the user's files, each with exactly one terminal outcome.
+    ledger = Ledger(run.path)
+    inputs = ledger.query(None, ["reason", "url"])
+    assert sorted(inputs[inputs["reason"] == "input"]["url"]) == urls
+    check = check_terminal_outcomes(ledger)
+    assert check.ok and check.n_rows == len(urls)
+
+    # The corpus: the user's pool images that retrieval returned (every one without seeds: no target size is set),
+    # plus the seed images added as they are.
+    table = pd.read_parquet(run.stage_dir("corpus") / "corpus.parquet")
+    pool_rows = table[table["source"] == "pool"]
+    retrieve = pd.read_parquet(run.stage_dir("retrieve") / "retrieved.parquet")
+    assert sorted(pool_rows["image_id"]) == sorted(retrieve["image_id"]) and set(pool_rows["url"]) <= set(urls)
+    samples = _corpus_samples(run)
+    assert set(samples) == set(table["image_id"])
+    for r in table.itertuples(index=False):
+        meta = json.loads(samples[r.image_id]["json"])
+        image = next(v for k, v in samples[r.image_id].items() if k != "json")
+        assert meta["image_id"] == r.image_id and meta["seed_set"] == r.seed_set and meta["method"] == r.method
+        assert meta["sha256"] == hashlib.sha256(image).hexdigest()
+        if r.source == "pool":
+            assert meta["url"] == r.url and meta["row_id"] == r.row_id and meta["source"] == "pool"
+            assert meta["original_width"] >= meta["width"] > 0  # stored at most 64 px, from up to 160
+    if seeds:
+        assert set(retrieve["method"]) == {"sample"} and set(pool_rows["seed_set"]) == {"mine"}
+        assert 0 < len(pool_rows) <= 3 * 2  # 3 queries x 2 neighbours
+        assert f"corpus: {len(table):,} images = {len(pool_rows):,} pool images selected + 3 seed images" in out
+        assert sorted(table[table["method"] == "as_is"]["path"]) == sorted(p.name for p in data["seeds"])
+        assert "seed images added as they are (mine 3)" in out
+    else:
+        assert set(retrieve["method"]) == {"pool"} and sorted(pool_rows["url"]) == urls  # the whole pool
+        assert set(table["seed_set"]) == {"(pool)"}
+        whole = ledger.query(None, ["stage", "reason"])
+        assert (whole[whole["stage"] == "retrieve"]["reason"] == "whole_pool").sum() == len(urls)
+
+    # `lvd lineage` by the file's URL: its chain from the input row to the corpus.
+    capsys.readouterr()
+    astronaut = (root / "photos" / "astronaut.jpg").resolve().as_uri()
+    assert cli(["lineage", name, astronaut, "--root", str(root / "runs"), "--json"]) == 0
+    chain = json.loads(capsys.readouterr().out)
+    assert {e["stage"] for e in chain} >= {"ingest", "nsfw", "faces", "dedup", "retrieve", "corpus"}
+    assert chain[-1]["reason"] == "in_corpus"
+
+    # Evaluated, or "not run" with why: in the summary, `lvd status` and the report; never "pending".
+    status = {r["stage"]: r for r in _status(name, root, capsys)["stages"]}
+    report = (run.path / "report.html").read_text()
+    if evals:
+        assert status["evaluate"]["state"] == "completed"
+        metrics = json.loads((run.stage_dir("evaluate") / "metrics.json").read_text())
+        assert set(metrics) == {"lfw"} and "knn_top1_k5" in metrics["lfw"]["pretrained"]
+    else:
+        why = "no evaluation sets (data.eval_sets and evaluate.benchmarks are empty)"
+        assert (status["evaluate"]["state"], status["evaluate"]["why"]) == ("not run", why)
+        assert "evaluate   not run" in out and why in out
+        assert "Not evaluated: " + why in report
+    assert not [r for r in status.values() if r["state"] == "pending"]
+    assert "warning: the embedder (vit:vit_tiny) has no weights" in out
+    if seeds:
+        _assert_report_blurs_the_seed_face(report, data)
+
+
+def _status(name: str, root: Path, capsys) -> dict:
+    capsys.readouterr()
+    assert cli(["status", name, "--root", str(root / "runs"), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def _assert_report_blurs_the_seed_face(report: str, data: dict) -> None:
+    """The astronaut seed image is shown only through the run's face blurring: its thumbnail is the blurred
+    image's, and the unblurred thumbnail appears nowhere."""
+    from evaluation.report.images import thumbnail
+    from flows.pipeline import face_blur
+    from infra.config import load_config
+
+    seed = next(p for p in data["seeds"] if "astronaut" in p.name).read_bytes()
+    blur = face_blur(load_config(CONFIG))
+    assert blur(seed) != thumbnail_source(seed)  # the cascade finds the astronaut's face: blurring changes pixels
+    uris = set(re.findall(r'src="(data:image/png;base64,[^"]+)"', report))
+    assert thumbnail(blur(seed)).uri in uris
+    assert thumbnail(seed).uri not in uris
+
+
+def thumbnail_source(data: bytes) -> bytes:
+    """The unblurred image as PNG bytes, as `face_blur` returns a blurred one."""
+    import io
+
+    from infra.images import decode
+
+    buf = io.BytesIO()
+    decode(data).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_the_demo_config_still_refuses_a_users_list(tmp_path, capsys):
+    """(issue 21: a list given beside the demo was silently replaced by the demo crawl)"""
+    assert cli(["run", str(REPO / "configs" / "tiny.yaml"), f"data.url_list={tmp_path / 'mine.parquet'}",
+                f"run.root={tmp_path / 'runs'}"]) == 2
+    assert "data.url_list" in capsys.readouterr().err and not list((tmp_path / "runs").glob("*"))
+

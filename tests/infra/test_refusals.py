@@ -1,0 +1,69 @@
+"""A configuration that cannot do what it says is refused before any work: one message listing every problem, exit 2
+within seconds, no run directory, no stage (issue 21: a user's list silently replaced by the demo crawl, a runs folder
+that cannot be written, retrieval without seed sets, an embedder that would be random)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from infra.config import ConfigError
+from infra.runs import prepare_run
+
+REPO = Path(__file__).resolve().parents[2]
+TINY, OWN = REPO / "configs" / "tiny.yaml", REPO / "configs" / "own_folder.yaml"
+
+
+def _problems(config: Path, overrides: list[str]) -> list[str]:
+    from flows.preflight import check_model_files
+
+    with pytest.raises(ConfigError) as err:
+        prepare_run(config, overrides, checks=check_model_files)  # as `lvd run` does
+    return err.value.problems
+
+
+def test_a_list_or_folder_given_beside_the_demo_and_an_unwritable_root_are_refused_together(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    problems = _problems(TINY, [f"data.url_list={tmp_path / 'mine.parquet'}", f"ingest.local_roots=[{tmp_path}]",
+                                f"run.root={blocker / 'runs'}"])
+    assert [p.split(":")[0] for p in problems] == ["data.url_list", "ingest.local_roots", "run.root"]
+    assert "set demo.enabled=false" in problems[0] and f"({blocker} is not a folder)" in problems[2]
+    assert not (blocker.parent / "runs").exists()
+
+
+def test_retrieval_without_seed_sets_and_a_random_embedder_are_refused(tmp_path):
+    urls = tmp_path / "urls.csv"
+    urls.write_text("url\nhttp://example.com/a.jpg\n")
+    problems = _problems(OWN, [f"data.url_list={urls}", f"run.root={tmp_path / 'runs'}", "retrieve.mode=seeds",
+                               "embed.backbone.kind=vit", "embed.backbone.path=null"])
+    assert [p.split(":")[0] for p in problems] == ["retrieve.mode", "embed.backbone"]
+    assert "embed.allow_random_init=true" in problems[1]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_shipped_own_data_configs_name_a_model_file_and_are_refused_without_it(tmp_path):
+    urls = tmp_path / "urls.csv"
+    urls.write_text("url\nhttp://example.com/a.jpg\n")
+    for config in (OWN, REPO / "configs" / "own_urls.yaml"):
+        problems = _problems(config, [f"data.url_list={urls}", f"run.root={tmp_path / 'runs'}"])
+        assert problems == ["embed.backbone.path: models/dinov2_vits14_pretrain.pth does not exist"]
+
+
+def test_the_cli_refuses_in_seconds_with_every_problem_and_starts_nothing(tmp_path):
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(OWN), f"run.root={tmp_path / 'runs'}",
+                           "embed.backbone.kind=vit", "embed.backbone.path=null", "retrieve.mode=seeds"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)  # fmt: skip
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("configuration is invalid (3 problems):")
+    assert [line.split(":")[0].strip(" -") for line in proc.stderr.splitlines()[1:]] == [
+        "data.url_list", "retrieve.mode", "embed.backbone"]
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert not (tmp_path / "runs").exists()
+    assert elapsed < 60, elapsed  # the interpreter and the schema only (seconds on an idle machine)
