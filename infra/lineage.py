@@ -46,6 +46,7 @@ LEDGER_SCHEMA = pa.schema(
         ("attempt", pa.int32()),
     ]
 )
+ROW_GROUP_EVENTS = 8192  # small row groups: a look-up through the index (infra.lineage_index) reads one of them
 KINDS = ("drop", "keep", "info")
 TERMINAL = ("drop", "keep")
 POOL = "pool"  # source name of images that came from the URL list
@@ -103,10 +104,14 @@ class LedgerWriter:
         return out
 
     def write(self, path: Path) -> Path:
-        table = pa.Table.from_pylist(self.rows, schema=LEDGER_SCHEMA)
-        with atomic_path(path) as tmp:
-            pq.write_table(table, tmp)
-        return path
+        return write_ledger(pa.Table.from_pylist(self.rows, schema=LEDGER_SCHEMA), path)
+
+
+def write_ledger(table: pa.Table, path: Path) -> Path:
+    """Write events (``LEDGER_SCHEMA``) atomically as one ledger file, in row groups of ``ROW_GROUP_EVENTS``."""
+    with atomic_path(path) as tmp:
+        pq.write_table(table.select(LEDGER_SCHEMA.names).cast(LEDGER_SCHEMA), tmp, row_group_size=ROW_GROUP_EVENTS)
+    return path
 
 
 def _json_default(obj: Any) -> Any:
@@ -115,6 +120,12 @@ def _json_default(obj: Any) -> Any:
     if hasattr(obj, "item"):
         return obj.item()
     return str(obj)
+
+
+def url_key(text: str) -> str:
+    """What a URL is looked up by, in the index and in a full scan alike: the URL without surrounding whitespace,
+    so that a list entry stored with spaces is found as the user types it, and the other way round."""
+    return text.strip()
 
 
 def ledger_dir(stage_dir: Path) -> Path:
@@ -131,12 +142,16 @@ class Ledger:
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
 
-    def dataset(self) -> ds.Dataset | None:
+    def dataset(self, stages: Iterable[str] | None = None) -> ds.Dataset | None:
         files = [str(p) for p in ledger_files(self.run_dir)]
+        if stages is not None:  # only these stages' files are opened
+            wanted = {str(ledger_dir(self.run_dir / "stages" / s)) for s in stages}
+            files = [f for f in files if str(Path(f).parent) in wanted]
         return ds.dataset(files, schema=LEDGER_SCHEMA, format="parquet") if files else None
 
-    def query(self, expr: ds.Expression | None = None, columns: list[str] | None = None) -> pd.DataFrame:
-        data = self.dataset()
+    def query(self, expr: ds.Expression | None = None, columns: list[str] | None = None,
+              stages: Iterable[str] | None = None) -> pd.DataFrame:
+        data = self.dataset(stages)
         if data is None:
             return pd.DataFrame(columns=columns or LEDGER_SCHEMA.names)
         return data.to_table(filter=expr, columns=columns).to_pandas()
@@ -145,7 +160,8 @@ class Ledger:
         return self.query()
 
     def rows_for_url(self, url: str) -> list[int]:
-        hits = self.query((ds.field("reason") == "input") & (ds.field("url") == url), ["row_id"])
+        hits = self.query((ds.field("reason") == "input") & ds.field("url").is_valid(), ["row_id", "url"])
+        hits = hits[hits["url"].map(url_key) == url_key(url)]
         return sorted(int(r) for r in hits["row_id"].dropna())
 
     def image_ids_for_rows(self, row_ids: Iterable[int]) -> list[str]:
@@ -155,12 +171,14 @@ class Ledger:
         hits = self.query(ds.field("row_id").isin(rows) & ds.field("image_id").is_valid(), ["image_id"])
         return sorted(set(hits["image_id"]))
 
-    def chain(self, *, image_id: str | None = None, url: str | None = None) -> pd.DataFrame:
-        """Every event about an image (and its input row), or about a URL (its rows and their images)."""
+    def chain(self, *, image_id: str | None = None, url: str | None = None, row_id: int | None = None) -> pd.DataFrame:
+        """Every event about an image (and its input rows), about a URL or an input row (the rows and their images).
+
+        A full scan of the ledger: the reference that the index's look-ups (infra.lineage_index) agree with."""
         rows: list[int] = []
         images: list[str] = []
-        if url is not None:
-            rows = self.rows_for_url(url)
+        if url is not None or row_id is not None:
+            rows = self.rows_for_url(url) if url is not None else [int(row_id)]
             images = self.image_ids_for_rows(rows)
         if image_id is not None:
             images = [image_id]
@@ -213,7 +231,8 @@ class OutcomeCheck:
 
 def latest_attempts(ledger: Ledger) -> pd.Series:
     """Row id -> its latest ingest attempt, for the rows that were retried (every other row's is 0)."""
-    retries = ledger.query((ds.field("stage") == "ingest") & (ds.field("reason") == "retry"), ["row_id", "attempt"])
+    retries = ledger.query((ds.field("stage") == "ingest") & (ds.field("reason") == "retry"), ["row_id", "attempt"],
+                           stages=["ingest"])
     return retries.groupby("row_id")["attempt"].max()
 
 

@@ -15,8 +15,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import logging
 import os
 import shutil
+import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +26,14 @@ from typing import Any
 
 from infra.config import PipelineConfig, config_hash
 from infra.lineage import LedgerWriter, ledger_dir
+from infra.lineage_index import index_stage
 from infra.manifest import StageManifest, cache_key, inputs_digest, read_manifest, write_manifest
 from infra.run import RunDir, code_version, now
 from infra.storage import Markers, atomic_write_json, file_record, read_json
 
 FAULT_ENV = "LVD_FAULT"  # "<stage>" or "<stage>:<n>" (fail after n shards of the stage); for tests and chaos runs
 KEY_FILE = "_key.json"
+log = logging.getLogger(__name__)
 
 
 class InjectedFault(RuntimeError):
@@ -238,7 +242,17 @@ def run_stage(spec: StageSpec, run: RunDir, cfg: PipelineConfig) -> StageManifes
             raise StageStorageError(spec.name, run, storage) from err
         raise
     run.log_event("completed", spec.name, key=key, counts=result.counts)
+    _index_lineage(run, spec.name)
     return manifest
+
+
+def _index_lineage(run: RunDir, stage: str) -> None:
+    """The stage's ledger is final: index it for `lvd lineage` (files indexed before, e.g. by a look-up while the
+    stage ran, are not read again). Derived data: where this fails the first look-up builds it."""
+    try:
+        index_stage(run.stage_dir(stage))
+    except (OSError, sqlite3.Error) as err:
+        log.warning("stage %s: lineage index not written (%s); `lvd lineage` will build it", stage, err)
 
 
 def _prepare(stage_dir: Path, key: str) -> None:

@@ -20,15 +20,19 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
-    from infra.lineage import Ledger
+    from infra.lineage_lookup import AmbiguousId, find_chain
     from infra.lineage_view import describe_chain
 
-    ledger = Ledger(Path(args.root) / args.run_id)
-    key = args.key
-    is_image = len(key) == 64 and all(c in "0123456789abcdef" for c in key.lower())
-    chain = ledger.chain(image_id=key.lower()) if is_image else ledger.chain(url=key)
+    run_dir = Path(args.root) / args.run_id
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"no run {args.run_id!r} under {args.root}")
+    try:
+        chain, key = find_chain(run_dir, args.key)
+    except AmbiguousId as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if chain.empty:
-        print(f"no lineage for {key!r} in run {args.run_id}", file=sys.stderr)
+        print(f"no lineage for {args.key!r} in run {args.run_id}", file=sys.stderr)
         return 1
     print(chain.to_json(orient="records", indent=2) if args.json else describe_chain(chain, key))
     return 0
@@ -102,7 +106,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         c = sub.add_parser(name, help=helptext)
         c.add_argument("run_id")
         if name == "lineage":
-            c.add_argument("key", help="an image id (sha256) or a URL")
+            c.add_argument("key", help="an image id or a unique prefix of one (4+ hex digits, as printed), a URL, "
+                                       "or row:N (row N of the URL list)")
         if name == "domains":
             c.add_argument("--top", type=int, default=30, help="hosts to list, most URLs first (0: all)")
             c.add_argument("--csv", default=None, help="also write every host to this CSV file")
