@@ -1,9 +1,10 @@
 """Per-domain download statistics from the lineage ledger: which hosts served their images, which refused or failed
 (and why), and how many of each host's images reached the corpus.
 
-Read shard by shard: a row's host comes from the URL on its ``input`` event (or, for a retried row, on its ``retry``
-event), which is in the same ledger file as that attempt's outcome, so no file is joined with another. Memory holds
-one ledger file, the corpus's row ids and the per-host counts, never the URL list.
+Read a batch of ledger files at a time: a row's host comes from the URL on its ``input`` event (or, for a retried
+row, on its ``retry`` event), which is in the same ledger file as that attempt's outcome, so events are joined on
+(file, row) and no file is joined with another. Memory holds one batch of files, the corpus's row ids and the
+per-host counts, never the URL list. Hosts are extracted vectorised: each distinct ``scheme://host:port`` head once.
 
 A row's download outcome is that of its latest attempt (see :mod:`infra.lineage`): ``downloaded`` when the bytes
 arrived (an ``exact_duplicate`` of an image already fetched in that shard counts: the host served it), ``not
@@ -15,26 +16,32 @@ requested`` for rows never sent to the network (malformed list rows, repeated UR
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 
-from infra.lineage import Ledger, latest_attempts, ledger_dir
+from infra.lineage import LEDGER_SCHEMA, Ledger, latest_attempts, ledger_dir
 
 NOT_REQUESTED = frozenset({"list_row_malformed", "url_duplicate"})
 FETCHED = frozenset({"downloaded", "exact_duplicate"})
 NO_HOST = "(no host)"
 LOCAL = "(local files)"  # file:// URLs of a local pool (ingest.local_roots)
 COLUMNS = ["host", "urls", "requested", "downloaded", "download_rate", "in_corpus", "failures"]
+FILES_PER_BATCH = 256  # ledger files read together (ingest writes one per shard of `ingest.shard_size` rows)
+# The head of a URL of the common form (scheme://netloc, the netloc in printable ASCII, followed by a path, query,
+# fragment or nothing): urlsplit finds the same host in the head as in the whole URL. Other URLs go whole.
+_HEAD = r"^(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[\x21\x22\x24-\x2e\x30-\x3e\x40-\x7e]*)(?:[/?#]|$)"
 
 
-def host_of(url: object) -> str:
-    """The URL's host name, lower case, without port or credentials; ``(local files)`` for file URLs; ``(no host)``
-    when it has none or is invalid."""
+def host_of(url: object, local: bool = False) -> str:
+    """The URL's host name, lower case, without port or credentials; ``(no host)`` when it has none or is invalid.
+    ``local`` (the run has `ingest.local_roots`): file URLs are counted as ``(local files)``."""
     if not isinstance(url, str):
         return NO_HOST
     try:
@@ -42,45 +49,67 @@ def host_of(url: object) -> str:
         host = parts.hostname
     except ValueError:  # e.g. an unbalanced IPv6 bracket
         return NO_HOST
-    if parts.scheme.lower() == "file":
+    if local and parts.scheme.lower() == "file":
         return LOCAL
     return host or NO_HOST
 
 
+def hosts_of(urls: pa.Array | pa.ChunkedArray, local: bool = False) -> np.ndarray:
+    """:func:`host_of` of every URL (an object array), computed once per distinct head (see ``_HEAD``)."""
+    if isinstance(urls, pa.ChunkedArray):
+        urls = urls.combine_chunks()
+    match = pc.extract_regex(urls, _HEAD)
+    encoded = pc.dictionary_encode(pc.if_else(match.is_valid(), pc.struct_field(match, "head"), urls))
+    hosts = np.array([host_of(k, local) for k in encoded.dictionary.to_pylist()] + [NO_HOST], dtype=object)
+    return hosts[pc.fill_null(encoded.indices, len(encoded.dictionary)).to_numpy()]
+
+
 def _corpus_rows(ledger: Ledger) -> np.ndarray:
-    keeps = ledger.query((ds.field("stage") == "corpus") & (ds.field("kind") == "keep") & ds.field("row_id").is_valid(),
-                         ["row_id"])  # fmt: skip
+    keeps = ledger.query((ds.field("kind") == "keep") & ds.field("row_id").is_valid(), ["row_id"], stages=["corpus"])
     return np.unique(keeps["row_id"].to_numpy(np.int64))
 
 
-def _file_counts(ev: pd.DataFrame, latest: pd.Series, corpus: np.ndarray) -> pd.Series:
-    """One ledger file's rows counted by (host, key): key ``urls``, ``in_corpus`` or the outcome reason."""
-    named = ev[ev["reason"].isin(("input", "retry"))]
-    host = pd.Series(named["url"].map(host_of).to_numpy(), index=named["row_id"].to_numpy())
-    host = host[~host.index.duplicated()]
-    inputs = ev.loc[ev["reason"] == "input", "row_id"]
+def _batch_counts(ev: pd.DataFrame, latest: pd.Series, corpus: np.ndarray) -> pd.Series:
+    """A batch of ledger files' rows (column ``file``: which file) counted by (host, key): key ``urls``,
+    ``in_corpus`` or the outcome reason."""
+    named = ev.loc[ev["reason"].isin(("input", "retry")), ["file", "row_id", "host"]].drop_duplicates(["file", "row_id"])
+    inputs = ev.loc[ev["reason"] == "input", ["file", "row_id"]]
     current = ev["row_id"].map(latest).fillna(0).astype("int64")
     outcome = ev[((ev["kind"] == "drop") | (ev["reason"] == "downloaded")) & (ev["attempt"].fillna(0) == current)]
-    parts = [(inputs, "urls"), (inputs[np.isin(inputs, corpus)], "in_corpus"), (outcome["row_id"], outcome["reason"])]
-    keyed = pd.concat(pd.DataFrame({"host": host.reindex(rows.to_numpy()).to_numpy(),
-                                    "key": key if isinstance(key, str) else key.to_numpy()})
-                      for rows, key in parts)  # fmt: skip
-    # A row not named in this file: a decision after its download was counted (the cross-shard exact and perceptual
-    # duplicates of ingest's `_dedup.parquet`), not a download outcome.
-    return keyed.dropna(subset=["host"]).groupby(["host", "key"]).size()
+    parts = [inputs.assign(key="urls"), inputs[np.isin(inputs["row_id"], corpus)].assign(key="in_corpus"),
+             outcome[["file", "row_id", "reason"]].rename(columns={"reason": "key"})]  # fmt: skip
+    # A row not named in its file: a decision after its download was counted (the cross-shard exact and perceptual
+    # duplicates of ingest's `_dedup.parquet`), not a download outcome; the inner join leaves it out.
+    keyed = pd.concat(parts).merge(named, on=["file", "row_id"], how="inner")
+    return keyed.groupby(["host", "key"]).size()
 
 
-def domain_stats(run_dir: Path) -> pd.DataFrame:
+def _batches(files: list[Path], local: bool) -> Iterator[pd.DataFrame]:
+    """The ingest ledger's events, a batch of files at a time, with each event's file and its URL's host."""
+    columns = ["row_id", "kind", "reason", "url", "attempt"]
+    for i in range(0, len(files), FILES_PER_BATCH):
+        batch = [str(f) for f in files[i:i + FILES_PER_BATCH]]
+        number = {f: n for n, f in enumerate(batch)}
+        tables = [(number[t.fragment.path], t.record_batch)
+                  for t in ds.dataset(batch, schema=LEDGER_SCHEMA, format="parquet").scanner(columns=columns).scan_batches()]  # fmt: skip
+        if not tables:
+            continue
+        table = pa.Table.from_batches([b for _, b in tables])
+        file_no = np.concatenate([np.full(b.num_rows, n, np.int32) for n, b in tables])
+        yield table.to_pandas().assign(file=file_no, host=hosts_of(table["url"], local))
+
+
+def domain_stats(run_dir: Path, local: bool = False) -> pd.DataFrame:
     """One row per host (most URLs first): ``urls`` in the list, ``requested`` from the network, ``downloaded``,
     ``download_rate`` (downloaded / requested), ``in_corpus``, and ``failures`` ({reason: rows}, largest first).
-    Empty when ingest wrote no ledger."""
+    ``local``: the run has `ingest.local_roots` (its file URLs are counted as ``(local files)``). Empty when ingest
+    wrote no ledger."""
     ledger = Ledger(run_dir)
     latest, corpus = latest_attempts(ledger), _corpus_rows(ledger)  # the retried rows; the corpus's row ids
     files = sorted(ledger_dir(Path(run_dir) / "stages" / "ingest").glob("*.parquet"))
     totals: dict[str, Counter] = {}
-    for f in files:
-        ev = pq.read_table(f, columns=["row_id", "kind", "reason", "url", "attempt"]).to_pandas()
-        for (h, key), n in _file_counts(ev, latest, corpus).items():
+    for ev in _batches(files, local):
+        for (h, key), n in _batch_counts(ev, latest, corpus).items():
             totals.setdefault(h, Counter())[key] += int(n)
     out = []
     for h, c in totals.items():

@@ -52,8 +52,8 @@ def cmd_domains(args: argparse.Namespace) -> int:
     from infra.domains import domain_stats, format_domains
     from infra.runs import open_run
 
-    run, _ = open_run(args.root, args.run_id)
-    frame = domain_stats(run.path)
+    run, cfg = open_run(args.root, args.run_id)
+    frame = domain_stats(run.path, local=bool(cfg.ingest.local_roots))
     if frame.empty:
         print(f"run {args.run_id} has no ingest ledger yet", file=sys.stderr)
         return 1
