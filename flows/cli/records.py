@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from flows.stages import stage_progress
+    from flows.resume_points import stage_progress  # not flows.stages: no stage cores, no torch
     from infra.runs import open_run
     from infra.summary import format_summary, run_summary
 
