@@ -42,8 +42,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from infra.audit import audit_run
     from infra.runs import open_run
 
-    run, _ = open_run(args.root, args.run_id)
-    report = audit_run(run)
+    run, cfg = open_run(args.root, args.run_id)
+    report = audit_run(run, cfg)
     print(json.dumps(report.to_json(), indent=2) if args.json else report.format())
     return 0 if report.ok else 1
 

@@ -14,6 +14,8 @@ import pytest
 
 from infra import lineage
 from infra.lineage import LedgerWriter
+from infra.shards import ShardWriter
+from infra.storage import sha256_bytes
 
 N_ROWS = 30
 WHITESPACE_URL = "  http://h1.example/img/7.png\n"  # row 7; row 8 lists the same URL without the spaces
@@ -29,6 +31,11 @@ IDS[10] = IDS[9]  # row 10 downloaded the same bytes as row 9
 SEEDS = [hashlib.sha256(f"seed {i}".encode()).hexdigest() for i in range(2)]
 
 
+def stored(image: str) -> bytes:
+    """The bytes the corpus stores for an image (not an image: the audit only hashes them)."""
+    return f"bytes of {image}".encode()
+
+
 def url(r: int) -> str:
     return WHITESPACE_URL if r == 7 else WHITESPACE_URL.strip() if r == 8 else f"http://h{r % 3}.example/img/{r}.png"
 
@@ -40,7 +47,8 @@ def _ledger(stage: str, attempt: int = 0) -> LedgerWriter:
 def build(run: Path, mp: pytest.MonkeyPatch) -> Path:
     """Write the ledger of ``run``; returns it. Rows: 0, 1 http_404; 3 url_malformed; 5 http_500, then downloaded
     by a retry; 8 url_duplicate of 7; 10 exact_duplicate of 9; 20 a perceptual duplicate of 2 across shards;
-    13 a near duplicate of 14 (dedup); 16 dropped by nsfw; the rest kept, with two seed images."""
+    13 a near duplicate of 14 (dedup); 16 dropped by nsfw; the rest kept, with two seed images, in one corpus
+    shard."""
     mp.setattr(lineage, "ROW_GROUP_EVENTS", 4)
     stages = run / "stages"
     dropped = {0: "http_404", 1: "http_404", 3: "url_malformed", 5: "http_500", 8: "url_duplicate"}
@@ -75,17 +83,28 @@ def build(run: Path, mp: pytest.MonkeyPatch) -> Path:
         if shard == "00001":  # written before the column existed
             pq.write_table(pq.read_table(path).drop_columns(["attempt"]), path, row_group_size=4)
     survivors = [r for r in images if r != 16]
+    for shard, rows in (("00000", [r for r in survivors if r < 15]), ("00001", [r for r in survivors if r >= 15])):
+        w = _ledger("faces")
+        for r in rows:
+            w.info("faces", row_id=r, image_id=IDS[r], detail={"n_faces": 0})
+        w.write(stages / "faces" / "ledger" / f"{shard}.parquet")
     dd = _ledger("dedup")
     for r in survivors:
         dd.info("dup_component", row_id=r, image_id=IDS[r], detail={"representative": IDS[14 if r == 13 else r]})
     dd.drop("near_duplicate", row_id=13, image_id=IDS[13], detail={"representative": IDS[14],
                                                                     "representative_row": 14})  # fmt: skip
     dd.write(stages / "dedup" / "ledger" / "dedup.parquet")
-    co = _ledger("corpus")
+    rt = _ledger("retrieve")
     for r in survivors:
         if r != 13:
-            co.keep("in_corpus", row_id=r, image_id=IDS[r], detail={"shard": "00000"})
-    for s in SEEDS:
-        co.keep("in_corpus", image_id=s, source="seeds", detail={"shard": "00000"})
+            rt.info("retrieved", row_id=r, image_id=IDS[r], detail={"query": SEEDS[r % 2]})
+    rt.write(stages / "retrieve" / "ledger" / "retrieve.parquet")
+    co = _ledger("corpus")
+    shard = ShardWriter(stages / "corpus" / "shards", "00000")
+    for r, image, source in [*((r, IDS[r], "pool") for r in survivors if r != 13), *((None, s, "seeds") for s in SEEDS)]:
+        co.keep("in_corpus", row_id=r, image_id=image, source=source,
+                detail={"shard": "00000", "sha256": sha256_bytes(stored(image))})
+        shard.add(image, stored(image), "png", row_id=r, source=source)
     co.write(stages / "corpus" / "ledger" / "corpus.parquet")
+    shard.close()
     return run
