@@ -24,14 +24,16 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from infra.storage import atomic_path
+
+if TYPE_CHECKING:  # imported where used: `lvd lineage` and the stages import this module, and pandas with
+    import pandas as pd  # pyarrow.dataset (which imports it) cost ~0.5 s of start-up that a look-up does not need
+    import pyarrow.dataset as ds
 
 LEDGER_SCHEMA = pa.schema(
     [
@@ -128,6 +130,12 @@ def url_key(text: str) -> str:
     return text.strip()
 
 
+def _field(name: str) -> ds.Expression:
+    import pyarrow.dataset as ds
+
+    return ds.field(name)
+
+
 def ledger_dir(stage_dir: Path) -> Path:
     return Path(stage_dir) / "ledger"
 
@@ -147,10 +155,14 @@ class Ledger:
         if stages is not None:  # only these stages' files are opened
             wanted = {str(ledger_dir(self.run_dir / "stages" / s)) for s in stages}
             files = [f for f in files if str(Path(f).parent) in wanted]
+        import pyarrow.dataset as ds
+
         return ds.dataset(files, schema=LEDGER_SCHEMA, format="parquet") if files else None
 
     def query(self, expr: ds.Expression | None = None, columns: list[str] | None = None,
               stages: Iterable[str] | None = None) -> pd.DataFrame:
+        import pandas as pd
+
         data = self.dataset(stages)
         if data is None:
             return pd.DataFrame(columns=columns or LEDGER_SCHEMA.names)
@@ -160,7 +172,7 @@ class Ledger:
         return self.query()
 
     def rows_for_url(self, url: str) -> list[int]:
-        hits = self.query((ds.field("reason") == "input") & ds.field("url").is_valid(), ["row_id", "url"])
+        hits = self.query((_field("reason") == "input") & _field("url").is_valid(), ["row_id", "url"])
         hits = hits[hits["url"].map(url_key) == url_key(url)]
         return sorted(int(r) for r in hits["row_id"].dropna())
 
@@ -168,13 +180,15 @@ class Ledger:
         rows = [int(r) for r in row_ids]
         if not rows:
             return []
-        hits = self.query(ds.field("row_id").isin(rows) & ds.field("image_id").is_valid(), ["image_id"])
+        hits = self.query(_field("row_id").isin(rows) & _field("image_id").is_valid(), ["image_id"])
         return sorted(set(hits["image_id"]))
 
     def chain(self, *, image_id: str | None = None, url: str | None = None, row_id: int | None = None) -> pd.DataFrame:
         """Every event about an image (and its input rows), about a URL or an input row (the rows and their images).
 
         A full scan of the ledger: the reference that the index's look-ups (infra.lineage_index) agree with."""
+        import pandas as pd
+
         rows: list[int] = []
         images: list[str] = []
         if url is not None or row_id is not None:
@@ -182,13 +196,13 @@ class Ledger:
             images = self.image_ids_for_rows(rows)
         if image_id is not None:
             images = [image_id]
-            hits = self.query(ds.field("image_id") == image_id, ["row_id"])
+            hits = self.query(_field("image_id") == image_id, ["row_id"])
             rows = sorted({int(r) for r in hits["row_id"].dropna()})
         expr = None
         if rows:
-            expr = ds.field("row_id").isin(rows)
+            expr = _field("row_id").isin(rows)
         if images:
-            by_image = ds.field("image_id").isin(images)
+            by_image = _field("image_id").isin(images)
             expr = by_image if expr is None else (expr | by_image)
         if expr is None:
             return pd.DataFrame(columns=LEDGER_SCHEMA.names)
@@ -196,7 +210,7 @@ class Ledger:
 
     def terminal_outcomes(self) -> pd.DataFrame:
         """One row per terminal event (drop or keep)."""
-        return self.query(ds.field("kind").isin(list(TERMINAL)))
+        return self.query(_field("kind").isin(list(TERMINAL)))
 
 
 STAGE_ORDER = {
@@ -206,6 +220,11 @@ STAGE_ORDER = {
          "pretrain_highres", "distill", "evaluate"]
     )
 }
+
+
+def event_order(event: Mapping[str, Any]) -> tuple[int, int, int]:
+    """The order of :func:`order_events` for one event (a dict): stage in pipeline order, attempt, outcomes last."""
+    return STAGE_ORDER.get(event["stage"], 99), event.get("attempt") or 0, int(event["kind"] != "info")
 
 
 def order_events(df: pd.DataFrame) -> pd.DataFrame:
@@ -231,13 +250,15 @@ class OutcomeCheck:
 
 def latest_attempts(ledger: Ledger) -> pd.Series:
     """Row id -> its latest ingest attempt, for the rows that were retried (every other row's is 0)."""
-    retries = ledger.query((ds.field("stage") == "ingest") & (ds.field("reason") == "retry"), ["row_id", "attempt"],
+    retries = ledger.query((_field("stage") == "ingest") & (_field("reason") == "retry"), ["row_id", "attempt"],
                            stages=["ingest"])
     return retries.groupby("row_id")["attempt"].max()
 
 
 def superseded(events: pd.DataFrame, ledger: Ledger) -> pd.Series:
     """True for the ingest events of ``events`` that belong to an attempt older than their row's latest one."""
+    import pandas as pd
+
     attempt = events["attempt"].fillna(0).astype("int64")
     is_ingest = (events["stage"] == "ingest") & events["row_id"].notna()
     latest = latest_attempts(ledger)
@@ -249,9 +270,9 @@ def superseded(events: pd.DataFrame, ledger: Ledger) -> pd.Series:
 
 def check_terminal_outcomes(ledger: Ledger) -> OutcomeCheck:
     """Every input row (an ``input`` event of ingest) has exactly one terminal event (superseded ones aside)."""
-    inputs = ledger.query((ds.field("stage") == "ingest") & (ds.field("reason") == "input"), ["row_id"])
+    inputs = ledger.query((_field("stage") == "ingest") & (_field("reason") == "input"), ["row_id"])
     terminal = ledger.query(
-        ds.field("kind").isin(list(TERMINAL)) & ds.field("row_id").is_valid(),
+        _field("kind").isin(list(TERMINAL)) & _field("row_id").is_valid(),
         ["row_id", "kind", "stage", "reason", "attempt"],
     )
     terminal = terminal[~superseded(terminal, ledger)]

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from infra.lineage import ledger_dir, url_key
@@ -103,11 +102,13 @@ def split_loc(loc: int) -> tuple[int, int]:
 
 
 def _valid(column: pa.ChunkedArray) -> np.ndarray:
-    return column.drop_null().to_numpy(zero_copy_only=False)
+    return np.array(column.drop_null().to_pylist(), dtype=object)  # not to_numpy: strings would import pandas
 
 
 def row_group_entries(table: pa.Table, loc: int) -> dict[str, list[tuple[int, int]]]:
     """The index entries of one row group of a ledger file (columns ``ID_COLUMNS``)."""
+    import pyarrow.compute as pc  # here: look-ups, which import this module, do not need it
+
     rows = np.unique(_valid(table["row_id"]).astype(np.int64))
     images = np.unique(image_keys(np.unique(_valid(table["image_id"]))))
     inputs = table.filter(pc.and_(pc.equal(table["reason"], "input"), table["url"].is_valid()))

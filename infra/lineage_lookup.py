@@ -4,6 +4,9 @@ groups the index names (:mod:`infra.lineage_index`). The result is the one a ful
 
 Every stage's index is brought up to date with its ledger before it is used, and a file found changed while reading
 makes that stage's index rebuilt and the look-up start again: the index is never trusted over the ledger.
+
+Light on purpose (`lvd lineage` is a command people type): pyarrow's parquet reader, numpy and sqlite3, no pandas
+and no pyarrow.compute, which would double the start-up; the events found are a few dozen dicts.
 """
 
 from __future__ import annotations
@@ -12,21 +15,23 @@ import sqlite3
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from infra.lineage import LEDGER_SCHEMA, ledger_dir, order_events, url_key
+from infra.lineage import LEDGER_SCHEMA, event_order, ledger_dir, url_key
 from infra.lineage_index import connect, image_keys, prefix_range, split_loc, sync, url_hash
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 MAX_CANDIDATES = 10  # ids listed when a prefix is ambiguous
 _CHUNK = 500  # keys per SQL statement
 HEX = frozenset("0123456789abcdef")
 T = TypeVar("T")
+Event = dict[str, Any]
 
 
 class AmbiguousId(LookupError):
@@ -43,6 +48,27 @@ class _Stale(Exception):
 
 
 @dataclass
+class _Group:
+    """One row group of a ledger file, as read: its table and the columns a look-up selects on."""
+
+    path: Path
+    index: int
+    table: pa.Table
+    row_id: np.ndarray  # float64 (NaN: no row)
+    image_id: np.ndarray  # object (None: no image)
+
+    def select(self, rows: set[int], images: set[str]) -> list[tuple[tuple[str, int, int], Event]]:
+        hit = np.isin(self.row_id, np.array(sorted(rows), dtype=np.float64)) if rows else np.zeros(len(self.row_id), bool)
+        if images:
+            hit |= np.isin(self.image_id, np.array(sorted(images), dtype=object))
+        return [((str(self.path), self.index, int(i)), self._event(int(i))) for i in np.flatnonzero(hit)]
+
+    def _event(self, i: int) -> Event:
+        row = self.table.slice(i, 1).to_pylist()[0]
+        return {c: row.get(c) for c in LEDGER_SCHEMA.names}  # a file from before a column existed: None
+
+
+@dataclass
 class IndexedLedger:
     """The read side of a run's ledger through its index. ``files_read``: the ledger files opened so far."""
 
@@ -54,7 +80,7 @@ class IndexedLedger:
         root = self.run_dir / "stages"
         self.stages = sorted(d for d in root.iterdir() if ledger_dir(d).is_dir()) if root.is_dir() else []
         self._conns: dict[Path, sqlite3.Connection] = {}
-        self._groups: dict[tuple[Path, int], pa.Table] = {}
+        self._groups: dict[tuple[Path, int], _Group] = {}
 
     def close(self) -> None:
         for conn in self._conns.values():
@@ -79,7 +105,7 @@ class IndexedLedger:
                 out.update((stage, loc) for (loc,) in conn.execute(sql, chunk))
         return sorted(out)
 
-    def _read(self, stage: Path, loc: int) -> pa.Table:
+    def _read(self, stage: Path, loc: int) -> _Group:
         """One row group (every column), checked against the index's record of its file first."""
         if (stage, loc) in self._groups:
             return self._groups[(stage, loc)]
@@ -92,23 +118,14 @@ class IndexedLedger:
             raise _Stale(stage)
         self.files_read.add(path)
         table = pq.ParquetFile(path).read_row_group(rg)
-        n = table.num_rows
-        cols = {c: table[c] if c in table.column_names else pa.nulls(n, LEDGER_SCHEMA.field(c).type)
-                for c in LEDGER_SCHEMA.names}  # fmt: skip  (files from before a column existed)
-        # Where each event sits, for the full scan's order: ledger files by path, events in file order.
-        cols["_file"] = pa.array([str(path)] * n)
-        cols["_rg"] = pa.array(np.full(n, rg, np.int32))
-        cols["_pos"] = pa.array(np.arange(n, dtype=np.int64))
-        self._groups[(stage, loc)] = pa.table(cols)
-        return self._groups[(stage, loc)]
+        # to_pylist, not to_numpy: pyarrow converts strings to numpy through pandas (~0.5 s to import)
+        rows = np.array([np.nan if r is None else r for r in table["row_id"].to_pylist()], dtype=np.float64)
+        group = _Group(path, rg, table, rows, np.array(table["image_id"].to_pylist(), dtype=object))
+        self._groups[(stage, loc)] = group
+        return group
 
-    def _events(self, locs: Iterable[tuple[Path, int]]) -> pa.Table:
-        tables = [self._read(s, loc) for s, loc in locs]
-        if not tables:
-            return pa.table({**{c: pa.array([], LEDGER_SCHEMA.field(c).type) for c in LEDGER_SCHEMA.names},
-                             "_file": pa.array([], pa.string()), "_rg": pa.array([], pa.int32()),
-                             "_pos": pa.array([], pa.int64())})  # fmt: skip
-        return pa.concat_tables(tables)
+    def _groups_at(self, locs: Iterable[tuple[Path, int]]) -> list[_Group]:
+        return [self._read(s, loc) for s, loc in locs]
 
     def _retrying(self, fn: Callable[..., T], *args: object) -> T:
         try:
@@ -134,48 +151,60 @@ class IndexedLedger:
         if len(keys) > MAX_CANDIDATES:  # listed by their first 16 digits, without reading the ledger
             heads = sorted(f"{k & (2**64 - 1):016x}..." for k in keys)[:MAX_CANDIDATES]
             raise AmbiguousId(prefix, heads, more=True)
-        ids = self._events(self._locs("by_image", "image", keys))["image_id"].drop_null()
-        found = sorted(set(pc.filter(ids, pc.starts_with(ids, prefix)).to_pylist()))
+        found = set()
+        for group in self._groups_at(self._locs("by_image", "image", keys)):
+            found.update(i for i in set(group.image_id) if isinstance(i, str) and i.startswith(prefix))
         if len(found) > 1:
-            raise AmbiguousId(prefix, found)
-        return found[0] if found else None
+            raise AmbiguousId(prefix, sorted(found))
+        return found.pop() if found else None
+
+    def events(self, *, image_id: str | None = None, url: str | None = None, row_id: int | None = None) -> list[Event]:
+        """The chain of one key as a list of events (dicts with the ledger's columns), in the full scan's order."""
+        return self._retrying(self._events, image_id, url, row_id) or []
 
     def chain(self, *, image_id: str | None = None, url: str | None = None, row_id: int | None = None) -> pd.DataFrame:
         """What :meth:`infra.lineage.Ledger.chain` gives (one of the three keys), read through the index."""
-        return self._retrying(self._chain, image_id, url, row_id)
+        events = self._retrying(self._events, image_id, url, row_id)
+        if events is None:  # nothing to look for (an unknown URL): the scan's untyped empty frame
+            import pandas as pd
 
-    def _chain(self, image_id: str | None, url: str | None, row_id: int | None) -> pd.DataFrame:
+            return pd.DataFrame(columns=LEDGER_SCHEMA.names)
+        return pa.Table.from_pylist(events, schema=LEDGER_SCHEMA).to_pandas()
+
+    def _events(self, image_id: str | None, url: str | None, row_id: int | None) -> list[Event] | None:
         images: set[str] = set()
         if image_id is not None:
             images = {image_id}
-            first = self._events(self._locs("by_image", "image", image_keys(np.array([image_id], dtype=object))))
-            mine = pc.equal(first["image_id"], image_id)
-            rows = set(pc.filter(first["row_id"], pc.fill_null(mine, False)).drop_null().to_pylist())
+            keys = image_keys(np.array([image_id], dtype=object))
+            first = [e for g in self._groups_at(self._locs("by_image", "image", keys)) for _, e in g.select(set(), images)]
+            rows = {int(e["row_id"]) for e in first if e["row_id"] is not None}
         else:
             if url is not None:
                 key = url_key(url)
-                found = self._events(self._locs("by_url", "url", [url_hash(url)])).to_pandas()
-                found = found[(found["reason"] == "input") & found["url"].notna()]
-                rows = set(found.loc[found["url"].map(url_key) == key, "row_id"].dropna().astype("int64"))
+                groups = self._groups_at(self._locs("by_url", "url", [url_hash(url)]))
+                found = [e for g in groups for _, e in self._inputs(g, key)]
+                rows = {int(e["row_id"]) for e in found if e["row_id"] is not None}
             else:
                 rows = {int(row_id)}
-            of_rows = self._events(self._locs("by_row", "row_id", rows))
-            in_rows = pc.fill_null(pc.is_in(of_rows["row_id"], pa.array(sorted(rows), pa.int64())), False)
-            images = set(pc.filter(of_rows["image_id"], in_rows).drop_null().to_pylist())
+            of_rows = [e for g in self._groups_at(self._locs("by_row", "row_id", rows)) for _, e in g.select(rows, set())]
+            images = {e["image_id"] for e in of_rows if e["image_id"] is not None}
         return self._collect(rows, images)
 
-    def _collect(self, rows: set[int], images: set[str]) -> pd.DataFrame:
+    @staticmethod
+    def _inputs(group: _Group, key: str) -> list[tuple[tuple[str, int, int], Event]]:
+        """The ``input`` events of a row group whose URL has the look-up key ``key``."""
+        pairs = enumerate(zip(group.table["reason"].to_pylist(), group.table["url"].to_pylist(), strict=True))
+        return [((str(group.path), group.index, i), group._event(i)) for i, (reason, url) in pairs
+                if reason == "input" and url is not None and url_key(url) == key]  # fmt: skip
+
+    def _collect(self, rows: set[int], images: set[str]) -> list[Event] | None:
         if not rows and not images:
-            return pd.DataFrame(columns=LEDGER_SCHEMA.names)
+            return None
         locs = set(self._locs("by_row", "row_id", rows))
         locs |= set(self._locs("by_image", "image", image_keys(np.array(sorted(images), dtype=object))))
-        events = self._events(sorted(locs))
-        mask = pc.or_(pc.fill_null(pc.is_in(events["row_id"], pa.array(sorted(rows), pa.int64())), False),
-                      pc.fill_null(pc.is_in(events["image_id"], pa.array(sorted(images), pa.string())), False))
-        df = events.filter(mask).to_pandas()
-        rank = {f: i for i, f in enumerate(sorted(set(df["_file"]), key=Path))}  # the full scan's order of files
-        df = df.assign(_file=df["_file"].map(rank)).sort_values(["_file", "_rg", "_pos"], kind="stable")
-        return order_events(df.drop(columns=["_file", "_rg", "_pos"]).reset_index(drop=True))
+        found = [hit for g in self._groups_at(locs) for hit in g.select(rows, images)]
+        found.sort(key=lambda hit: (Path(hit[0][0]), hit[0][1], hit[0][2]))  # the full scan's order of files
+        return sorted((e for _, e in found), key=event_order)
 
 
 def parse_key(text: str) -> tuple[str, str | int]:
@@ -191,7 +220,7 @@ def parse_key(text: str) -> tuple[str, str | int]:
     return "url", text
 
 
-def find_chain(run_dir: Path, text: str) -> tuple[pd.DataFrame, str]:
+def find_chain(run_dir: Path, text: str) -> tuple[list[Event], str]:
     """The chain of ``text`` (see :func:`parse_key`) and what it is the chain of (an image prefix resolved to the
     whole id). AmbiguousId when a prefix names several images."""
     kind, key = parse_key(text)
@@ -199,9 +228,9 @@ def find_chain(run_dir: Path, text: str) -> tuple[pd.DataFrame, str]:
     try:
         if kind == "image":
             image = ledger.resolve_image(str(key))
-            return (ledger.chain(image_id=image), image) if image else (pd.DataFrame(), text)
+            return (ledger.events(image_id=image), image) if image else ([], text)
         if kind == "row":
-            return ledger.chain(row_id=int(key)), f"input row {key}"
-        return ledger.chain(url=str(key)), text
+            return ledger.events(row_id=int(key)), f"input row {key}"
+        return ledger.events(url=str(key)), text
     finally:
         ledger.close()

@@ -31,10 +31,10 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     except AmbiguousId as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if chain.empty:
+    if not chain:
         print(f"no lineage for {args.key!r} in run {args.run_id}", file=sys.stderr)
         return 1
-    print(chain.to_json(orient="records", indent=2) if args.json else describe_chain(chain, key))
+    print(json.dumps(chain, indent=2) if args.json else describe_chain(chain, key))
     return 0
 
 
