@@ -54,49 +54,85 @@ def host_of(url: object, local: bool = False) -> str:
     return host or NO_HOST
 
 
-def hosts_of(urls: pa.Array | pa.ChunkedArray, local: bool = False) -> np.ndarray:
-    """:func:`host_of` of every URL (an object array), computed once per distinct head (see ``_HEAD``)."""
+def _host_codes(urls: pa.Array | pa.ChunkedArray, local: bool) -> tuple[np.ndarray, list[str]]:
+    """Every URL's host as a code into a list of names (:func:`host_of` of each distinct head, see ``_HEAD``)."""
     if isinstance(urls, pa.ChunkedArray):
         urls = urls.combine_chunks()
     match = pc.extract_regex(urls, _HEAD)
     encoded = pc.dictionary_encode(pc.if_else(match.is_valid(), pc.struct_field(match, "head"), urls))
-    hosts = np.array([host_of(k, local) for k in encoded.dictionary.to_pylist()] + [NO_HOST], dtype=object)
-    return hosts[pc.fill_null(encoded.indices, len(encoded.dictionary)).to_numpy()]
+    names = [host_of(k, local) for k in encoded.dictionary.to_pylist()] + [NO_HOST]
+    return pc.fill_null(encoded.indices, len(names) - 1).to_numpy(), names
+
+
+def hosts_of(urls: pa.Array | pa.ChunkedArray, local: bool = False) -> np.ndarray:
+    """:func:`host_of` of every URL (an object array), computed once per distinct head (see ``_HEAD``)."""
+    codes, names = _host_codes(urls, local)
+    return np.array(names, dtype=object)[codes]
 
 
 def _corpus_rows(ledger: Ledger) -> np.ndarray:
     keeps = ledger.query((ds.field("kind") == "keep") & ds.field("row_id").is_valid(), ["row_id"], stages=["corpus"])
-    return np.unique(keeps["row_id"].to_numpy(np.int64))
+    rows = np.sort(keeps["row_id"].to_numpy(np.int64))
+    return rows[np.r_[True, rows[1:] != rows[:-1]]] if len(rows) else rows  # np.unique hashes: slower here
 
 
-def _batch_counts(ev: pd.DataFrame, latest: pd.Series, corpus: np.ndarray) -> pd.Series:
-    """A batch of ledger files' rows (column ``file``: which file) counted by (host, key): key ``urls``,
-    ``in_corpus`` or the outcome reason."""
-    named = ev.loc[ev["reason"].isin(("input", "retry")), ["file", "row_id", "host"]].drop_duplicates(["file", "row_id"])
-    inputs = ev.loc[ev["reason"] == "input", ["file", "row_id"]]
-    current = ev["row_id"].map(latest).fillna(0).astype("int64")
-    outcome = ev[((ev["kind"] == "drop") | (ev["reason"] == "downloaded")) & (ev["attempt"].fillna(0) == current)]
-    parts = [inputs.assign(key="urls"), inputs[np.isin(inputs["row_id"], corpus)].assign(key="in_corpus"),
-             outcome[["file", "row_id", "reason"]].rename(columns={"reason": "key"})]  # fmt: skip
-    # A row not named in its file: a decision after its download was counted (the cross-shard exact and perceptual
-    # duplicates of ingest's `_dedup.parquet`), not a download outcome; the inner join leaves it out.
-    keyed = pd.concat(parts).merge(named, on=["file", "row_id"], how="inner")
-    return keyed.groupby(["host", "key"]).size()
+def _lookup(sorted_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(found, position) of ``keys`` in a sorted array."""
+    pos = np.minimum(np.searchsorted(sorted_keys, keys), max(len(sorted_keys) - 1, 0))
+    return (sorted_keys[pos] == keys) if len(sorted_keys) else np.zeros(len(keys), bool), pos
 
 
-def _batches(files: list[Path], local: bool) -> Iterator[pd.DataFrame]:
-    """The ingest ledger's events, a batch of files at a time, with each event's file and its URL's host."""
+def _numpy(column: pa.ChunkedArray, fill: object) -> np.ndarray:
+    return pc.fill_null(column, fill).to_numpy(zero_copy_only=False)
+
+
+class _Counts:
+    """Rows counted by (host, key): key ``urls``, ``in_corpus`` or the outcome reason; a batch of ledger files at a
+    time, with numpy (events are joined on (file, row): a row's host comes from its own file)."""
+
+    def __init__(self, latest: pd.Series, corpus: np.ndarray, local: bool):
+        self.latest_rows, self.latest = latest.index.to_numpy(np.int64), latest.to_numpy(np.int64)
+        self.corpus, self.local = corpus, local
+        self.totals: dict[str, Counter] = {}
+
+    def add(self, table: pa.Table, file_no: np.ndarray) -> None:
+        reason = pc.dictionary_encode(table["reason"]).combine_chunks()
+        names = reason.dictionary.to_pylist()
+        code = _numpy(reason.indices, -1)
+        row = _numpy(table["row_id"], -1)
+        key = file_no.astype(np.int64) << 40 | row
+        named = np.isin(code, [names.index(n) for n in ("input", "retry") if n in names])
+        host_code, host_names = _host_codes(table["url"].filter(pa.array(named)), self.local)
+        first_keys, first = np.unique(key[named], return_index=True)  # a row named twice in a file: its first event
+        first_host = host_code[first]
+        inputs = code == (names.index("input") if "input" in names else -2)
+        found, at = _lookup(self.latest_rows, row)
+        current = np.where(found, self.latest[at] if len(self.latest) else 0, 0)
+        outcome = (_numpy(pc.equal(table["kind"], "drop"), False) | (code == (names.index("downloaded")
+                   if "downloaded" in names else -2))) & (_numpy(table["attempt"], 0) == current)  # fmt: skip
+        keys = [*names, "urls", "in_corpus"]
+        for mask, key_code in ((inputs, len(names)), (inputs & np.isin(row, self.corpus), len(names) + 1),
+                               (outcome, None)):  # fmt: skip
+            # A row not named in its file: a decision after its download was counted (the cross-shard duplicates of
+            # ingest's `_dedup.parquet`), not a download outcome: left out.
+            hit, pos = _lookup(first_keys, key[mask])
+            kc = code[mask][hit] if key_code is None else np.full(int(hit.sum()), key_code)
+            pairs, n = np.unique(first_host[pos[hit]].astype(np.int64) * len(keys) + kc, return_counts=True)
+            for pair, count in zip(pairs.tolist(), n.tolist(), strict=True):
+                self.totals.setdefault(host_names[pair // len(keys)], Counter())[keys[pair % len(keys)]] += count
+
+
+def _batches(files: list[Path]) -> Iterator[tuple[pa.Table, np.ndarray]]:
+    """The ingest ledger's events, a batch of files at a time, with each event's file (a number)."""
     columns = ["row_id", "kind", "reason", "url", "attempt"]
     for i in range(0, len(files), FILES_PER_BATCH):
         batch = [str(f) for f in files[i:i + FILES_PER_BATCH]]
         number = {f: n for n, f in enumerate(batch)}
-        tables = [(number[t.fragment.path], t.record_batch)
-                  for t in ds.dataset(batch, schema=LEDGER_SCHEMA, format="parquet").scanner(columns=columns).scan_batches()]  # fmt: skip
-        if not tables:
-            continue
-        table = pa.Table.from_batches([b for _, b in tables])
-        file_no = np.concatenate([np.full(b.num_rows, n, np.int32) for n, b in tables])
-        yield table.to_pandas().assign(file=file_no, host=hosts_of(table["url"], local))
+        scan = ds.dataset(batch, schema=LEDGER_SCHEMA, format="parquet").scanner(columns=columns).scan_batches()
+        tables = [(number[t.fragment.path], t.record_batch) for t in scan]
+        if tables:
+            file_no = np.concatenate([np.full(b.num_rows, n, np.int32) for n, b in tables])
+            yield pa.Table.from_batches([b for _, b in tables]), file_no
 
 
 def domain_stats(run_dir: Path, local: bool = False) -> pd.DataFrame:
@@ -107,12 +143,11 @@ def domain_stats(run_dir: Path, local: bool = False) -> pd.DataFrame:
     ledger = Ledger(run_dir)
     latest, corpus = latest_attempts(ledger), _corpus_rows(ledger)  # the retried rows; the corpus's row ids
     files = sorted(ledger_dir(Path(run_dir) / "stages" / "ingest").glob("*.parquet"))
-    totals: dict[str, Counter] = {}
-    for ev in _batches(files, local):
-        for (h, key), n in _batch_counts(ev, latest, corpus).items():
-            totals.setdefault(h, Counter())[key] += int(n)
+    counts = _Counts(latest, corpus, local)
+    for table, file_no in _batches(files):
+        counts.add(table, file_no)
     out = []
-    for h, c in totals.items():
+    for h, c in counts.totals.items():
         requested = c["urls"] - sum(c[k] for k in NOT_REQUESTED)
         downloaded = sum(c[k] for k in FETCHED)
         failures = {k: n for k, n in c.items() if k not in FETCHED | NOT_REQUESTED | {"urls", "in_corpus"}}
