@@ -200,6 +200,8 @@ def _update(conn: sqlite3.Connection, ledger: Path, force: bool) -> int:
     pending = 0
     new = sorted(set(listing) - set(known))
     for name in new:
+        if conn.execute("SELECT 1 FROM files WHERE name=?", (name,)).fetchone():
+            continue  # indexed by another process while this one waited between its commits
         st = listing[name]
         cur = conn.execute("INSERT INTO files(name, bytes, mtime_ns, events) VALUES (?, ?, ?, 0)",
                            (name, st.st_size, st.st_mtime_ns))  # fmt: skip
