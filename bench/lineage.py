@@ -15,7 +15,8 @@ match, and indexed as the stage-completion hook does (the time and size are prin
 
 Without ``--source``, the demo's curation is run first (`lvd run configs/demo.yaml run.stop_after=corpus`, ~8 min on
 2 cores). "cold": the run's files are dropped from the page cache (posix_fadvise) before the command; Python and
-its libraries stay cached. "warm": the median of 3 runs after it. "look-up alone": the time find_chain takes in a fresh process once
+its libraries stay cached. "warm": the median of 3 runs after it, with its CPU time (user + system, from wait4: what a busy machine
+disturbs least). "look-up alone": the time find_chain takes in a fresh process once
 its modules are imported (the part that depends on the run's size). The baseline: `Ledger.chain`, the full scan that
 `lvd lineage` did before the index, timed the same way. Project sources are byte-compiled first (PYTHONPYCACHEPREFIX
 in the work folder), so start-up is import time, not compile time.
@@ -228,12 +229,13 @@ if pid == 0:
     os.execv(sys.argv[2], sys.argv[2:])
 _, status, usage = os.wait4(pid, 0)
 with open(sys.argv[1], "w") as f:
-    json.dump({"s": time.perf_counter() - t, "kb": usage.ru_maxrss, "rc": os.waitstatus_to_exitcode(status)}, f)
+    json.dump({"s": time.perf_counter() - t, "cpu": usage.ru_utime + usage.ru_stime, "kb": usage.ru_maxrss,
+               "rc": os.waitstatus_to_exitcode(status)}, f)
 """
 
 
-def timed(argv: list[str], env: dict[str, str], work: Path) -> tuple[float, float, int, str]:
-    """(seconds, peak RSS in MB, exit code, first line of output) of one fresh process."""
+def timed(argv: list[str], env: dict[str, str], work: Path) -> tuple[float, float, int, str, float]:
+    """(seconds, peak RSS in MB, exit code, first line of output, CPU seconds) of one fresh process."""
     report = work / "timed.json"
     proc = subprocess.run([sys.executable, "-S", "-c", LAUNCHER, str(report), *argv], env=env, cwd=REPO,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=True)  # fmt: skip
@@ -241,7 +243,8 @@ def timed(argv: list[str], env: dict[str, str], work: Path) -> tuple[float, floa
     text = proc.stdout.decode(errors="replace")
     first = (text.strip().splitlines() or [""])[0][:70]
     inner = re.search(r"^SECONDS=([0-9.]+)$", text, re.M)  # a command that times its own work (no start-up)
-    return float(inner[1]) if inner else got["s"], got["kb"] / 1024, got["rc"], first
+    cpu = re.search(r"^CPU=([0-9.]+)$", text, re.M)
+    return float(inner[1]) if inner else got["s"], got["kb"] / 1024, got["rc"], first, float(cpu[1]) if cpu else got["cpu"]
 
 
 def commands(run: Path, sc_keys: dict[str, str]) -> dict[str, list[str]]:
@@ -251,8 +254,9 @@ def commands(run: Path, sc_keys: dict[str, str]) -> dict[str, list[str]]:
     scan = ("from pathlib import Path; from infra.lineage import Ledger; "
             "c = Ledger(Path({!r})).chain({}={!r}); print(len(c), 'events')")  # fmt: skip
     inner = ("import time; from pathlib import Path; from infra.lineage_lookup import find_chain; "
-             "t = time.perf_counter(); c, _ = find_chain(Path({!r}), {!r}); "
-             "print(len(c), 'events'); print(f'SECONDS={{time.perf_counter() - t:.4f}}')")  # fmt: skip
+             "t, c0 = time.perf_counter(), time.process_time(); c, _ = find_chain(Path({!r}), {!r}); "
+             "print(len(c), 'events'); print(f'SECONDS={{time.perf_counter() - t:.4f}}'); "
+             "print(f'CPU={{time.process_time() - c0:.4f}}')")  # fmt: skip
     return {
         "start-up (lvd --help)": [*cli, "--help"],
         "look-up alone, by image id": [*py, "-c", inner.format(str(run), sc_keys["image"])],
@@ -280,11 +284,11 @@ def keys_of(source: Path, copy: int, sc: Scaler) -> dict[str, str]:
             "url": sc.url(url, copy)}  # fmt: skip
 
 
-def measure(runs: dict[int, tuple[Path, dict[str, str]]], env: dict[str, str], repeats: int,
-            work: Path) -> dict[str, dict[int, dict]]:
+def measure(runs: dict[int, tuple[Path, dict[str, str]]], env: dict[str, str], repeats: int, work: Path,
+            only: str | None = None) -> dict[str, dict[int, dict]]:
     """Each command on every size in turn (cold, then the warm repeats alternating between sizes), so that a change
     of the machine's load falls on both sizes alike."""
-    names = list(commands(*next(iter(runs.values()))))
+    names = [n for n in commands(*next(iter(runs.values()))) if only is None or re.search(only, n)]
     out: dict[str, dict[int, dict]] = {}
     for name in names:
         argv = {n: commands(run, keys)[name] for n, (run, keys) in runs.items()}
@@ -297,9 +301,9 @@ def measure(runs: dict[int, tuple[Path, dict[str, str]]], env: dict[str, str], r
             for n in runs:
                 warm[n].append(timed(argv[n], env, work))
         out[name] = {n: {"cold": cold[n][0], "warm": statistics.median(w[0] for w in warm[n]),
-                         "rss": max([cold[n][1], *(w[1] for w in warm[n])]), "rc": cold[n][2], "out": cold[n][3]}
-                     for n in runs}  # fmt: skip
-        cells = "  ".join(f"{r['cold']:6.2f} {r['warm']:6.2f} {r['rss']:5.0f}" for r in out[name].values())
+                         "cpu": statistics.median(w[4] for w in warm[n]), "rss": max([cold[n][1], *(w[1] for w in warm[n])]),
+                         "rc": cold[n][2], "out": cold[n][3]} for n in runs}  # fmt: skip
+        cells = "  ".join(f"{r['cold']:6.2f} {r['warm']:6.2f} {r['cpu']:5.2f} {r['rss']:5.0f}" for r in out[name].values())
         print(f"  {name:<34} {cells}  {out[name][max(runs)]['out'][:40]}", flush=True)
     return out
 
@@ -339,6 +343,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=REPO / "bench" / "results" / "lineage")
     ap.add_argument("--repeats", type=int, default=3, help="warm runs per command (median)")
     ap.add_argument("--keep", action="store_true", help="keep the scaled runs (a later call measures them again)")
+    ap.add_argument("--only", help="measure only the commands whose name matches this regular expression")
     args = ap.parse_args()
     sizes = sorted(args.rows or [100_000, 1_000_000])
     args.work.mkdir(parents=True, exist_ok=True)
@@ -357,18 +362,18 @@ def main() -> None:
               f"{info['index_s']:.1f} s, {info['index_mb']:.1f} MB ({info['index_mb'] / n * 1e6:.0f} MB per million "
               f"rows)", flush=True)  # fmt: skip
         runs[n] = (run, keys_of(source, copies // 2, sc))
-    head = "  ".join(f"{f'{n:,} rows: cold  warm  MB':>24}" for n in runs)
-    print(f"\n  {'command (seconds; peak RSS)':<34} {head}", flush=True)
-    results = measure(runs, env, args.repeats, args.work)
+    head = "  ".join(f"{f'{n:,} rows: cold  warm   cpu    MB':>30}" for n in runs)
+    print(f"\n  {'command (s; warm CPU s; peak RSS)':<34} {head}", flush=True)
+    results = measure(runs, env, args.repeats, args.work, args.only)
     if len(runs) >= 2:
         n1, n2 = min(runs), max(runs)
         print(f"\ngrowth {n1:,} -> {n2:,} rows (x{n2 / n1:.0f}; logarithmic growth would be at most "
               f"x{math.log(n2) / math.log(n1):.2f}):")  # fmt: skip
         for name, r in results.items():
-            print(f"  {name:<34} warm x{r[n2]['warm'] / r[n1]['warm']:5.2f}  cold "
-                  f"x{r[n2]['cold'] / r[n1]['cold']:5.2f}  peak RSS x{r[n2]['rss'] / r[n1]['rss']:5.2f}")
+            print(f"  {name:<34} warm x{r[n2]['warm'] / r[n1]['warm']:5.2f}  warm CPU x{r[n2]['cpu'] / r[n1]['cpu']:5.2f}"
+                  f"  cold x{r[n2]['cold'] / r[n1]['cold']:5.2f}  peak RSS x{r[n2]['rss'] / r[n1]['rss']:5.2f}")
     print("\nthe index against the full scan it replaces (warm, same size):")
-    for n in runs:
+    for n in runs if "lineage <image id>" in results and "baseline: full scan by URL" in results else []:
         for what, idx, scan in (("image id", "lineage <image id>", "baseline: full scan by image id"),
                                 ("URL", "lineage <dropped URL>", "baseline: full scan by URL")):  # fmt: skip
             print(f"  {n:>9,} rows, by {what:<9} x{results[scan][n]['warm'] / results[idx][n]['warm']:5.1f} faster")

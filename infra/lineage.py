@@ -21,6 +21,7 @@ always current, because a retry changes the ingest manifest and so invalidates e
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,6 +145,10 @@ def ledger_files(run_dir: Path) -> list[Path]:
     return sorted(Path(run_dir).glob("stages/*/ledger/*.parquet"))
 
 
+def _is_ledger_file(name: str) -> bool:
+    return name.endswith(".parquet") and not name.startswith(".")  # what the glob above matches
+
+
 class Ledger:
     """Read side of the ledger of a run: streamed through pyarrow datasets, filtered at the source."""
 
@@ -151,10 +156,11 @@ class Ledger:
         self.run_dir = Path(run_dir)
 
     def dataset(self, stages: Iterable[str] | None = None) -> ds.Dataset | None:
-        files = [str(p) for p in ledger_files(self.run_dir)]
-        if stages is not None:  # only these stages' files are opened
-            wanted = {str(ledger_dir(self.run_dir / "stages" / s)) for s in stages}
-            files = [f for f in files if str(Path(f).parent) in wanted]
+        if stages is None:
+            files = [str(p) for p in ledger_files(self.run_dir)]
+        else:  # only these stages' folders are listed, and their files opened
+            files = sorted(f.path for s in stages if ledger_dir(self.run_dir / "stages" / s).is_dir()
+                           for f in os.scandir(ledger_dir(self.run_dir / "stages" / s)) if _is_ledger_file(f.name))
         import pyarrow.dataset as ds
 
         return ds.dataset(files, schema=LEDGER_SCHEMA, format="parquet") if files else None
@@ -250,8 +256,10 @@ class OutcomeCheck:
 
 def latest_attempts(ledger: Ledger) -> pd.Series:
     """Row id -> its latest ingest attempt, for the rows that were retried (every other row's is 0)."""
-    retries = ledger.query((_field("stage") == "ingest") & (_field("reason") == "retry"), ["row_id", "attempt"],
-                           stages=["ingest"])
+    # A retry's events all have attempt >= 1: the filter on it lets row-group statistics skip every first-attempt
+    # shard without reading it (written before the column existed: null, and no retries then).
+    retries = ledger.query((_field("attempt") > 0) & (_field("stage") == "ingest") & (_field("reason") == "retry"),
+                           ["row_id", "attempt"], stages=["ingest"])
     return retries.groupby("row_id")["attempt"].max()
 
 
