@@ -96,7 +96,7 @@ class _Counts:
         self.totals: dict[str, Counter] = {}
 
     def add(self, table: pa.Table, file_no: np.ndarray) -> None:
-        reason = pc.dictionary_encode(table["reason"]).combine_chunks()
+        reason = table["reason"].unify_dictionaries().combine_chunks()  # read as a dictionary (_FORMAT)
         names = reason.dictionary.to_pylist()
         code = _numpy(reason.indices, -1)
         row = _numpy(table["row_id"], -1)
@@ -122,13 +122,19 @@ class _Counts:
                 self.totals.setdefault(host_names[pair // len(keys)], Counter())[keys[pair % len(keys)]] += count
 
 
+# kind and reason read as dictionaries, as they are stored: no string per event is built
+_FORMAT = ds.ParquetFileFormat(read_options=ds.ParquetReadOptions(dictionary_columns=["kind", "reason"]))
+_READ_SCHEMA = pa.schema([f.with_type(pa.dictionary(pa.int32(), pa.string())) if f.name in ("kind", "reason") else f
+                          for f in LEDGER_SCHEMA])  # fmt: skip
+
+
 def _batches(files: list[Path]) -> Iterator[tuple[pa.Table, np.ndarray]]:
     """The ingest ledger's events, a batch of files at a time, with each event's file (a number)."""
     columns = ["row_id", "kind", "reason", "url", "attempt"]
     for i in range(0, len(files), FILES_PER_BATCH):
         batch = [str(f) for f in files[i:i + FILES_PER_BATCH]]
         number = {f: n for n, f in enumerate(batch)}
-        scan = ds.dataset(batch, schema=LEDGER_SCHEMA, format="parquet").scanner(columns=columns).scan_batches()
+        scan = ds.dataset(batch, schema=_READ_SCHEMA, format=_FORMAT).scanner(columns=columns).scan_batches()
         tables = [(number[t.fragment.path], t.record_batch) for t in scan]
         if tables:
             file_no = np.concatenate([np.full(b.num_rows, n, np.int32) for n, b in tables])
