@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import replace
 from functools import partial
 from itertools import pairwise
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,12 +19,12 @@ from curation.embed import embed, pool_store, seed_store
 from curation.faces import blur_faces
 from curation.ingest import excluded, ingest
 from curation.nsfw import dropped_ids, nsfw_filter
-from curation.rebalance import CHECKPOINTS as KMEANS_STEPS
 from curation.rebalance import SELECTED, rebalance
 from curation.retrieve import RETRIEVED, SEED_STATS, SeedQueries, retrieve
 from curation.truth import assert_eval_copies_removed, score_dedup
 from curation.urls import url_list_fingerprint
 from curation.vectors import RowView, VectorStore
+from flows.resume_points import TRAINING_STAGES, resume_step  # light, for `lvd status`: they moved there
 from infra import plan
 from infra.config import PipelineConfig
 from infra.config.schema import config_hash
@@ -35,7 +34,7 @@ from infra.demo.crawl import build_demo_crawl
 from infra.run import RunDir
 from infra.shards import list_shards
 from infra.stage import StageContext, StageResult, StageSpec
-from infra.storage import Markers, files_fingerprint, read_json
+from infra.storage import files_fingerprint
 
 
 def _crawl(ctx: StageContext) -> StageResult:
@@ -140,8 +139,6 @@ def _corpus(ctx: StageContext) -> StageResult:
                         ingest_shard_dir=ctx.upstream_dir("ingest") / "shards")
 
 
-# Training stages in order, with the `train.<section>` that enables each optional follow-up of `pretrain`.
-TRAINING_STAGES = {"pretrain": None, "pretrain_highres": "highres", "distill": "distill"}
 TEACHER_BUNDLE = "teacher_checkpoint.safetensors"  # backbone + heads a training stage exports for the next one
 TEACHER_BACKBONE = "teacher_backbone.safetensors"  # what evaluation reads
 
@@ -204,37 +201,6 @@ def _evaluate(ctx: StageContext) -> StageResult:
                       cache_dir=cache, table_root=ctx.run.root)  # fmt: skip
     card = complete_card(ctx.run, final, pd.read_parquet(ctx.dir / RESULTS))  # the evaluated model's hf/README.md
     return replace(result, outputs=[*result.outputs, card]) if card else result
-
-
-def resume_step(stage_dir: Path) -> int | None:
-    """The step a training stage in `stage_dir` continues from: its resume checkpoint's (None: it starts at 0)."""
-    from training.callbacks import checkpoint_step, find_resume_checkpoint
-
-    ckpt = find_resume_checkpoint(stage_dir / "checkpoints") if (stage_dir / "checkpoints").is_dir() else None
-    return None if ckpt is None else checkpoint_step(ckpt)
-
-
-def stage_progress(run: RunDir, stage: str) -> str | None:
-    """Where an unfinished stage will continue (`lvd status`): a training stage's checkpoint step, rebalancing's saved
-    k-means steps, or the shards marked done; None when nothing is kept."""
-    stage_dir = run.stage_dir(stage)
-    if stage in TRAINING_STAGES:
-        from flows.progress import read_progress
-
-        step = resume_step(stage_dir)
-        if step is None:
-            return None
-        derived = read_json(stage_dir / "derived.json") if (stage_dir / "derived.json").is_file() else {}
-        total = f" of {derived['run_iters']}" if "run_iters" in derived else ""
-        logged = read_progress(stage_dir) or {}
-        if logged.get("step", 0) > step:  # running, or stopped after its last checkpoint
-            return f"at step {logged['step']}{total}, resumes at step {step} (its checkpoint)"
-        return f"resumes at step {step}{total} (its checkpoint)"
-    if stage == "rebalance" and (stage_dir / KMEANS_STEPS).is_dir():
-        saved = len(list((stage_dir / KMEANS_STEPS).glob("*.npz")))
-        return f"{saved} k-means steps saved" if saved else None
-    done = len(Markers(stage_dir).done())
-    return f"{done} shard{'s' if done != 1 else ''} done" if done else None
 
 
 # Files a stage reads from outside the run, fingerprinted into its key (StageSpec.external): an edited URL list or

@@ -5,69 +5,133 @@ Checks, each independent of the others so that one corruption does not hide anot
 - ``outputs``: every output file a stage manifest lists exists with the recorded size and sha256;
 - ``corpus``: every corpus image re-hashed against the sha256 its ledger ``keep`` event recorded; every keep has
   its image in the corpus shards and every image in the shards has exactly one keep;
-- ``outcomes``: every input URL row has exactly one terminal outcome (drop or keep);
+- ``outcomes``: every input URL row has exactly one terminal outcome (drop or keep); in a run that has not run its
+  corpus stage (``run.stop_after``, or not finished), a row may have none yet, if it has an event at every
+  completed stage that records each image it passes (it is still in the pipeline);
 - ``chains``: every kept pool image has a complete chain back to its URL (an ingest ``input`` event with the URL,
   and an event at every curation stage it passed);
 - ``counts``: each manifest's drop counts per reason equal its ledger's, and kept + dropped add up to the
-  stage's input.
+  stage's input;
+- the lineage index (derived data) is compared with the ledger, and rebuilt where it disagrees (a note, not a
+  discrepancy: the record is the ledger).
 
-The audit reads only the run directory (ledger, manifests, shards); it never writes.
+Streamed (:mod:`infra.audit_ledger`): memory stays flat whatever the run's size. The audit never writes the run's
+record; it may bring the lineage index up to date.
 """
 
 from __future__ import annotations
 
-import json
-from collections import Counter
+import sqlite3
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow.dataset as ds
-
-from infra.lineage import POOL, Ledger, check_terminal_outcomes, superseded
+from infra.audit_ledger import LedgerScan, scratch
+from infra.config import PipelineConfig
+from infra.lineage import POOL
 from infra.manifest import read_manifest
 from infra.run import RunDir
 from infra.shards import iter_tar, list_shards
 from infra.storage import sha256_bytes, sha256_file
+from infra.summary import OPTIONAL, STAGE_NAMES
 
 # Stages every kept pool image passes through and that record at least one event about it.
 CHAIN_STAGES = ("ingest", "nsfw", "faces", "dedup", "retrieve")
+# Stages that record an event for every image they pass on: a row still in the pipeline has one at each that ran.
+EVERY_IMAGE_STAGES = (*CHAIN_STAGES, "rebalance")
+KEPT_PER_CHECK = 100  # problems kept per check (and counted beyond): memory stays flat however broken a run is
 
 
 @dataclass
 class AuditReport:
     checked: dict[str, int] = field(default_factory=dict)  # what was checked, per check
-    problems: list[tuple[str, str]] = field(default_factory=list)  # (check, message)
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (check, message), up to KEPT_PER_CHECK each
+    counts: dict[str, int] = field(default_factory=dict)  # problems per check, all of them
+    notes: list[str] = field(default_factory=list)  # what was not checked and why, the index's upkeep
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return self.n_problems == 0
 
-    def add(self, check: str, message: str) -> None:
-        self.problems.append((check, message))
+    @property
+    def n_problems(self) -> int:
+        return sum(self.counts.values())
+
+    def add(self, check: str, message: str, n: int = 1) -> None:
+        """Record ``n`` problems of ``check``; the message is kept while the check has fewer than KEPT_PER_CHECK."""
+        if self.counts.get(check, 0) < KEPT_PER_CHECK:
+            self.problems.append((check, message))
+        self.more(check, n)
+
+    def more(self, check: str, n: int) -> None:
+        """Count ``n`` problems of ``check`` without a message (beyond those listed)."""
+        self.counts[check] = self.counts.get(check, 0) + n
 
     def format(self, limit: int = 50) -> str:
         lines = [f"checked: {', '.join(f'{k} {v}' for k, v in self.checked.items())}"]
+        lines += [f"note: {n}" for n in self.notes]
         for check, msg in self.problems[:limit]:
             lines.append(f"FAIL [{check}] {msg}")
-        if len(self.problems) > limit:
-            lines.append(f"... and {len(self.problems) - limit} more")
-        lines.append("audit: OK" if self.ok else f"audit: {len(self.problems)} discrepancies")
+        if self.n_problems > min(limit, len(self.problems)):
+            lines.append(f"... and {self.n_problems - min(limit, len(self.problems))} more")
+        lines.append("audit: OK" if self.ok else f"audit: {self.n_problems} discrepancies")
         return "\n".join(lines)
 
     def to_json(self) -> dict:
-        return {"ok": self.ok, "checked": self.checked,
-                "problems": [{"check": c, "message": m} for c, m in self.problems]}
+        return {"ok": self.ok, "checked": self.checked, "notes": self.notes, "counts": self.counts,
+                "problems": [{"check": c, "message": m} for c, m in self.problems]}  # fmt: skip
 
 
-def audit_run(run: RunDir) -> AuditReport:
+def audit_run(run: RunDir, cfg: PipelineConfig | None = None, work: Path | None = None) -> AuditReport:
+    """``cfg``: the run's configuration (read from the run when None). ``work``: where the scratch database goes
+    (a temporary folder by default)."""
+    cfg = cfg if cfg is not None else run.load_config()
     report = AuditReport()
-    ledger = Ledger(run.path)
+    corpus_ran = "corpus" not in _not_run(run, cfg, report)
     _check_outputs(run, report)
-    _check_corpus(run, ledger, report)
-    _check_outcomes(ledger, report)
-    _check_chains(ledger, report)
-    _check_counts(run, ledger, report)
+    with tempfile.TemporaryDirectory(prefix="lvd-audit-", dir=work) as tmp:
+        db = scratch(Path(tmp) / "audit.sqlite")
+        try:
+            scan = LedgerScan(run.path, db, Path(tmp))
+            scan.run()
+            report.notes += scan.notes
+            report.checked["ledger files"] = scan.files
+            _store_corpus(run, db)
+            _check_corpus(db, report)
+            completed = {d.name for d in _stage_dirs(run) if read_manifest(d) is not None}
+            _check_outcomes(db, report, corpus_ran, stages=_attached(db) & completed)
+            _check_chains(db, report, _attached(db))
+            _check_counts(run, db, report)
+        finally:
+            db.close()
     return report
+
+
+def _configured(cfg: PipelineConfig) -> list[str]:
+    names = [s for s in STAGE_NAMES if (s != "crawl" or cfg.demo.enabled)
+             and (s not in OPTIONAL or getattr(cfg.train, OPTIONAL[s]).enabled)]  # fmt: skip
+    if not cfg.train.enabled:
+        names = [s for s in names if s not in ("pretrain", *OPTIONAL, "evaluate")]
+    if not cfg.evaluate.enabled:
+        names = [s for s in names if s != "evaluate"]
+    return names
+
+
+def _not_run(run: RunDir, cfg: PipelineConfig, report: AuditReport) -> list[str]:
+    """The configured stages without a manifest, said in notes: what the audit cannot check."""
+    missing = [s for s in _configured(cfg) if read_manifest(run.stage_dir(s)) is None]
+    stop = cfg.run.stop_after
+    after = [s for s in missing if stop in STAGE_NAMES and STAGE_NAMES.index(s) > STAGE_NAMES.index(stop)]
+    if after:
+        report.notes.append(f"the run stops after stage {stop} (run.stop_after); not run: {', '.join(after)}")
+    unfinished = [s for s in missing if s not in after]
+    if unfinished:
+        report.notes.append(f"stages not completed (the run has not finished): {', '.join(unfinished)}")
+    return missing
+
+
+def _attached(db: sqlite3.Connection) -> set[str]:
+    return {name.removeprefix("s_") for _, name, _ in db.execute("PRAGMA database_list") if name.startswith("s_")}
 
 
 def _stage_dirs(run: RunDir) -> list[Path]:
@@ -92,75 +156,95 @@ def _check_outputs(run: RunDir, report: AuditReport) -> None:
     report.checked["output files"] = n
 
 
-def _check_corpus(run: RunDir, ledger: Ledger, report: AuditReport) -> None:
-    keeps = ledger.query(ds.field("kind") == "keep", ["image_id", "detail", "stage"])
-    recorded: dict[str, str | None] = {}
-    for image_id, detail in zip(keeps["image_id"], keeps["detail"], strict=True):
-        if image_id in recorded:
-            report.add("corpus", f"image {image_id}: more than one keep event")
-        recorded[image_id] = (json.loads(detail) if detail else {}).get("sha256")
-    seen: Counter[str] = Counter()
+def _store_corpus(run: RunDir, db: sqlite3.Connection) -> None:
+    """What the corpus shards hold, re-hashed, one image at a time."""
     shard_dir = run.stage_dir("corpus") / "shards"
     for shard in list_shards(shard_dir) if shard_dir.is_dir() else []:
-        for key, _ext, data in iter_tar(shard.tar):
-            seen[key] += 1
-            if key not in recorded:
-                report.add("corpus", f"image {key} in shard {shard.name}: no keep event in the ledger")
-            elif recorded[key] is None:
-                report.add("corpus", f"image {key}: its keep event records no sha256")
-            elif sha256_bytes(data) != recorded[key]:
-                report.add("corpus", f"image {key} in shard {shard.name}: bytes hash to {sha256_bytes(data)[:12]}, "
-                                     f"the ledger recorded {recorded[key][:12]}")
-    for key in sorted(set(recorded) - set(seen)):
-        report.add("corpus", f"image {key}: kept in the ledger but not in any corpus shard")
-    for key, n in sorted(seen.items()):
-        if n > 1:
-            report.add("corpus", f"image {key}: stored {n} times in the corpus")
-    report.checked["corpus images"] = sum(seen.values())
+        db.execute("BEGIN")
+        db.executemany("INSERT INTO stored(image, shard, sha) VALUES (?, ?, ?)",
+                       ((key, shard.name, sha256_bytes(data)) for key, _ext, data in iter_tar(shard.tar)))
+        db.execute("COMMIT")
 
 
-def _check_outcomes(ledger: Ledger, report: AuditReport) -> None:
-    check = check_terminal_outcomes(ledger)
-    for row in check.missing[:20]:
-        report.add("outcomes", f"input row {row}: no terminal outcome")
-    for row in check.multiple[:20]:
+def _check_corpus(db: sqlite3.Connection, report: AuditReport) -> None:
+    for image, n in db.execute("SELECT image, count(*) FROM keeps GROUP BY image HAVING count(*) > 1 ORDER BY image"):
+        report.add("corpus", f"image {image}: {n} keep events", n - 1)
+    # The sha256 an image's (last) keep event recorded, against the bytes in each shard that holds it.
+    for image, shard, sha, known, want in db.execute(
+            "SELECT s.image, s.shard, s.sha, r.image IS NOT NULL, r.sha FROM stored s LEFT JOIN recorded r "
+            "ON r.image = s.image ORDER BY s.seq"):  # fmt: skip
+        if not known:
+            report.add("corpus", f"image {image} in shard {shard}: no keep event in the ledger")
+        elif want is None:
+            report.add("corpus", f"image {image}: its keep event records no sha256")
+        elif sha != want:
+            report.add("corpus", f"image {image} in shard {shard}: bytes hash to {sha[:12]}, the ledger recorded "
+                                 f"{want[:12]}")
+    for (image,) in db.execute("SELECT image FROM recorded r WHERE NOT EXISTS "
+                               "(SELECT 1 FROM stored s WHERE s.image = r.image) ORDER BY image"):  # fmt: skip
+        report.add("corpus", f"image {image}: kept in the ledger but not in any corpus shard")
+    for image, n in db.execute("SELECT image, count(*) FROM stored GROUP BY image HAVING count(*) > 1 ORDER BY image"):
+        report.add("corpus", f"image {image}: stored {n} times in the corpus")
+    report.checked["corpus images"] = db.execute("SELECT count(*) FROM stored").fetchone()[0]
+
+
+def _exists_in(stage: str, table: str, column: str, value: str) -> str:
+    return f"EXISTS (SELECT 1 FROM s_{stage}.{table} WHERE {column} = {value})"
+
+
+def _check_outcomes(db: sqlite3.Connection, report: AuditReport, corpus_ran: bool, stages: set[str]) -> None:
+    missing = ("SELECT DISTINCT row_id FROM inputs i WHERE ingest AND NOT EXISTS "
+               "(SELECT 1 FROM current c WHERE c.row_id = i.row_id)")  # fmt: skip
+    if corpus_ran:
+        for (row,) in db.execute(f"{missing} ORDER BY row_id LIMIT {KEPT_PER_CHECK}"):
+            report.add("outcomes", f"input row {row}: no terminal outcome")
+        _count_beyond(db, report, "outcomes", missing)
+    else:  # rows still in the pipeline: each must have reached every stage that ran (completed)
+        ran = [s for s in EVERY_IMAGE_STAGES if s in stages]
+        gaps = " OR ".join(f"NOT {_exists_in(s, 'by_row', 'row_id', 'm.row_id')}" for s in ran) or "0"
+        lost = f"SELECT row_id FROM ({missing}) m WHERE {gaps}"
+        for (row,) in db.execute(f"{lost} ORDER BY row_id LIMIT {KEPT_PER_CHECK}"):
+            report.add("outcomes", f"input row {row}: no terminal outcome, and missing at a stage that ran "
+                                   f"({', '.join(ran)})")
+        _count_beyond(db, report, "outcomes", lost)
+        report.checked["rows still in the pipeline"] = db.execute(f"SELECT count(*) FROM ({missing})").fetchone()[0]
+    multiple = "SELECT row_id FROM current WHERE row_id IS NOT NULL GROUP BY row_id HAVING count(*) > 1"
+    for (row,) in db.execute(f"{multiple} ORDER BY row_id LIMIT {KEPT_PER_CHECK}"):
         report.add("outcomes", f"input row {row}: more than one terminal outcome")
-    extra = len(check.missing) + len(check.multiple) - min(len(check.missing), 20) - min(len(check.multiple), 20)
-    if extra:
-        report.add("outcomes", f"{extra} more input rows without exactly one terminal outcome")
-    report.checked["input rows"] = check.n_rows
+    _count_beyond(db, report, "outcomes", multiple)
+    report.checked["input rows"] = db.execute("SELECT count(DISTINCT row_id) FROM inputs WHERE ingest").fetchone()[0]
 
 
-def _check_chains(ledger: Ledger, report: AuditReport) -> None:
-    kept = ledger.query((ds.field("kind") == "keep") & (ds.field("source") == POOL), ["row_id", "image_id"])
-    if kept.empty:
-        report.checked["chains"] = 0
-        return
-    rows = [int(r) for r in kept["row_id"]]
-    inputs = ledger.query((ds.field("reason") == "input") & ds.field("row_id").isin(rows), ["row_id", "url"])
-    urls = dict(zip(inputs["row_id"].astype(int), inputs["url"], strict=True))
-    events = ledger.query(ds.field("image_id").isin(list(kept["image_id"])), ["image_id", "stage"])
-    stages = events.groupby("image_id")["stage"].agg(set).to_dict()
-    for row, image_id in zip(rows, kept["image_id"], strict=True):
-        if not urls.get(row):
-            report.add("chains", f"image {image_id}: its input row {row} has no ingest input event with a URL")
-        missing = [s for s in CHAIN_STAGES if s not in stages.get(image_id, set())]
+def _count_beyond(db: sqlite3.Connection, report: AuditReport, check: str, query: str) -> None:
+    """Count, without listing, the rows of ``query`` beyond the first KEPT_PER_CHECK (already reported)."""
+    n = db.execute(f"SELECT count(*) FROM ({query})").fetchone()[0]
+    report.more(check, max(0, n - KEPT_PER_CHECK))
+
+
+def _check_chains(db: sqlite3.Connection, report: AuditReport, stages: set[str]) -> None:
+    present = ", ".join(_exists_in(s, "by_image", "image", "k.key") if s in stages else "0" for s in CHAIN_STAGES)
+    query = (f"SELECT k.image, k.row_id, EXISTS (SELECT 1 FROM inputs i WHERE i.row_id = k.row_id AND i.has_url), "
+             f"{present} FROM keeps k WHERE k.source = ? ORDER BY k.seq")  # fmt: skip
+    n = 0
+    for image, row, has_url, *at in db.execute(query, (POOL,)):
+        n += 1
+        if not has_url:
+            report.add("chains", f"image {image}: its input row {row} has no ingest input event with a URL")
+        missing = [s for s, ok in zip(CHAIN_STAGES, at, strict=True) if not ok]
         if missing:
-            report.add("chains", f"image {image_id} (row {row}): no event at stage(s) {', '.join(missing)}")
-    report.checked["chains"] = len(rows)
+            report.add("chains", f"image {image} (row {row}): no event at stage(s) {', '.join(missing)}")
+    report.checked["chains"] = n
 
 
-def _check_counts(run: RunDir, ledger: Ledger, report: AuditReport) -> None:
+def _check_counts(run: RunDir, db: sqlite3.Connection, report: AuditReport) -> None:
     n = 0
     for stage_dir in _stage_dirs(run):
         manifest = read_manifest(stage_dir)
         if manifest is None or not (stage_dir / "ledger").is_dir():
             continue
         counts = manifest.counts
-        events = ledger.query(ds.field("stage") == manifest.stage, ["row_id", "kind", "reason", "stage", "attempt"])
-        if manifest.stage == "ingest" and not events.empty:
-            events = events[~superseded(events, ledger)]
-        drops = events[events["kind"] == "drop"]["reason"].value_counts().to_dict()
+        drops = dict(db.execute("SELECT reason, count(*) FROM current WHERE stage = ? AND kind = 'drop' "
+                                "GROUP BY reason", (manifest.stage,)).fetchall())  # fmt: skip
         recorded = {k: v for k, v in (counts.get("dropped") or {}).items() if v}
         n += 1
         if isinstance(counts.get("dropped"), dict) and recorded != drops:
@@ -173,7 +257,7 @@ def _check_counts(run: RunDir, ledger: Ledger, report: AuditReport) -> None:
             report.add("counts", f"stage {manifest.stage}: kept {counts['kept']} + dropped "
                                  f"{sum(recorded.values())} != input {total}")
         if manifest.stage == "corpus":
-            n_keep = int((events["kind"] == "keep").sum())
+            n_keep = db.execute("SELECT count(*) FROM current WHERE stage = 'corpus' AND kind = 'keep'").fetchone()[0]
             if n_keep != counts.get("kept"):
                 report.add("counts", f"stage corpus: manifest kept {counts.get('kept')}, ledger keeps {n_keep}")
     report.checked["stage manifests"] = n

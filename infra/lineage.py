@@ -21,17 +21,20 @@ always current, because a retry changes the ingest manifest and so invalidates e
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from infra.storage import atomic_path
+
+if TYPE_CHECKING:  # imported where used: `lvd lineage` and the stages import this module, and pandas with
+    import pandas as pd  # pyarrow.dataset (which imports it) cost ~0.5 s of start-up that a look-up does not need
+    import pyarrow.dataset as ds
 
 LEDGER_SCHEMA = pa.schema(
     [
@@ -46,6 +49,7 @@ LEDGER_SCHEMA = pa.schema(
         ("attempt", pa.int32()),
     ]
 )
+ROW_GROUP_EVENTS = 8192  # small row groups: a look-up through the index (infra.lineage_index) reads one of them
 KINDS = ("drop", "keep", "info")
 TERMINAL = ("drop", "keep")
 POOL = "pool"  # source name of images that came from the URL list
@@ -103,10 +107,14 @@ class LedgerWriter:
         return out
 
     def write(self, path: Path) -> Path:
-        table = pa.Table.from_pylist(self.rows, schema=LEDGER_SCHEMA)
-        with atomic_path(path) as tmp:
-            pq.write_table(table, tmp)
-        return path
+        return write_ledger(pa.Table.from_pylist(self.rows, schema=LEDGER_SCHEMA), path)
+
+
+def write_ledger(table: pa.Table, path: Path) -> Path:
+    """Write events (``LEDGER_SCHEMA``) atomically as one ledger file, in row groups of ``ROW_GROUP_EVENTS``."""
+    with atomic_path(path) as tmp:
+        pq.write_table(table.select(LEDGER_SCHEMA.names).cast(LEDGER_SCHEMA), tmp, row_group_size=ROW_GROUP_EVENTS)
+    return path
 
 
 def _json_default(obj: Any) -> Any:
@@ -117,6 +125,25 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
+def url_key(text: str) -> str:
+    """What a URL is looked up by, in the index and in a full scan alike: the URL as ingestion normalises it
+    (infra.urlnorm: whitespace stripped, WHATWG percent-encoding, IDNA hosts), so that a list entry is found as the
+    run stored it, as the user types it, or as it was fetched. A URL that cannot be normalised (ingestion recorded it
+    as `url_malformed`) is looked up as written, without surrounding whitespace."""
+    from infra.urlnorm import normalize_url
+
+    try:
+        return normalize_url(text.strip())
+    except ValueError:
+        return text.strip()
+
+
+def _field(name: str) -> ds.Expression:
+    import pyarrow.dataset as ds
+
+    return ds.field(name)
+
+
 def ledger_dir(stage_dir: Path) -> Path:
     return Path(stage_dir) / "ledger"
 
@@ -125,18 +152,31 @@ def ledger_files(run_dir: Path) -> list[Path]:
     return sorted(Path(run_dir).glob("stages/*/ledger/*.parquet"))
 
 
+def _is_ledger_file(name: str) -> bool:
+    return name.endswith(".parquet") and not name.startswith(".")  # what the glob above matches
+
+
 class Ledger:
     """Read side of the ledger of a run: streamed through pyarrow datasets, filtered at the source."""
 
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
 
-    def dataset(self) -> ds.Dataset | None:
-        files = [str(p) for p in ledger_files(self.run_dir)]
+    def dataset(self, stages: Iterable[str] | None = None) -> ds.Dataset | None:
+        if stages is None:
+            files = [str(p) for p in ledger_files(self.run_dir)]
+        else:  # only these stages' folders are listed, and their files opened
+            files = sorted(f.path for s in stages if ledger_dir(self.run_dir / "stages" / s).is_dir()
+                           for f in os.scandir(ledger_dir(self.run_dir / "stages" / s)) if _is_ledger_file(f.name))
+        import pyarrow.dataset as ds
+
         return ds.dataset(files, schema=LEDGER_SCHEMA, format="parquet") if files else None
 
-    def query(self, expr: ds.Expression | None = None, columns: list[str] | None = None) -> pd.DataFrame:
-        data = self.dataset()
+    def query(self, expr: ds.Expression | None = None, columns: list[str] | None = None,
+              stages: Iterable[str] | None = None) -> pd.DataFrame:
+        import pandas as pd
+
+        data = self.dataset(stages)
         if data is None:
             return pd.DataFrame(columns=columns or LEDGER_SCHEMA.names)
         return data.to_table(filter=expr, columns=columns).to_pandas()
@@ -145,32 +185,37 @@ class Ledger:
         return self.query()
 
     def rows_for_url(self, url: str) -> list[int]:
-        hits = self.query((ds.field("reason") == "input") & (ds.field("url") == url), ["row_id"])
+        hits = self.query((_field("reason") == "input") & _field("url").is_valid(), ["row_id", "url"])
+        hits = hits[hits["url"].map(url_key) == url_key(url)]
         return sorted(int(r) for r in hits["row_id"].dropna())
 
     def image_ids_for_rows(self, row_ids: Iterable[int]) -> list[str]:
         rows = [int(r) for r in row_ids]
         if not rows:
             return []
-        hits = self.query(ds.field("row_id").isin(rows) & ds.field("image_id").is_valid(), ["image_id"])
+        hits = self.query(_field("row_id").isin(rows) & _field("image_id").is_valid(), ["image_id"])
         return sorted(set(hits["image_id"]))
 
-    def chain(self, *, image_id: str | None = None, url: str | None = None) -> pd.DataFrame:
-        """Every event about an image (and its input row), or about a URL (its rows and their images)."""
+    def chain(self, *, image_id: str | None = None, url: str | None = None, row_id: int | None = None) -> pd.DataFrame:
+        """Every event about an image (and its input rows), about a URL or an input row (the rows and their images).
+
+        A full scan of the ledger: the reference that the index's look-ups (infra.lineage_index) agree with."""
+        import pandas as pd
+
         rows: list[int] = []
         images: list[str] = []
-        if url is not None:
-            rows = self.rows_for_url(url)
+        if url is not None or row_id is not None:
+            rows = self.rows_for_url(url) if url is not None else [int(row_id)]
             images = self.image_ids_for_rows(rows)
         if image_id is not None:
             images = [image_id]
-            hits = self.query(ds.field("image_id") == image_id, ["row_id"])
+            hits = self.query(_field("image_id") == image_id, ["row_id"])
             rows = sorted({int(r) for r in hits["row_id"].dropna()})
         expr = None
         if rows:
-            expr = ds.field("row_id").isin(rows)
+            expr = _field("row_id").isin(rows)
         if images:
-            by_image = ds.field("image_id").isin(images)
+            by_image = _field("image_id").isin(images)
             expr = by_image if expr is None else (expr | by_image)
         if expr is None:
             return pd.DataFrame(columns=LEDGER_SCHEMA.names)
@@ -178,7 +223,7 @@ class Ledger:
 
     def terminal_outcomes(self) -> pd.DataFrame:
         """One row per terminal event (drop or keep)."""
-        return self.query(ds.field("kind").isin(list(TERMINAL)))
+        return self.query(_field("kind").isin(list(TERMINAL)))
 
 
 STAGE_ORDER = {
@@ -188,6 +233,11 @@ STAGE_ORDER = {
          "pretrain_highres", "distill", "evaluate"]
     )
 }
+
+
+def event_order(event: Mapping[str, Any]) -> tuple[int, int, int]:
+    """The order of :func:`order_events` for one event (a dict): stage in pipeline order, attempt, outcomes last."""
+    return STAGE_ORDER.get(event["stage"], 99), event.get("attempt") or 0, int(event["kind"] != "info")
 
 
 def order_events(df: pd.DataFrame) -> pd.DataFrame:
@@ -213,12 +263,17 @@ class OutcomeCheck:
 
 def latest_attempts(ledger: Ledger) -> pd.Series:
     """Row id -> its latest ingest attempt, for the rows that were retried (every other row's is 0)."""
-    retries = ledger.query((ds.field("stage") == "ingest") & (ds.field("reason") == "retry"), ["row_id", "attempt"])
+    # A retry's events all have attempt >= 1: the filter on it lets row-group statistics skip every first-attempt
+    # shard without reading it (written before the column existed: null, and no retries then).
+    retries = ledger.query((_field("attempt") > 0) & (_field("stage") == "ingest") & (_field("reason") == "retry"),
+                           ["row_id", "attempt"], stages=["ingest"])
     return retries.groupby("row_id")["attempt"].max()
 
 
 def superseded(events: pd.DataFrame, ledger: Ledger) -> pd.Series:
     """True for the ingest events of ``events`` that belong to an attempt older than their row's latest one."""
+    import pandas as pd
+
     attempt = events["attempt"].fillna(0).astype("int64")
     is_ingest = (events["stage"] == "ingest") & events["row_id"].notna()
     latest = latest_attempts(ledger)
@@ -230,9 +285,9 @@ def superseded(events: pd.DataFrame, ledger: Ledger) -> pd.Series:
 
 def check_terminal_outcomes(ledger: Ledger) -> OutcomeCheck:
     """Every input row (an ``input`` event of ingest) has exactly one terminal event (superseded ones aside)."""
-    inputs = ledger.query((ds.field("stage") == "ingest") & (ds.field("reason") == "input"), ["row_id"])
+    inputs = ledger.query((_field("stage") == "ingest") & (_field("reason") == "input"), ["row_id"])
     terminal = ledger.query(
-        ds.field("kind").isin(list(TERMINAL)) & ds.field("row_id").is_valid(),
+        _field("kind").isin(list(TERMINAL)) & _field("row_id").is_valid(),
         ["row_id", "kind", "stage", "reason", "attempt"],
     )
     terminal = terminal[~superseded(terminal, ledger)]

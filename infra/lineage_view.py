@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-
-import pandas as pd
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 
 def _detail(text: str | None) -> str:
@@ -14,28 +14,28 @@ def _detail(text: str | None) -> str:
     parts = []
     for k, v in d.items():
         if isinstance(v, str) and len(v) == 64:
-            v = v[:12] + "…"  # image ids: the prefix is enough to read
+            v = v[:12] + "…"  # image ids: the prefix is enough to read (and `lvd lineage` takes it)
         parts.append(f"{k}={v}")
     return ", ".join(parts)
 
 
-def describe_chain(chain: pd.DataFrame, key: str) -> str:
+def describe_chain(chain: Sequence[Mapping[str, Any]], key: str) -> str:
+    """``chain``: the events (dicts with the ledger's columns) in order, as `infra.lineage_lookup` returns them."""
     lines = [f"lineage of {key}"]
-    urls = chain.loc[chain["url"].notna(), ["row_id", "url"]].drop_duplicates()
-    for r in urls.itertuples(index=False):
-        lines.append(f"  input row {int(r.row_id)}: {r.url}")
-    ids = sorted(set(chain["image_id"].dropna()))
-    for i in ids:
-        lines.append(f"  image {i}")
+    urls = dict.fromkeys((e["row_id"], e["url"]) for e in chain if e["url"] is not None)
+    for row, url in urls:
+        lines.append(f"  input row {row}: {url}")
+    for image in sorted({e["image_id"] for e in chain if e["image_id"] is not None}):
+        lines.append(f"  image {image}")
     lines.append("")
-    for r in chain.itertuples(index=False):
-        mark = {"drop": "DROPPED", "keep": "KEPT", "info": "·"}[r.kind]
-        lines.append(f"  {r.stage:<10} {mark:<8} {r.reason:<20} {_detail(r.detail)}")
-    terminal = chain[chain["kind"] != "info"]
+    for e in chain:
+        mark = {"drop": "DROPPED", "keep": "KEPT", "info": "·"}[e["kind"]]
+        lines.append(f"  {e['stage']:<10} {mark:<8} {e['reason']:<20} {_detail(e['detail'])}")
+    terminal = [e for e in chain if e["kind"] != "info"]
     lines.append("")
-    if terminal.empty:
+    if not terminal:
         lines.append("  outcome: no terminal outcome yet (the run has not finished)")
-    for t in terminal.itertuples(index=False):
-        where = "kept in the corpus" if t.kind == "keep" else f"dropped at stage {t.stage}: {t.reason}"
+    for t in terminal:
+        where = "kept in the corpus" if t["kind"] == "keep" else f"dropped at stage {t['stage']}: {t['reason']}"
         lines.append(f"  outcome: {where}")
     return "\n".join(lines)

@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import shutil
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from typing import Any
 from infra.config import PipelineConfig, config_hash
 from infra.console import Progress, duration
 from infra.lineage import LedgerWriter, ledger_dir
+from infra.lineage_index import index_stage
 from infra.manifest import StageManifest, cache_key, inputs_digest, read_manifest, write_manifest
 from infra.run import RunDir, code_version, now
 from infra.storage import Markers, atomic_write_json, file_record, read_json
@@ -34,6 +36,7 @@ from infra.storage import Markers, atomic_write_json, file_record, read_json
 log = logging.getLogger("lvd")
 FAULT_ENV = "LVD_FAULT"  # "<stage>" or "<stage>:<n>" (fail after n shards of the stage); for tests and chaos runs
 KEY_FILE = "_key.json"
+log = logging.getLogger(__name__)
 
 
 class InjectedFault(RuntimeError):
@@ -296,6 +299,7 @@ def run_stage(spec: StageSpec, run: RunDir, cfg: PipelineConfig) -> StageManifes
         raise
     run.log_event("completed", spec.name, key=key, counts=result.counts)
     log.info("%s: completed in %s%s", spec.name, duration(time.monotonic() - t0), describe_counts(result.counts))
+    _index_lineage(run, spec.name)
     return manifest
 
 
@@ -307,6 +311,15 @@ def describe_counts(counts: dict[str, Any]) -> str:
         return f", kept {counts['kept']:,}" + (f", dropped {n:,}" if n else "")
     plain = [(k, v) for k, v in counts.items() if isinstance(v, int) and not isinstance(v, bool)][:3]
     return "".join(f", {k} {v:,}" for k, v in plain)
+
+
+def _index_lineage(run: RunDir, stage: str) -> None:
+    """The stage's ledger is final: index it for `lvd lineage` (files indexed before, e.g. by a look-up while the
+    stage ran, are not read again). Derived data: where this fails the first look-up builds it."""
+    try:
+        index_stage(run.stage_dir(stage))
+    except (OSError, sqlite3.Error) as err:
+        log.warning("stage %s: lineage index not written (%s); `lvd lineage` will build it", stage, err)
 
 
 def _prepare(stage_dir: Path, key: str) -> None:

@@ -24,7 +24,7 @@ def _state(run: RunDir, stage: str, failed: set[str]) -> str:
 def run_summary(run: RunDir, cfg: PipelineConfig,
                 progress: Callable[[RunDir, str], str | None] | None = None) -> dict[str, Any]:
     """One row per stage of the configuration's pipeline (`infra.plan.listed`); a stage it does not run is "not run",
-    with why. `progress(run, stage)`: where an unfinished stage continues (`flows.stages.stage_progress`), for the
+    with why. `progress(run, stage)`: where an unfinished stage continues (`flows.resume_points.stage_progress`), for the
     stages that are partial or failed."""
     events = run.events()
     last = {}

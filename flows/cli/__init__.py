@@ -4,7 +4,7 @@
     lvd resume RUN_ID [run.key=value ...]   continue a run from where it stopped (how it executes may change)
     lvd runs                                the runs under --root: id, created, state, corpus size, headline kNN
     lvd status [RUN_ID]                     stages, counts, state (default: the latest run)
-    lvd lineage RUN_ID (IMAGE_ID | URL)     every decision about an image or URL (--json)
+    lvd lineage RUN_ID KEY                  every decision about an image (id or prefix), row (row:N) or URL
     lvd report RUN_ID                       (re)write the run's self-contained HTML report
     lvd evaluate (CONFIG | RUN_ID) --model NAME=CHECKPOINT ...
                                             checkpoints side by side on a configuration's benchmarks

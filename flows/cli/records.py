@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from flows.stages import stage_progress
+    from flows.resume_points import stage_progress  # not flows.stages: no stage cores, no torch
     from infra.runs import open_run
     from infra.summary import format_summary, run_summary
 
@@ -34,17 +34,21 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
-    from infra.lineage import Ledger
+    from infra.lineage_lookup import AmbiguousId, find_chain
     from infra.lineage_view import describe_chain
 
-    ledger = Ledger(Path(args.root) / args.run_id)
-    key = args.key
-    is_image = len(key) == 64 and all(c in "0123456789abcdef" for c in key.lower())
-    chain = ledger.chain(image_id=key.lower()) if is_image else ledger.chain(url=key)
-    if chain.empty:
-        print(f"no lineage for {key!r} in run {args.run_id}", file=sys.stderr)
+    run_dir = Path(args.root) / args.run_id
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"no run {args.run_id!r} under {args.root}")
+    try:
+        chain, key = find_chain(run_dir, args.key)
+    except AmbiguousId as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not chain:
+        print(f"no lineage for {args.key!r} in run {args.run_id}", file=sys.stderr)
         return 1
-    print(chain.to_json(orient="records", indent=2) if args.json else describe_chain(chain, key))
+    print(json.dumps(chain, indent=2) if args.json else describe_chain(chain, key))
     return 0
 
 
@@ -52,8 +56,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from infra.audit import audit_run
     from infra.runs import open_run
 
-    run, _ = open_run(args.root, args.run_id)
-    report = audit_run(run)
+    run, cfg = open_run(args.root, args.run_id)
+    report = audit_run(run, cfg)
     print(json.dumps(report.to_json(), indent=2) if args.json else report.format())
     return 0 if report.ok else 1
 
@@ -62,8 +66,8 @@ def cmd_domains(args: argparse.Namespace) -> int:
     from infra.domains import domain_stats, format_domains
     from infra.runs import open_run
 
-    run, _ = open_run(args.root, args.run_id)
-    frame = domain_stats(run.path)
+    run, cfg = open_run(args.root, args.run_id)
+    frame = domain_stats(run.path, local=bool(cfg.ingest.local_roots))
     if frame.empty:
         print(f"run {args.run_id} has no ingest ledger yet", file=sys.stderr)
         return 1
@@ -122,7 +126,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         else:
             c.add_argument("run_id", help="a run id or a prefix of one")
         if name == "lineage":
-            c.add_argument("key", help="an image id (sha256) or a URL")
+            c.add_argument("key", help="an image id or a unique prefix of one (4+ hex digits, as printed), a URL, "
+                                       "or row:N (row N of the URL list)")
         if name == "domains":
             c.add_argument("--top", type=int, default=30, help="hosts to list, most URLs first (0: all)")
             c.add_argument("--csv", default=None, help="also write every host to this CSV file")

@@ -1,9 +1,11 @@
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from evaluation.report.collect import Run, funnel
-from infra.domains import NO_HOST, domain_stats, format_domains, host_of
+from infra.domains import LOCAL, NO_HOST, domain_stats, format_domains, host_of, hosts_of
 from infra.lineage import LedgerWriter
 
 
@@ -21,6 +23,36 @@ from infra.lineage import LedgerWriter
 )
 def test_host_of(url, host):
     assert host_of(url) == host
+
+
+def test_file_urls_are_local_files_only_where_the_run_has_local_roots(tmp_path):
+    assert host_of("file:///data/a.png") == NO_HOST and host_of("file://nas/data/a.png") == "nas"
+    assert host_of("file:///data/a.png", local=True) == LOCAL
+    run = tmp_path / "run"
+    w = LedgerWriter("ingest")
+    for r, u in enumerate(["file:///data/a.png", "file:///data/b.png", "http://a.example/c.png"]):
+        w.info("input", row_id=r, url=u)
+        w.info("downloaded", row_id=r, image_id=f"i{r}")
+    w.write(run / "stages" / "ingest" / "ledger" / "00000.parquet")
+    assert domain_stats(run)[["host", "urls"]].values.tolist() == [[NO_HOST, 2], ["a.example", 1]]
+    assert domain_stats(run, local=True)[["host", "urls"]].values.tolist() == [[LOCAL, 2], ["a.example", 1]]
+
+
+_PARTS = st.sampled_from(["http", "HTTPS", "file", "ftp", "x-y+z.1", "1bad", "", " http", "http\t"])
+_NETLOCS = st.sampled_from(["a.example", "A.Example:8080", "u:p@h.example", "[::1]", "[::1]:80", "[::1", "h]",
+                            "", ":80", "a@b@c", "xn--bcher-kva.example", "bücher.example", "a b", "a\tb", "%41.x",
+                            "a.example\u3000", "a.example\x1c", "a.example "])  # str.strip() takes these off an end
+_TAILS = st.sampled_from(["", "/", "/x.jpg", "?q=1", "#f", "/a b", " ", "\n", "/ü"])
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.lists(st.one_of(st.tuples(_PARTS, st.sampled_from(["://", ":", ":/", "//"]), _NETLOCS, _TAILS)
+                          .map("".join), st.text(max_size=30), st.none()), max_size=20),
+       st.booleans())  # fmt: skip
+def test_vectorised_hosts_are_those_of_host_of(urls, local):
+    import pyarrow as pa
+
+    assert hosts_of(pa.array(urls, pa.string()), local).tolist() == [host_of(u, local) for u in urls]
 
 
 def _run_with_a_retry(tmp_path):
