@@ -26,6 +26,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from infra import plan
 from infra.audit_ledger import LedgerScan, scratch
 from infra.config import PipelineConfig
 from infra.lineage import POOL
@@ -33,7 +34,6 @@ from infra.manifest import read_manifest
 from infra.run import RunDir
 from infra.shards import iter_tar, list_shards
 from infra.storage import sha256_bytes, sha256_file
-from infra.summary import OPTIONAL, STAGE_NAMES
 
 # Stages every kept pool image passes through and that record at least one event about it.
 CHAIN_STAGES = ("ingest", "nsfw", "faces", "dedup", "retrieve")
@@ -107,27 +107,18 @@ def audit_run(run: RunDir, cfg: PipelineConfig | None = None, work: Path | None 
     return report
 
 
-def _configured(cfg: PipelineConfig) -> list[str]:
-    names = [s for s in STAGE_NAMES if (s != "crawl" or cfg.demo.enabled)
-             and (s not in OPTIONAL or getattr(cfg.train, OPTIONAL[s]).enabled)]  # fmt: skip
-    if not cfg.train.enabled:
-        names = [s for s in names if s not in ("pretrain", *OPTIONAL, "evaluate")]
-    if not cfg.evaluate.enabled:
-        names = [s for s in names if s != "evaluate"]
-    return names
-
-
 def _not_run(run: RunDir, cfg: PipelineConfig, report: AuditReport) -> list[str]:
-    """The configured stages without a manifest, said in notes: what the audit cannot check."""
-    missing = [s for s in _configured(cfg) if read_manifest(run.stage_dir(s)) is None]
+    """The stages of the configuration without a manifest (what the audit cannot check), those after
+    `run.stop_after` and those not finished yet said in notes (`lvd status` says why the others do not run)."""
+    skipped = plan.not_run(cfg)
     stop = cfg.run.stop_after
-    after = [s for s in missing if stop in STAGE_NAMES and STAGE_NAMES.index(s) > STAGE_NAMES.index(stop)]
+    after = [s for s, why in skipped.items() if stop is not None and why == f"run.stop_after is {stop}"]
     if after:
         report.notes.append(f"the run stops after stage {stop} (run.stop_after); not run: {', '.join(after)}")
-    unfinished = [s for s in missing if s not in after]
+    unfinished = [s for s in plan.active(cfg) if read_manifest(run.stage_dir(s)) is None]
     if unfinished:
         report.notes.append(f"stages not completed (the run has not finished): {', '.join(unfinished)}")
-    return missing
+    return [s for s in plan.listed(cfg) if read_manifest(run.stage_dir(s)) is None]
 
 
 def _attached(db: sqlite3.Connection) -> set[str]:

@@ -40,8 +40,9 @@ def run_ids(root: Path | str, pipeline_only: bool = False) -> list[str]:
 
 
 def resolve_run_id(root: Path | str, text: str) -> str:
-    """`text` itself when it names a run under `root`, else the one run whose id starts with it."""
-    if (Path(root) / text / CONFIG_FILE).is_file():
+    """`text` itself when it names a folder under `root` (a run, or what is left of one: `lvd lineage` needs only its
+    ledger), else the one run whose id starts with it."""
+    if text and (Path(root) / text).is_dir():
         return text
     matches = [r for r in run_ids(root) if r.startswith(text)] if text else []
     if len(matches) == 1:
