@@ -157,16 +157,23 @@ class SSLMetaArch(nn.Module):
         device = batch["collated_global_crops"].device
         return torch.arange(n, device=device), torch.full((n,), 1.0 / n_patches, device=device)
 
+    def read_patches(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Flat indices (into 2B x N patches of the global crops) of the patch tokens the losses read: iBOT's
+        selection, or none. The backbones compute their last block only for these and the class tokens."""
+        g = batch["collated_global_crops"]
+        if not self.do_ibot:
+            return torch.zeros(0, dtype=torch.long, device=g.device)
+        p = self.cfg.student.patch_size
+        return self.patch_selection(batch, (g.shape[-2] // p) * (g.shape[-1] // p))[0]
+
     @torch.no_grad()
     def teacher_targets(self, batch: dict[str, Any], teacher_temp: float) -> TeacherOutput:
-        out = self.teacher.backbone(batch["collated_global_crops"], is_training=True)
+        out = self.teacher.backbone(batch["collated_global_crops"], is_training=True, patch_rows=self.read_patches(batch))
         c1, c2 = out["x_norm_clstoken"].chunk(2)
         cls = torch.cat((c2, c1))  # 2B, D: view-2 targets supervise the student's view 1 and vice versa
         patch_logits = None
         if self.do_ibot:
-            patches = out["x_norm_patchtokens"]
-            sel, _ = self.patch_selection(batch, patches.shape[1])
-            masked = patches.flatten(0, 1).index_select(0, sel)  # M, D
+            masked = out["x_norm_patchtokens_selected"]  # M, D
             if "ibot_head" in self.teacher:
                 cls_logits, patch_logits = self.teacher.dino_head(cls), self.teacher.ibot_head(masked)
             else:
@@ -198,27 +205,26 @@ class SSLMetaArch(nn.Module):
     def student_outputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         g, loc = batch["collated_global_crops"], batch["collated_local_crops"]
         masks = None if self.distill else batch["collated_masks"]
-        backbone = self.student.backbone
+        backbone, sel = self.student.backbone, self.read_patches(batch)
         if loc is not None and self.cfg.sequence_packing:
-            gout, lout = backbone([g, loc], masks=[masks, None], is_training=True)
+            gout, lout = backbone([g, loc], masks=[masks, None], patch_rows=[sel, sel[:0]], is_training=True)
         else:
-            gout = backbone(g, masks=masks, is_training=True)
-            lout = backbone(loc, is_training=True) if loc is not None else None
+            gout = backbone(g, masks=masks, patch_rows=sel, is_training=True)
+            lout = backbone(loc, patch_rows=sel[:0], is_training=True) if loc is not None else None
         g_cls = gout["x_norm_clstoken"]  # 2B, D
         l_cls = lout["x_norm_clstoken"] if lout is not None else g_cls[:0]  # n_local * B, D
         rows = [l_cls, g_cls]
         masked = None
         if self.do_ibot:
-            sel, _ = self.patch_selection(batch, gout["x_norm_patchtokens"].shape[1])
-            masked = gout["x_norm_patchtokens"].flatten(0, 1).index_select(0, sel)  # M, D
+            masked = gout["x_norm_patchtokens_selected"]  # M, D
             if "ibot_head" not in self.student:
                 rows.append(masked)
         logits = self.student.dino_head(torch.cat(rows))  # one head call for all rows (reference: packed too)
-        out = {"local_logits": logits[:len(l_cls)], "global_logits": logits[len(l_cls):len(l_cls) + len(g_cls)],
-               "global_cls": g_cls}
+        # split, not slices: the backward of a slice fills a zero tensor of the whole [rows, K] logits per slice
+        parts = logits.split([len(r) for r in rows])
+        out = {"local_logits": parts[0], "global_logits": parts[1], "global_cls": g_cls}
         if masked is not None:
-            out["patch_logits"] = (self.student.ibot_head(masked) if "ibot_head" in self.student
-                                   else logits[len(l_cls) + len(g_cls):])
+            out["patch_logits"] = self.student.ibot_head(masked) if "ibot_head" in self.student else parts[2]
         return out
 
     # --- losses ---------------------------------------------------------------------------------------------
