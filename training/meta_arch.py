@@ -140,6 +140,9 @@ class SSLMetaArch(nn.Module):
         self.dino_loss = DINOLoss(cfg.dino.head_n_prototypes)
         self.ibot_patch_loss = IBOTPatchLoss(k_patch)
         self.koleo_loss = KoLeoLoss()
+        # The backbones' last block computes only the rows the losses read (class tokens, iBOT's patches): the same
+        # values for less work. False: every token through every block, as the reference (benchmarks count that).
+        self.last_block_rows = True
 
     def train(self, mode: bool = True) -> SSLMetaArch:
         super().train(mode)
@@ -157,6 +160,9 @@ class SSLMetaArch(nn.Module):
         device = batch["collated_global_crops"].device
         return torch.arange(n, device=device), torch.full((n,), 1.0 / n_patches, device=device)
 
+    def _rows(self, sel: torch.Tensor) -> torch.Tensor | None:
+        return sel if self.last_block_rows else None
+
     def read_patches(self, batch: dict[str, Any]) -> torch.Tensor:
         """Flat indices (into 2B x N patches of the global crops) of the patch tokens the losses read: iBOT's
         selection, or none. The backbones compute their last block only for these and the class tokens."""
@@ -168,12 +174,13 @@ class SSLMetaArch(nn.Module):
 
     @torch.no_grad()
     def teacher_targets(self, batch: dict[str, Any], teacher_temp: float) -> TeacherOutput:
-        out = self.teacher.backbone(batch["collated_global_crops"], is_training=True, patch_rows=self.read_patches(batch))
+        sel = self.read_patches(batch)
+        out = self.teacher.backbone(batch["collated_global_crops"], is_training=True, patch_rows=self._rows(sel))
         c1, c2 = out["x_norm_clstoken"].chunk(2)
         cls = torch.cat((c2, c1))  # 2B, D: view-2 targets supervise the student's view 1 and vice versa
         patch_logits = None
         if self.do_ibot:
-            masked = out["x_norm_patchtokens_selected"]  # M, D
+            masked = selected_patches(out, sel)  # M, D
             if "ibot_head" in self.teacher:
                 cls_logits, patch_logits = self.teacher.dino_head(cls), self.teacher.ibot_head(masked)
             else:
@@ -206,17 +213,19 @@ class SSLMetaArch(nn.Module):
         g, loc = batch["collated_global_crops"], batch["collated_local_crops"]
         masks = None if self.distill else batch["collated_masks"]
         backbone, sel = self.student.backbone, self.read_patches(batch)
+        rows, none = self._rows(sel), self._rows(sel[:0])
         if loc is not None and self.cfg.sequence_packing:
-            gout, lout = backbone([g, loc], masks=[masks, None], patch_rows=[sel, sel[:0]], is_training=True)
+            gout, lout = backbone([g, loc], masks=[masks, None], patch_rows=None if rows is None else [rows, none],
+                                  is_training=True)
         else:
-            gout = backbone(g, masks=masks, patch_rows=sel, is_training=True)
-            lout = backbone(loc, patch_rows=sel[:0], is_training=True) if loc is not None else None
+            gout = backbone(g, masks=masks, patch_rows=rows, is_training=True)
+            lout = backbone(loc, patch_rows=none, is_training=True) if loc is not None else None
         g_cls = gout["x_norm_clstoken"]  # 2B, D
         l_cls = lout["x_norm_clstoken"] if lout is not None else g_cls[:0]  # n_local * B, D
         rows = [l_cls, g_cls]
         masked = None
         if self.do_ibot:
-            masked = gout["x_norm_patchtokens_selected"]  # M, D
+            masked = selected_patches(gout, sel)  # M, D
             if "ibot_head" not in self.student:
                 rows.append(masked)
         logits = self.student.dino_head(torch.cat(rows))  # one head call for all rows (reference: packed too)
@@ -279,6 +288,14 @@ class SSLMetaArch(nn.Module):
     def export_modules(self) -> nn.ModuleDict:
         """What a run releases: the EMA teacher (pretrain) or the EMA of the student (distill)."""
         return self.ema if self.distill else self.teacher
+
+
+def selected_patches(out: dict[str, Any], sel: torch.Tensor) -> torch.Tensor:
+    """[M, D]: the normalised patch tokens at the flat indices `sel` of a backbone's training output, computed
+    selectively (`patch_rows`) or read from the full outputs."""
+    if "x_norm_patchtokens_selected" in out:
+        return out["x_norm_patchtokens_selected"]
+    return out["x_norm_patchtokens"].flatten(0, 1).index_select(0, sel)
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@ Sequence packing (reference: xFormers `BlockDiagonalMask` over the list of crops
 group i holds B_i images of N_i tokens each and T = sum(B_i * N_i). Linear layers run once over all T tokens;
 attention runs per group as a batch of independent sequences via `F.scaled_dot_product_attention`. This is exactly
 block-diagonal attention (no token attends across images), without the O(T^2) masked waste of a dense
-block-diagonal mask (measured in bench/train_step.py: the dense mask is several times slower on CPU).
+block-diagonal mask (which computes every cross-image score: T^2 against sum_i B_i N_i^2).
 
 Kernel per group (`attend`): on a GPU, SDPA (flash / memory-efficient kernels). On a CPU, short sequences (local
 crops, the demo's crops: N <= MATH_MAX_TOKENS) take the explicit product softmax(q k^T / sqrt(d)) v with the softmax in
