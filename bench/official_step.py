@@ -8,16 +8,19 @@ backbones (`dinov2.models.vision_transformer.DinoVisionTransformer` with its `Ne
 operations follows `SSLMetaArch.forward_backward` line by line; the only departures are the ones xFormers forces:
 without it the student runs its global and local crops as two forwards (with it, one packed forward, as the
 official code), and the head's inputs are concatenated with `torch.cat` (what `fmha.BlockDiagonalMask
-.from_tensor_list` does to them). The official gradient clipping is FSDP's `clip_grad_norm_` per student module;
-outside FSDP that is `torch.nn.utils.clip_grad_norm_` per module, and the teacher EMA is the official
-`_foreach_mul_` / `_foreach_add_` over the parameters.
+.from_tensor_list` does to them). In a single process without a process group, the one unguarded all-reduce of the
+official iBOT Sinkhorn-Knopp (its sample count) is the identity it would be in a group of one. The official gradient
+clipping is FSDP's `clip_grad_norm_` per student module; outside FSDP that is `torch.nn.utils.clip_grad_norm_` per
+module, and the teacher EMA is the official `_foreach_mul_` / `_foreach_add_` over the parameters.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 import warnings
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,22 @@ from typing import Any
 import torch
 from torch import nn
 
-OFFICIAL_ARCHS = {"vit_small", "vit_base", "vit_large", "vit_giant2"}
+
+@contextlib.contextmanager
+def _world_of_one() -> Iterator[None]:
+    """The official iBOT Sinkhorn-Knopp all-reduces its sample count without checking for a process group (its other
+    all-reduces check); in a single process an all-reduce is the identity, so it is one for the call."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    saved = dist.all_reduce
+    dist.all_reduce = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        dist.all_reduce = saved
 
 
 def import_official(root: Path) -> dict[str, Any]:
@@ -150,13 +168,9 @@ class OfficialStep(nn.Module):
         return dino, ibot
 
     def _ibot_sinkhorn(self, logits: torch.Tensor, temp: float, n_masked: torch.Tensor) -> torch.Tensor:
-        # The official iBOT Sinkhorn-Knopp calls dist.all_reduce unguarded: a process group of one is needed.
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            raise SystemExit("the official iBOT Sinkhorn-Knopp needs torch.distributed; use train.centering=centering")
-        return self.ibot_patch_loss.sinkhorn_knopp_teacher(logits, teacher_temp=temp,
-                                                           n_masked_patches_tensor=n_masked.clone())
+        with _world_of_one():
+            return self.ibot_patch_loss.sinkhorn_knopp_teacher(logits, teacher_temp=temp,
+                                                               n_masked_patches_tensor=n_masked.clone())
 
     def forward_losses(self, batch: dict[str, Any], teacher_temp: float) -> dict[str, torch.Tensor]:
         """`SSLMetaArch.forward_backward` up to the backward (shared head, two global crops, local crops)."""

@@ -304,14 +304,12 @@ def main(argv: list[str] | None = None) -> None:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 rows and peak: real fp32
-    fsdp = cuda and _init_single_process_group("nccl")
+    fsdp = cuda and _init_single_process_group()
     mods = None
     if args.official:
         from bench.official_step import import_official
 
         mods = import_official(args.official)
-        if not cuda:  # the official iBOT Sinkhorn-Knopp all-reduces unguarded: a group of one (both rows use it)
-            _init_single_process_group("gloo")
     print(describe_machine(device, args.threads) + f"; fsdp={fsdp}", flush=True)
     rows: list[Row] = []
     steps_of: dict[str, int] = {}
@@ -368,13 +366,13 @@ def print_table(rows: list[Row], peaks: dict[str, list[float]]) -> None:
               f"{tflops / max(peaks[row.dtype]):>6.1%} {ratio}", flush=True)
 
 
-def _init_single_process_group(backend: str) -> bool:
+def _init_single_process_group() -> bool:
     import torch.distributed as dist
 
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29533 + os.getpid() % 1000))
-        dist.init_process_group(backend, rank=0, world_size=1)
+        os.environ.setdefault("MASTER_PORT", "29533")
+        dist.init_process_group("nccl", rank=0, world_size=1)
     return True
 
 

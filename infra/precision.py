@@ -3,9 +3,10 @@
 GPUs: bf16 where CUDA supports it. CPUs: the instruction set decides first, a measurement second. Without AMX or
 AVX512-BF16, bf16 matmuls are emulated and slower than fp32 (measured on a 2-core AVX2 host: about 11 GFLOP/s bf16
 against 39 fp32), so ``auto`` is fp32 there without measuring. With either flag, one product of 512 x 512 matrices is
-timed in both dtypes (best of a few, about 10 ms, once per process): ``auto`` is bf16 when bf16 is at least
+timed in both dtypes (on one thread, best of 7, ~0.1 s once per process): ``auto`` is bf16 when bf16 is at least
 ``BF16_MIN_SPEEDUP`` times faster. Measured on the 2-core hosts: AMX (Sapphire Rapids) ~6-11x; AMD EPYC Zen 4
-(AVX512-BF16, no AMX) 2.1-3.1x, where the whole ViT-S/14 training step runs 1.6x faster in bf16 and the demo's 1.6x.
+(AVX512-BF16, no AMX) 1.9-2.1x, where the whole ViT-S/14 training step runs 1.65x faster in bf16 and the demo's 1.75x
+(docs/training.md).
 """
 
 from __future__ import annotations
@@ -41,8 +42,14 @@ def matmul_seconds(dtypes: tuple[torch.dtype, ...], n: int = 512, reps: int = 5)
 
 @functools.cache
 def cpu_bf16_speedup() -> float:
-    """fp32 time / bf16 time of the probe product on this CPU (measured once per process)."""
-    fp32, bf16 = matmul_seconds((torch.float32, torch.bfloat16))
+    """fp32 time / bf16 time of the probe product on this CPU (measured once per process, on one thread: the
+    instructions' speed, which a busy machine's other processes disturb less than a multi-threaded product)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fp32, bf16 = matmul_seconds((torch.float32, torch.bfloat16), reps=7)
+    finally:
+        torch.set_num_threads(threads)
     return fp32 / bf16
 
 
