@@ -145,14 +145,15 @@ def build(cfg, device: torch.device, fsdp: bool, dtype: str = "fp32"):
     return meta, opt
 
 
-def step_flops(cfg, batch_size: int) -> float:
+def step_flops(cfg, batch_size: int, device: torch.device) -> float:
     """Nominal FLOPs of one step: fp32, drop path off, every token through every block, attention as its two
-    batched products (the explicit kernel at every length, so the counter sees them)."""
+    batched products (on a CPU the explicit kernel at every length, so that the counter sees them; on a GPU the
+    counter's SDPA formulas)."""
     cfg = cfg.model_copy(deep=True)
     cfg.student.drop_path_rate = 0.0
-    meta, opt = build(cfg, torch.device("cpu"), fsdp=False)
+    meta, opt = build(cfg, device, fsdp=False)
     meta.last_block_rows = False
-    batch = synthetic_batch(cfg, batch_size, torch.device("cpu"))
+    batch = synthetic_batch(cfg, batch_size, device)
     limit, attention_mod.MATH_MAX_TOKENS = attention_mod.MATH_MAX_TOKENS, 1 << 30
     try:
         with FlopCounterMode(display=False) as counter:
@@ -315,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     steps_of: dict[str, int] = {}
     for key in args.models:
         name, cfg, batch, steps = model_setup(key, args, cuda)
-        flops = step_flops(cfg, batch)
+        flops = step_flops(cfg, batch, device)
         print(f"{name}: {flops / 1e9:.1f} GFLOP per step of {batch} images (nominal)", flush=True)
         steps_of[name] = steps
         rows += (official_rows(name, cfg, batch, flops, args.dtypes, device, fsdp, mods) if mods is not None
