@@ -213,12 +213,12 @@ class SSLMetaArch(nn.Module):
         g, loc = batch["collated_global_crops"], batch["collated_local_crops"]
         masks = None if self.distill else batch["collated_masks"]
         backbone, sel = self.student.backbone, self.read_patches(batch)
-        rows, none = self._rows(sel), self._rows(sel[:0])
+        keep, none = self._rows(sel), self._rows(sel[:0])
         if loc is not None and self.cfg.sequence_packing:
-            gout, lout = backbone([g, loc], masks=[masks, None], patch_rows=None if rows is None else [rows, none],
+            gout, lout = backbone([g, loc], masks=[masks, None], patch_rows=None if keep is None else [keep, none],
                                   is_training=True)
         else:
-            gout = backbone(g, masks=masks, patch_rows=rows, is_training=True)
+            gout = backbone(g, masks=masks, patch_rows=keep, is_training=True)
             lout = backbone(loc, patch_rows=none, is_training=True) if loc is not None else None
         g_cls = gout["x_norm_clstoken"]  # 2B, D
         l_cls = lout["x_norm_clstoken"] if lout is not None else g_cls[:0]  # n_local * B, D

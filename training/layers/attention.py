@@ -54,8 +54,8 @@ class Attention(nn.Module):
     def _attend(self, qkv: torch.Tensor, b: int, n: int) -> torch.Tensor:
         d = qkv.shape[-1] // 3
         h = self.num_heads
-        # 3, B, H, N, d/H made contiguous: the backward then hands the qkv layer one dense gradient (a strided one made
-        # its bias-gradient sum and input-gradient product ~2x slower on CPU).
+        # 3, B, H, N, d/H made contiguous: the backward then hands the qkv layer one dense gradient, not a strided one
+        # (ViT-S packed crops, qkv + attention + proj forward and backward, 1 thread: 125 -> 110 ms).
         q, k, v = qkv.view(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4).contiguous().unbind(0)
         return attend(q, k, v).transpose(1, 2).reshape(b * n, d)
 
