@@ -140,6 +140,9 @@ class SSLMetaArch(nn.Module):
         self.dino_loss = DINOLoss(cfg.dino.head_n_prototypes)
         self.ibot_patch_loss = IBOTPatchLoss(k_patch)
         self.koleo_loss = KoLeoLoss()
+        # The backbones' last block computes only the rows the losses read (class tokens, iBOT's patches): the same
+        # values for less work. False: every token through every block, as the reference (benchmarks count that).
+        self.last_block_rows = True
 
     def train(self, mode: bool = True) -> SSLMetaArch:
         super().train(mode)
@@ -157,16 +160,27 @@ class SSLMetaArch(nn.Module):
         device = batch["collated_global_crops"].device
         return torch.arange(n, device=device), torch.full((n,), 1.0 / n_patches, device=device)
 
+    def _rows(self, sel: torch.Tensor) -> torch.Tensor | None:
+        return sel if self.last_block_rows else None
+
+    def read_patches(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Flat indices (into 2B x N patches of the global crops) of the patch tokens the losses read: iBOT's
+        selection, or none. The backbones compute their last block only for these and the class tokens."""
+        g = batch["collated_global_crops"]
+        if not self.do_ibot:
+            return torch.zeros(0, dtype=torch.long, device=g.device)
+        p = self.cfg.student.patch_size
+        return self.patch_selection(batch, (g.shape[-2] // p) * (g.shape[-1] // p))[0]
+
     @torch.no_grad()
     def teacher_targets(self, batch: dict[str, Any], teacher_temp: float) -> TeacherOutput:
-        out = self.teacher.backbone(batch["collated_global_crops"], is_training=True)
+        sel = self.read_patches(batch)
+        out = self.teacher.backbone(batch["collated_global_crops"], is_training=True, patch_rows=self._rows(sel))
         c1, c2 = out["x_norm_clstoken"].chunk(2)
         cls = torch.cat((c2, c1))  # 2B, D: view-2 targets supervise the student's view 1 and vice versa
         patch_logits = None
         if self.do_ibot:
-            patches = out["x_norm_patchtokens"]
-            sel, _ = self.patch_selection(batch, patches.shape[1])
-            masked = patches.flatten(0, 1).index_select(0, sel)  # M, D
+            masked = selected_patches(out, sel)  # M, D
             if "ibot_head" in self.teacher:
                 cls_logits, patch_logits = self.teacher.dino_head(cls), self.teacher.ibot_head(masked)
             else:
@@ -198,27 +212,28 @@ class SSLMetaArch(nn.Module):
     def student_outputs(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         g, loc = batch["collated_global_crops"], batch["collated_local_crops"]
         masks = None if self.distill else batch["collated_masks"]
-        backbone = self.student.backbone
+        backbone, sel = self.student.backbone, self.read_patches(batch)
+        keep, none = self._rows(sel), self._rows(sel[:0])
         if loc is not None and self.cfg.sequence_packing:
-            gout, lout = backbone([g, loc], masks=[masks, None], is_training=True)
+            gout, lout = backbone([g, loc], masks=[masks, None], patch_rows=None if keep is None else [keep, none],
+                                  is_training=True)
         else:
-            gout = backbone(g, masks=masks, is_training=True)
-            lout = backbone(loc, is_training=True) if loc is not None else None
+            gout = backbone(g, masks=masks, patch_rows=keep, is_training=True)
+            lout = backbone(loc, patch_rows=none, is_training=True) if loc is not None else None
         g_cls = gout["x_norm_clstoken"]  # 2B, D
         l_cls = lout["x_norm_clstoken"] if lout is not None else g_cls[:0]  # n_local * B, D
         rows = [l_cls, g_cls]
         masked = None
         if self.do_ibot:
-            sel, _ = self.patch_selection(batch, gout["x_norm_patchtokens"].shape[1])
-            masked = gout["x_norm_patchtokens"].flatten(0, 1).index_select(0, sel)  # M, D
+            masked = selected_patches(gout, sel)  # M, D
             if "ibot_head" not in self.student:
                 rows.append(masked)
         logits = self.student.dino_head(torch.cat(rows))  # one head call for all rows (reference: packed too)
-        out = {"local_logits": logits[:len(l_cls)], "global_logits": logits[len(l_cls):len(l_cls) + len(g_cls)],
-               "global_cls": g_cls}
+        # split, not slices: the backward of a slice fills a zero tensor of the whole [rows, K] logits per slice
+        parts = logits.split([len(r) for r in rows])
+        out = {"local_logits": parts[0], "global_logits": parts[1], "global_cls": g_cls}
         if masked is not None:
-            out["patch_logits"] = (self.student.ibot_head(masked) if "ibot_head" in self.student
-                                   else logits[len(l_cls) + len(g_cls):])
+            out["patch_logits"] = self.student.ibot_head(masked) if "ibot_head" in self.student else parts[2]
         return out
 
     # --- losses ---------------------------------------------------------------------------------------------
@@ -273,6 +288,14 @@ class SSLMetaArch(nn.Module):
     def export_modules(self) -> nn.ModuleDict:
         """What a run releases: the EMA teacher (pretrain) or the EMA of the student (distill)."""
         return self.ema if self.distill else self.teacher
+
+
+def selected_patches(out: dict[str, Any], sel: torch.Tensor) -> torch.Tensor:
+    """[M, D]: the normalised patch tokens at the flat indices `sel` of a backbone's training output, computed
+    selectively (`patch_rows`) or read from the full outputs."""
+    if "x_norm_patchtokens_selected" in out:
+        return out["x_norm_patchtokens_selected"]
+    return out["x_norm_patchtokens"].flatten(0, 1).index_select(0, sel)
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from training.layers import Block, BlockChunk, Mlp, PatchEmbed, SwiGLUFFNFused
-from training.layers.attention import Groups, group_sizes
+from training.layers.attention import Groups
 
 
 class IdentityFFN(nn.Module):
@@ -148,18 +148,39 @@ class DinoVisionTransformer(nn.Module):
         return x
 
     # --- forward ------------------------------------------------------------------------------------------
-    def _run_blocks(self, tokens: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Pack [B_i, N_i, D] tensors into one [T, D] sequence, run every block once, unpack."""
+    def _run_blocks(self, tokens: list[torch.Tensor], rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Pack [B_i, N_i, D] tensors into one [T, D] sequence and run every block once; `rows`: the packed rows the
+        last block returns (all when None)."""
         groups: Groups = tuple((t.shape[0], t.shape[1]) for t in tokens)
         d = tokens[0].shape[-1]
         x = tokens[0].reshape(-1, d) if len(tokens) == 1 else torch.cat([t.reshape(-1, d) for t in tokens])
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
-        for blk in self.blocks:
+        last = len(self.blocks) - 1
+        for i, blk in enumerate(self.blocks):
+            r = rows if i == last else None
             # Non-reentrant checkpointing: keeps only the block's input; the backward reruns its forward with the
             # saved RNG state, so the same drop-path samples are dropped.
-            x = checkpoint(blk, x, groups, use_reentrant=False) if recompute else blk(x, groups)
-        chunks = x.split(group_sizes(groups)) if len(tokens) > 1 else (x,)
-        return [c.view(b, n, d) for c, (b, n) in zip(chunks, groups, strict=True)]
+            x = checkpoint(blk, x, groups, r, use_reentrant=False) if recompute else blk(x, groups, r)
+        return x
+
+    def _unpack(self, x: torch.Tensor, tokens: list[torch.Tensor]) -> list[torch.Tensor]:
+        chunks = x.split([t.shape[0] * t.shape[1] for t in tokens]) if len(tokens) > 1 else (x,)
+        return [c.view(t.shape) for c, t in zip(chunks, tokens, strict=True)]
+
+    def _read_rows(self, tokens: list[torch.Tensor], patch_rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor,
+                                                                                                     list[int]]:
+        """Packed row indices of every crop's class token and of the selected patch tokens (`patch_rows[i]`: flat
+        indices into B_i x N_patches), group by group; and the number of rows of each group."""
+        out, sizes, offset = [], [], 0
+        for t, sel in zip(tokens, patch_rows, strict=True):
+            b, n = t.shape[:2]
+            first = 1 + self.num_register_tokens  # first patch token
+            p = n - first
+            cls = torch.arange(b, device=t.device) * n
+            out += [offset + cls, offset + torch.div(sel, p, rounding_mode="floor") * n + first + sel % p]
+            sizes.append(b + sel.numel())
+            offset += b * n
+        return torch.cat(out), sizes
 
     def _output(self, x: torch.Tensor, masks: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
         x_norm = self.norm(x)
@@ -172,19 +193,30 @@ class DinoVisionTransformer(nn.Module):
             "masks": masks,
         }
 
-    def forward_features_list(self, x_list: Sequence[torch.Tensor],
-                              masks_list: Sequence[torch.Tensor | None]) -> list[dict[str, Any]]:
-        """Several crop sizes in one packed forward (sequence packing); one output dict per input."""
+    def forward_features_list(self, x_list: Sequence[torch.Tensor], masks_list: Sequence[torch.Tensor | None],
+                              patch_rows: Sequence[torch.Tensor] | None = None) -> list[dict[str, Any]]:
+        """Several crop sizes in one packed forward (sequence packing); one output dict per input.
+
+        `patch_rows` (training): per input, the flat indices (into B_i x N_patches) of the patch tokens the caller
+        reads. The last block then computes its output projection and FFN for the class tokens and those patches only
+        (all tokens still serve as keys and values: the same values), and each dict holds `x_norm_clstoken` [B_i, D]
+        and `x_norm_patchtokens_selected` [M_i, D] (no full token outputs)."""
         tokens = [self.prepare_tokens_with_masks(x, m) for x, m in zip(x_list, masks_list, strict=True)]
-        outs = self._run_blocks(tokens)
-        return [self._output(x, m) for x, m in zip(outs, masks_list, strict=True)]
+        if patch_rows is None:
+            outs = self._unpack(self._run_blocks(tokens), tokens)
+            return [self._output(x, m) for x, m in zip(outs, masks_list, strict=True)]
+        rows, sizes = self._read_rows(tokens, patch_rows)
+        x_norm = self.norm(self._run_blocks(tokens, rows)).split(sizes)
+        return [{"x_norm_clstoken": x[:t.shape[0]], "x_norm_patchtokens_selected": x[t.shape[0]:], "masks": m}
+                for x, t, m in zip(x_norm, tokens, masks_list, strict=True)]
 
     def forward_features(self, x: torch.Tensor | Sequence[torch.Tensor],
-                         masks: torch.Tensor | Sequence[torch.Tensor | None] | None = None) -> Any:
+                         masks: torch.Tensor | Sequence[torch.Tensor | None] | None = None,
+                         patch_rows: torch.Tensor | Sequence[torch.Tensor] | None = None) -> Any:
         if isinstance(x, list | tuple):
-            return self.forward_features_list(x, masks if masks is not None else [None] * len(x))
-        (out,) = self._run_blocks([self.prepare_tokens_with_masks(x, masks)])
-        return self._output(out, masks)
+            return self.forward_features_list(x, masks if masks is not None else [None] * len(x), patch_rows)
+        out = self.forward_features_list([x], [masks], None if patch_rows is None else [patch_rows])
+        return out[0]
 
     def forward(self, *args: Any, is_training: bool = False, **kwargs: Any) -> Any:
         ret = self.forward_features(*args, **kwargs)

@@ -109,3 +109,26 @@ def test_non_finite_loss_names_the_term():
     with pytest.raises(NonFiniteLossError, match=r"step 7: koleo_loss=nan, ibot_loss=inf"):
         check_finite(terms, step=7)
     check_finite({"dino_local_crops_loss": torch.tensor(1.0)}, step=0)
+
+
+@pytest.mark.parametrize(("packing", "drop_path"), [(True, 0.0), (False, 0.0), (True, 0.2)])
+def test_last_block_on_the_read_rows_gives_the_reference_losses_and_gradients(image_folder, packing, drop_path):
+    """The backbones' last block computed for the class tokens and iBOT's patches only (`last_block_rows`, the
+    default) gives the losses and student gradients of every token through every block (float64)."""
+    cfg = tiny_config(**{"sequence_packing": packing, "student.drop_path_rate": drop_path})
+    batch = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
+             for k, v in _batch(cfg, image_folder).items()}
+    results = []
+    for rows in (False, True):
+        torch.manual_seed(0)
+        meta = SSLMetaArch(cfg).double().train()
+        meta.last_block_rows = rows
+        torch.manual_seed(1)
+        terms, _ = meta.forward_losses(batch, teacher_temp=0.04)
+        sum(terms.values()).backward()
+        results.append((torch.stack(list(terms.values())), {n: p.grad for n, p in meta.student.named_parameters()}))
+    (want, want_grads), (got, got_grads) = results
+    assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert want_grads.keys() == got_grads.keys()
+    for k in want_grads:
+        assert_close(got_grads[k], want_grads[k], rtol=1e-8, atol=1e-12)

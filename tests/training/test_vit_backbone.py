@@ -202,3 +202,37 @@ def test_activation_checkpointing_gives_the_same_outputs_and_gradients(block_chu
         with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
             model.forward_features(torch.randn(2, 3, 16, 16))
     assert counts[True] < counts[False] / 3, counts
+
+
+@pytest.mark.parametrize(("arch", "block_chunks", "drop_path"), [("vit_pico_reg4_swiglu", 0, 0.0),
+                                                                 ("vit_pico", 2, 0.0), ("vit_pico", 0, 0.5)])
+def test_last_block_on_selected_rows_equals_the_full_forward(arch, block_chunks, drop_path):
+    """`patch_rows`: the class tokens and the selected patch tokens (registers skipped) with the values and gradients
+    of the full forward; with drop path in the last block every row is computed (the same draws)."""
+
+    def run(select: bool):
+        torch.manual_seed(0)
+        model = build_backbone(arch, 4, 16, drop_path_rate=drop_path, drop_path_uniform=True, init_values=0.5,
+                               block_chunks=block_chunks).double().train()
+        torch.manual_seed(1)
+        x = [torch.randn(6, 3, 16, 16, dtype=torch.float64), torch.randn(8, 3, 8, 8, dtype=torch.float64)]
+        masks = torch.rand(6, 16) < 0.4
+        sel = masks.flatten().nonzero().flatten()  # 6 x 16 patches of the global crops
+        torch.manual_seed(2)
+        if select:
+            outs = model.forward_features(x, [masks, None], patch_rows=[sel, sel[:0]])
+            got = [outs[0]["x_norm_clstoken"], outs[1]["x_norm_clstoken"], outs[0]["x_norm_patchtokens_selected"]]
+        else:
+            outs = model.forward_features(x, [masks, None])
+            got = [outs[0]["x_norm_clstoken"], outs[1]["x_norm_clstoken"],
+                   outs[0]["x_norm_patchtokens"].flatten(0, 1)[sel]]
+        sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).sum() for o in got).backward()
+        return got, {n: p.grad for n, p in model.named_parameters()}, len(sel)
+
+    (full, full_grads, n_sel), (part, part_grads, _) = run(False), run(True)
+    assert part[2].shape == (n_sel, 96) and n_sel > 10
+    for a, b in zip(full, part, strict=True):
+        assert_close(b, a, rtol=1e-10, atol=1e-12)
+    assert full_grads.keys() == part_grads.keys()
+    for k in full_grads:
+        assert_close(part_grads[k], full_grads[k], rtol=1e-9, atol=1e-12)

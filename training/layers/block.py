@@ -41,12 +41,19 @@ class Block(nn.Module):
     def ffn_branch(self, x: torch.Tensor, groups: Groups) -> torch.Tensor:
         return self.ls2(self.mlp(self.norm2(x)))
 
-    def forward(self, x: torch.Tensor, groups: Groups | None = None) -> torch.Tensor:
-        """x: [B, N, D], or packed [T, D] with `groups` (see `attention.py`)."""
+    def forward(self, x: torch.Tensor, groups: Groups | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, N, D], or packed [T, D] with `groups` (see `attention.py`). `rows` (packed input): only these output
+        rows [R, D] are wanted; without drop path the output projection and the FFN then run on them alone (every
+        row still serves as key and value), which is what the last block of a training forward needs."""
         if x.dim() == 3:
             b, n, d = x.shape
             return self.forward(x.reshape(b * n, d), ((b, n),)).view(b, n, d)
         assert groups is not None
+        if rows is not None:
+            if self.training and self.sample_drop_ratio > 0.0:  # the drop-path draws cover every image: all rows
+                return self.forward(x, groups).index_select(0, rows)
+            x = x.index_select(0, rows) + self.ls1(self.attn(self.norm1(x), groups, rows))
+            return x + self.ffn_branch(x, groups)
         d = self.sample_drop_ratio
         if self.training and d > EFFICIENT_DROP_PATH_MIN:
             x = _subset_residual(x, groups, d, self.attn_branch)
@@ -74,8 +81,9 @@ class BlockChunk(nn.ModuleList):
     """A chunk of blocks (an FSDP wrap unit when `block_chunks > 0`); it is padded with `nn.Identity` for the
     blocks of earlier chunks so that parameter names keep the global index: `blocks.<chunk>.<index>.*`."""
 
-    def forward(self, x: torch.Tensor, groups: Groups | None = None) -> torch.Tensor:
-        for blk in self:
-            if not isinstance(blk, nn.Identity):
-                x = blk(x, groups)
+    def forward(self, x: torch.Tensor, groups: Groups | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """`rows`: as `Block.forward`, applied by the chunk's last block."""
+        blocks = [blk for blk in self if not isinstance(blk, nn.Identity)]
+        for i, blk in enumerate(blocks):
+            x = blk(x, groups, rows if i == len(blocks) - 1 else None)
         return x

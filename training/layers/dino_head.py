@@ -23,7 +23,10 @@ class WeightNormLinear(nn.Module):
         self.weight_g = nn.Parameter(torch.ones(out_features, 1))  # K, 1
 
     def weight(self) -> torch.Tensor:
-        return self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True)
+        # torch's fused kernel (what `nn.utils.weight_norm` runs): one pass over the K x bottleneck matrix forward
+        # and one backward, where g * v / ||v|| in separate ops made ~12 passes (0.8 s against 0.45 s for the
+        # layer's forward and backward at K = 65,536, M = 202 rows, 1 thread).
+        return torch._weight_norm(self.weight_v, self.weight_g, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight())
