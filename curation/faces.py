@@ -123,6 +123,8 @@ class MtcnnDetector:
         self.name = f"mtcnn-facenet-pytorch:o{t:g}"
 
     def detect(self, img: Image.Image) -> list[Box]:
+        if min(img.size) < self.cfg.min_size:  # no face of faces.min_size fits (and MTCNN's pyramid would be empty)
+            return []
         boxes, _ = self._net.detect(img.convert("RGB"))
         if boxes is None:
             return []

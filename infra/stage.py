@@ -36,7 +36,6 @@ from infra.storage import Markers, atomic_write_json, file_record, read_json
 log = logging.getLogger("lvd")
 FAULT_ENV = "LVD_FAULT"  # "<stage>" or "<stage>:<n>" (fail after n shards of the stage); for tests and chaos runs
 KEY_FILE = "_key.json"
-log = logging.getLogger(__name__)
 
 
 class InjectedFault(RuntimeError):
@@ -319,7 +318,7 @@ def _index_lineage(run: RunDir, stage: str) -> None:
     try:
         index_stage(run.stage_dir(stage))
     except (OSError, sqlite3.Error) as err:
-        log.warning("stage %s: lineage index not written (%s); `lvd lineage` will build it", stage, err)
+        log.warning("%s: lineage index not written (%s); `lvd lineage` will build it", stage, err)
 
 
 def _prepare(stage_dir: Path, key: str) -> None:

@@ -40,7 +40,7 @@ from training.data import build_source
 from training.module import DinoV2DataModule, DinoV2Module
 from training.registry import build_backbone
 from training.schedules import derive
-from training.strategy import build_strategy, resolve_accelerator, resolve_precision
+from training.strategy import build_strategy, compute_precision, resolve_accelerator, resolve_precision
 from training.weights import init_from_pretrained
 
 __all__ = ["PretrainResult", "build_backbone", "load_backbone", "pretrain"]
@@ -134,11 +134,27 @@ class RecordDerived(L.Callback):
         segments = [{**s, "from_step": trainer.global_step if s["from_step"] is None else s["from_step"]}
                     for s in self.segments]
         derived = {**derive(self.cfg, trainer.world_size).as_dict(),
-                   "accumulate_grad_batches": self.cfg.accumulate_grad_batches, "segments": segments}
+                   "accumulate_grad_batches": self.cfg.accumulate_grad_batches, "segments": segments,
+                   "precision": _precision_note(self.cfg)}
         atomic_write_text(self.out_dir / "train_config.yaml",
                           yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
         atomic_write_json(self.out_dir / "derived.json", derived)
         log.info("derived values: %s", json.dumps(derived))
+
+
+def _precision_note(cfg: TrainConfig) -> str:
+    """The precision this run computes in, and why when `train.precision` is auto (written to derived.json)."""
+    accelerator = resolve_accelerator(cfg)
+    chosen = compute_precision(cfg, accelerator)
+    if cfg.precision != "auto":
+        return chosen
+    if accelerator != "cpu":
+        return f"{chosen} (auto on {accelerator})"
+    from infra.precision import cpu_bf16_flags, cpu_bf16_speedup
+
+    if not cpu_bf16_flags():
+        return f"{chosen} (auto: this CPU has no bf16 matmul instructions)"
+    return f"{chosen} (auto: bf16 products measured {cpu_bf16_speedup():.2f}x fp32 on this CPU)"
 
 
 def _teacher_for(cfg: TrainConfig) -> nn.ModuleDict | None:

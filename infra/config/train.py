@@ -178,8 +178,9 @@ class TrainConfig(Section):
     # auto: FSDP on several GPUs (and to resume a sharded checkpoint), DDP on several CPU processes, else one process.
     # fsdp also runs on CPU processes (gloo): the GPU path without a GPU (tests, a sharded checkpoint on a CPU host).
     strategy: Literal["auto", "fsdp", "ddp"] = "auto"
-    # auto: bf16 autocast where the hardware computes bf16 natively (CUDA, or CPUs with AMX / AVX512-BF16), else
-    # fp32 (emulated bf16 matmuls measured ~4x slower than fp32 on an AVX-512 CPU without them).
+    # auto: bf16 autocast on CUDA GPUs that support it; on a CPU with AMX or AVX512-BF16, bf16 when a probe product
+    # measures bf16 at least 1.3x faster than fp32 (infra/precision.py, ~0.1 s once per process); else fp32
+    # (emulated bf16 matmuls are slower than fp32). The choice is printed and kept with the run (docs/training.md).
     precision: Literal["auto", "bf16", "fp32", "fp16"] = "auto"
     # FSDP sharding (PyTorch's names): SHARD_GRAD_OP (the reference's), FULL_SHARD (also parameters between
     # forward and backward: least memory), HYBRID_SHARD (FULL_SHARD within a node, replicated across nodes: all-gathers

@@ -21,6 +21,16 @@ def test_the_default_is_mtcnn_with_its_measured_setting():
     assert det.name == "mtcnn-facenet-pytorch:o0.9"
 
 
+def test_an_image_smaller_than_the_smallest_face_has_no_face():
+    """MTCNN's pyramid is empty below faces.min_size (facenet-pytorch then fails in torch.cat): no face, no error."""
+    det = build_detector(FacesConfig())
+    face = Image.fromarray(skimage.data.astronaut()).convert("RGB").crop((150, 20, 330, 220))
+    for side in (1, 12, FacesConfig().min_size - 1):
+        assert det.detect(face.resize((side, side))) == []
+    m = FacesConfig().min_size
+    assert isinstance(det.detect(face.resize((m, m)).convert("L")), list)  # from min_size on, the pyramid runs
+
+
 def test_default_detector_on_a_fixed_subset_of_the_benchmark_set():
     """40 pasted faces and 40 face-free photographs (seed 0 of bench/faces.py); numbers measured at this commit."""
     r = evaluate(build_detector(FacesConfig()).detect, labelled_set(n_faces=40, n_free=40, seed=0))

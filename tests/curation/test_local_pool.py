@@ -98,7 +98,7 @@ def test_the_opener_checks_again_at_open(pool, tmp_path):
                       "cats/nothing.jpg": "file_missing"}  # fmt: skip
     with pytest.raises(LocalFileRefused, match=r"outside ingest\.local_roots"):
         local_file(link.as_uri(), [pool])
-    assert host_of(link.as_uri()) == LOCAL
+    assert host_of(link.as_uri(), local=True) == LOCAL
 
 
 def test_a_local_pool_is_ingested_with_one_outcome_per_file(pool, tmp_path, capsys):

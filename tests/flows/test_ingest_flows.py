@@ -121,7 +121,7 @@ def _completed_ingest_shard_runs(since) -> list[str]:
     async def read():
         async with get_client() as client:
             return await client.read_task_runs(task_run_filter=TaskRunFilter(
-                name=TaskRunFilterName(like_="ingest:"), start_time=TaskRunFilterStartTime(after_=since)))
+                name=TaskRunFilterName(like_="ingest["), start_time=TaskRunFilterStartTime(after_=since)))
 
     return sorted(r.name for r in asyncio.run(read()) if r.state and r.state.is_completed())
 
@@ -144,8 +144,8 @@ def test_dask_cluster_gives_the_same_shards_and_ledger(crawl, prefect_server):
     assert set().union(*thread_peers.values()) == {os.getpid()}
     workers = set().union(*dask_peers.values())
     assert None not in workers and os.getpid() not in workers and 1 <= len(workers) <= 2, (workers, dask_peers)
-    assert _completed_ingest_shard_runs(since) == ["ingest:00000", "ingest:00000", "ingest:00001", "ingest:00001",
-                                                   "ingest:00002", "ingest:00002", "ingest:00003", "ingest:00003"]
+    assert _completed_ingest_shard_runs(since) == ["ingest[00000]", "ingest[00000]", "ingest[00001]", "ingest[00001]",
+                                                   "ingest[00002]", "ingest[00002]", "ingest[00003]", "ingest[00003]"]
 
 
 def test_retry_failed_cli_then_resume(crawl, prefect_server, capsys):
