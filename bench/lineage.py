@@ -18,7 +18,9 @@ Without ``--source``, the demo's curation is run first (`lvd run configs/demo.ya
 its libraries stay cached. "warm": the median of 3 runs after it, with its CPU time (user + system, from wait4: what a busy machine
 disturbs least). "look-up alone": the time find_chain takes in a fresh process once
 its modules are imported (the part that depends on the run's size). The baseline: `Ledger.chain`, the full scan that
-`lvd lineage` did before the index, timed the same way. Project sources are byte-compiled first (PYTHONPYCACHEPREFIX
+`lvd lineage` did before the index, timed the same way. `lvd domains` reads the per-host table that the ingest and
+corpus stages store when they complete (built here as the hook does, its time printed); "baseline: domains computed"
+is `domain_stats` over every ingest event, what the command did before the table. Project sources are byte-compiled first (PYTHONPYCACHEPREFIX
 in the work folder), so start-up is import time, not compile time.
 """
 
@@ -44,6 +46,7 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from infra.domains import refresh as refresh_domains  # noqa: E402
 from infra.lineage import Ledger, ledger_dir, write_ledger  # noqa: E402
 from infra.lineage_index import INDEX_NAME, index_stage  # noqa: E402
 from infra.manifest import read_manifest, write_manifest  # noqa: E402
@@ -267,6 +270,8 @@ def commands(run: Path, sc_keys: dict[str, str]) -> dict[str, list[str]]:
         "lineage row:<N>": [*cli, "lineage", run.name, f"row:{sc_keys['row']}", *root],
         "lineage <dropped URL>": [*cli, "lineage", run.name, sc_keys["url"], *root],
         "domains": [*cli, "domains", run.name, *root],
+        "baseline: domains computed": [*py, "-c", f"from infra.domains import domain_stats, format_domains; "
+                                       f"print(format_domains(domain_stats({str(run)!r})).splitlines()[-1])"],
         "status": [*cli, "status", run.name, *root],
         "audit": [*cli, "audit", run.name, *root],
         "baseline: full scan by image id": [*py, "-c", scan.format(str(run), "image_id", sc_keys["image"])],
@@ -319,8 +324,10 @@ def build(source: Path, work: Path, rows: int) -> tuple[Path, int, dict[str, flo
     for stage in sorted(p for p in (run / "stages").iterdir() if ledger_dir(p).is_dir()):
         index_stage(stage)  # what the stage-completion hook does
     t2 = time.perf_counter()
+    refresh_domains(run)  # the ingest and corpus stages' completion hook: `lvd domains`' stored table
+    t3 = time.perf_counter()
     n_events = sum(pq.ParquetFile(f).metadata.num_rows for f in run.glob("stages/*/ledger/*.parquet"))
-    info = {"write_s": t1 - t0, "index_s": t2 - t1, "events": n_events,
+    info = {"write_s": t1 - t0, "index_s": t2 - t1, "domains_s": t3 - t2, "events": n_events,
             "index_mb": sum(p.stat().st_size for p in run.glob(f"stages/*/{INDEX_NAME}")) / 2**20,
             "ledger_mb": sum(p.stat().st_size for p in run.glob("stages/*/ledger/*.parquet")) / 2**20,
             "ledger_files": len(list(run.glob("stages/*/ledger/*.parquet")))}  # fmt: skip
@@ -360,7 +367,7 @@ def main() -> None:
         print(f"{n:,} rows ({copies} copies), {info['events']:,} events in {info['ledger_files']:,} ledger files "
               f"({info['ledger_mb']:.0f} MB); written in {info['write_s']:.0f} s; index built in "
               f"{info['index_s']:.1f} s, {info['index_mb']:.1f} MB ({info['index_mb'] / n * 1e6:.0f} MB per million "
-              f"rows)", flush=True)  # fmt: skip
+              f"rows); domains table in {info.get('domains_s', float('nan')):.1f} s", flush=True)  # fmt: skip
         runs[n] = (run, keys_of(source, copies // 2, sc))
     head = "  ".join(f"{f'{n:,} rows: cold  warm   cpu    MB':>30}" for n in runs)
     print(f"\n  {'command (s; warm CPU s; peak RSS)':<34} {head}", flush=True)

@@ -15,6 +15,9 @@ requested`` for rows never sent to the network (malformed list rows, repeated UR
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,8 +28,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
 from infra.lineage import LEDGER_SCHEMA, Ledger, latest_attempts, ledger_dir
+from infra.storage import atomic_path
 
 NOT_REQUESTED = frozenset({"list_row_malformed", "url_duplicate"})
 FETCHED = frozenset({"downloaded", "exact_duplicate"})
@@ -36,6 +41,9 @@ COLUMNS = ["host", "urls", "requested", "downloaded", "download_rate", "in_corpu
 FILES_PER_BATCH = 256  # ledger files read together (ingest writes one per shard of `ingest.shard_size` rows)
 # The head of a URL of the common form (scheme://netloc, the netloc in printable ASCII, followed by a path, query,
 # fragment or nothing): urlsplit finds the same host in the head as in the whole URL. Other URLs go whole.
+CACHE_NAME = "domains.parquet"  # stages/ingest/<this>: the table of `domain_stats`, derived, never trusted (domains())
+CACHE_FORMAT = "domains-1"
+DOMAIN_INPUTS = ("ingest", "corpus")  # the stages whose ledgers `domain_stats` reads
 _HEAD = r"^(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[\x21\x22\x24-\x2e\x30-\x3e\x40-\x7e]*)(?:[/?#]|$)"
 
 
@@ -162,6 +170,61 @@ def domain_stats(run_dir: Path, local: bool = False) -> pd.DataFrame:
                     "failures": dict(sorted(failures.items(), key=lambda kv: (-kv[1], kv[0])))})  # fmt: skip
     frame = pd.DataFrame(out, columns=COLUMNS)
     return frame.sort_values(["urls", "host"], ascending=[False, True], ignore_index=True)
+
+
+def domains(run_dir: Path, local: bool = False) -> pd.DataFrame:
+    """:func:`domain_stats`, read from ``stages/ingest/domains.parquet`` when that was computed from the ledger files
+    as they are now (its key: name, size and mtime of every ingest and corpus ledger file, and ``local``), else
+    computed and stored there for the next call. A stage's completion computes it (:func:`refresh`), so `lvd
+    domains` on a finished run reads a table of one row per host instead of every ingest event. Derived data: an
+    unreadable or stale table is recomputed; one that cannot be written is not kept."""
+    path, key = Path(run_dir) / "stages" / "ingest" / CACHE_NAME, _ledger_state(run_dir, local)
+    frame = _read_cache(path, key)
+    if frame is None:
+        frame = domain_stats(run_dir, local)
+        if not frame.empty:
+            _write_cache(path, frame, key)
+    return frame
+
+
+def refresh(run_dir: Path, local: bool = False) -> None:
+    """Compute the stored table now if it is not current (after the ingest or corpus stage completes)."""
+    domains(run_dir, local)
+
+
+def _ledger_state(run_dir: Path, local: bool) -> str:
+    """A digest of what `domain_stats` reads: each ingest and corpus ledger file's name, size and mtime."""
+    h = hashlib.sha256(f"{CACHE_FORMAT}:{int(local)}".encode())
+    for stage in DOMAIN_INPUTS:
+        folder = ledger_dir(Path(run_dir) / "stages" / stage)
+        files = []
+        if folder.is_dir():
+            with os.scandir(folder) as entries:
+                files = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in entries
+                               if e.name.endswith(".parquet"))  # fmt: skip
+        h.update(json.dumps([stage, files]).encode())
+    return h.hexdigest()
+
+
+def _read_cache(path: Path, key: str) -> pd.DataFrame | None:
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException):
+        return None
+    if (table.schema.metadata or {}).get(b"lvd_key") != key.encode():
+        return None
+    frame = table.to_pandas()
+    frame["failures"] = [json.loads(f) for f in frame["failures"]]
+    return frame[COLUMNS]
+
+
+def _write_cache(path: Path, frame: pd.DataFrame, key: str) -> None:
+    table = pa.Table.from_pandas(frame.assign(failures=[json.dumps(f) for f in frame["failures"]]), preserve_index=False)
+    try:
+        with atomic_path(path) as tmp:
+            pq.write_table(table.replace_schema_metadata({"lvd_key": key}), tmp)
+    except OSError:  # a read-only run (shared, archived): the table is computed at every call
+        pass
 
 
 def format_domains(frame: pd.DataFrame, top: int | None = 30) -> str:

@@ -299,6 +299,7 @@ def run_stage(spec: StageSpec, run: RunDir, cfg: PipelineConfig) -> StageManifes
     run.log_event("completed", spec.name, key=key, counts=result.counts)
     log.info("%s: completed in %s%s", spec.name, duration(time.monotonic() - t0), describe_counts(result.counts))
     _index_lineage(run, spec.name)
+    _refresh_domains(run, spec.name, cfg)
     return manifest
 
 
@@ -319,6 +320,18 @@ def _index_lineage(run: RunDir, stage: str) -> None:
         index_stage(run.stage_dir(stage))
     except (OSError, sqlite3.Error) as err:
         log.warning("%s: lineage index not written (%s); `lvd lineage` will build it", stage, err)
+
+
+def _refresh_domains(run: RunDir, stage: str, cfg: PipelineConfig) -> None:
+    """`lvd domains`' table, computed once when its inputs are final (derived: a failure leaves it to the command)."""
+    from infra.domains import DOMAIN_INPUTS, refresh  # pandas: not on the path of commands that only read manifests
+
+    if stage not in DOMAIN_INPUTS:
+        return
+    try:
+        refresh(run.path, local=bool(cfg.ingest.local_roots))
+    except (OSError, ValueError) as err:
+        log.warning("per-host table not written (%s); `lvd domains` will compute it", err)
 
 
 def _prepare(stage_dir: Path, key: str) -> None:

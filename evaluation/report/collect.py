@@ -18,7 +18,7 @@ import pyarrow.dataset as ds
 
 from infra import history
 from infra.config import ConfigError, PipelineConfig, parse_yaml
-from infra.domains import domain_stats
+from infra.domains import domains as domain_table
 from infra.history import Attempt
 from infra.lineage import STAGE_ORDER, Ledger, superseded
 from infra.manifest import StageManifest, read_manifest
@@ -110,7 +110,8 @@ def funnel(run: Run) -> pd.DataFrame:
 
 def domains(run: Run) -> pd.DataFrame:
     """Per host: URLs, requested, downloaded, rate, in corpus, failures (see :mod:`infra.domains`)."""
-    frame = domain_stats(run.path)
+    cfg = run.pipeline_config()
+    frame = domain_table(run.path, local=bool(cfg is not None and cfg.ingest.local_roots))
     if frame.empty:
         raise Missing("The ingest ledger is missing (ingest did not run): no per-host download statistics.")
     return frame

@@ -63,11 +63,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_domains(args: argparse.Namespace) -> int:
-    from infra.domains import domain_stats, format_domains
+    from infra.domains import domains, format_domains
     from infra.runs import open_run
 
     run, cfg = open_run(args.root, args.run_id)
-    frame = domain_stats(run.path, local=bool(cfg.ingest.local_roots))
+    frame = domains(run.path, local=bool(cfg.ingest.local_roots))
     if frame.empty:
         print(f"run {args.run_id} has no ingest ledger yet", file=sys.stderr)
         return 1

@@ -1,11 +1,13 @@
 import math
 
+import pandas as pd
+import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from evaluation.report.collect import Run, funnel
-from infra.domains import LOCAL, NO_HOST, domain_stats, format_domains, host_of, hosts_of
+from infra.domains import CACHE_NAME, LOCAL, NO_HOST, domain_stats, domains, format_domains, host_of, hosts_of
 from infra.lineage import LedgerWriter
 
 
@@ -103,6 +105,32 @@ def test_domain_stats_count_each_row_once_at_its_latest_attempt(tmp_path):
     ]
     assert list(frame["download_rate"]) == [1.0, 0.0, 1.0, 0.0]
     assert frame["urls"].sum() == 8
+
+
+def test_the_stored_table_is_read_while_the_ledger_is_unchanged_and_recomputed_when_it_changes(tmp_path):
+    import os
+
+    import pyarrow.parquet as pq
+
+    run = _run_with_a_retry(tmp_path)
+    pd.testing.assert_frame_equal(domains(run), domain_stats(run))  # computed, then stored
+    stored = run / "stages" / "ingest" / CACHE_NAME
+    urls = domain_stats(run)["urls"].tolist()
+
+    def edit() -> None:  # the same key, other numbers
+        table = pq.read_table(stored)
+        edited = table.set_column(table.schema.get_field_index("urls"), "urls", pa.array([u + 100 for u in urls]))
+        pq.write_table(edited.replace_schema_metadata(table.schema.metadata), stored)
+
+    edit()
+    assert domains(run)["urls"].tolist() == [u + 100 for u in urls]  # read, not recomputed
+    corpus_file = run / "stages" / "corpus" / "ledger" / "corpus.parquet"
+    os.utime(corpus_file, ns=(corpus_file.stat().st_atime_ns, corpus_file.stat().st_mtime_ns + 1))
+    assert domains(run)["urls"].tolist() == urls  # a ledger file changed: the stored table is stale
+    edit()
+    assert domains(run, local=True)["urls"].tolist() == urls  # another key: recomputed
+    stored.write_bytes(b"not parquet")
+    pd.testing.assert_frame_equal(domains(run), domain_stats(run))  # unreadable: recomputed
 
 
 def test_domain_stats_without_ingest_is_empty_and_rate_is_nan_when_nothing_was_requested(tmp_path):
