@@ -51,6 +51,12 @@ def choose_nlist(n: int, cfg: IndexConfig) -> int:
     return int(max(1, min(nlist, n)))
 
 
+def choose_nprobe(nlist: int, cfg: IndexConfig) -> int:
+    """ceil(``probe_share`` x nlist) if set, else ``nprobe``; at least 1 and at most nlist."""
+    nprobe = math.ceil(cfg.probe_share * nlist) if cfg.probe_share is not None else cfg.nprobe
+    return int(max(1, min(nprobe, nlist)))
+
+
 @dataclass
 class SearchIndex:
     index: faiss.Index
@@ -125,7 +131,7 @@ def build_index(vectors: RowView, cfg: IndexConfig, seed: int = 0, work_dir: Pat
         train_n = min(n, cfg.train_size, max(64 * nlist, 64 * 2**cfg.pq_nbits if kind == "ivfpq" else 0))
         train = vectors.take(np.sort(rng.choice(n, train_n, replace=False)))
         index.train(train)
-        index.nprobe = min(cfg.nprobe, nlist)
+        index.nprobe = choose_nprobe(nlist, cfg)
         params.update(nlist=nlist, nprobe=index.nprobe, train_size=train_n)
     if cfg.use_gpu == "auto" and gpu_available():
         index = faiss.index_cpu_to_all_gpus(index)

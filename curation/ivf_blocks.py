@@ -27,7 +27,7 @@ import faiss
 import numpy as np
 import torch
 
-from curation.index import SearchIndex, choose_nlist, rescore
+from curation.index import SearchIndex, choose_nlist, choose_nprobe, rescore
 from curation.vectors import RowView
 from infra.config.curation import IndexConfig
 from infra.precision import resolve
@@ -191,7 +191,8 @@ class BlockedIVF(SearchIndex):
         nlist = choose_nlist(n, cfg)
         train = vectors.take(np.sort(rng.choice(n, min(n, cfg.train_size, 64 * nlist), replace=False)))
         quantizer = train_quantizer(train, nlist, cfg, seed)
-        nlist, nprobe = quantizer.ntotal, min(cfg.nprobe, quantizer.ntotal)
+        nlist = quantizer.ntotal
+        nprobe = choose_nprobe(nlist, cfg)
         work_dir = Path(work_dir or tempfile.mkdtemp(prefix="ivf_blocks_"))
         work_dir.mkdir(parents=True, exist_ok=True)
         keep = nprobe if self_graph else 1  # a self graph probes from each vector's own lists; otherwise: assignment

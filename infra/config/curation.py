@@ -33,6 +33,9 @@ class IndexConfig(Section):
     nlist: int | None = Field(default=None, ge=1)  # None: n / list_size, or 4 * sqrt(n) rounded to a power of two
     list_size: int | None = Field(default=None, ge=1)  # target vectors per list when nlist is None
     nprobe: int = Field(default=16, ge=1)
+    # nprobe tied to nlist: ceil(probe_share x nlist) lists probed (overrides nprobe), so the share of the pool
+    # scanned per query, and with it recall, does not change as nlist grows with the pool. None: nprobe.
+    probe_share: float | None = Field(default=None, gt=0.0, le=1.0)
     # ivf_blocks: a second pass over the `nprobe_wide` best lists, only for queries that found a pair above the
     # threshold in the first pass (copies are rare: most vectors need no second look). 0: no second pass.
     nprobe_wide: int = Field(default=0, ge=0)
@@ -199,7 +202,7 @@ class RetrieveConfig(Section):
     # Above flat_max: ivf_blocks with a fixed number of lists (they grow with the pool) and half of them probed: the
     # share of the pool scanned per query is fixed, so recall@N holds as the pool grows and, for a given set of seed
     # queries, the work grows linearly with it; candidates ranked in bf16 are re-scored exactly (docs/curation.md).
-    index: IndexConfig = Field(default_factory=lambda: IndexConfig(kind="auto", large="ivf_blocks", nlist=512, nprobe=256,
+    index: IndexConfig = Field(default_factory=lambda: IndexConfig(kind="auto", large="ivf_blocks", nlist=512, probe_share=0.5,
                                                                    balance=False))  # fmt: skip
     # Cluster-based retrieval (paper §A.4): k-means on the pool (100,000 clusters at 1B scale); clusters holding
     # more than `min_queries` (3) query images contribute `images_per_cluster` (10,000) images, capped per dataset (1M).

@@ -322,9 +322,12 @@ def test_centroid_ivf_returns_the_best_centroids_of_the_probed_groups(rng) -> No
 def test_fixed_list_size_and_centroid_ivf_quantizer(tmp_path, rng) -> None:
     """list_size fixes the list size (nlist = n / list_size); with every group and list probed the ivf quantizer's
     graph is the exact one, with fewer it is a subset."""
-    from curation.index import choose_nlist
+    from curation.index import choose_nlist, choose_nprobe
 
     assert [choose_nlist(n, IndexConfig(list_size=256)) for n in (100, 256, 257, 1_000_000)] == [1, 1, 2, 3907]
+    share = IndexConfig(nprobe=3, probe_share=0.5)  # probe_share ties nprobe to nlist and overrides nprobe
+    assert [choose_nprobe(nl, share) for nl in (1, 3, 512, 2049)] == [1, 2, 256, 1025]
+    assert [choose_nprobe(nl, IndexConfig(nprobe=3)) for nl in (1, 3, 512)] == [1, 3, 3]
     assert choose_nlist(10_000, IndexConfig()) == 256 and choose_nlist(10_000, IndexConfig(nlist=7, list_size=5)) == 7
     x = _clustered(rng)
     views = np.stack([x, x[:, ::-1]], 1)
