@@ -9,6 +9,7 @@ arithmetic, so the tables in docs/scaling.md can be regenerated when a measureme
 from __future__ import annotations
 
 import argparse
+import math
 
 # --- measured (bench/curate_throughput.py, 2026-11-22, 2-core Xeon @2.5 GHz, AVX-512 VNNI, no AMX/bf16) ---
 JPEG_BYTES = 34_293  # mean ingested JPEG (q95, short side 256) of 7 scikit-image photos
@@ -19,7 +20,12 @@ SSCD_CPU_UTIL = 18.8 / 56.8  # achieved fp32 GFLOP/s of SSCD / best fp32 matmul 
 VITH_CPU_UTIL = 43.5 / 56.8  # same for ViT-H/16
 # --- measured (bench/curate_scale.py --n 1000000, 2026-11-30, 2-core AMD EPYC AVX2, idle; docs/scaling.md) ---
 KMEANS_UTIL = 0.718  # k-means assignment GFLOP/s / fp32 matmul peak in the same run
-EDGES_PER_IMAGE = 99_971 / 1_000_000  # kept kNN edges per image at cosine > 0.6 (synthetic pool, 2% planted copies)
+EDGES_PER_IMAGE = 119_442 / 1_000_000  # kept kNN edges per image at cosine > 0.6 (synthetic pool, 2% planted copies)
+# --- measured (bench/curate_scale.py --n 250000,1000000, 2026-12-06, 2-core AMD EPYC AVX-512 bf16, load 6-10) ---
+DEDUP_SCANNED = 4_724.5  # list members scored per vector at 1M (4,548.4 at 250k): lists of 512, 8 + 64 probed
+DEDUP_LIST_SIZE = 512  # dedup.index.list_size (the default)
+HNSW_SCORED = 801.9  # centroids scored per vector by the HNSW quantizer (M 32, ef 64) at 2,452 lists (1M pool)
+HNSW_GROWTH = 801.9 / 443.1  # the same at 606 lists (250k pool): x1.81 per x4 lists
 DEMO_EDGES_PER_IMAGE = 267 / 3_192  # same on the demo crawl (pixel descriptor, 0.995)
 LEDGER_BYTES_PER_ROW = 345  # curation-stage ledger bytes per input row on the demo run (parquet, JSON details)
 # --- published specs (not measured here) ---
@@ -90,18 +96,14 @@ def main() -> None:
     ]:
         f = 2 * pts * k * d
         print(f"| {what} | {pts:,.0f} | {k:,} | {f:.2e} | {gb(k * d * 4)} | {f / rate / 3600:,.2f} |")
-    dedup_nlist, dedup_nprobe = 1_048_576, 32  # configs/curation/lvd142m.yaml dedup index (ivf_blocks)
-    per_query = dedup_nlist * DIM_SSCD + dedup_nprobe * (n / dedup_nlist) * DIM_SSCD  # probe + scan, MACs
-    f = 2 * n * per_query
-    print(f"| dedup kNN graph (ivf_blocks, {dedup_nlist:,} lists, nprobe {dedup_nprobe}) | {n:,.0f} | - | {f:.2e} | "
-          f"{gb(dedup_nlist * DIM_SSCD * 4)} | {f / rate / 3600:,.2f} |")
-    lsize, qprobe = 1024, 16  # ivf_blocks with list_size 1024 and quantizer: ivf (sqrt(nlist) groups, 16 probed)
-    nl = n / lsize
-    groups = nl**0.5
-    per_query = (groups + qprobe * nl / groups) * DIM_SSCD + dedup_nprobe * lsize * DIM_SSCD
-    f = 2 * n * per_query
-    print(f"| dedup kNN graph (ivf_blocks, lists of {lsize:,} = {nl:,.0f} lists, IVF quantizer over {groups:,.0f} groups "
-          f"probing {qprobe}, nprobe {dedup_nprobe}) | {n:,.0f} | - | {f:.2e} | {gb(nl * DIM_SSCD * 4)} | {f / rate / 3600:,.2f} |")
+    nl = n / DEDUP_LIST_SIZE  # dedup: lists of a fixed size, the scan per vector measured flat in n
+    flat_q = 2 * n * (DEDUP_SCANNED + nl) * DIM_SSCD  # flat quantizer: every centroid per vector
+    print(f"| dedup kNN graph (ivf_blocks, lists of {DEDUP_LIST_SIZE} = {nl:,.0f} lists, flat quantizer) | {n:,.0f} | - | "
+          f"{flat_q:.2e} | {gb(nl * DIM_SSCD * 4)} | {flat_q / rate / 3600:,.2f} |")
+    hnsw = HNSW_SCORED * HNSW_GROWTH ** math.log(nl / 2452, 4)  # the measured growth per x4 lists, extrapolated
+    f = 2 * n * (DEDUP_SCANNED + hnsw) * DIM_SSCD
+    print(f"| dedup kNN graph (ivf_blocks, lists of {DEDUP_LIST_SIZE}, HNSW quantizer: ~{hnsw:,.0f} centroids scored per "
+          f"vector, extrapolated) | {n:,.0f} | - | {f:.2e} | {gb(nl * DIM_SSCD * 4)} | {f / rate / 3600:,.2f} |")
     total = hierarchical_flops(after_rel)
     print(f"| rebalancing total, web config (levels 100k x split 100 / 500k / 50k / 10k; resampling 1/10/10/10; "
           f"50 Lloyd iterations; level 1 fitted on 100M) | {after_rel:,.0f} | - | {total:.2e} | - | {total / rate / 3600:,.1f} |")

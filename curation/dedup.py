@@ -23,8 +23,9 @@ import pandas as pd
 from PIL import Image
 
 from curation.descriptors import Descriptor, Whitener, build_descriptor, describe, n_views, score_norm_offsets
-from curation.graph import Edges, UnionFind, components, edge_recall, exact_edges, knn_edges
-from curation.index import BlockedIVF, SearchIndex, build_index
+from curation.graph import Edges, QueryViews, UnionFind, components, edge_recall, exact_edges, knn_edges
+from curation.index import SearchIndex, build_index
+from curation.ivf_blocks import BlockedIVF
 from curation.vectors import RowView, VectorStore, VectorWriter, write_vectors
 from infra.config.curation import DedupConfig, IndexConfig
 from infra.config.data import EvalSetConfig
@@ -92,9 +93,8 @@ class Described:
     base: RowView  # (n, D)
     whitener: Whitener | None = None
 
-    def query_chunks(self, size: int = QUERY_CHUNK) -> Iterator[tuple[int, np.ndarray]]:
-        for start, block in self.views.chunks(size):
-            yield start, (self.whitener(block) if self.whitener else block)
+    def queries(self, offsets: Callable[[np.ndarray], np.ndarray] | None = None) -> QueryViews:
+        return QueryViews(self.views, self.whitener, offsets)
 
 
 def _base_vectors(views: VectorStore, whitener: Whitener | None, path: Path) -> RowView:
@@ -142,13 +142,12 @@ def eval_described(eval_sets: list[EvalSetConfig], descriptor: Descriptor, cfg: 
     return Described(meta, views, _base_vectors(views, whitener, stage_dir / "eval_index_vectors.npy"), whitener)
 
 
-def _offsets(nodes: Described, background: np.ndarray | None, cfg: DedupConfig,
-             chunk: int = QUERY_CHUNK) -> Iterator[np.ndarray] | None:  # fmt: skip
+def _offsets(background: np.ndarray | None, cfg: DedupConfig) -> Callable[[np.ndarray], np.ndarray] | None:
+    """(m, V, D) query views -> (m, V) score-normalisation offsets, or None when score normalisation is off."""
     if background is None:
         return None
     sn = cfg.score_norm
-    return (score_norm_offsets(b.reshape(-1, b.shape[-1]), background, sn.ranks, sn.beta).reshape(b.shape[:2])
-            for _, b in nodes.query_chunks(chunk))  # fmt: skip
+    return lambda v: score_norm_offsets(v.reshape(-1, v.shape[-1]), background, sn.ranks, sn.beta).reshape(v.shape[:2])
 
 
 def _background(pool: Described, descriptor: Descriptor, cfg: DedupConfig, seed: int) -> np.ndarray | None:
@@ -177,16 +176,18 @@ def dedup_graph(pool: Described, ev: Described, cfg: DedupConfig, index_cfg: Ind
                 background: np.ndarray | None = None, work_dir: Path | None = None) -> DedupGraph:  # fmt: skip
     n = len(pool.meta)
     low = min(cfg.threshold, cfg.eval_threshold)
-    index = build_index(pool.base, index_cfg, seed, work_dir) if n else None
+    index = build_index(pool.base, index_cfg, seed, work_dir, self_graph=True) if n else None
     chunk = BLOCK_QUERY_CHUNK if isinstance(index, BlockedIVF) else QUERY_CHUNK  # many queries per list per matmul
-    queries = pool.query_chunks(chunk)
-    edges = knn_edges(index, queries, cfg.k, low, adjust=_offsets(pool, background, cfg, chunk)) if n else Edges.empty()
+    queries = pool.queries(_offsets(background, cfg))
+    edges = knn_edges(index, queries, cfg.k, low, view0_is_base=True, chunk=chunk) if n else Edges.empty()
     labels = components(n, edges.above(cfg.threshold))
     table = _representatives(pool.meta, labels, cfg.representative)
     cross = _eval_edges(pool, ev, index, cfg, seed, background) if n and len(ev.meta) else Edges.empty()
     _relative(table, labels, edges.above(cfg.eval_threshold), cross, ev.meta)
     approximate = index is not None and index.kind != "flat" and index_cfg.recall_sample > 0
     recall = graph_recall(pool, edges, cfg, index_cfg.recall_sample, seed, background) if approximate else None
+    if index is not None:
+        index.close()
     return DedupGraph(table, edges, cross, index.params if index else {}, recall)
 
 
@@ -197,12 +198,7 @@ def graph_recall(pool: Described, edges: Edges, cfg: DedupConfig, sample: int, s
     """
     rng = np.random.default_rng(seed + 2)
     nodes = np.sort(rng.choice(len(pool.meta), min(len(pool.meta), sample), replace=False))
-    views = pool.views.take(nodes)  # m, V, D
-    views = pool.whitener(views) if pool.whitener else views
-    offsets = None
-    if background is not None:
-        sn = cfg.score_norm
-        offsets = score_norm_offsets(views.reshape(-1, views.shape[-1]), background, sn.ranks, sn.beta).reshape(views.shape[:2])
+    views, offsets = pool.queries(_offsets(background, cfg)).take(nodes)  # (m, V, D), (m, V)
     low = min(cfg.threshold, cfg.eval_threshold)
     exact = exact_edges(pool.base, nodes, views, cfg.k, low, offsets)
     out = {"sample": len(nodes), "k": cfg.k, "kept_threshold": low, **edge_recall(edges, exact, nodes)}
@@ -228,11 +224,10 @@ def _eval_edges(pool: Described, ev: Described, index: SearchIndex, cfg: DedupCo
                 background: np.ndarray | None) -> Edges:  # fmt: skip
     """Pool -> eval edges (dst = eval node id) from both directions of kNN search, similarity > eval_threshold."""
     ev_index = build_index(ev.base, IndexConfig(kind="flat"), seed)
-    fwd = knn_edges(ev_index, pool.query_chunks(), cfg.k, cfg.eval_threshold, exclude_self=False,
-                    adjust=_offsets(pool, background, cfg))  # fmt: skip
+    off = _offsets(background, cfg)
+    fwd = knn_edges(ev_index, pool.queries(off), cfg.k, cfg.eval_threshold, exclude_self=False)
     chunk = BLOCK_QUERY_CHUNK if isinstance(index, BlockedIVF) else QUERY_CHUNK
-    back = knn_edges(index, ev.query_chunks(chunk), cfg.k, cfg.eval_threshold, exclude_self=False,
-                     adjust=_offsets(ev, background, cfg, chunk))  # fmt: skip
+    back = knn_edges(index, ev.queries(off), cfg.k, cfg.eval_threshold, exclude_self=False, chunk=chunk)
     return Edges.concat([fwd, Edges(back.dst, back.src, back.sim)])
 
 

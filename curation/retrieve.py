@@ -137,7 +137,7 @@ def retrieve(pool_meta: pd.DataFrame, pool: RowView, seed_sets: list[SeedQueries
     rng = np.random.default_rng(seed)
     active = {s.cfg.name for s in seed_sets if s.cfg.retrieval != "as_is" and len(pool)}
     methods = {s.cfg.retrieval for s in seed_sets if s.cfg.name in active}
-    index = build_index(pool, cfg.index, seed) if "sample" in methods else None
+    index = build_index(pool, cfg.index, seed, stage_dir / "index") if "sample" in methods else None
     clusters = pool_clusters(pool, cfg, seed) if "cluster" in methods else None
     hits, stats, recall = [], [], {}
     for s in seed_sets:
@@ -161,6 +161,8 @@ def retrieve(pool_meta: pd.DataFrame, pool: RowView, seed_sets: list[SeedQueries
                    max_hits_per_image=int(per_pos.max()) if len(per_pos) else 0)  # fmt: skip
         stats.append(row)
         hits.append(h.assign(seed_set=s.cfg.name, method=s.cfg.retrieval))
+    if index is not None:
+        index.close()
     fit = min(len(pool), cfg.kmeans_sample)  # points k-means is fitted on; k-means++ on at least k of them
     init = fit if cfg.kmeans_init_sample is None else min(fit, max(cfg.kmeans_init_sample, cfg.pool_clusters))
     kmeans_info = {"fit_sample": fit, "init_sample": init}

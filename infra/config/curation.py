@@ -19,12 +19,12 @@ class IndexConfig(Section):
 
     ``auto``: exact ``flat`` search up to ``flat_max`` vectors, IVF beyond. Similarities that leave an index are
     always recomputed exactly from the stored vectors, so thresholds never see PQ-approximate scores.
-    ``ivf_blocks`` (threshold graphs only, e.g. dedup): the IVF partition searched list by list as dense matmuls,
-    base vectors stored by list on disk (fp16); exact scores, candidates limited to the ``nprobe`` probed lists.
-    Scaling: by default nlist ~ 4 sqrt(n), so lists grow as sqrt(n) and search work as n^1.5; ``list_size`` fixes
-    the list size instead (nlist = n / list_size, work per query independent of n), and for ``ivf_blocks``
-    ``quantizer: ivf`` finds a query's lists through an IVF over the centroids (~(quantizer_nprobe + 1) sqrt(nlist)
-    dot products instead of nlist), so nothing grows faster than n (docs/scaling.md).
+    ``ivf_blocks``: the IVF partition searched list by list as dense matmuls (all queries probing a list at once),
+    base vectors stored by list on disk; exact scores, candidates limited to the probed lists; for threshold graphs
+    (dedup: every pair above the threshold) and kNN (retrieval: a running top-k, re-scored exactly).
+    Scaling: by default nlist ~ 4 sqrt(n); ``list_size`` fixes the list size instead (nlist = n / list_size: the scan
+    per query does not grow with n), a fixed ``nlist`` with a fixed ``nprobe`` scans a fixed share of the pool per
+    query (docs/scaling.md).
     """
 
     kind: Literal["auto", "flat", "ivf_flat", "ivfpq", "ivf_blocks"] = "auto"
@@ -33,11 +33,27 @@ class IndexConfig(Section):
     nlist: int | None = Field(default=None, ge=1)  # None: n / list_size, or 4 * sqrt(n) rounded to a power of two
     list_size: int | None = Field(default=None, ge=1)  # target vectors per list when nlist is None
     nprobe: int = Field(default=16, ge=1)
-    # Coarse quantizer of ivf_blocks: flat (every centroid scored) or ivf (centroids grouped by a k-means over them;
-    # a query scores the centroids of its `quantizer_nprobe` best groups only). The FAISS kinds (ivf_flat, ivfpq)
-    # always use FAISS's flat quantizer.
-    quantizer: Literal["flat", "ivf"] = "flat"
+    # nprobe tied to nlist: ceil(probe_share x nlist) lists probed (overrides nprobe), so the share of the pool
+    # scanned per query, and with it recall, does not change as nlist grows with the pool. None: nprobe.
+    probe_share: float | None = Field(default=None, gt=0.0, le=1.0)
+    # ivf_blocks: a second pass over the `nprobe_wide` best lists, only for queries that found a pair above the
+    # threshold in the first pass (copies are rare: most vectors need no second look). 0: no second pass.
+    nprobe_wide: int = Field(default=0, ge=0)
+    # ivf_blocks coarse quantizer over centroids trained by two-level k-means (FAISS k-means): flat (FAISS
+    # IndexFlatIP, every centroid scored; fastest measured up to a few thousand lists), ivf (the centroids' own
+    # k-means groups, `quantizer_nprobe` of them scored) or hnsw (FAISS IndexHNSWFlat). The FAISS kinds (ivf_flat,
+    # ivfpq) always use FAISS's flat quantizer.
+    quantizer: Literal["flat", "ivf", "hnsw"] = "flat"
     quantizer_nprobe: int = Field(default=16, ge=1)
+    hnsw_m: int = Field(default=32, ge=4)
+    hnsw_ef: int = Field(default=64, ge=1)
+    # ivf_blocks: split cells holding more than twice the mean share of the training sample (k-means cells on
+    # power-law data are very unequal, and queries land in the large ones more often).
+    balance: bool = True
+    # ivf_blocks scans: bf16 matmuls (every pair within the bf16 error bound of a threshold re-scored in fp32, so a
+    # threshold graph equals the fp32 scan's; kNN candidates re-scored exactly) or fp32; auto: bf16 where the CPU
+    # has native bf16 (infra.precision), fp32 elsewhere (emulated bf16 is slower than fp32).
+    scan_precision: Literal["auto", "fp32", "bf16"] = "auto"
     pq_m: int = Field(default=32, ge=1)  # sub-quantizers; must divide the dimension
     pq_nbits: int = Field(default=8, ge=1, le=16)
     # Candidates per query taken from the index before exact re-ranking (x the k asked for).
@@ -116,10 +132,11 @@ class DedupConfig(Section):
     enabled: bool = True
     descriptor: DescriptorConfig = Field(default_factory=DescriptorConfig)
     score_norm: ScoreNormConfig = Field(default_factory=ScoreNormConfig)
-    # Above flat_max: ivf_blocks with lists of a fixed size found through an IVF over the centroids, so the graph's
-    # cost grows ~linearly with the pool (docs/scaling.md); its edge recall is measured and recorded.
-    index: IndexConfig = Field(default_factory=lambda: IndexConfig(kind="auto", large="ivf_blocks", nprobe=8, list_size=256,
-                                                                   quantizer="ivf"))  # fmt: skip
+    # Above flat_max: ivf_blocks with lists of a fixed size (the scan per vector does not grow with the pool), 8 lists
+    # probed per vector and 64 for the few with an edge after that (docs/curation.md, docs/scaling.md); its edge
+    # recall against brute force is measured and recorded (extra.recall).
+    index: IndexConfig = Field(default_factory=lambda: IndexConfig(kind="auto", large="ivf_blocks", list_size=512, nprobe=8,
+                                                                   nprobe_wide=64))  # fmt: skip
     k: int = Field(default=64, ge=1)  # paper §A.3: 64 neighbours
     threshold: float = Field(default=0.6, ge=-1.0, le=1.0)  # paper §A.3: cosine > 0.6
     eval_threshold: float = Field(default=0.45, ge=-1.0, le=1.0)  # paper §A.3: cosine > 0.45
@@ -182,7 +199,11 @@ class RetrieveConfig(Section):
     # (`retrieval: sample | cluster`), else pool.
     mode: Literal["auto", "seeds", "pool"] = "auto"
     n_neighbors: int = Field(default=4, ge=1)  # paper §3: N = 4
-    index: IndexConfig = Field(default_factory=IndexConfig)
+    # Above flat_max: ivf_blocks with a fixed number of lists (they grow with the pool) and half of them probed: the
+    # share of the pool scanned per query is fixed, so recall@N holds as the pool grows and, for a given set of seed
+    # queries, the work grows linearly with it; candidates ranked in bf16 are re-scored exactly (docs/curation.md).
+    index: IndexConfig = Field(default_factory=lambda: IndexConfig(kind="auto", large="ivf_blocks", nlist=512, probe_share=0.5,
+                                                                   balance=False))  # fmt: skip
     # Cluster-based retrieval (paper §A.4): k-means on the pool (100,000 clusters at 1B scale); clusters holding
     # more than `min_queries` (3) query images contribute `images_per_cluster` (10,000) images, capped per dataset (1M).
     pool_clusters: int = Field(default=100_000, ge=1)
