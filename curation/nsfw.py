@@ -65,6 +65,8 @@ def _session(path: Path | str, threads: int):
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    # Idle pool threads sleep rather than spin: shards are scored in parallel threads on the same cores.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
@@ -119,7 +121,12 @@ def cpu_has_amx_bf16() -> bool:
 
 BF16_RECHECK_MARGIN = 0.5  # logits; bf16 vs fp32 logit error measured at most 0.164 on 421 real images
 INT8_RECHECK_MARGIN = 3.0  # logits; int8 vs fp32 logit error measured at most 2.31 on 421 real images (bench/nsfw.py)
-INT8_VERSION = "conv-perchannel-minmax-v1"  # part of the cached file's name: change it when the recipe changes
+INT8_VERSION = "qop-all-perchannel-minmax-v2"  # part of the cached file's name: change it when the recipe changes
+
+
+# Quantised ops: convolutions, and the residual adds, ReLUs and pools between them, so activations stay uint8 from the
+# first conv to the last pool (conv-only quantisation converts to fp32 and back around every conv: 1.5x slower).
+INT8_OPS = ["Conv", "Add", "Relu", "MaxPool", "AveragePool"]
 
 
 def _threshold_logit(t: float) -> float:
@@ -165,7 +172,7 @@ def quantize_open_nsfw(src: Path | str, dst: Path) -> Path:
     with atomic_path(dst.with_suffix(".pre.onnx")) as pre, atomic_path(dst) as tmp:
         quant_pre_process(str(src), str(pre))
         quantize_static(str(pre), str(tmp), Reader(), quant_format=QuantFormat.QOperator, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["Conv"])  # fmt: skip
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=INT8_OPS)  # fmt: skip
     dst.with_suffix(".pre.onnx").unlink(missing_ok=True)
     return dst
 

@@ -97,8 +97,10 @@ class NsfwConfig(Section):
     threshold: float = Field(default=0.8, ge=0.0, le=1.0)
     action: Literal["drop", "flag"] = "drop"
     batch_size: int = Field(default=64, ge=1)  # onnxruntime per-image cost falls with the batch (measured 1: 83 ms, 16: 43, 64: 28)
-    # Intra-op threads (0: one per core; opennsfw-torch sets torch's process-wide thread count).
-    threads: int = Field(default=0, ge=0)
+    # Intra-op threads per forward (0: one per core; opennsfw-torch sets torch's process-wide thread count). Shards are
+    # scored run.workers at a time, each forward on its own thread, so 1 keeps every core busy without two thread
+    # pools spin-waiting on the same cores (measured 11.0 vs 14.6 CPU ms/image at 2 shards on 2 cores, load 6).
+    threads: int = Field(default=1, ge=0)
     # opennsfw-torch: bf16 autocast or fp32.
     precision: Literal["bf16", "fp32"] = "bf16"
     # opennsfw-torch in bf16 and opennsfw-int8: an image whose logit log(P(nsfw)/P(sfw)) is within recheck_margin of
@@ -142,7 +144,8 @@ class FacesConfig(Section):
     # The smallest face score kept (mtcnn: its last stage, O-Net). None: 0.9 for mtcnn and 0.5 for retinaface
     # (bench/faces.py), 0.6 for yunet.
     score_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
-    # retinaface: onnxruntime intra-op threads per detector (one detector per shard worker thread).
+    # Intra-op threads per detector (one detector per shard worker thread): onnxruntime's for retinaface, torch's for
+    # mtcnn (set in the shard's thread while it detects, restored after).
     threads: int = Field(default=1, ge=1)
     # Box margin as a fraction of the box size, on each side.
     margin: float = Field(default=0.2, ge=0.0)
