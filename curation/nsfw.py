@@ -8,8 +8,8 @@ Backends implement :class:`NsfwScorer` (``score(images) -> P(nsfw)`` per image):
 - ``opennsfw-torch``: the same network and weights in PyTorch (:mod:`curation.models.open_nsfw`), the same
   preprocessing, bf16 autocast; scores near the threshold are recomputed in fp32, so the decisions are the fp32
   network's.
-- ``opennsfw-int8``: the same ONNX network with its convolutions statically quantised to int8 (per-channel weights,
-  activations calibrated on photographs that ship with scikit-image), made once from the bundled file and cached
+- ``opennsfw-int8``: the same ONNX network statically quantised to int8 (convolutions with per-channel weights, and
+  the adds, ReLUs and pools between them; activations calibrated on photographs that ship with scikit-image), made once from the bundled file and cached
   (:func:`int8_model_path`); an image whose logit lies within ``recheck_margin`` (default 3.0) of the threshold's is
   scored again by the fp32 network, so decisions are the fp32 network's (measured: bench/nsfw.py --accuracy).
 - ``auto``: the fastest of ``opennsfw``, ``opennsfw-int8`` and (on CPUs with AMX-BF16) ``opennsfw-torch``, timed on
@@ -120,7 +120,7 @@ def cpu_has_amx_bf16() -> bool:
 
 
 BF16_RECHECK_MARGIN = 0.5  # logits; bf16 vs fp32 logit error measured at most 0.164 on 421 real images
-INT8_RECHECK_MARGIN = 3.0  # logits; int8 vs fp32 logit error measured at most 2.31 on 421 real images (bench/nsfw.py)
+INT8_RECHECK_MARGIN = 3.0  # logits; int8 vs fp32 logit error measured at most 1.53 on 421 real images (bench/nsfw.py)
 INT8_VERSION = "qop-all-perchannel-minmax-v2"  # part of the cached file's name: change it when the recipe changes
 
 
@@ -153,8 +153,9 @@ def calibration_batch() -> np.ndarray:
 
 
 def quantize_open_nsfw(src: Path | str, dst: Path) -> Path:
-    """Static int8 quantisation of open_nsfw's convolutions (onnxruntime.quantization): per-channel int8 weights,
-    uint8 activations with min/max ranges calibrated on :func:`calibration_batch`; the fc and softmax stay fp32."""
+    """Static int8 quantisation of open_nsfw (onnxruntime.quantization, :data:`INT8_OPS`): per-channel int8 conv
+    weights, uint8 activations with min/max ranges calibrated on :func:`calibration_batch`; the fc and softmax stay
+    fp32."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 

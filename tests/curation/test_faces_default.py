@@ -91,22 +91,23 @@ def test_channels_last_pools_leave_mtcnn_detections_unchanged():
     import torch
     from facenet_pytorch import MTCNN
 
-    from curation.faces import ChannelsLastMaxPool, fast_pools
+    from curation.faces import ChannelsLastMaxPool, fast_pools, torch_threads
 
     def make():
         return MTCNN(keep_all=True, device="cpu", min_face_size=20, thresholds=[0.6, 0.7, 0.9])
 
     stock, fast = make(), fast_pools(make())
     assert sum(isinstance(m, ChannelsLastMaxPool) for m in fast.modules()) == 6  # P-Net 1, R-Net 2, O-Net 3
-    samples = labelled_set(n_faces=6, n_free=3, seed=1)
+    samples = labelled_set(n_faces=4, n_free=2, seed=1)
     found = 0
     for s in samples:
-        (a, pa), (b, pb) = stock.detect(s.image), fast.detect(s.image)
+        with torch_threads(1):  # as the detector runs (two OpenMP threads on a busy machine: 24 s, not 0.8)
+            (a, pa), (b, pb) = stock.detect(s.image), fast.detect(s.image)
         assert (a is None) == (b is None)
         if a is not None:
             assert a.shape == b.shape and np.abs(a - b).max() < 1e-3 and np.array_equal(pa, pb)
             found += len(a)
-    assert found >= 5  # the comparison covered real detections
+    assert found >= 4  # the comparison covered real detections
     x = torch.randn(3, 28, 21, 23)
     pool = torch.nn.MaxPool2d(3, 2, ceil_mode=True)
     assert torch.equal(ChannelsLastMaxPool(pool)(x), pool(x))
