@@ -58,12 +58,14 @@ class NsfwScorer(Protocol):
         ...
 
 
-def _session(path: Path | str, threads: int):
+def _session(path: Path | str, threads: int | None):
+    """An onnxruntime CPU session on ``threads`` intra-op threads (None: 1, as shards are scored in parallel threads,
+    one forward each; 0: one per core)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads
+    opts.intra_op_num_threads = 1 if threads is None else threads
     opts.inter_op_num_threads = 1
     # Idle pool threads sleep rather than spin: shards are scored in parallel threads on the same cores.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -228,6 +230,7 @@ class OpenNsfwTorch:
 
         path = _bundled_open_nsfw()
         # Process-wide, as onnxruntime's intra-op pool is per session: the worker's cores go to this model.
+        # None or 0: every core (this backend's forwards take turns, see the lock below).
         torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
         # NHWC input arrives as a channels_last view; channels_last weights too (oneDNN's preferred CPU layout;
         # no slower than NCHW at batch 64 here, within the noise of the shared machine).

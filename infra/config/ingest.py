@@ -97,10 +97,11 @@ class NsfwConfig(Section):
     threshold: float = Field(default=0.8, ge=0.0, le=1.0)
     action: Literal["drop", "flag"] = "drop"
     batch_size: int = Field(default=64, ge=1)  # onnxruntime per-image cost falls with the batch (measured 1: 83 ms, 16: 43, 64: 28)
-    # Intra-op threads per forward (0: one per core; opennsfw-torch sets torch's process-wide thread count). Shards are
-    # scored run.workers at a time, each forward on its own thread, so 1 keeps every core busy without two thread
-    # pools spin-waiting on the same cores (11.0-11.7 vs 13.9-14.6 CPU ms/image, 2 shards on 2 cores, load 6).
-    threads: int = Field(default=1, ge=0)
+    # Intra-op threads per forward; 0: one per core. None: 1 for the onnxruntime backends (opennsfw, opennsfw-int8,
+    # clip_head), as shards are scored run.workers at a time, one forward per shard thread, and two thread pools
+    # spin-waiting on the same cores cost more (11.0-11.7 vs 13.9-14.6 CPU ms/image, 2 shards on 2 cores, load 6);
+    # every core for opennsfw-torch, whose forwards take turns (it sets torch's process-wide thread count).
+    threads: int | None = Field(default=None, ge=0)
     # opennsfw-torch: bf16 autocast or fp32.
     precision: Literal["bf16", "fp32"] = "bf16"
     # opennsfw-torch in bf16 and opennsfw-int8: an image whose logit log(P(nsfw)/P(sfw)) is within recheck_margin of
