@@ -5,9 +5,10 @@
 Both download the same N distinct JPEGs (96-160 px, served by the demo server on 127.0.0.1) with the same
 threads, processes (shards in flight), resize and encode settings. "raw" is ``img2dataset.download`` (webdataset
 output, sha256); "full" is this stage's cores: plan + URL guard + guarded download + perceptual hash + cross-shard
-dedup (ingest), open_nsfw on every image (nsfw), Haar detection and blurring (faces), shards fanned out over a
-thread pool of ``--processes`` (the cores the Prefect flow drives, without the Prefect API server). Throughput is
-successfully stored images per second of wall time (img2dataset's own logs count attempted URLs).
+dedup (ingest), open_nsfw on every image (nsfw), face detection (``faces.backend``, MTCNN by default) and blurring
+(faces), shards fanned out over a thread pool of ``--processes`` (the cores the Prefect flow drives, without the
+Prefect API server). Throughput is successfully stored images per second of wall time (img2dataset's own logs count
+attempted URLs). Each stage's wall and CPU seconds are printed under the full side.
 
 Both sides are timed the same way, work only, in this process: img2dataset is imported and the full side's models
 (the NSFW scorer ``nsfw.backend`` resolves to, the face detector) are built before the clocks start, as a worker holds
