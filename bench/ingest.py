@@ -5,9 +5,10 @@
 Both download the same N distinct JPEGs (96-160 px, served by the demo server on 127.0.0.1) with the same
 threads, processes (shards in flight), resize and encode settings. "raw" is ``img2dataset.download`` (webdataset
 output, sha256); "full" is this stage's cores: plan + URL guard + guarded download + perceptual hash + cross-shard
-dedup (ingest), open_nsfw on every image (nsfw), Haar detection and blurring (faces), shards fanned out over a
-thread pool of ``--processes`` (the cores the Prefect flow drives, without the Prefect API server). Throughput is
-successfully stored images per second of wall time (img2dataset's own logs count attempted URLs).
+dedup (ingest), open_nsfw on every image (nsfw), face detection (``faces.backend``, MTCNN by default) and blurring
+(faces), shards fanned out over a thread pool of ``--processes`` (the cores the Prefect flow drives, without the
+Prefect API server). Throughput is successfully stored images per second of wall time (img2dataset's own logs count
+attempted URLs). Each stage's wall and CPU seconds are printed under the full side.
 
 Both sides are timed the same way, work only, in this process: img2dataset is imported and the full side's models
 (the NSFW scorer ``nsfw.backend`` resolves to, the face detector) are built before the clocks start, as a worker holds
@@ -104,27 +105,32 @@ def warm_models(nsfw: NsfwConfig, faces: FacesConfig) -> str:
 
 
 def run_full(urls: Path, run: Path, args: argparse.Namespace, nsfw: NsfwConfig,
-             faces_cfg: FacesConfig) -> tuple[dict[str, float], float, int]:  # fmt: skip
+             faces_cfg: FacesConfig) -> tuple[dict[str, tuple[float, float]], float, int]:  # fmt: skip
+    """Ingest, NSFW and faces, one after the other as the flow runs them: (wall s, CPU s) per stage, CPU s, kept."""
     cfg = IngestConfig(shard_size=args.shard_size, threads=args.threads, processes=args.processes, image_size=128,
                        allow_hosts=["127.0.0.1"])  # fmt: skip
     mapper = thread_mapper(args.processes)
-    times: dict[str, float] = {}
-    c = cpu_seconds()
-    t = time.perf_counter()
+    times: dict[str, tuple[float, float]] = {}
+    c0 = cpu_seconds()
+
+    def clock(name: str, fn):
+        c, t = cpu_seconds(), time.perf_counter()
+        out = fn()
+        times[name] = (time.perf_counter() - t, cpu_seconds() - c)
+        return out
+
     ing = run / "ingest"
-    res = ingest(DataConfig(url_list=urls), ing, cfg, ShardTracker("ingest", ing), mapper)
-    times["ingest (download+guard+hash)"] = time.perf_counter() - t
-    t = time.perf_counter()
+    res = clock("ingest (download+guard+hash)",
+                lambda: ingest(DataConfig(url_list=urls), ing, cfg, ShardTracker("ingest", ing), mapper))
     shards = list_shards(ing / "shards")
-    nsfw_filter(shards, excluded(ing), run / "nsfw", nsfw, ShardTracker("nsfw", run / "nsfw"), mapper)
-    times["nsfw"] = time.perf_counter() - t
-    t = time.perf_counter()
+    clock("nsfw", lambda: nsfw_filter(shards, excluded(ing), run / "nsfw", nsfw, ShardTracker("nsfw", run / "nsfw"),
+                                      mapper))  # fmt: skip
     dup, bad = excluded(ing), dropped_ids(run / "nsfw")
     skip = {s.name: dup.get(s.name, set()) | bad for s in shards}
-    faces = blur_faces(shards, skip, run / "faces", faces_cfg, ShardTracker("faces", run / "faces"), mapper)
-    times["faces"] = time.perf_counter() - t
+    faces = clock("faces", lambda: blur_faces(shards, skip, run / "faces", faces_cfg,
+                                              ShardTracker("faces", run / "faces"), mapper))  # fmt: skip
     assert res.counts["kept"] >= faces.counts["kept"]
-    return times, cpu_seconds() - c, int(faces.counts["kept"])
+    return times, cpu_seconds() - c0, int(faces.counts["kept"])
 
 
 def main() -> None:
@@ -162,22 +168,22 @@ def report(args: argparse.Namespace, models: str, raws: list, fulls: list) -> No
     raw_s = float(np.median([r[0] for r in raws])) if raws else float("nan")
     raw_cpu = float(np.median([r[1] for r in raws])) if raws else float("nan")
     raw_n = raws[0][2] if raws else 0
-    times = {k: float(np.median([f[0][k] for f in fulls])) for k in fulls[0][0]}
-    full_s = float(np.median([sum(f[0].values()) for f in fulls]))
+    times = {k: [float(np.median([f[0][k][i] for f in fulls])) for i in (0, 1)] for k in fulls[0][0]}
+    full_s = float(np.median([sum(v[0] for v in f[0].values()) for f in fulls]))
     full_cpu, full_n = float(np.median([f[1] for f in fulls])), fulls[0][2]
     raw_rate, full_rate = raw_n / raw_s, full_n / full_s
     print(f"\n{args.n} loopback URLs, {args.threads} threads x {args.processes} processes, {cores} cores (the HTTP "
           f"server shares them), {args.rounds} rounds, load average {os.getloadavg()[0]:.1f}; {models}\n")  # fmt: skip
     print(f"{'pipeline (medians)':<34}{'images':>8}{'seconds':>9}{'images/s':>10}{'per core':>10}{'CPU s':>8}")
     print(f"{'raw img2dataset':<34}{raw_n:>8}{raw_s:>9.1f}{raw_rate:>10.1f}{raw_rate / cores:>10.1f}{raw_cpu:>8.1f}")
-    for name, s in times.items():
-        print(f"{'  ' + name:<34}{'':>8}{s:>9.1f}")
+    for name, (s, cpu) in times.items():
+        print(f"{'  ' + name:<34}{'':>8}{s:>9.1f}{'':>20}{cpu:>8.1f}")
     print(f"{'full ingestion':<34}{full_n:>8}{full_s:>9.1f}{full_rate:>10.1f}{full_rate / cores:>10.1f}{full_cpu:>8.1f}")
     print(f"\nratio full / raw: {full_rate / raw_rate:.2f}x wall, {raw_cpu / full_cpu * full_n / max(1, raw_n):.2f}x "
           "CPU   (goal >= 0.6x)")  # fmt: skip
     for i, (r, f) in enumerate(zip(raws, fulls, strict=False)):
-        print(f"  round {i}: raw {r[0]:.1f} s, full {sum(f[0].values()):.1f} s "
-              f"({', '.join(f'{k.split()[0]} {v:.1f}' for k, v in f[0].items())})")  # fmt: skip
+        print(f"  round {i}: raw {r[0]:.1f} s, full {sum(v[0] for v in f[0].values()):.1f} s "
+              f"({', '.join(f'{k.split()[0]} {v[0]:.1f}' for k, v in f[0].items())})")  # fmt: skip
     print(f"img2dataset published: ~{PUBLISHED_PER_CORE} samples/s per core (web, attempted URLs)")
 
 

