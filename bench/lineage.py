@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from infra.domains import refresh as refresh_domains  # noqa: E402
+from infra.domains import domains  # noqa: E402
 from infra.lineage import Ledger, ledger_dir, write_ledger  # noqa: E402
 from infra.lineage_index import INDEX_NAME, index_stage  # noqa: E402
 from infra.manifest import read_manifest, write_manifest  # noqa: E402
@@ -324,7 +324,7 @@ def build(source: Path, work: Path, rows: int) -> tuple[Path, int, dict[str, flo
     for stage in sorted(p for p in (run / "stages").iterdir() if ledger_dir(p).is_dir()):
         index_stage(stage)  # what the stage-completion hook does
     t2 = time.perf_counter()
-    refresh_domains(run)  # the ingest and corpus stages' completion hook: `lvd domains`' stored table
+    domains(run)  # the ingest and corpus stages' completion hook: `lvd domains`' stored table
     t3 = time.perf_counter()
     n_events = sum(pq.ParquetFile(f).metadata.num_rows for f in run.glob("stages/*/ledger/*.parquet"))
     info = {"write_s": t1 - t0, "index_s": t2 - t1, "domains_s": t3 - t2, "events": n_events,

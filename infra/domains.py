@@ -38,12 +38,12 @@ FETCHED = frozenset({"downloaded", "exact_duplicate"})
 NO_HOST = "(no host)"
 LOCAL = "(local files)"  # file:// URLs of a local pool (ingest.local_roots)
 COLUMNS = ["host", "urls", "requested", "downloaded", "download_rate", "in_corpus", "failures"]
-FILES_PER_BATCH = 256  # ledger files read together (ingest writes one per shard of `ingest.shard_size` rows)
-# The head of a URL of the common form (scheme://netloc, the netloc in printable ASCII, followed by a path, query,
-# fragment or nothing): urlsplit finds the same host in the head as in the whole URL. Other URLs go whole.
 CACHE_NAME = "domains.parquet"  # stages/ingest/<this>: the table of `domain_stats`, derived, never trusted (domains())
 CACHE_FORMAT = "domains-1"
 DOMAIN_INPUTS = ("ingest", "corpus")  # the stages whose ledgers `domain_stats` reads
+FILES_PER_BATCH = 256  # ledger files read together (ingest writes one per shard of `ingest.shard_size` rows)
+# The head of a URL of the common form (scheme://netloc, the netloc in printable ASCII, followed by a path, query,
+# fragment or nothing): urlsplit finds the same host in the head as in the whole URL. Other URLs go whole.
 _HEAD = r"^(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[\x21\x22\x24-\x2e\x30-\x3e\x40-\x7e]*)(?:[/?#]|$)"
 
 
@@ -175,7 +175,7 @@ def domain_stats(run_dir: Path, local: bool = False) -> pd.DataFrame:
 def domains(run_dir: Path, local: bool = False) -> pd.DataFrame:
     """:func:`domain_stats`, read from ``stages/ingest/domains.parquet`` when that was computed from the ledger files
     as they are now (its key: name, size and mtime of every ingest and corpus ledger file, and ``local``), else
-    computed and stored there for the next call. A stage's completion computes it (:func:`refresh`), so `lvd
+    computed and stored there for the next call. The ingest and corpus stages' completion computes it, so `lvd
     domains` on a finished run reads a table of one row per host instead of every ingest event. Derived data: an
     unreadable or stale table is recomputed; one that cannot be written is not kept."""
     path, key = Path(run_dir) / "stages" / "ingest" / CACHE_NAME, _ledger_state(run_dir, local)
@@ -185,11 +185,6 @@ def domains(run_dir: Path, local: bool = False) -> pd.DataFrame:
         if not frame.empty:
             _write_cache(path, frame, key)
     return frame
-
-
-def refresh(run_dir: Path, local: bool = False) -> None:
-    """Compute the stored table now if it is not current (after the ingest or corpus stage completes)."""
-    domains(run_dir, local)
 
 
 def _ledger_state(run_dir: Path, local: bool) -> str:

@@ -324,12 +324,12 @@ def _index_lineage(run: RunDir, stage: str) -> None:
 
 def _refresh_domains(run: RunDir, stage: str, cfg: PipelineConfig) -> None:
     """`lvd domains`' table, computed once when its inputs are final (derived: a failure leaves it to the command)."""
-    from infra.domains import DOMAIN_INPUTS, refresh  # pandas: not on the path of commands that only read manifests
+    from infra.domains import DOMAIN_INPUTS, domains  # pandas: not on the path of commands that only read manifests
 
     if stage not in DOMAIN_INPUTS:
         return
     try:
-        refresh(run.path, local=bool(cfg.ingest.local_roots))
+        domains(run.path, local=bool(cfg.ingest.local_roots))  # computed and stored unless current
     except (OSError, ValueError) as err:
         log.warning("per-host table not written (%s); `lvd domains` will compute it", err)
 
