@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +30,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from infra.lineage import LEDGER_SCHEMA, Ledger, latest_attempts, ledger_dir
+from infra.lineage_index import ledger_listing
 from infra.storage import atomic_path
 
 NOT_REQUESTED = frozenset({"list_row_malformed", "url_duplicate"})
@@ -192,11 +192,8 @@ def _ledger_state(run_dir: Path, local: bool) -> str:
     h = hashlib.sha256(f"{CACHE_FORMAT}:{int(local)}".encode())
     for stage in DOMAIN_INPUTS:
         folder = ledger_dir(Path(run_dir) / "stages" / stage)
-        files = []
-        if folder.is_dir():
-            with os.scandir(folder) as entries:
-                files = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in entries
-                               if e.name.endswith(".parquet"))  # fmt: skip
+        listing = ledger_listing(folder) if folder.is_dir() else {}
+        files = sorted((name, st.st_size, st.st_mtime_ns) for name, st in listing.items())
         h.update(json.dumps([stage, files]).encode())
     return h.hexdigest()
 
