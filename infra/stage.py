@@ -131,8 +131,7 @@ class ShardTracker:
         if shard not in self._asked:
             self._asked.add(shard)
             self._skipped += done
-        if self.progress is None:
-            self.progress = Progress(self.stage, self.total, "shards")
+        self._open_progress()
         if done and self.rundir is not None:
             self.rundir.log_event("shard_skipped", self.stage, shard=shard)
         return done
@@ -163,8 +162,14 @@ class ShardTracker:
         self._advance(info or {})
         check_fault(self.stage, self._n_done)
 
+    def _open_progress(self) -> Progress:
+        """The stage's progress display, opened when the first shard is asked about or done."""
+        if self.progress is None:
+            self.progress = Progress(self.stage, self.total, "shards")
+        return self.progress
+
     def _advance(self, counts: dict[str, Any]) -> None:
-        p = self.progress = self.progress or Progress(self.stage, self.total, "shards")
+        p = self._open_progress()
         if p.total is None and self._asked:
             p.total = len(self._asked)
         if p.done == 0 and self._skipped:  # shards finished by an earlier attempt: done, not part of the rate
