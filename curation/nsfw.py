@@ -10,8 +10,9 @@ Backends implement :class:`NsfwScorer` (``score(images) -> P(nsfw)`` per image):
   network's.
 - ``opennsfw-int8``: the same ONNX network statically quantised to int8 (convolutions with per-channel weights, and
   the adds, ReLUs and pools between them; activations calibrated on photographs that ship with scikit-image), made
-  once from the bundled file and cached (:func:`int8_model_path`); an image whose logit lies within ``recheck_margin`` (default 3.0) of the threshold's is
-  scored again by the fp32 network, so decisions are the fp32 network's (measured: bench/nsfw.py --accuracy).
+  once from the bundled file and cached (:func:`int8_model_path`); an image whose logit lies within
+  ``recheck_margin`` (default 3.0) of the threshold's is scored again by the fp32 network, so decisions are the fp32
+  network's (measured: bench/nsfw.py --accuracy).
 - ``auto``: the fastest of ``opennsfw``, ``opennsfw-int8`` and (on CPUs with AMX-BF16) ``opennsfw-torch``, timed on
   this machine on a few images when the first scorer is built (:func:`measured_backend`); every candidate makes the
   fp32 network's decisions, so the choice changes speed only.
