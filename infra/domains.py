@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from infra.lineage import LEDGER_SCHEMA, Ledger, latest_attempts, ledger_dir
 from infra.lineage_index import ledger_listing
 from infra.storage import atomic_path
+from infra.urlnorm import UrlNormalizationError, parse_url
 
 NOT_REQUESTED = frozenset({"list_row_malformed", "url_duplicate"})
 FETCHED = frozenset({"downloaded", "exact_duplicate"})
@@ -39,7 +40,7 @@ NO_HOST = "(no host)"
 LOCAL = "(local files)"  # file:// URLs of a local pool (ingest.local_roots)
 COLUMNS = ["host", "urls", "requested", "downloaded", "download_rate", "in_corpus", "failures"]
 CACHE_NAME = "domains.parquet"  # stages/ingest/<this>: the table of `domain_stats`, derived, never trusted (domains())
-CACHE_FORMAT = "domains-1"
+CACHE_FORMAT = "domains-2"  # 2: hosts normalised as the URL guard reads them (host_of)
 DOMAIN_INPUTS = ("ingest", "corpus")  # the stages whose ledgers `domain_stats` reads
 FILES_PER_BATCH = 256  # ledger files read together (ingest writes one per shard of `ingest.shard_size` rows)
 # The head of a URL of the common form (scheme://netloc, the netloc in printable ASCII, followed by a path, query,
@@ -48,10 +49,24 @@ _HEAD = r"^(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[\x21\x22\x24-\x2e\x30-\x3e\x40-\
 
 
 def host_of(url: object, local: bool = False) -> str:
-    """The URL's host name, lower case, without port or credentials; ``(no host)`` when it has none or is invalid.
-    ``local`` (the run has `ingest.local_roots`): file URLs are counted as ``(local files)``."""
+    """The URL's host name as the URL guard and a browser read it (WHATWG: lower case, IDNA to Punycode, an IPv4
+    address in any notation as dotted decimal, ``0x7f.1`` and ``127.0.0.1`` alike), without port, credentials or
+    IPv6 brackets; ``(no host)`` when it has none. A URL the normaliser refuses keeps ``urlsplit``'s reading of its
+    host (such a row was dropped as ``url_malformed``, and its host still says where it pointed). ``local`` (the run
+    has `ingest.local_roots`): file URLs are counted as ``(local files)``."""
     if not isinstance(url, str):
         return NO_HOST
+    try:
+        parsed = parse_url(url)
+    except UrlNormalizationError:
+        return _split_host(url, local)
+    if local and parsed.scheme == "file":
+        return LOCAL
+    return (parsed.host or "").strip("[]") or (NO_HOST if parsed.special else _split_host(url, local))
+
+
+def _split_host(url: str, local: bool) -> str:
+    """``urlsplit``'s host, lower case: the reading of a URL the normaliser refuses or gives no host (not special)."""
     try:
         parts = urlsplit(url.strip())
         host = parts.hostname

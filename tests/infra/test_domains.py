@@ -19,6 +19,12 @@ from infra.lineage import LedgerWriter
         ("  http://a.example/x.jpg  ", "a.example"),
         ("http://[::1]:80/x", "::1"),
         ("http://[::1/x", NO_HOST),  # unbalanced bracket: urlsplit raises
+        ("http://0x7f.1/x", "127.0.0.1"),  # IPv4 in any notation, as the URL guard and a browser read it
+        ("http://0177.0.0.1:80/x", "127.0.0.1"),
+        ("http://[0:0::1]/x", "::1"),
+        ("HTTP://Bücher.Example/x", "xn--bcher-kva.example"),  # IDNA: the host the request goes to
+        ("http://%41.example/x", "a.example"),
+        ("http://a.example\\b.example/x", "a.example"),  # a backslash ends a special URL's host
         ("not a url", NO_HOST),
         (None, NO_HOST),
     ],
