@@ -3,9 +3,9 @@
 Each stage writes ``stages/<stage>/ledger/<shard>.parquet`` with the schema below; a stage that decides over the
 whole pool (dedup, retrieve, rebalance, corpus, ingest's cross-shard duplicates) writes ``<name>-00000.parquet``, ...
 in parts of at most ``PART_EVENTS`` events (:class:`LedgerParts`), so that neither its writer's memory nor the
-footer a look-up opens grows with the pool (runs of earlier versions have one ``<stage>.parquet``: read alike). An event is about an input
-row (``row_id``: its position in the URL list, stable across reruns), an image (``image_id``: sha256 of the bytes
-that were downloaded, stable from ingestion to corpus), or both. ``kind`` is
+footer a look-up opens grows with the pool (runs of earlier versions have one ``<stage>.parquet``: read alike).
+An event is about an input row (``row_id``: its position in the URL list, stable across reruns), an image
+(``image_id``: sha256 of the bytes that were downloaded, stable from ingestion to corpus), or both. ``kind`` is
 
 - ``drop``: terminal; the row/image leaves the pipeline at this stage for ``reason``;
 - ``keep``: terminal; the image is in the corpus (written by the corpus stage only);
@@ -54,7 +54,7 @@ LEDGER_SCHEMA = pa.schema(
     ]
 )
 ROW_GROUP_EVENTS = 8192  # small row groups: a look-up through the index (infra.lineage_index) reads one of them
-PART_EVENTS = 8 * ROW_GROUP_EVENTS  # events per part of a whole-pool stage's ledger (LedgerParts): ~70 MB held
+PART_EVENTS = 8 * ROW_GROUP_EVENTS  # events per part of a whole-pool ledger (LedgerParts): 45 MiB of dedup's held
 KINDS = ("drop", "keep", "info")
 TERMINAL = ("drop", "keep")
 POOL = "pool"  # source name of images that came from the URL list

@@ -146,8 +146,9 @@ def test_a_missing_index_is_built_and_new_files_are_added_without_rebuilding(run
 
 def test_a_file_changed_after_indexing_is_caught_when_read_and_the_stage_rebuilt(run):
     index_all(run)
-    path = next(p for p in ledger_files(run) if p.parent.parent.name == "dedup" and 4 in pq.read_table(p)["row_id"].to_pylist())
-    table = pq.read_table(path)  # the part of dedup's ledger that holds row 4
+    dedup = [p for p in ledger_files(run) if p.parent.parent.name == "dedup"]
+    path = next(p for p in dedup if 4 in pq.read_table(p)["row_id"].to_pylist())  # the part holding row 4
+    table = pq.read_table(path)
     mtime = os.stat(path.parent).st_mtime_ns
     w = LedgerWriter("dedup")  # rewritten in place: the folder's mtime stays, the file's size and mtime change
     w.rows = table.to_pylist()
