@@ -7,21 +7,24 @@ RSS, and the growth between the sizes.
 The scaled run is the source run's ledger repeated: copy ``c`` of every event with its row ids shifted by ``c`` times
 the source's rows, its image ids replaced (sha256 of the id and ``c``), its URLs given the host ``c<c>.<host>``, and
 every cross-reference in ``detail`` remapped alike (image ids, ``*_row``, the corpus shard and the sha256 of the
-stored bytes); per-shard ledger files become shards of their own, whole-stage files (dedup, retrieve, ...) one file.
-It is written with the project's writers (:func:`infra.lineage.write_ledger`, ``infra.shards.ShardWriter`` for the
-corpus shards, whose images carry a per-copy trailer so that every copy has its own bytes), with manifests scaled to
-match, and indexed as the stage-completion hook does (the time and size are printed). Other outputs of the source
-(image shards, embeddings, ...) are not copied: the audit's output check hashes the ledger and corpus files only.
+stored bytes); per-shard ledger files become shards of their own, and the ledgers of the whole-pool stages (dedup,
+retrieve, rebalance, corpus, ingest's ``_dedup``) hold every copy, in parts of ``PART_EVENTS`` events as those stages
+write them (from a source of either layout). It is written with the project's writers
+(:func:`infra.lineage.write_ledger`, ``infra.lineage.LedgerParts``, ``infra.shards.ShardWriter`` for the corpus
+shards, whose images carry a per-copy trailer so that every copy has its own bytes), with manifests scaled to match,
+and indexed as the stage-completion hook does (the time and size are printed). Other outputs of the source (image
+shards, embeddings, ...) are not copied: the audit's output check hashes the ledger and corpus files only.
 
 Without ``--source``, the demo's curation is run first (`lvd run configs/demo.yaml run.stop_after=corpus`, ~8 min on
 2 cores). "cold": the run's files are dropped from the page cache (posix_fadvise) before the command; Python and
-its libraries stay cached. "warm": the median of 3 runs after it, with its CPU time (user + system, from wait4: what a busy machine
-disturbs least). "look-up alone": the time find_chain takes in a fresh process once
-its modules are imported (the part that depends on the run's size). The baseline: `Ledger.chain`, the full scan that
-`lvd lineage` did before the index, timed the same way. `lvd domains` reads the per-host table that the ingest and
-corpus stages store when they complete (built here as the hook does, its time printed); "baseline: domains computed"
-is `domain_stats` over every ingest event, what the command did before the table. Project sources are byte-compiled first (PYTHONPYCACHEPREFIX
-in the work folder), so start-up is import time, not compile time.
+its libraries stay cached. "warm": the median of 3 runs after it (15 for the look-ups alone), with its CPU time
+(user + system, from wait4: what a busy machine disturbs least). "look-up alone": the time find_chain takes in a
+fresh process once its modules are imported (the part that depends on the run's size). The baseline: `Ledger.chain`,
+the full scan that `lvd lineage` did before the index, timed the same way. `lvd domains` reads the per-host table
+that the ingest and corpus stages store when they complete (built here as the hook does, its time printed);
+"baseline: domains computed" is `domain_stats` over every ingest event, what the command did before the table.
+Project sources are byte-compiled first (PYTHONPYCACHEPREFIX in the work folder), so start-up is import time, not
+compile time.
 """
 
 from __future__ import annotations
@@ -47,12 +50,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from infra.domains import domains  # noqa: E402
-from infra.lineage import Ledger, ledger_dir, write_ledger  # noqa: E402
+from infra.lineage import Ledger, LedgerParts, ledger_dir, write_ledger  # noqa: E402
 from infra.lineage_index import INDEX_NAME, index_stage  # noqa: E402
 from infra.manifest import read_manifest, write_manifest  # noqa: E402
 from infra.shards import ShardWriter, list_shards  # noqa: E402
 from infra.storage import file_record  # noqa: E402
 
+LOOKUP_REPEATS = 5  # the look-ups alone (0.03-0.1 s) run 5x as often: their median of 3 moved by 50 % at load 4
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 MARK = "\x00{}\x00"
 
@@ -164,10 +168,15 @@ def scale(source: Path, root: Path, rows: int) -> tuple[Path, int]:
             for i, f in enumerate(per_shard):
                 out = ledger_dir(run / "stages" / stage_dir.name) / f"{c * len(per_shard) + i:05d}.parquet"
                 outputs.setdefault(stage_dir.name, []).append(write_ledger(sc.events(pq.read_table(f), c), out))
-        for f in (f for f in files if not f.stem.isdigit()):  # one file for the whole stage: all copies in it
-            table = pa.concat_tables(sc.events(pq.read_table(f), c) for c in range(copies))
-            outputs.setdefault(stage_dir.name, []).append(write_ledger(table, ledger_dir(run / "stages" /
-                                                                                           stage_dir.name) / f.name))
+        whole = {}  # a whole-pool ledger (its parts, or the one file of a run from before parts): all copies in it
+        for f in (f for f in files if not f.stem.isdigit()):
+            whole.setdefault(re.sub(r"-\d+$", "", f.stem), []).append(f)
+        for name, parts in whole.items():
+            writer = LedgerParts(stage_dir.name, ledger_dir(run / "stages" / stage_dir.name), name=name)
+            for c in range(copies):
+                for f in parts:
+                    writer.extend(sc.events(pq.read_table(f), c))
+            outputs.setdefault(stage_dir.name, []).extend(writer.close())
     outputs.setdefault("corpus", []).extend(_corpus(sc, run, copies))
     _manifests(source, run, copies, outputs)
     return run, copies
@@ -302,7 +311,7 @@ def measure(runs: dict[int, tuple[Path, dict[str, str]]], env: dict[str, str], r
             evict(run)
             cold[n] = timed(argv[n], env, work)
         warm: dict[int, list] = {n: [] for n in runs}
-        for _ in range(1 if name == "audit" else repeats):
+        for _ in range(1 if name == "audit" else repeats * (LOOKUP_REPEATS if name.startswith("look-up") else 1)):
             for n in runs:
                 warm[n].append(timed(argv[n], env, work))
         out[name] = {n: {"cold": cold[n][0], "warm": statistics.median(w[0] for w in warm[n]),

@@ -14,7 +14,7 @@ from PIL import Image
 from infra.config.curation import CorpusConfig
 from infra.config.data import SeedSetConfig
 from infra.datasets import iter_images
-from infra.lineage import POOL, LedgerWriter
+from infra.lineage import POOL, LedgerParts, ledger_dir
 from infra.shards import ShardWriter, list_shards, shard_name
 from infra.stage import StageResult
 from infra.storage import atomic_path, atomic_write_text, sha256_bytes
@@ -82,7 +82,7 @@ def build_corpus(
     """``selected``: image_id, row_id, shard (of the sanitized pool), seed_set, method. Each corpus image gets a
     ``<image_id>.json`` member (image id, row, URL, caption, source, sizes, seed set, method, sha256)."""
     writer = _Writer(stage_dir / "shards", cfg.shard_size)
-    ledger = LedgerWriter("corpus")
+    ledger = LedgerParts("corpus", ledger_dir(stage_dir))
     by_shard = {s.name: s for s in list_shards(pool_shard_dir)}
     info = selected.set_index("image_id")
     for shard_id in sorted(selected["shard"].unique()):
@@ -110,7 +110,7 @@ def build_corpus(
             ledger.keep("in_corpus", image_id=item.image_id, source=s.name,
                         detail={"shard": name, "as_is": True, "sha256": sha256_bytes(item.data)})  # fmt: skip
     writer.close()
-    ledger.write(stage_dir / "ledger" / "corpus.parquet")
+    parts = ledger.close()
     table = pd.DataFrame(writer.rows)
     with atomic_path(stage_dir / MANIFEST_TABLE) as tmp:
         table.to_parquet(tmp, index=False)
@@ -119,7 +119,7 @@ def build_corpus(
         comp.to_parquet(tmp, index=False)
     atomic_write_text(stage_dir / "composition.md", markdown_table(comp))
     outputs = [p for s in list_shards(stage_dir / "shards") for p in (s.tar, s.table)]
-    outputs += [stage_dir / MANIFEST_TABLE, stage_dir / COMPOSITION, stage_dir / "ledger" / "corpus.parquet"]
+    outputs += [stage_dir / MANIFEST_TABLE, stage_dir / COMPOSITION, *parts]
     return StageResult(
         counts={"kept": len(table), "shards": writer.index, "by_source": table.groupby("seed_set").size().to_dict(),
                 "from_pool": int((table["source"] == POOL).sum()) if len(table) else 0,

@@ -31,7 +31,7 @@ from infra.config.curation import DedupConfig, IndexConfig
 from infra.config.data import EvalSetConfig
 from infra.datasets import iter_images
 from infra.images import decode
-from infra.lineage import LedgerWriter
+from infra.lineage import LedgerParts, ledger_dir
 from infra.shards import Shard, iter_shard_images
 from infra.stage import ShardTracker, StageResult
 from infra.storage import atomic_path, sha256_file
@@ -297,7 +297,7 @@ def _passthrough(shards: list[Shard]) -> DedupGraph:
 
 def _record(graph: DedupGraph, stage_dir: Path, descriptor: str, cfg: DedupConfig, n_eval: int) -> StageResult:
     table = graph.table
-    ledger = LedgerWriter("dedup")
+    ledger = LedgerParts("dedup", ledger_dir(stage_dir))
     dropped = {"near_duplicate": 0, "eval_contamination": 0}
     for r in table.itertuples(index=False):
         ids = {"row_id": int(r.row_id), "image_id": r.image_id}
@@ -315,7 +315,7 @@ def _record(graph: DedupGraph, stage_dir: Path, descriptor: str, cfg: DedupConfi
         elif contaminated:
             ledger.drop("eval_contamination", **ids, detail={**comp, **contaminated})
             dropped["eval_contamination"] += 1
-    ledger.write(stage_dir / "ledger" / "dedup.parquet")
+    parts = ledger.close()
     kept = table[table["is_representative"] & table["eval_match"].isna()]
     cols = ["image_id", "row_id", "shard", "representative", "size", "is_representative", "eval_match", "eval_sim"]
     with atomic_path(stage_dir / KEPT) as tmp:
@@ -329,7 +329,7 @@ def _record(graph: DedupGraph, stage_dir: Path, descriptor: str, cfg: DedupConfi
     return StageResult(
         counts={"input": len(table), "kept": len(kept), "dropped": dropped, "components": len(multi),
                 "components_multi": int((multi > 1).sum()), "edges": len(graph.edges), "eval_edges": len(graph.eval_edges)},
-        outputs=[stage_dir / KEPT, stage_dir / COMPONENTS, stage_dir / "edges.parquet", stage_dir / "ledger" / "dedup.parquet"],
+        outputs=[stage_dir / KEPT, stage_dir / COMPONENTS, stage_dir / "edges.parquet", *parts],
         extra={"descriptor": descriptor, "views": cfg.descriptor.views, "flip": cfg.descriptor.flip, "k": cfg.k,
                "threshold": cfg.threshold, "eval_threshold": cfg.eval_threshold, "eval_images": n_eval,
                "representative": cfg.representative, "whitening": cfg.descriptor.whitening,

@@ -41,13 +41,13 @@ from curation.reasons import TRANSIENT, not_retryable_matches, reason, retryable
 from curation.urls import parse_face_boxes, plan_shards, read_rows, url_duplicates
 from infra.config.data import DataConfig
 from infra.config.ingest import IngestConfig
-from infra.lineage import LEDGER_SCHEMA, LedgerWriter
+from infra.lineage import LEDGER_SCHEMA, LedgerParts, LedgerWriter, ledger_dir
 from infra.shards import ShardWriter, iter_tar, list_shards
 from infra.stage import ShardTracker, StageResult, add_counts, summarize
 from infra.storage import atomic_path
 
 DUPLICATES = "duplicates.parquet"
-DEDUP_LEDGER = "_dedup.parquet"
+DEDUP_LEDGER = "_dedup"  # the cross-shard duplicates' ledger: _dedup-00000.parquet, ... (LedgerParts)
 PLAN = "plan"
 SHARD_SCHEMA = pa.schema(
     [("image_id", pa.string()), ("ext", pa.string()), ("sha256", pa.string()), ("bytes", pa.int64()),
@@ -318,14 +318,14 @@ def dedup_across_shards(stage_dir: Path, cfg: IngestConfig) -> pd.DataFrame:
         pairs = zip(df.loc[ph, "phash"], df.loc[src, "phash"], strict=True)
         df.loc[ph, "distance"] = [distance(int(a), int(b)) for a, b in pairs]
     dups = df[df["reason"].notna()].reset_index(drop=True)
-    ledger = LedgerWriter("ingest")
+    ledger = LedgerParts("ingest", ledger_dir(stage_dir), name=DEDUP_LEDGER)
     for d in dups.itertuples(index=False):
         detail = {"duplicate_of_row": int(d.duplicate_of_row), "duplicate_of": d.duplicate_of,
                   "phash": to_hex(int(d.phash))}  # fmt: skip
         if d.reason == "phash_duplicate":
             detail["distance"] = int(d.distance)
         ledger.drop(d.reason, row_id=int(d.row_id), image_id=d.image_id, attempt=int(d.attempt), detail=detail)
-    ledger.write(stage_dir / "ledger" / DEDUP_LEDGER)
+    ledger.close()
     out = dups[["image_id", "row_id", "shard", "reason", "duplicate_of_row", "duplicate_of", "phash", "distance"]]
     with atomic_path(stage_dir / DUPLICATES) as tmp:
         types = {"row_id": "int64", "duplicate_of_row": "int64", "phash": "int64", "distance": "int64"}

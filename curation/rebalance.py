@@ -32,7 +32,7 @@ import pandas as pd
 from curation.kmeans import FlopCounter, array_chunks, assign, kmeans
 from curation.vectors import RowView
 from infra.config.curation import RebalanceConfig
-from infra.lineage import LedgerWriter
+from infra.lineage import LedgerParts, ledger_dir
 from infra.stage import StageResult
 from infra.storage import atomic_open, atomic_path
 
@@ -215,7 +215,7 @@ def rebalance(meta: pd.DataFrame, points: RowView, stage_dir: Path, cfg: Rebalan
     paths = cluster_paths(levels, n)
     selected = np.zeros(n, bool)
     selected[chosen] = True
-    _ledger(meta, paths, selected, target, stage_dir)
+    parts = _ledger(meta, paths, selected, target, stage_dir)
     out = meta.assign(selected=selected)
     for t in range(paths.shape[1]):
         out[f"cluster_l{t + 1}"] = paths[:, t]
@@ -225,7 +225,7 @@ def rebalance(meta: pd.DataFrame, points: RowView, stage_dir: Path, cfg: Rebalan
     sizes = [np.bincount(paths[:, t], minlength=len(lv.centroids)) for t, lv in enumerate(levels)]
     return StageResult(
         counts={"input": n, "kept": int(selected.sum()), "dropped": {"not_sampled": int(n - selected.sum())}},
-        outputs=[stage_dir / SELECTED, stage_dir / "ledger" / "rebalance.parquet"],
+        outputs=[stage_dir / SELECTED, *parts],
         extra={"levels": [len(lv.centroids) for lv in levels], "target_size": target,
                "largest_cluster_per_level": [int(s.max()) for s in sizes],
                "assignment_gflops": round(counter.flops / 1e9, 3),
@@ -233,12 +233,12 @@ def rebalance(meta: pd.DataFrame, points: RowView, stage_dir: Path, cfg: Rebalan
     )
 
 
-def _ledger(meta: pd.DataFrame, paths: np.ndarray, selected: np.ndarray, target: int, stage_dir: Path) -> None:
-    ledger = LedgerWriter("rebalance")
+def _ledger(meta: pd.DataFrame, paths: np.ndarray, selected: np.ndarray, target: int, stage_dir: Path) -> list[Path]:
+    ledger = LedgerParts("rebalance", ledger_dir(stage_dir))
     for i, (row_id, image_id) in enumerate(zip(meta["row_id"].tolist(), meta["image_id"].tolist(), strict=True)):
         ids = {"row_id": int(row_id), "image_id": image_id}
         if paths.shape[1]:
             ledger.info("cluster", **ids, detail={"clusters": paths[i].tolist()})
         if not selected[i]:
             ledger.drop("not_sampled", **ids, detail={"target_size": target})
-    ledger.write(stage_dir / "ledger" / "rebalance.parquet")
+    return ledger.close()

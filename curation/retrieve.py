@@ -28,7 +28,7 @@ from curation.kmeans import assign, kmeans
 from curation.vectors import RowView, VectorStore
 from infra.config.curation import RetrieveConfig
 from infra.config.data import SeedSetConfig
-from infra.lineage import LedgerWriter
+from infra.lineage import LedgerParts, ledger_dir
 from infra.stage import StageResult
 from infra.storage import atomic_path
 
@@ -187,7 +187,7 @@ def _record(pool_meta: pd.DataFrame, hits: list[pd.DataFrame], stats: list[dict]
     selected = pool_meta.iloc[best["pos"].to_numpy()].reset_index(drop=True)
     best_cols = best[["pos", "seed_set", "method", "query", "similarity", "n_hits"]].reset_index(drop=True)
     selected = pd.concat([selected, best_cols], axis=1)
-    ledger = LedgerWriter("retrieve")
+    ledger = LedgerParts("retrieve", ledger_dir(stage_dir))
     joined = allhits.merge(pool_meta[["image_id", "row_id"]], left_on="pos", right_index=True)
     for h in joined.itertuples(index=False):
         if h.method == "pool":
@@ -202,7 +202,7 @@ def _record(pool_meta: pd.DataFrame, hits: list[pd.DataFrame], stats: list[dict]
     chosen[best["pos"].to_numpy(dtype=np.int64)] = True
     for r in pool_meta[~chosen].itertuples(index=False):
         ledger.drop("not_retrieved", row_id=int(r.row_id), image_id=r.image_id)
-    ledger.write(stage_dir / "ledger" / "retrieve.parquet")
+    parts = ledger.close()
     with atomic_path(stage_dir / RETRIEVED) as tmp:
         selected.to_parquet(tmp, index=False)
     with atomic_path(stage_dir / HITS) as tmp:
@@ -213,6 +213,6 @@ def _record(pool_meta: pd.DataFrame, hits: list[pd.DataFrame], stats: list[dict]
     collisions = {"images_hit_more_than_once": int((per_pos > 1).sum()), "max_hits_per_image": int(per_pos.max()) if len(per_pos) else 0}
     return StageResult(
         counts={"input": len(pool_meta), "kept": len(selected), "dropped": {"not_retrieved": int((~chosen).sum())}, "hits": len(allhits)},
-        outputs=[stage_dir / RETRIEVED, stage_dir / HITS, stage_dir / SEED_STATS, stage_dir / "ledger" / "retrieve.parquet"],
+        outputs=[stage_dir / RETRIEVED, stage_dir / HITS, stage_dir / SEED_STATS, *parts],
         extra={**extra, "seed_sets": stats, "collisions": collisions},
     )

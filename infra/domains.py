@@ -10,7 +10,7 @@ A row's download outcome is that of its latest attempt (see :mod:`infra.lineage`
 arrived (an ``exact_duplicate`` of an image already fetched in that shard counts: the host served it), ``not
 requested`` for rows never sent to the network (malformed list rows, repeated URLs), otherwise the drop reason
 (``http_404``, ``timeout``, a URL-guard refusal, ...). Duplicates found across shards after the download
-(``_dedup.parquet``: exact and perceptual) stay counted as downloaded.
+(``_dedup-*.parquet``: exact and perceptual) stay counted as downloaded.
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ class _Counts:
         for mask, key_code in ((inputs, len(names)), (inputs & np.isin(row, self.corpus), len(names) + 1),
                                (outcome, None)):  # fmt: skip
             # A row not named in its file: a decision after its download was counted (the cross-shard duplicates of
-            # ingest's `_dedup.parquet`), not a download outcome: left out.
+            # ingest's `_dedup-*.parquet`), not a download outcome: left out.
             hit, pos = _lookup(first_keys, key[mask])
             kc = code[mask][hit] if key_code is None else np.full(int(hit.sum()), key_code)
             pairs, n = np.unique(first_host[pos[hit]].astype(np.int64) * len(keys) + kc, return_counts=True)

@@ -1,8 +1,11 @@
 """The lineage ledger: the one record of every decision about every input row and image.
 
-Each stage writes ``stages/<stage>/ledger/<shard>.parquet`` with the schema below. An event is about an input
-row (``row_id``: its position in the URL list, stable across reruns), an image (``image_id``: sha256 of the bytes
-that were downloaded, stable from ingestion to corpus), or both. ``kind`` is
+Each stage writes ``stages/<stage>/ledger/<shard>.parquet`` with the schema below; a stage that decides over the
+whole pool (dedup, retrieve, rebalance, corpus, ingest's cross-shard duplicates) writes ``<name>-00000.parquet``, ...
+in parts of at most ``PART_EVENTS`` events (:class:`LedgerParts`), so that neither its writer's memory nor the
+footer a look-up opens grows with the pool (runs of earlier versions have one ``<stage>.parquet``: read alike).
+An event is about an input row (``row_id``: its position in the URL list, stable across reruns), an image
+(``image_id``: sha256 of the bytes that were downloaded, stable from ingestion to corpus), or both. ``kind`` is
 
 - ``drop``: terminal; the row/image leaves the pipeline at this stage for ``reason``;
 - ``keep``: terminal; the image is in the corpus (written by the corpus stage only);
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +54,7 @@ LEDGER_SCHEMA = pa.schema(
     ]
 )
 ROW_GROUP_EVENTS = 8192  # small row groups: a look-up through the index (infra.lineage_index) reads one of them
+PART_EVENTS = 8 * ROW_GROUP_EVENTS  # events per part of a whole-pool ledger (LedgerParts): 45 MiB of dedup's held
 KINDS = ("drop", "keep", "info")
 TERMINAL = ("drop", "keep")
 POOL = "pool"  # source name of images that came from the URL list
@@ -108,6 +113,77 @@ class LedgerWriter:
 
     def write(self, path: Path) -> Path:
         return write_ledger(pa.Table.from_pylist(self.rows, schema=LEDGER_SCHEMA), path)
+
+
+class LedgerParts(LedgerWriter):
+    """The ledger of a stage that decides over the whole pool, written while it is added: parts
+    ``<folder>/<name>-00000.parquet``, ... of ``part_events`` events each (default ``PART_EVENTS``), each written
+    atomically when it fills, so the writer holds one part whatever the pool's size. Creating one removes what an
+    earlier attempt left under that name (its parts, or the single ``<name>.parquet`` of earlier versions);
+    :meth:`close` writes the last part (an empty one for a stage without events) and returns every part written."""
+
+    def __init__(self, stage: str, folder: Path, *, name: str | None = None, part_events: int | None = None):
+        super().__init__(stage)
+        self.folder, self.name = Path(folder), name or stage
+        self.part_events = part_events or PART_EVENTS
+        self.paths: list[Path] = []
+        self._held: list[pa.Table] = []  # events added but not written, less those still in ``rows``
+        self._tally: dict[str, dict[str, int]] = {k: {} for k in KINDS}
+        if self.folder.is_dir():
+            for f in os.scandir(self.folder):
+                if is_part_of(self.name, f.name):
+                    os.unlink(f.path)
+
+    def add(self, kind: str, reason: str, **kw: Any) -> None:
+        super().add(kind, reason, **kw)
+        self._count([kind], [reason])
+        if len(self.rows) + sum(len(t) for t in self._held) >= self.part_events:
+            self._flush()
+
+    def extend(self, table: pa.Table) -> None:
+        """Events given as a table with ``LEDGER_SCHEMA``'s columns (their ``stage`` kept as it is)."""
+        self._hold_rows()
+        self._held.append(table.select(LEDGER_SCHEMA.names).cast(LEDGER_SCHEMA))
+        self._count(table["kind"].to_pylist(), table["reason"].to_pylist())
+        self._flush()
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        return {k: dict(v) for k, v in self._tally.items()}
+
+    def write(self, path: Path) -> Path:
+        raise TypeError("a ledger in parts is written as it fills: call close()")
+
+    def close(self) -> list[Path]:
+        self._flush(final=True)
+        return list(self.paths)
+
+    def _count(self, kinds: list[str], reasons: list[str]) -> None:
+        for kind, reason in zip(kinds, reasons, strict=True):
+            self._tally[kind][reason] = self._tally[kind].get(reason, 0) + 1
+
+    def _hold_rows(self) -> None:
+        if self.rows:
+            self._held.append(pa.Table.from_pylist(self.rows, schema=LEDGER_SCHEMA))
+            self.rows = []
+
+    def _flush(self, final: bool = False) -> None:
+        """Write every full part held (and on ``final`` the rest, or an empty part if none was written)."""
+        self._hold_rows()
+        held = pa.concat_tables(self._held) if self._held else LEDGER_SCHEMA.empty_table()
+        while len(held) >= self.part_events or (final and (len(held) or not self.paths)):
+            part = held.slice(0, self.part_events)
+            self.paths.append(write_ledger(part, self.folder / part_name(self.name, len(self.paths))))
+            held = held.slice(len(part))
+        self._held = [held] if len(held) else []
+
+
+def part_name(name: str, index: int) -> str:
+    return f"{name}-{index:05d}.parquet"
+
+
+def is_part_of(name: str, file: str) -> bool:
+    """Whether ``file`` is a part of the ledger ``name`` (or its single file from before parts)."""
+    return re.fullmatch(rf"{re.escape(name)}(-\d+)?\.parquet", file) is not None
 
 
 def write_ledger(table: pa.Table, path: Path) -> Path:

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
@@ -14,6 +15,7 @@ from curation.dedup import COMPONENTS, KEPT, dedup
 from curation.graph import Edges, UnionFind, components, knn_edges
 from curation.index import build_index
 from curation.vectors import RowView
+from infra import lineage
 from infra.config.curation import DedupConfig, IndexConfig
 from infra.config.data import EvalSetConfig
 from infra.stage import ShardTracker
@@ -80,7 +82,8 @@ def _planted(tmp_path):
 PIXEL = {"descriptor": {"backend": "pixel", "views": [1.0, 0.86], "flip": True}, "threshold": 0.995, "eval_threshold": 0.995}
 
 
-def test_planted_set_exact_components_and_drops(tmp_path) -> None:
+def test_planted_set_exact_components_and_drops(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(lineage, "PART_EVENTS", 8)  # the ledger's 30 events in parts of 8
     shards, ev = _planted(tmp_path)
     out = tmp_path / "dedup"
     res = dedup(shards, ev, out, DedupConfig.model_validate(PIXEL), ShardTracker("dedup", out))
@@ -89,7 +92,10 @@ def test_planted_set_exact_components_and_drops(tmp_path) -> None:
     multi = sorted(sorted(int(r) for r in rows) for rows in groups.values() if len(rows) > 1)
     assert multi == [[1, 12], [2, 13, 16], [3, 14], [4, 15], [17, 20]]
     assert sorted(pd.read_parquet(out / KEPT)["row_id"].tolist()) == list(range(12))
-    ledger = pd.read_parquet(out / "ledger" / "dedup.parquet")
+    parts = [out / "ledger" / f"dedup-{i:05d}.parquet" for i in range(4)]
+    assert sorted((out / "ledger").iterdir()) == parts and set(parts) <= set(res.outputs)  # the manifest lists them
+    ledger = pd.read_parquet(out / "ledger")
+    assert [pq.ParquetFile(p).metadata.num_rows for p in parts] == [8, 8, 8, 6]
     drops = ledger[ledger["kind"] == "drop"].set_index("row_id")
     assert drops["reason"].to_dict() == {12: "near_duplicate", 13: "near_duplicate", 14: "near_duplicate",
                                          15: "near_duplicate", 16: "near_duplicate", 17: "eval_contamination",
@@ -232,7 +238,7 @@ def test_disabled_dedup_passes_every_image_with_an_info_event(tmp_path) -> None:
     assert kept["row_id"].tolist() == list(range(21)) and (kept["component_size"] == 1).all()
     comp = pd.read_parquet(out / COMPONENTS)
     assert (comp["representative"] == comp["image_id"]).all() and comp["eval_match"].isna().all()
-    ledger = pd.read_parquet(out / "ledger" / "dedup.parquet")
+    ledger = pd.read_parquet(out / "ledger")
     assert ledger[["kind", "reason"]].drop_duplicates().values.tolist() == [["info", "dedup_disabled"]]
     assert sorted(ledger["row_id"].tolist()) == list(range(21)) and len(pd.read_parquet(out / "edges.parquet")) == 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from curation.kmeans import kmeans, kmeans_plusplus
@@ -18,6 +19,7 @@ from curation.rebalance import (
     split_quota,
 )
 from curation.vectors import RowView, VectorStore
+from infra import lineage
 from infra.config.curation import RebalanceConfig
 
 
@@ -129,14 +131,18 @@ def test_kmeans_core_matches_a_naive_lloyd() -> None:
     assert kmeans(x[:3], 10, 5, np.random.default_rng(0)).centroids.shape == (3, 8)  # k capped at n
 
 
-def test_stage_records_selection_and_lineage(tmp_path) -> None:
+def test_stage_records_selection_and_lineage(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(lineage, "PART_EVENTS", 300)  # the ledger's 940 events in parts of 300
     x, _ = rings(4, (400, 100, 20))
     meta = pd.DataFrame({"image_id": [f"i{i}" for i in range(len(x))], "row_id": range(len(x))})
     res = rebalance(meta, RowView(x), tmp_path, RebalanceConfig(n_clusters=[12, 3], target_size=100, n_iter=10), seed=0)
     out = pd.read_parquet(tmp_path / SELECTED)
     assert out["selected"].sum() == 100 and res.counts["dropped"] == {"not_sampled": 420}
     assert list(out.columns[-2:]) == ["cluster_l1", "cluster_l2"]
-    ledger = pd.read_parquet(tmp_path / "ledger" / "rebalance.parquet")
+    parts = [tmp_path / "ledger" / f"rebalance-{i:05d}.parquet" for i in range(4)]
+    assert sorted((tmp_path / "ledger").iterdir()) == parts and res.outputs == [tmp_path / SELECTED, *parts]
+    assert [pq.ParquetFile(p).metadata.num_rows for p in parts] == [300, 300, 300, 40]
+    ledger = pd.read_parquet(tmp_path / "ledger")
     assert (ledger["reason"] == "cluster").sum() == 520 and (ledger["reason"] == "not_sampled").sum() == 420
     assert not (tmp_path / CHECKPOINTS).exists() and res.extra["kmeans_steps_restored"] == 0  # removed once written
 

@@ -105,7 +105,7 @@ def test_cluster_based_rules_and_collisions(tmp_path, rng) -> None:
 def test_every_pool_image_has_one_retrieval_outcome(tmp_path, rng) -> None:
     meta, pool = _pool(tmp_path, _unit(rng, 50, 8))
     retrieve(meta, pool, [_seeds(tmp_path, "s", _unit(rng, 3, 8))], tmp_path / "out", RetrieveConfig(n_neighbors=2))
-    ledger = pd.read_parquet(tmp_path / "out" / "ledger" / "retrieve.parquet")
+    ledger = pd.read_parquet(tmp_path / "out" / "ledger")
     retrieved = set(ledger.loc[ledger["reason"] == "retrieved", "row_id"])
     dropped = set(ledger.loc[ledger["reason"] == "not_retrieved", "row_id"])
     assert retrieved | dropped == set(range(50)) and not retrieved & dropped

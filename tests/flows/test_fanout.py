@@ -117,7 +117,7 @@ def test_dedup_descriptors_fan_out_over_cluster_workers(tmp_path, prefect_server
         d = tmp_path / name
         res = dedup(shards, ev, d, cfg, ShardTracker("dedup", d), mapper=mapper, descriptor_key="pixel")
         files = {p.name: p.read_bytes() for p in sorted((d / DESCRIPTORS).glob("*.npy"))}
-        out[name] = res.counts, files, pd.read_parquet(d / COMPONENTS), pd.read_parquet(d / "ledger" / "dedup.parquet")
+        out[name] = res.counts, files, pd.read_parquet(d / COMPONENTS), pd.read_parquet(d / "ledger")
     (counts_f, files_f, comp_f, ledger_f), (counts_d, files_d, comp_d, ledger_d) = out["flow"], out[cluster]
     assert counts_d == counts_f and counts_f["dropped"] == {"near_duplicate": 6, "eval_contamination": 3}
     assert sorted(files_d) == ["00000.npy", "00001.npy", "00002.npy"] and files_d == files_f  # byte-equal

@@ -1,7 +1,9 @@
 """A small run's ledger with what lineage look-ups must handle, written with the project's writers in row groups of 4
 events (so that files have several): two ingest shards, a retry, ingest's cross-shard duplicates, a URL stored with
 surrounding whitespace and the same URL repeated, one image downloaded by two rows, two image ids sharing a
-6-digit prefix, seed images without rows, and an nsfw file from before the ``attempt`` column existed.
+6-digit prefix, seed images without rows, an nsfw file from before the ``attempt`` column existed, the whole-pool
+ledgers of dedup and corpus in parts of ``PART_EVENTS`` events (several each), and retrieve's as one file, as
+versions before parts wrote it.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from infra import lineage
-from infra.lineage import LedgerWriter
+from infra.lineage import LedgerParts, LedgerWriter, ledger_dir
 from infra.shards import ShardWriter
 from infra.storage import sha256_bytes
 
 N_ROWS = 30
+PART_EVENTS = 6  # events per part of a whole-pool ledger: two row groups
 WHITESPACE_URL = "  http://h1.example/img/7.png\n"  # row 7; row 8 lists the same URL without the spaces
 
 
@@ -69,9 +72,9 @@ def build(run: Path, mp: pytest.MonkeyPatch) -> Path:
     retry.info("retry", row_id=5, url=url(5))
     retry.info("downloaded", row_id=5, image_id=IDS[5])
     retry.write(stages / "ingest" / "ledger" / "r1-00000.parquet")
-    cross = _ledger("ingest")
+    cross = LedgerParts("ingest", ledger_dir(stages / "ingest"), name="_dedup", part_events=PART_EVENTS)
     cross.drop("phash_duplicate", row_id=20, image_id=IDS[20], detail={"duplicate_of": IDS[2], "duplicate_of_row": 2})
-    cross.write(stages / "ingest" / "ledger" / "_dedup.parquet")
+    cross.close()
     images = [r for r in [*downloaded, 5] if r not in (10, 20)]
     for shard, rows in (("00000", [r for r in images if r < 15]), ("00001", [r for r in images if r >= 15])):
         w = _ledger("nsfw")
@@ -88,23 +91,23 @@ def build(run: Path, mp: pytest.MonkeyPatch) -> Path:
         for r in rows:
             w.info("faces", row_id=r, image_id=IDS[r], detail={"n_faces": 0})
         w.write(stages / "faces" / "ledger" / f"{shard}.parquet")
-    dd = _ledger("dedup")
+    dd = LedgerParts("dedup", ledger_dir(stages / "dedup"), part_events=PART_EVENTS)
     for r in survivors:
         dd.info("dup_component", row_id=r, image_id=IDS[r], detail={"representative": IDS[14 if r == 13 else r]})
     dd.drop("near_duplicate", row_id=13, image_id=IDS[13], detail={"representative": IDS[14],
                                                                     "representative_row": 14})  # fmt: skip
-    dd.write(stages / "dedup" / "ledger" / "dedup.parquet")
+    dd.close()
     rt = _ledger("retrieve")
     for r in survivors:
         if r != 13:
             rt.info("retrieved", row_id=r, image_id=IDS[r], detail={"query": SEEDS[r % 2]})
     rt.write(stages / "retrieve" / "ledger" / "retrieve.parquet")
-    co = _ledger("corpus")
+    co = LedgerParts("corpus", ledger_dir(stages / "corpus"), part_events=PART_EVENTS)
     shard = ShardWriter(stages / "corpus" / "shards", "00000")
     for r, image, source in [*((r, IDS[r], "pool") for r in survivors if r != 13), *((None, s, "seeds") for s in SEEDS)]:
         co.keep("in_corpus", row_id=r, image_id=image, source=source,
                 detail={"shard": "00000", "sha256": sha256_bytes(stored(image))})
         shard.add(image, stored(image), "png", row_id=r, source=source)
-    co.write(stages / "corpus" / "ledger" / "corpus.parquet")
+    co.close()
     shard.close()
     return run

@@ -51,6 +51,12 @@ def _without(path: Path, rows: list[int], reason: str | None = None) -> pa.Chunk
     return pc.invert(drop)
 
 
+def _part(run: RunDir, stage: str, row: int) -> Path:
+    """The part of a whole-pool stage's ledger that holds a row's events."""
+    return next(p for p in sorted((run.stage_dir(stage) / "ledger").iterdir())
+                if row in pq.read_table(p)["row_id"].to_pylist())  # fmt: skip
+
+
 def _rewrite(path: Path, keep: pa.ChunkedArray | None = None, add: LedgerWriter | None = None) -> None:
     table = pq.read_table(path)
     table = table.filter(keep) if keep is not None else table
@@ -63,10 +69,10 @@ def test_a_clean_run_passes(tmp_path, monkeypatch):
     run = _run(tmp_path, monkeypatch)
     report = audit_run(run)
     assert report.ok, report.format()
-    assert report.checked == {"output files": 0, "ledger files": 11, "corpus images": 24, "input rows": 30,
+    assert report.checked == {"output files": 0, "ledger files": 17, "corpus images": 24, "input rows": 30,
                               "chains": 22, "stage manifests": 6}  # fmt: skip  (embed, rebalance: no ledger here)
     assert report.notes == [f"lineage index of stage {s}: {n} ledger files indexed (it was missing or behind its "
-                            "ledger)" for s, n in (("corpus", 1), ("dedup", 1), ("faces", 2), ("ingest", 4),
+                            "ledger)" for s, n in (("corpus", 4), ("dedup", 4), ("faces", 2), ("ingest", 4),
                                                    ("nsfw", 2), ("retrieve", 1))]  # fmt: skip
     assert audit_run(run).notes == []  # the index is now current
     assert check_terminal_outcomes(Ledger(run.path)).ok  # the in-memory check agrees
@@ -74,16 +80,17 @@ def test_a_clean_run_passes(tmp_path, monkeypatch):
 
 def test_each_discrepancy_is_named(tmp_path, monkeypatch):
     run = _run(tmp_path, monkeypatch)
-    corpus = run.stage_dir("corpus") / "ledger" / "corpus.parquet"
+    corpus = _part(run, "corpus", 4)
     again = LedgerWriter("corpus")  # a second keep for row 4's image, with another sha256
     again.keep("in_corpus", row_id=4, image_id=IDS[4], detail={"sha256": "0" * 64})
     _rewrite(corpus, add=again)
+    corpus = _part(run, "corpus", 17)
     _rewrite(corpus, keep=_without(corpus, [17]))  # row 17's image stays in the shard without its keep
     ingest = run.stage_dir("ingest") / "ledger" / "00001.parquet"
     extra = LedgerWriter("ingest")  # row 18 gets a second outcome
     extra.drop("timeout", row_id=18)
     _rewrite(ingest, add=extra)
-    dedup = run.stage_dir("dedup") / "ledger" / "dedup.parquet"
+    dedup = _part(run, "dedup", 19)
     _rewrite(dedup, keep=_without(dedup, [19]))  # row 19 kept without a dedup event
     report = audit_run(run)
     stored = lineage_runs.sha256_bytes(lineage_runs.stored(IDS[4]))
@@ -120,7 +127,7 @@ def test_a_run_stopped_by_stop_after_is_audited_for_what_ran(tmp_path, monkeypat
         shutil.rmtree(run.stage_dir(stage))
     assert main(["audit", "run", "--root", str(tmp_path)]) == 0, capsys.readouterr().out
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == ("checked: output files 0, ledger files 9, corpus images 0, rows still in the pipeline 22, "
+    assert out[0] == ("checked: output files 0, ledger files 12, corpus images 0, rows still in the pipeline 22, "
                       "input rows 30, chains 0, stage manifests 4")  # fmt: skip
     assert out[1] == "note: the run stops after stage dedup (run.stop_after); not run: embed, retrieve, rebalance, corpus"
     assert out[-1] == "audit: OK"

@@ -63,3 +63,37 @@ def test_invariant_names_missing_and_double_outcomes(tmp_path):
     check = check_terminal_outcomes(Ledger(tmp_path))
     assert not check.ok
     assert (check.missing, check.multiple) == ([9], [0])
+
+
+def test_a_ledger_in_parts_holds_one_part_and_replaces_an_earlier_attempt(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+    import pytest
+
+    from infra import lineage
+    from infra.lineage import LedgerParts
+
+    folder = tmp_path / "stages" / "dedup" / "ledger"
+    old = LedgerWriter("dedup")  # what an earlier version (one file) and an earlier attempt (more parts) left
+    old.info("dup_component", row_id=99, image_id="old")
+    for name in ("dedup.parquet", "dedup-00000.parquet", "dedup-00007.parquet", "dedupe.parquet"):
+        old.write(folder / name)
+    monkeypatch.setattr(lineage, "PART_EVENTS", 5)
+    w = LedgerParts("dedup", folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["dedupe.parquet"]  # another ledger's file stays
+    for r in range(7):
+        w.info("dup_component", row_id=r, image_id=f"i{r}")
+        assert len(w.rows) < 5  # a full part is written when it fills
+    w.extend(pq.read_table(folder / "dedupe.parquet"))  # events as a table (the bench's scaler)
+    for r in range(3):
+        w.drop("near_duplicate", row_id=r, image_id=f"i{r}")
+    with pytest.raises(TypeError):
+        w.write(folder / "dedup.parquet")
+    parts = w.close()
+    assert [p.name for p in parts] == ["dedup-00000.parquet", "dedup-00001.parquet", "dedup-00002.parquet"]
+    assert [pq.ParquetFile(p).metadata.num_rows for p in parts] == [5, 5, 1]
+    assert pq.read_table(parts).column("row_id").to_pylist() == [0, 1, 2, 3, 4, 5, 6, 99, 0, 1, 2]
+    assert w.counts() == {"drop": {"near_duplicate": 3}, "keep": {}, "info": {"dup_component": 8}}
+    assert Ledger(tmp_path).chain(row_id=1)["reason"].tolist() == ["dup_component", "near_duplicate"]
+    empty = LedgerParts("dedup", folder, part_events=3).close()  # a stage without events: one empty part
+    assert [p.name for p in empty] == ["dedup-00000.parquet"] and pq.read_table(empty[0]).num_rows == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["dedup-00000.parquet", "dedupe.parquet"]

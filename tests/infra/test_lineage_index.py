@@ -12,7 +12,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from infra import lineage_index
+from infra import lineage_index, lineage_lookup
 from infra.lineage import Ledger, LedgerWriter, ledger_files, url_key
 from infra.lineage_index import INDEX_NAME, connect, index_stage, sync
 from infra.lineage_lookup import AmbiguousId, IndexedLedger, find_chain, parse_key
@@ -76,19 +76,28 @@ def test_an_image_id_prefix_resolves_or_names_the_candidates(run):
     assert key == IDS[4] and chain == IndexedLedger(run).events(image_id=IDS[4]) and len(chain) == 7
 
 
-def test_lookups_read_only_the_ledger_files_the_index_names(run):
+def test_lookups_read_only_the_ledger_files_the_index_names(run, monkeypatch):
     index_all(run)
+    parts = {s: [f for f in ledger_files(run) if f.parent.parent.name == s] for s in ("dedup", "corpus")}
+    assert [len(p) for p in parts.values()] == [4, 4]  # 24 events each, in parts of 6
+    opened = []  # every parquet file the look-ups open (its footer read), counted where they open it
+    real = lineage_lookup.pq.ParquetFile
+    monkeypatch.setattr(lineage_lookup.pq, "ParquetFile", lambda path, *a, **kw: opened.append(Path(path))
+                        or real(path, *a, **kw))  # fmt: skip
     expected = {}
-    for key in (f"row:{4}", IDS[9][:12], lineage_runs.url(13)):
+    for key in (f"row:{4}", IDS[9][:12], lineage_runs.url(13), "row:27"):
         chain, _ = find_chain(run, key)
         expected[key] = chain
         holding = {f for f in ledger_files(run) if _holds(f, chain)}
+        opened.clear()
         ledger = IndexedLedger(run)
         kind, value = parse_key(key)
         if kind == "image":
             value = ledger.resolve_image(value)
         ledger.chain(**{{"row": "row_id", "image": "image_id", "url": "url"}[kind]: value})
-        assert ledger.files_read == holding, key
+        assert ledger.files_read == holding == set(opened), key
+        if kind != "url":  # a row's or an image's events: one part of each whole-pool ledger it reached
+            assert [len(holding & set(p)) for p in parts.values()] == [1, 1], key
     # Every other ledger file emptied in place (the folder's mtime does not change): the look-ups still succeed.
     read = set().union(*({f for f in ledger_files(run) if _holds(f, c)} for c in expected.values()))
     for f in set(ledger_files(run)) - read:
@@ -137,7 +146,8 @@ def test_a_missing_index_is_built_and_new_files_are_added_without_rebuilding(run
 
 def test_a_file_changed_after_indexing_is_caught_when_read_and_the_stage_rebuilt(run):
     index_all(run)
-    path = run / "stages" / "dedup" / "ledger" / "dedup.parquet"
+    dedup = [p for p in ledger_files(run) if p.parent.parent.name == "dedup"]
+    path = next(p for p in dedup if 4 in pq.read_table(p)["row_id"].to_pylist())  # the part holding row 4
     table = pq.read_table(path)
     mtime = os.stat(path.parent).st_mtime_ns
     w = LedgerWriter("dedup")  # rewritten in place: the folder's mtime stays, the file's size and mtime change
