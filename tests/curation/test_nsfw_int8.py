@@ -47,3 +47,21 @@ def test_auto_is_measured_and_picks_the_fastest(monkeypatch):
     monkeypatch.setattr(nsfw, "_MEASURED", {f"{NsfwConfig().threads}:64": ("opennsfw", {})})
     assert resolve_backend(NsfwConfig()) == "opennsfw"
     assert resolve_backend(NsfwConfig(backend="opennsfw-int8")) == "opennsfw-int8"
+
+
+def test_batched_preprocessing_is_the_reference_bit_for_bit():
+    """open_nsfw_batch (one resize of the crop's box, into a reused buffer) equals open_nsfw's reference
+    preprocessing (256 px resize, centre 224 crop, BGR minus the mean) exactly, at every size and mode."""
+    from PIL import Image
+
+    from curation.nsfw import open_nsfw_batch, open_nsfw_input
+
+    photos = real_images()[:22:3]  # scikit-image photographs, 256-1024 px
+    images = [p.resize(size) for p, size in zip(photos, [(256, 256), (96, 128), (160, 97), (1000, 700), (31, 300),
+                                                         (224, 224), (3, 2), (511, 257)], strict=True)]  # fmt: skip
+    images += [photos[0].convert("L"), photos[1].convert("P"), Image.new("RGBA", (77, 41), (9, 200, 30, 128))]
+    for batch in (images, images[:3]):  # a smaller batch after a larger one reuses the buffer
+        ref = np.stack([open_nsfw_input(im, jpeg_reencode=False) for im in batch])
+        assert np.array_equal(open_nsfw_batch(batch, jpeg_reencode=False), ref)
+    ref = np.stack([open_nsfw_input(im, jpeg_reencode=True) for im in images])
+    assert np.array_equal(open_nsfw_batch(images, jpeg_reencode=True), ref)
