@@ -20,6 +20,8 @@ dropped here, where ``detect_face`` skips its crop but not its box and then fail
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import cv2
 import numpy as np
 import onnx
@@ -135,6 +137,7 @@ def integral(rgb: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(cv2.integral(np.ascontiguousarray(rgb), sdepth=depth).transpose(2, 0, 1))
 
 
+@lru_cache(maxsize=4096)
 def _windows(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
     i = np.arange(n_out)
     return (i * n_in) // n_out, ((i + 1) * n_in + n_out - 1) // n_out  # torch's adaptive pooling start/end indices
@@ -160,8 +163,8 @@ def _nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
     """torchvision's nms (what ``batched_nms`` runs for one image), indices in descending score order."""
     from torchvision.ops import nms
 
-    if len(boxes) == 0:
-        return np.zeros(0, np.int64)
+    if len(boxes) < 2:
+        return np.arange(len(boxes))
     return nms(torch.from_numpy(np.ascontiguousarray(boxes)), torch.from_numpy(np.ascontiguousarray(scores)),
                iou).numpy()  # fmt: skip
 
@@ -179,6 +182,8 @@ def scales(h: int, w: int, min_size: int) -> list[float]:
 def _decode(reg: np.ndarray, prob: np.ndarray, scale: float, threshold: float) -> np.ndarray:
     """``generateBoundingBox`` for one image: K, 9 (x0, y0, x1, y1, score, 4 offsets), row-major order."""
     ys, xs = np.nonzero(prob >= threshold)
+    if len(ys) == 0:
+        return np.zeros((0, 9), np.float32)
     bb = np.stack([xs, ys], 1).astype(np.float32)
     q1 = np.floor((STRIDE * bb + 1) / np.float32(scale))
     q2 = np.floor((STRIDE * bb + CELL) / np.float32(scale))
