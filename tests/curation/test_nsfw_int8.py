@@ -65,3 +65,38 @@ def test_batched_preprocessing_is_the_reference_bit_for_bit():
         assert np.array_equal(open_nsfw_batch(batch, jpeg_reencode=False), ref)
     ref = np.stack([open_nsfw_input(im, jpeg_reencode=True) for im in images])
     assert np.array_equal(open_nsfw_batch(images, jpeg_reencode=True), ref)
+
+
+def test_space_to_depth_stem_gives_the_same_int8_output(tmp_path):
+    """The int8 stem rewritten as pad + space-to-depth + a 4x4 conv (recipe v4) computes the same integer sums as the
+    quantised 7x7 stride-2 conv: outputs equal bit for bit (a small graph of open_nsfw's stem, quantised the same way)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from curation.nsfw import _session, space_to_depth_stem
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(0, 0.1, (8, 3, 7, 7)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.normal(0, 0.1, 8).astype(np.float32), "b")
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[0, 3, 1, 2]),
+             helper.make_node("Conv", ["t", "w", "b"], ["c"], kernel_shape=[7, 7], strides=[2, 2], pads=[3, 3, 3, 3]),
+             helper.make_node("Relu", ["c"], ["y"])]  # fmt: skip
+    graph = helper.make_graph(nodes, "stem", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 38, 30, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w, b])  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), tmp_path / "f.onnx")
+    x = rng.normal(0, 50, (4, 38, 30, 3)).astype(np.float32)
+
+    class Reader(CalibrationDataReader):
+        feeds = iter([{"x": x}])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    quantize_static(str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), Reader(), quant_format=QuantFormat.QOperator,
+                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)  # fmt: skip
+    onnx.save(space_to_depth_stem(onnx.load(str(tmp_path / "q.onnx"))), tmp_path / "s2d.onnx")
+    assert [n.op_type for n in onnx.load(str(tmp_path / "s2d.onnx")).graph.node].count("SpaceToDepth") == 1
+    ref, = _session(tmp_path / "q.onnx", 1).run(None, {"x": x})
+    out, = _session(tmp_path / "s2d.onnx", 1).run(None, {"x": x})
+    assert ref.shape == (4, 8, 19, 15) and np.array_equal(out, ref) and ref.std() > 0
