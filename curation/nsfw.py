@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Protocol
 
+import cv2
 import numpy as np
 import pandas as pd
 from PIL import Image
@@ -89,6 +90,9 @@ def open_nsfw_input(img: Image.Image, jpeg_reencode: bool) -> np.ndarray:
 
 _BATCH = threading.local()  # one input buffer per scoring thread, reused: a fresh 38 MB array per batch of 64 costs
 # its page faults again (about 0.3 ms per image)
+# The mean as a whole image: numpy subtracts two arrays of one shape 10x faster than it broadcasts a (3,) vector
+# into a 224, 224, 3 float output (50 vs 520 us per image, with the BGR swap done by OpenCV on uint8).
+_MEAN_IMAGE = np.ascontiguousarray(np.broadcast_to(OPEN_NSFW_MEAN_BGR, (224, 224, 3)))
 
 
 def open_nsfw_batch(images: list[Image.Image], jpeg_reencode: bool) -> np.ndarray:
@@ -104,7 +108,7 @@ def open_nsfw_batch(images: list[Image.Image], jpeg_reencode: bool) -> np.ndarra
             continue
         w, h = img.size
         crop = img.convert("RGB").resize((224, 224), Image.BILINEAR, box=(w / 16, h / 16, w * 15 / 16, h * 15 / 16))
-        np.subtract(np.asarray(crop)[:, :, ::-1], OPEN_NSFW_MEAN_BGR, out=buf[i])  # RGB -> BGR, minus the mean
+        np.subtract(cv2.cvtColor(np.asarray(crop), cv2.COLOR_RGB2BGR), _MEAN_IMAGE, out=buf[i])
     return buf[: len(images)]
 
 
