@@ -166,7 +166,8 @@ def main() -> None:
     p.add_argument("--free", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--yunet", type=Path, default=None, help="face_detection_yunet_2023mar.onnx, if you have it")
-    p.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (MTCNN); 0: torch's default")
+    p.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (torchvision NMS in MTCNN; its "
+                   "networks run on onnxruntime with faces.threads, 1); 0: torch's default")
     args = p.parse_args()
     if args.torch_threads:
         import torch

@@ -25,16 +25,12 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
 import cv2
 import numpy as np
-import torch
 from PIL import Image, ImageFilter
-from torch import nn
 
 from curation.urls import parse_face_boxes
 from infra.config.ingest import FacesConfig
@@ -109,72 +105,35 @@ class YuNetDetector:
         return sorted(boxes)
 
 
-class ChannelsLastMaxPool(nn.Module):
-    """``nn.MaxPool2d`` computed on a channels-last copy, returned as a contiguous NCHW tensor: the same values (a
-    maximum does not round), 3-7x faster on CPU for MTCNN's small maps, where torch's NCHW max pool dominated the
-    detector's time (measured in MTCNN on bench/faces.py images)."""
-
-    def __init__(self, pool: nn.MaxPool2d):
-        super().__init__()
-        self.pool = pool
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(x.contiguous(memory_format=torch.channels_last)).contiguous()
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """torch's intra-op threads in this thread set to ``n`` while inside (shards run in parallel threads, one
-    detector each: one thread each keeps the cores busy without OpenMP spin-waits); the count is restored after."""
-    before = torch.get_num_threads()
-    if before != n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if before != n:
-            torch.set_num_threads(before)
-
-
-def fast_pools(net: nn.Module) -> nn.Module:
-    """Swap every max pool of ``net``'s P-, R- and O-Net for :class:`ChannelsLastMaxPool` (outputs unchanged)."""
-    for sub in (net.pnet, net.rnet, net.onet):
-        for name, mod in list(sub.named_children()):
-            if isinstance(mod, nn.MaxPool2d):
-                setattr(sub, name, ChannelsLastMaxPool(mod))
-    return net
-
-
 class MtcnnDetector:
-    """MTCNN (Zhang et al. 2016) as ``facenet-pytorch`` ships it: its code and the P/R/O-Net weights inside its wheel.
+    """MTCNN (Zhang et al. 2016) with the P/R/O-Net weights inside the ``facenet-pytorch`` wheel and its detection
+    algorithm, run by :class:`curation.models.mtcnn.Mtcnn` (the networks on onnxruntime, the rest in numpy: 3-4x
+    less CPU than facenet-pytorch's own ``MTCNN.detect`` on 128 px images, the same boxes to float32 rounding).
 
-    The package's metadata pins torch<2.3 and numpy<2, stale pins: its MTCNN runs unchanged on this project's torch and
-    numpy (tests/curation/test_faces_default.py); install it with ``pip install --no-deps facenet-pytorch==2.6.0``.
+    The package's metadata pins torch<2.3 and numpy<2, stale pins: its code and weights load unchanged with this
+    project's torch and numpy (tests/curation/test_faces_default.py); install it with ``pip install --no-deps
+    facenet-pytorch==2.6.0``.
     """
 
     def __init__(self, cfg: FacesConfig):
         try:
-            from facenet_pytorch import MTCNN
+            import facenet_pytorch  # noqa: F401  (the weights' package)
         except ImportError as err:
             raise ImportError(MTCNN_MISSING) from err
+        from curation.models.mtcnn import Mtcnn
+
         t = MTCNN_THRESHOLD if cfg.score_threshold is None else cfg.score_threshold
-        self._net = fast_pools(MTCNN(keep_all=True, device="cpu", min_face_size=cfg.min_size, thresholds=[0.6, 0.7, t]))
+        self._net = Mtcnn(cfg.min_size, (0.6, 0.7, t), cfg.threads)
         self.cfg = cfg
         self.name = f"mtcnn-facenet-pytorch:o{t:g}"
 
     def detect(self, img: Image.Image) -> list[Box]:
-        with torch_threads(self.cfg.threads):
-            return self._detect(img)
-
-    def _detect(self, img: Image.Image) -> list[Box]:
         if min(img.size) < self.cfg.min_size:  # no face of faces.min_size fits (and MTCNN's pyramid would be empty)
             return []
-        boxes, _ = self._net.detect(img.convert("RGB"))
-        if boxes is None:
-            return []
+        boxes, _ = self._net.detect(np.asarray(img.convert("RGB")))
         w, h = img.size
         out = []
-        for x0, y0, x1, y1 in boxes:  # may reach past the image; min_size already set the pyramid's smallest scale
+        for x0, y0, x1, y1 in boxes.tolist():  # may reach past the image; min_size set the pyramid's smallest scale
             x0, y0, x1, y1 = max(0, round(x0)), max(0, round(y0)), min(w, round(x1)), min(h, round(y1))
             if x1 > x0 and y1 > y0:
                 out.append((x0, y0, x1 - x0, y1 - y0))

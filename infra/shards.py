@@ -136,8 +136,14 @@ class ShardWriter:
 
 def iter_shard_images(shard: Shard, skip: set[str] | None = None) -> Iterator[tuple[dict, bytes]]:
     """Yield (table row as dict, stored bytes) in table order, skipping image ids in ``skip``."""
-    table = shard.read_table().set_index("image_id", drop=False)
+    table = shard.read_table()
+    if table["image_id"].is_unique:  # one conversion for the shard: a row lookup per image cost 0.3-0.5 ms in pandas
+        rows = dict(zip(table["image_id"], table.to_dict("records"), strict=True))
+        row = rows.__getitem__
+    else:
+        indexed = table.set_index("image_id", drop=False)
+        row = lambda key: indexed.loc[key].to_dict()  # noqa: E731
     for key, _ext, data in shard:
         if skip and key in skip:
             continue
-        yield table.loc[key].to_dict(), data
+        yield row(key), data

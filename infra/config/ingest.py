@@ -145,8 +145,7 @@ class FacesConfig(Section):
     # The smallest face score kept (mtcnn: its last stage, O-Net). None: 0.9 for mtcnn and 0.5 for retinaface
     # (bench/faces.py), 0.6 for yunet.
     score_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
-    # Intra-op threads per detector (one detector per shard worker thread): onnxruntime's for retinaface, torch's for
-    # mtcnn (set in the shard's thread while it detects, restored after).
+    # Intra-op threads per detector (one detector per shard worker thread): onnxruntime's for mtcnn and retinaface.
     threads: int = Field(default=1, ge=1)
     # Box margin as a fraction of the box size, on each side.
     margin: float = Field(default=0.2, ge=0.0)

@@ -85,40 +85,69 @@ def test_retinaface_anchors_and_decoding_follow_the_reference():
     np.testing.assert_allclose(decode(loc, prior), [[cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2]], rtol=1e-5)
 
 
-def test_channels_last_pools_leave_mtcnn_detections_unchanged():
-    """fast_pools swaps MTCNN's max pools for channels-last ones (3-7x faster on CPU): the same boxes (to float32
-    rounding, < 1e-3 px) and the same O-Net scores as facenet-pytorch's own MTCNN on faces and face-free photos."""
+def test_mtcnn_gives_facenet_pytorchs_boxes():
+    """curation.models.mtcnn runs facenet-pytorch's MTCNN algorithm with its weights on onnxruntime and numpy: the same
+    boxes (to float32 rounding, < 1e-3 px) and O-Net scores as facenet-pytorch's own MTCNN, on faces, face-free
+    photos and small images like bench/ingest.py's."""
     import torch
     from facenet_pytorch import MTCNN
 
-    from curation.faces import ChannelsLastMaxPool, fast_pools, torch_threads
+    from curation.models.mtcnn import Mtcnn
 
-    def make():
-        return MTCNN(keep_all=True, device="cpu", min_face_size=20, thresholds=[0.6, 0.7, 0.9])
-
-    stock, fast = make(), fast_pools(make())
-    assert sum(isinstance(m, ChannelsLastMaxPool) for m in fast.modules()) == 6  # P-Net 1, R-Net 2, O-Net 3
-    samples = labelled_set(n_faces=4, n_free=2, seed=1)
-    found = 0
-    for s in samples:
-        with torch_threads(1):  # as the detector runs (two OpenMP threads on a busy machine: 24 s, not 0.8)
-            (a, pa), (b, pb) = stock.detect(s.image), fast.detect(s.image)
-        assert (a is None) == (b is None)
-        if a is not None:
-            assert a.shape == b.shape and np.abs(a - b).max() < 1e-3 and np.array_equal(pa, pb)
+    stock, ours = MTCNN(keep_all=True, device="cpu", min_face_size=20, thresholds=[0.6, 0.7, 0.9]), Mtcnn(20, (0.6, 0.7, 0.9))
+    images = [s.image for s in labelled_set(n_faces=4, n_free=2, seed=1)]
+    images += [im.resize((im.width // 2, im.height // 2), Image.BICUBIC) for im in images[:3]]  # 128 px: faces 12-64 px
+    found, before = 0, torch.get_num_threads()
+    torch.set_num_threads(1)  # stock on a busy machine: two OpenMP threads take 30x longer
+    try:
+        for img in images:
+            (a, pa), (b, pb) = stock.detect(img), ours.detect(np.asarray(img))
+            a, pa = (np.zeros((0, 4)), np.zeros(0)) if a is None else (a.astype(np.float32), pa.astype(np.float32))
+            order_a, order_b = np.lexsort(a.T[::-1]), np.lexsort(b.T[::-1])
+            assert a.shape == b.shape
+            np.testing.assert_allclose(b[order_b], a[order_a], rtol=0, atol=1e-3)
+            np.testing.assert_allclose(pb[order_b], pa[order_a], rtol=0, atol=1e-5)
             found += len(a)
-    assert found >= 4  # the comparison covered real detections
-    x = torch.randn(3, 28, 21, 23)
-    pool = torch.nn.MaxPool2d(3, 2, ceil_mode=True)
-    assert torch.equal(ChannelsLastMaxPool(pool)(x), pool(x))
+    finally:
+        torch.set_num_threads(before)
+    assert found >= 5  # the comparison covered real detections
 
 
-def test_detection_runs_on_the_configured_threads_and_restores_them():
+def test_area_resize_is_torch_area_interpolation_bit_for_bit():
+    """MTCNN's resamples (pyramid levels, crops) from an integral image equal torch's interpolate(mode="area")."""
     import torch
+    from torch.nn.functional import interpolate
 
-    from curation.faces import torch_threads
+    from curation.models.mtcnn import area_resize, integral
 
-    before = torch.get_num_threads()
-    with torch_threads(1):
-        assert torch.get_num_threads() == 1
-    assert torch.get_num_threads() == before
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        h, w = (int(v) for v in rng.integers(12, 300, 2))
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        if trial % 2:  # a crop to R-Net's or O-Net's input
+            y0, x0 = int(rng.integers(0, h - 4)), int(rng.integers(0, w - 4))
+            y1, x1 = int(rng.integers(y0 + 1, h + 1)), int(rng.integers(x0 + 1, w + 1))
+            oh = ow = int(rng.choice([24, 48]))
+        else:  # a pyramid level
+            y0, x0, y1, x1, s = 0, 0, h, w, float(rng.uniform(0.05, 0.9))
+            oh, ow = int(h * s + 1), int(w * s + 1)
+        ref = interpolate(torch.from_numpy(img).permute(2, 0, 1)[None, :, y0:y1, x0:x1].float(), (oh, ow), mode="area")
+        assert np.array_equal(area_resize(integral(img), y0, y1, x0, x1, oh, ow), ref[0].numpy())
+
+
+def test_mtcnn_networks_are_facenet_pytorchs():
+    """The ONNX P-, R- and O-Net built from the wheel's state dicts compute what facenet-pytorch's modules do."""
+    import torch
+    from facenet_pytorch.models.mtcnn import ONet, PNet, RNet
+
+    from curation.models.mtcnn import _session, onet_onnx, pnet_onnx, rnet_onnx
+
+    torch.manual_seed(0)
+    for net, build, shape in ((PNet(), pnet_onnx, (2, 3, 31, 45)), (RNet(), rnet_onnx, (5, 3, 24, 24)),
+                              (ONet(), onet_onnx, (5, 3, 48, 48))):  # fmt: skip
+        x = torch.rand(shape) * 2 - 1
+        with torch.inference_mode():
+            ref = net(x)
+        reg, prob = _session(build(net.state_dict()), 1).run(None, {"x": x.numpy()})
+        np.testing.assert_allclose(reg, ref[0].numpy(), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(prob, ref[-1].numpy(), rtol=0, atol=1e-6)

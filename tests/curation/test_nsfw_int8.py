@@ -47,3 +47,56 @@ def test_auto_is_measured_and_picks_the_fastest(monkeypatch):
     monkeypatch.setattr(nsfw, "_MEASURED", {f"{NsfwConfig().threads}:64": ("opennsfw", {})})
     assert resolve_backend(NsfwConfig()) == "opennsfw"
     assert resolve_backend(NsfwConfig(backend="opennsfw-int8")) == "opennsfw-int8"
+
+
+def test_batched_preprocessing_is_the_reference_bit_for_bit():
+    """open_nsfw_batch (one resize of the crop's box, into a reused buffer) equals open_nsfw's reference
+    preprocessing (256 px resize, centre 224 crop, BGR minus the mean) exactly, at every size and mode."""
+    from PIL import Image
+
+    from curation.nsfw import open_nsfw_batch, open_nsfw_input
+
+    photos = real_images()[:22:3]  # scikit-image photographs, 256-1024 px
+    images = [p.resize(size) for p, size in zip(photos, [(256, 256), (96, 128), (160, 97), (1000, 700), (31, 300),
+                                                         (224, 224), (3, 2), (511, 257)], strict=True)]  # fmt: skip
+    images += [photos[0].convert("L"), photos[1].convert("P"), Image.new("RGBA", (77, 41), (9, 200, 30, 128))]
+    for batch in (images, images[:3]):  # a smaller batch after a larger one reuses the buffer
+        ref = np.stack([open_nsfw_input(im, jpeg_reencode=False) for im in batch])
+        assert np.array_equal(open_nsfw_batch(batch, jpeg_reencode=False), ref)
+    ref = np.stack([open_nsfw_input(im, jpeg_reencode=True) for im in images])
+    assert np.array_equal(open_nsfw_batch(images, jpeg_reencode=True), ref)
+
+
+def test_space_to_depth_stem_gives_the_same_int8_output(tmp_path):
+    """The int8 stem rewritten as pad + space-to-depth + a 4x4 conv (recipe v4) computes the same integer sums as the
+    quantised 7x7 stride-2 conv: outputs equal bit for bit (a small graph of open_nsfw's stem, quantised the same way)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from curation.nsfw import _session, space_to_depth_stem
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(0, 0.1, (8, 3, 7, 7)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.normal(0, 0.1, 8).astype(np.float32), "b")
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[0, 3, 1, 2]),
+             helper.make_node("Conv", ["t", "w", "b"], ["c"], kernel_shape=[7, 7], strides=[2, 2], pads=[3, 3, 3, 3]),
+             helper.make_node("Relu", ["c"], ["y"])]  # fmt: skip
+    graph = helper.make_graph(nodes, "stem", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 38, 30, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w, b])  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), tmp_path / "f.onnx")
+    x = rng.normal(0, 50, (4, 38, 30, 3)).astype(np.float32)
+
+    class Reader(CalibrationDataReader):
+        feeds = iter([{"x": x}])
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    quantize_static(str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), Reader(), quant_format=QuantFormat.QOperator,
+                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)  # fmt: skip
+    onnx.save(space_to_depth_stem(onnx.load(str(tmp_path / "q.onnx"))), tmp_path / "s2d.onnx")
+    assert [n.op_type for n in onnx.load(str(tmp_path / "s2d.onnx")).graph.node].count("SpaceToDepth") == 1
+    ref, = _session(tmp_path / "q.onnx", 1).run(None, {"x": x})
+    out, = _session(tmp_path / "s2d.onnx", 1).run(None, {"x": x})
+    assert ref.shape == (4, 8, 19, 15) and np.array_equal(out, ref) and ref.std() > 0

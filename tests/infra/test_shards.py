@@ -58,3 +58,25 @@ def test_links_are_refused(tmp_path):
         tar.addfile(info)
     with pytest.raises(UnsafeArchiveError):
         list(iter_tar(path))
+
+
+def test_shard_rows_come_with_the_tables_values_and_types(tmp_path):
+    """iter_shard_images converts the table once per shard: each row is what a per-image pandas lookup gives (the
+    same keys, values, Python types and missing values)."""
+    import math
+
+    from infra.shards import iter_shard_images
+
+    w = ShardWriter(tmp_path, "00000")
+    for i in range(4):
+        w.add(f"{i:064x}", b"x" * (i + 1), "jpg", row_id=i, url=f"http://h/{i}", width=10 + i,
+              original_width=None if i == 2 else 30, phash=(-1) ** i * (2**62 + i), face_boxes=None if i % 2 else "[]")  # fmt: skip
+    shard = w.close()
+    lookup = shard.read_table().set_index("image_id", drop=False)
+    rows = [meta for meta, _ in iter_shard_images(shard, skip={f"{1:064x}"})]
+    assert [r["row_id"] for r in rows] == [0, 2, 3]
+    for meta in rows:
+        ref = lookup.loc[meta["image_id"]].to_dict()
+        assert list(meta) == list(ref)
+        for k, v in ref.items():
+            assert type(meta[k]) is type(v) and (meta[k] == v or (isinstance(v, float) and math.isnan(v))), k
