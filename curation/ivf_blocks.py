@@ -30,6 +30,7 @@ import torch
 from curation.index import SearchIndex, choose_nlist, choose_nprobe, rescore
 from curation.vectors import RowView
 from infra.config.curation import IndexConfig
+from infra.memory import release_free_heap
 from infra.precision import resolve
 
 ADD_CHUNK = 65_536
@@ -220,11 +221,13 @@ class BlockedIVF(SearchIndex):
                    refine_factor=cfg.refine_factor, scan=scan)  # fmt: skip
 
     def close(self) -> None:
-        """Removes the list and probe files (a copy of the base vectors) from the work folder."""
+        """Removes the list and probe files (a copy of the base vectors) from the work folder; hands the freed heap
+        back to the OS."""
         files = [Path(a.filename) for a in (self.lists, self.base_probes) if isinstance(a, np.memmap)]
         self.lists, self.base_probes = np.zeros((0, 0), np.uint16), np.zeros((0, 0), np.int32)
         for f in files:
             f.unlink(missing_ok=True)
+        release_free_heap()
 
     def probe(self, queries: np.ndarray, nprobe: int) -> np.ndarray:
         """(m, nprobe) list ids per query, best first (the coarse quantizer)."""
