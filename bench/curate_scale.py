@@ -65,12 +65,19 @@ GIB = 1 << 30
 CURATION = ("dedup_graph", "retrieval", "hierarchical_kmeans")
 
 
-def rss_bytes() -> int:
+def rss_parts() -> dict[str, int]:
+    """VmRSS and its parts (bytes): RssAnon (heap: arrays, tensors) and RssFile (memory-mapped files: the vector
+    store, index list files, and the libraries' code)."""
+    out = {}
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+            if line.startswith(("VmRSS:", "RssAnon:", "RssFile:")):
+                out[line.split(":")[0]] = int(line.split()[1]) * 1024
+    return out
+
+
+def rss_bytes() -> int:
+    return rss_parts().get("VmRSS", 0)
 
 
 def cpu_seconds() -> float:
@@ -84,11 +91,15 @@ class Step:
     rows: ClassVar[list[dict]] = []
 
     def __init__(self, name: str, n: int | None = None):
-        self.name, self.n, self.peak, self.stop = name, n, rss_bytes(), threading.Event()
+        self.name, self.n, self.stop = name, n, threading.Event()
+        self.at_peak = rss_parts()
+        self.peak = self.at_peak.get("VmRSS", 0)
 
     def _sample(self) -> None:
         while not self.stop.wait(0.02):
-            self.peak = max(self.peak, rss_bytes())
+            parts = rss_parts()
+            if parts.get("VmRSS", 0) > self.peak:
+                self.peak, self.at_peak = parts["VmRSS"], parts
 
     @contextmanager
     def run(self):
@@ -103,6 +114,8 @@ class Step:
             t.join()
             row = {"step": self.name, "n": self.n, "seconds": round(time.perf_counter() - start, 1),
                    "cpu_seconds": round(cpu_seconds() - cpu, 1), "peak_rss_gib": round(self.peak / GIB, 2),
+                   "peak_rss_anon_gib": round(self.at_peak.get("RssAnon", 0) / GIB, 2),
+                   "peak_rss_file_gib": round(self.at_peak.get("RssFile", 0) / GIB, 2),
                    "load": round(os.getloadavg()[0], 1), **info}  # fmt: skip
             Step.rows.append(row)
             print(json.dumps(row), flush=True)
@@ -209,7 +222,7 @@ def dedup_graph(store: VectorStore, group: np.ndarray, cfg: IndexConfig, work: P
                     components=len(np.unique(labels)), planted_groups=len(recovered),
                     planted_groups_recovered=round(float(recovered.mean()), 4), **false_merges(labels, group),
                     **work_per, index=index_label(idx.params), k=64, threshold=0.6)  # fmt: skip
-        del idx
+        idx.close()  # as the dedup stage does
     with Step("dedup_recall", n).run() as info:  # the same graph by brute force on 1,500 nodes
         rng = np.random.default_rng(2)
         planted_nodes = np.flatnonzero(group >= 0)
@@ -252,7 +265,7 @@ def retrieval(store: VectorStore, cluster: np.ndarray, cfg: IndexConfig, seed: i
         _s, exact = exact_search(RowView(store), q[:1000], 4)
         hits = [len(set(a[a >= 0].tolist()) & set(e.tolist())) for a, e in zip(ids[:1000], exact, strict=True)]
         info.update(queries=1000, recall_at_4=round(float(np.mean(hits)) / 4, 4))
-    del idx
+    idx.close()  # as the retrieval stage does
 
 
 def hierarchical(store: VectorStore, precision: str, levels: list[int] | None) -> FlopCounter:
@@ -277,12 +290,17 @@ def run_size(n: int, args: argparse.Namespace, precision: str, root: Path) -> Fl
     with Step("generate", n).run() as info:
         store, cluster, group = generate(out, n, args.dim, args.seed)
         info.update(dim=args.dim, shards=len(store.paths), bytes_on_disk=sum(p.stat().st_size for p in store.paths))
-    dedup_cfg = DedupConfig().index.model_copy(update={"kind": "ivf_blocks", **overrides(args.dedup_index)})
-    dedup_graph(store, group, IndexConfig.model_validate(dedup_cfg.model_dump()), out / "dedup")
-    retrieve_cfg = RetrieveConfig().index.model_copy(update={"kind": "ivf_blocks", **overrides(args.retrieve_index)})
-    retrieval(store, cluster, IndexConfig.model_validate(retrieve_cfg.model_dump()), args.seed, out / "retrieve")
-    levels = [int(v) for v in args.levels.split(",")] if args.kmeans_levels == "fixed" else None
-    counter = hierarchical(store, precision, levels)
+    steps = set(args.steps.split(","))
+    if "dedup" in steps:
+        dedup_cfg = DedupConfig().index.model_copy(update={"kind": "ivf_blocks", **overrides(args.dedup_index)})
+        dedup_graph(store, group, IndexConfig.model_validate(dedup_cfg.model_dump()), out / "dedup")
+    if "retrieval" in steps:
+        retrieve_cfg = RetrieveConfig().index.model_copy(update={"kind": "ivf_blocks", **overrides(args.retrieve_index)})
+        retrieval(store, cluster, IndexConfig.model_validate(retrieve_cfg.model_dump()), args.seed, out / "retrieve")
+    counter = FlopCounter()
+    if "kmeans" in steps:
+        levels = [int(v) for v in args.levels.split(",")] if args.kmeans_levels == "fixed" else None
+        counter = hierarchical(store, precision, levels)
     del store
     if args.out is None:
         shutil.rmtree(out, ignore_errors=True)
@@ -291,18 +309,20 @@ def run_size(n: int, args: argparse.Namespace, precision: str, root: Path) -> Fl
 
 def summary(n: int) -> dict:
     rows = {r["step"]: r for r in Step.rows if r["n"] == n}
+    steps = [s for s in CURATION if s in rows]
     get = {"dedup_graph": ("planted_groups_recovered", "false_merge_components", "images_in_false_merges",
                            "scanned_per_vector", "quantizer_pairs_per_vector"),
            "dedup_recall": ("recall",), "retrieval_recall": ("recall_at_4",)}  # fmt: skip
-    out = {"n": n, "curation_seconds": round(sum(rows[s]["seconds"] for s in CURATION), 1),
-           "curation_cpu_seconds": round(sum(rows[s]["cpu_seconds"] for s in CURATION), 1),
+    out = {"n": n, "curation_seconds": round(sum(rows[s]["seconds"] for s in steps), 1),
+           "curation_cpu_seconds": round(sum(rows[s]["cpu_seconds"] for s in steps), 1),
            "total_seconds": round(sum(r["seconds"] for r in rows.values()), 1),
-           "peak_rss_gib": max(rows[s]["peak_rss_gib"] for s in CURATION),  # generate and the recall checks apart
+           "peak_rss_gib": max((rows[s]["peak_rss_gib"] for s in steps), default=0.0),  # generate and recalls apart
            "peak_rss_gib_all_steps": max(r["peak_rss_gib"] for r in rows.values())}  # fmt: skip
-    for step in CURATION:
+    for step in steps:
         out[f"{step}_seconds"], out[f"{step}_cpu_seconds"] = rows[step]["seconds"], rows[step]["cpu_seconds"]
     for step, keys in get.items():
-        out.update({("edge_recall" if k == "recall" else k): rows[step][k] for k in keys})
+        if step in rows:
+                out.update({("edge_recall" if k == "recall" else k): rows[step][k] for k in keys})
     return out
 
 
@@ -310,8 +330,10 @@ def growth(a: dict, b: dict) -> dict:
     """b / a for seconds and work, b - a for recalls and merges."""
     g = {"from_n": a["n"], "to_n": b["n"], "points": round(b["n"] / a["n"], 2)}
     for key, va in a.items():
-        vb = b[key]
+        vb = b.get(key)
         if key == "n" or not isinstance(va, (int, float)):
+            continue
+        if vb is None:
             continue
         if key.endswith(("seconds", "per_vector", "rss_gib")):
             g[f"{key}_x"] = round(vb / va, 2) if va else None
@@ -333,6 +355,8 @@ def main() -> None:
     p.add_argument("--kmeans-levels", choices=["fixed", "per_point"], default="fixed",
                    help="fixed: the cluster counts of --levels whatever n; per_point: n/500, n/5000, n/50000")
     p.add_argument("--levels", default="2000,200,20", help="clusters per level (--kmeans-levels fixed)")
+    p.add_argument("--steps", default="dedup,retrieval,kmeans",
+                   help="which curation steps to run (comma-separated; all three for the issue's curation time)")
     args = p.parse_args()
     sizes = [int(float(v)) for v in args.n.split(",")]
     torch.set_num_threads(os.cpu_count() or 1)

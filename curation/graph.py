@@ -17,6 +17,7 @@ import numpy as np
 from curation.index import SearchIndex, exact_search
 from curation.ivf_blocks import BlockedIVF
 from curation.vectors import RowView, VectorStore
+from infra.memory import release_free_heap
 
 
 class UnionFind:
@@ -149,6 +150,8 @@ def knn_edges(index: SearchIndex, queries: QueryViews | np.ndarray, k: int, thre
                  for nodes, v, off in _chunks(index, q, chunk, view0_is_base)]  # fmt: skip
     edges = Edges.concat(parts)
     if isinstance(index, BlockedIVF) and index.nprobe_wide:
+        release_free_heap()  # the first pass's freed blocks, before the second pass allocates its own
+        index.vectors.drop_resident()
         flagged = np.unique(np.concatenate([edges.src, edges.dst]) if exclude_self else edges.src)
         for s in range(0, len(flagged), chunk):
             v, off = q.take(flagged[s : s + chunk])

@@ -19,6 +19,7 @@ import torch
 
 from curation.vectors import RowView
 from infra.config.curation import IndexConfig
+from infra.memory import release_free_heap
 
 ADD_CHUNK = 65_536
 
@@ -102,7 +103,11 @@ def rescore(q: np.ndarray, cand: np.ndarray, vectors: RowView, k: int, batch: in
 def build_index(vectors: RowView, cfg: IndexConfig, seed: int = 0, work_dir: Path | None = None,
                 self_graph: bool = False) -> SearchIndex:  # fmt: skip
     """An index over ``vectors`` (memory-mapped rows are added chunk by chunk). ``self_graph``: the vectors will query
-    the index themselves (an ``ivf_blocks`` index then keeps each vector's ``nprobe`` lists from the build)."""
+    the index themselves (an ``ivf_blocks`` index then keeps each vector's ``nprobe`` lists from the build).
+
+    What earlier steps freed goes back to the OS first (:func:`infra.memory.release_free_heap`), so this index's
+    peak does not come on top of their heap."""
+    release_free_heap()
     n, dim = len(vectors), vectors.dim
     kind = choose_kind(n, cfg)
     if kind == "ivf_blocks":

@@ -28,14 +28,17 @@ import numpy as np
 import torch
 
 from curation.index import SearchIndex, choose_nlist, choose_nprobe, rescore
-from curation.vectors import RowView
+from curation.vectors import RowView, drop_resident
 from infra.config.curation import IndexConfig
+from infra.memory import release_free_heap
 from infra.precision import resolve
 
 ADD_CHUNK = 65_536
 # |bf16 score - exact| with fp32 accumulation: both inputs rounded to 8-bit mantissas (2 x 2^-9 relative per
 # product) and the output rounded once (2^-9 |s|): at most (2^-8 + 2^-9) |q| |b| < 2^-7 |q| |b|.
 BF16_MARGIN = 2.0**-7
+RESIDENT_LISTS = 64  # lists scanned between two drops of memory-mapped pages from the resident set (kNN: the
+# list file's; self graph: the base vectors')
 
 
 @dataclass
@@ -208,7 +211,10 @@ class BlockedIVF(SearchIndex):
             block = vectors.take(order[s : s + ADD_CHUNK])
             lists[s : s + len(block)] = scan.encode(block)
             np.maximum.at(norms, probes[order[s : s + ADD_CHUNK], 0], np.sqrt(np.einsum("nd,nd->n", block, block)))
-        lists.flush()
+        # The build read every base vector and wrote every list: both leave the resident set (the page cache keeps
+        # them), so the search's peak holds only what it touches.
+        drop_resident(lists)
+        vectors.drop_resident()
         pos = np.empty(n, np.int64)
         pos[order] = np.arange(n)
         wide = min(cfg.nprobe_wide, nlist) if cfg.nprobe_wide > nprobe else 0
@@ -220,11 +226,13 @@ class BlockedIVF(SearchIndex):
                    refine_factor=cfg.refine_factor, scan=scan)  # fmt: skip
 
     def close(self) -> None:
-        """Removes the list and probe files (a copy of the base vectors) from the work folder."""
+        """Removes the list and probe files (a copy of the base vectors) from the work folder; hands the freed heap
+        back to the OS."""
         files = [Path(a.filename) for a in (self.lists, self.base_probes) if isinstance(a, np.memmap)]
         self.lists, self.base_probes = np.zeros((0, 0), np.uint16), np.zeros((0, 0), np.int32)
         for f in files:
             f.unlink(missing_ok=True)
+        release_free_heap()
 
     def probe(self, queries: np.ndarray, nprobe: int) -> np.ndarray:
         """(m, nprobe) list ids per query, best first (the coarse quantizer)."""
@@ -307,6 +315,8 @@ class BlockedIVF(SearchIndex):
         cuts = np.searchsorted(flat[order], np.arange(len(self.bounds)))
         del flat
         for lst in range(len(self.bounds) - 1):
+            if lst % RESIDENT_LISTS == RESIDENT_LISTS - 1:  # the exact re-scoring reads base vectors all over the
+                self.vectors.drop_resident()  # pool, a few per list: they need not stay mapped
             rows = np.sort(self.pos[order[cuts[lst] : cuts[lst + 1]] // p])  # list-file rows of its queries
             if not len(rows) or self.bounds[lst + 1] == self.bounds[lst]:
                 continue
@@ -335,7 +345,9 @@ class BlockedIVF(SearchIndex):
         # Each query's nearest list first: its k-th best score then rises early, and later lists skip the top-k
         # of every query they cannot improve.
         pairs = itertools.chain(self._by_list(probes[:, :1]), self._by_list(probes[:, 1:]))
-        for lst, rows in pairs:
+        for i, (lst, rows) in enumerate(pairs):
+            if i % RESIDENT_LISTS == RESIDENT_LISTS - 1:  # lists are read in order, each once per pass: only the
+                drop_resident(self.lists)  # last few stay mapped (a re-read is a minor fault from the page cache)
             rt = torch.from_numpy(rows)
             lo, base = self._members(lst)
             s = self.scan.scores(q_scan.index_select(0, rt), base)

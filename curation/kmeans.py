@@ -48,18 +48,24 @@ def _chunk_rows(k: int) -> int:
 
 def assign_block(x: np.ndarray, centroids: torch.Tensor, c_sq: torch.Tensor, precision: str = "fp32",
                  counter: FlopCounter | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """Nearest centroid of each row of ``x`` (m, D): (assign int64, squared distance float32)."""
+    """Nearest centroid of each row of ``x`` (m, D): (assign int64, squared distance float32).
+
+    fp32: argmin of ||c||^2 - 2 x.c over one fp32 matmul. bf16: argmax of x.c - ||c||^2 / 2 as one bf16 matmul
+    with the norm term folded in as an extra column (no fp32 copy of the (m, k) scores: measured 2.2x faster than
+    converting the bf16 scores to fp32 first, 16k x 2000 x 256); the distance to the chosen centroid in fp32."""
     import time
 
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     start = time.perf_counter()
-    dt = _DTYPES[precision]
-    dots = (xt.to(dt) @ centroids.to(dt).T).float()  # m, k
+    if precision == "bf16":
+        aug = torch.cat([centroids, -0.5 * c_sq[:, None]], 1).to(torch.bfloat16)
+        idx = (torch.cat([xt, torch.ones(xt.shape[0], 1)], 1).to(torch.bfloat16) @ aug.T).argmax(dim=1)
+        best = (-2.0 * (xt * centroids.index_select(0, idx)).sum(1) + c_sq[idx])
+    else:
+        best, idx = (c_sq[None, :] - 2.0 * (xt @ centroids.T)).min(dim=1)  # ||x||^2 added after the argmin
     if counter is not None:
         counter.seconds += time.perf_counter() - start
         counter.flops += 2.0 * xt.shape[0] * centroids.shape[0] * xt.shape[1]
-    d2 = c_sq[None, :] - 2.0 * dots  # ||x||^2 added after the argmin
-    best, idx = d2.min(dim=1)
     best = (best + (xt * xt).sum(1)).clamp_(min=0)
     return idx.numpy().astype(np.int64), best.numpy()
 
@@ -83,11 +89,16 @@ def array_chunks(x: np.ndarray, size: int = 65_536) -> Iterator[tuple[int, np.nd
         yield i, np.asarray(x[i : i + size], dtype=np.float32)
 
 
-def kmeans_plusplus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """Greedy k-means++ (2 + int(log k) local trials per centre, the sklearn variant the reference uses)."""
+def kmeans_plusplus(x: np.ndarray, k: int, rng: np.random.Generator, precision: str = "fp32") -> np.ndarray:
+    """Greedy k-means++ (2 + int(log k) local trials per centre, the sklearn variant the reference uses).
+
+    Every step reads all points once (the trials' distances: a (trials x D) by (D x n) product, bound by memory
+    bandwidth); ``bf16`` reads a bf16 copy, half the bytes (the candidates' distances then carry bf16 rounding, as
+    the bf16 assignment does)."""
     n = len(x)
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     x_sq = (xt * xt).sum(1)
+    xs = xt.to(_DTYPES[precision])
     trials = 2 + int(math.log(k))
     chosen = [int(rng.integers(n))]
     closest = (x_sq - 2 * xt @ xt[chosen[0]] + x_sq[chosen[0]]).clamp_(min=0).double()
@@ -98,8 +109,7 @@ def kmeans_plusplus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarr
             chosen.append(int(rng.integers(n)))
             continue
         cand = np.minimum(np.searchsorted(cum, rng.random(trials) * pot), n - 1)
-        ct = xt[cand]
-        d = (x_sq[None, :] - 2 * ct @ xt.T + x_sq[cand][:, None]).clamp_(min=0).double()  # trials, n
+        d = (x_sq[None, :] - 2 * (xs[cand] @ xs.T).float() + x_sq[cand][:, None]).clamp_(min=0).double()  # trials, n
         d = torch.minimum(d, closest[None, :])
         pots = d.sum(1)
         best = int(torch.argmin(pots))
@@ -136,7 +146,7 @@ def kmeans(x: np.ndarray, k: int, n_iter: int, rng: np.random.Generator, precisi
         seeds = x
         if init_sample is not None and len(x) > max(init_sample, k):
             seeds = x[np.sort(rng.choice(len(x), max(init_sample, k), replace=False))]
-        init = kmeans_plusplus(seeds, k, rng)
+        init = kmeans_plusplus(seeds, k, rng, precision)
     centroids = np.asarray(init, np.float32)
     a, d = assign(array_chunks(x), centroids, len(x), precision, counter)
     for _ in range(n_iter):

@@ -33,6 +33,7 @@ from curation.kmeans import FlopCounter, array_chunks, assign, kmeans
 from curation.vectors import RowView
 from infra.config.curation import RebalanceConfig
 from infra.lineage import LedgerParts, ledger_dir
+from infra.memory import release_free_heap
 from infra.stage import StageResult
 from infra.storage import atomic_open, atomic_path
 
@@ -129,6 +130,7 @@ def hierarchical_kmeans(points: RowView, cfg: RebalanceConfig, seed: int, counte
                         checkpoints: StepCheckpoints | None = None) -> list[Level]:  # fmt: skip
     """Bottom-up hierarchy over a (possibly memory-mapped) point set; level 1 fitted on a sample."""
     checkpoints = checkpoints or StepCheckpoints(None)
+    release_free_heap()  # what earlier steps freed, before this step's peak
     rng = np.random.default_rng(seed)
     n = len(points)
     fit_rows = np.arange(n) if n <= cfg.fit_sample else np.sort(rng.choice(n, cfg.fit_sample, replace=False))

@@ -8,7 +8,7 @@ import pytest
 
 from curation.graph import QueryViews, edge_recall, exact_edges, knn_edges
 from curation.index import build_index, exact_search
-from curation.ivf_blocks import BF16_MARGIN, balance
+from curation.ivf_blocks import BF16_MARGIN, RESIDENT_LISTS, balance
 from curation.vectors import RowView, VectorStore
 from infra.config.curation import DedupConfig, IndexConfig
 
@@ -103,6 +103,17 @@ def test_knn_search_with_every_list_probed_is_exact(tmp_path, rng, precision) ->
     few = build_index(RowView(x), cfg.model_copy(update={"nprobe": 2}), seed=0, work_dir=tmp_path / "few")
     _s, few_ids = few.search(q, 5)
     assert round(float(np.mean([len(set(a) & set(b)) for a, b in zip(few_ids, ref_i, strict=True)])) / 5, 4) == 0.725
+
+
+def test_knn_search_over_more_lists_than_stay_resident_is_exact(tmp_path, rng) -> None:
+    """Past RESIDENT_LISTS lists the search drops the list file's pages between lists; results stay exact."""
+    x, _group = planted_pool(4000, dim=32)
+    q = _unit(x[rng.choice(4000, 100)] + 0.3 * _unit(rng.standard_normal((100, 32))))
+    cfg = IndexConfig(kind="ivf_blocks", nlist=2 * RESIDENT_LISTS + 5, probe_share=1.0)
+    index = build_index(RowView(x), cfg, seed=0, work_dir=tmp_path)
+    assert index.params["nprobe"] > RESIDENT_LISTS
+    _s, ids = index.search(q, 5)
+    assert ids.tolist() == exact_search(RowView(x), q, 5)[1].tolist()
 
 
 def test_balance_splits_oversized_cells(rng) -> None:

@@ -7,7 +7,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from curation.kmeans import kmeans, kmeans_plusplus
+from curation.kmeans import assign, kmeans, kmeans_plusplus
 from curation.rebalance import (
     CHECKPOINTS,
     SELECTED,
@@ -129,6 +129,22 @@ def test_kmeans_core_matches_a_naive_lloyd() -> None:
     np.testing.assert_array_equal(km.assign, ((x[:, None] - c[None]) ** 2).sum(-1).argmin(1))
     np.testing.assert_allclose(km.centroids, c, rtol=1e-5, atol=1e-6)
     assert kmeans(x[:3], 10, 5, np.random.default_rng(0)).centroids.shape == (3, 8)  # k capped at n
+
+
+def test_bf16_assignment_and_seeding_agree_with_fp32_on_separated_clusters() -> None:
+    """The bf16 assignment (norm term folded into the matmul) picks the fp32 argmin wherever the gap between the
+    two nearest centroids is above bf16 rounding, and returns the fp32 path's distance to the centroid it picks."""
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((40, 64)).astype(np.float32) * 4
+    x = (centres[rng.integers(0, 40, 3000)] + 0.3 * rng.standard_normal((3000, 64))).astype(np.float32)
+    a32, d32 = assign([(0, x)], centres, len(x), "fp32")
+    a16, d16 = assign([(0, x)], centres, len(x), "bf16")
+    np.testing.assert_array_equal(a16, a32)
+    exact = ((x.astype(np.float64) - centres[a16]) ** 2).sum(1)  # fp32's ||x||^2 - 2 x.c + ||c||^2 cancels: the
+    np.testing.assert_allclose(d16, d32, atol=1e-6 * (x * x).sum(1).max())  # same error as the fp32 path's, not bf16's
+    assert np.abs(d16 - exact).max() < 1e-5 * (x * x).sum(1).max()
+    seeds = kmeans_plusplus(x, 40, np.random.default_rng(1), "bf16")  # one seed in every separated cluster
+    assert len(np.unique(((seeds[:, None] - centres[None]) ** 2).sum(-1).argmin(1))) == 40
 
 
 def test_stage_records_selection_and_lineage(tmp_path, monkeypatch) -> None:
