@@ -26,10 +26,10 @@ def write_vectors(path: Path, vectors: np.ndarray) -> Path:
 def drop_resident(array: np.ndarray) -> None:
     """Unmaps the pages of a memory-mapped array from this process (``MADV_DONTNEED``; written pages are flushed
     first): they leave its resident set and stay in the OS page cache, so a later read costs a minor fault, not a
-    disk read. A no-op for in-memory arrays and where ``madvise`` is missing."""
+    disk read. A no-op for in-memory arrays, copy-on-write maps and where ``madvise`` is missing."""
     mm = getattr(array, "_mmap", None)
-    if not isinstance(array, np.memmap) or mm is None or not hasattr(mm, "madvise"):
-        return
+    if not isinstance(array, np.memmap) or mm is None or not hasattr(mm, "madvise") or array.mode == "c":
+        return  # mode "c" (copy-on-write): dropping its pages would drop this process's writes
     if array.mode in ("r+", "w+"):
         array.flush()
     mm.madvise(mmap.MADV_DONTNEED)
