@@ -93,9 +93,7 @@ def pnet_onnx(sd: dict) -> bytes:
     x = _prelu(n, i, _conv(n, i, x, "conv2", sd), "prelu2", sd)
     x = _prelu(n, i, _conv(n, i, x, "conv3", sd), "prelu3", sd)
     _softmax(n, _conv(n, i, x, "conv4_1", sd), "prob")
-    n.append(helper.make_node("Conv", [x, "conv4_2.w", "conv4_2.b"], ["reg"]))
-    i += [numpy_helper.from_array(sd["conv4_2.weight"].numpy(), "conv4_2.w"),
-          numpy_helper.from_array(sd["conv4_2.bias"].numpy(), "conv4_2.b")]  # fmt: skip
+    n.append(helper.make_node("Identity", [_conv(n, i, x, "conv4_2", sd)], ["reg"]))
     return _model(n, i, None, [("reg", ["n", 4, "a", "b"]), ("prob", ["n", 2, "a", "b"])])
 
 
