@@ -152,8 +152,9 @@ def area_resize(csum: np.ndarray, y0: int, y1: int, x0: int, x1: int, oh: int, o
     integers below 2**24) and divides by the window's height, then by its width."""
     ys, ye = _windows(y1 - y0, oh)
     xs, xe = _windows(x1 - x0, ow)
-    rows = csum[:, y0 + ye] - csum[:, y0 + ys]  # 3, oh, W+1
-    sums = (rows[:, :, x0 + xe] - rows[:, :, x0 + xs]).astype(np.float32)  # 3, oh, ow
+    box = csum[:, y0 : y1 + 1, x0 : x1 + 1]  # a view: the rows gathered next are the box's width, not the image's
+    rows = box[:, ye] - box[:, ys]  # 3, oh, x1 - x0 + 1
+    sums = (rows[:, :, xe] - rows[:, :, xs]).astype(np.float32)  # 3, oh, ow
     kh, kw = (ye - ys).astype(np.float32), (xe - xs).astype(np.float32)
     return sums / kh[:, None] / kw
 
