@@ -29,7 +29,7 @@ from training.data import (
     decode_rgb,
 )
 from training.data.augmentations import BLUR_PROBABILITIES, IMAGENET_MEAN, IMAGENET_STD
-from training.data.photometric import PhotometricParams, apply_photometric
+from training.data.photometric import PhotometricParams, _apply, apply_photometric, is_grey
 from training.schedules import derive
 
 
@@ -208,6 +208,56 @@ def test_batched_photometric_equals_torchvision_per_image():
     want = torch.stack([_torchvision_reference(x, params, i) for i in range(40)])
     assert_close(got, want, rtol=1e-5, atol=2e-5)
     assert params.jitter.any() and params.gray.any() and params.blur.any() and params.solarize.any()
+
+
+@pytest.mark.parametrize("grey_share", [0.0, 0.5, 1.0])
+def test_grey_crops_are_computed_on_one_channel_with_the_same_values(grey_share):
+    """Crops with three equal channels run every op on one channel and are replicated: bit for bit the three-channel
+    computation (`_apply` on all three), in batches of grey, colour and mixed crops."""
+    g = torch.Generator().manual_seed(1)
+    n = 48
+    x = torch.rand(n, 3, 12, 12, generator=g)
+    n_grey = int(n * grey_share)
+    x[:n_grey] = x[:n_grey, :1].expand(-1, 3, -1, -1)
+    x = x[torch.randperm(n, generator=g)]
+    assert int(is_grey(x).sum()) == n_grey
+    params = PhotometricParams.sample(n, blur_p=0.5, solarize_p=0.3, g=g, jitter_p=0.9, gray_p=0.3)
+    assert_close(apply_photometric(x, params), _apply(x, params), rtol=0, atol=0)
+    if n_grey:  # and the reference's per-image ops on the grey crops
+        grey = is_grey(x).nonzero().flatten()
+        want = torch.stack([_torchvision_reference(x, params, int(i)) for i in grey])
+        assert_close(apply_photometric(x, params)[grey], want, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("impl", ["batched", "pil"])
+def test_greyscale_images_give_the_views_of_their_rgb_conversion(impl):
+    """A greyscale image is decoded as one channel ("L") for the batched augmentation, cropped and resized on that
+    channel: its views equal those of its RGB conversion exactly."""
+    rng = np.random.default_rng(0)
+    grey = Image.fromarray(rng.integers(0, 256, (37, 29), dtype=np.uint8), "L")
+    data = png_bytes(grey)
+    assert decode_rgb(data, keep_grey=True).mode == "L" and decode_rgb(data).mode == "RGB"
+    aug = MultiCropAugmentation(local_crops_number=3, global_crops_size=24, local_crops_size=12, impl=impl)
+    for seed in range(8):
+        got, want = aug(decode_rgb(data, keep_grey=True), seed), aug(decode_rgb(data), seed)
+        for key in ("global_crops", "local_crops"):
+            for a, b in zip(got[key], want[key], strict=True):
+                assert a.shape == b.shape and torch.equal(a, b) and a.is_contiguous()
+
+
+def test_stream_of_greyscale_images_equals_the_three_channel_stream(tmp_path):
+    """End to end (decode, crops, jitter, masks, collate): a folder of greyscale images gives the same batches with
+    the one-channel path as with every image decoded to RGB and every op on three channels."""
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (20, 23), dtype=np.uint8), "L").save(tmp_path / f"{i}.png")
+    grey, rgb = _stream(build_source(tmp_path)), _stream(build_source(tmp_path))
+    rgb.transform.grey_path = False
+    assert grey.transform.grey_path
+    for step in range(3):
+        a, b = grey.batch(step), rgb.batch(step)
+        for key in ("collated_global_crops", "collated_local_crops", "collated_masks"):
+            assert a[key].is_contiguous() and torch.equal(a[key], b[key]), key
 
 
 def _stream(source, **kw):

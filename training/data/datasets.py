@@ -135,11 +135,14 @@ def build_source(data: Sequence[Path] | Path | str) -> ImageSource:
     return source
 
 
-def decode_rgb(data: bytes) -> Image.Image | None:
-    """Decode any PIL-readable image to RGB (grayscale such as MNIST is replicated to 3 channels); None if broken."""
+def decode_rgb(data: bytes, keep_grey: bool = False) -> Image.Image | None:
+    """Decode any PIL-readable image to RGB (grayscale such as MNIST is replicated to 3 channels); None if broken.
+    ``keep_grey``: an 8-bit greyscale image stays one channel ("L"; its RGB is that channel three times)."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
+            if keep_grey and img.mode == "L":
+                return img.copy()
             if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
                 rgba = img.convert("RGBA")  # transparent pixels onto black, not their undefined colour
                 return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")

@@ -7,6 +7,11 @@ grayscale (0.2989, 0.587, 0.114) with p 0.2; then blur (kernel 9, sigma U(0.1, 2
 solarize(128/255). Differences from the PIL path: values stay float (no uint8 rounding between ops). For small
 images this is ~10x faster than per-image PIL/torchvision calls on a CPU.
 Input and output: [N, 3, H, W] floats in [0, 1].
+
+Grey crops (the three channels equal, as every crop of a greyscale image such as a digit or an X-ray) stay grey
+through every op, so they are computed on one channel and replicated: the same values bit for bit as the three
+channel computation (the grey level of contrast and saturation is still the weighted sum of three equal channels;
+a hue rotation leaves a pixel without chroma unchanged), at about a third of the work and without the HSV round trip.
 """
 
 from __future__ import annotations
@@ -44,10 +49,15 @@ class PhotometricParams:
                    gray=torch.rand(n, generator=g) < gray_p, blur=torch.rand(n, generator=g) < blur_p,
                    sigma=_uniform(n, 0.1, 2.0, g), solarize=torch.rand(n, generator=g) < solarize_p)
 
+    def take(self, idx: torch.Tensor) -> PhotometricParams:
+        """The parameters of crops ``idx``."""
+        return PhotometricParams(**{k: v[idx] for k, v in vars(self).items()})
+
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """N, 1, H, W; a one-channel ``x`` is a grey image (its channel replicated three times)."""
     w = torch.tensor(GRAY_WEIGHTS, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x * w).sum(dim=1, keepdim=True)  # N, 1, H, W
+    return (x.expand(-1, 3, -1, -1) * w).sum(dim=1, keepdim=True)
 
 
 def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -80,13 +90,15 @@ def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
 
 
 def adjust(x: torch.Tensor, op: int, factor: torch.Tensor) -> torch.Tensor:
-    """One jitter op on [n, 3, H, W] with per-image factors [n]."""
+    """One jitter op on [n, 3, H, W] (or grey crops, [n, 1, H, W]) with per-image factors [n]."""
     if op == 0:  # brightness
         return _blend(x, torch.zeros_like(x), factor)
     if op == 1:  # contrast: blend with the mean grayscale level of each image
         return _blend(x, grayscale(x).mean(dim=(1, 2, 3), keepdim=True), factor)
     if op == 2:  # saturation
         return _blend(x, grayscale(x), factor)
+    if x.shape[1] == 1:  # hue: a grey pixel has no chroma, its value is unchanged
+        return x
     hsv = rgb_to_hsv(x)
     hue = torch.remainder(hsv[:, 0] + factor.view(-1, 1, 1).to(x.dtype), 1.0)
     return hsv_to_rgb(torch.stack([hue, hsv[:, 1], hsv[:, 2]], dim=1))
@@ -106,7 +118,30 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return y.view_as(x)
 
 
-def apply_photometric(x: torch.Tensor, p: PhotometricParams) -> torch.Tensor:
+def is_grey(x: torch.Tensor) -> torch.Tensor:
+    """[N] bool: crops whose three channels are equal everywhere."""
+    flat = x.flatten(2)
+    return ((flat[:, 0] == flat[:, 1]) & (flat[:, 1] == flat[:, 2])).all(dim=1)
+
+
+def apply_photometric(x: torch.Tensor, p: PhotometricParams, grey_path: bool = True) -> torch.Tensor:
+    """[N, 3, H, W] -> [N, 3, H, W]; grey crops are computed on one channel (the same values, see the module doc)
+    unless ``grey_path`` is False (every crop on three channels: the benchmark's baseline)."""
+    if not grey_path:
+        return _apply(x, p)
+    grey = is_grey(x)
+    if bool(grey.all()):  # a tensor of its own, not a view whose three channels share memory
+        return _apply(x[:, :1], p).expand(-1, 3, -1, -1).contiguous()
+    if not bool(grey.any()):
+        return _apply(x, p)
+    out = torch.empty_like(x)
+    for mask, channels in ((grey, 1), (~grey, 3)):
+        idx = mask.nonzero().flatten()
+        out[idx] = _apply(x[idx, :channels], p.take(idx)).expand(-1, 3, -1, -1)
+    return out
+
+
+def _apply(x: torch.Tensor, p: PhotometricParams) -> torch.Tensor:
     x = x.clone()
     for pos in range(4):
         for op in range(4):
@@ -115,7 +150,7 @@ def apply_photometric(x: torch.Tensor, p: PhotometricParams) -> torch.Tensor:
                 x[idx] = adjust(x[idx], op, p.factors[idx, op])
     idx = p.gray.nonzero().flatten()
     if len(idx):
-        x[idx] = grayscale(x[idx]).expand(-1, 3, -1, -1)
+        x[idx] = grayscale(x[idx]).expand(-1, x.shape[1], -1, -1)
     idx = p.blur.nonzero().flatten()
     if len(idx):
         x[idx] = gaussian_blur(x[idx], p.sigma[idx])

@@ -67,7 +67,7 @@ class BatchStream(IterableDataset):
         (deterministically) and counted."""
         for attempt in range(self.max_bad_retries):
             index = self.index_at(position + attempt * 7919)
-            image = decode_rgb(self.source.read(index))
+            image = decode_rgb(self.source.read(index), keep_grey=getattr(self.transform, "grey_path", False))
             if image is not None:
                 break
             self.n_bad += 1
