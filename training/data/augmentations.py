@@ -95,7 +95,8 @@ class MultiCropAugmentation:
             return {"global_crops": [self._crop(image, self.global_size, self.global_scale, rng) for _ in range(2)],
                     "local_crops": [self._crop(image, self.local_size, self.local_scale, rng)
                                     for _ in range(self.local_crops_number)]}
-        image = image.convert("RGB")
+        if image.mode != "RGB":  # torchvision's jitter on a greyscale image would skip hue and saturation
+            image = image.convert("RGB")
         torch.default_generator.manual_seed(seed)  # torchvision transforms draw from the global torch RNG
         g1 = self.global_transfo1(self.geometric_global(image))
         g2 = self.global_transfo2(self.geometric_global(image))
@@ -106,7 +107,7 @@ class MultiCropAugmentation:
         """RandomResizedCrop (bicubic, antialiased like PIL) + horizontal flip p 0.5 -> uint8 [3, size, size].
 
         A greyscale ("L") image is cropped and resized on its one channel, then replicated: Pillow resamples each
-        channel alike, so this is its RGB conversion's crop bit for bit, at a third of the work."""
+        channel alike, so this is its RGB conversion's crop bit for bit, resampling one channel instead of three."""
         i, j, h, w = random_resized_crop_box(image.height, image.width, scale, rng)
         crop = image.crop((j, i, j + w, i + h)).resize((size, size), Image.Resampling.BICUBIC)
         if rng.random() < self.hflip_p:
