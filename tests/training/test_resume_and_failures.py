@@ -63,6 +63,7 @@ def test_interrupted_run_resumes_exactly(image_folder, tmp_path, full_run, caplo
     part = pretrain(image_folder, tmp_path / "resumed", cfg, seed=3, interrupt_at=5)
     assert part.steps == 5 and part.checkpoint.is_file()
     caplog.set_level(logging.INFO, "lvd")
+    caplog.clear()  # the console lines of the resumed run only (the interrupted one logs too where "lvd" is at INFO)
     resumed = pretrain(image_folder, tmp_path / "resumed", cfg, seed=3)
     assert (full.steps, resumed.steps) == (10, 10)
     a, b = read_csv(full.metrics_csv), read_csv(resumed.metrics_csv)
