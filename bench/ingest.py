@@ -10,6 +10,12 @@ dedup (ingest), open_nsfw on every image (nsfw), face detection (``faces.backend
 Prefect API server). Throughput is successfully stored images per second of wall time (img2dataset's own logs count
 attempted URLs). Each stage's wall and CPU seconds are printed under the full side.
 
+The HTTP server runs in a process of its own (``--server process``, the default): img2dataset's worker processes
+never share an interpreter with it, while the full side's downloads run in threads of this process (as the Prefect
+flow's thread pool runs them), so a server in this process (``--server thread``, how this bench ran before
+2026-12-07) made the full side's downloader threads wait for the server's request handling on the GIL. A user's
+server is on another machine. The server's CPU time is counted on neither side.
+
 Both sides are timed the same way, work only, in this process: img2dataset is imported and the full side's models
 (the NSFW scorer ``nsfw.backend`` resolves to, the face detector) are built before the clocks start, as a worker holds
 them across shards; each clock covers the calls that download and process the URLs. Rounds alternate raw and full;
@@ -21,13 +27,17 @@ from __future__ import annotations
 
 import argparse
 import io
+import multiprocessing
 import os
 import resource
 import shutil
+import socket
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +83,40 @@ def thread_mapper(width: int):
                 yield fut.result()
 
     return mapper
+
+
+def _serve(images_dir: str, port: int, stop: multiprocessing.synchronize.Event) -> None:
+    with DemoServer(Path(images_dir), port):
+        stop.wait()
+
+
+@contextmanager
+def served(images_dir: Path, port: int, mode: str) -> Iterator[None]:
+    """The demo server on ``port``: in a process of its own (``process``) or in a thread of this one (``thread``)."""
+    if mode == "thread":
+        with DemoServer(images_dir, port):
+            yield
+        return
+    ctx = multiprocessing.get_context("spawn")
+    stop = ctx.Event()
+    proc = ctx.Process(target=_serve, args=(str(images_dir), port, stop), daemon=True)
+    proc.start()
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # until the server accepts connections
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if not proc.is_alive() or time.monotonic() > deadline:
+                    raise RuntimeError(f"the demo server did not start on port {port}") from None
+                time.sleep(0.1)
+        yield
+    finally:
+        stop.set()
+        proc.join(10)
+        if proc.is_alive():
+            proc.terminate()
 
 
 def cpu_seconds() -> float:
@@ -143,6 +187,8 @@ def main() -> None:
     p.add_argument("--nsfw", default="auto", help="nsfw.backend (auto, opennsfw, opennsfw-int8, opennsfw-torch)")
     p.add_argument("--faces", default=FacesConfig().backend, help="faces.backend (mtcnn, retinaface, haar)")
     p.add_argument("--skip-raw", action="store_true", help="time the full ingestion only")
+    p.add_argument("--server", choices=("process", "thread"), default="process",
+                   help="where the demo HTTP server runs (see above)")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="lvd-bench-"))
     try:
@@ -153,7 +199,7 @@ def main() -> None:
         nsfw, faces = NsfwConfig(backend=args.nsfw), FacesConfig(backend=args.faces)
         models = warm_models(nsfw, faces)
         raws, fulls = [], []
-        with DemoServer(tmp / "images", port):
+        with served(tmp / "images", port, args.server):
             for r in range(args.rounds):
                 if not args.skip_raw:
                     raws.append(run_raw(urls, tmp / f"raw{r}", args))
@@ -173,7 +219,8 @@ def report(args: argparse.Namespace, models: str, raws: list, fulls: list) -> No
     full_cpu, full_n = float(np.median([f[1] for f in fulls])), fulls[0][2]
     raw_rate, full_rate = raw_n / raw_s, full_n / full_s
     print(f"\n{args.n} loopback URLs, {args.threads} threads x {args.processes} processes, {cores} cores (the HTTP "
-          f"server shares them), {args.rounds} rounds, load average {os.getloadavg()[0]:.1f}; {models}\n")  # fmt: skip
+          f"server shares them, in a {args.server} of its own), {args.rounds} rounds, load average "
+          f"{os.getloadavg()[0]:.1f}; {models}\n")  # fmt: skip
     print(f"{'pipeline (medians)':<34}{'images':>8}{'seconds':>9}{'images/s':>10}{'per core':>10}{'CPU s':>8}")
     print(f"{'raw img2dataset':<34}{raw_n:>8}{raw_s:>9.1f}{raw_rate:>10.1f}{raw_rate / cores:>10.1f}{raw_cpu:>8.1f}")
     for name, (s, cpu) in times.items():
