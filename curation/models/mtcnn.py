@@ -97,17 +97,23 @@ def pnet_onnx(sd: dict) -> bytes:
     return _model(n, i, None, [("reg", ["n", 4, "a", "b"]), ("prob", ["n", 2, "a", "b"])])
 
 
+def _dense_heads(n: list, i: list, x: str, k: int, sd: dict, side: int) -> bytes:
+    """The tail R-Net and O-Net share, after their last convolution ``x``: flattened as facenet-pytorch does,
+    ``dense{k}`` + ``prelu{k}``, then the heads ``dense{k+1}_1`` (softmax: ``prob`` N,2) and ``dense{k+1}_2``
+    (``reg`` N,4); the model for ``side`` x ``side`` inputs."""
+    x = _prelu(n, i, _dense(n, i, _flatten_whc(n, i, x), f"dense{k}", sd), f"prelu{k}", sd, spatial=False)
+    _softmax(n, _dense(n, i, x, f"dense{k + 1}_1", sd), "prob")
+    n.append(helper.make_node("Identity", [_dense(n, i, x, f"dense{k + 1}_2", sd)], ["reg"]))
+    return _model(n, i, side, [("reg", ["n", 4]), ("prob", ["n", 2])])
+
+
 def rnet_onnx(sd: dict) -> bytes:
     """facenet-pytorch's ``RNet`` (N,3,24,24): outputs ``reg`` N,4 and ``prob`` N,2."""
     n: list = []
     i: list = []
     x = _pool(n, _prelu(n, i, _conv(n, i, "x", "conv1", sd), "prelu1", sd), "pool1", 3)
     x = _pool(n, _prelu(n, i, _conv(n, i, x, "conv2", sd), "prelu2", sd), "pool2", 3)
-    x = _flatten_whc(n, i, _prelu(n, i, _conv(n, i, x, "conv3", sd), "prelu3", sd))
-    x = _prelu(n, i, _dense(n, i, x, "dense4", sd), "prelu4", sd, spatial=False)
-    _softmax(n, _dense(n, i, x, "dense5_1", sd), "prob")
-    n.append(helper.make_node("Identity", [_dense(n, i, x, "dense5_2", sd)], ["reg"]))
-    return _model(n, i, 24, [("reg", ["n", 4]), ("prob", ["n", 2])])
+    return _dense_heads(n, i, _prelu(n, i, _conv(n, i, x, "conv3", sd), "prelu3", sd), 4, sd, 24)
 
 
 def onet_onnx(sd: dict) -> bytes:
@@ -117,11 +123,7 @@ def onet_onnx(sd: dict) -> bytes:
     x = _pool(n, _prelu(n, i, _conv(n, i, "x", "conv1", sd), "prelu1", sd), "pool1", 3)
     x = _pool(n, _prelu(n, i, _conv(n, i, x, "conv2", sd), "prelu2", sd), "pool2", 3)
     x = _pool(n, _prelu(n, i, _conv(n, i, x, "conv3", sd), "prelu3", sd), "pool3", 2)
-    x = _flatten_whc(n, i, _prelu(n, i, _conv(n, i, x, "conv4", sd), "prelu4", sd))
-    x = _prelu(n, i, _dense(n, i, x, "dense5", sd), "prelu5", sd, spatial=False)
-    _softmax(n, _dense(n, i, x, "dense6_1", sd), "prob")
-    n.append(helper.make_node("Identity", [_dense(n, i, x, "dense6_2", sd)], ["reg"]))
-    return _model(n, i, 48, [("reg", ["n", 4]), ("prob", ["n", 2])])
+    return _dense_heads(n, i, _prelu(n, i, _conv(n, i, x, "conv4", sd), "prelu4", sd), 5, sd, 48)
 
 
 def _session(model: bytes, threads: int):
