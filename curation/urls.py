@@ -1,6 +1,7 @@
 """URL lists: read in chunks (memory does not grow with the list), numbered by row, planned into fixed shards.
 
-A list is one parquet/CSV/JSONL file or a folder of them, read in file-name order; ``row_id`` is the position of
+A list is one file or a folder of them, read in file-name order, in any of img2dataset's input formats (parquet,
+CSV, TSV, JSONL, a JSON array, plain text with one URL per line; text ones may be gzip, bzip2 or xz compressed); ``row_id`` is the position of
 a row across the files and never changes. :func:`plan_shards` reads the list once and writes
 
 - ``inputs/<shard>.parquet``: the rows of each shard (shard k holds rows [k*size, (k+1)*size)): the shard
@@ -11,20 +12,24 @@ a row across the files and never changes. :func:`plan_shards` reads the list onc
 Duplicate URLs are found without holding the list: each row's 128-bit URL hash is appended to one of
 ``url_dedup_buckets`` files, and each bucket is then sorted on its own (peak memory about 24 B x rows / buckets).
 
-Rows of a CSV or JSONL file that cannot be parsed (a file cut short by a failed copy ends in one) become rows
+Rows of a CSV, TSV or JSONL file that cannot be parsed (a file cut short by a failed copy ends in one) become rows
 with an empty URL and ``list_error`` set: they are recorded as ``list_row_malformed``, never fatal. A parquet
-file cannot be read at all without its footer, so a truncated (or otherwise damaged) one stops the stage before
-any download with a :class:`UrlListError` that names the file and the fix (the stage's ``failed`` run event
-carries it too).
+file cannot be read at all without its footer, a JSON array not past a syntax error, and a cut compressed file is
+detected at its end: each of these stops the stage before any download with a :class:`UrlListError` that names the
+file and the fix (the stage's ``failed`` run event carries it too).
 """
 
 from __future__ import annotations
 
+import bz2
 import csv
+import gzip
 import itertools
 import json
+import lzma
 import os
 import shutil
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +45,12 @@ from infra.shards import shard_name
 from infra.storage import atomic_path, atomic_write_json, files_fingerprint, read_json
 from infra.urlnorm import UrlNormalizationError, normalize_url
 
-FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
+# img2dataset's input formats (``input_format``: txt, csv, tsv, json, jsonl, parquet, each text one optionally .gz):
+# a list prepared for img2dataset is read here as it is. Text lists may be gzip, bzip2 or xz compressed (told by the
+# file's first bytes, whatever its name).
+FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json", ".txt": "txt"}
+COMPRESSED = {".gz": "gzip", ".bz2": "bzip2", ".xz": "xz"}
+_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz"}
 ROW_COLUMNS = ["row_id", "url", "caption", "source", "list_error", "face_boxes"]
 ROW_SCHEMA = pa.schema(
     [("row_id", pa.int64()), ("url", pa.string()), ("caption", pa.string()), ("source", pa.string()),
@@ -54,18 +64,34 @@ class UrlListError(ValueError):
     pass
 
 
+def file_format(path: Path) -> str | None:
+    """The list format a file name says (``urls.tsv.gz``: tsv), or None."""
+    suffixes = [x.lower() for x in Path(path).suffixes]
+    if suffixes and suffixes[-1] in COMPRESSED:
+        suffixes = suffixes[:-1]
+    return FORMATS.get(suffixes[-1]) if suffixes else None
+
+
 def list_files(path: Path, fmt: str) -> list[tuple[Path, str]]:
+    """(file, format) of a list: one file, or a folder's files whose names say a format (file-name order).
+    ``fmt`` (``data.input_format``) overrides the names; img2dataset's ``tsv.gz`` etc. are its ``tsv``."""
     path = Path(path)
+    fmt = fmt.removesuffix(".gz")
     if not path.exists():
         raise UrlListError(f"URL list not found: {path}")
-    files = sorted(p for p in path.iterdir() if p.suffix in FORMATS) if path.is_dir() else [path]
-    if not files:
-        raise UrlListError(f"no .parquet/.csv/.jsonl URL lists in {path}")
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and file_format(p))
+        if not files:
+            raise UrlListError(f"no URL lists in {path} (.parquet, .csv, .tsv, .jsonl, .json or .txt, text ones "
+                               f"optionally .gz, .bz2 or .xz)")  # fmt: skip
+    else:
+        files = [path]
     out = []
     for f in files:
-        f_fmt = FORMATS.get(f.suffix) if fmt == "auto" else fmt
+        f_fmt = file_format(f) if fmt == "auto" else fmt
         if f_fmt is None:
-            raise UrlListError(f"cannot tell the format of {f}; set data.input_format")
+            raise UrlListError(f"cannot tell the format of {f} from its name; set data.input_format (parquet, csv, "
+                               f"tsv, jsonl, json or txt)")  # fmt: skip
         out.append((f, f_fmt))
     return out
 
@@ -80,18 +106,39 @@ def url_list_fingerprint(data: DataConfig) -> str:
     return files_fingerprint([p for p, _ in files]) + ":" + ",".join(fmt for _, fmt in files)
 
 
-def _records(lines: Iterator[str], fmt: str, header: list[str] | None) -> Iterator[dict[str, object]]:
-    """One dict per non-blank line; a line that does not parse gives {"__error__": why}."""
-    if fmt == "csv":
-        assert header is not None
-        for fields in csv.reader(lines, strict=False):
-            if not fields:
-                continue
-            if len(fields) != len(header):
-                yield {"__error__": f"expected {len(header)} fields, got {len(fields)}: {','.join(fields)[:200]}"}
-            else:
-                yield dict(zip(header, fields, strict=True))
-        return
+def _compression(path: Path) -> str | None:
+    """The compression the file's first bytes say ("gzip", "bzip2" or "xz"; whatever its name), or None."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+    return next((name for magic, name in _MAGIC.items() if head.startswith(magic)), None)
+
+
+def _open_text(path: Path, compression: str | None):
+    """A list file as text: UTF-8, a byte-order mark dropped (Excel's CSVs), undecodable bytes replaced."""
+    opener = {"gzip": gzip.open, "bzip2": bz2.open, "xz": lzma.open}.get(compression or "", open)
+    return opener(path, "rt", encoding="utf-8-sig", errors="replace", newline="")
+
+
+def _delimited(lines: Iterator[str], header: list[str], delimiter: str) -> Iterator[dict[str, object]]:
+    for fields in csv.reader(lines, delimiter=delimiter, strict=False):
+        if not fields:
+            continue
+        if len(fields) != len(header):
+            yield {"__error__": f"expected {len(header)} fields, got {len(fields)}: {delimiter.join(fields)[:200]}"}
+        else:
+            yield dict(zip(header, fields, strict=True))
+
+
+def _json_value(value: object, url_col: str) -> dict[str, object]:
+    """A JSON object is a row; a JSON string is a URL (a list of plain URLs); anything else a malformed row."""
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, str):
+        return {url_col: value}
+    return {"__error__": f"not a JSON object or URL string: {json.dumps(value)[:200]}"}
+
+
+def _json_lines(lines: Iterator[str], url_col: str) -> Iterator[dict[str, object]]:
     for line in lines:
         if not line.strip():
             continue
@@ -100,25 +147,116 @@ def _records(lines: Iterator[str], fmt: str, header: list[str] | None) -> Iterat
         except json.JSONDecodeError as err:
             yield {"__error__": f"not valid JSON ({err.msg}): {line.strip()[:200]}"}
             continue
-        yield rec if isinstance(rec, dict) else {"__error__": f"not a JSON object: {line.strip()[:200]}"}
+        yield _json_value(rec, url_col)
 
 
-def _text_chunks(path: Path, fmt: str, chunk_rows: int) -> Iterator[pd.DataFrame]:
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
-        header = None
-        if fmt == "csv":
-            first = f.readline()
-            header = next(csv.reader([first]), [])
-            if not header:
-                raise UrlListError(f"{path}: empty CSV (no header line)")
-        records = _records(f, fmt, header)
-        while batch := list(itertools.islice(records, chunk_rows)):
-            yield pd.DataFrame.from_records(batch)
+def _json_array(f, path: Path, url_col: str, chunk_chars: int = 1 << 20) -> Iterator[dict[str, object]]:
+    """The elements of a top-level JSON array, parsed one at a time from a buffer of ``chunk_chars`` (memory does
+    not grow with the file). A syntax error cannot be skipped inside an array (where the next element starts is
+    unknown), so it stops the stage before any download with the element and offset."""
+    dec = json.JSONDecoder()
+    buf, pos, done, eof, index = "", 0, 0, False, 0  # done: characters consumed before buf
+
+    def more() -> bool:
+        nonlocal buf, pos, done, eof
+        text = f.read(chunk_chars)
+        eof = not text
+        done += pos
+        buf, pos = buf[pos:] + text, 0
+        return not eof
+
+    def skip_space() -> str:  # the next non-blank character ("" at the end)
+        nonlocal pos
+        while True:
+            while pos < len(buf) and buf[pos] in " \t\r\n":
+                pos += 1
+            if pos < len(buf) or not more():
+                return buf[pos] if pos < len(buf) else ""
+
+    def fail(what: str, at: int | None = None) -> UrlListError:  # at: the character in the file (default: pos's)
+        return UrlListError(f"{path}: not a valid JSON array at element {index} (character {done + pos if at is None else at}): "
+                            f"{what}; the stage stopped before any download. Fix or re-copy the file and rerun.")  # fmt: skip
+
+    if skip_space() != "[":
+        raise fail("expected '['")
+    pos += 1
+    if skip_space() == "]":
+        return
+    while True:
+        skip_space()  # raw_decode does not skip leading blanks
+        try:
+            value, end = dec.raw_decode(buf, pos)
+            if end == len(buf) and not eof and more():  # a number may go on in the next read
+                continue
+        except json.JSONDecodeError as err:
+            at = done + err.pos
+            if not eof and more():
+                continue
+            raise fail(f"{err.msg.removesuffix(' at')} (is the file cut short?)", at) from err
+        pos = end
+        yield _json_value(value, url_col)
+        index += 1
+        sep = skip_space()
+        pos += 1
+        if sep == "]":
+            return
+        if sep != ",":
+            pos -= 1
+            raise fail("expected ',' or ']'" if sep else "the array is not closed (is the file cut short?)")
 
 
-def _chunks(path: Path, fmt: str, chunk_rows: int) -> Iterator[pd.DataFrame]:
+def _records(f, path: Path, fmt: str, url_col: str) -> Iterator[dict[str, object]]:
+    """One dict per row of a text list; a row that does not parse gives {"__error__": why}."""
+    if fmt in ("csv", "tsv"):
+        delimiter = "\t" if fmt == "tsv" else ","
+        header = next(csv.reader([f.readline()], delimiter=delimiter), [])
+        if not header:
+            raise UrlListError(f"{path}: empty {fmt.upper()} (no header line)")
+        yield from _delimited(f, header, delimiter)
+    elif fmt == "txt":  # img2dataset's txt: one URL per line, no header
+        yield from ({url_col: line.strip()} for line in f if line.strip())
+    else:  # json or jsonl: an array of rows, or one row per line (told by the first character)
+        first = f.read(1)
+        while first.isspace():
+            first = f.read(1)
+        if first == "[":
+            yield from _json_array(_PrefixedReader(first, f), path, url_col)
+        else:
+            yield from _json_lines(itertools.chain([first + f.readline()], f), url_col)
+
+
+class _PrefixedReader:
+    """``read`` of a text file whose first characters were already read (``prefix``)."""
+
+    def __init__(self, prefix: str, f):
+        self.prefix, self.f = prefix, f
+
+    def read(self, n: int) -> str:
+        if self.prefix:
+            out, self.prefix = self.prefix + self.f.read(max(0, n - len(self.prefix))), ""
+            return out
+        return self.f.read(n)
+
+
+def _text_chunks(path: Path, fmt: str, chunk_rows: int, url_col: str) -> Iterator[pd.DataFrame]:
+    compression = _compression(path)
+    try:
+        with _open_text(path, compression) as f:
+            records = _records(f, path, fmt, url_col)
+            while batch := list(itertools.islice(records, chunk_rows)):
+                yield pd.DataFrame.from_records(batch)
+    except (EOFError, zlib.error, lzma.LZMAError, OSError) as err:
+        if compression is None:
+            raise
+        raise UrlListError(  # a cut compressed file is detectable, unlike a cut text one: nothing is ingested
+            f"cannot read URL list {path} ({compression}; truncated or corrupt? re-copy it): the stage stopped before "
+            f"any download. Copy the file again from its source (check its size or checksum) and rerun. ({err})"
+        ) from err
+
+
+def _chunks(path: Path, fmt: str, chunk_rows: int, url_col: str = "url") -> Iterator[pd.DataFrame]:
     if fmt != "parquet":
-        yield from _text_chunks(path, fmt, chunk_rows)
+        yield from _text_chunks(path, fmt, chunk_rows, url_col)
         return
     try:
         reader = pq.ParquetFile(path)
@@ -181,17 +319,58 @@ def parse_face_boxes(text: str | None) -> list[tuple[float, float, float, float]
     return out
 
 
+def url_list_problems(data: DataConfig, most: int = 5) -> list[str]:
+    """What stops ``data.url_list`` being read, found from the first row of each file (seconds, before any stage
+    runs): no list files, a format that cannot be told, a file that cannot be opened or parsed (a damaged parquet
+    footer, a compressed file that is not), a missing URL column. A missing list is reported by the run's own checks;
+    problems further into a file (a cut JSON array, a compressed file cut short) stop the stage while it plans,
+    still before any download."""
+    if data.url_list is None or not Path(data.url_list).exists():
+        return []
+    try:
+        files = list_files(data.url_list, data.input_format)
+    except UrlListError as err:
+        return [f"data.url_list: {err}"]
+    problems = []
+    for path, fmt in files:
+        try:
+            chunk = next(_chunks(path, fmt, 1, data.url_col), None)
+        except (UrlListError, OSError, UnicodeError, ValueError) as err:
+            problems.append(f"data.url_list: {err}")
+            continue
+        if chunk is not None and data.url_col not in chunk.columns and "__error__" not in chunk.columns:
+            problems.append(f"data.url_list: {missing_column(path, fmt, data.url_col, list(chunk.columns))}")
+    if len(problems) > most:
+        problems = [*problems[:most], f"data.url_list: ... and {len(problems) - most} more files with problems"]
+    return problems
+
+
+def missing_column(path: Path, fmt: str, url_col: str, columns: list[str]) -> str:
+    """Why a list without ``url_col`` cannot be read, and the fix: the column of another case (LAION's ``URL``), or
+    a header line that is data (CC3M's TSV has none: img2dataset's docs add one)."""
+    msg = f"{path}: no column {url_col!r} (columns: {[str(c)[:80] for c in columns][:20]})"
+    near = [c for c in columns if str(c).strip().lower() == url_col.strip().lower()]
+    if near:
+        return f"{msg}: set data.url_col={near[0]}"
+    if fmt in ("csv", "tsv") and any("://" in str(c) for c in columns):
+        sep = "\\t" if fmt == "tsv" else ","
+        fix = f": sed -i '1s/^/caption{sep}url\\n/' {path}" if _compression(path) is None else ""
+        return (f"{msg}. Its first line is data, not a header: the file has no header line. Add one naming the "
+                f"columns (for caption{sep}url rows{fix})")  # fmt: skip
+    return f"{msg}; set data.url_col"
+
+
 def iter_url_rows(data: DataConfig, chunk_rows: int = 100_000) -> Iterator[pd.DataFrame]:
     """Yield chunks with the columns of ROW_COLUMNS; row_id counts rows across files in order."""
     if data.url_list is None:
         raise UrlListError("data.url_list is not set")
     next_row = 0
     for path, fmt in list_files(data.url_list, data.input_format):
-        for chunk in _chunks(path, fmt, chunk_rows):
+        for chunk in _chunks(path, fmt, chunk_rows, data.url_col):
             n = len(chunk)
             errors = _column(chunk, "__error__", n)
             if data.url_col not in chunk.columns and not all(e is not None for e in errors):
-                raise UrlListError(f"{path}: no column {data.url_col!r} (columns: {list(chunk.columns)}); set data.url_col")
+                raise UrlListError(missing_column(path, fmt, data.url_col, [c for c in chunk.columns if c != "__error__"]))
             urls = _column(chunk, data.url_col, n)
             out = pd.DataFrame({"row_id": np.arange(next_row, next_row + n, dtype=np.int64)})
             out["url"] = [("" if u is None else u) for u in urls]

@@ -1,9 +1,11 @@
-"""Every model file a run will use, opened and checked before any stage runs (``lvd run``, ``lvd resume``).
+"""Every model file a run will use, and its URL list, opened and checked before any stage runs (``lvd run``,
+``lvd resume``).
 
 A wrong file otherwise fails only when its stage starts, after hours of download and filtering. Each model a run's
 remaining stages will load is built here exactly as its stage builds it and run on one small image: the file exists,
 loads, accepts the input its stage feeds, and gives an output of the configured size (SSCD: ``dedup.descriptor.dims``;
-a CLIP-style NSFW head: the encoder's embedding size). Problems name the config key and the file.
+a CLIP-style NSFW head: the encoder's embedding size). The URL list's files are opened and their first row read
+(:func:`curation.urls.url_list_problems`). Problems name the config key and the file.
 """
 
 from __future__ import annotations
@@ -151,6 +153,21 @@ def check_model_files(cfg: PipelineConfig, stages: set[str] | None = None) -> li
     return problems
 
 
+def check_inputs(cfg: PipelineConfig, stages: set[str] | None = None) -> list[str]:
+    """:func:`check_model_files`, and the URL list's problems where the ingest stage is among ``stages`` (the demo's
+    list is written by the run itself)."""
+    if stages is None:
+        from flows.stages import active_stages
+
+        stages = {s.name for s in active_stages(cfg)}
+    problems = []
+    if "ingest" in stages and not cfg.demo.enabled:
+        from curation.urls import url_list_problems
+
+        problems += url_list_problems(cfg.data)
+    return problems + check_model_files(cfg, stages)
+
+
 def remaining_stages(run: RunDir, cfg: PipelineConfig) -> set[str]:
     """The stages a resumed run still has to run (completed ones load no model)."""
     from flows.stages import active_stages
@@ -160,9 +177,9 @@ def remaining_stages(run: RunDir, cfg: PipelineConfig) -> set[str]:
 
 
 def preflight(cfg: PipelineConfig, stages: set[str] | None = None) -> None:
-    """Raise a :class:`ConfigError` listing every model-file problem (before any stage runs)."""
+    """Raise a :class:`ConfigError` listing every problem of the URL list and model files (before any stage runs)."""
     from infra.config import ConfigError
 
-    problems = check_model_files(cfg, stages)
+    problems = check_inputs(cfg, stages)
     if problems:
-        raise ConfigError(problems, "model files")
+        raise ConfigError(problems, "inputs")

@@ -115,7 +115,8 @@ def _check_writable(root: Path) -> list[str]:
 def _check_inputs(cfg: PipelineConfig) -> list[str]:
     problems = []
     if cfg.data.url_list is None:
-        problems.append("data.url_list: required (a parquet/CSV/JSONL file or folder of URL lists), or set demo.enabled=true")
+        problems.append("data.url_list: required (a URL list: parquet, CSV, TSV, JSON(L) or text, or a folder of "
+                        "them), or set demo.enabled=true")
     if cfg.demo.enabled:
         return problems  # the demo builds its inputs at run time
     if cfg.data.url_list is not None and not Path(cfg.data.url_list).exists():
@@ -134,8 +135,8 @@ def _check_inputs(cfg: PipelineConfig) -> list[str]:
             p = getattr(b, key, None)
             if p is not None and not Path(p).exists():
                 problems.append(f"evaluate.benchmarks[{b.name}].{key}: {p} does not exist")
-    # Model files (embedder, evaluated checkpoints, NSFW, faces, SSCD) are opened and probed by the `checks` the CLI
-    # passes to prepare_run (flows.preflight.check_model_files), listed with these.
+    # The URL list's files and model files (embedder, evaluated checkpoints, NSFW, faces, SSCD) are opened and probed
+    # by the `checks` the CLI passes to prepare_run (flows.preflight.check_inputs), listed with these.
     return problems
 
 

@@ -148,11 +148,12 @@ def _run_flow(run_root: Path, run_id: str) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.preflight import check_model_files
+    from flows.preflight import check_inputs
     from infra.runs import prepare_run
 
-    # Every problem at once, the model files' included (opened and probed), before a run directory exists.
-    run, _ = prepare_run(args.config, args.overrides, checks=check_model_files)
+    # Every problem at once, the URL list's and model files' included (opened and probed), before a run directory
+    # exists.
+    run, _ = prepare_run(args.config, args.overrides, checks=check_inputs)
     print(f"run {run.run_id} in {run.path}")
     return _run_flow(run.root, run.run_id)
 
@@ -165,7 +166,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     for key, (old, new) in amend_run(run, args.overrides).items():
         print(f"{key}: {old} -> {new}")
     cfg = run.load_config()
-    preflight(cfg, remaining_stages(run, cfg))  # the models of the stages still to run
+    preflight(cfg, remaining_stages(run, cfg))  # the URL list and models of the stages still to run
     run.log_event("resumed")
     return _run_flow(run.root, run.run_id)
 

@@ -40,7 +40,11 @@ class EvalSetConfig(Section):
 class DataConfig(Section):
     # One file or a directory of files; rows are numbered in file order (row_id), never reordered.
     url_list: Path | None = None
-    input_format: Literal["auto", "parquet", "csv", "jsonl"] = "auto"
+    # auto: told by each file's name (urls.tsv.gz: TSV, decompressed). img2dataset's input_format values are accepted
+    # as they are ("tsv.gz" is "tsv": compression is told by the file's first bytes). txt: one URL per line, no
+    # header; json: a JSON array of rows (or of URL strings), or JSON lines; csv and tsv: a header line names columns.
+    input_format: Literal["auto", "parquet", "csv", "tsv", "jsonl", "json", "txt", "csv.gz", "tsv.gz", "jsonl.gz",
+                          "json.gz", "txt.gz"] = "auto"  # fmt: skip
     url_col: str = "url"
     caption_col: str | None = "caption"
     source_col: str | None = "source"

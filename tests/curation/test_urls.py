@@ -87,13 +87,18 @@ def test_truncated_parquet_stops_before_any_download(tmp_path):
 
 
 def _long_url_list(root: Path, n: int) -> tuple[dict[str, Path], int]:
-    """n rows of 4 kB URLs (every URL twice) as parquet (row groups of 250), CSV and JSONL; and the URL bytes."""
+    """n rows of 4 kB URLs (every URL twice) as parquet (row groups of 250), CSV, JSONL, a JSON array and gzipped
+    TSV; and the URL bytes."""
+    import gzip
+
     pad = "p" * 4000
     urls = [f"http://example.com/{pad}/{i % (n // 2)}.jpg" for i in range(n)]
-    paths = {fmt: root / f"{n}.{fmt}" for fmt in ("parquet", "csv", "jsonl")}
+    paths = {fmt: root / f"{n}.{fmt}" for fmt in ("parquet", "csv", "jsonl", "json", "tsv.gz")}
     pq.write_table(pa.table({"url": urls}), paths["parquet"], row_group_size=250)
     paths["csv"].write_text("url\n" + "".join(u + "\n" for u in urls))
     paths["jsonl"].write_text("".join(json.dumps({"url": u}) + "\n" for u in urls))
+    paths["json"].write_text(json.dumps([{"url": u} for u in urls]))  # one line: read in 1 MB parts all the same
+    paths["tsv.gz"].write_bytes(gzip.compress(("caption\turl\n" + "".join(f"c\t{u}\n" for u in urls)).encode(), 1))
     return paths, sum(map(len, urls))
 
 
@@ -102,7 +107,8 @@ def _long_url_list(root: Path, n: int) -> tuple[dict[str, Path], int]:
 def test_planning_memory_does_not_grow_with_the_list(tmp_path):
     """Peaks while planning 1,500 vs 6,000 rows (6 vs 24 MB of URLs; chunks of 250 rows, shards of 500), measured in
     a fresh process (tests/curation/plan_memory.py): Arrow's memory pool (where the rows wait for their shard file:
-    tracemalloc does not see it), the Python heap and the peak RSS, for parquet, CSV and JSONL lists.
+    tracemalloc does not see it), the Python heap and the peak RSS, for parquet, CSV, JSONL, JSON-array and gzipped
+    TSV lists.
 
     The control plans with shards larger than the list, so the whole list waits in Arrow memory: its Arrow peak grows
     with the list while its Python-heap peak does not, which is why the Python heap alone proved nothing. The RSS
@@ -112,12 +118,13 @@ def test_planning_memory_does_not_grow_with_the_list(tmp_path):
     (short, short_bytes), (long, long_bytes) = _long_url_list(tmp_path, 1500), _long_url_list(tmp_path, 6000)
     specs = [{"short": str(short[fmt]), "long": str(long[fmt]), "shard_size": shard, "chunk_rows": 250,
               "plan": str(tmp_path / f"plan-{fmt}-{shard}")}
-             for fmt, shard in (("parquet", 500), ("csv", 500), ("jsonl", 500), ("parquet", 10**6))]  # fmt: skip
+             for fmt, shard in (("parquet", 500), ("csv", 500), ("jsonl", 500), ("json", 500), ("tsv.gz", 500),
+                                ("parquet", 10**6))]  # fmt: skip
     proc = subprocess.run([sys.executable, "-m", "tests.curation.plan_memory", json.dumps(specs)], capture_output=True,
                           text=True, cwd=Path(__file__).parents[2], timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     *bounded, control = json.loads(proc.stdout)
-    for fmt, peaks in zip(("parquet", "csv", "jsonl"), bounded, strict=True):
+    for fmt, peaks in zip(("parquet", "csv", "jsonl", "json", "tsv.gz"), bounded, strict=True):
         s, lg = peaks["short"], peaks["long"]
         assert (s["rows"], s["duplicates"], lg["rows"], lg["duplicates"]) == (1500, 750, 6000, 3000), fmt
         assert lg["arrow_peak"] <= 1.05 * s["arrow_peak"], (fmt, peaks)
@@ -247,3 +254,116 @@ def test_url_list_fingerprint_follows_contents_not_copies(tmp_path):
     assert stage_key(SPECS["ingest"], run, cfg) == key
     (lists / "a.csv").write_text("url\nhttp://127.0.0.1/3.png\n")
     assert stage_key(SPECS["ingest"], run, cfg) != key
+
+
+def _img2dataset_lists(root: Path, urls: list[str], captions: list[str]) -> dict[str, Path]:
+    """The same rows in every input format img2dataset reads (and bzip2 / xz besides gzip), as such files come."""
+    import bz2
+    import gzip
+    import lzma
+
+    tsv = "caption\turl\n" + "".join(f"{c}\t{u}\n" for c, u in zip(captions, urls, strict=True))
+    csv_text = pd.DataFrame({"url": urls, "caption": captions}).to_csv(index=False)
+    jsonl = "".join(json.dumps({"url": u, "caption": c}) + "\n" for u, c in zip(urls, captions, strict=True))
+    array = json.dumps([{"caption": c, "url": u, "w": 10**12 + i} for i, (u, c) in enumerate(zip(urls, captions, strict=True))], indent=2)  # fmt: skip
+    texts = {"urls.txt": "\r\n".join(urls) + "\n\n", "urls.csv": csv_text, "excel.csv": "\ufeff" + csv_text,
+             "urls.tsv": tsv, "urls.jsonl": jsonl, "array.json": array, "strings.json": json.dumps(urls)}  # fmt: skip
+    paths = {}
+    for name, text in texts.items():
+        (root / name).write_text(text, encoding="utf-8")
+        paths[name] = root / name
+    for name, opener, suffix in (("urls.txt", gzip.open, ".gz"), ("urls.tsv", gzip.open, ".gz"),
+                                 ("urls.csv", bz2.open, ".bz2"), ("urls.jsonl", lzma.open, ".xz"),
+                                 ("array.json", gzip.open, ".gz")):  # fmt: skip
+        with opener(root / (name + suffix), "wt", encoding="utf-8") as f:
+            f.write(texts[name])
+        paths[name + suffix] = root / (name + suffix)
+    return paths
+
+
+def test_every_img2dataset_input_format_gives_the_same_rows(tmp_path):
+    """txt, csv, tsv, jsonl, json (an array of rows or of URL strings) and parquet, compressed or not, in chunks
+    smaller than the list: the rows, their order and captions are the parquet list's."""
+    urls = [f"http://example.com/{i}/a,b.jpg?q=[{i}]" for i in range(11)]
+    captions = [f'cap "{i}", with ] and {{' for i in range(11)]
+    paths = _img2dataset_lists(tmp_path, urls, captions)
+    pd.DataFrame({"url": urls, "caption": captions}).to_parquet(tmp_path / "ref.parquet")
+    ref = pd.concat(iter_url_rows(DataConfig(url_list=tmp_path / "ref.parquet")))
+    for name, path in paths.items():
+        rows = pd.concat(iter_url_rows(DataConfig(url_list=path), chunk_rows=4))
+        assert rows["row_id"].tolist() == list(range(11)), name
+        assert rows["url"].tolist() == urls and rows["list_error"].isna().all(), name
+        with_captions = not name.startswith(("urls.txt", "strings"))
+        assert rows["caption"].tolist() == (captions if with_captions else [None] * 11), name
+    assert ref["url"].tolist() == urls
+    # img2dataset's own input_format values name a file whose name does not
+    (tmp_path / "list.data").write_bytes(paths["urls.tsv.gz"].read_bytes())
+    rows = pd.concat(iter_url_rows(DataConfig(url_list=tmp_path / "list.data", input_format="tsv.gz")))
+    assert rows["url"].tolist() == urls
+    # a folder of lists: every file whose name says a format, in name order, numbered across files
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for i, name in enumerate(["urls.txt.gz", "array.json", "urls.tsv"]):
+        (folder / f"{i}-{name}").write_bytes(paths[name].read_bytes())
+    (folder / "_SUCCESS").write_text("")
+    rows = pd.concat(iter_url_rows(DataConfig(url_list=folder), chunk_rows=5))
+    assert rows["url"].tolist() == urls * 3 and rows["row_id"].tolist() == list(range(33))
+
+
+@pytest.mark.parametrize("chunk_chars", [1, 2, 7, 64, 1 << 20])
+def test_a_json_array_is_parsed_element_by_element_across_reads(chunk_chars):
+    """Elements (objects, URL strings, numbers that go on past a read) split at every position of the buffer."""
+    import io
+
+    from curation.urls import _json_array
+
+    items = [{"url": "http://h/a", "n": 1234567, "deep": {"x": [1, {"y": "]"}]}}, "http://h/b", 12345, {}]
+    text = "  [ " + ",\n ".join(json.dumps(x) for x in items) + " ]  "
+    got = list(_json_array(io.StringIO(text), Path("t.json"), "url", chunk_chars=chunk_chars))
+    assert got == [items[0], {"url": "http://h/b"}, {"__error__": "not a JSON object or URL string: 12345"}, {}]
+
+
+def test_a_cut_json_array_or_compressed_list_stops_before_any_download(tmp_path):
+    import gzip
+
+    urls = [f"http://example.com/{i}.jpg" for i in range(2000)]
+    cut = json.dumps([{"url": u} for u in urls])[:-30]  # inside the last URL (`{"url": "h`), its quote at `start`
+    (tmp_path / "cut.json").write_text(cut)
+    start = cut.rindex('"')
+    with pytest.raises(UrlListError, match=rf"cut.json: not a valid JSON array at element 1999 \(character {start}\): "
+                                           r"Unterminated string starting \(is the file cut short\?\); the stage stopped"):
+        plan_shards(DataConfig(url_list=tmp_path / "cut.json"), IngestConfig(), tmp_path / "plan1")
+    (tmp_path / "bad.json").write_text('[{"url": "http://h/1"} {"url": "http://h/2"}]')
+    with pytest.raises(UrlListError, match=r"at element 1 \(character 23\): expected ',' or '\]'; "):
+        plan_shards(DataConfig(url_list=tmp_path / "bad.json"), IngestConfig(), tmp_path / "plan2")
+    data = gzip.compress(("url\n" + "\n".join(urls)).encode())
+    (tmp_path / "cut.csv.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UrlListError, match=r"cut.csv.gz \(gzip; truncated or corrupt\? re-copy it\)"):
+        plan_shards(DataConfig(url_list=tmp_path / "cut.csv.gz"), IngestConfig(), tmp_path / "plan3")
+    for plan in ("plan1", "plan2", "plan3"):
+        assert not list((tmp_path / plan).glob("inputs/*.parquet"))  # no shard planned, so none downloaded
+
+
+def test_a_list_that_cannot_be_read_is_named_with_its_fix_before_the_run_starts(tmp_path):
+    """Each file's first row is read at start-up (url_list_problems): a TSV without its header line (CC3M's, as
+    published), LAION's upper-case URL column, a damaged parquet file, a file whose format its name does not say."""
+    from curation.urls import url_list_problems
+
+    (tmp_path / "cc3m.tsv").write_text("a cat on a mat\thttp://example.com/cat.jpg\na dog\thttp://example.com/dog.jpg\n")
+    pd.DataFrame({"URL": ["http://h/1"], "TEXT": ["t"]}).to_parquet(tmp_path / "laion.parquet")
+    (tmp_path / "cut.parquet").write_bytes((tmp_path / "laion.parquet").read_bytes()[:100])
+    (tmp_path / "good.txt").write_text("http://h/1\n")
+    problems = url_list_problems(DataConfig(url_list=tmp_path))
+    names = ["cc3m.tsv", "cut.parquet", "laion.parquet"]  # in file-name order
+    assert [[n for n in names if f"{tmp_path}/{n}" in p] for p in problems] == [[n] for n in names]
+    assert problems[0].endswith("Its first line is data, not a header: the file has no header line. Add one naming "
+                                f"the columns (for caption\\turl rows: sed -i '1s/^/caption\\turl\\n/' {tmp_path}/cc3m.tsv)")
+    assert "(parquet; truncated or corrupt? re-copy it)" in problems[1]
+    assert problems[2].endswith("no column 'url' (columns: ['URL', 'TEXT']): set data.url_col=URL")
+    assert url_list_problems(DataConfig(url_list=tmp_path / "good.txt")) == []
+    assert url_list_problems(DataConfig(url_list=tmp_path / "laion.parquet", url_col="URL")) == []
+    (tmp_path / "urls.list").write_text("http://h/1\n")
+    assert url_list_problems(DataConfig(url_list=tmp_path / "urls.list")) == [
+        f"data.url_list: cannot tell the format of {tmp_path}/urls.list from its name; set data.input_format (parquet, "
+        "csv, tsv, jsonl, json or txt)"]
+    assert url_list_problems(DataConfig(url_list=tmp_path / "urls.list", input_format="txt")) == []

@@ -19,10 +19,10 @@ TINY, OWN = REPO / "configs" / "tiny.yaml", REPO / "configs" / "own_folder.yaml"
 
 
 def _problems(config: Path, overrides: list[str]) -> list[str]:
-    from flows.preflight import check_model_files
+    from flows.preflight import check_inputs
 
     with pytest.raises(ConfigError) as err:
-        prepare_run(config, overrides, checks=check_model_files)  # as `lvd run` does
+        prepare_run(config, overrides, checks=check_inputs)  # as `lvd run` does
     return err.value.problems
 
 
@@ -52,6 +52,18 @@ def test_the_shipped_own_data_configs_name_a_model_file_and_are_refused_without_
     for config in (OWN, REPO / "configs" / "own_urls.yaml"):
         problems = _problems(config, [f"data.url_list={urls}", f"run.root={tmp_path / 'runs'}"])
         assert problems == ["embed.backbone.path: models/dinov2_vits14_pretrain.pth does not exist"]
+
+
+def test_a_url_list_without_its_url_column_is_refused_with_the_fix(tmp_path):
+    """CC3M's TSV as published has no header line (img2dataset's docs add one with sed): found at start-up, with the
+    fix, besides every other problem."""
+    urls = tmp_path / "cc3m.tsv"
+    urls.write_text("a cat\thttp://example.com/a.jpg\na dog\thttp://example.com/b.jpg\n")
+    problems = _problems(OWN, [f"data.url_list={urls}", f"run.root={tmp_path / 'runs'}"])
+    assert [p.split(":")[0] for p in problems] == ["data.url_list", "embed.backbone.path"]
+    assert f"{urls}: no column 'url' (columns: ['a cat', 'http://example.com/a.jpg'])" in problems[0]
+    assert "the file has no header line" in problems[0]
+    assert not (tmp_path / "runs").exists()
 
 
 def test_the_cli_refuses_in_seconds_with_every_problem_and_starts_nothing(tmp_path):
