@@ -41,9 +41,17 @@ def run_ids(root: Path | str, pipeline_only: bool = False) -> list[str]:
 
 def resolve_run_id(root: Path | str, text: str) -> str:
     """`text` itself when it names a folder under `root` (a run, or what is left of one: `lvd lineage` needs only its
-    ledger), else the one run whose id starts with it."""
+    ledger), else the one run whose id starts with it. A run's folder given as a path (`runs/demo-1a2b3c4d/`, as the
+    shell completes it) names that run when it lies under `root`; elsewhere the error says which --root to give."""
     if text and (Path(root) / text).is_dir():
         return text
+    if text and ("/" in text or text.startswith(".")) and Path(text).is_dir():
+        folder = Path(text).resolve()
+        if folder.parent == Path(root).resolve():
+            return folder.name
+        if (folder / CONFIG_FILE).is_file():
+            raise RunIdError(f"{text} is a run under {folder.parent}, not under {root}: give --root {folder.parent} "
+                             f"{folder.name}")  # fmt: skip
     matches = [r for r in run_ids(root) if r.startswith(text)] if text else []
     if len(matches) == 1:
         return matches[0]

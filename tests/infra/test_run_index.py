@@ -64,3 +64,16 @@ def test_an_ambiguous_or_unknown_prefix_is_refused_with_the_candidates(root, cap
     assert main(["status", "--root", str(root / "empty")]) == 2
     assert capsys.readouterr().err == (f"error: no run under {root / 'empty'} yet: start one with `lvd run CONFIG`, or "
                                        "name its folder with --root\n")
+
+
+def test_a_run_folder_given_as_a_path_names_that_run(root, capsys, monkeypatch):
+    """`lvd status runs/demo-12345678/` (the shell completes the folder): the run, when it lies under --root; one
+    under another folder is refused with the --root to give."""
+    monkeypatch.chdir(root.parent)
+    assert main(["status", "runs/demo-12345678/", "--root", "runs"]) == 0
+    assert capsys.readouterr().out.startswith("run demo-12345678  (")
+    assert main(["lineage", "./runs/tiny-3a38676e", "http://c.example/img/2.png", "--root", "runs"]) == 0
+    assert "outcome: dropped at stage ingest: decode_error" in capsys.readouterr().out
+    assert main(["status", "runs/tiny-3a99aaaa", "--root", "elsewhere"]) == 2
+    assert capsys.readouterr().err == (f"error: runs/tiny-3a99aaaa is a run under {root}, not under elsewhere: give "
+                                       f"--root {root} tiny-3a99aaaa\n")
