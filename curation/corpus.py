@@ -4,6 +4,7 @@ manifest table, and a composition table in the style of paper Table 15."""
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +32,16 @@ class _Writer:
         self.index, self.n, self.rows = 0, 0, []
         self.w: ShardWriter | None = None
 
-    def add(self, image_id: str, data: bytes, ext: str, **cols: object) -> str:
+    def add(self, image_id: str, data: bytes, ext: str, extra: str | None = None, **cols: object) -> str:
+        """``extra``: the list's ``data.extra_cols`` as JSON text: top-level keys of the image's ``.json`` member (as
+        img2dataset's save_additional_columns), one column each in ``corpus.parquet``, the text in the shard table."""
         if self.w is None:
             self.w = ShardWriter(self.shard_dir, shard_name(self.index))
-        meta = {"image_id": image_id, **cols, "sha256": sha256_bytes(data)}
-        self.w.add(image_id, data, ext, meta={k: v for k, v in meta.items() if v is not None}, **cols)
+        more = json.loads(extra) if extra else {}
+        meta = {"image_id": image_id, **cols, **more, "sha256": sha256_bytes(data)}
+        self.w.add(image_id, data, ext, meta={k: v for k, v in meta.items() if v is not None}, **cols, extra=extra)
         name = shard_name(self.index)
-        self.rows.append({"image_id": image_id, "shard": name, **cols})
+        self.rows.append({"image_id": image_id, "shard": name, **cols, **more})
         self.n += 1
         if self.n == self.size:
             self.close()
@@ -51,7 +55,7 @@ class _Writer:
 
 # Per corpus image, from the pool's shard tables (ingest's for what it alone records): what img2dataset and
 # WebDataset users expect beside each image, in the shard's `.json` member and in the corpus tables.
-POOL_COLUMNS = ("row_id", "url", "caption", "source", "width", "height", "original_width", "original_height")
+POOL_COLUMNS = ("row_id", "url", "caption", "source", "width", "height", "original_width", "original_height", "extra")
 
 
 def _pool_rows(pool_shard: Path, ingest_shard_dir: Path | None, ids: set[str]) -> pd.DataFrame:
@@ -73,6 +77,17 @@ def _value(v: object) -> object:
     if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA:
         return None
     return v.item() if isinstance(v, np.generic) else v
+
+
+def _parquet_safe(table: pd.DataFrame) -> pd.DataFrame:
+    """Columns of mixed Python types (a list's extra column with numbers in some rows and text in others) as text,
+    so the table can be written; others as they are."""
+    for c in table.select_dtypes(include="object").columns:
+        kinds = {type(v) for v in table[c] if v is not None and not (isinstance(v, float) and np.isnan(v))}
+        if len(kinds) > 1 and not kinds <= {int, float}:
+            table[c] = [None if v is None or (isinstance(v, float) and np.isnan(v)) else
+                        (v if isinstance(v, str) else json.dumps(v)) for v in table[c]]  # fmt: skip
+    return table
 
 
 def build_corpus(
@@ -111,7 +126,7 @@ def build_corpus(
                         detail={"shard": name, "as_is": True, "sha256": sha256_bytes(item.data)})  # fmt: skip
     writer.close()
     parts = ledger.close()
-    table = pd.DataFrame(writer.rows)
+    table = _parquet_safe(pd.DataFrame(writer.rows))
     with atomic_path(stage_dir / MANIFEST_TABLE) as tmp:
         table.to_parquet(tmp, index=False)
     comp = composition(table, stats)

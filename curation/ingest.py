@@ -53,7 +53,7 @@ SHARD_SCHEMA = pa.schema(
     [("image_id", pa.string()), ("ext", pa.string()), ("sha256", pa.string()), ("bytes", pa.int64()),
      ("row_id", pa.int64()), ("url", pa.string()), ("source", pa.string()), ("width", pa.int32()),
      ("height", pa.int32()), ("original_width", pa.int32()), ("original_height", pa.int32()), ("phash", pa.int64()),
-     ("face_boxes", pa.string())]
+     ("face_boxes", pa.string()), ("caption", pa.string()), ("extra", pa.string())]
 )  # fmt: skip
 
 Mapper = Callable[[Callable[..., Any], list[tuple[Any, ...]]], Iterable[Any]]
@@ -190,6 +190,8 @@ def _record_row(job: ShardJob, r: Any, ledger: LedgerWriter, verdict: Verdict | 
         ledger.info("retry", row_id=row_id, url=r.url, detail={"attempt": job.attempt, "previous": r.previous})
         return
     detail = {"source": r.source, "caption": r.caption}
+    if getattr(r, "extra", None) is not None:  # data.extra_cols, as listed
+        detail["extra"] = json.loads(r.extra)
     if verdict is not None and verdict.url is not None and verdict.url != r.url:
         detail["fetch_url"] = verdict.url
     if verdict is not None and verdict.stripped:
@@ -264,7 +266,7 @@ def ingest_shard(job: ShardJob) -> tuple[str, dict[str, int]]:
                 seen[m.sha256] = (row_id, h)
                 size = {k: int(getattr(m, k)) for k in ("width", "height", "original_width", "original_height")}
                 writer.add(m.sha256, data, cfg.encode_format, row_id=row_id, url=listed[row_id], source=r.source, **size, phash=h,
-                           face_boxes=boxes[row_id])  # fmt: skip
+                           face_boxes=boxes[row_id], caption=r.caption, extra=r.extra)  # fmt: skip
                 ledger.info("downloaded", row_id=row_id, image_id=m.sha256, detail={**size, "phash": to_hex(h)})
     except BaseException:
         writer.abort()

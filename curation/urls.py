@@ -51,11 +51,11 @@ from infra.urlnorm import UrlNormalizationError, normalize_url
 FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "json", ".txt": "txt"}
 COMPRESSED = {".gz": "gzip", ".bz2": "bzip2", ".xz": "xz"}
 _MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz"}
-ROW_COLUMNS = ["row_id", "url", "caption", "source", "list_error", "face_boxes"]
+ROW_COLUMNS = ["row_id", "url", "caption", "source", "list_error", "face_boxes", "extra"]
 ROW_SCHEMA = pa.schema(
     [("row_id", pa.int64()), ("url", pa.string()), ("caption", pa.string()), ("source", pa.string()),
-     ("list_error", pa.string()), ("face_boxes", pa.string())]
-)
+     ("list_error", pa.string()), ("face_boxes", pa.string()), ("extra", pa.string())]
+)  # fmt: skip
 PLAN_FILE = "plan.json"
 _HASH_DTYPE = np.dtype([("h1", "<u8"), ("h2", "<u8"), ("row", "<i8")])
 
@@ -340,6 +340,9 @@ def url_list_problems(data: DataConfig, most: int = 5) -> list[str]:
             continue
         if chunk is not None and data.url_col not in chunk.columns and "__error__" not in chunk.columns:
             problems.append(f"data.url_list: {missing_column(path, fmt, data.url_col, list(chunk.columns))}")
+        absent = [c for c in data.extra_cols if chunk is not None and c not in chunk.columns]
+        if absent and fmt in ("parquet", "csv", "tsv"):  # columns fixed per file (a JSON row may just lack a key)
+            problems.append(f"data.extra_cols: {absent} not in {path} (columns: {[str(c)[:80] for c in chunk.columns][:20]})")
     if len(problems) > most:
         problems = [*problems[:most], f"data.url_list: ... and {len(problems) - most} more files with problems"]
     return problems
@@ -378,8 +381,36 @@ def iter_url_rows(data: DataConfig, chunk_rows: int = 100_000) -> Iterator[pd.Da
             out["source"] = _column(chunk, data.source_col, n)
             out["list_error"] = errors
             out["face_boxes"] = _boxes_column(chunk, data.face_boxes_col, n)
+            out["extra"] = _extra_column(chunk, data.extra_cols, n)
             next_row += n
             yield out
+
+
+def _json_scalar(v: object) -> object:
+    """A list cell as JSON can hold it: NaN / NA / NaT -> None, numpy scalars -> Python, arrays -> lists, anything
+    else unknown (timestamps, bytes) -> its text."""
+    if isinstance(v, np.ndarray):
+        return [_json_scalar(x) for x in v.tolist()]
+    if isinstance(v, (list, tuple)):
+        return [_json_scalar(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _json_scalar(x) for k, x in v.items()}
+    if v is None or v is pd.NA or v is pd.NaT or (isinstance(v, float) and np.isnan(v)):
+        return None
+    if isinstance(v, np.generic):
+        return _json_scalar(v.item())
+    return v if isinstance(v, (str, int, float, bool)) else str(v)
+
+
+def _extra_column(chunk: pd.DataFrame, cols: list[str], n: int) -> np.ndarray:
+    """``data.extra_cols`` of each row as JSON text (a column a row lacks is null in it); None without extra_cols."""
+    out = np.full(n, None, dtype=object)
+    if not cols:
+        return out
+    values = {c: (chunk[c].tolist() if c in chunk.columns else [None] * n) for c in cols}
+    for i in range(n):
+        out[i] = json.dumps({c: _json_scalar(values[c][i]) for c in cols}, ensure_ascii=False)
+    return out
 
 
 def dedup_keys(urls: pd.Series) -> tuple[list[str], np.ndarray]:
@@ -422,7 +453,12 @@ def _write_table(path: Path, table: pa.Table) -> None:
 
 
 def read_rows(path: Path) -> pd.DataFrame:
-    return pq.read_table(path).to_pandas()
+    """A plan's shard input; one written before a column existed reads with it empty."""
+    rows = pq.read_table(path).to_pandas()
+    for c in ROW_COLUMNS:
+        if c not in rows.columns:
+            rows[c] = None
+    return rows
 
 
 def plan_shards(data: DataConfig, cfg: IngestConfig, plan_dir: Path) -> Plan:

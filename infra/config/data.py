@@ -10,6 +10,10 @@ from pydantic import Field, model_validator
 from infra.config.base import Section
 
 DatasetFormat = Literal["auto", "folder", "webdataset", "parquet"]
+# Columns of the shard and corpus tables and keys of a corpus image's .json member: data.extra_cols may not take them.
+RESERVED_COLUMNS = frozenset({"image_id", "key", "shard", "row_id", "url", "caption", "source", "list_error", "face_boxes",
+                              "extra", "ext", "bytes", "sha256", "width", "height", "original_width", "original_height",
+                              "phash", "seed_set", "method", "path"})  # fmt: skip
 
 
 class SeedSetConfig(Section):
@@ -52,8 +56,24 @@ class DataConfig(Section):
     # the image (0-1), as a list or a JSON string. They are blurred by the faces stage besides what its detector
     # finds; a row whose boxes cannot be read is dropped (`face_boxes_malformed`) rather than kept unblurred.
     face_boxes_col: str | None = None
+    # Further columns of the list kept with each image (img2dataset's save_additional_columns: LAION's LICENSE,
+    # similarity, punsafe, ...): in the lineage (the row's `input` event), the ingest and corpus shard tables (JSON
+    # text, `extra`), each corpus image's `.json` member and `corpus.parquet` (one column each).
+    extra_cols: list[str] = Field(default_factory=list)
     seed_sets: list[SeedSetConfig] = Field(default_factory=list)
     eval_sets: list[EvalSetConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _extra_cols(self) -> DataConfig:
+        named = {self.url_col, self.caption_col, self.source_col, self.face_boxes_col} - {None}
+        clash = sorted({c for c in self.extra_cols if c in RESERVED_COLUMNS or c in named})
+        if clash:
+            raise ValueError(f"extra_cols: {clash} would overwrite a column the pipeline writes or a column named by "
+                             f"url_col/caption_col/source_col/face_boxes_col (taken: {sorted(RESERVED_COLUMNS)})")  # fmt: skip
+        dup = sorted({c for c in self.extra_cols if self.extra_cols.count(c) > 1})
+        if dup:
+            raise ValueError(f"extra_cols: {dup} given twice")
+        return self
 
     @model_validator(mode="after")
     def _unique_names(self) -> DataConfig:
