@@ -1,8 +1,8 @@
 """URL lists: read in chunks (memory does not grow with the list), numbered by row, planned into fixed shards.
 
 A list is one file or a folder of them, read in file-name order, in any of img2dataset's input formats (parquet,
-CSV, TSV, JSONL, a JSON array, plain text with one URL per line; text ones may be gzip, bzip2 or xz compressed); ``row_id`` is the position of
-a row across the files and never changes. :func:`plan_shards` reads the list once and writes
+CSV, TSV, JSONL, a JSON array, plain text with one URL per line; text ones may be gzip, bzip2 or xz compressed);
+``row_id`` is the position of a row across the files and never changes. :func:`plan_shards` reads the list once and writes
 
 - ``inputs/<shard>.parquet``: the rows of each shard (shard k holds rows [k*size, (k+1)*size)): the shard
   assignment, fixed on disk, so reruns and retries read exactly the same rows;
@@ -335,7 +335,7 @@ def url_list_problems(data: DataConfig, most: int = 5) -> list[str]:
     for path, fmt in files:
         try:
             chunk = next(_chunks(path, fmt, 1, data.url_col), None)
-        except (UrlListError, OSError, UnicodeError, ValueError) as err:
+        except (OSError, ValueError) as err:  # UrlListError is a ValueError
             problems.append(f"data.url_list: {err}")
             continue
         if chunk is not None and data.url_col not in chunk.columns and "__error__" not in chunk.columns:

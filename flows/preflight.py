@@ -131,13 +131,19 @@ def backbone_problems(key: str, backbone) -> list[str]:  # backbone: BackboneCon
     return _attempt(f"{key}.path", backbone.path, check)
 
 
+def _stages(cfg: PipelineConfig, stages: set[str] | None) -> set[str]:
+    """``stages``, by default every stage this configuration runs."""
+    if stages is not None:
+        return stages
+    from flows.stages import active_stages
+
+    return {s.name for s in active_stages(cfg)}
+
+
 def check_model_files(cfg: PipelineConfig, stages: set[str] | None = None) -> list[str]:
     """Problems with the model files of ``stages`` (default: every stage this configuration runs), each naming the
     config key and the file. Models are loaded and run once on a small image; nothing is written."""
-    if stages is None:
-        from flows.stages import active_stages
-
-        stages = {s.name for s in active_stages(cfg)}
+    stages = _stages(cfg, stages)
     problems: list[str] = []
     if "nsfw" in stages:
         problems += nsfw_problems(cfg)
@@ -156,10 +162,7 @@ def check_model_files(cfg: PipelineConfig, stages: set[str] | None = None) -> li
 def check_inputs(cfg: PipelineConfig, stages: set[str] | None = None) -> list[str]:
     """:func:`check_model_files`, and the URL list's problems where the ingest stage is among ``stages`` (the demo's
     list is written by the run itself)."""
-    if stages is None:
-        from flows.stages import active_stages
-
-        stages = {s.name for s in active_stages(cfg)}
+    stages = _stages(cfg, stages)
     problems = []
     if "ingest" in stages and not cfg.demo.enabled:
         from curation.urls import url_list_problems

@@ -215,22 +215,36 @@ def test_retry_failed_cli_then_resume(crawl, prefect_server, capsys):
     assert pd.read_csv(root / "d.csv")["failures"].tolist() == ['{"http_404": 1}', '{"url_private": 1}']
 
 
-def test_truncated_parquet_list_stops_the_run_with_the_fix(crawl, prefect_server, capsys):
+def test_a_truncated_list_stops_the_run_with_the_fix(crawl, prefect_server, capsys):
+    """A parquet file cut short has lost its footer: `lvd run` refuses it at start-up (exit 2, no run folder). A
+    gzipped CSV cut short reads until its end: the plan stops the ingest stage before any download (exit 1), and the
+    run's failed event carries the fix."""
+    import gzip
+
     from flows.cli import main
 
     root, port = crawl
     data = (root / "urls.parquet").read_bytes()
     (root / "cut.parquet").write_bytes(data[: len(data) // 2])
+    csv_gz = gzip.compress(pd.read_parquet(root / "urls.parquet").to_csv(index=False).encode())
+    (root / "cut.csv.gz").write_bytes(csv_gz[: len(csv_gz) * 3 // 4])
     config = yaml.safe_load(_config(root, "thread").read_text())
-    config["run"]["run_id"] = "ingest-cut"
-    config["data"]["url_list"] = str(root / "cut.parquet")
-    (root / "cut.yaml").write_text(yaml.safe_dump(config))
-    with DemoServer(root / "images", port) as server:
-        assert main(["run", str(root / "cut.yaml")]) == 1
-        assert dict(server.hits) == {}  # stopped before any download
-    fix = f"cannot read URL list {root / 'cut.parquet'} (parquet; truncated or corrupt? re-copy it)"
-    assert fix in capsys.readouterr().err
-    events = [json.loads(line) for line in (root / "runs" / "ingest-cut" / "events.jsonl").read_text().splitlines()]
-    (failed,) = [e for e in events if e["event"] == "failed"]
-    assert failed["stage"] == "ingest" and failed["error"].startswith(f"UrlListError: {fix}")
-    assert "Copy the file again from its source" in failed["error"]
+    for name in ("cut.parquet", "cut.csv.gz"):
+        config["run"]["run_id"] = f"ingest-{name.replace('.', '-')}"
+        config["data"]["url_list"] = str(root / name)
+        (root / "cut.yaml").write_text(yaml.safe_dump(config))
+        with DemoServer(root / "images", port) as server:
+            assert main(["run", str(root / "cut.yaml")]) == (2 if name == "cut.parquet" else 1)
+            assert dict(server.hits) == {}  # stopped before any download
+        err = capsys.readouterr().err
+        kind = "parquet" if name == "cut.parquet" else "gzip"
+        fix = f"cannot read URL list {root / name} ({kind}; truncated or corrupt? re-copy it)"
+        assert fix in err
+        run_dir = root / "runs" / config["run"]["run_id"]
+        if name == "cut.parquet":
+            assert err.startswith("configuration is invalid (1 problem):") and not run_dir.exists()
+            continue
+        events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+        (failed,) = [e for e in events if e["event"] == "failed"]
+        assert failed["stage"] == "ingest" and failed["error"].startswith(f"UrlListError: {fix}")
+        assert "Copy the file again from its source" in failed["error"]
