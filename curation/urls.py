@@ -83,17 +83,36 @@ def list_files(path: Path, fmt: str) -> list[tuple[Path, str]]:
         files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and file_format(p))
         if not files:
             raise UrlListError(f"no URL lists in {path} (.parquet, .csv, .tsv, .jsonl, .json or .txt, text ones "
-                               f"optionally .gz, .bz2 or .xz)")  # fmt: skip
+                               f"optionally .gz, .bz2 or .xz){_own_images(path)}")  # fmt: skip
     else:
         files = [path]
     out = []
     for f in files:
         f_fmt = file_format(f) if fmt == "auto" else fmt
+        if f_fmt is None and f.suffix.lower() in IMAGE_SUFFIXES:
+            raise UrlListError(f"{f} is an image, not a list of image URLs{_own_images(f)}")
         if f_fmt is None:
             raise UrlListError(f"cannot tell the format of {f} from its name; set data.input_format (parquet, csv, "
                                f"tsv, jsonl, json or txt)")  # fmt: skip
         out.append((f, f_fmt))
     return out
+
+
+def _own_images(path: Path) -> str:
+    """Where ``data.url_list`` is an image or a folder holding images: how to curate a folder of one's own images
+    (empty otherwise; a folder's first 1,000 entries are looked at)."""
+    folder = path if path.is_dir() else path.parent
+    if path.is_dir():
+        entries = itertools.islice(path.rglob("*"), 1000)
+        found = next((p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES), None)
+        if found is None:
+            return ""
+        lead = f": it holds images ({found}), not lists of their URLs"
+    else:
+        lead = ""
+    name = f"{folder.name or 'images'}.parquet"
+    return (f"{lead}. For a folder of your own images, write its list first: lvd folder-urls {folder} {name}, then "
+            f"lvd run configs/own_folder.yaml data.url_list={name} \"ingest.local_roots=[{folder}]\"")
 
 
 def url_list_fingerprint(data: DataConfig) -> str:

@@ -367,3 +367,29 @@ def test_a_list_that_cannot_be_read_is_named_with_its_fix_before_the_run_starts(
         f"data.url_list: cannot tell the format of {tmp_path}/urls.list from its name; set data.input_format (parquet, "
         "csv, tsv, jsonl, json or txt)"]
     assert url_list_problems(DataConfig(url_list=tmp_path / "urls.list", input_format="txt")) == []
+
+
+def test_a_url_list_that_is_images_says_how_to_curate_a_folder(tmp_path):
+    """data.url_list given a folder of photographs (or one of them) instead of a list of URLs: the README's two
+    commands for one's own folder, with its path."""
+    from curation.urls import url_list_problems
+
+    (tmp_path / "photos" / "2024").mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "photos" / "2024" / "a.jpg")
+    fix = (f". For a folder of your own images, write its list first: lvd folder-urls {tmp_path / 'photos'} "
+           f"photos.parquet, then lvd run configs/own_folder.yaml data.url_list=photos.parquet "
+           f"\"ingest.local_roots=[{tmp_path / 'photos'}]\"")
+    assert url_list_problems(DataConfig(url_list=tmp_path / "photos")) == [
+        f"data.url_list: no URL lists in {tmp_path / 'photos'} (.parquet, .csv, .tsv, .jsonl, .json or .txt, text ones "
+        f"optionally .gz, .bz2 or .xz): it holds images ({tmp_path / 'photos' / '2024' / 'a.jpg'}), not lists of "
+        f"their URLs" + fix]
+    [problem] = url_list_problems(DataConfig(url_list=tmp_path / "photos" / "2024" / "a.jpg"))
+    assert problem.startswith(f"data.url_list: {tmp_path / 'photos' / '2024' / 'a.jpg'} is an image, not a list of "
+                              f"image URLs. For a folder of your own images, write its list first: lvd folder-urls "
+                              f"{tmp_path / 'photos' / '2024'} 2024.parquet")
+    (tmp_path / "empty").mkdir()
+    assert url_list_problems(DataConfig(url_list=tmp_path / "empty")) == [
+        f"data.url_list: no URL lists in {tmp_path / 'empty'} (.parquet, .csv, .tsv, .jsonl, .json or .txt, text ones "
+        "optionally .gz, .bz2 or .xz)"]
