@@ -138,14 +138,74 @@ def _open_text(path: Path, compression: str | None):
     return opener(path, "rt", encoding="utf-8-sig", errors="replace", newline="")
 
 
-def _delimited(lines: Iterator[str], header: list[str], delimiter: str) -> Iterator[dict[str, object]]:
-    for fields in csv.reader(lines, delimiter=delimiter, strict=False):
-        if not fields:
-            continue
-        if len(fields) != len(header):
-            yield {"__error__": f"expected {len(header)} fields, got {len(fields)}: {delimiter.join(fields)[:200]}"}
-        else:
-            yield dict(zip(header, fields, strict=True))
+MAX_RECORD_LINES = 1000  # physical lines one CSV/TSV record may span (a quoted caption with newlines: a few)
+
+
+class _RunawayRecord(Exception):
+    """A record still open after MAX_RECORD_LINES lines: a quote that never closes."""
+
+
+class _Lines:
+    """The lines of a text list as csv.reader pulls them, with the lines of the record being read kept, so that a
+    record found broken can be replaced by its first line (recorded as malformed) and the rest read again."""
+
+    def __init__(self, f: Iterator[str]):
+        self.f, self.pending, self.current = iter(f), [], []
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> str:
+        line = self.pending.pop() if self.pending else next(self.f)
+        self.current.append(line)
+        if len(self.current) > MAX_RECORD_LINES:
+            raise _RunawayRecord
+        return line
+
+    def take(self) -> list[str]:
+        """The lines of the record just read (or being read)."""
+        lines, self.current = self.current, []
+        return lines
+
+    def again(self, lines: list[str]) -> None:
+        """Read ``lines`` again before the rest of the file."""
+        self.pending.extend(reversed(lines))
+
+
+def _delimited(f: Iterator[str], header: list[str], delimiter: str, url_col: str) -> Iterator[dict[str, object]]:
+    """Rows of a CSV or TSV after its header. A field opened with a quote that does not close on its line (a stray
+    quote in a caption) would swallow the following lines into that field, silently (until a later quote closes it)
+    or into a parse error that stops the list (csv's field size limit): such a record is recorded as malformed
+    (its first line) and the lines after it are read again as rows of their own. A record is taken as such when it
+    is still open after MAX_RECORD_LINES lines, or when one of its continuation lines is itself a complete row with
+    a URL (a quoted caption may hold newlines; it rarely holds lines of the list)."""
+    lines, width = _Lines(f), len(header)
+    at = header.index(url_col) if url_col in header else None
+
+    def is_row(line: str) -> bool:
+        fields = next(csv.reader([line], delimiter=delimiter, strict=False), [])
+        return len(fields) == width and at is not None and "://" in fields[at]
+
+    while True:
+        try:
+            for fields in csv.reader(lines, delimiter=delimiter, strict=False):
+                record = lines.take()
+                if len(record) > 1 and any(is_row(line) for line in record[1:]):
+                    broken = record
+                    break
+                if not fields:
+                    continue
+                if len(fields) != width:
+                    yield {"__error__": f"expected {width} fields, got {len(fields)}: {delimiter.join(fields)[:200]}"}
+                else:
+                    yield dict(zip(header, fields, strict=True))
+            else:
+                return
+        except (_RunawayRecord, csv.Error):  # still open after MAX_RECORD_LINES, or csv's field size limit
+            broken = lines.take()
+        yield {"__error__": f"a quote opened on this line does not close on it (the lines after it are read as rows "
+                            f"of their own): {broken[0].rstrip()[:200]}"}  # fmt: skip
+        lines.again(broken[1:])
 
 
 def _json_value(value: object, url_col: str) -> dict[str, object]:
@@ -231,7 +291,7 @@ def _records(f, path: Path, fmt: str, url_col: str) -> Iterator[dict[str, object
         header = next(csv.reader([f.readline()], delimiter=delimiter), [])
         if not header:
             raise UrlListError(f"{path}: empty {fmt.upper()} (no header line)")
-        yield from _delimited(f, header, delimiter)
+        yield from _delimited(f, header, delimiter, url_col)
     elif fmt == "txt":  # img2dataset's txt: one URL per line, no header
         yield from ({url_col: line.strip()} for line in f if line.strip())
     else:  # json or jsonl: an array of rows, or one row per line (told by the first character)

@@ -393,3 +393,32 @@ def test_a_url_list_that_is_images_says_how_to_curate_a_folder(tmp_path):
     assert url_list_problems(DataConfig(url_list=tmp_path / "empty")) == [
         f"data.url_list: no URL lists in {tmp_path / 'empty'} (.parquet, .csv, .tsv, .jsonl, .json or .txt, text ones "
         "optionally .gz, .bz2 or .xz)"]
+
+
+@pytest.mark.parametrize("delimiter", [",", "\t"])
+def test_a_stray_quote_costs_its_own_row_only(tmp_path, delimiter):
+    """A caption that opens a quote and never closes it on its line: before, the rows after it vanished into that
+    caption (until a later quote closed it) or the list stopped with csv's 'field larger than field limit'. Now its
+    line is one malformed row and every other line is its own row; quoted captions holding newlines (as pandas
+    writes them) still read as one row."""
+    ext = "csv" if delimiter == "," else "tsv"
+    lines = [f"url{delimiter}caption"] + [f"http://h/{i}.jpg{delimiter}cap {i}" for i in range(3000)]
+    lines[5] = f'http://h/4.jpg{delimiter}"a stray quote'  # never closed: csv would read 131,072 characters on
+    lines[2005] = f'http://h/2004.jpg{delimiter}"5 inch screen'  # closed by the stray quote 10 lines below
+    lines[2015] = f'http://h/2014.jpg{delimiter}another" quote'
+    (tmp_path / f"q.{ext}").write_text("\n".join(lines) + "\n")
+    rows = pd.concat(iter_url_rows(DataConfig(url_list=tmp_path / f"q.{ext}"), chunk_rows=700))
+    assert len(rows) == 3000 and rows["row_id"].tolist() == list(range(3000))
+    bad = rows[rows["list_error"].notna()]
+    assert bad["row_id"].tolist() == [4, 2004]
+    assert bad["list_error"].tolist() == [
+        "a quote opened on this line does not close on it (the lines after it are read as rows of their own): "
+        + lines[i + 1] for i in (4, 2004)]  # fmt: skip
+    good = rows[rows["list_error"].isna()]
+    assert good["url"].tolist() == [f"http://h/{i}.jpg" for i in range(3000) if i not in (4, 2004)]
+    assert good.set_index("row_id").loc[2014, "caption"] == 'another" quote'
+    captions = ["two\nlines", 'a "quoted", word\nand more', "plain", "ends with newline\n"]
+    pd.DataFrame({"url": [f"http://h/{i}" for i in range(4)], "caption": captions}).to_csv(
+        tmp_path / f"ok.{ext}", index=False, sep=delimiter)
+    rows = pd.concat(iter_url_rows(DataConfig(url_list=tmp_path / f"ok.{ext}")))
+    assert rows["caption"].tolist() == captions and rows["list_error"].isna().all()
