@@ -19,6 +19,7 @@ from __future__ import annotations
 import fnmatch
 import io
 import json
+import logging
 import re
 import shutil
 from collections.abc import Callable, Iterable, Iterator
@@ -44,7 +45,7 @@ from infra.config.ingest import IngestConfig
 from infra.lineage import LEDGER_SCHEMA, LedgerParts, LedgerWriter, ledger_dir
 from infra.shards import ShardWriter, iter_tar, list_shards
 from infra.stage import ShardTracker, StageResult, add_counts, summarize
-from infra.storage import atomic_path
+from infra.storage import Markers, atomic_path
 
 DUPLICATES = "duplicates.parquet"
 DEDUP_LEDGER = "_dedup"  # the cross-shard duplicates' ledger: _dedup-00000.parquet, ... (LedgerParts)
@@ -56,6 +57,7 @@ SHARD_SCHEMA = pa.schema(
      ("face_boxes", pa.string()), ("caption", pa.string()), ("extra", pa.string())]
 )  # fmt: skip
 
+log = logging.getLogger("lvd")
 Mapper = Callable[[Callable[..., Any], list[tuple[Any, ...]]], Iterable[Any]]
 
 
@@ -357,10 +359,44 @@ def finish(stage_dir: Path, cfg: IngestConfig, tracker: ShardTracker) -> StageRe
     )
 
 
+def take_over(previous: Path, stage_dir: Path, shards: list[str]) -> list[str]:
+    """Completed shards of a stale attempt (``previous``: the same configuration, the URL list since changed) that
+    stay valid, moved into ``stage_dir``: the longest run of leading shards whose planned rows (URL, caption, every
+    column) are unchanged and that completed. Rows after them cannot change their outcomes: a URL duplicate points
+    to an earlier row and the first row keeps its URL, so the shards of a list with rows added at its end are taken
+    whole (with their retries), and nothing after the first changed shard. Returns the shards taken."""
+    taken = []
+    for name in shards:
+        old_input, new_input = (d / PLAN / "inputs" / f"{name}.parquet" for d in (previous, stage_dir))
+        if not (Markers(previous).is_done(name) and old_input.is_file()):
+            break
+        if not pq.read_table(old_input).equals(pq.read_table(new_input)):
+            break
+        taken.append(name)
+    retries = [p.stem for p in (previous / PLAN / "inputs").glob("r*-*.parquet") if p.stem.split("-", 1)[1] in taken]
+    for name in [*taken, *sorted(retries)]:
+        files = [Path("shards") / f"{name}.tar", Path("shards") / f"{name}.parquet", Path("ledger") / f"{name}.parquet"]
+        if name in retries:
+            files.append(PLAN / "inputs" / f"{name}.parquet")
+        for rel in [*files, Path("_done") / f"{name}.json"]:  # the completion marker last
+            if (previous / rel).is_file():
+                (stage_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+                (previous / rel).replace(stage_dir / rel)
+    return taken
+
+
 def ingest(
-    data: DataConfig, stage_dir: Path, cfg: IngestConfig, tracker: ShardTracker, mapper: Mapper = serial_map
+    data: DataConfig, stage_dir: Path, cfg: IngestConfig, tracker: ShardTracker, mapper: Mapper = serial_map,
+    previous: Path | None = None,
 ) -> StageResult:
+    """Plan, then download every shard not done; ``previous``: a stale attempt whose unchanged shards are taken
+    over (:func:`take_over`) rather than downloaded again."""
     plan = plan_shards(data, cfg, stage_dir / PLAN)
+    if previous is not None:
+        taken = take_over(previous, stage_dir, plan.shards)
+        if taken:
+            log.info("ingest: %d of %d shards taken over from the previous attempt (their rows are unchanged in "
+                     "the list)", len(taken), len(plan.shards))  # fmt: skip
     todo = [(ShardJob(stage_dir, name, cfg),) for name in plan.shards if not tracker.is_done(name)]
     for name, counts in mapper(ingest_shard, todo):
         tracker.done(name, counts)

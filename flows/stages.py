@@ -48,7 +48,7 @@ def _ingest(ctx: StageContext) -> StageResult:
     from flows.fanout import prefect_mapper
 
     mapper = prefect_mapper(ctx.cfg.run, "ingest", ctx.cfg.ingest.processes)
-    return ingest(ctx.cfg.data, ctx.dir, ctx.cfg.ingest, ctx.tracker(), mapper)
+    return ingest(ctx.cfg.data, ctx.dir, ctx.cfg.ingest, ctx.tracker(), mapper, ctx.previous)
 
 
 def _nsfw(ctx: StageContext) -> StageResult:
@@ -239,7 +239,7 @@ SPECS: dict[str, StageSpec] = {
     s.name: s
     for s in [
         StageSpec("crawl", ("demo", "run.seed"), ("infra",), (), _crawl),
-        StageSpec("ingest", ("data", "ingest"), CURATION, (), _ingest, external=_url_list),
+        StageSpec("ingest", ("data", "ingest"), CURATION, (), _ingest, external=_url_list, salvage=True),
         StageSpec("nsfw", ("nsfw",), CURATION, ("ingest",), _nsfw, external=_nsfw_models),
         StageSpec("faces", ("faces",), CURATION, ("ingest", "nsfw"), _faces, external=_face_model),
         StageSpec("dedup", ("dedup", "data", "demo.enabled", "run.seed"), CURATION, ("faces",), _dedup,

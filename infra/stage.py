@@ -6,8 +6,9 @@ stages, and a function ``(StageContext) -> StageResult`` that calls the stage's 
 1. requires every upstream manifest;
 2. computes the stage key (config hash + code version + upstream digest) and returns the existing manifest
    when it matches (nothing is redone);
-3. otherwise wipes outputs left by a different key (stale), keeps completed shards of the same key, runs the
-   function, and writes the manifest last.
+3. otherwise wipes outputs left by a different key (stale; a salvaging stage's stale attempt that differs only in
+   its external inputs is kept aside in ``previous/<stage>`` for the stage to take valid shards from), keeps
+   completed shards of the same key, runs the function, and writes the manifest last.
 """
 
 from __future__ import annotations
@@ -210,6 +211,12 @@ class StageContext:
     def upstream_dir(self, stage: str) -> Path:
         return self.run.stage_dir(stage)
 
+    @property
+    def previous(self) -> Path | None:
+        """A stale attempt of a salvaging stage kept aside (:func:`_prepare`): shards to take over, or None."""
+        path = previous_dir(self.run, self.name)
+        return path if path.is_dir() else None
+
     def tracker(self, total: int | None = None) -> ShardTracker:
         """The stage's shard tracker; `total`: how many shards it will mark (for progress), where known."""
         self.trackers.append(ShardTracker(self.name, self.dir, self.run, total))
@@ -230,6 +237,15 @@ class StageSpec:
     # Inputs from outside the run (a URL list the user may edit or append to): a fingerprint of their contents,
     # part of the stage's key, so a changed file makes the stage stale instead of silently reusing its outputs.
     external: Callable[[PipelineConfig], str] | None = None
+    # Completed shards stay valid when only the external inputs changed in a way the stage can check per shard
+    # (ingest: a URL list with rows added after the old ones leaves the old shards' rows as they were): a stale
+    # attempt with the same configuration, code and upstream is kept aside for the stage to take shards from
+    # (`StageContext.previous`) instead of being wiped.
+    salvage: bool = False
+
+    def base_key(self, cfg: PipelineConfig, upstream: dict[str, StageManifest]) -> str:
+        """The key without the external inputs' fingerprint."""
+        return cache_key(self.name, config_hash(cfg, self.sections), code_version(*self.packages), inputs_digest(upstream))
 
     def key_parts(self, cfg: PipelineConfig, upstream: dict[str, StageManifest]) -> tuple[str, str, str]:
         return config_hash(cfg, self.sections), code_version(*self.packages), self.inputs_digest(cfg, upstream)
@@ -270,7 +286,7 @@ def run_stage(spec: StageSpec, run: RunDir, cfg: PipelineConfig) -> StageManifes
     started, t0 = now(), time.monotonic()
     ctx = StageContext(run, cfg, spec.name, upstream)
     try:
-        _prepare(stage_dir, key)
+        _prepare(stage_dir, key, spec.base_key(cfg, upstream), previous_dir(run, spec.name) if spec.salvage else None)
         run.log_event("started", spec.name, key=key)
         log.info("%s: started", spec.name)
         check_fault(spec.name)
@@ -293,6 +309,7 @@ def run_stage(spec: StageSpec, run: RunDir, cfg: PipelineConfig) -> StageManifes
             extra=result.extra,
         )
         write_manifest(stage_dir, manifest)  # last: the stage's proof of completion
+        shutil.rmtree(previous_dir(run, spec.name), ignore_errors=True)  # what was not taken over is gone
     except BaseException as err:
         with contextlib.suppress(OSError):  # the disk may be full or read-only: keep the original error
             run.log_event("failed", spec.name, key=key, error=f"{type(err).__name__}: {err}")
@@ -339,20 +356,36 @@ def _refresh_domains(run: RunDir, stage: str, cfg: PipelineConfig) -> None:
         log.warning("per-host table not written (%s); `lvd domains` will compute it", err)
 
 
-def _prepare(stage_dir: Path, key: str) -> None:
-    """Keep partial outputs of the same key (shard resume); wipe those of another key (stale). Temporary files
-    of an interrupted attempt (never read: see `infra.storage.temp_for`) are removed before the stage starts."""
+def previous_dir(run: RunDir, stage: str) -> Path:
+    """Where a salvaging stage's stale attempt waits to be taken from (outside ``stages/``: nothing that reads a
+    run's stages sees it)."""
+    return run.path / "previous" / stage
+
+
+def _prepare(stage_dir: Path, key: str, base: str = "", previous: Path | None = None) -> None:
+    """Keep partial outputs of the same key (shard resume); wipe those of another key (stale), or, for a salvaging
+    stage (``previous`` given) whose stale attempt has the same ``base`` key, move them to ``previous`` (unless an
+    older attempt already waits there). Temporary files of an interrupted attempt (never read: see
+    `infra.storage.temp_for`) are removed before the stage starts."""
     key_file = stage_dir / KEY_FILE
+    if previous is not None and previous.exists():
+        kept = previous / KEY_FILE
+        if not kept.is_file() or read_json(kept).get("base") != base:  # configured differently since: nothing to take
+            shutil.rmtree(previous)
     if stage_dir.exists():
-        old = read_json(key_file).get("key") if key_file.is_file() else None
-        if old != key:
-            shutil.rmtree(stage_dir)
+        old = read_json(key_file) if key_file.is_file() else {}
+        if old.get("key") != key:
+            if previous is not None and base and old.get("base") == base and not previous.exists():
+                previous.parent.mkdir(parents=True, exist_ok=True)
+                stage_dir.rename(previous)
+            else:
+                shutil.rmtree(stage_dir)
         else:
             for tmp in stage_dir.rglob(".*.tmp"):
                 tmp.unlink(missing_ok=True)
     stage_dir.mkdir(parents=True, exist_ok=True)
     if not key_file.is_file():
-        atomic_write_json(key_file, {"key": key})
+        atomic_write_json(key_file, {"key": key, "base": base})
 
 
 def stage_state(run: RunDir, spec: StageSpec, cfg: PipelineConfig) -> str:

@@ -248,3 +248,36 @@ def test_a_truncated_list_stops_the_run_with_the_fix(crawl, prefect_server, caps
         (failed,) = [e for e in events if e["event"] == "failed"]
         assert failed["stage"] == "ingest" and failed["error"].startswith(f"UrlListError: {fix}")
         assert "Copy the file again from its source" in failed["error"]
+
+
+def test_a_list_that_grows_downloads_only_its_new_rows(crawl, prefect_server, capsys):
+    """`lvd run` again after rows were added at the end of the URL list: the ingest stage is stale (its key covers
+    the list), but its completed shards whose rows are unchanged are taken over, not downloaded again; the run's
+    lineage is complete and its audit passes. An edited row makes every shard from its own on new."""
+    from flows.cli import main
+
+    root, port = crawl
+    urls = pd.read_parquet(root / "urls.parquet")["url"].tolist()
+    config = yaml.safe_load(_config(root, "thread").read_text())
+    config["run"].update(run_id="ingest-grows", stop_after="ingest")
+    config["data"]["url_list"] = str(root / "growing.parquet")
+    (root / "grows.yaml").write_text(yaml.safe_dump(config))
+    paths = [u.split(str(port), 1)[1] if str(port) in u else u for u in urls]
+
+    def run(rows: list[str]) -> dict[str, int]:
+        pd.DataFrame({"url": rows}).to_parquet(root / "growing.parquet")
+        with DemoServer(root / "images", port) as server:
+            assert main(["run", str(root / "grows.yaml")]) == 0
+            return dict(server.hits)
+
+    stage = root / "runs" / "ingest-grows" / "stages" / "ingest"
+    assert run(urls[:8]) == {p: 1 for p in paths[:8]}  # 2 shards of 4
+    before = {p.name: p.read_bytes() for p in sorted((stage / "shards").glob("0000[01].*"))}
+    assert run(urls) == {p: 1 for p in paths[8:11]}  # rows 8-12 only (11: a duplicate URL, 12: refused)
+    assert {p.name: p.read_bytes() for p in sorted((stage / "shards").glob("0000[01].*"))} == before
+    assert not (root / "runs" / "ingest-grows" / "previous").exists() or not any(
+        (root / "runs" / "ingest-grows" / "previous").iterdir())
+    capsys.readouterr()
+    assert main(["audit", "ingest-grows", "--root", str(root / "runs")]) == 0
+    assert "audit: OK" in capsys.readouterr().out
+    assert run([urls[0], urls[2], *urls[2:]]) == {p: 1 for p in [paths[0], *paths[2:11]]}  # row 1 edited: all anew
