@@ -361,27 +361,26 @@ def finish(stage_dir: Path, cfg: IngestConfig, tracker: ShardTracker) -> StageRe
 
 def take_over(previous: Path, stage_dir: Path, shards: list[str]) -> list[str]:
     """Completed shards of a stale attempt (``previous``: the same configuration, the URL list since changed) that
-    stay valid, moved into ``stage_dir``: the longest run of leading shards whose planned rows (URL, caption, every
-    column) are unchanged and that completed. Rows after them cannot change their outcomes: a URL duplicate points
-    to an earlier row and the first row keeps its URL, so the shards of a list with rows added at its end are taken
-    whole (with their retries), and nothing after the first changed shard. Returns the shards taken."""
+    stay valid, moved into ``stage_dir``; returns them. Shards are looked at in order up to the first whose planned
+    rows (URL, caption, every column) changed: up to there no row's outcome can change (a URL duplicate points to an
+    earlier row, the first row keeps its URL), so a list with rows added at its end keeps all its completed shards.
+    A shard that ``retry-failed`` downloaded again in part is downloaded anew rather than taken (its retries are
+    shards of their own). Files move one by one, the completion marker last: an interrupted take-over leaves shards
+    either taken or to be downloaded."""
+    retried = {p.stem.split("-", 1)[1] for p in (previous / PLAN / "inputs").glob("r*-*.parquet")}
     taken = []
     for name in shards:
         old_input, new_input = (d / PLAN / "inputs" / f"{name}.parquet" for d in (previous, stage_dir))
-        if not (Markers(previous).is_done(name) and old_input.is_file()):
+        if not old_input.is_file() or not pq.read_table(old_input).equals(pq.read_table(new_input)):
             break
-        if not pq.read_table(old_input).equals(pq.read_table(new_input)):
-            break
-        taken.append(name)
-    retries = [p.stem for p in (previous / PLAN / "inputs").glob("r*-*.parquet") if p.stem.split("-", 1)[1] in taken]
-    for name in [*taken, *sorted(retries)]:
+        if name in retried or Markers(stage_dir).is_done(name) or not Markers(previous).is_done(name):
+            continue
         files = [Path("shards") / f"{name}.tar", Path("shards") / f"{name}.parquet", Path("ledger") / f"{name}.parquet"]
-        if name in retries:
-            files.append(PLAN / "inputs" / f"{name}.parquet")
-        for rel in [*files, Path("_done") / f"{name}.json"]:  # the completion marker last
+        for rel in [*files, Path("_done") / f"{name}.json"]:
             if (previous / rel).is_file():
                 (stage_dir / rel).parent.mkdir(parents=True, exist_ok=True)
                 (previous / rel).replace(stage_dir / rel)
+        taken.append(name)
     return taken
 
 

@@ -309,7 +309,10 @@ def run_stage(spec: StageSpec, run: RunDir, cfg: PipelineConfig) -> StageManifes
             extra=result.extra,
         )
         write_manifest(stage_dir, manifest)  # last: the stage's proof of completion
-        shutil.rmtree(previous_dir(run, spec.name), ignore_errors=True)  # what was not taken over is gone
+        if spec.salvage:  # what was not taken over goes, and the folder that held it when empty
+            shutil.rmtree(previous_dir(run, spec.name), ignore_errors=True)
+            with contextlib.suppress(OSError):
+                previous_dir(run, spec.name).parent.rmdir()
     except BaseException as err:
         with contextlib.suppress(OSError):  # the disk may be full or read-only: keep the original error
             run.log_event("failed", spec.name, key=key, error=f"{type(err).__name__}: {err}")

@@ -78,3 +78,33 @@ def test_truncated_parquet_list_stops_before_any_download(tmp_path, loopback_onl
     assert message.startswith(f"cannot read URL list {path} (parquet; truncated or corrupt? re-copy it)")
     assert "stopped before any download. Copy the file again from its source" in message
     assert loopback_only == [] and not (stage / "shards").exists() and not (stage / "ledger").exists()
+
+
+def test_take_over_moves_the_unchanged_leading_shards_and_resumes(tmp_path):
+    """A stale attempt's completed shards are taken up to the first shard whose planned rows changed, except one
+    that retry-failed downloaded again in part; an attempt interrupted after taking some takes the rest when
+    resumed."""
+    from curation.ingest import PLAN, take_over
+    from infra.storage import Markers
+
+    old, new = tmp_path / "previous", tmp_path / "ingest"
+    names = ["00000", "00001", "00002", "00003", "00004"]
+    for d in (old, new):
+        (d / PLAN / "inputs").mkdir(parents=True)
+        for i, n in enumerate(names):
+            pd.DataFrame({"row_id": [i], "url": [f"http://h/{i}"]}).to_parquet(d / PLAN / "inputs" / f"{n}.parquet")
+    pd.DataFrame({"row_id": [3], "url": ["http://h/edited"]}).to_parquet(new / PLAN / "inputs" / "00003.parquet")
+    pd.DataFrame({"row_id": [1], "url": ["http://h/1"]}).to_parquet(old / PLAN / "inputs" / "r1-00001.parquet")
+    for n in [*names, "r1-00001"]:
+        for rel in (f"shards/{n}.tar", f"shards/{n}.parquet", f"ledger/{n}.parquet"):
+            (old / rel).parent.mkdir(parents=True, exist_ok=True)
+            (old / rel).write_text(n)
+        Markers(old).mark(n, {"rows": 1})
+    # an attempt interrupted after it took shard 0 (its marker moved last)
+    for rel in ("shards/00000.tar", "shards/00000.parquet", "ledger/00000.parquet", "_done/00000.json"):
+        (new / rel).parent.mkdir(parents=True, exist_ok=True)
+        (old / rel).replace(new / rel)
+    assert take_over(old, new, names) == ["00002"]  # 1 was retried: downloaded anew; 3 is edited: nothing after it
+    assert Markers(new).done() == ["00000", "00002"]
+    assert (new / "shards" / "00002.tar").read_text() == "00002" and not (old / "shards" / "00002.tar").exists()
+    assert not (new / "shards" / "00004.tar").exists() and not (new / "shards" / "r1-00001.tar").exists()
