@@ -83,10 +83,10 @@ def _parquet_safe(table: pd.DataFrame) -> pd.DataFrame:
     """Columns of mixed Python types (a list's extra column with numbers in some rows and text in others) as text,
     so the table can be written; others as they are."""
     for c in table.select_dtypes(include="object").columns:
-        kinds = {type(v) for v in table[c] if v is not None and not (isinstance(v, float) and np.isnan(v))}
+        values = [_value(v) for v in table[c]]  # missing values (None, NaN, NA) as None
+        kinds = {type(v) for v in values if v is not None}
         if len(kinds) > 1 and not kinds <= {int, float}:
-            table[c] = [None if v is None or (isinstance(v, float) and np.isnan(v)) else
-                        (v if isinstance(v, str) else json.dumps(v)) for v in table[c]]  # fmt: skip
+            table[c] = [v if v is None or isinstance(v, str) else json.dumps(v) for v in values]
     return table
 
 
