@@ -44,7 +44,7 @@ from infra.config.data import DataConfig
 from infra.config.ingest import IngestConfig
 from infra.lineage import LEDGER_SCHEMA, LedgerParts, LedgerWriter, ledger_dir
 from infra.shards import ShardWriter, iter_tar, list_shards
-from infra.stage import ShardTracker, StageResult, add_counts, summarize
+from infra.stage import ShardTracker, StageResult, add_counts, move_shard, summarize
 from infra.storage import Markers, atomic_path
 
 DUPLICATES = "duplicates.parquet"
@@ -375,11 +375,8 @@ def take_over(previous: Path, stage_dir: Path, shards: list[str]) -> list[str]:
             break
         if name in retried or Markers(stage_dir).is_done(name) or not Markers(previous).is_done(name):
             continue
-        files = [Path("shards") / f"{name}.tar", Path("shards") / f"{name}.parquet", Path("ledger") / f"{name}.parquet"]
-        for rel in [*files, Path("_done") / f"{name}.json"]:
-            if (previous / rel).is_file():
-                (stage_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-                (previous / rel).replace(stage_dir / rel)
+        move_shard(previous, stage_dir, name, [Path("shards") / f"{name}.tar", Path("shards") / f"{name}.parquet",
+                                               Path("ledger") / f"{name}.parquet"])  # fmt: skip
         taken.append(name)
     return taken
 

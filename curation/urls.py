@@ -22,13 +22,17 @@ file and the fix (the stage's ``failed`` run event carries it too).
 from __future__ import annotations
 
 import bz2
+import contextlib
 import csv
 import gzip
+import hashlib
 import itertools
 import json
 import lzma
 import os
 import shutil
+import urllib.parse
+import urllib.request
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -641,27 +645,62 @@ class FolderListing:
     listed: int  # rows written
     skipped: int  # files left out for their suffix (all_files=False)
     skipped_examples: tuple[str, ...]  # a few of them, to show
+    kept: int = 0  # rows of the list written before, kept as they were (an update)
+    missing: int = 0  # of those, files no longer in the folder (ingest records them as file_missing)
 
 
-def folder_url_list(folder: Path, out: Path, *, all_files: bool = False, chunk_rows: int = 100_000) -> FolderListing:
+class FolderListError(ValueError):
+    """The file to write is there already and is not a list `lvd folder-urls` wrote."""
+
+
+def _digests(urls: list[str]) -> np.ndarray:
+    """128-bit digests of URLs as fixed-width bytes (sortable, searchable)."""
+    return np.array([hashlib.blake2b(u.encode(), digest_size=16).digest() for u in urls], dtype="S16")
+
+
+def folder_url_list(folder: Path, out: Path, *, all_files: bool = False, fresh: bool = False,
+                    chunk_rows: int = 100_000) -> FolderListing:  # fmt: skip
     """Write a URL list of ``file://`` URLs for the files under ``folder`` (sub-folders included, symbolic links to
     folders not followed), in sorted path order so that row ids are stable; ``source`` is the top-level
     sub-folder (or the folder's own name). Images only unless ``all_files`` (anything else is then recorded with
-    its reason at ingest). Streams: memory holds one chunk of rows, not the listing."""
+    its reason at ingest). Streams: memory holds one chunk of rows, not the listing.
+
+    Where ``out`` is a list written before (and not ``fresh``), it is updated, not rewritten: its rows stay as they
+    are, in their order (so a run of the updated list downloads and computes only what is new: the stages take
+    over the shards whose rows are unchanged), files it does not hold yet are added after them in sorted order,
+    and a listed file that is gone keeps its row (ingest records it as ``file_missing``). Memory then also holds a
+    16-byte digest per listed row."""
     folder = Path(folder).resolve()
     if not folder.is_dir():
         raise FileNotFoundError(f"not a folder: {folder}")
-    listed = skipped = 0
+    before = None if fresh or not Path(out).exists() else _folder_list(Path(out))
+    listed = skipped = kept = missing = 0
     examples: list[str] = []
     rows: list[tuple[str, str]] = []
-    with atomic_path(Path(out)) as tmp, pq.ParquetWriter(tmp, FOLDER_LIST_SCHEMA) as writer:
+    with contextlib.suppress(_Unchanged), atomic_path(Path(out)) as tmp, pq.ParquetWriter(tmp, FOLDER_LIST_SCHEMA) as writer:
 
         def flush() -> None:
+            nonlocal listed
+            if rows and before is not None:  # an update: only what the list does not hold yet
+                new = ~np.isin(_digests([u for u, _ in rows]), old)
+                rows[:] = [r for r, n in zip(rows, new, strict=True) if n]
             if rows:
                 urls, sources = zip(*rows, strict=True)
                 writer.write_table(pa.table({"url": list(urls), "source": list(sources)}, schema=FOLDER_LIST_SCHEMA))
+                listed += len(rows)
                 rows.clear()
 
+        old = np.zeros(0, "S16")
+        if before is not None:
+            parts = []
+            for batch in before.iter_batches(batch_size=chunk_rows, columns=["url", "source"]):
+                writer.write_table(pa.Table.from_batches([batch]).cast(FOLDER_LIST_SCHEMA))
+                urls = batch.column("url").to_pylist()
+                parts.append(_digests(urls))
+                missing += sum(not _file_of(u).is_file() for u in urls)
+                kept += len(urls)
+            old = np.sort(np.concatenate(parts)) if parts else old
+            listed = kept
         for top, dirs, files in os.walk(folder):
             dirs.sort()
             rel = Path(top).relative_to(folder)
@@ -674,8 +713,30 @@ def folder_url_list(folder: Path, out: Path, *, all_files: bool = False, chunk_r
                         examples.append(str(path.relative_to(folder)))
                     continue
                 rows.append((path.as_uri(), source))
-                listed += 1
                 if len(rows) >= chunk_rows:
                     flush()
         flush()
-    return FolderListing(listed, skipped, tuple(examples))
+        if before is not None and listed == kept:
+            raise _Unchanged  # the list stays the file it was (its fingerprint, and every run's key, unchanged)
+    return FolderListing(listed, skipped, tuple(examples), kept, missing)
+
+
+class _Unchanged(Exception):
+    pass
+
+
+def _folder_list(path: Path) -> pq.ParquetFile:
+    """A list `lvd folder-urls` wrote, to update; anything else there is refused, not overwritten."""
+    try:
+        f = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as err:  # unreadable as parquet: say so, keep the file
+        raise FolderListError(f"{path} is there already and is not a URL list (cannot read it as parquet: {err}); "
+                              f"give another file name, or --fresh to replace it") from None  # fmt: skip
+    if set(f.schema_arrow.names) != set(FOLDER_LIST_SCHEMA.names):
+        raise FolderListError(f"{path} is there already and is not a list `lvd folder-urls` wrote (columns "
+                              f"{', '.join(f.schema_arrow.names)}); give another file name, or --fresh to replace it")
+    return f
+
+
+def _file_of(url: str) -> Path:
+    return Path(urllib.request.url2pathname(urllib.parse.urlsplit(url).path))

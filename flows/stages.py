@@ -57,7 +57,9 @@ def _nsfw(ctx: StageContext) -> StageResult:
     ingest_dir = ctx.upstream_dir("ingest")
     shards = list_shards(ingest_dir / "shards")
     mapper = prefect_mapper(ctx.cfg.run, "nsfw")
-    return nsfw_filter(shards, excluded(ingest_dir), ctx.dir, ctx.cfg.nsfw, ctx.tracker(len(shards)), mapper)
+    skip = excluded(ingest_dir)
+    tracker = ctx.tracker(len(shards), ctx.shard_inputs([s.name for s in shards], ["ingest"], skip))
+    return nsfw_filter(shards, skip, ctx.dir, ctx.cfg.nsfw, tracker, mapper)
 
 
 def _faces(ctx: StageContext) -> StageResult:
@@ -67,7 +69,9 @@ def _faces(ctx: StageContext) -> StageResult:
     shards = list_shards(ingest_dir / "shards")
     dup, nsfw = excluded(ingest_dir), dropped_ids(ctx.upstream_dir("nsfw"))
     skip = {s.name: dup.get(s.name, set()) | nsfw for s in shards}
-    return blur_faces(shards, skip, ctx.dir, ctx.cfg.faces, ctx.tracker(len(shards)), prefect_mapper(ctx.cfg.run, "faces"))
+    # A shard's NSFW drops are in its NSFW scores file, fingerprinted with its ingest shard.
+    tracker = ctx.tracker(len(shards), ctx.shard_inputs([s.name for s in shards], ["ingest", "nsfw"], dup))
+    return blur_faces(shards, skip, ctx.dir, ctx.cfg.faces, tracker, prefect_mapper(ctx.cfg.run, "faces"))
 
 
 def _fanout(cfg: PipelineConfig) -> bool:
@@ -83,7 +87,8 @@ def _dedup(ctx: StageContext) -> StageResult:
     shards = list_shards(ctx.upstream_dir("faces") / "shards")
     mapper = prefect_mapper(cfg.run, "dedup", gpu=True) if _fanout(cfg) else None
     key = config_hash(cfg, ("dedup.descriptor",)) + _descriptor_model(cfg)
-    result = dedup(shards, cfg.data.eval_sets, ctx.dir, cfg.dedup, ctx.tracker(len(shards)), seed=cfg.run.seed, mapper=mapper,
+    tracker = ctx.tracker(len(shards), ctx.shard_inputs([s.name for s in shards], ["faces"]))  # descriptors per shard
+    result = dedup(shards, cfg.data.eval_sets, ctx.dir, cfg.dedup, tracker, seed=cfg.run.seed, mapper=mapper,
                    descriptor_key=key)  # fmt: skip
     truth = ctx.upstream_dir("crawl") / "truth.parquet"
     if ctx.cfg.demo.enabled and ctx.cfg.dedup.enabled and truth.is_file():  # the demo knows what it planted: insist
@@ -98,14 +103,17 @@ def _embed(ctx: StageContext) -> StageResult:
     from flows.models import embedder
 
     cfg = ctx.cfg
-    keep = set(pd.read_parquet(ctx.upstream_dir("dedup") / KEPT, columns=["image_id"])["image_id"])
+    kept = pd.read_parquet(ctx.upstream_dir("dedup") / KEPT, columns=["image_id", "shard"])
+    keep = set(kept["image_id"])
     shards = list_shards(ctx.upstream_dir("faces") / "shards")
     seeds = [s for s in cfg.data.seed_sets if s.retrieval != "as_is"]
 
     b = cfg.embed.backbone
     make = partial(embedder, b, f"{b.kind}:{b.arch}", cfg.embed.batch_size, cfg.embed.precision, seed=cfg.run.seed)
     key = config_hash(cfg, ("embed", "run.seed")) + _embedder(cfg)  # everything that defines the model
-    tracker = ctx.tracker(len(shards) + len(seeds))  # a shard task per pool shard, one per seed set
+    # A shard task per pool shard (fingerprinted with the shard's kept images), one per seed set (always embedded).
+    inputs = ctx.shard_inputs([s.name for s in shards], ["faces"], kept.groupby("shard")["image_id"].agg(list).to_dict())
+    tracker = ctx.tracker(len(shards) + len(seeds), inputs)
     return embed(shards, keep, seeds, ctx.dir, make, tracker, cfg.embed.device, cfg.embed.decode_threads,
                  mapper=prefect_mapper(cfg.run, "embed", gpu=True) if _fanout(cfg) else None, embedder_key=key)  # fmt: skip
 
@@ -239,13 +247,14 @@ SPECS: dict[str, StageSpec] = {
     s.name: s
     for s in [
         StageSpec("crawl", ("demo", "run.seed"), ("infra",), (), _crawl),
-        StageSpec("ingest", ("data", "ingest"), CURATION, (), _ingest, external=_url_list, salvage=True),
-        StageSpec("nsfw", ("nsfw",), CURATION, ("ingest",), _nsfw, external=_nsfw_models),
-        StageSpec("faces", ("faces",), CURATION, ("ingest", "nsfw"), _faces, external=_face_model),
+        StageSpec("ingest", ("data", "ingest"), CURATION, (), _ingest, external=_url_list, salvage="external"),
+        # Shard-wise (dedup: its descriptors): a shard whose upstream shard is unchanged is not computed again.
+        StageSpec("nsfw", ("nsfw",), CURATION, ("ingest",), _nsfw, external=_nsfw_models, salvage="upstream"),
+        StageSpec("faces", ("faces",), CURATION, ("ingest", "nsfw"), _faces, external=_face_model, salvage="upstream"),
         StageSpec("dedup", ("dedup", "data", "demo.enabled", "run.seed"), CURATION, ("faces",), _dedup,
-                  external=_descriptor_model),
+                  external=_descriptor_model, salvage="upstream"),
         StageSpec("embed", ("embed", "data", "run.seed"), (*CURATION, "training", "flows"), ("dedup", "faces"), _embed,
-                  external=_embedder),
+                  external=_embedder, salvage="upstream"),
         StageSpec("retrieve", ("retrieve", "data", "run.seed"), CURATION, ("embed",), _retrieve),
         StageSpec("rebalance", ("rebalance", "run.seed"), CURATION, ("retrieve", "embed"), _rebalance),
         StageSpec("corpus", ("corpus", "data"), CURATION, ("rebalance", "retrieve", "faces", "ingest"), _corpus),

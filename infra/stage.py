@@ -7,8 +7,13 @@ stages, and a function ``(StageContext) -> StageResult`` that calls the stage's 
 2. computes the stage key (config hash + code version + upstream digest) and returns the existing manifest
    when it matches (nothing is redone);
 3. otherwise wipes outputs left by a different key (stale; a salvaging stage's stale attempt that differs only in
-   its external inputs is kept aside in ``previous/<stage>`` for the stage to take valid shards from), keeps
-   completed shards of the same key, runs the function, and writes the manifest last.
+   its external inputs, or only in its upstream, is kept aside in ``previous/<stage>`` for the stage to take valid
+   shards from), keeps completed shards of the same key, runs the function, and writes the manifest last.
+
+A shard's outputs are the files named after it (``<shard>.<ext>``, in any folder of the stage) and its completion
+marker ``_done/<shard>.json``, written last; a shard-wise stage records in that marker a fingerprint of the inputs
+the shard was computed from (:attr:`ShardTracker.inputs`), so a later attempt can take the shard over instead of
+computing it again (:func:`take_over_shards`).
 """
 
 from __future__ import annotations
@@ -21,10 +26,11 @@ import os
 import shutil
 import sqlite3
 import time
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from infra.config import PipelineConfig, config_hash
 from infra.console import Progress, duration
@@ -37,6 +43,7 @@ from infra.storage import Markers, atomic_write_json, file_record, read_json
 log = logging.getLogger("lvd")
 FAULT_ENV = "LVD_FAULT"  # "<stage>" or "<stage>:<n>" (fail after n shards of the stage); for tests and chaos runs
 KEY_FILE = "_key.json"
+INPUTS_KEY = "_inputs"  # in a shard's completion marker: the fingerprint of the inputs it was computed from
 
 
 class InjectedFault(RuntimeError):
@@ -119,6 +126,8 @@ class ShardTracker:
     stage_dir: Path
     rundir: RunDir | None = None
     total: int | None = None
+    # Shard -> fingerprint of what it is computed from (upstream files, the images it skips), recorded in its marker.
+    inputs: dict[str, str] | None = None
     _n_done: int = 0
 
     def __post_init__(self) -> None:
@@ -138,7 +147,8 @@ class ShardTracker:
         return done
 
     def info(self, shard: str) -> dict[str, Any]:
-        return self.markers.read(shard)
+        """The shard's counts, as its work returned them."""
+        return {k: v for k, v in self.markers.read(shard).items() if k != INPUTS_KEY}
 
     def ledger(self) -> LedgerWriter:
         return LedgerWriter(self.stage)
@@ -156,7 +166,8 @@ class ShardTracker:
 
     def done(self, shard: str, info: dict[str, Any] | None = None) -> None:
         """Mark a shard complete (after all of its files are in place) and honour ``LVD_FAULT``."""
-        self.markers.mark(shard, info)
+        fingerprint = (self.inputs or {}).get(shard)
+        self.markers.mark(shard, {**(info or {}), INPUTS_KEY: fingerprint} if fingerprint else info)
         self._n_done += 1
         if self.rundir is not None:
             self.rundir.log_event("shard_done", self.stage, shard=shard)
@@ -217,10 +228,35 @@ class StageContext:
         path = previous_dir(self.run, self.name)
         return path if path.is_dir() else None
 
-    def tracker(self, total: int | None = None) -> ShardTracker:
-        """The stage's shard tracker; `total`: how many shards it will mark (for progress), where known."""
-        self.trackers.append(ShardTracker(self.name, self.dir, self.run, total))
-        return self.trackers[-1]
+    def tracker(self, total: int | None = None, inputs: dict[str, str] | None = None) -> ShardTracker:
+        """The stage's shard tracker; `total`: how many shards it will mark (for progress), where known; `inputs`:
+        each shard's inputs fingerprint (:meth:`shard_inputs`), recorded in its marker. With `inputs`, completed
+        shards of a stale attempt kept aside whose fingerprint is unchanged are taken over first."""
+        tracker = ShardTracker(self.name, self.dir, self.run, total, inputs)
+        if inputs and self.previous is not None:
+            taken = take_over_shards(self.previous, self.dir, inputs)
+            if taken:
+                self.run.log_event("shards_taken_over", self.name, shards=len(taken))
+                log.info("%s: %d of %d shards taken over from the previous attempt (their inputs are unchanged)",
+                         self.name, len(taken), len(inputs))  # fmt: skip
+        self.trackers.append(tracker)
+        return tracker
+
+    def shard_inputs(self, shards: Iterable[str], stages: Iterable[str],
+                     extra: dict[str, Iterable[str]] | None = None) -> dict[str, str]:  # fmt: skip
+        """Per shard, a fingerprint of what it is computed from: the path and sha256 of every file named after it
+        in the manifests of the upstream ``stages`` (its upstream shard), and ``extra[shard]`` (e.g. the ids of the
+        images it skips), order-free."""
+        files: dict[str, list[str]] = defaultdict(list)
+        for stage in stages:
+            for rec in self.upstream[stage].outputs:
+                files[Path(rec["path"]).name.split(".", 1)[0]].append(f"{rec['path']} {rec['sha256']}")
+        out = {}
+        for name in shards:
+            h = hashlib.sha256("\n".join(sorted(files.get(name, []))).encode())
+            h.update(b"\0" + "\n".join(sorted(map(str, (extra or {}).get(name, ())))).encode())
+            out[name] = h.hexdigest()
+        return out
 
     def close(self, failed: bool = False) -> None:
         for tracker in self.trackers:
@@ -237,14 +273,18 @@ class StageSpec:
     # Inputs from outside the run (a URL list the user may edit or append to): a fingerprint of their contents,
     # part of the stage's key, so a changed file makes the stage stale instead of silently reusing its outputs.
     external: Callable[[PipelineConfig], str] | None = None
-    # Completed shards stay valid when only the external inputs changed in a way the stage can check per shard
-    # (ingest: a URL list with rows added after the old ones leaves the old shards' rows as they were): a stale
-    # attempt with the same configuration, code and upstream is kept aside for the stage to take shards from
-    # (`StageContext.previous`) instead of being wiped.
-    salvage: bool = False
+    # Completed shards that stay valid when some inputs changed, checked shard by shard by the stage: a stale attempt
+    # whose key differs only there is kept aside for the stage to take shards from (`StageContext.previous`) instead
+    # of being wiped. "external": the external inputs (ingest: a URL list with rows added after the old ones leaves
+    # the old shards' rows as they were); "upstream": the upstream stages (a shard-wise stage after a list grew or
+    # `lvd retry-failed`: shards whose upstream shard and skipped images are unchanged, `StageContext.shard_inputs`).
+    salvage: Literal["", "external", "upstream"] = ""
 
     def base_key(self, cfg: PipelineConfig, upstream: dict[str, StageManifest]) -> str:
-        """The key without the external inputs' fingerprint."""
+        """The key without what :attr:`salvage` lets change: the external inputs' fingerprint, or the upstream digest."""
+        if self.salvage == "upstream":
+            outside = self.external(cfg) if self.external is not None else ""
+            return cache_key(self.name, config_hash(cfg, self.sections), code_version(*self.packages), outside)
         return cache_key(self.name, config_hash(cfg, self.sections), code_version(*self.packages), inputs_digest(upstream))
 
     def key_parts(self, cfg: PipelineConfig, upstream: dict[str, StageManifest]) -> tuple[str, str, str]:
@@ -357,6 +397,33 @@ def _refresh_domains(run: RunDir, stage: str, cfg: PipelineConfig) -> None:
         domains(run.path, local=bool(cfg.ingest.local_roots))  # computed and stored unless current
     except (OSError, ValueError) as err:
         log.warning("per-host table not written (%s); `lvd domains` will compute it", err)
+
+
+def take_over_shards(previous: Path, stage_dir: Path, inputs: dict[str, str]) -> list[str]:
+    """Completed shards of ``previous`` (a stale attempt of the stage with the same base key) whose marker records
+    the fingerprint ``inputs[shard]`` has now, moved into ``stage_dir``: every file named after the shard, then its
+    marker (an interrupted take-over leaves each shard taken or to be computed). Returns the shards taken."""
+    old, new = Markers(previous), Markers(stage_dir)
+    files: dict[str, list[Path]] = defaultdict(list)
+    for path in previous.rglob("*"):
+        if path.is_file() and path.parent != old.dir:
+            files[path.name.split(".", 1)[0]].append(path)
+    taken = []
+    for name, fingerprint in inputs.items():
+        if new.is_done(name) or not old.is_done(name) or old.read(name).get(INPUTS_KEY) != fingerprint:
+            continue
+        move_shard(previous, stage_dir, name, [p.relative_to(previous) for p in files.get(name, [])])
+        taken.append(name)
+    return taken
+
+
+def move_shard(previous: Path, stage_dir: Path, name: str, files: Iterable[Path]) -> None:
+    """A completed shard's ``files`` (relative to the stage folder; those present) moved from ``previous`` into
+    ``stage_dir``, its completion marker last."""
+    for rel in [*files, Markers(previous).path(name).relative_to(previous)]:
+        if (previous / rel).is_file():
+            (stage_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+            (previous / rel).replace(stage_dir / rel)
 
 
 def previous_dir(run: RunDir, stage: str) -> Path:

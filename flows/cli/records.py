@@ -81,10 +81,25 @@ def cmd_domains(args: argparse.Namespace) -> int:
 
 
 def cmd_folder_urls(args: argparse.Namespace) -> int:
-    from curation.urls import folder_url_list
+    from curation.urls import FolderListError, folder_url_list
 
-    listing = folder_url_list(Path(args.folder), Path(args.out), all_files=args.all_files)
-    print(f"{listing.listed:,} files listed in {args.out}")
+    try:
+        listing = folder_url_list(Path(args.folder), Path(args.out), all_files=args.all_files, fresh=args.fresh)
+    except (FolderListError, FileNotFoundError) as err:
+        print(f"lvd folder-urls: {err}", file=sys.stderr)
+        return 2
+    if listing.kept:  # an update of a list written before
+        added = listing.listed - listing.kept
+        if added:
+            print(f"{args.out} updated: its {listing.kept:,} rows kept as they were, {added:,} new files added after "
+                  f"them (rows {listing.kept:,}-{listing.listed - 1:,})")
+        else:
+            print(f"{args.out} unchanged: it lists every file of the folder already ({listing.kept:,} rows)")
+        if listing.missing:
+            print(f"{listing.missing:,} listed files are no longer in the folder: their rows stay, and ingest records "
+                  "them as file_missing (--fresh writes the list anew, every row renumbered)")
+    else:
+        print(f"{listing.listed:,} files listed in {args.out}")
     if listing.skipped:
         print(f"{listing.skipped:,} files left out for their suffix (e.g. {', '.join(listing.skipped_examples)}); "
               "--all-files lists them too, each then recorded with its reason at ingest")
@@ -142,6 +157,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     fu.add_argument("folder", type=Path)
     fu.add_argument("out", type=Path, help="the URL list to write (.parquet)")
     fu.add_argument("--all-files", action="store_true", help="list every file, not only image suffixes")
+    fu.add_argument("--fresh", action="store_true",
+                    help="write the list anew in sorted order (default for an existing list: keep its rows and add "
+                         "new files after them, so a run of it computes only what is new)")
     fu.set_defaults(fn=cmd_folder_urls)
     rep = sub.add_parser("report", help="(re)write the run's self-contained HTML report")
     rep.add_argument("run_id")

@@ -68,6 +68,43 @@ def test_folder_listing_is_sorted_streams_and_says_what_it_left_out(pool, tmp_pa
         folder_url_list(pool / "cats" / "a.jpg", tmp_path / "x.parquet")
 
 
+def test_listing_a_folder_again_keeps_the_rows_and_adds_new_files_after_them(pool, tmp_path):
+    """`lvd folder-urls` on its own earlier list: the old rows as they were (a gone file's too), new files after them
+    in name order, in chunks smaller than either part; nothing new leaves the file untouched; anything else there is
+    refused, not overwritten; `fresh` writes the list anew."""
+    import os
+
+    from curation.urls import FolderListError
+
+    out = tmp_path / "pool.parquet"
+    folder_url_list(pool, out)
+    before = pd.read_parquet(out)
+    (pool / "cats" / "0new.png").write_bytes(_image(6))  # sorts first: a fresh listing would shift every row
+    (pool / "zebra.jpg").write_bytes(_image(7, fmt="JPEG"))
+    (pool / "dogs" / "gone.jpg").unlink()
+    listing = folder_url_list(pool, out, chunk_rows=3)
+    after = pd.read_parquet(out)
+    assert (listing.listed, listing.kept, listing.missing) == (10, 8, 1)
+    pd.testing.assert_frame_equal(after.iloc[:8], before)
+    assert after["url"].tolist()[8:] == [(pool / "zebra.jpg").as_uri(), (pool / "cats" / "0new.png").as_uri()]
+    assert after["source"].tolist()[8:] == ["pool", "cats"]
+
+    os.utime(out, (0, 0))
+    data = out.read_bytes()
+    again = folder_url_list(pool, out)
+    assert (again.listed, again.kept, again.missing) == (10, 10, 1)
+    assert out.read_bytes() == data and out.stat().st_mtime == 0  # untouched: the run's key stays
+
+    other = tmp_path / "other.parquet"
+    pd.DataFrame({"URL": ["http://x/a.jpg"]}).to_parquet(other)
+    with pytest.raises(FolderListError, match="not a list `lvd folder-urls` wrote"):
+        folder_url_list(pool, other)
+    assert pd.read_parquet(other).columns.tolist() == ["URL"]
+    fresh = folder_url_list(pool, out, fresh=True)
+    assert (fresh.listed, fresh.kept) == (9, 0)
+    assert pd.read_parquet(out)["url"].tolist()[3] == (pool / "cats" / "0new.png").as_uri()
+
+
 def test_guard_reads_files_only_under_the_roots(pool, tmp_path):
     guard = UrlGuard(IngestConfig(local_roots=[pool]))
     assert guard.check((pool / "cats" / "a.jpg").as_uri()) is None

@@ -153,6 +153,7 @@ def test_retry_failed_cli_then_resume(crawl, prefect_server, capsys):
     from flows.cli import main
     from infra.lineage import Ledger, check_terminal_outcomes
     from infra.manifest import read_manifest
+    from infra.run import RunDir
 
     root, port = crawl
     run_dir = root / "runs" / "ingest-thread"
@@ -195,7 +196,13 @@ def test_retry_failed_cli_then_resume(crawl, prefect_server, capsys):
         ("lvd retry-failed", "ingest: 1 failed URLs downloaded again (retry 2), 0 recovered", "completed"),
         ("lvd retry-failed", "ingest: a retry of the failed URLs", "failed: ValueError: reasons ['url_*'] are "
                                                                    "decided without downloading; a retry cannot change them"),
-        ("lvd resume", "ran nsfw, faces; reused (completed before): ingest", "completed")]
+        ("lvd resume", "ran nsfw (4 shards reused), faces (4 shards reused); reused (completed before): ingest",
+         "completed")]  # fmt: skip
+    # The resume scored and blurred only the retries' shards: the others' inputs are unchanged, so they were taken over.
+    resumed = [e for e in RunDir(root / "runs", "ingest-thread").events()
+               if e["event"] == "shard_done" and e["stage"] in ("nsfw", "faces")][-4:]
+    assert sorted((e["stage"], e["shard"]) for e in resumed) == [
+        ("faces", "r1-00002"), ("faces", "r2-00002"), ("nsfw", "r1-00002"), ("nsfw", "r2-00002")]
     nsfw_after = read_manifest(run_dir / "stages" / "nsfw")
     assert nsfw_after.inputs_digest != nsfw_before.inputs_digest
     faces = pd.read_parquet(run_dir / "stages" / "faces" / "shards" / "r1-00002.parquet")

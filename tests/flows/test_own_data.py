@@ -173,3 +173,59 @@ def test_the_demo_config_still_refuses_a_users_list(tmp_path, capsys):
                 f"run.root={tmp_path / 'runs'}"]) == 2
     assert "data.url_list" in capsys.readouterr().err and not list((tmp_path / "runs").glob("*"))
 
+
+
+def test_a_folder_that_grows_computes_only_its_new_images(tmp_path, prefect_server, capsys):
+    """A user adds photographs to their folder (names that sort between the old ones), updates its list with `lvd
+    folder-urls` and runs the same configuration again: the old files keep their rows, and every curation stage
+    computes only the new shards, taking over those whose inputs are unchanged (ingest: the rows; NSFW, faces, the
+    dedup descriptors and the embeddings: the upstream shard and the images it skips). What the run produces is what
+    a fresh run of the updated list produces, and its audit passes."""
+    staged = write_pool(tmp_path / "all")  # 36 photographs and tiles, alternate ones added later
+    photos, runs = tmp_path / "photos", tmp_path / "runs"
+    photos.mkdir()
+    first = sorted(staged)[::2]
+    for p in first:
+        (photos / p.name).write_bytes(p.read_bytes())
+    listing = tmp_path / "photos.parquet"
+
+    def run(name: str) -> list[dict]:
+        args = ["run", str(CONFIG), f"data.url_list={listing}", f"ingest.local_roots=[{photos}]", f"run.root={runs}",
+                f"run.run_id={name}", "run.stop_after=corpus", "ingest.shard_size=6", *SMALL]  # fmt: skip
+        n = len(RunDir(runs, name).events()) if (runs / name).exists() else 0
+        capsys.readouterr()
+        assert cli(args) == 0, capsys.readouterr().err
+        return RunDir(runs, name).events()[n:]
+
+    assert cli(["folder-urls", str(photos), str(listing)]) == 0
+    run("grows")  # 18 rows: 3 shards
+    for p in sorted(staged)[1::2]:
+        (photos / p.name).write_bytes(p.read_bytes())
+    capsys.readouterr()
+    assert cli(["folder-urls", str(photos), str(listing)]) == 0
+    assert "its 18 rows kept as they were, 18 new files added after them (rows 18-35)" in capsys.readouterr().out
+    urls = pd.read_parquet(listing)["url"].tolist()
+    assert urls[:18] == [p.resolve().as_uri() for p in [photos / q.name for q in first]]
+
+    events = run("grows")
+    curation = ["ingest", "nsfw", "faces", "dedup", "embed"]
+    computed = {s: sorted(e["shard"] for e in events if e["event"] == "shard_done" and e["stage"] == s) for s in curation}
+    assert computed == {s: ["00003", "00004", "00005"] for s in curation}
+    taken = {e["stage"]: e["shards"] for e in events if e["event"] == "shards_taken_over"}
+    assert taken == {"nsfw": 3, "faces": 3, "dedup": 3, "embed": 3}
+
+    run("fresh")  # the updated list, from nothing
+    grown, fresh = RunDir(runs, "grows"), RunDir(runs, "fresh")
+    for stage, pattern in [("ingest", "shards/*"), ("nsfw", "scores/*"), ("faces", "shards/*"), ("dedup", "kept.parquet"),
+                           ("embed", "pool/*"), ("corpus", "corpus.parquet")]:  # fmt: skip
+        files = sorted(p.relative_to(grown.stage_dir(stage)) for p in grown.stage_dir(stage).glob(pattern))
+        assert files == sorted(p.relative_to(fresh.stage_dir(stage)) for p in fresh.stage_dir(stage).glob(pattern))
+        for f in files:
+            if f.suffix == ".parquet":
+                a, b = (pd.read_parquet(r.stage_dir(stage) / f) for r in (grown, fresh))
+                pd.testing.assert_frame_equal(a.drop(columns=["run_id"], errors="ignore"), b.drop(columns=["run_id"], errors="ignore"))
+            else:
+                assert (grown.stage_dir(stage) / f).read_bytes() == (fresh.stage_dir(stage) / f).read_bytes(), (stage, f)
+    capsys.readouterr()
+    assert cli(["audit", "grows", "--root", str(runs)]) == 0
+    assert "audit: OK" in capsys.readouterr().out

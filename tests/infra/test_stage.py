@@ -55,3 +55,74 @@ def test_config_change_invalidates_stage_and_downstream(tmp_path):
     run_stage(a, run, cfg2)
     assert stage_state(run, b, cfg2) == "stale"  # its upstream digest changed
     assert calls == ["00000", "00001", "00002", "second", "00000", "00001", "00002"]
+
+
+
+def test_a_shard_wise_stage_computes_again_only_the_shards_whose_inputs_changed(tmp_path, monkeypatch):
+    """A stage with `salvage="upstream"` whose upstream changed: completed shards of its stale attempt whose upstream
+    shard and extra inputs (the images it skips) are unchanged are taken over, files and counts, the others computed
+    anew; files of shards that no longer exist go with the stale attempt. An attempt interrupted after taking over
+    resumes; another configuration of the stage takes nothing."""
+    from dataclasses import replace
+
+    from infra.stage import INPUTS_KEY, previous_dir
+    from infra.storage import Markers
+
+    run, content, skip, calls = RunDir(tmp_path, "r"), {"00000": "a", "00001": "b", "00002": "c"}, {}, []
+
+    def upstream(ctx):
+        for shard in ctx.dir.glob("*.txt"):
+            shard.unlink()
+        for shard, text in content.items():
+            (ctx.dir / f"{shard}.txt").write_text(text)
+        return StageResult(outputs=sorted(ctx.dir.glob("*.txt")))
+
+    def shardwise(ctx):
+        names = sorted(p.stem for p in ctx.upstream_dir("a").glob("*.txt"))
+        tracker = ctx.tracker(len(names), ctx.shard_inputs(names, ["a"], skip))
+        for shard in names:
+            def work(shard=shard):
+                calls.append(shard)
+                (ctx.dir / "out").mkdir(exist_ok=True)
+                (ctx.dir / "out" / f"{shard}.txt").write_text((ctx.upstream_dir("a") / f"{shard}.txt").read_text().upper())
+                return {"kept": len(calls)}
+            tracker.run(shard, work)
+        return StageResult(counts={"kept": sum(tracker.info(n)["kept"] for n in names)},
+                           outputs=sorted((ctx.dir / "out").glob("*.txt")))
+
+    def outputs():
+        return {p.name: p.read_text() for p in (run.stage_dir("b") / "out").glob("*.txt")}
+
+    a = StageSpec("a", ("dedup",), ("infra",), (), upstream, external=lambda cfg: repr(sorted(content.items())))
+    b = StageSpec("b", ("corpus",), ("infra",), ("a",), shardwise, salvage="upstream")
+    cfg = load_config()
+    run_stage(a, run, cfg)
+    assert run_stage(b, run, cfg).counts == {"kept": 1 + 2 + 3}
+    assert set(Markers(run.stage_dir("b")).read("00000")) == {"kept", INPUTS_KEY}
+
+    content.update({"00001": "B", "00003": "d"})  # one shard changed, one added, one gone
+    del content["00002"]
+    run_stage(a, run, cfg)
+    assert stage_state(run, b, cfg) == "stale"
+    monkeypatch.setenv(FAULT_ENV, "b:1")
+    with pytest.raises(InjectedFault):  # 00000 taken over, 00001 computed, then the fault
+        run_stage(b, run, cfg)
+    monkeypatch.delenv(FAULT_ENV)
+    assert calls[3:] == ["00001"] and outputs() == {"00000.txt": "A", "00001.txt": "B"}
+    m = run_stage(b, run, cfg)  # resumed: the same attempt, the stale one still aside
+    assert calls[3:] == ["00001", "00003"] and outputs() == {"00000.txt": "A", "00001.txt": "B", "00003.txt": "D"}
+    assert m.counts == {"kept": 1 + 4 + 5}  # the counts of the shard taken over are its own
+    assert [o["path"] for o in m.outputs] == [f"stages/b/out/0000{i}.txt" for i in (0, 1, 3)]
+    assert not previous_dir(run, "b").exists()  # the gone shard's files with it
+    events = [e for e in run.events() if e["event"] == "shards_taken_over"]
+    assert [(e["stage"], e["shards"]) for e in events] == [("b", 1)]
+
+    content["00003"] = "e"  # another shard changed, and 00000 skips an image it did not skip before
+    skip["00000"] = {"image-x"}
+    run_stage(a, run, cfg)
+    run_stage(b, run, cfg)
+    assert calls[5:] == ["00000", "00003"] and outputs() == {"00000.txt": "A", "00001.txt": "B", "00003.txt": "E"}
+
+    calls.clear()  # another configuration of the stage: nothing to take
+    run_stage(replace(b, sections=("corpus", "dedup")), run, load_config(None, ["dedup.k=8"]))
+    assert calls == ["00000", "00001", "00003"]
