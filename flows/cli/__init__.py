@@ -102,3 +102,6 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, RunIdError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `lvd lineage ... | head`: the reader has what it wanted; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
+        return 141  # what a shell reports for a command its pipe's reader stopped (128 + SIGPIPE)

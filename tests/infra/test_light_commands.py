@@ -101,3 +101,15 @@ def test_names_mirror_the_modules_that_write_the_files():
 
     assert (resume_points.KMEANS_STEPS, resume_points.PROGRESS) == (CHECKPOINTS, PROGRESS)
     assert stages.TRAINING_STAGES is resume_points.TRAINING_STAGES and stages.resume_step is resume_points.resume_step
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(tmp_path):
+    """`lvd ... | head`: a pipe whose reader is gone ends the command quietly with the shell's status for it."""
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"")
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the command writes its first line
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "folder-urls", str(tmp_path / "photos"),
+                           str(tmp_path / "l.parquet")], stdout=write, stderr=subprocess.PIPE, cwd=REPO, timeout=60)  # fmt: skip
+    os.close(write)
+    assert (proc.returncode, proc.stderr.decode()) == (141, "")
