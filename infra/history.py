@@ -49,19 +49,21 @@ def attempts(run: RunDir) -> list[Attempt]:
 def attempts_from(events: Iterable[dict[str, Any]]) -> list[Attempt]:
     """`attempts` of these events (a run's, in order, or the tail one process logged)."""
     out: list[Attempt] = []
-    resumed, changed = False, []
+    resumed, changed, launched = False, [], False
     for e in events:
         kind, stage = e.get("event"), e.get("stage")
         if kind == "resumed":
             resumed = True
         elif kind == "config_amended":
             changed += sorted(e.get("changed") or {})
-        elif kind in ("flow_started", "retry_started"):
+        elif kind == "flow_started" and launched:  # the flow of the attempt `launched` opened (before Prefect started)
+            launched = False
+        elif kind in ("launched", "flow_started", "retry_started"):  # (runs made before `launched`: flow_started)
             by = "lvd retry-failed" if kind == "retry_started" else "lvd resume" if resumed else "lvd run"
             out.append(Attempt(e.get("time", ""), by, changed))
             if kind == "retry_started":
                 out[-1].stages["ingest"] = StageOutcome("running")
-            resumed, changed = False, []
+            resumed, changed, launched = False, [], kind == "launched"
         elif not out:
             continue  # events of a run directory older than these records
         elif kind in ("stages_completed", "flow_completed"):
@@ -132,7 +134,7 @@ def describe(history: list[Attempt]) -> list[dict[str, Any]]:
         elif a.error is not None:
             ended = "failed: " + _short(a.error)
         elif a.interrupted is not None:
-            where = f"in {stopped}" if stopped else "between stages"
+            where = f"in {stopped}" if stopped else "between stages" if a.stages else "before its first stage"
             ended = f"interrupted by {SIGNAL_WORDS.get(a.interrupted, a.interrupted)} {where}"
         elif stopped is not None and a.stages[stopped].outcome == "failed":
             ended = f"failed in {stopped}"

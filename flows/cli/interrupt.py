@@ -78,14 +78,6 @@ def _cancel_flow_run(flow_run_id: object | None, message: str) -> None:
     t.join(PREFECT_GRACE_S)
 
 
-def _flow_run_of(run: RunDir | None) -> str | None:
-    """The Prefect flow run of the run's current attempt (its last `flow_started` event names it)."""
-    if run is None:
-        return None
-    started = [e for e in run.events() if e.get("event") == "flow_started"]
-    return started[-1].get("prefect_flow_run") if started else None
-
-
 class Interrupts:
     """Stops the process on SIGINT / SIGTERM; `run` (None before the run directory exists) records the interruption,
     `resume` is the command that continues it."""
@@ -108,12 +100,11 @@ class Interrupts:
             stop_children(self.family, grace=0)
             os._exit(code)
         name = NAMES.get(signum, signal.Signals(signum).name)
+        flow_run = self._flow_run()  # (before `interrupted` is logged)
         if self.run is not None and self.run.path.is_dir():
             self.run.log_event("interrupted", signal=signal.Signals(signum).name)
         again = "Ctrl-C again" if signum == signal.SIGINT else "a second signal"
         print(f"\nlvd: interrupted by {name}: stopping ({again} stops at once).", file=sys.stderr, flush=True)
-        mine = self.run is not None and len(self.run.events()) > self.since  # this process's flow has started
-        flow_run = _flow_run_of(self.run) if mine else None
         _cancel_flow_run(flow_run, f"interrupted by {name}" + (f"; `{self.resume}` continues it" if self.resume else ""))
         stop_children(self.family)
         if self.resume:
@@ -122,6 +113,15 @@ class Interrupts:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)  # not SystemExit: no handler of Prefect's or Lightning's may go on working on the way out
+
+
+    def _flow_run(self) -> str | None:
+        """The Prefect flow run this process started for the run (its `flow_started` event names it), or None: an
+        earlier attempt's flow run is not this process's to cancel."""
+        if self.run is None or not self.run.path.is_dir():
+            return None
+        started = [e for e in self.run.events()[self.since :] if e.get("event") == "flow_started"]
+        return started[-1].get("prefect_flow_run") if started else None
 
 
 def _watch(read_fd: int, handler: Interrupts) -> None:
@@ -142,6 +142,16 @@ def _ignore(_signum: int, _frame: object) -> None:
     SIGINT no longer raises KeyboardInterrupt wherever the main thread happens to be."""
 
 
+_active: list[Interrupts] = []  # the handlers in effect, innermost last
+
+
+def attach(run: RunDir, resume: str) -> None:
+    """From now on the handler in effect records an interruption in ``run`` and names ``resume``: the run directory
+    exists, while the flow that installs its own handler is still being set up (imports, Prefect's start)."""
+    if _active:
+        _active[-1].run, _active[-1].resume, _active[-1].since = run, resume, len(run.events())
+
+
 @contextlib.contextmanager
 def handled(run: RunDir | None = None, resume: str | None = None) -> Iterator[Interrupts]:
     """Stop on SIGINT / SIGTERM for the duration (main thread only: elsewhere, e.g. a test's worker thread, a no-op)."""
@@ -149,6 +159,7 @@ def handled(run: RunDir | None = None, resume: str | None = None) -> Iterator[In
     if threading.current_thread() is not threading.main_thread():
         yield handler
         return
+    _active.append(handler)
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
     previous = {s: signal.signal(s, _ignore) for s in SIGNALS}
@@ -158,6 +169,7 @@ def handled(run: RunDir | None = None, resume: str | None = None) -> Iterator[In
     try:
         yield handler
     finally:
+        _active.remove(handler)
         signal.set_wakeup_fd(previous_fd)
         for s, h in previous.items():
             signal.signal(s, h)

@@ -112,22 +112,29 @@ def _exit_timeout() -> float:
 
 
 def _run_flow(run_root: Path, run_id: str) -> int:
+    from flows.cli import interrupt
+    from infra.run import RunDir
+
+    # The attempt, from here: a stop while Prefect is imported and its database and server start (seconds) is its
+    # too, recorded in the run (`lvd status`: "interrupted ... before its first stage").
+    run = RunDir(Path(run_root), run_id)
+    resume = f"lvd resume {run_id} --root {run_root}"
+    run.log_event("launched")
+    interrupt.attach(run, resume)
+
     import httpx
 
-    from flows.cli import interrupt
     from flows.pipeline import run_pipeline
     from infra.prefect_db import ensure_embedded_database
     from infra.runs import open_run
     from infra.summary import format_summary, run_summary
 
-    run, _ = open_run(run_root, run_id)
-    resume = f"lvd resume {run_id} --root {run_root}"
-    ensure_embedded_database()  # a server start killed mid-migration must not break every later resume
     watchdog = ExitWatchdog(run.events_path, _exit_timeout(), resume)
     watchdog.start()
     try:
         try:
             with interrupt.for_run(run_root, run_id):  # Ctrl-C / SIGTERM: recorded, children stopped, exit 130 / 143
+                ensure_embedded_database()  # a server start killed mid-migration must not break every later resume
                 state = run_pipeline(str(run_root), run_id)
         except httpx.HTTPError as err:  # Prefect's own API calls (flow run and its states), after Prefect's retries
             state = None

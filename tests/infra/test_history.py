@@ -1,0 +1,39 @@
+"""A run's attempts as `lvd status` and the report show them, from events.jsonl."""
+
+from __future__ import annotations
+
+from flows.cli.interrupt import Interrupts
+from infra.history import attempts_from, describe
+from infra.run import RunDir
+
+
+def _ended(events: list[dict]) -> list[tuple[str, str]]:
+    return [(r["by"], r["ended"]) for r in describe(attempts_from(events))]
+
+
+def test_an_attempt_begins_when_the_process_launches_it_not_when_its_flow_starts():
+    """An `lvd run` stopped while Prefect was still starting is an attempt of its own (it was shown nowhere); a
+    launched attempt whose flow started is one attempt, not two; runs made before `launched` read as they did."""
+    ingest = [{"event": "started", "stage": "ingest"}, {"event": "completed", "stage": "ingest"}]
+    assert _ended([{"event": "launched"}, {"event": "interrupted", "signal": "SIGINT"},
+                   {"event": "resumed"}, {"event": "launched"}, {"event": "flow_started"}, *ingest,
+                   {"event": "flow_completed"}]) == [
+        ("lvd run", "interrupted by Ctrl-C (SIGINT) before its first stage"), ("lvd resume", "completed")]
+    assert _ended([{"event": "flow_started"}, {"event": "started", "stage": "ingest"},
+                   {"event": "interrupted", "signal": "SIGINT"}, {"event": "resumed"}, {"event": "flow_started"},
+                   *ingest, {"event": "flow_completed"}]) == [
+        ("lvd run", "interrupted by Ctrl-C (SIGINT) in ingest"), ("lvd resume", "completed")]
+    assert _ended([{"event": "launched"}]) == [("lvd run", "running, or interrupted between stages")]
+
+
+def test_a_stop_cancels_only_the_flow_run_its_own_process_started(tmp_path):
+    """Ctrl-C during a resume's start-up must not mark the previous attempt's Prefect flow run Cancelled."""
+    run = RunDir(tmp_path, "r")
+    run.path.mkdir(parents=True)
+    run.log_event("launched")
+    run.log_event("flow_started", prefect_flow_run="earlier")
+    handler = Interrupts(run, "lvd resume r")  # this process, from here
+    run.log_event("launched")
+    assert handler._flow_run() is None
+    run.log_event("flow_started", prefect_flow_run="mine")
+    assert handler._flow_run() == "mine"
