@@ -86,7 +86,7 @@ def _dedup(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg
     shards = list_shards(ctx.upstream_dir("faces") / "shards")
     mapper = prefect_mapper(cfg.run, "dedup", gpu=True) if _fanout(cfg) else None
-    key = config_hash(cfg, ("dedup.descriptor",)) + _descriptor_model(cfg)
+    key = config_hash(cfg, DESCRIPTOR_SECTIONS) + _descriptor_model(cfg)
     tracker = ctx.tracker(len(shards), ctx.shard_inputs([s.name for s in shards], ["faces"]))  # descriptors per shard
     result = dedup(shards, cfg.data.eval_sets, ctx.dir, cfg.dedup, tracker, seed=cfg.run.seed, mapper=mapper,
                    descriptor_key=key)  # fmt: skip
@@ -238,6 +238,7 @@ def _evaluated_models(cfg: PipelineConfig) -> str:
 
 
 CURATION = ("curation", "infra")
+DESCRIPTOR_SECTIONS = ("dedup.descriptor",)  # what the dedup stage's per-shard copy descriptors depend on
 # What training learns: the train section without how it executes (EXECUTION_KEYS: devices, micro-batches, workers,
 # threads, ...; `lvd resume` may change them). A training stage's key leaves out the follow-up sections too (each
 # follow-up adds its own).
@@ -252,7 +253,7 @@ SPECS: dict[str, StageSpec] = {
         StageSpec("nsfw", ("nsfw",), CURATION, ("ingest",), _nsfw, external=_nsfw_models, salvage="upstream"),
         StageSpec("faces", ("faces",), CURATION, ("ingest", "nsfw"), _faces, external=_face_model, salvage="upstream"),
         StageSpec("dedup", ("dedup", "data", "demo.enabled", "run.seed"), CURATION, ("faces",), _dedup,
-                  external=_descriptor_model, salvage="upstream"),
+                  external=_descriptor_model, salvage="upstream", shard_sections=DESCRIPTOR_SECTIONS),
         StageSpec("embed", ("embed", "data", "run.seed"), (*CURATION, "training", "flows"), ("dedup", "faces"), _embed,
                   external=_embedder, salvage="upstream"),
         StageSpec("retrieve", ("retrieve", "data", "run.seed"), CURATION, ("embed",), _retrieve),

@@ -16,6 +16,7 @@ class StageOutcome:
     reused: int = 0  # shards finished by an earlier attempt (shard_skipped)
     done: int = 0  # shards this attempt finished
     from_step: int | None = None  # training: the checkpoint step it continued from
+    from_run: str | None = None  # cached: taken from another run that completed it with the same key
     error: str | None = None
 
 
@@ -84,7 +85,7 @@ def attempts_from(events: Iterable[dict[str, Any]]) -> list[Attempt]:
                 s.outcome = kind if kind != "started" else "running"
                 s.error = e.get("error") if kind == "failed" else None
             elif kind in ("reused", "skipped"):  # the flow's record of a stage completed before / run_stage's
-                s.outcome = "cached"
+                s.outcome, s.from_run = "cached", e.get("from_run")
             elif kind == "shard_skipped":
                 s.reused += 1
             elif kind == "shard_done":
@@ -125,7 +126,8 @@ def describe(history: list[Attempt]) -> list[dict[str, Any]]:
                     else "ingest: a retry of the failed URLs")
         else:
             ran = [_stage_note(n, s) for n, s in a.stages.items() if s.outcome != "cached"]
-            cached = [n for n, s in a.stages.items() if s.outcome == "cached"]
+            cached = [n + (f" (from run {s.from_run})" if s.from_run else "") for n, s in a.stages.items()
+                      if s.outcome == "cached"]
             what = "; ".join(p for p in ("ran " + ", ".join(ran) if ran else "",
                                          "reused (completed before): " + ", ".join(cached) if cached else "") if p)
         stopped = a.stopped_in

@@ -36,7 +36,7 @@ from infra.config import PipelineConfig, config_hash
 from infra.console import Progress, duration
 from infra.lineage import LedgerWriter, ledger_dir
 from infra.lineage_index import index_stage
-from infra.manifest import StageManifest, cache_key, inputs_digest, read_manifest, write_manifest
+from infra.manifest import MANIFEST, StageManifest, cache_key, inputs_digest, read_manifest, write_manifest
 from infra.run import RunDir, code_version, now
 from infra.storage import Markers, atomic_write_json, file_record, read_json
 
@@ -214,6 +214,7 @@ class StageContext:
     name: str
     upstream: dict[str, StageManifest]
     trackers: list[ShardTracker] = field(default_factory=list)
+    base: str = ""  # the stage's base key (StageSpec.base_key): what a shard taken from elsewhere must share
 
     @property
     def dir(self) -> Path:
@@ -239,6 +240,13 @@ class StageContext:
                 self.run.log_event("shards_taken_over", self.name, shards=len(taken))
                 log.info("%s: %d of %d shards taken over from the previous attempt (their inputs are unchanged)",
                          self.name, len(taken), len(inputs))  # fmt: skip
+        if inputs and self.base and self.cfg.run.reuse_runs:
+            for donor in shard_donors(self.run, self.name, self.base):
+                linked = take_over_shards(donor.stage_dir(self.name), self.dir, inputs, link=True)
+                if linked:
+                    self.run.log_event("shards_taken_over", self.name, shards=len(linked), from_run=donor.run_id)
+                    log.info("%s: %d of %d shards taken from run %s (the same inputs and configuration; linked)",
+                             self.name, len(linked), len(inputs), donor.run_id)  # fmt: skip
         self.trackers.append(tracker)
         return tracker
 
@@ -278,13 +286,19 @@ class StageSpec:
     # of being wiped. "external": the external inputs (ingest: a URL list with rows added after the old ones leaves
     # the old shards' rows as they were); "upstream": the upstream stages (a shard-wise stage after a list grew or
     # `lvd retry-failed`: shards whose upstream shard and skipped images are unchanged, `StageContext.shard_inputs`).
+    # Such shards are also taken from other runs under the same root (`run.reuse_runs`), as hard links.
     salvage: Literal["", "external", "upstream"] = ""
+    # "upstream" salvage: the configuration a shard's outputs depend on, where narrower than `sections` (the dedup
+    # stage's descriptors: `dedup.descriptor`; its threshold or evaluation sets change the graph, not them).
+    shard_sections: tuple[str, ...] | None = None
 
     def base_key(self, cfg: PipelineConfig, upstream: dict[str, StageManifest]) -> str:
-        """The key without what :attr:`salvage` lets change: the external inputs' fingerprint, or the upstream digest."""
+        """The key without what :attr:`salvage` lets change: the external inputs' fingerprint, or the upstream digest
+        (and the configuration outside :attr:`shard_sections`)."""
         if self.salvage == "upstream":
             outside = self.external(cfg) if self.external is not None else ""
-            return cache_key(self.name, config_hash(cfg, self.sections), code_version(*self.packages), outside)
+            sections = self.shard_sections or self.sections
+            return cache_key(self.name, config_hash(cfg, sections), code_version(*self.packages), outside)
         return cache_key(self.name, config_hash(cfg, self.sections), code_version(*self.packages), inputs_digest(upstream))
 
     def key_parts(self, cfg: PipelineConfig, upstream: dict[str, StageManifest]) -> tuple[str, str, str]:
@@ -323,10 +337,20 @@ def run_stage(spec: StageSpec, run: RunDir, cfg: PipelineConfig) -> StageManifes
         run.log_event("skipped", spec.name, key=key)
         log.info("%s: complete already (same inputs and configuration), skipped", spec.name)
         return existing
+    donor = completed_elsewhere(run, spec.name, key) if cfg.run.reuse_runs else None
+    if donor is not None:
+        manifest = take_from_run(donor, run, spec.name)
+        run.log_event("skipped", spec.name, key=key, from_run=donor.run_id)
+        log.info("%s: completed by run %s with the same inputs and configuration: its outputs are reused (linked)",
+                 spec.name, donor.run_id)  # fmt: skip
+        _index_lineage(run, spec.name)
+        _refresh_domains(run, spec.name, cfg)
+        return manifest
     started, t0 = now(), time.monotonic()
-    ctx = StageContext(run, cfg, spec.name, upstream)
+    base = spec.base_key(cfg, upstream)
+    ctx = StageContext(run, cfg, spec.name, upstream, base=base if spec.salvage == "upstream" else "")
     try:
-        _prepare(stage_dir, key, spec.base_key(cfg, upstream), previous_dir(run, spec.name) if spec.salvage else None)
+        _prepare(stage_dir, key, base, previous_dir(run, spec.name) if spec.salvage else None)
         run.log_event("started", spec.name, key=key)
         log.info("%s: started", spec.name)
         check_fault(spec.name)
@@ -368,6 +392,44 @@ def run_stage(spec: StageSpec, run: RunDir, cfg: PipelineConfig) -> StageManifes
     return manifest
 
 
+def completed_elsewhere(run: RunDir, stage: str, key: str) -> RunDir | None:
+    """Another run under ``run.root`` whose ``stage`` is complete with ``key``, every output file in place at its
+    recorded size; the first by run id, or None."""
+    if not run.root.is_dir():
+        return None
+    for other in sorted(p for p in run.root.iterdir() if p.name != run.run_id and (p / "stages" / stage).is_dir()):
+        with contextlib.suppress(Exception):  # an unreadable or half-written manifest of another run: not a donor
+            manifest = read_manifest(other / "stages" / stage)
+            if manifest is not None and manifest.key == key and all(
+                    (other / o["path"]).is_file() and (other / o["path"]).stat().st_size == o["bytes"]
+                    for o in manifest.outputs):  # fmt: skip
+                return RunDir(run.root, other.name)
+    return None
+
+
+def take_from_run(donor: RunDir, run: RunDir, stage: str) -> StageManifest:
+    """``donor``'s completed ``stage`` as this run's: its files hard-linked (every file a stage writes is written
+    once, to a temporary name renamed into place, so neither run's later writes reach the other's; the lineage index,
+    a database updated in place, is copied), its manifest written last with this run's id. Whatever this run held
+    for the stage before goes (it was stale or partial: the key differs)."""
+    source, target = donor.stage_dir(stage), run.stage_dir(stage)
+    manifest = read_manifest(source)
+    assert manifest is not None
+    shutil.rmtree(target, ignore_errors=True)
+    for path in sorted(source.rglob("*")):
+        rel = path.relative_to(source)
+        if not path.is_file() or path.name.startswith(".") or rel == Path(MANIFEST):
+            continue
+        (target / rel).parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".sqlite":
+            shutil.copy2(path, target / rel)
+        else:
+            _link(path, target / rel)
+    mine = manifest.model_copy(update={"run_id": run.run_id, "extra": {**manifest.extra, "reused_from": donor.run_id}})
+    write_manifest(target, mine)
+    return mine
+
+
 def describe_counts(counts: dict[str, Any]) -> str:
     """`, kept 270, dropped 12` (what left the stage), or the first few plain counts of a stage without them."""
     dropped = counts.get("dropped")
@@ -399,10 +461,11 @@ def _refresh_domains(run: RunDir, stage: str, cfg: PipelineConfig) -> None:
         log.warning("per-host table not written (%s); `lvd domains` will compute it", err)
 
 
-def take_over_shards(previous: Path, stage_dir: Path, inputs: dict[str, str]) -> list[str]:
-    """Completed shards of ``previous`` (a stale attempt of the stage with the same base key) whose marker records
-    the fingerprint ``inputs[shard]`` has now, moved into ``stage_dir``: every file named after the shard, then its
-    marker (an interrupted take-over leaves each shard taken or to be computed). Returns the shards taken."""
+def take_over_shards(previous: Path, stage_dir: Path, inputs: dict[str, str], link: bool = False) -> list[str]:
+    """Completed shards of ``previous`` (a stale attempt of the stage with the same base key; with ``link``, another
+    run's attempt) whose marker records the fingerprint ``inputs[shard]`` has now, moved (``link``: hard-linked)
+    into ``stage_dir``: every file named after the shard, then its marker (an interrupted take-over leaves each
+    shard taken or to be computed). Returns the shards taken."""
     old, new = Markers(previous), Markers(stage_dir)
     files: dict[str, list[Path]] = defaultdict(list)
     for path in previous.rglob("*"):
@@ -412,18 +475,45 @@ def take_over_shards(previous: Path, stage_dir: Path, inputs: dict[str, str]) ->
     for name, fingerprint in inputs.items():
         if new.is_done(name) or not old.is_done(name) or old.read(name).get(INPUTS_KEY) != fingerprint:
             continue
-        move_shard(previous, stage_dir, name, [p.relative_to(previous) for p in files.get(name, [])])
+        try:
+            move_shard(previous, stage_dir, name, [p.relative_to(previous) for p in files.get(name, [])], link)
+        except FileNotFoundError:  # another run's stage being redone meanwhile: this shard is computed here
+            continue
         taken.append(name)
     return taken
 
 
-def move_shard(previous: Path, stage_dir: Path, name: str, files: Iterable[Path]) -> None:
-    """A completed shard's ``files`` (relative to the stage folder; those present) moved from ``previous`` into
-    ``stage_dir``, its completion marker last."""
+def shard_donors(run: RunDir, stage: str, base: str) -> list[RunDir]:
+    """Other runs under ``run.root`` whose ``stage`` folder (complete, partial or stale) was started with the base
+    key ``base``: their completed shards are valid here wherever their recorded inputs match."""
+    out = []
+    for other in sorted(p for p in run.root.iterdir() if p.name != run.run_id) if run.root.is_dir() else []:
+        key_file = other / "stages" / stage / KEY_FILE
+        with contextlib.suppress(Exception):  # unreadable: not a donor
+            if key_file.is_file() and read_json(key_file).get("base") == base:
+                out.append(RunDir(run.root, other.name))
+    return out
+
+
+def move_shard(previous: Path, stage_dir: Path, name: str, files: Iterable[Path], link: bool = False) -> None:
+    """A completed shard's ``files`` (relative to the stage folder; those present) moved (``link``: hard-linked,
+    copied across file systems) from ``previous`` into ``stage_dir``, its completion marker last."""
     for rel in [*files, Markers(previous).path(name).relative_to(previous)]:
         if (previous / rel).is_file():
             (stage_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-            (previous / rel).replace(stage_dir / rel)
+            if link:
+                _link(previous / rel, stage_dir / rel)
+            else:
+                (previous / rel).replace(stage_dir / rel)
+
+
+def _link(source: Path, target: Path) -> None:
+    """``target`` as a hard link of ``source`` (a copy where links cannot be made), replacing what was there."""
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or links not allowed there
+        shutil.copy2(source, target)
 
 
 def previous_dir(run: RunDir, stage: str) -> Path:

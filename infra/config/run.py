@@ -32,6 +32,10 @@ class RunConfig(Section):
     # configuration lands in the same run directory and reuses every completed stage.
     run_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     seed: int = 0
+    # A stage that another run under `root` completed with the same key (configuration of the stage, code, upstream
+    # outputs, external files) is taken from it, not computed again: its output files hard-linked (copied across
+    # file systems). A run that changes, say, only the dedup threshold or the training recipe downloads nothing.
+    reuse_runs: bool = True
     # Stop after this stage (inclusive); None runs the whole pipeline.
     stop_after: Literal[STAGES] | None = None  # type: ignore[valid-type]
     # Fan-out of per-shard work inside a stage: Prefect's thread pool, or a Dask/Ray cluster.

@@ -48,8 +48,9 @@ def crawl(tmp_path_factory):
 
 def _config(root, runner):
     cfg = {
+        # Each runner computes its own stages (the runs compare them), none taken from another run.
         "run": {"root": str(root / "runs"), "run_id": f"ingest-{runner}", "stop_after": "faces", "task_runner": runner,
-                "workers": 2},
+                "workers": 2, "reuse_runs": False},
         "data": {"url_list": str(root / "urls.parquet")},
         "ingest": {"shard_size": 4, "threads": 4, "timeout": 2.0, "allow_hosts": ["127.0.0.1"], "processes": 2},
         "nsfw": {"batch_size": 8},

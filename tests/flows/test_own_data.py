@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from PIL import Image
 
 from flows.cli import main as cli
 from infra.lineage import Ledger, check_terminal_outcomes
@@ -135,6 +136,19 @@ def test_own_folder_end_to_end(data, prefect_server, capsys, seeds, evals):
         _assert_report_blurs_the_seed_face(report, data)
 
 
+def _assert_same_outputs(a: RunDir, b: RunDir) -> None:
+    """The curation stages' outputs of two runs are the same: shard files byte for byte, tables frame for frame."""
+    for stage, pattern in [("ingest", "shards/*"), ("nsfw", "scores/*"), ("faces", "shards/*"), ("dedup", "kept.parquet"),
+                           ("dedup", "descriptors/*"), ("embed", "pool/*"), ("corpus", "corpus.parquet")]:  # fmt: skip
+        files = sorted(p.relative_to(a.stage_dir(stage)) for p in a.stage_dir(stage).glob(pattern))
+        assert files and files == sorted(p.relative_to(b.stage_dir(stage)) for p in b.stage_dir(stage).glob(pattern))
+        for f in files:
+            if f.suffix == ".parquet":
+                pd.testing.assert_frame_equal(pd.read_parquet(a.stage_dir(stage) / f), pd.read_parquet(b.stage_dir(stage) / f))
+            else:
+                assert (a.stage_dir(stage) / f).read_bytes() == (b.stage_dir(stage) / f).read_bytes(), (stage, f)
+
+
 def _status(name: str, root: Path, capsys) -> dict:
     capsys.readouterr()
     assert cli(["status", name, "--root", str(root / "runs"), "--json"]) == 0
@@ -180,7 +194,9 @@ def test_a_folder_that_grows_computes_only_its_new_images(tmp_path, prefect_serv
     folder-urls` and runs the same configuration again: the old files keep their rows, and every curation stage
     computes only the new shards, taking over those whose inputs are unchanged (ingest: the rows; NSFW, faces, the
     dedup descriptors and the embeddings: the upstream shard and the images it skips). What the run produces is what
-    a fresh run of the updated list produces, and its audit passes."""
+    a fresh run of the updated list produces, and its audit passes. Then another run, with another dedup threshold:
+    it takes whole stages and single shards from the runs beside it and computes only what the threshold reaches,
+    with the outputs of a run that computes everything."""
     staged = write_pool(tmp_path / "all")  # 36 photographs and tiles, alternate ones added later
     photos, runs = tmp_path / "photos", tmp_path / "runs"
     photos.mkdir()
@@ -189,9 +205,10 @@ def test_a_folder_that_grows_computes_only_its_new_images(tmp_path, prefect_serv
         (photos / p.name).write_bytes(p.read_bytes())
     listing = tmp_path / "photos.parquet"
 
-    def run(name: str) -> list[dict]:
+    def run(name: str, *more: str) -> list[dict]:
         args = ["run", str(CONFIG), f"data.url_list={listing}", f"ingest.local_roots=[{photos}]", f"run.root={runs}",
-                f"run.run_id={name}", "run.stop_after=corpus", "ingest.shard_size=6", *SMALL]  # fmt: skip
+                f"run.run_id={name}", "run.stop_after=corpus", "ingest.shard_size=6", "ingest.phash_dedup=false", *SMALL,
+                *more]  # fmt: skip (the near-copy below reaches the dedup stage)
         n = len(RunDir(runs, name).events()) if (runs / name).exists() else 0
         capsys.readouterr()
         assert cli(args) == 0, capsys.readouterr().err
@@ -201,31 +218,40 @@ def test_a_folder_that_grows_computes_only_its_new_images(tmp_path, prefect_serv
     run("grows")  # 18 rows: 3 shards
     for p in sorted(staged)[1::2]:
         (photos / p.name).write_bytes(p.read_bytes())
+    Image.open(first[0]).save(photos / "zz_copy.jpg", quality=60)  # a near-copy of an old photograph, in a new shard
     capsys.readouterr()
     assert cli(["folder-urls", str(photos), str(listing)]) == 0
-    assert "its 18 rows kept as they were, 18 new files added after them (rows 18-35)" in capsys.readouterr().out
+    assert "its 18 rows kept as they were, 19 new files added after them (rows 18-36)" in capsys.readouterr().out
     urls = pd.read_parquet(listing)["url"].tolist()
     assert urls[:18] == [p.resolve().as_uri() for p in [photos / q.name for q in first]]
 
     events = run("grows")
     curation = ["ingest", "nsfw", "faces", "dedup", "embed"]
     computed = {s: sorted(e["shard"] for e in events if e["event"] == "shard_done" and e["stage"] == s) for s in curation}
-    assert computed == {s: ["00003", "00004", "00005"] for s in curation}
+    assert computed == {s: ["00003", "00004", "00005", "00006"] for s in curation}
     taken = {e["stage"]: e["shards"] for e in events if e["event"] == "shards_taken_over"}
     assert taken == {"nsfw": 3, "faces": 3, "dedup": 3, "embed": 3}
 
-    run("fresh")  # the updated list, from nothing
-    grown, fresh = RunDir(runs, "grows"), RunDir(runs, "fresh")
-    for stage, pattern in [("ingest", "shards/*"), ("nsfw", "scores/*"), ("faces", "shards/*"), ("dedup", "kept.parquet"),
-                           ("embed", "pool/*"), ("corpus", "corpus.parquet")]:  # fmt: skip
-        files = sorted(p.relative_to(grown.stage_dir(stage)) for p in grown.stage_dir(stage).glob(pattern))
-        assert files == sorted(p.relative_to(fresh.stage_dir(stage)) for p in fresh.stage_dir(stage).glob(pattern))
-        for f in files:
-            if f.suffix == ".parquet":
-                a, b = (pd.read_parquet(r.stage_dir(stage) / f) for r in (grown, fresh))
-                pd.testing.assert_frame_equal(a.drop(columns=["run_id"], errors="ignore"), b.drop(columns=["run_id"], errors="ignore"))
-            else:
-                assert (grown.stage_dir(stage) / f).read_bytes() == (fresh.stage_dir(stage) / f).read_bytes(), (stage, f)
+    run("fresh", "run.reuse_runs=false")  # the updated list, from nothing
+    _assert_same_outputs(RunDir(runs, "grows"), RunDir(runs, "fresh"))
     capsys.readouterr()
     assert cli(["audit", "grows", "--root", str(runs)]) == 0
     assert "audit: OK" in capsys.readouterr().out
+
+    # Another run that changes only the dedup threshold takes ingest, NSFW and faces from the runs that completed
+    # them with the same keys (the first by id: "fresh"), and the copy descriptors shard by shard; it computes the
+    # graph and what follows, as a run computing everything does.
+    events = run("tuned", "dedup.threshold=0.99999")  # the near-copy is no longer merged with its original
+    assert {e["stage"]: e.get("from_run") for e in events if e["event"] == "skipped"} == {
+        "ingest": "fresh", "nsfw": "fresh", "faces": "fresh"}
+    taken = {e["stage"]: (e["shards"], e["from_run"]) for e in events if e["event"] == "shards_taken_over"}
+    assert taken == {"dedup": (7, "fresh"), "embed": (6, "fresh")}  # every descriptor; embeddings but the copy's
+    assert [(e["stage"], e["shard"]) for e in events if e["event"] == "shard_done"] == [("embed", "00006")]
+    run("tuned-all", "dedup.threshold=0.99999", "run.reuse_runs=false")
+    _assert_same_outputs(RunDir(runs, "tuned"), RunDir(runs, "tuned-all"))
+    capsys.readouterr()
+    assert cli(["audit", "tuned", "--root", str(runs)]) == 0
+    assert "audit: OK" in capsys.readouterr().out
+    assert cli(["status", "tuned", "--root", str(runs)]) == 0
+    assert "reused (completed before): ingest (from run fresh), nsfw (from run fresh), faces (from run fresh)" in \
+        capsys.readouterr().out

@@ -126,3 +126,36 @@ def test_a_shard_wise_stage_computes_again_only_the_shards_whose_inputs_changed(
     calls.clear()  # another configuration of the stage: nothing to take
     run_stage(replace(b, sections=("corpus", "dedup")), run, load_config(None, ["dedup.k=8"]))
     assert calls == ["00000", "00001", "00003"]
+
+
+def test_a_stage_another_run_completed_with_the_same_key_is_linked_not_computed(tmp_path, capsys):
+    """Two runs under one root that differ downstream: the second takes the first's stage (same key) as its own,
+    its files hard links, its manifest its own run id; a later write of either run's file (always a rename) leaves
+    the other's alone. A donor whose output lost bytes is passed over; `run.reuse_runs: false` computes anyway."""
+    import os
+
+    from infra.history import attempts, describe
+    from infra.manifest import read_manifest
+
+    calls = []
+    a, _ = _specs(calls)
+    first, second, third = (RunDir(tmp_path, name) for name in ("r1", "r2", "r3"))
+    run_stage(a, first, load_config())
+    m = run_stage(a, second, load_config(None, ["corpus.shard_size=7"]))  # another configuration, downstream only
+    assert calls == ["00000", "00001", "00002"]  # computed once
+    assert m.run_id == "r2" and m.extra["reused_from"] == "r1" and m.digest() == read_manifest(first.stage_dir("a")).digest()
+    one, two = first.stage_dir("a") / "00001.txt", second.stage_dir("a") / "00001.txt"
+    assert os.stat(one).st_ino == os.stat(two).st_ino and two.read_text() == "00001"
+    (second.stage_dir("a") / ".new.tmp").write_text("changed")
+    os.replace(second.stage_dir("a") / ".new.tmp", two)  # how every stage writes
+    assert one.read_text() == "00001"
+    second.log_event("launched")  # (an attempt, as `lvd run` opens it)
+    second.log_event("skipped", "a", from_run="r1")
+    assert describe(attempts(second))[-1]["what"] == "reused (completed before): a (from run r1)"
+
+    (first.stage_dir("a") / "00000.txt").write_text("")  # a donor that lost bytes: not taken
+    run_stage(a, third, load_config())
+    assert calls[3:] == ["00000", "00001", "00002"]
+    calls.clear()
+    run_stage(a, RunDir(tmp_path, "r4"), load_config(None, ["run.reuse_runs=false"]))
+    assert calls == ["00000", "00001", "00002"]
