@@ -27,7 +27,7 @@ import shutil
 import sqlite3
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -345,6 +345,8 @@ def run_stage(spec: StageSpec, run: RunDir, cfg: PipelineConfig) -> StageManifes
                  spec.name, donor.run_id)  # fmt: skip
         _index_lineage(run, spec.name)
         _refresh_domains(run, spec.name, cfg)
+        if spec.salvage:  # a stale attempt kept aside has nothing left to give
+            shutil.rmtree(previous_dir(run, spec.name), ignore_errors=True)
         return manifest
     started, t0 = now(), time.monotonic()
     base = spec.base_key(cfg, upstream)
@@ -392,18 +394,28 @@ def run_stage(spec: StageSpec, run: RunDir, cfg: PipelineConfig) -> StageManifes
     return manifest
 
 
+def _other_runs(run: RunDir, stage: str, **key: str) -> Iterator[RunDir]:
+    """The other runs under ``run.root`` (by id) whose ``stage`` was started with the given ``key`` or ``base``
+    (its small ``_key.json``, read before anything larger; unreadable: passed over)."""
+    others = sorted(p.name for p in run.root.iterdir() if p.name != run.run_id) if run.root.is_dir() else []
+    for name in others:
+        other = RunDir(run.root, name)
+        with contextlib.suppress(Exception):
+            recorded = read_json(other.stage_dir(stage) / KEY_FILE)
+            if all(recorded.get(k) == v for k, v in key.items()):
+                yield other
+
+
 def completed_elsewhere(run: RunDir, stage: str, key: str) -> RunDir | None:
     """Another run under ``run.root`` whose ``stage`` is complete with ``key``, every output file in place at its
     recorded size; the first by run id, or None."""
-    if not run.root.is_dir():
-        return None
-    for other in sorted(p for p in run.root.iterdir() if p.name != run.run_id and (p / "stages" / stage).is_dir()):
+    for other in _other_runs(run, stage, key=key):
         with contextlib.suppress(Exception):  # an unreadable or half-written manifest of another run: not a donor
-            manifest = read_manifest(other / "stages" / stage)
+            manifest = read_manifest(other.stage_dir(stage))
             if manifest is not None and manifest.key == key and all(
-                    (other / o["path"]).is_file() and (other / o["path"]).stat().st_size == o["bytes"]
+                    (other.path / o["path"]).is_file() and (other.path / o["path"]).stat().st_size == o["bytes"]
                     for o in manifest.outputs):  # fmt: skip
-                return RunDir(run.root, other.name)
+                return other
     return None
 
 
@@ -461,14 +473,14 @@ def _refresh_domains(run: RunDir, stage: str, cfg: PipelineConfig) -> None:
         log.warning("per-host table not written (%s); `lvd domains` will compute it", err)
 
 
-def take_over_shards(previous: Path, stage_dir: Path, inputs: dict[str, str], link: bool = False) -> list[str]:
-    """Completed shards of ``previous`` (a stale attempt of the stage with the same base key; with ``link``, another
+def take_over_shards(source: Path, stage_dir: Path, inputs: dict[str, str], link: bool = False) -> list[str]:
+    """Completed shards of ``source`` (a stale attempt of the stage with the same base key; with ``link``, another
     run's attempt) whose marker records the fingerprint ``inputs[shard]`` has now, moved (``link``: hard-linked)
     into ``stage_dir``: every file named after the shard, then its marker (an interrupted take-over leaves each
     shard taken or to be computed). Returns the shards taken."""
-    old, new = Markers(previous), Markers(stage_dir)
+    old, new = Markers(source), Markers(stage_dir)
     files: dict[str, list[Path]] = defaultdict(list)
-    for path in previous.rglob("*"):
+    for path in source.rglob("*"):
         if path.is_file() and path.parent != old.dir:
             files[path.name.split(".", 1)[0]].append(path)
     taken = []
@@ -476,7 +488,7 @@ def take_over_shards(previous: Path, stage_dir: Path, inputs: dict[str, str], li
         if new.is_done(name) or not old.is_done(name) or old.read(name).get(INPUTS_KEY) != fingerprint:
             continue
         try:
-            move_shard(previous, stage_dir, name, [p.relative_to(previous) for p in files.get(name, [])], link)
+            move_shard(source, stage_dir, name, [p.relative_to(source) for p in files.get(name, [])], link)
         except FileNotFoundError:  # another run's stage being redone meanwhile: this shard is computed here
             continue
         taken.append(name)
@@ -486,25 +498,19 @@ def take_over_shards(previous: Path, stage_dir: Path, inputs: dict[str, str], li
 def shard_donors(run: RunDir, stage: str, base: str) -> list[RunDir]:
     """Other runs under ``run.root`` whose ``stage`` folder (complete, partial or stale) was started with the base
     key ``base``: their completed shards are valid here wherever their recorded inputs match."""
-    out = []
-    for other in sorted(p for p in run.root.iterdir() if p.name != run.run_id) if run.root.is_dir() else []:
-        key_file = other / "stages" / stage / KEY_FILE
-        with contextlib.suppress(Exception):  # unreadable: not a donor
-            if key_file.is_file() and read_json(key_file).get("base") == base:
-                out.append(RunDir(run.root, other.name))
-    return out
+    return list(_other_runs(run, stage, base=base))
 
 
-def move_shard(previous: Path, stage_dir: Path, name: str, files: Iterable[Path], link: bool = False) -> None:
+def move_shard(source: Path, stage_dir: Path, name: str, files: Iterable[Path], link: bool = False) -> None:
     """A completed shard's ``files`` (relative to the stage folder; those present) moved (``link``: hard-linked,
-    copied across file systems) from ``previous`` into ``stage_dir``, its completion marker last."""
-    for rel in [*files, Markers(previous).path(name).relative_to(previous)]:
-        if (previous / rel).is_file():
+    copied across file systems) from ``source`` into ``stage_dir``, its completion marker last."""
+    for rel in [*files, Markers(source).path(name).relative_to(source)]:
+        if (source / rel).is_file():
             (stage_dir / rel).parent.mkdir(parents=True, exist_ok=True)
             if link:
-                _link(previous / rel, stage_dir / rel)
+                _link(source / rel, stage_dir / rel)
             else:
-                (previous / rel).replace(stage_dir / rel)
+                (source / rel).replace(stage_dir / rel)
 
 
 def _link(source: Path, target: Path) -> None:
