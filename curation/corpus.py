@@ -95,7 +95,8 @@ def build_corpus(
     cfg: CorpusConfig, ingest_shard_dir: Path | None = None,
 ) -> StageResult:  # fmt: skip
     """``selected``: image_id, row_id, shard (of the sanitized pool), seed_set, method. Each corpus image gets a
-    ``<image_id>.json`` member (image id, row, URL, caption, source, sizes, seed set, method, sha256)."""
+    ``<image_id>.json`` member (image id, row, URL, caption, source, the list's source, sizes, seed set, method,
+    sha256)."""
     writer = _Writer(stage_dir / "shards", cfg.shard_size)
     ledger = LedgerParts("corpus", ledger_dir(stage_dir))
     by_shard = {s.name: s for s in list_shards(pool_shard_dir)}
@@ -107,7 +108,10 @@ def build_corpus(
             if key in wanted:
                 r = info.loc[key]
                 cols = {c: _value(pool.at[key, c]) for c in POOL_COLUMNS if c not in ("row_id", "source")}
-                cols |= {"row_id": int(r.row_id), "source": POOL, "seed_set": r.seed_set, "method": r.method}
+                # `source` says where the image came from (the pool, or a seed set added as it is); `list_source`
+                # is the URL list's own source column (for `lvd folder-urls`: the top-level sub-folder).
+                cols |= {"row_id": int(r.row_id), "source": POOL, "list_source": _value(pool.at[key, "source"]),
+                         "seed_set": r.seed_set, "method": r.method}  # fmt: skip
                 name = writer.add(key, data, ext, **cols)
                 ledger.keep("in_corpus", row_id=int(r.row_id), image_id=key,
                             detail={"shard": name, "seed_set": r.seed_set, "sha256": sha256_bytes(data)})  # fmt: skip
@@ -120,7 +124,7 @@ def build_corpus(
             ext = item.name.rsplit(".", 1)[-1].lower()
             width, height = _size(item.data)
             name = writer.add(item.image_id, item.data, ext, row_id=-1, url=None, caption=None, source=s.name,
-                              width=width, height=height, original_width=width, original_height=height,
+                              list_source=None, width=width, height=height, original_width=width, original_height=height,
                               seed_set=s.name, method="as_is", path=item.name)  # fmt: skip
             ledger.keep("in_corpus", image_id=item.image_id, source=s.name,
                         detail={"shard": name, "as_is": True, "sha256": sha256_bytes(item.data)})  # fmt: skip

@@ -13,7 +13,7 @@ DatasetFormat = Literal["auto", "folder", "webdataset", "parquet"]
 # Columns of the shard and corpus tables and keys of a corpus image's .json member: data.extra_cols may not take them.
 RESERVED_COLUMNS = frozenset({"image_id", "key", "shard", "row_id", "url", "caption", "source", "list_error", "face_boxes",
                               "extra", "ext", "bytes", "sha256", "width", "height", "original_width", "original_height",
-                              "phash", "seed_set", "method", "path"})  # fmt: skip
+                              "phash", "seed_set", "method", "path", "list_source"})  # fmt: skip
 
 
 class SeedSetConfig(Section):

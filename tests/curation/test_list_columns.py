@@ -37,6 +37,7 @@ def test_captions_and_extra_columns_reach_the_corpus_and_the_lineage(tmp_path, l
         "LICENSE": ["cc-by", "?", None],
         "similarity": [0.31, 0.25, np.nan],
         "tags": [["a", "b"], [], ["c"]],
+        "source": ["crawl-a", None, "crawl-b"],
     })  # fmt: skip
     listed.to_parquet(tmp_path / "laion.parquet")
     data = DataConfig(url_list=tmp_path / "laion.parquet", url_col="URL", caption_col="TEXT",
@@ -50,7 +51,7 @@ def test_captions_and_extra_columns_reach_the_corpus_and_the_lineage(tmp_path, l
     ev = Ledger(tmp_path / "run").events()
     inputs = ev[ev["reason"] == "input"].sort_values("row_id")
     assert [json.loads(d) for d in inputs["detail"]] == [
-        {"source": None, "caption": c, "extra": e} for c, e in zip(listed["TEXT"], extra, strict=True)]
+        {"source": s, "caption": c, "extra": e} for s, c, e in zip(listed["source"], listed["TEXT"], extra, strict=True)]
     shards = list_shards(run / "ingest" / "shards")
     table = pd.concat([s.read_table(["row_id", "caption", "extra"]) for s in shards]).sort_values("row_id")
     assert table["caption"].tolist() == ["a dark square", None, "a light square"]
@@ -64,14 +65,16 @@ def test_captions_and_extra_columns_reach_the_corpus_and_the_lineage(tmp_path, l
                  CorpusConfig(shard_size=8), ingest_shard_dir=run / "ingest" / "shards")  # fmt: skip
     corpus = pd.read_parquet(run / "corpus" / MANIFEST_TABLE).sort_values("row_id")
     assert corpus["caption"].tolist() == ["a dark square", None, "a light square"]
+    assert corpus["source"].tolist() == ["pool"] * 3 and corpus["list_source"].tolist() == ["crawl-a", None, "crawl-b"]
     assert corpus["LICENSE"].tolist() == ["cc-by", "?", None]
     assert corpus["similarity"].tolist() == pytest.approx([0.31, 0.25, np.nan], nan_ok=True)
     assert [list(t) for t in corpus["tags"]] == [["a", "b"], [], ["c"]]
     with tarfile.open(next((run / "corpus" / "shards").glob("*.tar"))) as tar:
         metas = [json.load(tar.extractfile(m)) for m in tar.getmembers() if m.name.endswith(".json")]
     first = next(m for m in metas if m["row_id"] == 0)
-    assert {k: first[k] for k in ("caption", "LICENSE", "similarity", "tags")} == {
-        "caption": "a dark square", "LICENSE": "cc-by", "similarity": 0.31, "tags": ["a", "b"]}  # as img2dataset's .json
+    assert {k: first[k] for k in ("caption", "LICENSE", "similarity", "tags", "list_source")} == {
+        "caption": "a dark square", "LICENSE": "cc-by", "similarity": 0.31, "tags": ["a", "b"],
+        "list_source": "crawl-a"}  # as img2dataset's .json, and the list's source
 
 
 def test_extra_columns_may_not_overwrite_the_pipelines_own():

@@ -97,6 +97,7 @@ def test_own_folder_end_to_end(data, prefect_server, capsys, seeds, evals):
         assert meta["sha256"] == hashlib.sha256(image).hexdigest()
         if r.source == "pool":
             assert meta["url"] == r.url and meta["row_id"] == r.row_id and meta["source"] == "pool"
+            assert meta["list_source"] == r.list_source == "photos"  # `lvd folder-urls`: the folder (no sub-folders)
             assert meta["original_width"] >= meta["width"] > 0  # stored at most 64 px, from up to 160
     if seeds:
         assert set(retrieve["method"]) == {"sample"} and set(pool_rows["seed_set"]) == {"mine"}
