@@ -114,7 +114,6 @@ class Interrupts:
         sys.stderr.flush()
         os._exit(code)  # not SystemExit: no handler of Prefect's or Lightning's may go on working on the way out
 
-
     def _flow_run(self) -> str | None:
         """The Prefect flow run this process started for the run (its `flow_started` event names it), or None: an
         earlier attempt's flow run is not this process's to cancel."""
