@@ -21,7 +21,7 @@ EXPORT_DIRS = {"hf": Path("hf"), "timm": Path("timm") / "model.safetensors"}  # 
 
 
 def training_stages_done(run: RunDir) -> list[str]:
-    from flows.stages import TRAINING_STAGES
+    from flows.resume_points import TRAINING_STAGES
 
     return [s for s in TRAINING_STAGES if (run.stage_dir(s) / TEACHER_BACKBONE).is_file()]
 

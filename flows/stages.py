@@ -183,7 +183,7 @@ def _train(ctx: StageContext) -> StageResult:
     # In child processes (torchrun) training reports to the stage's launch.log: this process shows its progress.
     with TrainingProgress(ctx.dir, ctx.run.run_id, ctx.name, console=host_processes(train) > 1):
         res = pretrain_on_host(ctx.upstream_dir("corpus") / "shards", ctx.dir, train, seed=ctx.cfg.run.seed)
-    evaluates = training_stages(ctx.cfg)[-1] if "evaluate" in [s.name for s in active_stages(ctx.cfg)] else None
+    evaluates = training_stages(ctx.cfg)[-1] if "evaluate" in plan.active(ctx.cfg) else None
     exports = write_stage_exports(ctx.run, ctx.name, train.exports, evaluates)  # hf/ (+ model card), timm/
     return StageResult(
         counts={"steps": res.steps},
@@ -237,7 +237,6 @@ def _evaluated_models(cfg: PipelineConfig) -> str:
     return files_fingerprint([m.backbone.path for m in cfg.evaluate.models])
 
 
-CURATION = ("curation", "infra")
 DESCRIPTOR_SECTIONS = ("dedup.descriptor",)  # what the dedup stage's per-shard copy descriptors depend on
 # What training learns: the train section without how it executes (EXECUTION_KEYS: devices, micro-batches, workers,
 # threads, ...; `lvd resume` may change them). A training stage's key leaves out the follow-up sections too (each
@@ -247,26 +246,24 @@ TRAIN = tuple(k for k in LEARNED if k.removeprefix("train.") not in TRAINING_STA
 SPECS: dict[str, StageSpec] = {
     s.name: s
     for s in [
-        StageSpec("crawl", ("demo", "run.seed"), ("infra",), (), _crawl),
-        StageSpec("ingest", ("data", "ingest"), CURATION, (), _ingest, external=_url_list, salvage="external"),
+        StageSpec("crawl", ("demo", "run.seed"), (), _crawl),
+        StageSpec("ingest", ("data", "ingest"), (), _ingest, external=_url_list, salvage="external"),
         # Shard-wise (dedup: its descriptors): a shard whose upstream shard is unchanged is not computed again.
-        StageSpec("nsfw", ("nsfw",), CURATION, ("ingest",), _nsfw, external=_nsfw_models, salvage="upstream"),
-        StageSpec("faces", ("faces",), CURATION, ("ingest", "nsfw"), _faces, external=_face_model, salvage="upstream"),
-        StageSpec("dedup", ("dedup", "data", "demo.enabled", "run.seed"), CURATION, ("faces",), _dedup,
+        StageSpec("nsfw", ("nsfw",), ("ingest",), _nsfw, external=_nsfw_models, salvage="upstream"),
+        StageSpec("faces", ("faces",), ("ingest", "nsfw"), _faces, external=_face_model, salvage="upstream"),
+        StageSpec("dedup", ("dedup", "data", "demo.enabled", "run.seed"), ("faces",), _dedup,
                   external=_descriptor_model, salvage="upstream", shard_sections=DESCRIPTOR_SECTIONS),
-        StageSpec("embed", ("embed", "data", "run.seed"), (*CURATION, "training", "flows"), ("dedup", "faces"), _embed,
+        StageSpec("embed", ("embed", "data", "run.seed"), ("dedup", "faces"), _embed,
                   external=_embedder, salvage="upstream"),
-        StageSpec("retrieve", ("retrieve", "data", "run.seed"), CURATION, ("embed",), _retrieve),
-        StageSpec("rebalance", ("rebalance", "run.seed"), CURATION, ("retrieve", "embed"), _rebalance),
-        StageSpec("corpus", ("corpus", "data"), CURATION, ("rebalance", "retrieve", "faces", "ingest"), _corpus),
-        StageSpec("pretrain", (*TRAIN, "run.seed"), ("training", "infra"), ("corpus",), _train),
+        StageSpec("retrieve", ("retrieve", "data", "run.seed"), ("embed",), _retrieve),
+        StageSpec("rebalance", ("rebalance", "run.seed"), ("retrieve", "embed"), _rebalance),
+        StageSpec("corpus", ("corpus", "data"), ("rebalance", "retrieve", "faces", "ingest"), _corpus),
+        StageSpec("pretrain", (*TRAIN, "run.seed"), ("corpus",), _train),
         # Upstream: the previous training stage (see active_stages); the section enabling them is in their key.
-        StageSpec("pretrain_highres", (*TRAIN, "train.highres", "run.seed"), ("training", "infra"),
-                  ("corpus", "pretrain"), _train),
-        StageSpec("distill", (*TRAIN, "train.distill", "run.seed"), ("training", "infra"), ("corpus", "pretrain"),
-                  _train),
-        StageSpec("evaluate", ("evaluate", "data", *LEARNED, "run.seed"), ("evaluation", "training", "infra", "flows"),
-                  ("pretrain",), _evaluate, external=_evaluated_models),
+        StageSpec("pretrain_highres", (*TRAIN, "train.highres", "run.seed"), ("corpus", "pretrain"), _train),
+        StageSpec("distill", (*TRAIN, "train.distill", "run.seed"), ("corpus", "pretrain"), _train),
+        StageSpec("evaluate", ("evaluate", "data", *LEARNED, "run.seed"), ("pretrain",), _evaluate,
+                  external=_evaluated_models),
     ]
 }
 
@@ -277,7 +274,7 @@ def active_stages(cfg: PipelineConfig) -> list[StageSpec]:
     names = plan.active(cfg)
     specs = [SPECS[n] for n in names]
     if cfg.demo.enabled:  # the demo crawl feeds ingest
-        specs = [s if s.name != "ingest" else StageSpec(s.name, s.sections, s.packages, ("crawl",), s.fn) for s in specs]
+        specs = [s if s.name != "ingest" else StageSpec(s.name, s.sections, ("crawl",), s.fn) for s in specs]
     # A follow-up continues the previous training stage; evaluation takes the last one's export.
     rewire = {stage: ("corpus", before) for before, stage in pairwise(trained)}
     if trained:

@@ -18,6 +18,7 @@ class StageOutcome:
     from_step: int | None = None  # training: the checkpoint step it continued from
     from_run: str | None = None  # cached: taken from another run that completed it with the same key
     error: str | None = None
+    why: str | None = None  # computed again: what changed since it completed or started (infra.stage.why_again)
 
 
 @dataclass
@@ -84,6 +85,7 @@ def attempts_from(events: Iterable[dict[str, Any]]) -> list[Attempt]:
             if kind in ("started", "completed", "failed"):
                 s.outcome = kind if kind != "started" else "running"
                 s.error = e.get("error") if kind == "failed" else None
+                s.why = e.get("why") or s.why
             elif kind in ("reused", "skipped"):  # the flow's record of a stage completed before / run_stage's
                 s.outcome, s.from_run = "cached", e.get("from_run")
             elif kind == "shard_skipped":
@@ -105,7 +107,8 @@ def _short(text: str, n: int = 160) -> str:
 
 
 def _stage_note(name: str, s: StageOutcome) -> str:
-    notes = [f"{s.reused:,} shard{'s' if s.reused != 1 else ''} reused"] if s.reused else []
+    notes = [s.why.removeprefix("computed again: ").rsplit(" since ", 1)[0]] if s.why else []
+    notes += [f"{s.reused:,} shard{'s' if s.reused != 1 else ''} reused"] if s.reused else []
     if s.from_step is not None:
         notes.append(f"resumed at step {s.from_step:,}")
     if s.outcome == "failed":

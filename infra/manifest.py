@@ -29,14 +29,20 @@ class StageManifest(BaseModel):
     outputs: list[dict[str, Any]] = Field(default_factory=list)
     # Stage-specific facts (models and their checksums, thresholds used, metrics, ...).
     extra: dict[str, Any] = Field(default_factory=dict)
+    # What the key's code and inputs parts were made of (`StageSpec.key_detail`): a later attempt under another key
+    # says which code files, upstream stages or outside files changed.
+    key_detail: dict[str, Any] = Field(default_factory=dict)
 
     @property
     def key(self) -> str:
         return cache_key(self.stage, self.config_hash, self.code_version, self.inputs_digest)
 
     def digest(self) -> str:
-        """What downstream stages key on: the stage key plus the hashes of its outputs."""
-        h = hashlib.sha256(self.key.encode())
+        """What downstream stages key on: the stage's outputs, path and sha256 of each, and nothing of how they were
+        made. A stage computed again (its code or an outside file changed) whose outputs come out byte for byte the
+        same leaves every later stage complete; stages read nothing of an upstream stage but its listed outputs and
+        the configuration sections in their own keys."""
+        h = hashlib.sha256(self.stage.encode())
         for out in sorted(self.outputs, key=lambda o: o["path"]):
             h.update(f"{out['path']}:{out['sha256']}".encode())
         return h.hexdigest()

@@ -1,19 +1,16 @@
-"""Run directories: identity, layout, the event log and the code version of each stage."""
+"""Run directories: identity, layout and the event log."""
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
 import re
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 from infra.config import ConfigError, PipelineConfig, config_hash, parse_yaml, to_yaml, validate
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_FILE = "config.yaml"
 EVENTS_FILE = "events.jsonl"
 
@@ -91,14 +88,3 @@ class RunDir:
             except json.JSONDecodeError:
                 continue  # a line cut by a crash mid-write
         return out
-
-
-@cache
-def code_version(*packages: str) -> str:
-    """sha256 over the Python sources of the given top-level packages (sorted paths and contents)."""
-    h = hashlib.sha256()
-    for pkg in sorted(packages):
-        for path in sorted((REPO_ROOT / pkg).rglob("*.py")):
-            h.update(str(path.relative_to(REPO_ROOT)).encode())
-            h.update(path.read_bytes())
-    return h.hexdigest()[:16]

@@ -32,12 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from infra.code import StageCode, changed, function_code
 from infra.config import PipelineConfig, config_hash
 from infra.console import Progress, duration
 from infra.lineage import LedgerWriter, ledger_dir
 from infra.lineage_index import index_stage
 from infra.manifest import MANIFEST, StageManifest, cache_key, inputs_digest, read_manifest, write_manifest
-from infra.run import RunDir, code_version, now
+from infra.run import RunDir, now
 from infra.storage import Markers, atomic_write_json, file_record, read_json
 
 log = logging.getLogger("lvd")
@@ -275,8 +276,8 @@ class StageContext:
 class StageSpec:
     name: str
     sections: tuple[str, ...]
-    packages: tuple[str, ...]
     upstream: tuple[str, ...]
+    # The stage's code, in its key: this function and the project source it reaches (`infra.code`).
     fn: Callable[[StageContext], StageResult]
     # Inputs from outside the run (a URL list the user may edit or append to): a fingerprint of their contents,
     # part of the stage's key, so a changed file makes the stage stale instead of silently reusing its outputs.
@@ -292,17 +293,27 @@ class StageSpec:
     # stage's descriptors: `dedup.descriptor`; its threshold or evaluation sets change the graph, not them).
     shard_sections: tuple[str, ...] | None = None
 
+    def code(self) -> StageCode:
+        return function_code(self.fn)
+
     def base_key(self, cfg: PipelineConfig, upstream: dict[str, StageManifest]) -> str:
         """The key without what :attr:`salvage` lets change: the external inputs' fingerprint, or the upstream digest
         (and the configuration outside :attr:`shard_sections`)."""
         if self.salvage == "upstream":
             outside = self.external(cfg) if self.external is not None else ""
             sections = self.shard_sections or self.sections
-            return cache_key(self.name, config_hash(cfg, sections), code_version(*self.packages), outside)
-        return cache_key(self.name, config_hash(cfg, self.sections), code_version(*self.packages), inputs_digest(upstream))
+            return cache_key(self.name, config_hash(cfg, sections), self.code().version, outside)
+        return cache_key(self.name, config_hash(cfg, self.sections), self.code().version, inputs_digest(upstream))
 
     def key_parts(self, cfg: PipelineConfig, upstream: dict[str, StageManifest]) -> tuple[str, str, str]:
-        return config_hash(cfg, self.sections), code_version(*self.packages), self.inputs_digest(cfg, upstream)
+        return config_hash(cfg, self.sections), self.code().version, self.inputs_digest(cfg, upstream)
+
+    def key_detail(self, cfg: PipelineConfig, upstream: dict[str, StageManifest]) -> dict[str, Any]:
+        """What the key's code and inputs parts are made of, recorded in the manifest so that a later attempt can
+        say what changed (:func:`why_again`): each code file's digest, each upstream manifest's digest, the
+        external files' fingerprint."""
+        return {"code": self.code().files, "upstream": {n: m.digest() for n, m in sorted(upstream.items())},
+                "external": self.external(cfg) if self.external is not None else None}
 
     def inputs_digest(self, cfg: PipelineConfig, upstream: dict[str, StageManifest]) -> str:
         """The upstream manifests' digest, with the external files' fingerprint when the stage has one."""
@@ -350,11 +361,13 @@ def run_stage(spec: StageSpec, run: RunDir, cfg: PipelineConfig) -> StageManifes
         return manifest
     started, t0 = now(), time.monotonic()
     base = spec.base_key(cfg, upstream)
+    detail = spec.key_detail(cfg, upstream)
     ctx = StageContext(run, cfg, spec.name, upstream, base=base if spec.salvage == "upstream" else "")
     try:
-        _prepare(stage_dir, key, base, previous_dir(run, spec.name) if spec.salvage else None)
-        run.log_event("started", spec.name, key=key)
-        log.info("%s: started", spec.name)
+        why = why_again(spec, stage_dir, existing, parts, detail)
+        _prepare(stage_dir, key, base, previous_dir(run, spec.name) if spec.salvage else None, parts)
+        run.log_event("started", spec.name, key=key, **({"why": why} if why else {}))
+        log.info("%s: started%s", spec.name, f" ({why})" if why else "")
         check_fault(spec.name)
         try:
             result = spec.fn(ctx)
@@ -373,6 +386,7 @@ def run_stage(spec: StageSpec, run: RunDir, cfg: PipelineConfig) -> StageManifes
             counts=result.counts,
             outputs=[file_record(p, run.path) for p in sorted(set(result.outputs))],
             extra=result.extra,
+            key_detail=detail,
         )
         write_manifest(stage_dir, manifest)  # last: the stage's proof of completion
         if spec.salvage:  # what was not taken over goes, and the folder that held it when empty
@@ -528,7 +542,38 @@ def previous_dir(run: RunDir, stage: str) -> Path:
     return run.path / "previous" / stage
 
 
-def _prepare(stage_dir: Path, key: str, base: str = "", previous: Path | None = None) -> None:
+def why_again(spec: StageSpec, stage_dir: Path, existing: StageManifest | None, parts: tuple[str, str, str],
+              detail: dict[str, Any]) -> str:  # fmt: skip
+    """Why a stage completed or started before under another key is computed again, in words ("" when it never
+    was): which of its configuration, code files, upstream stages and outside files changed since."""
+    if existing is not None:
+        old = (existing.config_hash, existing.code_version, existing.inputs_digest)
+        before, since = existing.key_detail, "since it completed"
+    else:
+        recorded = read_json(stage_dir / KEY_FILE) if (stage_dir / KEY_FILE).is_file() else {}
+        if not recorded or recorded.get("key") == cache_key(spec.name, *parts):
+            return ""
+        old, before, since = tuple(recorded.get("parts") or ("", "", "")), {}, "since its interrupted attempt"
+    reasons = []
+    if old[0] != parts[0]:
+        reasons.append(f"its configuration ({', '.join(spec.sections)}) changed")
+    if old[1] != parts[1]:
+        files = changed(before["code"], detail["code"]) if "code" in before else []
+        more = f" and {len(files) - 3} more" if len(files) > 3 else ""
+        reasons.append(f"its code changed ({', '.join(files[:3])}{more})" if files else "its code changed")
+    if old[2] != parts[2]:
+        n = len(reasons)
+        if "upstream" in before:
+            stages = changed(before["upstream"], detail["upstream"])
+            reasons += [f"upstream {'stages' if len(stages) > 1 else 'stage'} {', '.join(stages)} changed"] if stages else []
+            reasons += ["the files it reads from outside the run changed"] if before["external"] != detail["external"] else []
+        if len(reasons) == n:
+            reasons.append("its inputs changed")
+    return f"computed again: {' and '.join(reasons)} {since}" if reasons else ""
+
+
+def _prepare(stage_dir: Path, key: str, base: str = "", previous: Path | None = None,
+             parts: tuple[str, str, str] | None = None) -> None:  # fmt: skip
     """Keep partial outputs of the same key (shard resume); wipe those of another key (stale), or, for a salvaging
     stage (``previous`` given) whose stale attempt has the same ``base`` key, move them to ``previous`` (unless an
     older attempt already waits there). Temporary files of an interrupted attempt (never read: see
@@ -551,7 +596,7 @@ def _prepare(stage_dir: Path, key: str, base: str = "", previous: Path | None = 
                 tmp.unlink(missing_ok=True)
     stage_dir.mkdir(parents=True, exist_ok=True)
     if not key_file.is_file():
-        atomic_write_json(key_file, {"key": key, "base": base})
+        atomic_write_json(key_file, {"key": key, "base": base, **({"parts": list(parts)} if parts else {})})
 
 
 def stage_state(run: RunDir, spec: StageSpec, cfg: PipelineConfig) -> str:

@@ -197,8 +197,8 @@ def test_retry_failed_cli_then_resume(crawl, prefect_server, capsys):
         ("lvd retry-failed", "ingest: 1 failed URLs downloaded again (retry 2), 0 recovered", "completed"),
         ("lvd retry-failed", "ingest: a retry of the failed URLs", "failed: ValueError: reasons ['url_*'] are "
                                                                    "decided without downloading; a retry cannot change them"),
-        ("lvd resume", "ran nsfw (4 shards reused), faces (4 shards reused); reused (completed before): ingest",
-         "completed")]  # fmt: skip
+        ("lvd resume", "ran nsfw (upstream stage ingest changed; 4 shards reused), faces (upstream stages ingest, nsfw "
+                       "changed; 4 shards reused); reused (completed before): ingest", "completed")]  # fmt: skip
     # The resume scored and blurred only the retries' shards: the others' inputs are unchanged, so they were taken over.
     resumed = [e for e in RunDir(root / "runs", "ingest-thread").events()
                if e["event"] == "shard_done" and e["stage"] in ("nsfw", "faces")][-4:]

@@ -37,3 +37,13 @@ def test_a_stop_cancels_only_the_flow_run_its_own_process_started(tmp_path):
     assert handler._flow_run() is None
     run.log_event("flow_started", prefect_flow_run="mine")
     assert handler._flow_run() == "mine"
+
+
+def test_a_stage_computed_again_says_why_in_the_attempts_table():
+    why = "computed again: its code changed (curation/netguard.py) since it completed"
+    rows = describe(attempts_from([{"event": "launched"}, {"event": "flow_started"},
+                                   {"event": "started", "stage": "ingest", "why": why},
+                                   {"event": "completed", "stage": "ingest"},
+                                   {"event": "skipped", "stage": "nsfw"}, {"event": "flow_completed"}]))
+    assert rows[0]["what"] == ("ran ingest (its code changed (curation/netguard.py)); "
+                               "reused (completed before): nsfw")

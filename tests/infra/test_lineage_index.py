@@ -185,7 +185,7 @@ def test_stage_completion_writes_the_index(tmp_path):
         return StageResult(counts={"kept": 2})
 
     run = RunDir(tmp_path, "r")
-    run_stage(StageSpec("ingest", ("ingest",), ("infra",), (), fn), run, load_config(None))
+    run_stage(StageSpec("ingest", ("ingest",), (), fn), run, load_config(None))
     conn = connect(run.stage_dir("ingest"))
     try:
         assert (run.stage_dir("ingest") / INDEX_NAME).is_file()

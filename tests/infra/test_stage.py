@@ -11,7 +11,7 @@ def _specs(calls):
         for shard in ("00000", "00001", "00002"):
             def work(shard=shard):
                 calls.append(shard)
-                (ctx.dir / f"{shard}.txt").write_text(shard)
+                (ctx.dir / f"{shard}.txt").write_text(f"{shard} k={ctx.cfg.dedup.k}")
                 return {"kept": 1}
             tracker.run(shard, work)
         return StageResult(counts={"kept": 3}, outputs=sorted(ctx.dir.glob("*.txt")))
@@ -20,7 +20,7 @@ def _specs(calls):
         calls.append("second")
         return StageResult(counts={"kept": 1})
 
-    return StageSpec("a", ("dedup",), ("infra",), (), first), StageSpec("b", ("corpus",), ("infra",), ("a",), second)
+    return StageSpec("a", ("dedup",), (), first), StageSpec("b", ("corpus",), ("a",), second)
 
 
 def test_skip_when_complete_and_resume_per_shard(tmp_path, monkeypatch):
@@ -55,6 +55,60 @@ def test_config_change_invalidates_stage_and_downstream(tmp_path):
     run_stage(a, run, cfg2)
     assert stage_state(run, b, cfg2) == "stale"  # its upstream digest changed
     assert calls == ["00000", "00001", "00002", "second", "00000", "00001", "00002"]
+
+
+def test_a_stage_computed_again_says_what_changed(tmp_path, caplog):
+    """The console line and the `started` event of a stage that completed (or started) before under another key name
+    what changed: its configuration, the code files that differ, the upstream stage, the files read from outside."""
+    from dataclasses import replace
+
+    from infra.manifest import read_manifest, write_manifest
+    from infra.stage import KEY_FILE
+    from infra.storage import atomic_write_json, read_json
+
+    run, calls, outside = RunDir(tmp_path, "r"), [], {"list": "v1"}
+    a, b = _specs(calls)
+    a = replace(a, external=lambda cfg: outside["list"])
+    here = "tests/infra/test_stage.py"
+
+    def why(spec, cfg):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="lvd"):
+            run_stage(spec, run, cfg)
+        started = [e for e in run.events() if e["event"] == "started" and e["stage"] == spec.name][-1]
+        line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith(f"{spec.name}: started"))
+        assert line == f"{spec.name}: started" + (f" ({started['why']})" if "why" in started else "")
+        return started.get("why", "")
+
+    cfg, cfg2 = load_config(), load_config(None, ["dedup.k=8"])
+    assert why(a, cfg) == "" and why(b, cfg) == ""  # the first attempts
+    assert why(a, cfg2) == "computed again: its configuration (dedup) changed since it completed"
+    assert why(b, cfg2) == "computed again: upstream stage a changed since it completed"
+    outside["list"] = "v2"
+    assert why(a, cfg2) == "computed again: the files it reads from outside the run changed since it completed"
+    # a came out byte for byte the same: b, which reads nothing else of it, stays complete.
+    n_started = len([e for e in run.events() if e["event"] == "started"])
+    run_stage(b, run, cfg2)
+    assert len([e for e in run.events() if e["event"] == "started"]) == n_started and stage_state(run, b, cfg2) == "completed"
+    def completed_by_other_code(detail):  # as an attempt with other code leaves the stage
+        manifest = read_manifest(run.stage_dir("a")).model_copy(update={"code_version": "0" * 16, "key_detail": detail})
+        write_manifest(run.stage_dir("a"), manifest)
+        atomic_write_json(run.stage_dir("a") / KEY_FILE, {"key": manifest.key, "base": "", "parts": [
+            manifest.config_hash, manifest.code_version, manifest.inputs_digest]})
+
+    # Another code version: the files whose digest differs are named (this test's functions: this file).
+    detail = read_manifest(run.stage_dir("a")).key_detail
+    completed_by_other_code({**detail, "code": {**detail["code"], here: "0" * 16, "gone.py": "1" * 16}})
+    assert why(a, cfg2) == f"computed again: its code changed (gone.py, {here}) since it completed"
+    # A manifest of an older version, without the detail; an interrupted attempt of another key.
+    completed_by_other_code({})
+    assert why(a, cfg2) == "computed again: its code changed since it completed"
+    (run.stage_dir("a") / "manifest.json").unlink()
+    recorded = read_json(run.stage_dir("a") / KEY_FILE)
+    parts = recorded["parts"]
+    atomic_write_json(run.stage_dir("a") / KEY_FILE, {**recorded, "key": "a-0", "parts": [parts[0], "0", parts[2]]})
+    assert why(a, cfg2) == "computed again: its code changed since its interrupted attempt"
+    assert calls.count("00000") == 6
 
 
 
@@ -93,8 +147,8 @@ def test_a_shard_wise_stage_computes_again_only_the_shards_whose_inputs_changed(
     def outputs():
         return {p.name: p.read_text() for p in (run.stage_dir("b") / "out").glob("*.txt")}
 
-    a = StageSpec("a", ("dedup",), ("infra",), (), upstream, external=lambda cfg: repr(sorted(content.items())))
-    b = StageSpec("b", ("corpus",), ("infra",), ("a",), shardwise, salvage="upstream")
+    a = StageSpec("a", ("dedup",), (), upstream, external=lambda cfg: repr(sorted(content.items())))
+    b = StageSpec("b", ("corpus",), ("a",), shardwise, salvage="upstream")
     cfg = load_config()
     run_stage(a, run, cfg)
     assert run_stage(b, run, cfg).counts == {"kept": 1 + 2 + 3}
@@ -145,10 +199,10 @@ def test_a_stage_another_run_completed_with_the_same_key_is_linked_not_computed(
     assert calls == ["00000", "00001", "00002"]  # computed once
     assert m.run_id == "r2" and m.extra["reused_from"] == "r1" and m.digest() == read_manifest(first.stage_dir("a")).digest()
     one, two = first.stage_dir("a") / "00001.txt", second.stage_dir("a") / "00001.txt"
-    assert os.stat(one).st_ino == os.stat(two).st_ino and two.read_text() == "00001"
+    assert os.stat(one).st_ino == os.stat(two).st_ino and two.read_text() == "00001 k=64"
     (second.stage_dir("a") / ".new.tmp").write_text("changed")
     os.replace(second.stage_dir("a") / ".new.tmp", two)  # how every stage writes
-    assert one.read_text() == "00001"
+    assert one.read_text() == "00001 k=64"
     second.log_event("launched")  # (an attempt, as `lvd run` opens it)
     second.log_event("skipped", "a", from_run="r1")
     assert describe(attempts(second))[-1]["what"] == "reused (completed before): a (from run r1)"
