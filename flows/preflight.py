@@ -172,11 +172,23 @@ def check_inputs(cfg: PipelineConfig, stages: set[str] | None = None) -> list[st
 
 
 def remaining_stages(run: RunDir, cfg: PipelineConfig) -> set[str]:
-    """The stages a resumed run still has to run (completed ones load no model)."""
-    from flows.stages import active_stages
-    from infra.stage import stage_state
+    """The stages a run may still compute (`flows.dry_run`): not complete, or after one that is not (complete ones,
+    in this run or linked from another, load no model)."""
+    from flows.dry_run import dry_run
 
-    return {s.name for s in active_stages(cfg) if stage_state(run, s, cfg) != "completed"}
+    return {p.stage for p in dry_run(run, cfg) if p.action not in ("reuse", "link")}
+
+
+def check_run_inputs(cfg: PipelineConfig, run: RunDir) -> list[str]:
+    """:func:`check_inputs` for the stages ``run`` may still compute (every stage of a new run; a new run's missing
+    list is reported with its other paths, `infra.runs.resolve`)."""
+    if not run.exists():
+        return check_inputs(cfg)
+    stages = remaining_stages(run, cfg)
+    url_list = cfg.data.url_list
+    gone = "ingest" in stages and not cfg.demo.enabled and url_list is not None and not Path(url_list).exists()
+    missing = [f"data.url_list: {url_list} does not exist (the run's ingest has to run)"] if gone else []
+    return missing + check_inputs(cfg, stages)
 
 
 def preflight(cfg: PipelineConfig, stages: set[str] | None = None) -> None:

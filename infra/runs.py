@@ -28,7 +28,9 @@ def _lanes(train: TrainConfig) -> int | None:
     return None if train.devices == "auto" else train.devices * train.num_nodes * train.accumulate_grad_batches
 
 
-Checks = Callable[[PipelineConfig], list[str]]  # more problems of a configuration (e.g. its model files)
+# More problems of a configuration (e.g. its model files), given the run it is for (an existing run's complete
+# stages need no check).
+Checks = Callable[[PipelineConfig, RunDir], list[str]]
 
 
 def resolve(cfg: PipelineConfig, run: RunDir, checks: Checks | None = None) -> PipelineConfig:
@@ -53,7 +55,7 @@ def resolve(cfg: PipelineConfig, run: RunDir, checks: Checks | None = None) -> P
             from infra.demo.benchmarks import demo_benchmarks
 
             cfg.evaluate.benchmarks = demo_benchmarks(crawl)
-    problems += _check_inputs(cfg) + _check_plan(cfg) + _check_writable(run.root) + (checks(cfg) if checks else [])
+    problems += _check_inputs(cfg) + _check_plan(cfg) + _check_writable(run.root) + (checks(cfg, run) if checks else [])
     if problems:
         raise ConfigError(problems, "configuration")
     return cfg
@@ -136,14 +138,15 @@ def _check_inputs(cfg: PipelineConfig) -> list[str]:
             if p is not None and not Path(p).exists():
                 problems.append(f"evaluate.benchmarks[{b.name}].{key}: {p} does not exist")
     # The URL list's files and model files (embedder, evaluated checkpoints, NSFW, faces, SSCD) are opened and probed
-    # by the `checks` the CLI passes to prepare_run (flows.preflight.check_inputs), listed with these.
+    # by the `checks` the CLI passes to prepare_run (flows.preflight.check_run_inputs), listed with these.
     return problems
 
 
 def prepare_run(config_path: Path | str | None, overrides: Iterable[str] = (),
-                checks: Checks | None = None) -> tuple[RunDir, PipelineConfig]:
+                checks: Checks | None = None, write: bool = True) -> tuple[RunDir, PipelineConfig]:
     """Load and validate (every problem at once, `checks` included); the same configuration maps to the same run
-    (reused, its saved configuration checked again by `checks`), a new one to a new run."""
+    (reused, its saved configuration checked again by `checks`), a new one to a new run (`write=False`: its folder
+    is not created)."""
     cfg = load_config(config_path, list(overrides))
     run_id = cfg.run.run_id or derive_run_id(Path(config_path) if config_path else None, cfg)
     run = RunDir(cfg.run.root, run_id)
@@ -153,11 +156,13 @@ def prepare_run(config_path: Path | str | None, overrides: Iterable[str] = (),
         if info.get("source_config_hash") not in (None, source_hash):
             raise ConfigError([f"run {run_id!r} already exists with a different configuration; set run.run_id"])
         saved = run.load_config()
-        problems = checks(saved) if checks else []
+        problems = checks(saved, run) if checks else []
         if problems:
             raise ConfigError(problems, "configuration")
         return run, saved
     resolved = resolve(cfg, run, checks)
+    if not write:
+        return run, resolved
     run.save_config(resolved)
     atomic_write_json(
         run.path / RUN_INFO,

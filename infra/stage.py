@@ -306,7 +306,11 @@ class StageSpec:
         return cache_key(self.name, config_hash(cfg, self.sections), self.code().version, inputs_digest(upstream))
 
     def key_parts(self, cfg: PipelineConfig, upstream: dict[str, StageManifest]) -> tuple[str, str, str]:
-        return config_hash(cfg, self.sections), self.code().version, self.inputs_digest(cfg, upstream)
+        return (*self.key_parts_own(cfg), self.inputs_digest(cfg, upstream))
+
+    def key_parts_own(self, cfg: PipelineConfig) -> tuple[str, str]:
+        """The key's configuration and code parts: known before the upstream stages are."""
+        return config_hash(cfg, self.sections), self.code().version
 
     def key_detail(self, cfg: PipelineConfig, upstream: dict[str, StageManifest]) -> dict[str, Any]:
         """What the key's code and inputs parts are made of, recorded in the manifest so that a later attempt can

@@ -1,6 +1,7 @@
 """``lvd``: run, resume, inspect and audit curate-then-train runs.
 
-    lvd run CONFIG [key.path=value ...]     run (or re-run: completed stages are reused)
+    lvd run CONFIG [key.path=value ...]     run (or re-run: completed stages are reused; --dry-run: say what
+                                            each stage would do, and why, and stop)
     lvd resume RUN_ID [run.key=value ...]   continue a run from where it stopped (how it executes may change)
     lvd runs                                the runs under --root: id, created, state, corpus size, headline kNN
     lvd status [RUN_ID]                     stages, counts, state (default: the latest run)

@@ -10,7 +10,13 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from infra.config import ConfigError
+
+if TYPE_CHECKING:
+    from infra.config import PipelineConfig
+    from infra.run import RunDir
 
 # Seconds Prefect gets, once a flow's own work has ended, to record it at its API before the process exits anyway
 # (see ExitWatchdog).
@@ -155,21 +161,35 @@ def _run_flow(run_root: Path, run_id: str) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.preflight import check_inputs
+    from flows.preflight import check_run_inputs
     from infra.runs import prepare_run
 
     # Every problem at once, the URL list's and model files' included (opened and probed), before a run directory
     # exists.
-    run, _ = prepare_run(args.config, args.overrides, checks=check_inputs)
+    run, cfg = prepare_run(args.config, args.overrides, checks=check_run_inputs, write=not args.dry_run)
+    if args.dry_run:
+        return _dry_run(run, cfg)
     print(f"run {run.run_id} in {run.path}")
     return _run_flow(run.root, run.run_id)
+
+
+def _dry_run(run: RunDir, cfg: PipelineConfig) -> int:
+    from flows.dry_run import describe, dry_run, not_run
+
+    print(f"run {run.run_id} in {run.path}{'' if run.exists() else ' (new)'}: what it would do (nothing is run)")
+    print(describe(dry_run(run, cfg) + not_run(cfg)))
+    return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from flows.preflight import preflight, remaining_stages
     from infra.runs import amend_run, open_run
 
-    run, _ = open_run(args.root, args.run_id)
+    run, cfg = open_run(args.root, args.run_id)
+    if args.dry_run:
+        if args.overrides:
+            raise ConfigError(["--dry-run shows what the run would do as it is configured: give no overrides"])
+        return _dry_run(run, cfg)
     for key, (old, new) in amend_run(run, args.overrides).items():
         print(f"{key}: {old} -> {new}")
     cfg = run.load_config()
@@ -216,6 +236,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("run", help="run a configuration (completed stages are reused)")
     r.add_argument("config", type=Path)
     r.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=50")
+    r.add_argument("--dry-run", action="store_true", help="say what each stage would do (reused, linked, resumed, "
+                                                          "computed, and why) and stop")
     r.set_defaults(fn=cmd_run, starts_flow=True)
     c = sub.add_parser("resume", help="continue a run from where it stopped")
     c.add_argument("run_id")
@@ -224,6 +246,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                 "train.accumulate_grad_batches=2 (nothing else)")
     c.add_argument("--root", default="runs", help="folder that holds the runs (default: runs)")
     c.add_argument("--json", action="store_true", help="machine-readable output")
+    c.add_argument("--dry-run", action="store_true", help="say what each stage would do and stop")
     c.set_defaults(fn=cmd_resume, starts_flow=True)
     rf = sub.add_parser("retry-failed", help="re-download only the failed URLs of a finished ingest (new shards)")
     rf.add_argument("run_id")

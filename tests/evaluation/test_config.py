@@ -51,10 +51,10 @@ def test_missing_benchmark_inputs_stop_the_run_before_it_starts(tmp_path):
                                  "embed": {"allow_random_init": True},
                                  "evaluate": {"benchmarks": [{"kind": "segmentation", "name": "ade", "root": "nowhere"}],
                                               "models": [{"name": "official", "backbone": {"kind": "dinov2", "path": "x.pth"}}]}}))
-    from flows.preflight import check_model_files
+    from flows.preflight import check_run_inputs
 
     with pytest.raises(ConfigError) as err:
-        prepare_run(f, checks=check_model_files)  # as `lvd run` does
+        prepare_run(f, checks=check_run_inputs)  # as `lvd run` does
     problems = [p for p in err.value.problems if p.startswith("evaluate.")]  # (the defaults' SSCD file is not here)
     assert problems == ["evaluate.benchmarks[ade].root: nowhere does not exist",
                         "evaluate.models[official].backbone.path: x.pth does not exist"]

@@ -206,14 +206,21 @@ def test_a_folder_that_grows_computes_only_its_new_images(tmp_path, prefect_serv
         (photos / p.name).write_bytes(p.read_bytes())
     listing = tmp_path / "photos.parquet"
 
-    def run(name: str, *more: str) -> list[dict]:
-        args = ["run", str(CONFIG), f"data.url_list={listing}", f"ingest.local_roots=[{photos}]", f"run.root={runs}",
+    def args(name: str, *more: str) -> list[str]:
+        return ["run", str(CONFIG), f"data.url_list={listing}", f"ingest.local_roots=[{photos}]", f"run.root={runs}",
                 f"run.run_id={name}", "run.stop_after=corpus", "ingest.shard_size=6", "ingest.phash_dedup=false", *SMALL,
                 *more]  # fmt: skip (the near-copy below reaches the dedup stage)
+
+    def run(name: str, *more: str) -> list[dict]:
         n = len(RunDir(runs, name).events()) if (runs / name).exists() else 0
         capsys.readouterr()
-        assert cli(args) == 0, capsys.readouterr().err
+        assert cli(args(name, *more)) == 0, capsys.readouterr().err
         return RunDir(runs, name).events()[n:]
+
+    def dry_run(name: str, *more: str) -> dict[str, str]:  # `lvd run ... --dry-run`: stage -> what it would do
+        capsys.readouterr()
+        assert cli([*args(name, *more), "--dry-run"]) == 0, capsys.readouterr().err
+        return dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines()[1:])
 
     assert cli(["folder-urls", str(photos), str(listing)]) == 0
     run("grows")  # 18 rows: 3 shards
@@ -226,7 +233,16 @@ def test_a_folder_that_grows_computes_only_its_new_images(tmp_path, prefect_serv
     urls = pd.read_parquet(listing)["url"].tolist()
     assert urls[:18] == [p.resolve().as_uri() for p in [photos / q.name for q in first]]
 
+    after = {s: f"after {u}: complete now; computed again only if the outputs of {u} change" for s, u in [
+        ("nsfw", "ingest"), ("faces", "ingest, nsfw"), ("dedup", "faces"), ("embed", "dedup, faces"),
+        ("retrieve", "embed"), ("rebalance", "retrieve, embed"), ("corpus", "rebalance, retrieve, faces, ingest")]}
+    not_run = {"pretrain": "not run: run.stop_after is corpus",
+               "evaluate": "not run: no evaluation sets (data.eval_sets and evaluate.benchmarks are empty)"}
+    assert dry_run("grows") == {"ingest": "computed again: the files it reads from outside the run changed since it "
+                                          "completed; its shards whose inputs are unchanged are taken over",
+                                **after, **not_run}
     events = run("grows")
+    assert dry_run("grows") == {s: "complete: reused" for s in [*after, "ingest"]} | not_run
     curation = ["ingest", "nsfw", "faces", "dedup", "embed"]
     computed = {s: sorted(e["shard"] for e in events if e["event"] == "shard_done" and e["stage"] == s) for s in curation}
     assert computed == {s: ["00003", "00004", "00005", "00006"] for s in curation}
@@ -242,6 +258,12 @@ def test_a_folder_that_grows_computes_only_its_new_images(tmp_path, prefect_serv
     # Another run that changes only the dedup threshold takes ingest, NSFW and faces from the runs that completed
     # them with the same keys (the first by id: "fresh"), and the copy descriptors shard by shard; it computes the
     # graph and what follows, as a run computing everything does.
+    planned = dry_run("tuned", "dedup.threshold=0.99999")
+    assert not (runs / "tuned").exists()  # a dry run writes nothing
+    assert planned == {**{s: "completed by run fresh: its outputs are linked" for s in ("ingest", "nsfw", "faces")},
+                       "dedup": "computed", "embed": "after dedup: computed", "retrieve": "after embed: computed",
+                       "rebalance": "after retrieve, embed: computed", "corpus": "after rebalance, retrieve: computed",
+                       **not_run}
     events = run("tuned", "dedup.threshold=0.99999")  # the near-copy is no longer merged with its original
     assert {e["stage"]: e.get("from_run") for e in events if e["event"] == "skipped"} == {
         "ingest": "fresh", "nsfw": "fresh", "faces": "fresh"}

@@ -19,10 +19,10 @@ TINY, OWN = REPO / "configs" / "tiny.yaml", REPO / "configs" / "own_folder.yaml"
 
 
 def _problems(config: Path, overrides: list[str]) -> list[str]:
-    from flows.preflight import check_inputs
+    from flows.preflight import check_run_inputs
 
     with pytest.raises(ConfigError) as err:
-        prepare_run(config, overrides, checks=check_inputs)  # as `lvd run` does
+        prepare_run(config, overrides, checks=check_run_inputs)  # as `lvd run` does
     return err.value.problems
 
 
@@ -44,6 +44,18 @@ def test_retrieval_without_seed_sets_and_a_random_embedder_are_refused(tmp_path)
     assert [p.split(":")[0] for p in problems] == ["retrieve.mode", "embed.backbone"]
     assert "embed.allow_random_init=true" in problems[1]
     assert not (tmp_path / "runs").exists()
+
+
+def test_an_existing_run_whose_url_list_is_gone_is_refused_before_its_flow_starts(tmp_path):
+    """`lvd run` of a run made before (its configuration saved) checks the stages still to run: the list's ingest."""
+    urls = tmp_path / "urls.csv"
+    urls.write_text("url\nhttp://example.com/a.jpg\n")
+    overrides = [f"data.url_list={urls}", f"run.root={tmp_path / 'runs'}", "embed.allow_random_init=true",
+                 "embed.backbone.kind=vit", "embed.backbone.path=null"]
+    run, _ = prepare_run(OWN, overrides, checks=None)  # the run exists, nothing computed
+    urls.unlink()
+    assert _problems(OWN, overrides) == [f"data.url_list: {urls} does not exist (the run's ingest has to run)"]
+    assert run.exists()
 
 
 def test_the_shipped_own_data_configs_name_a_model_file_and_are_refused_without_it(tmp_path):
