@@ -22,7 +22,7 @@ from prefect.context import TaskRunContext
 from prefect.filesystems import LocalFileSystem
 from prefect.runtime import flow_run as prefect_flow_run
 
-from flows.stages import active_stages
+from flows.stages import active_stages, complete_exports, training_stages
 from infra.config import PipelineConfig
 from infra.console import forward_to_prefect
 from infra.demo.server import DemoServer
@@ -148,6 +148,9 @@ def pipeline(run_root: str, run_id: str) -> dict[str, Any]:
         task_ = stage_task.with_options(name=spec.name, task_run_name=spec.name, result_storage=storage)
         with demo_server(spec, run, cfg):
             task_(str(run.root), run.run_id, spec.name)
+        if spec.name in training_stages(cfg) and (added := complete_exports(run, cfg, spec.name)):
+            log.info("%s: %s export%s written (the stage was exported without)", spec.name, ", ".join(added),
+                     "s" if len(added) > 1 else "")  # fmt: skip
     run.log_event("stages_completed")  # before the report, which shows the run's attempts (this one completed)
     if cfg.evaluate.report:
         log.info("report: %s", write_report(run))

@@ -230,3 +230,14 @@ def test_each_training_stage_writes_a_transformers_export_with_its_model_card(fl
     assert cli(["export", run.run_id, "--format", "hf", str(tmp_path / "hf"), "--stage", "nope",
                 "--root", str(run.root)]) == 2
     assert "trained stages: pretrain, pretrain_highres, distill" in capsys.readouterr().err
+
+    # `lvd resume RUN train.exports=[hf, timm]` (how the run executes, not what it learns: in no stage's key): every
+    # stage stays complete, and each training stage gets the export it lacked (before: nothing was written).
+    n = len(run.events())
+    assert cli(["resume", run.run_id, "train.exports=[hf, timm]", "--root", str(run.root)]) == 0
+    assert [e["stage"] for e in run.events()[n:] if e["event"] == "started"] == []
+    for stage in TRAINING:
+        teacher = load_backbone(run.stage_dir(stage) / "teacher_backbone.safetensors")
+        assert read_sidecar(run.stage_dir(stage) / "timm" / "model.safetensors")["image_size"] == teacher.arch_kwargs["img_size"]
+    assert "pretrain: timm export written (the stage was exported without)" in capsys.readouterr().err
+    assert cli(["audit", run.run_id, "--root", str(run.root)]) == 0

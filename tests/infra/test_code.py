@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import ast
 import shutil
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
 
 from flows.stages import SPECS
-from infra.code import PACKAGES, REPO_ROOT, StageCode, changed, function_code, module_closure
+from infra.code import PACKAGES, REPO_ROOT, StageCode, changed, function_code, module_closure, module_file
 
 STAGE_MODULE = '''"""Stages of a tiny project."""
 from curation.a import score
@@ -157,3 +159,23 @@ def test_a_code_version_is_the_digest_of_its_files_in_any_order():
     a = StageCode({"x.py": "1", "y.py": "2"})
     assert a.version == StageCode({"y.py": "2", "x.py": "1"}).version != StageCode({"x.py": "1", "y.py": "3"}).version
     assert changed({"x.py": "1", "y.py": "2"}, {"y.py": "3", "z.py": "4"}) == ["x.py", "y.py", "z.py"]
+
+
+def test_no_project_module_is_loaded_by_a_name_the_imports_do_not_show():
+    """The code of a stage is read from its imports; that holds while nothing loads a project module by a computed
+    name. A module started as a process (`python -m training.pretrain`, the way torchrun launches training) must be
+    in the code of every stage whose code starts it."""
+    for name, spec in SPECS.items():
+        files = spec.code().files
+        for rel in [f for f in files if "::" not in f]:
+            tree = ast.parse((REPO_ROOT / rel).read_text())
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Call):
+                    called = ast.unparse(node.func)
+                    assert called not in ("importlib.import_module", "import_module", "__import__"), (rel, called)
+                if isinstance(node, ast.List | ast.Tuple):
+                    items = [e.value if isinstance(e, ast.Constant) else None for e in node.elts]
+                    for flag, target in pairwise(items):
+                        path = module_file(target) if flag == "-m" and isinstance(target, str) else None
+                        if path is not None:
+                            assert path.relative_to(REPO_ROOT).as_posix() in files, (name, rel, target)
