@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flows.resume_points import stage_progress
-from flows.stages import active_stages
+from flows.stages import active_stages, missing_exports, training_stages
 from infra import plan
 from infra.config import PipelineConfig
 from infra.manifest import StageManifest, cache_key, read_manifest
@@ -51,7 +51,9 @@ def dry_run(run: RunDir, cfg: PipelineConfig) -> list[Planned]:
         parts = spec.key_parts(cfg, upstream)
         key = cache_key(spec.name, *parts)
         if existing is not None and existing.key == key:
-            out.append(Planned(spec.name, "reuse", "complete: reused"))
+            exports = missing_exports(run, cfg, spec.name) if spec.name in training_stages(cfg) else []
+            more = f" ({', '.join(exports)} export{'s' if len(exports) > 1 else ''} to write)" if exports else ""
+            out.append(Planned(spec.name, "reuse", f"complete: reused{more}"))
             manifests[spec.name] = existing
             continue
         donor = completed_elsewhere(run, spec.name, key) if cfg.run.reuse_runs else None

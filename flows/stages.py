@@ -159,13 +159,20 @@ def training_stages(cfg: PipelineConfig) -> list[str]:
     return [n for n, section in TRAINING_STAGES.items() if section is None or getattr(cfg.train, section).enabled]
 
 
+def missing_exports(run: RunDir, cfg: PipelineConfig, stage: str) -> list[str]:
+    """The `train.exports` formats a training stage's folder lacks."""
+    from flows.export import EXPORT_DIRS
+
+    return [f for f in stage_train_config(cfg, run, stage).exports if not (run.stage_dir(stage) / EXPORT_DIRS[f]).exists()]
+
+
 def complete_exports(run: RunDir, cfg: PipelineConfig, stage: str) -> list[str]:
     """The `train.exports` formats a complete training stage lacks, written now from its teacher: `exports` is not in
     the stage's key, so a stage taken from another run (or trained before the setting changed) was exported as that
     run asked. Its manifest keeps listing what the stage wrote when it trained."""
     from flows.export import EXPORT_DIRS, export_stage
 
-    missing = [f for f in stage_train_config(cfg, run, stage).exports if not (run.stage_dir(stage) / EXPORT_DIRS[f]).exists()]
+    missing = missing_exports(run, cfg, stage)
     evaluates = training_stages(cfg)[-1] if "evaluate" in plan.active(cfg) else None
     for fmt in missing:
         export_stage(run, stage, fmt, run.stage_dir(stage) / EXPORT_DIRS[fmt], evaluates)

@@ -11,7 +11,7 @@ import yaml
 
 from infra.config import load_config
 from infra.manifest import inputs_digest, read_manifest
-from infra.runs import prepare_run
+from infra.runs import amend_run, prepare_run
 from infra.stage import stage_key
 
 REPO = Path(__file__).resolve().parents[2]
@@ -234,6 +234,9 @@ def test_each_training_stage_writes_a_transformers_export_with_its_model_card(fl
     # `lvd resume RUN train.exports=[hf, timm]` (how the run executes, not what it learns: in no stage's key): every
     # stage stays complete, and each training stage gets the export it lacked (before: nothing was written).
     n = len(run.events())
+    amend_run(run, ["train.exports=[hf, timm]"])  # as the resume below does first; its dry run says what follows
+    assert cli(["resume", run.run_id, "--dry-run", "--root", str(run.root)]) == 0
+    assert "pretrain_highres  complete: reused (timm export to write)" in capsys.readouterr().out
     assert cli(["resume", run.run_id, "train.exports=[hf, timm]", "--root", str(run.root)]) == 0
     assert [e["stage"] for e in run.events()[n:] if e["event"] == "started"] == []
     for stage in TRAINING:
