@@ -44,6 +44,11 @@ def changed(old: dict[str, str], new: dict[str, str]) -> list[str]:
     return sorted(n for n in set(old) | set(new) if old.get(n) != new.get(n))
 
 
+def named(files: list[str], most: int = 3) -> str:
+    """`a.py, b.py, c.py and 2 more`."""
+    return ", ".join(files[:most]) + (f" and {len(files) - most} more" if len(files) > most else "")
+
+
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
@@ -172,12 +177,23 @@ def function_code(fn: Callable, root: Path = REPO_ROOT) -> StageCode:
     module is read from there."""
     module, qualname = fn.__module__, fn.__qualname__
     path = module_file(module, root) or Path(inspect.getsourcefile(fn) or "")
-    data, tree = _parsed(path)
     rel = _relative(path, root)
+    own = _own_source(module, qualname, path, root)
+    if own is None:
+        data, tree = _parsed(path)
+        return _code({rel: _digest(data)}, _imports_of_file(tree, _package_of(module, path), root), root)
+    digest, roots = own
+    return _code({f"{rel}::{qualname}": digest}, (roots | _with_parents(module, root)) - {module}, root)
+
+
+def _own_source(module: str, qualname: str, path: Path, root: Path) -> tuple[str, set[str]] | None:
+    """A module-level function's own code: the digest of its source with the module-level helpers and constants it
+    uses, and the project modules the names in them load; None for a function the module's top level does not
+    define."""
+    data, tree = _parsed(path)
     top = _top_level(tree)
     if qualname not in top or not isinstance(top[qualname], ast.FunctionDef | ast.AsyncFunctionDef):
-        roots = _imports_of_file(tree, _package_of(module, path), root)
-        return _code({rel: _digest(data)}, roots, root)
+        return None
     imported = _imported_names(tree, _package_of(module, path), root)
     local: set[str] = set()
     roots: set[str] = set()
@@ -197,8 +213,35 @@ def function_code(fn: Callable, root: Path = REPO_ROOT) -> StageCode:
                     roots |= _with_parents(dotted, root)
     lines = data.decode().splitlines()
     segments = sorted({"\n".join(lines[top[n].lineno - 1: top[n].end_lineno]) for n in local})
-    own = {f"{rel}::{qualname}": _digest("\n".join(segments).encode())}
-    return _code(own, (roots | _with_parents(module, root)) - {module}, root)
+    return _digest("\n".join(segments).encode()), roots
+
+
+def changed_since(files: dict[str, str], root: Path = REPO_ROOT) -> list[str]:
+    """Of the code files an attempt recorded (`StageCode.files`), those whose source differs now or that are gone:
+    a complete stage whose code changed since, found without importing anything or following imports (`lvd
+    status`; an edit that makes a stage reach a new module edits a file it already reached)."""
+    out = []
+    for name, digest in files.items():
+        rel, _, qualname = name.partition("::")
+        path = root / rel
+        if not path.is_file():
+            out.append(name)
+        elif qualname:
+            own = _own_source(rel.removesuffix(".py").replace("/", "."), qualname, path, root)
+            out += [name] if own is None or own[0] != digest else []
+        elif _file_digest(path) != digest:
+            out.append(name)
+    return sorted(out)
+
+
+def _file_digest(path: Path) -> str:
+    st = path.stat()
+    return _digest_of(path, st.st_mtime_ns, st.st_size)
+
+
+@cache
+def _digest_of(path: Path, mtime_ns: int, size: int) -> str:
+    return _digest(path.read_bytes())
 
 
 @cache  # a tree is parsed once per version of its file (:func:`_parse`), so it identifies that version

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from infra.code import StageCode, changed, function_code
+from infra.code import StageCode, changed, function_code, named
 from infra.config import PipelineConfig, config_hash
 from infra.console import Progress, duration
 from infra.lineage import LedgerWriter, ledger_dir
@@ -563,8 +563,7 @@ def why_again(spec: StageSpec, stage_dir: Path, existing: StageManifest | None, 
         reasons.append(f"its configuration ({', '.join(spec.sections)}) changed")
     if old[1] != parts[1]:
         files = changed(before["code"], detail["code"]) if "code" in before else []
-        more = f" and {len(files) - 3} more" if len(files) > 3 else ""
-        reasons.append(f"its code changed ({', '.join(files[:3])}{more})" if files else "its code changed")
+        reasons.append(f"its code changed ({named(files)})" if files else "its code changed")
     if old[2] != parts[2]:
         n = len(reasons)
         if "upstream" in before:

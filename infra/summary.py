@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from infra import plan
+from infra.code import changed_since, named
 from infra.config import PipelineConfig
 from infra.history import attempts, describe
 from infra.manifest import read_manifest
@@ -39,10 +40,14 @@ def run_summary(run: RunDir, cfg: PipelineConfig,
         counts = m.counts if m else {}
         dropped = counts.get("dropped", {}) if isinstance(counts.get("dropped"), dict) else {}
         state = "not run" if stage in skipped and m is None else _state(run, stage, failed)
+        code = changed_since(m.key_detail["code"]) if state == "completed" and "code" in m.key_detail else []
+        state = "stale" if code else state
         rows.append({"stage": stage, "state": state, "kept": counts.get("kept"),
                      "dropped": sum(dropped.values()) if dropped else 0, "reasons": dropped})  # fmt: skip
         if state == "not run":
             rows[-1]["why"] = skipped[stage]
+        if code:
+            rows[-1]["why"] = f"its code changed since it completed ({named(code)}): a re-run computes it again"
         if progress is not None and state in ("partial", "failed"):
             rows[-1]["progress"] = progress(run, stage)
     out: dict[str, Any] = {"run_id": run.run_id, "path": str(run.path), "stages": rows,

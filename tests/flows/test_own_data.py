@@ -278,3 +278,24 @@ def test_a_folder_that_grows_computes_only_its_new_images(tmp_path, prefect_serv
     assert cli(["status", "tuned", "--root", str(runs)]) == 0
     assert "reused (completed before): ingest (from run fresh), nsfw (from run fresh), faces (from run fresh)" in \
         capsys.readouterr().out
+
+    # After an upgrade that changed the downloader (here: the run's record of ingest says it ran other code),
+    # `lvd status` tells, without importing a stage, that ingest is stale; the dry run finds it complete, with this
+    # code, in the run beside it.
+    from infra.manifest import read_manifest, write_manifest
+    from infra.stage import KEY_FILE
+    from infra.storage import atomic_write_json
+
+    stage = RunDir(runs, "tuned").stage_dir("ingest")
+    m = read_manifest(stage)
+    code = {**m.key_detail["code"], "curation/netguard.py": "0" * 16}
+    m = m.model_copy(update={"code_version": "0" * 16, "key_detail": {**m.key_detail, "code": code}})
+    write_manifest(stage, m)
+    atomic_write_json(stage / KEY_FILE, {"key": m.key, "base": "", "parts": [m.config_hash, m.code_version,
+                                                                               m.inputs_digest]})
+    assert cli(["status", "tuned", "--root", str(runs), "--json"]) == 0
+    rows = {r["stage"]: r for r in json.loads(capsys.readouterr().out)["stages"]}
+    assert (rows["ingest"]["state"], rows["ingest"]["why"]) == (
+        "stale", "its code changed since it completed (curation/netguard.py): a re-run computes it again")
+    assert {r["state"] for n, r in rows.items() if n != "ingest"} == {"completed", "not run"}
+    assert dry_run("tuned", "dedup.threshold=0.99999")["ingest"] == "completed by run fresh: its outputs are linked"

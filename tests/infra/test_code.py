@@ -179,3 +179,17 @@ def test_no_project_module_is_loaded_by_a_name_the_imports_do_not_show():
                         path = module_file(target) if flag == "-m" and isinstance(target, str) else None
                         if path is not None:
                             assert path.relative_to(REPO_ROOT).as_posix() in files, (name, rel, target)
+
+
+def test_changed_since_names_the_recorded_files_whose_source_differs_now(tmp_path):
+    """What `lvd status` tells of a complete stage, read without importing anything."""
+    from infra.code import changed_since
+
+    _project(tmp_path, FILES)
+    recorded = function_code(_fn("f"), tmp_path).files
+    assert changed_since(recorded, tmp_path) == []
+    _project(tmp_path, {"infra/c.py": "VALUE = 2\n", "flows/st.py": STAGE_MODULE.replace("train(ctx)", "train(1)")})
+    assert changed_since(recorded, tmp_path) == ["infra/c.py"]  # g's edit is not f's code
+    _project(tmp_path, {"flows/st.py": STAGE_MODULE.replace("LIMIT = 3", "LIMIT = 4")})
+    (tmp_path / "infra" / "lazy.py").unlink()
+    assert changed_since(recorded, tmp_path) == ["flows/st.py::f", "infra/c.py", "infra/lazy.py"]
