@@ -180,8 +180,7 @@ def function_code(fn: Callable, root: Path = REPO_ROOT) -> StageCode:
     rel = _relative(path, root)
     own = _own_source(module, qualname, path, root)
     if own is None:
-        data, tree = _parsed(path)
-        return _code({rel: _digest(data)}, _imports_of_file(tree, _package_of(module, path), root), root)
+        return _code({rel: _file_digest(path)}, _imports_of_file(_parsed(path)[1], _package_of(module, path), root), root)
     digest, roots = own
     return _code({f"{rel}::{qualname}": digest}, (roots | _with_parents(module, root)) - {module}, root)
 
@@ -209,8 +208,7 @@ def _own_source(module: str, qualname: str, path: Path, root: Path) -> tuple[str
             elif isinstance(node, ast.Name) and node.id in imported:
                 roots |= imported[node.id]
             elif isinstance(node, ast.Import | ast.ImportFrom):
-                for dotted in _resolve(node, _package_of(module, path)):
-                    roots |= _with_parents(dotted, root)
+                roots |= _loads(node, _package_of(module, path), root)
     lines = data.decode().splitlines()
     segments = sorted({"\n".join(lines[top[n].lineno - 1: top[n].end_lineno]) for n in local})
     return _digest("\n".join(segments).encode()), roots
@@ -249,9 +247,13 @@ def _imports_of_file(tree: ast.Module, package: str, root: Path) -> frozenset[st
     found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import | ast.ImportFrom):
-            for name in _resolve(node, package):
-                found |= _with_parents(name, root)
+            found |= _loads(node, package, root)
     return frozenset(found)
+
+
+def _loads(node: ast.Import | ast.ImportFrom, package: str, root: Path) -> set[str]:
+    """The project modules an import statement loads."""
+    return set().union(*(_with_parents(name, root) for name in _resolve(node, package)))
 
 
 def _code(own: dict[str, str], roots: Iterable[str], root: Path) -> StageCode:
@@ -259,7 +261,7 @@ def _code(own: dict[str, str], roots: Iterable[str], root: Path) -> StageCode:
     for module in module_closure(roots, root):
         path = module_file(module, root)
         assert path is not None
-        files[_relative(path, root)] = _digest(_parsed(path)[0])
+        files[_relative(path, root)] = _file_digest(path)
     return StageCode(files)
 
 
