@@ -16,9 +16,10 @@ decode paths would disagree. :class:`GuardedResizer` (an img2dataset ``Resizer``
   fault alike for both paths (cut short: ``truncated image``, corrupt: ``decode error``);
 - passes plain 8-bit RGB/grey JPEG and PNG files through untouched (the fast path: OpenCV decodes them; a PNG's
   bit depth is read from its header, as Pillow reports 16-bit RGB as mode RGB);
-- decodes everything else with Pillow: first frame of animations, EXIF orientation applied, CMYK/YCbCr -> RGB,
-  palette -> RGB, 16-bit -> 8-bit (top byte), 1-bit -> grey, alpha composited on white (img2dataset's own rule),
-  and hands img2dataset a lossless PPM/PGM of the result.
+- decodes everything else with Pillow (HEIC too) by the rules every reader of images follows
+  (:func:`infra.images.normalize`: first frame of animations, EXIF orientation applied, CMYK/YCbCr -> RGB, palette
+  -> RGB, 16-bit -> 8-bit (top byte), 1-bit -> grey, alpha composited on white, img2dataset's own rule), and hands
+  img2dataset a lossless PPM/PGM of the result.
 
 A JPEG has no checksum: a flipped bit that keeps the Huffman stream in step changes a coefficient and nothing
 else, and no decoder can tell (about 3 in 4 single-bit flips, measured on a photograph); every decode path then
@@ -33,13 +34,12 @@ import struct
 import zlib
 from typing import Any
 
-import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from infra.config.ingest import IngestConfig
+from infra.images import normalize, orientation
 
 _PNG = b"\x89PNG\r\n\x1a\n"
-_ORIENTATION = 0x0112
 _FAILED = (None, None, None, None, None)
 
 
@@ -63,32 +63,6 @@ def sniff(data: bytes) -> str | None:
     return None
 
 
-def _on_white(img: Image.Image, mode: str) -> Image.Image:
-    rgba = img.convert("RGBA")
-    out = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return out.convert(mode)
-
-
-def normalize(img: Image.Image) -> Image.Image:
-    """First frame, EXIF orientation, and an 8-bit L or RGB image by fixed rules."""
-    img = ImageOps.exif_transpose(img) or img
-    mode = img.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(img).astype(np.int64)
-        return Image.fromarray((np.clip(arr, 0, 65535) >> 8).astype(np.uint8), "L")
-    if mode == "F":
-        return Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), "L")
-    if mode in ("LA", "La"):
-        return _on_white(img, "L")
-    if mode in ("RGBA", "RGBa", "PA") or (mode == "P" and "transparency" in img.info):
-        return _on_white(img, "RGB")
-    if mode == "RGB" and "transparency" in img.info:
-        return _on_white(img, "RGB")
-    if mode in ("1", "L"):
-        return img.convert("L")
-    return img.convert("RGB")
-
-
 def _is_plain(img: Image.Image, data: bytes) -> bool:
     """Bytes OpenCV decodes exactly as Pillow would after :func:`normalize`."""
     if img.format not in ("JPEG", "PNG") or img.mode not in ("RGB", "L") or "transparency" in img.info:
@@ -96,8 +70,11 @@ def _is_plain(img: Image.Image, data: bytes) -> bool:
     if getattr(img, "is_animated", False):
         return False
     if img.format == "PNG":  # Pillow opens 16-bit RGB as mode RGB (top bytes); OpenCV would keep 16-bit samples
-        return data[12:16] == b"IHDR" and data[24] == 8  # IHDR bit depth
-    return img.getexif().get(_ORIENTATION, 1) == 1
+        if not (data[12:16] == b"IHDR" and data[24] == 8):  # IHDR bit depth
+            return False
+        if b"eXIf" not in data:  # no EXIF chunk, no orientation (and Pillow would decode the PNG to look for one)
+            return True
+    return orientation(img) == 1  # OpenCV ignores EXIF orientation (img2dataset decodes with IMREAD_UNCHANGED)
 
 
 def _simplejpeg() -> Any:

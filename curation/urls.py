@@ -22,6 +22,7 @@ file and the fix (the stage's ``failed`` run event carries it too).
 from __future__ import annotations
 
 import bz2
+import collections
 import contextlib
 import csv
 import gzip
@@ -45,6 +46,7 @@ import pyarrow.parquet as pq
 
 from infra.config.data import DataConfig
 from infra.config.ingest import IngestConfig
+from infra.images import is_hidden, is_image_name
 from infra.shards import shard_name
 from infra.storage import atomic_path, atomic_write_json, files_fingerprint, read_json
 from infra.urlnorm import UrlNormalizationError, normalize_url
@@ -93,7 +95,7 @@ def list_files(path: Path, fmt: str) -> list[tuple[Path, str]]:
     out = []
     for f in files:
         f_fmt = file_format(f) if fmt == "auto" else fmt
-        if f_fmt is None and f.suffix.lower() in IMAGE_SUFFIXES:
+        if f_fmt is None and is_image_name(f.name):
             raise UrlListError(f"{f} is an image, not a list of image URLs{_own_images(f)}")
         if f_fmt is None:
             raise UrlListError(f"cannot tell the format of {f} from its name; set data.input_format (parquet, csv, "
@@ -108,7 +110,7 @@ def _own_images(path: Path) -> str:
     folder = path if path.is_dir() else path.parent
     if path.is_dir():
         entries = itertools.islice(path.rglob("*"), 1000)
-        found = next((p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES), None)
+        found = next((p for p in entries if is_image_name(p.name)), None)
         if found is None:
             return ""
         lead = f": it holds images ({found}), not lists of their URLs"
@@ -636,7 +638,6 @@ def url_duplicates(plan_dir: Path, lo: int, hi: int) -> dict[int, int]:
     return out
 
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 FOLDER_LIST_SCHEMA = pa.schema([("url", pa.string()), ("source", pa.string())])
 
 
@@ -647,6 +648,8 @@ class FolderListing:
     skipped_examples: tuple[str, ...]  # a few of them, to show
     kept: int = 0  # rows of the list written before, kept as they were (an update)
     missing: int = 0  # of those, files no longer in the folder (ingest records them as file_missing)
+    skipped_suffixes: tuple[tuple[str, int], ...] = ()  # (suffix, files) of the files left out, most first
+    hidden: int = 0  # hidden files and files in hidden folders left out (all_files=False)
 
 
 class FolderListError(ValueError):
@@ -674,8 +677,9 @@ def folder_url_list(folder: Path, out: Path, *, all_files: bool = False, fresh: 
     if not folder.is_dir():
         raise FileNotFoundError(f"not a folder: {folder}")
     before = None if fresh or not Path(out).exists() else _folder_list(Path(out))
-    listed = skipped = kept = missing = 0
+    listed = skipped = kept = missing = hidden = 0
     examples: list[str] = []
+    suffixes: collections.Counter[str] = collections.Counter()
     rows: list[tuple[str, str]] = []
     with contextlib.suppress(_Unchanged), atomic_path(Path(out)) as tmp, pq.ParquetWriter(tmp, FOLDER_LIST_SCHEMA) as writer:
 
@@ -702,13 +706,20 @@ def folder_url_list(folder: Path, out: Path, *, all_files: bool = False, fresh: 
             old = np.sort(np.concatenate(parts)) if parts else old
             listed = kept
         for top, dirs, files in os.walk(folder):
-            dirs.sort()
             rel = Path(top).relative_to(folder)
+            if not all_files:  # hidden folders (.thumbnails, @eaDir) hold copies and metadata, not the user's images
+                hidden += sum(len(fs) for d in dirs if is_hidden(Path(d)) for _, _, fs in os.walk(Path(top) / d))
+                dirs[:] = [d for d in dirs if not is_hidden(Path(d))]
+            dirs.sort()
             source = rel.parts[0] if rel.parts else folder.name
             for name in sorted(files):
                 path = Path(top) / name
-                if not all_files and path.suffix.lower() not in IMAGE_SUFFIXES:
+                if not all_files and is_hidden(Path(name)):
+                    hidden += 1
+                    continue
+                if not all_files and not is_image_name(name):
                     skipped += 1
+                    suffixes[path.suffix.lower() or "(none)"] += 1
                     if len(examples) < 5:
                         examples.append(str(path.relative_to(folder)))
                     continue
@@ -718,7 +729,7 @@ def folder_url_list(folder: Path, out: Path, *, all_files: bool = False, fresh: 
         flush()
         if before is not None and listed == kept:
             raise _Unchanged  # the list stays the file it was (its fingerprint, and every run's key, unchanged)
-    return FolderListing(listed, skipped, tuple(examples), kept, missing)
+    return FolderListing(listed, skipped, tuple(examples), kept, missing, tuple(suffixes.most_common()), hidden)
 
 
 class _Unchanged(Exception):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from evaluation.features import ImageSet, image_set_from_files
-from infra.datasets import IMAGE_EXTS
+from infra.images import is_hidden, is_image_name
 
 IGNORE = 255
 
@@ -86,7 +86,7 @@ def read_segmentation_split(root: Path, split: str) -> SegmentationSplit:
     img_dir, ann_dir = Path(root) / "images" / split, Path(root) / "annotations" / split
     if not img_dir.is_dir() or not ann_dir.is_dir():
         raise FileNotFoundError(f"segmentation set {root}: expected images/{split}/ and annotations/{split}/")
-    files = sorted(p for p in img_dir.iterdir() if p.suffix.lower().lstrip(".") in IMAGE_EXTS)
+    files = sorted(p for p in img_dir.iterdir() if is_image_name(p.name) and not is_hidden(Path(p.name)))
     masks = []
     for f in files:
         ann = ann_dir / f"{f.stem}.png"

@@ -18,10 +18,9 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 
+from infra.images import is_hidden, is_image_name
 from infra.shards import iter_tar
 from infra.storage import sha256_bytes
-
-IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm"}
 
 
 @dataclass(frozen=True)
@@ -51,23 +50,22 @@ def detect_format(path: Path) -> str:
     return "folder"
 
 
-def _ext(name: str) -> str:
-    return name.rsplit(".", 1)[-1].lower() if "." in name else ""
+def _images(folder: Path) -> list[Path]:
+    """The image files of a folder (not hidden ones: `._x.jpg` resource forks, `.DS_Store`), in name order."""
+    return sorted(f for f in folder.iterdir() if f.is_file() and is_image_name(f.name) and not is_hidden(Path(f.name)))
 
 
 def _iter_folder(root: Path) -> Iterator[LabeledImage]:
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not is_hidden(Path(p.name)))
     if classes:
         for label, cls in enumerate(classes):
-            for f in sorted((root / cls).iterdir()):
-                if f.is_file() and _ext(f.name) in IMAGE_EXTS:
-                    data = f.read_bytes()
-                    yield LabeledImage(sha256_bytes(data), data, label, f"{cls}/{f.name}")
-    else:
-        for f in sorted(root.iterdir()):
-            if f.is_file() and _ext(f.name) in IMAGE_EXTS:
+            for f in _images(root / cls):
                 data = f.read_bytes()
-                yield LabeledImage(sha256_bytes(data), data, None, f.name)
+                yield LabeledImage(sha256_bytes(data), data, label, f"{cls}/{f.name}")
+    else:
+        for f in _images(root):
+            data = f.read_bytes()
+            yield LabeledImage(sha256_bytes(data), data, None, f.name)
 
 
 def _iter_webdataset(root: Path) -> Iterator[LabeledImage]:
@@ -77,7 +75,9 @@ def _iter_webdataset(root: Path) -> Iterator[LabeledImage]:
         for key, ext, data in iter_tar(tar, sidecars=True):
             pending.setdefault(key, {})[ext.lower()] = data
         for key, parts in pending.items():
-            image_ext = next((e for e in parts if e in IMAGE_EXTS), None)
+            image_ext = next((e for e in parts if is_image_name(f"x.{e}")), None)
+            if is_hidden(Path(key)):
+                continue
             if image_ext is None:
                 continue
             label = None

@@ -82,6 +82,7 @@ def cmd_domains(args: argparse.Namespace) -> int:
 
 def cmd_folder_urls(args: argparse.Namespace) -> int:
     from curation.urls import FolderListError, folder_url_list
+    from infra.images import UNDECODABLE_SUFFIXES
 
     try:
         listing = folder_url_list(Path(args.folder), Path(args.out), all_files=args.all_files, fresh=args.fresh)
@@ -101,11 +102,24 @@ def cmd_folder_urls(args: argparse.Namespace) -> int:
     else:
         print(f"{listing.listed:,} files listed in {args.out}")
     if listing.skipped:
-        print(f"{listing.skipped:,} files left out for their suffix (e.g. {', '.join(listing.skipped_examples)}); "
-              "--all-files lists them too, each then recorded with its reason at ingest")
+        print(f"{listing.skipped:,} files left out for their suffix ({_suffixes(listing.skipped_suffixes)}; e.g. "
+              f"{', '.join(listing.skipped_examples)}); --all-files lists them too, each then recorded with its reason "
+              "at ingest")
+        raw = sorted(s for s, _ in listing.skipped_suffixes if s in UNDECODABLE_SUFFIXES)
+        if raw:
+            print(f"  {', '.join(raw)}: image files this project cannot decode (camera raw, vector, layered, JPEG XL): "
+                  "convert them to JPEG, PNG or TIFF to curate them")
+    if listing.hidden:
+        print(f"{listing.hidden:,} hidden files left out (names starting with '.', such as macOS's ._IMG_0001.jpg "
+              "resource forks and .DS_Store, and everything in hidden folders and Synology's @eaDir thumbnails)")
     root = Path(args.folder).resolve()
     print(f'use it with: lvd run configs/own_folder.yaml data.url_list={args.out} "ingest.local_roots=[{root}]"')
     return 0 if listing.listed else 1
+
+
+def _suffixes(counts: tuple[tuple[str, int], ...], top: int = 6) -> str:
+    shown = ", ".join(f"{suffix} {n:,}" for suffix, n in counts[:top])
+    return shown + (f", {len(counts) - top} more suffixes" if len(counts) > top else "")
 
 
 def cmd_report(args: argparse.Namespace) -> int:

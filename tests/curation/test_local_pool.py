@@ -161,3 +161,44 @@ def test_a_local_pool_is_ingested_with_one_outcome_per_file(pool, tmp_path, caps
         "truncated_image": 1}}  # fmt: skip
     inputs = events[events["reason"] == "input"].sort_values("row_id")
     assert inputs["url"].tolist() == [(pool / n).as_uri() for n in NAMES]  # lineage: the file each image came from
+
+
+def _encode(seed: int, suffix: str) -> bytes:
+    """A distinct 40x24 image in the format its suffix names."""
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(np.repeat(np.repeat(rng.integers(0, 255, (6, 10, 3), dtype=np.uint8), 4, 0), 4, 1))
+    if suffix in (".heic", ".heif", ".hif"):
+        buf = io.BytesIO()
+        pytest.importorskip("pillow_heif").from_pillow(img).save(buf, quality=95)
+        return buf.getvalue()
+    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".jpe": "JPEG", ".jfif": "JPEG", ".png": "PNG", ".apng": "PNG",
+           ".gif": "GIF", ".webp": "WEBP", ".avif": "AVIF", ".bmp": "BMP", ".dib": "BMP", ".tif": "TIFF",
+           ".tiff": "TIFF", ".jp2": "JPEG2000", ".j2k": "JPEG2000", ".ppm": "PPM", ".pgm": "PPM", ".pbm": "PPM",
+           ".pnm": "PPM"}[suffix]  # fmt: skip
+    img = img.convert({".pgm": "L", ".pbm": "1"}.get(suffix, "RGB"))
+    buf = io.BytesIO()
+    img.save(buf, fmt, **({"no_jp2": True} if suffix == ".j2k" else {}))
+    return buf.getvalue()
+
+
+def test_every_image_suffix_a_folder_lists_is_ingested(tmp_path):
+    """`lvd folder-urls` lists a file for its suffix (`infra.images.IMAGE_SUFFIXES`); each such file, in the format its
+    suffix names and with the suffix in upper case as cameras write it, is downloaded and stored at its size."""
+    from infra.images import IMAGE_SUFFIXES
+
+    root = tmp_path / "formats"
+    root.mkdir()
+    for i, suffix in enumerate(sorted(IMAGE_SUFFIXES)):
+        (root / f"img{i:02d}{suffix.upper() if i % 2 else suffix}").write_bytes(_encode(i, suffix))
+    urls = tmp_path / "urls.parquet"
+    assert folder_url_list(root, urls).listed == len(IMAGE_SUFFIXES)
+    stage = tmp_path / "run" / "stages" / "ingest"
+    cfg = IngestConfig(local_roots=[root], shard_size=32, threads=2, encode_format="png", encode_quality=3,
+                       min_image_size=8, phash_dedup=False)
+    result = ingest(DataConfig(url_list=urls), stage, cfg, ShardTracker("ingest", stage))
+    events = Ledger(tmp_path / "run").events()
+    dropped = events[(events["kind"] != "info") & (events["reason"] != "downloaded")]
+    assert dropped.empty, dropped[["url", "reason", "detail"]].to_string()
+    assert result.counts["kept"] == len(IMAGE_SUFFIXES)
+    table = pd.concat(pd.read_parquet(p) for p in sorted((stage / "shards").glob("*.parquet")))
+    assert set(zip(table["original_width"], table["original_height"], strict=True)) == {(40, 24)}

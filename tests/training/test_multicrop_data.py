@@ -38,7 +38,7 @@ def test_decode_grayscale_palette_alpha_and_broken():
     rgb = np.asarray(decode_rgb(png_bytes(gray)))
     assert rgb.shape == (8, 8, 3) and (rgb[..., 0] == np.asarray(gray)).all() and (rgb[..., 1] == rgb[..., 2]).all()
     rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
-    assert np.asarray(decode_rgb(png_bytes(rgba))).max() == 0  # fully transparent -> black
+    assert np.asarray(decode_rgb(png_bytes(rgba))).min() == 255  # fully transparent -> white, as ingest composites it
     assert decode_rgb(png_bytes(gray.convert("P"))).mode == "RGB"
     assert decode_rgb(b"not an image") is None
 

@@ -10,17 +10,16 @@ own data.
 
 from __future__ import annotations
 
-import io
 import os
 import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Protocol
 
 from PIL import Image, UnidentifiedImageError
 
-from infra.datasets import IMAGE_EXTS
+from infra.images import IMAGE_SUFFIXES, decode, is_hidden, is_image_name
 from infra.shards import UnsafeArchiveError, check_member_name
 
 
@@ -32,18 +31,14 @@ class ImageSource(Protocol):
     def name(self, index: int) -> str: ...
 
 
-def _is_image(name: str) -> bool:
-    return "." in name and name.rsplit(".", 1)[-1].lower() in IMAGE_EXTS
-
-
 @dataclass
 class FolderSource:
     files: list[Path]
 
     @classmethod
     def from_root(cls, root: Path) -> FolderSource:
-        files = sorted(p for p in Path(root).rglob("*") if p.is_file() and _is_image(p.name)
-                       and not any(part.startswith(".") for part in p.relative_to(root).parts))
+        files = sorted(p for p in Path(root).rglob("*") if p.is_file() and is_image_name(p.name)
+                       and not is_hidden(p.relative_to(root)))
         return cls(files)
 
     def __len__(self) -> int:
@@ -77,7 +72,7 @@ class TarShardSource:
                         _check_indexed_member(path, member)
                         if member.offset_data + member.size > size:
                             raise tarfile.ReadError(f"member {member.name!r} runs past the end of the file")
-                        if _is_image(member.name):
+                        if is_image_name(member.name) and not is_hidden(PurePath(member.name)):
                             entries.append((t, member.offset_data, member.size, member.name))
             except tarfile.ReadError as err:  # compressed (offsets need a plain tar), truncated or not a tar
                 raise ValueError(f"{path}: not a readable uncompressed tar ({err}); training reads shards by offset, "
@@ -131,21 +126,16 @@ def build_source(data: Sequence[Path] | Path | str) -> ImageSource:
     else:
         raise ValueError(f"expected .tar shards or a single image folder, got {[str(p) for p in paths]}")
     if len(source) == 0:
-        raise ValueError(f"no images found in {[str(p) for p in paths]} (extensions: {sorted(IMAGE_EXTS)})")
+        raise ValueError(f"no images found in {[str(p) for p in paths]} (extensions: {' '.join(sorted(IMAGE_SUFFIXES))})")
     return source
 
 
 def decode_rgb(data: bytes, keep_grey: bool = False) -> Image.Image | None:
-    """Decode any PIL-readable image to RGB (grayscale such as MNIST is replicated to 3 channels); None if broken.
-    ``keep_grey``: an 8-bit greyscale image stays one channel ("L"; its RGB is that channel three times)."""
+    """Decode an image file to RGB by the rules every reader follows (`infra.images.decode`: EXIF orientation, 16-bit
+    to its top byte, alpha on white, HEIC, ...), so a folder trained on directly gives the pixels its run's corpus
+    would; greyscale such as MNIST is replicated to 3 channels. None if broken. ``keep_grey``: a greyscale image
+    stays one channel ("L"; its RGB is that channel three times)."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            if keep_grey and img.mode == "L":
-                return img.copy()
-            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                rgba = img.convert("RGBA")  # transparent pixels onto black, not their undefined colour
-                return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        return decode(data, None if keep_grey else "RGB")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
         return None
