@@ -29,7 +29,7 @@ from curation.ivf_blocks import BlockedIVF
 from curation.vectors import RowView, VectorStore, VectorWriter, write_vectors
 from infra.config.curation import DedupConfig, IndexConfig
 from infra.config.data import EvalSetConfig
-from infra.datasets import iter_images
+from infra.datasets import decode_item, iter_images
 from infra.images import decode
 from infra.lineage import LedgerParts, ledger_dir
 from infra.shards import Shard, iter_shard_images
@@ -131,7 +131,7 @@ def eval_described(eval_sets: list[EvalSetConfig], descriptor: Descriptor, cfg: 
         for split, path in (("train", ev.train), ("test", ev.test), ("val", ev.val)):
             for item in iter_images(path, ev.format) if path is not None else ():
                 metas.append({"eval_image": f"{ev.name}/{split}/{item.name}", "eval_image_id": item.image_id})
-                images.append(decode(item.data))
+                images.append(decode_item(item, f"data.eval_sets[{ev.name}].{split} ({path})"))
                 if len(images) == DECODE_BATCH:
                     flush()
     flush()

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from curation.vectors import VectorStore, VectorWriter
 from infra.config.data import SeedSetConfig
-from infra.datasets import iter_images
+from infra.datasets import DatasetError, iter_images
 from infra.features import Embedder
 from infra.images import decode
 from infra.lineage import LedgerWriter
@@ -114,6 +114,10 @@ def embed_seed_set(seed: SeedSetConfig, runner: Runner, out_dir: Path) -> dict[s
         items.append(({"image_id": item.image_id, "label": item.label}, item.data))
         names.append(item.name)
     kept, _ = _embed_items(items, runner, out_dir / f"{seed.name}.npy", 1)
+    if len(kept) < len(items):  # refused at start-up (flows.preflight); changed since: said, not dropped silently
+        bad = [names[i] for i in sorted(set(range(len(items))) - set(kept))]
+        raise DatasetError(f"data.seed_sets[{seed.name}].path ({seed.path}): {len(bad)} images cannot be decoded "
+                           f"({', '.join(bad[:5])}); remove or replace them")
     metas = [{"image_id": items[i][0]["image_id"], "name": names[i], "label": items[i][0]["label"]} for i in kept]
     with atomic_path(out_dir / f"{seed.name}.parquet") as tmp:
         pd.DataFrame(metas, columns=["image_id", "name", "label"]).to_parquet(tmp, index=False)

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from infra.console import Progress
-from infra.datasets import iter_images
+from infra.datasets import decode_item, iter_images
 from infra.features import eval_transform
 from infra.images import decode
 from infra.storage import atomic_path, atomic_write_json
@@ -195,8 +195,8 @@ def read_image_set(path: Path, fmt: str = "auto", need_labels: bool = True) -> I
         missing = next(it.name for it in items if it.label is None)
         raise ValueError(f"{path}: image {missing} has no label; classification splits need class labels")
     labels = np.asarray([it.label for it in items], np.int64) if need_labels else None
-    data = [it.data for it in items]
-    return ImageSet([it.image_id for it in items], lambda: [decode(d) for d in data], labels, [it.name for it in items])
+    return ImageSet([it.image_id for it in items], lambda: [decode_item(it, path) for it in items], labels,
+                    [it.name for it in items])
 
 
 def image_set_from_files(paths: Sequence[Path]) -> ImageSet:

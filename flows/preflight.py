@@ -1,5 +1,5 @@
-"""Every model file a run will use, and its URL list, opened and checked before any stage runs (``lvd run``,
-``lvd resume``).
+"""Every model file a run will use, its URL list, and its seed and evaluation sets, opened and checked before any
+stage runs (``lvd run``, ``lvd resume``).
 
 A wrong file otherwise fails only when its stage starts, after hours of download and filtering. Each model a run's
 remaining stages will load is built here exactly as its stage builds it and run on one small image: the file exists,
@@ -159,16 +159,59 @@ def check_model_files(cfg: PipelineConfig, stages: set[str] | None = None) -> li
     return problems
 
 
+def image_set_problems(cfg: PipelineConfig, stages: set[str] | None = None) -> list[str]:
+    """The seed and evaluation sets ``stages`` read, read here as they will be: every image decoded, every image of
+    an evaluation split labelled (they are classification benchmarks), no split empty. A stage otherwise stops at the
+    first bad file, after ingest and the filters (dedup reads the evaluation sets to remove their copies), with
+    Pillow's message and no file name. A split that passed is remembered under ``<run root>/.cache/sets`` (once the
+    runs folder exists) by its files' names, sizes and times, so a later start costs a walk of the folder."""
+    import contextlib
+    import json
+
+    from infra.datasets import check_split, split_fingerprint
+    from infra.storage import atomic_write_text, sha256_bytes
+
+    stages = _stages(cfg, stages)
+    splits: list[tuple[str, Path, str, bool]] = []  # (key, path, format, labels needed)
+    if stages & {"dedup", "evaluate"}:
+        for e in cfg.data.eval_sets:
+            splits += [(f"data.eval_sets[{e.name}].{split}", p, e.format, True)
+                       for split, p in (("train", e.train), ("test", e.test), ("val", e.val)) if p is not None]
+    for s in cfg.data.seed_sets:
+        queries, as_is = s.retrieval != "as_is", s.retrieval == "as_is" or s.include_as_is
+        if (queries and "embed" in stages) or (as_is and "corpus" in stages):
+            splits.append((f"data.seed_sets[{s.name}].path", s.path, s.format, False))
+    cache = Path(cfg.run.root) / ".cache" / "sets"
+    problems = []
+    for key, path, fmt, labels in splits:
+        if not Path(path).exists():
+            continue  # reported with the configuration's other paths (infra.runs), or written by the demo run
+        fingerprint = split_fingerprint(Path(path))
+        passed = None
+        if fingerprint is not None:
+            passed = cache / f"{sha256_bytes(json.dumps([fingerprint, fmt, labels]).encode())[:32]}.json"
+            if passed.is_file():
+                continue
+        check = check_split(Path(path), fmt, need_labels=labels)
+        problems += [f"{key}: {p}" for p in check.problems]
+        if not check.problems and passed is not None and Path(cfg.run.root).is_dir():  # a refused first run: no folder
+            with contextlib.suppress(OSError):  # a cache: a runs folder that cannot be written is reported apart
+                passed.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(passed, json.dumps({"path": str(path), "images": check.images,
+                                                      "classes": check.classes}))
+    return problems
+
+
 def check_inputs(cfg: PipelineConfig, stages: set[str] | None = None) -> list[str]:
-    """:func:`check_model_files`, and the URL list's problems where the ingest stage is among ``stages`` (the demo's
-    list is written by the run itself)."""
+    """:func:`check_model_files`, :func:`image_set_problems`, and the URL list's problems where the ingest stage is
+    among ``stages`` (the demo's list is written by the run itself)."""
     stages = _stages(cfg, stages)
     problems = []
     if "ingest" in stages and not cfg.demo.enabled:
         from curation.urls import url_list_problems
 
         problems += url_list_problems(cfg.data)
-    return problems + check_model_files(cfg, stages)
+    return problems + check_model_files(cfg, stages) + image_set_problems(cfg, stages)
 
 
 def remaining_stages(run: RunDir, cfg: PipelineConfig) -> set[str]:
@@ -192,9 +235,10 @@ def check_run_inputs(cfg: PipelineConfig, run: RunDir) -> list[str]:
 
 
 def preflight(cfg: PipelineConfig, stages: set[str] | None = None) -> None:
-    """Raise a :class:`ConfigError` listing every problem of the URL list and model files (before any stage runs)."""
+    """Raise a :class:`ConfigError` listing every problem of the URL list, model files and image sets (before any stage
+    runs)."""
     from infra.config import ConfigError
 
     problems = check_inputs(cfg, stages)
     if problems:
-        raise ConfigError(problems, "inputs")
+        raise ConfigError(problems, "the run's inputs", "cannot be used")

@@ -10,15 +10,19 @@ Formats:
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
+from PIL import Image
 
-from infra.images import is_hidden, is_image_name
+from infra.images import IMAGE_SUFFIXES, decode, is_hidden, is_image_name, normalize
 from infra.shards import iter_tar
 from infra.storage import sha256_bytes
 
@@ -44,6 +48,10 @@ def detect_format(path: Path) -> str:
             return "parquet"
         if path.suffix == ".tar":
             return "webdataset"
+        packed = "".join(path.suffixes[-2:]).lower()
+        if packed.endswith((".zip", ".tar.gz", ".tgz", ".tar.xz", ".tar.bz2", ".7z", ".rar")):
+            raise DatasetError(f"{path} is an archive: unpack it into a folder first (images are read from a folder, "
+                               "an uncompressed .tar, or a .parquet / .csv manifest)")
         raise DatasetError(f"cannot tell the format of {path}: expected a folder, .tar, .parquet or .csv")
     if any(path.glob("*.tar")):
         return "webdataset"
@@ -51,8 +59,11 @@ def detect_format(path: Path) -> str:
 
 
 def _images(folder: Path) -> list[Path]:
-    """The image files of a folder (not hidden ones: `._x.jpg` resource forks, `.DS_Store`), in name order."""
-    return sorted(f for f in folder.iterdir() if f.is_file() and is_image_name(f.name) and not is_hidden(Path(f.name)))
+    """The image files under a folder, sub-folders included as torchvision's ImageFolder reads a class folder
+    (Tiny-ImageNet keeps a class's images in `<class>/images/`), not hidden ones (`._x.jpg` resource forks,
+    `.DS_Store`, `.ipynb_checkpoints/`), in path order."""
+    return sorted(f for f in folder.rglob("*") if f.is_file() and is_image_name(f.name)
+                  and not is_hidden(f.relative_to(folder)))
 
 
 def _iter_folder(root: Path) -> Iterator[LabeledImage]:
@@ -61,7 +72,7 @@ def _iter_folder(root: Path) -> Iterator[LabeledImage]:
         for label, cls in enumerate(classes):
             for f in _images(root / cls):
                 data = f.read_bytes()
-                yield LabeledImage(sha256_bytes(data), data, label, f"{cls}/{f.name}")
+                yield LabeledImage(sha256_bytes(data), data, label, f"{cls}/{f.relative_to(root / cls).as_posix()}")
     else:
         for f in _images(root):
             data = f.read_bytes()
@@ -113,3 +124,87 @@ def iter_images(path: Path, fmt: str = "auto") -> Iterator[LabeledImage]:
     if not path.exists():
         raise DatasetError(f"dataset path does not exist: {path}")
     yield from readers[fmt](path)
+
+
+@dataclass(frozen=True)
+class SplitCheck:
+    images: int
+    classes: int  # distinct labels (0: none)
+    problems: tuple[str, ...]  # each names the file and what is wrong
+
+
+def _decodes(data: bytes) -> str | None:
+    """None when the bytes decode as the stages decode them (`infra.images`); else why not. JPEGs are decoded at an
+    eighth of their size: the whole compressed stream is still read (a file cut short fails), for a fifth of the
+    time."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format == "JPEG":
+                img.draft(img.mode, (max(1, img.width // 8), max(1, img.height // 8)))
+            img.load()
+            normalize(img)
+    except Exception as err:  # Pillow's many ways of saying "not this": each is the file's problem, none raised
+        return f"{type(err).__name__}: {str(err).strip()[:200]}"
+    return None
+
+
+def check_split(path: Path, fmt: str = "auto", need_labels: bool = False) -> SplitCheck:
+    """Read a set as the stages will (every image decoded): how many images and classes, and what would stop a stage
+    (a file that does not decode, an image without a label where ``need_labels``, a set without images)."""
+    problems: list[str] = []
+    bad: list[str] = []
+    unlabelled: list[str] = []
+    labels: set[int] = set()
+    n = 0
+    try:
+        for item in iter_images(Path(path), fmt):
+            n += 1
+            if (why := _decodes(item.data)) is not None:
+                bad.append(f"{item.name} ({why})")
+            if item.label is None:
+                unlabelled.append(item.name)
+            else:
+                labels.add(int(item.label))
+    except (DatasetError, OSError, ValueError, KeyError) as err:
+        return SplitCheck(n, len(labels), (f"cannot be read: {err}",))
+    if n == 0:
+        problems.append(f"no images in {path} (image files: {' '.join(sorted(IMAGE_SUFFIXES))}; hidden files are left out)")
+    if bad:
+        problems.append(f"{len(bad)} of {n} images cannot be decoded: {', '.join(bad[:5])}"
+                        + (f" and {len(bad) - 5} more" if len(bad) > 5 else "") + "; remove or replace them")
+    if need_labels and unlabelled and n:
+        how = {"folder": "<split>/<class>/<image> (class sub-folders)", "webdataset": "a .cls or .json label beside "
+               "each image", "parquet": "a label column"}.get(detect_format(Path(path)) if fmt == "auto" else fmt, "labels")
+        problems.append(f"{len(unlabelled)} of {n} images have no class label (e.g. {unlabelled[0]}): a classification "
+                        f"split needs {how}")  # fmt: skip
+    return SplitCheck(n, len(labels), tuple(problems))
+
+
+def split_fingerprint(path: Path) -> str | None:
+    """What a set's images are, told from the file system alone (names, sizes, modification times), for remembering
+    that a split passed :func:`check_split`; None where that cannot be told so (a parquet manifest points anywhere)."""
+    path = Path(path).resolve()
+    h = hashlib.sha256(str(path).encode())
+    if path.is_file():
+        if path.suffix != ".tar":
+            return None
+        files = [path]
+    else:
+        files = []
+        for top, dirs, names in os.walk(path):
+            dirs[:] = sorted(d for d in dirs if not is_hidden(Path(d)))
+            files += [Path(top) / n for n in sorted(names)]
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(path) if f != path else f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def decode_item(item: LabeledImage, where: str | Path) -> Image.Image:
+    """`infra.images.decode` of a set's image; a file that does not decode (changed since the run's start-up check)
+    stops the stage with an error naming the set and the file, not Pillow's bare message."""
+    try:
+        return decode(item.data)
+    except Exception as err:  # Pillow's many ways of saying "not this"
+        raise DatasetError(f"{where}: {item.name} cannot be decoded ({type(err).__name__}: {err}); remove or replace "
+                           "it") from err

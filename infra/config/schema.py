@@ -73,11 +73,11 @@ def credential_problems(tree: Any, path: str = "") -> list[str]:
 class ConfigError(ValueError):
     """Every problem of a configuration, listed at once (credentials inside URLs redacted)."""
 
-    def __init__(self, problems: list[str], source: str = "configuration"):
+    def __init__(self, problems: list[str], source: str = "configuration", verdict: str = "is invalid"):
         problems = [redact(p) for p in problems]
         self.problems = problems
         body = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{source} is invalid ({len(problems)} problem{'s' * (len(problems) != 1)}):\n{body}")
+        super().__init__(f"{source} {verdict} ({len(problems)} problem{'s' * (len(problems) != 1)}):\n{body}")
 
 
 def deep_merge(base: dict[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:

@@ -136,3 +136,36 @@ def test_every_folder_reader_lists_the_same_images(tmp_path):
     assert sorted(img.name for img in iter_images(root)) == sorted(images)
     every = folder_url_list(root, tmp_path / "all.parquet", all_files=True)  # every file, each with its reason later
     assert (every.listed, every.hidden, every.skipped) == (len(images) + 8, 0, 0)
+
+
+def test_a_set_image_that_does_not_decode_is_named(tmp_path):
+    """A stage that decodes an evaluation or seed image changed since the start-up check names the set and file."""
+    from infra.datasets import DatasetError, LabeledImage, decode_item
+
+    with pytest.raises(DatasetError, match=r"^data.eval_sets\[pets\].test \(/x\): dogs/1.jpg cannot be decoded "
+                                           r"\(UnidentifiedImageError: "):  # fmt: skip
+        decode_item(LabeledImage("id", b"not an image", 1, "dogs/1.jpg"), "data.eval_sets[pets].test (/x)")
+
+
+def test_a_class_folder_is_read_with_its_sub_folders_as_imagefolder_does(tmp_path):
+    """Tiny-ImageNet's layout (`train/<wnid>/images/*.JPEG` beside `<wnid>_boxes.txt`); before, only files directly
+    in a class folder were read, so each class of it had no images. An archive given as a set is named as one."""
+    from infra.datasets import check_split
+
+    png = _save(Image.fromarray(RGB), "PNG")
+    for wnid, n in (("n01443537", 2), ("n01629819", 1)):
+        (tmp_path / "train" / wnid / "images").mkdir(parents=True)
+        (tmp_path / "train" / wnid / f"{wnid}_boxes.txt").write_text("x")
+        for i in range(n):
+            (tmp_path / "train" / wnid / "images" / f"{wnid}_{i}.JPEG").write_bytes(png)
+    (tmp_path / "train" / ".ipynb_checkpoints").mkdir()  # Jupyter's: not a class
+    items = list(iter_images(tmp_path / "train"))
+    assert [(it.name, it.label) for it in items] == [("n01443537/images/n01443537_0.JPEG", 0),
+                                                     ("n01443537/images/n01443537_1.JPEG", 0),
+                                                     ("n01629819/images/n01629819_0.JPEG", 1)]  # fmt: skip
+    check = check_split(tmp_path / "train", need_labels=True)
+    assert (check.images, check.classes, check.problems) == (3, 2, ())
+    (tmp_path / "val.zip").write_bytes(b"PK")
+    assert check_split(tmp_path / "val.zip").problems == (
+        f"cannot be read: {tmp_path / 'val.zip'} is an archive: unpack it into a folder first (images are read from a "
+        "folder, an uncompressed .tar, or a .parquet / .csv manifest)",)

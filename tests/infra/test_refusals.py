@@ -91,3 +91,66 @@ def test_the_cli_refuses_in_seconds_with_every_problem_and_starts_nothing(tmp_pa
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     assert not (tmp_path / "runs").exists()
     assert elapsed < 60, elapsed  # the interpreter and the schema only (seconds on an idle machine)
+
+
+def _photos(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = [folder / f"{i}.jpg" for i in range(n)]
+    for p in paths:
+        Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(p, quality=90)
+    return paths
+
+
+def test_seed_and_evaluation_sets_are_read_before_any_stage_and_a_passed_split_is_remembered(tmp_path):
+    """Before, a truncated evaluation image stopped the dedup stage after ingest and the filters, with Pillow's
+    "image file is truncated" and no file name; an unlabelled evaluation split stopped the evaluate stage at the
+    very end. Now each is refused at start-up with its key and file, and so is a seed folder without images; a
+    split that passed is remembered until one of its files changes."""
+    from flows.preflight import image_set_problems
+    from infra.config import load_config
+
+    urls = tmp_path / "urls.csv"
+    urls.write_text("url\nhttp://example.com/a.jpg\n")
+    ev = tmp_path / "ev"
+    for split in ("train", "test"):
+        for cls in ("cats", "dogs"):
+            _photos(ev / split / cls, 3, seed=len(split) + len(cls))
+    cut = ev / "test" / "dogs" / "1.jpg"
+    whole = cut.read_bytes()
+    cut.write_bytes(whole[: len(whole) // 2])
+    flat = _photos(tmp_path / "flat", 2)[0].parent  # images without class folders
+    seeds = tmp_path / "seeds"
+    seeds.mkdir()
+    (seeds / "IMG_1.CR2").write_bytes(b"raw")
+    root = tmp_path / "runs"
+    overrides = [f"data.url_list={urls}", f"run.root={root}", "embed.allow_random_init=true",
+                 "embed.backbone.kind=vit", "embed.backbone.path=null",
+                 f"data.eval_sets=[{{name: pets, train: {ev / 'train'}, test: {ev / 'test'}}}, "
+                 f"{{name: flat, train: {flat}, test: {flat}}}]",
+                 f"data.seed_sets=[{{name: mine, path: {seeds}}}]"]  # fmt: skip
+    problems = _problems(OWN, overrides)
+    assert [p.split(": ")[0] for p in problems] == [
+        "data.eval_sets[pets].test", "data.eval_sets[flat].train", "data.eval_sets[flat].test",
+        "data.seed_sets[mine].path"]  # fmt: skip
+    assert problems[0].startswith("data.eval_sets[pets].test: 1 of 6 images cannot be decoded: dogs/1.jpg (OSError: "
+                                  "image file is truncated")
+    assert problems[1] == ("data.eval_sets[flat].train: 2 of 2 images have no class label (e.g. 0.jpg): a "
+                           "classification split needs <split>/<class>/<image> (class sub-folders)")
+    assert problems[3].startswith(f"data.seed_sets[mine].path: no images in {seeds} (image files: ")
+    assert not root.exists()  # refused before anything was written
+
+    cut.write_bytes(whole)
+    _photos(seeds, 2)
+    root.mkdir()  # as the first run made it
+    pets = f"data.eval_sets=[{{name: pets, train: {ev / 'train'}, test: {ev / 'test'}}}]"
+    cfg = load_config(OWN, [*overrides[:-2], pets, f"data.seed_sets=[{{name: mine, path: {seeds}}}]"])
+    assert image_set_problems(cfg) == []
+    assert len(list((root / ".cache" / "sets").glob("*.json"))) == 3  # train, test, seeds: passed
+    cut.write_bytes(whole[:-10])  # a file changed since: checked again, not taken from the cache
+    assert [p.split(" (")[0] for p in image_set_problems(cfg)] == [
+        "data.eval_sets[pets].test: 1 of 6 images cannot be decoded: dogs/1.jpg"]
+    assert image_set_problems(cfg, stages={"ingest", "pretrain"}) == []  # no stage that reads the sets
