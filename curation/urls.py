@@ -35,7 +35,7 @@ import shutil
 import urllib.parse
 import urllib.request
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +46,7 @@ import pyarrow.parquet as pq
 
 from infra.config.data import DataConfig
 from infra.config.ingest import IngestConfig
+from infra.errors import InputProblem
 from infra.images import is_hidden, is_image_name
 from infra.shards import shard_name
 from infra.storage import atomic_path, atomic_write_json, files_fingerprint, read_json
@@ -66,7 +67,7 @@ PLAN_FILE = "plan.json"
 _HASH_DTYPE = np.dtype([("h1", "<u8"), ("h2", "<u8"), ("row", "<i8")])
 
 
-class UrlListError(ValueError):
+class UrlListError(ValueError, InputProblem):
     pass
 
 
@@ -404,19 +405,22 @@ def parse_face_boxes(text: str | None) -> list[tuple[float, float, float, float]
     return out
 
 
-def url_list_problems(data: DataConfig, most: int = 5) -> list[str]:
+def url_list_problems(data: DataConfig, most: int = 5, local_roots: Sequence[Path] | None = None) -> list[str]:
     """What stops ``data.url_list`` being read, found from the first row of each file (seconds, before any stage
     runs): no list files, a format that cannot be told, a file that cannot be opened or parsed (a damaged parquet
-    footer, a compressed file that is not), a missing URL column. A missing list is reported by the run's own checks;
-    problems further into a file (a cut JSON array, a compressed file cut short) stop the stage while it plans,
-    still before any download."""
+    footer, a compressed file that is not), a missing URL column; with ``local_roots`` (``ingest.local_roots``), a
+    first row that is a ``file://`` URL ingest would refuse (no roots, or a file outside them: every row of a list
+    `lvd folder-urls` wrote would be dropped). A missing list is reported by the run's own checks; problems further
+    into a file (a cut JSON array, a compressed file cut short) stop the stage while it plans, still before any
+    download."""
     if data.url_list is None or not Path(data.url_list).exists():
         return []
     try:
         files = list_files(data.url_list, data.input_format)
     except UrlListError as err:
         return [f"data.url_list: {err}"]
-    problems = []
+    problems: list[str] = []
+    local: list[str] = []  # one file:// problem is enough: the rows of one list share their folder
     for path, fmt in files:
         try:
             chunk = next(_chunks(path, fmt, 1, data.url_col), None)
@@ -425,12 +429,34 @@ def url_list_problems(data: DataConfig, most: int = 5) -> list[str]:
             continue
         if chunk is not None and data.url_col not in chunk.columns and "__error__" not in chunk.columns:
             problems.append(f"data.url_list: {missing_column(path, fmt, data.url_col, list(chunk.columns))}")
+        if local_roots is not None and chunk is not None and data.url_col in chunk.columns and not local:
+            local = _local_problem(chunk[data.url_col].iloc[0] if len(chunk) else None, local_roots)
+            problems += local
         absent = [c for c in data.extra_cols if chunk is not None and c not in chunk.columns]
         if absent and fmt in ("parquet", "csv", "tsv"):  # columns fixed per file (a JSON row may just lack a key)
             problems.append(f"data.extra_cols: {absent} not in {path} (columns: {[str(c)[:80] for c in chunk.columns][:20]})")
     if len(problems) > most:
         problems = [*problems[:most], f"data.url_list: ... and {len(problems) - most} more files with problems"]
     return problems
+
+
+def _local_problem(url: object, roots: Sequence[Path]) -> list[str]:
+    """Why ingest would refuse a ``file://`` URL for where it lies (none for other URLs, or a file that is gone: that
+    row alone is ``file_missing``)."""
+    from curation.netguard import LocalFileRefused, local_file
+
+    if not isinstance(url, str) or not url.strip().lower().startswith("file:"):
+        return []
+    if not roots:
+        return [f"data.url_list: its rows are file:// URLs ({url[:200]}), read only under ingest.local_roots: set "
+                "ingest.local_roots=[FOLDER] to the folder they are in (lvd folder-urls prints the line)"]
+    try:
+        local_file(url, roots)
+    except LocalFileRefused as err:
+        if err.reason == "path_outside_roots":
+            return [f"ingest.local_roots: {[str(r) for r in roots]} does not hold the list's files ({url[:200]}): "
+                    "every row would be dropped as path_outside_roots; set it to the folder they are in"]
+    return []
 
 
 def missing_column(path: Path, fmt: str, url_col: str, columns: list[str]) -> str:

@@ -210,7 +210,7 @@ def check_inputs(cfg: PipelineConfig, stages: set[str] | None = None) -> list[st
     if "ingest" in stages and not cfg.demo.enabled:
         from curation.urls import url_list_problems
 
-        problems += url_list_problems(cfg.data)
+        problems += url_list_problems(cfg.data, local_roots=cfg.ingest.local_roots)
     return problems + check_model_files(cfg, stages) + image_set_problems(cfg, stages)
 
 

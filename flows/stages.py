@@ -31,6 +31,8 @@ from infra.config.schema import config_hash
 from infra.config.train import EXECUTION_KEYS, TrainConfig
 from infra.demo.benchmarks import SEGMENTATION_DIR, build_digit_segmentation
 from infra.demo.crawl import build_demo_crawl
+from infra.errors import InputProblem
+from infra.manifest import read_manifest
 from infra.run import RunDir
 from infra.shards import list_shards
 from infra.stage import StageContext, StageResult, StageSpec
@@ -143,8 +145,34 @@ def _corpus(ctx: StageContext) -> StageResult:
     selected = selected[selected["selected"]]
     stats = pd.read_parquet(ctx.upstream_dir("retrieve") / SEED_STATS)
     as_is = [s for s in ctx.cfg.data.seed_sets if s.retrieval == "as_is" or s.include_as_is]
+    if selected.empty and not as_is:
+        raise EmptyCorpusError(f"no image reached the corpus: {where_images_went(ctx.run)}")
     return build_corpus(selected, ctx.upstream_dir("faces") / "shards", as_is, stats, ctx.dir, ctx.cfg.corpus,
                         ingest_shard_dir=ctx.upstream_dir("ingest") / "shards")
+
+
+class EmptyCorpusError(RuntimeError, InputProblem):
+    """Nothing to train on: every row of the list was dropped before the corpus (and no seed set is added as is)."""
+
+
+def where_images_went(run: RunDir) -> str:
+    """The first curation stage that kept no image, with its drop reasons (the ledger has each row's)."""
+    for name in ("ingest", "nsfw", "faces", "dedup", "embed", "retrieve", "rebalance"):
+        m = read_manifest(run.stage_dir(name))
+        if m is None or m.counts.get("kept", 1):
+            continue
+        reasons = ", ".join(f"{r} {n:,}" for r, n in sorted(m.counts.get("dropped", {}).items(), key=lambda x: -x[1])
+                            if n)  # fmt: skip
+        if name == "ingest":
+            hint = ""
+            if m.counts.get("dropped", {}).get("path_outside_roots"):
+                hint = "; the list's files lie outside ingest.local_roots: set it to the folder they are in"
+            elif m.counts.get("dropped", {}).get("url_scheme"):
+                hint = "; file:// URLs are read only under ingest.local_roots"
+            return (f"ingest kept none of the list's {m.counts.get('rows', 0):,} rows ({reasons or 'no rows'}){hint}; "
+                    f"every row's reason: lvd lineage {run.run_id} row:N, per host: lvd domains {run.run_id}")
+        return f"{name} kept none of its input ({reasons or 'nothing came in'})"
+    return "the rebalanced selection is empty"
 
 
 TEACHER_BUNDLE = "teacher_checkpoint.safetensors"  # backbone + heads a training stage exports for the next one

@@ -22,6 +22,8 @@ import warnings
 from types import TracebackType
 from typing import Any
 
+from infra.errors import InputProblem, is_input_problem
+
 OUR_LOGGERS = ("lvd", "flows", "curation", "training", "evaluation", "infra")
 INTERVAL_ENV = "LVD_PROGRESS_INTERVAL"  # seconds between plain progress lines
 MODE_ENV = "LVD_CONSOLE"  # "rich" or "plain": overrides the terminal detection
@@ -128,7 +130,28 @@ def _console_handler(console: Any) -> logging.Handler:
     handler.addFilter(NoiseFilter())
     # Prefect's own INFO lines (server started, task run created, state changes) belong in the run's logs in Prefect.
     handler.addFilter(lambda r: r.levelno >= logging.WARNING or not r.name.startswith("prefect"))
+    handler.addFilter(_input_problem_filter)
     return handler
+
+
+def _input_problem_filter(record: logging.LogRecord) -> bool:
+    """Prefect's records of a task or flow run that failed on a problem with the user's input (`infra.errors`): the
+    stage's own line and the command's last line already say it, without a traceback; Prefect's UI keeps them."""
+    if not record.name.startswith("prefect") or record.levelno < logging.ERROR:
+        return True
+    if record.exc_info and is_input_problem(record.exc_info[1]):
+        return False
+    return not any(f"{name}:" in record.getMessage() or f"{name}(" in record.getMessage() for name in _input_names())
+
+
+def _input_names() -> set[str]:
+    """Class names of the input problems (a failed state's message names the class, not the object)."""
+    names, todo = set(), [InputProblem]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            names.add(sub.__name__)
+            todo.append(sub)
+    return names
 
 
 def quiet_third_parties() -> None:

@@ -22,6 +22,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 from PIL import Image
 
+from infra.errors import InputProblem
 from infra.images import IMAGE_SUFFIXES, decode, is_hidden, is_image_name, normalize
 from infra.shards import iter_tar
 from infra.storage import sha256_bytes
@@ -35,7 +36,7 @@ class LabeledImage:
     name: str  # file name or tar key, for humans
 
 
-class DatasetError(ValueError):
+class DatasetError(ValueError, InputProblem):
     pass
 
 

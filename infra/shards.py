@@ -21,10 +21,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from infra.errors import InputProblem
 from infra.storage import atomic_path, commit, sha256_bytes, temp_for
 
 
-class UnsafeArchiveError(ValueError):
+class UnsafeArchiveError(ValueError, InputProblem):
     pass
 
 

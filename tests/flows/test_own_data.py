@@ -299,3 +299,28 @@ def test_a_folder_that_grows_computes_only_its_new_images(tmp_path, prefect_serv
         "stale", "its code changed since it completed (curation/netguard.py): a re-run computes it again")
     assert {r["state"] for n, r in rows.items() if n != "ingest"} == {"completed", "not run"}
     assert dry_run("tuned", "dedup.threshold=0.99999")["ingest"] == "completed by run fresh: its outputs are linked"
+
+
+def test_a_list_that_gives_no_image_stops_at_the_corpus_with_where_the_images_went(tmp_path, prefect_server, capsys):
+    """Every listed file gone by the time the run starts: ingest records each as file_missing, the stages after it
+    see no image, and the corpus stage stops the run with what happened, instead of pandas' KeyError('seed_set').
+    A list whose files lie outside ingest.local_roots, or a file:// list without roots, is refused at start-up."""
+    photos = tmp_path / "photos"
+    write_pool(photos)
+    listing = tmp_path / "photos.parquet"
+    assert cli(["folder-urls", str(photos), str(listing)]) == 0
+    base = ["run", str(CONFIG), f"data.url_list={listing}", f"run.root={tmp_path / 'runs'}", *SMALL]
+    capsys.readouterr()
+    assert cli([*base, f"ingest.local_roots=[{tmp_path / 'elsewhere'}]"]) == 2
+    assert "ingest.local_roots: ['" in capsys.readouterr().err
+    assert cli(base) == 2
+    assert "data.url_list: its rows are file:// URLs" in capsys.readouterr().err
+    n = len(pd.read_parquet(listing))
+    for f in photos.rglob("*"):
+        if f.is_file():
+            f.unlink()
+    assert cli([*base, f"ingest.local_roots=[{photos}]", "run.run_id=gone"]) == 1
+    err = capsys.readouterr().err
+    assert (f"no image reached the corpus: ingest kept none of the list's {n} rows (file_missing {n}); every row's "
+            "reason: lvd lineage gone row:N, per host: lvd domains gone") in err, err
+    assert "KeyError" not in err and "Traceback" not in err  # the message, not a stack

@@ -125,3 +125,25 @@ def test_on_a_terminal_progress_is_a_live_bar_and_log_lines_print_above_it():
     assert text.count("WARNING  shard done") == 4  # printed above the bar, once each
     assert "ingest: 1/4 shards, " not in text  # the plain periodic lines are the bar's on a terminal
     assert re.search(r"INFO     ingest: 4/4 shards \(320 URLs\) in \d:\d\d:\d\d, [\d,.]+ URLs/s", text), text
+
+
+def test_the_console_shows_an_input_problem_without_prefects_traceback():
+    """Prefect logs a failed task run with its traceback; for an error in what the user gave, the stage's own line
+    says it, so the console leaves Prefect's records out (a bug's traceback stays)."""
+    import logging
+
+    from infra.console import _input_problem_filter
+    from infra.datasets import DatasetError
+
+    def record(name: str, err: BaseException | None, msg: str = "Task run failed with exception") -> logging.LogRecord:
+        info = (type(err), err, None) if err is not None else None
+        return logging.LogRecord(name, logging.ERROR, __file__, 1, msg, (), info)
+
+    assert not _input_problem_filter(record("prefect.task_runs", DatasetError("x.jpg cannot be decoded")))
+    wrapped = RuntimeError("stage failed")
+    wrapped.__cause__ = DatasetError("x")
+    assert not _input_problem_filter(record("prefect.flow_runs", wrapped))
+    assert _input_problem_filter(record("prefect.task_runs", KeyError("seed_set")))  # a bug: its traceback shows
+    assert not _input_problem_filter(record("prefect.task_runs", None, "Finished in state Failed('Task run encountered "
+                                                                      "an exception DatasetError: x.jpg')"))
+    assert _input_problem_filter(record("lvd", DatasetError("x")))  # our own line

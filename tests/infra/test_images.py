@@ -169,3 +169,4 @@ def test_a_class_folder_is_read_with_its_sub_folders_as_imagefolder_does(tmp_pat
     assert check_split(tmp_path / "val.zip").problems == (
         f"cannot be read: {tmp_path / 'val.zip'} is an archive: unpack it into a folder first (images are read from a "
         "folder, an uncompressed .tar, or a .parquet / .csv manifest)",)
+
