@@ -9,7 +9,8 @@ size. Images that fail to decode are dropped with ``decode_error`` in the ledger
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,12 +61,15 @@ class Runner:
             z = self.model(x)
         return F.normalize(z.float(), dim=-1).cpu().numpy()
 
-    def run(self, items: list[tuple[dict, bytes]]) -> Iterator[tuple[list[int], np.ndarray]]:
-        """(positions that decoded, embeddings) per batch, in order."""
+    def run(self, items: Iterable[tuple[dict, bytes]]) -> Iterator[tuple[list[int], np.ndarray]]:
+        """(positions that decoded, embeddings) per batch, in order; ``items`` are taken a batch at a time (a seed set
+        is read as it is embedded, not held)."""
         bs = self.embedder.batch_size
-        for s in range(0, len(items), bs):
-            tensors = list(self.pool.map(self._prepare, [d for _, d in items[s : s + bs]]))
+        stream, s = iter(items), 0
+        while batch := list(itertools.islice(stream, bs)):
+            tensors = list(self.pool.map(self._prepare, [d for _, d in batch]))
             ok = [s + i for i, t in enumerate(tensors) if t is not None]
+            s += len(batch)
             if ok:
                 yield ok, self.encode([t for t in tensors if t is not None])
             else:
@@ -78,7 +82,7 @@ def pick_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def _embed_items(items: list[tuple[dict, bytes]], runner: Runner, path: Path, dim: int) -> tuple[list[int], int]:
+def _embed_items(items: Iterable[tuple[dict, bytes]], runner: Runner, path: Path, dim: int) -> tuple[list[int], int]:
     """Stream embeddings of ``items`` into ``path``; returns (positions kept, dim)."""
     writer: VectorWriter | None = None
     kept: list[int] = []
@@ -109,16 +113,19 @@ def embed_shard(shard: Shard, keep: set[str], runner: Runner, out_dir: Path, led
 
 
 def embed_seed_set(seed: SeedSetConfig, runner: Runner, out_dir: Path) -> dict[str, int]:
-    items, names = [], []
-    for item in iter_images(seed.path, seed.format):
-        items.append(({"image_id": item.image_id, "label": item.label}, item.data))
-        names.append(item.name)
-    kept, _ = _embed_items(items, runner, out_dir / f"{seed.name}.npy", 1)
-    if len(kept) < len(items):  # refused at start-up (flows.preflight); changed since: said, not dropped silently
-        bad = [names[i] for i in sorted(set(range(len(items))) - set(kept))]
+    metas: list[dict] = []
+
+    def items() -> Iterator[tuple[dict, bytes]]:  # read as embedded: memory holds a batch of the set, not the set
+        for item in iter_images(seed.path, seed.format):
+            metas.append({"image_id": item.image_id, "name": item.name, "label": item.label})
+            yield metas[-1], item.data
+
+    kept, _ = _embed_items(items(), runner, out_dir / f"{seed.name}.npy", 1)
+    if len(kept) < len(metas):  # refused at start-up (flows.preflight); changed since: said, not dropped silently
+        bad = [metas[i]["name"] for i in sorted(set(range(len(metas))) - set(kept))]
         raise DatasetError(f"data.seed_sets[{seed.name}].path ({seed.path}): {len(bad)} images cannot be decoded "
                            f"({', '.join(bad[:5])}); remove or replace them")
-    metas = [{"image_id": items[i][0]["image_id"], "name": names[i], "label": items[i][0]["label"]} for i in kept]
+    metas = [metas[i] for i in kept]
     with atomic_path(out_dir / f"{seed.name}.parquet") as tmp:
         pd.DataFrame(metas, columns=["image_id", "name", "label"]).to_parquet(tmp, index=False)
     return {"embedded": len(kept)}

@@ -14,9 +14,10 @@ digest (image sha256s and labels, in order), the image size and the layout versi
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -27,7 +28,7 @@ import torch
 from PIL import Image
 
 from infra.console import Progress
-from infra.datasets import decode_item, iter_images
+from infra.datasets import DatasetError, decode_item, iter_images
 from infra.features import eval_transform
 from infra.images import decode
 from infra.storage import atomic_path, atomic_write_json
@@ -167,7 +168,7 @@ class ImageSet:
     """Images known by content hash; decoded only when features are not cached."""
 
     ids: list[str]
-    load: Callable[[], list[Image.Image]]
+    load: Callable[[], Iterator[Image.Image]]  # the images, in order, decoded one at a time (never all held)
     labels: np.ndarray | None = None
     names: list[str] = field(default_factory=list)
 
@@ -190,19 +191,30 @@ class ImageSet:
 
 
 def read_image_set(path: Path, fmt: str = "auto", need_labels: bool = True) -> ImageSet:
-    items = list(iter_images(Path(path), fmt))
-    if need_labels and any(it.label is None for it in items):
-        missing = next(it.name for it in items if it.label is None)
-        raise ValueError(f"{path}: image {missing} has no label; classification splits need class labels")
-    labels = np.asarray([it.label for it in items], np.int64) if need_labels else None
-    return ImageSet([it.image_id for it in items], lambda: [decode_item(it, path) for it in items], labels,
-                    [it.name for it in items])
+    """A set's ids, labels and names, read once (each file's bytes hashed and let go); its images are read again and
+    decoded one at a time when features are extracted, so memory does not grow with the set (an ImageNet-sized
+    evaluation split held 6 GB of bytes and every decoded image at once before)."""
+    ids, labels, names = [], [], []
+    for it in iter_images(Path(path), fmt):
+        if need_labels and it.label is None:
+            raise ValueError(f"{path}: image {it.name} has no label; classification splits need class labels")
+        ids.append(it.image_id)
+        labels.append(it.label)
+        names.append(it.name)
+
+    def load() -> Iterator[Image.Image]:
+        for i, it in enumerate(iter_images(Path(path), fmt)):
+            if i >= len(ids) or it.image_id != ids[i]:
+                raise DatasetError(f"{path}: {it.name} changed while the set was evaluated; run again")
+            yield decode_item(it, path)
+
+    return ImageSet(ids, load, np.asarray(labels, np.int64) if need_labels else None, names)
 
 
 def image_set_from_files(paths: Sequence[Path]) -> ImageSet:
-    blobs = [Path(p).read_bytes() for p in paths]
-    ids = [hashlib.sha256(b).hexdigest() for b in blobs]
-    return ImageSet(ids, lambda: [decode(b) for b in blobs], None, [str(p) for p in paths])
+    paths = [Path(p) for p in paths]
+    ids = [file_sha256(p) for p in paths]
+    return ImageSet(ids, lambda: (decode(p.read_bytes()) for p in paths), None, [str(p) for p in paths])
 
 
 # --- extraction and cache --------------------------------------------------------------------------------------
@@ -228,16 +240,20 @@ class FeatureExtractor:
             self.hits += 1
             return cached
         self.misses += 1
-        feats = self.extract(model, images.load(), patches)
+        feats = self.extract(model, images.load(), patches, total=len(images))
         self._store(key, feats, model, images)
         return feats
 
     @torch.inference_mode()
-    def extract(self, model: FeatureModel, images: list[Image.Image], patches: bool) -> Features:
+    def extract(self, model: FeatureModel, images: Iterable[Image.Image], patches: bool,
+                total: int | None = None) -> Features:  # fmt: skip
+        """Features of ``images``, taken ``batch_size`` at a time from the iterable (a set's images are decoded as
+        they are needed)."""
         parts: dict[str, list[np.ndarray]] = {"cls": [], "patch_mean": [], "patch": []}
-        with Progress(f"features of {model.name}", len(images), unit="images", quiet=True) as progress:
-            for i in range(0, len(images), self.batch_size):
-                x = torch.stack([eval_transform(im, model.image_size) for im in images[i : i + self.batch_size]])
+        stream = iter(images)
+        with Progress(f"features of {model.name}", total, unit="images", quiet=True) as progress:
+            while batch := list(itertools.islice(stream, self.batch_size)):
+                x = torch.stack([eval_transform(im, model.image_size) for im in batch])
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
                     out = model(x, patches)
                 for k, v in out.items():

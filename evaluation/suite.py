@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,16 +134,12 @@ def _linear(b: ClassificationBenchmark, m: EvalModel, cfg: EvaluateConfig, ftr: 
 
 # --- retrieval, copy detection, segmentation -------------------------------------------------------------------
 def _crops(files: list[Path], boxes: list[list[float] | None]) -> ImageSet:
-    blobs = [f.read_bytes() for f in files]
+    def load() -> Iterator[Image.Image]:
+        for f, box in zip(files, boxes, strict=True):
+            img = decode(f.read_bytes())
+            yield img.crop(tuple(round(v) for v in box)) if box else img
 
-    def load() -> list[Image.Image]:
-        out = []
-        for data, box in zip(blobs, boxes, strict=True):
-            img = decode(data)
-            out.append(img.crop(tuple(round(v) for v in box)) if box else img)
-        return out
-
-    ids = [f"{sha256_bytes(d)}:{box}" for d, box in zip(blobs, boxes, strict=True)]
+    ids = [f"{sha256_bytes(f.read_bytes())}:{box}" for f, box in zip(files, boxes, strict=True)]
     return ImageSet(ids, load, None, [str(f) for f in files])
 
 
