@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 from collections.abc import Iterator
@@ -83,22 +84,26 @@ def _iter_folder(root: Path) -> Iterator[LabeledImage]:
 def _iter_webdataset(root: Path) -> Iterator[LabeledImage]:
     tars = [root] if root.is_file() else sorted(root.glob("*.tar"))
     for tar in tars:
-        pending: dict[str, dict[str, bytes]] = {}
-        for key, ext, data in iter_tar(tar, sidecars=True):
-            pending.setdefault(key, {})[ext.lower()] = data
-        for key, parts in pending.items():
-            image_ext = next((e for e in parts if is_image_name(f"x.{e}")), None)
-            if is_hidden(Path(key)):
-                continue
-            if image_ext is None:
-                continue
-            label = None
-            if "cls" in parts:
-                label = int(parts["cls"].decode().strip())
-            elif "json" in parts:
-                label = json.loads(parts["json"]).get("label")
-            data = parts[image_ext]
-            yield LabeledImage(sha256_bytes(data), data, label, f"{tar.name}:{key}")
+        key, parts = None, {}
+        for k, ext, data in itertools.chain(iter_tar(tar, sidecars=True, nested=True), [(None, "", b"")]):  # None: end
+            if k != key:  # a sample's members are consecutive (WebDataset's rule): one sample in memory at a time
+                if key is not None and (sample := _sample(tar, key, parts)) is not None:
+                    yield sample
+                key, parts = k, {}
+            parts[ext.lower()] = data
+
+
+def _sample(tar: Path, key: str, parts: dict[str, bytes]) -> LabeledImage | None:
+    image_ext = next((e for e in parts if is_image_name(f"x.{e}")), None)
+    if image_ext is None or is_hidden(Path(key)):
+        return None
+    label = None
+    if "cls" in parts:
+        label = int(parts["cls"].decode().strip())
+    elif "json" in parts:
+        label = json.loads(parts["json"]).get("label")
+    data = parts[image_ext]
+    return LabeledImage(sha256_bytes(data), data, label, f"{tar.name}:{key}")
 
 
 def _iter_parquet(path: Path) -> Iterator[LabeledImage]:

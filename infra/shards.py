@@ -14,7 +14,7 @@ import json
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import pandas as pd
@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from infra.errors import InputProblem
+from infra.images import is_hidden
 from infra.storage import atomic_path, commit, sha256_bytes, temp_for
 
 
@@ -65,15 +66,21 @@ def check_member_name(name: str, nested: bool = False, source: Path | None = Non
         raise UnsafeArchiveError(f"{where}unsafe tar member name {name!r}")
 
 
-def iter_tar(path: Path, sidecars: bool = False) -> Iterator[tuple[str, str, bytes]]:
+def iter_tar(path: Path, sidecars: bool = False, nested: bool = False) -> Iterator[tuple[str, str, bytes]]:
     """Yield (key, ext, bytes) for regular members; links, devices and unsafe names are refused. A sample's metadata
-    (``<key>.json``, WebDataset style) is skipped unless ``sidecars``: the images of a shard are its other members."""
+    (``<key>.json``, WebDataset style) is skipped unless ``sidecars``: the images of a shard are its other members.
+    ``nested`` (a user's tar, read and never extracted): member names may hold folders (``train/n014/x.JPEG``, key
+    ``train/n014/x`` as WebDataset splits it: at the first dot of the file name) and folder members are skipped."""
     with tarfile.open(path, "r|") as tar:
         for member in tar:
-            check_member_name(member.name)
+            check_member_name(member.name, nested=nested, source=Path(path))
+            if nested and (member.isdir() or is_hidden(PurePath(member.name))):  # (`._x.jpg`: macOS's, not images)
+                continue
             if not member.isfile():
                 raise UnsafeArchiveError(f"{path}: member {member.name!r} is not a regular file")
-            key, _, ext = member.name.partition(".")
+            folder, _, name = member.name.rpartition("/") if nested else ("", "", member.name)
+            key, _, ext = name.partition(".")
+            key = f"{folder}/{key}" if folder else key
             if ext == SIDECAR and not sidecars:
                 continue
             f = tar.extractfile(member)
