@@ -23,11 +23,10 @@ import ipaddress
 import os
 import re
 import socket
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote_to_bytes, urlsplit
 
 from infra.config.ingest import IngestConfig
 from infra.urlnorm import Url, UrlNormalizationError, ends_in_a_number, parse_url
@@ -93,12 +92,20 @@ class LocalFileRefused(OSError):
         self.reason = reason
 
 
+def file_url_path(path: str) -> Path:
+    """The file a ``file://`` URL's (percent-encoded) path names. The escapes are bytes (RFC 8089, as `Path.as_uri`
+    writes them), decoded as the file system decodes names: a name that is not UTF-8 (`caf\xe9.jpg` from an old
+    archive, `%E9` in its URL) names its file, where `url2pathname` would read it as `caf\ufffd.jpg`, a file that
+    does not exist."""
+    return Path(os.fsdecode(unquote_to_bytes(path)))
+
+
 def local_file(url: str, roots: Sequence[Path]) -> Path:
     """The real path (symbolic links resolved) that a ``file://`` URL names, if it lies under one of ``roots``."""
     parts = urlsplit(url.strip())
     if (parts.hostname or "") not in ("", "localhost") or parts.query or parts.fragment:
         raise LocalFileRefused("url_malformed", f"file URL with a host, query or fragment: {url[:200]}")
-    path = Path(urllib.request.url2pathname(parts.path))
+    path = file_url_path(parts.path)
     if not path.is_absolute():
         raise LocalFileRefused("url_malformed", f"file URL without an absolute path: {url[:200]}")
     real = Path(os.path.realpath(path))

@@ -33,7 +33,6 @@ import lzma
 import os
 import shutil
 import urllib.parse
-import urllib.request
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -776,4 +775,6 @@ def _folder_list(path: Path) -> pq.ParquetFile:
 
 
 def _file_of(url: str) -> Path:
-    return Path(urllib.request.url2pathname(urllib.parse.urlsplit(url).path))
+    from curation.netguard import file_url_path
+
+    return file_url_path(urllib.parse.urlsplit(url).path)

@@ -202,3 +202,23 @@ def test_every_image_suffix_a_folder_lists_is_ingested(tmp_path):
     assert result.counts["kept"] == len(IMAGE_SUFFIXES)
     table = pd.concat(pd.read_parquet(p) for p in sorted((stage / "shards").glob("*.parquet")))
     assert set(zip(table["original_width"], table["original_height"], strict=True)) == {(40, 24)}
+
+
+def test_a_file_whose_name_is_not_utf8_is_read(tmp_path):
+    """A name from an old archive or a Windows copy (`caf\\xe9.jpg`, Latin-1) is listed with its bytes escaped
+    (`caf%E9.jpg`, as `Path.as_uri` writes it) and read through that URL; before, the escape was decoded as UTF-8
+    (`caf\\ufffd.jpg`) and the file was recorded as file_missing."""
+    import os
+
+    root = tmp_path / "old"
+    root.mkdir()
+    (root / os.fsdecode(b"caf\xe9.jpg")).write_bytes(_image(1, fmt="JPEG"))
+    (root / "naïve #1 100%.png").write_bytes(_image(2))
+    urls = tmp_path / "urls.parquet"
+    assert folder_url_list(root, urls).listed == 2
+    assert sorted(pd.read_parquet(urls)["url"]) == [f"{root.as_uri()}/caf%E9.jpg",
+                                                    f"{root.as_uri()}/na%C3%AFve%20%231%20100%25.png"]  # fmt: skip
+    stage = tmp_path / "run" / "stages" / "ingest"
+    cfg = IngestConfig(local_roots=[root], shard_size=8, threads=2, encode_format="png", encode_quality=3)
+    assert ingest(DataConfig(url_list=urls), stage, cfg, ShardTracker("ingest", stage)).counts["kept"] == 2
+    assert folder_url_list(root, urls).missing == 0  # listing it again: both files still there
