@@ -121,7 +121,7 @@ def build_corpus(
             if item.image_id in written:  # the same bytes are already in the corpus (pool, or another set)
                 continue
             written.add(item.image_id)
-            ext = item.name.rsplit(".", 1)[-1].lower()
+            ext = item.ext or "jpg"  # (a tar's member `val/n01/a.jpg` is named `val.tar:val/n01/a`: not from the name)
             width, height = _size(item.data)
             name = writer.add(item.image_id, item.data, ext, row_id=-1, url=None, caption=None, source=s.name,
                               list_source=None, width=width, height=height, original_width=width, original_height=height,

@@ -35,6 +35,7 @@ class LabeledImage:
     data: bytes
     label: int | None
     name: str  # file name or tar key, for humans
+    ext: str = ""  # the image's format as its file or member names it (`jpg`, `heic`), lower case, no dot
 
 
 class DatasetError(ValueError, InputProblem):
@@ -68,17 +69,24 @@ def _images(folder: Path) -> list[Path]:
                   and not is_hidden(f.relative_to(folder)))
 
 
+def _shown(name: str) -> str:
+    """A file name as text every writer takes: the bytes of a name that is not UTF-8 (`caf\xe9.jpg` from an old
+    archive; Python holds them as surrogates, which parquet and JSON writers refuse) written as `\xe9` escapes."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _iter_folder(root: Path) -> Iterator[LabeledImage]:
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not is_hidden(Path(p.name)))
     if classes:
         for label, cls in enumerate(classes):
             for f in _images(root / cls):
                 data = f.read_bytes()
-                yield LabeledImage(sha256_bytes(data), data, label, f"{cls}/{f.relative_to(root / cls).as_posix()}")
+                name = _shown(f"{cls}/{f.relative_to(root / cls).as_posix()}")
+                yield LabeledImage(sha256_bytes(data), data, label, name, f.suffix[1:].lower())
     else:
         for f in _images(root):
             data = f.read_bytes()
-            yield LabeledImage(sha256_bytes(data), data, None, f.name)
+            yield LabeledImage(sha256_bytes(data), data, None, _shown(f.name), f.suffix[1:].lower())
 
 
 def _iter_webdataset(root: Path) -> Iterator[LabeledImage]:
@@ -103,7 +111,7 @@ def _sample(tar: Path, key: str, parts: dict[str, bytes]) -> LabeledImage | None
     elif "json" in parts:
         label = json.loads(parts["json"]).get("label")
     data = parts[image_ext]
-    return LabeledImage(sha256_bytes(data), data, label, f"{tar.name}:{key}")
+    return LabeledImage(sha256_bytes(data), data, label, _shown(f"{tar.name}:{key}"), image_ext.rsplit(".", 1)[-1])
 
 
 def _iter_parquet(path: Path) -> Iterator[LabeledImage]:
@@ -118,7 +126,7 @@ def _iter_parquet(path: Path) -> Iterator[LabeledImage]:
             raise DatasetError(f"{path}: listed image does not exist: {p}")
         data = p.read_bytes()
         label = int(rec.label) if has_label and rec.label is not None and not pd.isna(rec.label) else None
-        yield LabeledImage(sha256_bytes(data), data, label, str(rec.path))
+        yield LabeledImage(sha256_bytes(data), data, label, str(rec.path), p.suffix[1:].lower())
 
 
 def iter_images(path: Path, fmt: str = "auto") -> Iterator[LabeledImage]:

@@ -46,3 +46,42 @@ def test_composition_of_an_empty_corpus() -> None:
     comp = composition(empty, _stats().iloc[[3]])
     assert comp[["dataset", "retrieval", "final"]].values.tolist() == [["nn", "sample (k=4)", 0], ["total", "", 0]]
     assert comp["retrieved"].tolist()[0] == 12.0
+
+
+def test_a_set_added_as_is_keeps_each_images_format_from_a_tar_and_from_odd_file_names(tmp_path) -> None:
+    """Before, an image's extension was cut from its display name: a tar's `val.tar:val/n01/a` gave the member
+    `<id>.tar:val/n01/a` (a path inside the corpus tar), and a Latin-1 file name stopped the parquet writer."""
+    import io
+    import os
+    import tarfile
+
+    from PIL import Image
+
+    from curation.corpus import build_corpus
+    from infra.config.curation import CorpusConfig
+    from infra.config.data import SeedSetConfig
+    from infra.shards import iter_tar, list_shards
+
+    def png(v: int) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (v, v, v)).save(buf, "PNG")
+        return buf.getvalue()
+
+    with tarfile.open(tmp_path / "val.tar", "w") as tar:
+        for name, data in (("val/n01/a.png", png(1)), ("val/n01/a.cls", b"0")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / os.fsdecode(b"caf\xe9.png")).write_bytes(png(2))
+    (tmp_path / "pool").mkdir()
+    selected = pd.DataFrame(columns=["image_id", "row_id", "shard", "seed_set", "method"])
+    as_is = [SeedSetConfig(name="tarred", path=tmp_path / "val.tar", retrieval="as_is"),
+             SeedSetConfig(name="mine", path=folder, retrieval="as_is")]  # fmt: skip
+    build_corpus(selected, tmp_path / "pool", as_is, pd.DataFrame(), tmp_path / "corpus", CorpusConfig())
+    (shard,) = list_shards(tmp_path / "corpus" / "shards")
+    members = sorted((key, ext) for key, ext, _ in iter_tar(shard.tar, sidecars=True))
+    assert sorted(ext for _, ext in members) == ["json", "json", "png", "png"] and all("/" not in k for k, _ in members)
+    table = pd.read_parquet(tmp_path / "corpus" / "corpus.parquet")
+    assert sorted(table["path"]) == ["caf\\xe9.png", "val.tar:val/n01/a"]
