@@ -53,7 +53,6 @@ def test_a_set_added_as_is_keeps_each_images_format_from_a_tar_and_from_odd_file
     `<id>.tar:val/n01/a` (a path inside the corpus tar), and a Latin-1 file name stopped the parquet writer."""
     import io
     import os
-    import tarfile
 
     from PIL import Image
 
@@ -61,17 +60,14 @@ def test_a_set_added_as_is_keeps_each_images_format_from_a_tar_and_from_odd_file
     from infra.config.curation import CorpusConfig
     from infra.config.data import SeedSetConfig
     from infra.shards import iter_tar, list_shards
+    from tests.tars import tar_with
 
     def png(v: int) -> bytes:
         buf = io.BytesIO()
         Image.new("RGB", (8, 8), (v, v, v)).save(buf, "PNG")
         return buf.getvalue()
 
-    with tarfile.open(tmp_path / "val.tar", "w") as tar:
-        for name, data in (("val/n01/a.png", png(1)), ("val/n01/a.cls", b"0")):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    tar_with(tmp_path / "val.tar", [("val/n01/a.png", png(1)), ("val/n01/a.cls", b"0")])
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / os.fsdecode(b"caf\xe9.png")).write_bytes(png(2))

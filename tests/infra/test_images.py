@@ -176,26 +176,11 @@ def test_a_users_tar_with_folders_is_read_sample_by_sample(tmp_path):
     """A tar of a folder (`tar cf val.tar val/`) holds folder members and nested names: read, never extracted, with
     WebDataset's keys (`val/n01/a` for `val/n01/a.jpg` and its `.cls`), one sample held at a time. Before, the set
     reader refused the folder member as not a regular file and held a whole tar's members in memory."""
-    import tarfile
+    from tests.tars import tar_with
 
     png = _save(Image.fromarray(RGB), "PNG")
-    path = tmp_path / "val.tar"
-    with tarfile.open(path, "w") as tar:
-        def add(name: str, data: bytes | None) -> None:
-            info = tarfile.TarInfo(name)
-            if data is None:
-                info.type = tarfile.DIRTYPE
-                tar.addfile(info)
-            else:
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-
-        add("val", None)
-        add("val/n01", None)
-        add("val/n01/a.jpg", png)
-        add("val/n01/a.cls", b"3")
-        add("val/n01/._a.jpg", b"resource fork")
-        add("val/n02/b.png", png)
-        add("val/n02/b.json", b'{"label": 5}')
+    path = tar_with(tmp_path / "val.tar", [("val", None), ("val/n01", None), ("val/n01/a.jpg", png),
+                                          ("val/n01/a.cls", b"3"), ("val/n01/._a.jpg", b"resource fork"),
+                                          ("val/n02/b.png", png), ("val/n02/b.json", b'{"label": 5}')])  # fmt: skip
     items = list(iter_images(path))
     assert [(it.name, it.label) for it in items] == [("val.tar:val/n01/a", 3), ("val.tar:val/n02/b", 5)]

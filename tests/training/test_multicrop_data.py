@@ -18,6 +18,7 @@ from torch.testing import assert_close
 
 from infra.config.train import TrainConfig
 from infra.shards import ShardWriter, UnsafeArchiveError
+from tests.tars import tar_with
 from training.data import (
     BatchStream,
     FolderSource,
@@ -79,23 +80,11 @@ def test_tar_with_link_is_refused(tmp_path):
         TarShardSource.from_tars([path])
 
 
-def _tar_with(path, members):
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            if data is None:
-                info.type = tarfile.DIRTYPE
-                tar.addfile(info)
-            else:
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-
-
 def test_tar_source_reads_nested_names_and_skips_directories(tmp_path):
     """Users' own tars (ImageNet-style class folders inside the tar) are indexed as they are: nothing is extracted."""
     a, b = png_bytes(Image.new("L", (5, 5))), png_bytes(Image.new("L", (6, 6), 9))
     path = tmp_path / "own.tar"
-    _tar_with(path, [("train", None), ("train/n01", None), ("train/n01/x.JPEG", a), ("train/n01/x.txt", b"cls"),
+    tar_with(path, [("train", None), ("train/n01", None), ("train/n01/x.JPEG", a), ("train/n01/x.txt", b"cls"),
                      ("train/n02/y.png", b)])
     src = TarShardSource.from_tars([path])
     assert [src.name(k) for k in range(len(src))] == ["own.tar:train/n01/x.JPEG", "own.tar:train/n02/y.png"]
@@ -104,7 +93,7 @@ def test_tar_source_reads_nested_names_and_skips_directories(tmp_path):
 
 @pytest.mark.parametrize("name", ["/abs.png", "a/../b.png"])
 def test_tar_source_refuses_unsafe_names(tmp_path, name):
-    _tar_with(tmp_path / "bad.tar", [(name, b"x")])
+    tar_with(tmp_path / "bad.tar", [(name, b"x")])
     with pytest.raises(UnsafeArchiveError, match="unsafe tar member name"):
         TarShardSource.from_tars([tmp_path / "bad.tar"])
 
@@ -117,7 +106,7 @@ def test_tar_source_names_compressed_and_truncated_tars(tmp_path):
         tar.addfile(info, io.BytesIO(data))
     with pytest.raises(ValueError, match=r"c\.tar: not a readable uncompressed tar .*gunzip"):
         TarShardSource.from_tars([tmp_path / "c.tar"])
-    _tar_with(tmp_path / "t.tar", [("x.png", data * 40)])
+    tar_with(tmp_path / "t.tar", [("x.png", data * 40)])
     whole = (tmp_path / "t.tar").read_bytes()
     (tmp_path / "t.tar").write_bytes(whole[:1024])  # header + the first bytes of the member's data
     with pytest.raises(ValueError, match=r"t\.tar: .*'x\.png' runs past the end of the file"):
