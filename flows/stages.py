@@ -167,8 +167,6 @@ def where_images_went(run: RunDir) -> str:
             hint = ""
             if m.counts.get("dropped", {}).get("path_outside_roots"):
                 hint = "; the list's files lie outside ingest.local_roots: set it to the folder they are in"
-            elif m.counts.get("dropped", {}).get("url_scheme"):
-                hint = "; file:// URLs are read only under ingest.local_roots"
             return (f"ingest kept none of the list's {m.counts.get('rows', 0):,} rows ({reasons or 'no rows'}){hint}; "
                     f"every row's reason: lvd lineage {run.run_id} row:N, per host: lvd domains {run.run_id}")
         return f"{name} kept none of its input ({reasons or 'nothing came in'})"

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import io
-import itertools
 import json
 import os
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,11 +93,19 @@ def _iter_webdataset(root: Path) -> Iterator[LabeledImage]:
     tars = [root] if root.is_file() else sorted(root.glob("*.tar"))
     for tar in tars:
         key, parts = None, {}
-        for k, ext, data in itertools.chain(iter_tar(tar, sidecars=True, nested=True), [(None, "", b"")]):  # None: end
+        members = iter_tar(tar, sidecars=True, nested=True)
+        while True:
+            try:
+                k, ext, data = next(members, (None, "", b""))  # None: the end
+            except tarfile.TarError as err:
+                raise DatasetError(f"{tar}: not a readable uncompressed tar ({err}); decompress a .tar.gz first "
+                                   "(gunzip -k), or copy a cut one again") from err
             if k != key:  # a sample's members are consecutive (WebDataset's rule): one sample in memory at a time
                 if key is not None and (sample := _sample(tar, key, parts)) is not None:
                     yield sample
                 key, parts = k, {}
+            if k is None:
+                break
             parts[ext.lower()] = data
 
 

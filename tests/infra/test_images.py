@@ -19,7 +19,7 @@ from PIL import Image
 
 from curation.imageguard import prepare
 from curation.urls import folder_url_list
-from infra.datasets import iter_images
+from infra.datasets import DatasetError, iter_images
 from infra.images import decode, is_image_name
 from training.data import FolderSource, decode_rgb
 
@@ -184,3 +184,8 @@ def test_a_users_tar_with_folders_is_read_sample_by_sample(tmp_path):
                                           ("val/n02/b.png", png), ("val/n02/b.json", b'{"label": 5}')])  # fmt: skip
     items = list(iter_images(path))
     assert [(it.name, it.label) for it in items] == [("val.tar:val/n01/a", 3), ("val.tar:val/n02/b", 5)]
+    import gzip
+
+    (tmp_path / "gz.tar").write_bytes(gzip.compress(path.read_bytes()))  # a .tar.gz renamed .tar
+    with pytest.raises(DatasetError, match=r"gz.tar: not a readable uncompressed tar .*gunzip -k"):
+        list(iter_images(tmp_path / "gz.tar"))
