@@ -9,6 +9,7 @@ from pathlib import Path
 from infra import plan
 from infra.config import ConfigError, PipelineConfig, config_hash, load_config, to_yaml
 from infra.config.data import EvalSetConfig, SeedSetConfig
+from infra.config.schema import EXECUTION_KEYS as CURATION_EXECUTION_KEYS
 from infra.config.schema import select
 from infra.config.train import EXECUTION_KEYS, TrainConfig
 from infra.demo.server import free_port
@@ -20,7 +21,7 @@ RUN_INFO = "run.json"
 # `lvd resume RUN_ID key=value ...` may change these, e.g. to add shard retries or a Dask cluster after a failure.
 RESUME_OVERRIDABLE = ("run.task_runner", "run.workers", "run.dask_address", "run.shard_retries",
                       "run.shard_retry_delay_s", "run.shard_timeout_s", "run.ray_address", "run.ray_gpus_per_task",
-                      *(f"train.{k}" for k in EXECUTION_KEYS))
+                      *CURATION_EXECUTION_KEYS, *(f"train.{k}" for k in EXECUTION_KEYS))
 
 
 def _lanes(train: TrainConfig) -> int | None:

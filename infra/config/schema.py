@@ -210,9 +210,27 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
-def select(cfg: PipelineConfig, paths: Iterable[str]) -> dict[str, Any]:
+# How a curation stage executes, not what it computes: outside the stages' keys (config_hash of sections), so a run
+# that changes them reuses (links) what another run computed, and `lvd resume` may change them (infra.runs).
+# Threads and processes do not change what a shard produces; nor does the planner's chunking of the URL list or its
+# spill buckets. (The training stages' share is `train.EXECUTION_KEYS`.)
+EXECUTION_KEYS = ("ingest.threads", "ingest.processes", "ingest.chunk_rows", "ingest.url_dedup_buckets",
+                  "nsfw.threads", "faces.threads", "dedup.descriptor.threads", "embed.decode_threads")  # fmt: skip
+
+
+def _without_execution(dumped: dict[str, Any]) -> dict[str, Any]:
+    for key in EXECUTION_KEYS:
+        *parents, leaf = key.split(".")
+        node = dumped
+        for part in parents:
+            node = node[part]
+        node.pop(leaf, None)
+    return dumped
+
+
+def select(cfg: PipelineConfig, paths: Iterable[str], dumped: dict[str, Any] | None = None) -> dict[str, Any]:
     """The named parts of the config as JSON-able data; a path is a section or a dotted key ("run.seed")."""
-    dumped = cfg.model_dump(mode="json")
+    dumped = cfg.model_dump(mode="json") if dumped is None else dumped
     out = {}
     for path in sorted(paths):
         node: Any = dumped
@@ -223,6 +241,8 @@ def select(cfg: PipelineConfig, paths: Iterable[str]) -> dict[str, Any]:
 
 
 def config_hash(cfg: PipelineConfig, paths: Iterable[str] | None = None) -> str:
-    """sha256 of the canonical JSON of the named sections or dotted keys (the whole config when None)."""
-    data = cfg.model_dump(mode="json") if paths is None else select(cfg, paths)
+    """sha256 of the canonical JSON of the named sections or dotted keys, without :data:`EXECUTION_KEYS` (a stage's
+    configuration); the whole config, those included, when None (a run's)."""
+    data = cfg.model_dump(mode="json") if paths is None else select(cfg, paths, _without_execution(
+        cfg.model_dump(mode="json")))
     return hashlib.sha256(canonical_json(data).encode()).hexdigest()

@@ -17,7 +17,9 @@ AMEND = ["run.shard_retries=3", "run.shard_timeout_s=600", "run.workers=4", "run
          "run.dask_address=tcp://127.0.0.1:8786", "run.shard_retry_delay_s=1", "run.ray_address=ray://head:10001",
          "run.ray_gpus_per_task=0.5", "train.devices=4", "train.num_nodes=2", "train.accumulate_grad_batches=2",
          "train.num_workers=3", "train.cpu_threads=1", "train.log_every=5", "train.checkpoint_every=7",
-         "train.activation_checkpointing=true", "train.exports=[hf,timm]"]
+         "train.activation_checkpointing=true", "train.exports=[hf,timm]", "ingest.threads=4", "ingest.processes=2",
+         "ingest.chunk_rows=5000", "ingest.url_dedup_buckets=16", "nsfw.threads=2", "faces.threads=2",
+         "dedup.descriptor.threads=2", "embed.decode_threads=4"]
 
 
 def test_execution_overrides_change_no_stage_key():
@@ -26,6 +28,12 @@ def test_execution_overrides_change_no_stage_key():
     assert config_hash(base) != config_hash(amended)
     for spec in SPECS.values():
         assert config_hash(base, spec.sections) == config_hash(amended, spec.sections), spec.name
+        if spec.shard_sections:
+            assert config_hash(base, spec.shard_sections) == config_hash(amended, spec.shard_sections), spec.name
+    # (before, the curation stages' threads and processes were in their keys: `ingest.processes=2` on a re-run of a
+    # folder downloaded, scored and embedded it all again)
+    other = load_config(DEMO, ["ingest.image_size=97"])  # what a stage computes still changes its key
+    assert config_hash(base, SPECS["ingest"].sections) != config_hash(other, SPECS["ingest"].sections)
 
 
 def test_resume_amends_only_execution_keys(tmp_path, capsys):
