@@ -30,10 +30,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import struct
 import zlib
 from typing import Any
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from infra.config.ingest import IngestConfig
@@ -174,29 +176,92 @@ def explain_failure(data: bytes) -> str | None:
 
 def prepare(data: bytes, max_pixels: int) -> tuple[bytes | None, str | None]:
     """(bytes for OpenCV, None) or (None, refusal message)."""
+    out, why, _ = prepare_scaled(data, max_pixels, None)
+    return out, why
+
+
+def _passes(w: int, h: int, cfg: IngestConfig) -> bool:
+    """img2dataset's own checks on a decoded size (its Resizer refuses the image otherwise)."""
+    return min(w, h) >= cfg.min_image_size and w * h <= cfg.max_image_area and max(w, h) / min(w, h) <= cfg.max_aspect_ratio
+
+
+def _draft(img: Image.Image, cfg: IngestConfig) -> tuple[int, int] | None:
+    """Set a JPEG to decode at 1/2, 1/4 or 1/8 of its size (libjpeg's DCT scaling) where img2dataset's resize would
+    shrink it at least twice as much anyway: the side the resize mode fits stays at or above twice ``image_size``
+    (the area filter then makes the last step: within 0.2-0.33 grey levels of img2dataset's resize of the full
+    decode; at once ``image_size``, 0.6-1.1), and img2dataset's checks decide on the smaller size as on the full
+    one. Returns the full (displayed) size, or None (nothing set: decoded in full). A 12-megapixel JPEG to 256 px:
+    the decode 90 -> 13 ms of CPU and 36 -> 0.6 MB of pixels; the whole guarded resize 77-96 -> 36-41 ms."""
+    if img.format != "JPEG" or cfg.resize_mode == "no":
+        return None
+    turned = orientation(img) in (5, 6, 7, 8)  # shown transposed: img2dataset sees (and records) that size
+
+    def shown(size: tuple[int, int]) -> tuple[int, int]:
+        return (size[1], size[0]) if turned else size
+
+    def fits(size: tuple[int, int]) -> bool:
+        w, h = shown(size)
+        side = min(w, h) if cfg.resize_mode in ("keep_ratio", "center_crop") else max(w, h)
+        return side >= 2 * cfg.image_size and _passes(w, h, cfg)
+
+    w, h = shown(img.size)
+    side = min(w, h) if cfg.resize_mode in ("keep_ratio", "center_crop") else max(w, h)
+    if side < 4 * cfg.image_size or not _passes(w, h, cfg):
+        return None
+    want = (math.ceil(img.size[0] * 2 * cfg.image_size / side), math.ceil(img.size[1] * 2 * cfg.image_size / side))
+    ratio = min(img.size[0] // want[0], img.size[1] // want[1])
+    scale = 8 if ratio >= 8 else 4 if ratio >= 4 else 2 if ratio >= 2 else 1  # as Pillow's JPEG draft picks it
+    if scale == 1 or not fits((-(-img.size[0] // scale), -(-img.size[1] // scale))):
+        return None
+    img.draft(img.mode, want)
+    return w, h
+
+
+def _resized_as_from(img: Image.Image, full: tuple[int, int], cfg: IngestConfig) -> Image.Image:
+    """``img`` (a smaller decode) at the size img2dataset's resize gives the full ``(width, height)``:
+    albumentations' Smallest/LongestMaxSize, ``round(side * image_size / fitted side)``, with OpenCV's area filter
+    (img2dataset's downscale interpolation). img2dataset then finds the fitted side at ``image_size`` already."""
+    import cv2
+
+    w, h = full
+    scale = cfg.image_size / (min(w, h) if cfg.resize_mode in ("keep_ratio", "center_crop") else max(w, h))
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    if img.size == size:
+        return img
+    return Image.fromarray(cv2.resize(np.asarray(img), size, interpolation=cv2.INTER_AREA), img.mode)
+
+
+def prepare_scaled(data: bytes, max_pixels: int,
+                   cfg: IngestConfig | None) -> tuple[bytes | None, str | None, tuple[int, int] | None]:  # fmt: skip
+    """:func:`prepare`; with ``cfg``, a JPEG that img2dataset would shrink at least twofold is decoded smaller
+    (:func:`_draft`) and handed over as a PPM, with its full size (else None) for the record."""
     if why := sniff(data):
-        return None, why
+        return None, why, None
+    full = None
     try:
         with Image.open(io.BytesIO(data)) as img:  # header only so far
             w, h = img.size
             if w * h > max_pixels:
-                return None, f"too many pixels to decode ({w}x{h})"
+                return None, f"too many pixels to decode ({w}x{h})", None
             if why := integrity(data):
-                return None, why
-            if _is_plain(img, data):
-                return data, None  # OpenCV refuses a short or corrupt zlib stream itself (explain_failure names it)
+                return None, why, None
+            full = _draft(img, cfg) if cfg is not None else None
+            if full is None and _is_plain(img, data):
+                return data, None, None  # OpenCV refuses a short or corrupt zlib stream itself (explain_failure)
             if why := explain_failure(data):  # Pillow fills in the rows of a short zlib stream without a word
-                return None, why
+                return None, why, None
             out = normalize(img)
+            if full is not None:  # img2dataset's size from the full one, so that its own resize changes nothing
+                out = _resized_as_from(out, full, cfg)
     except Image.DecompressionBombError as err:
-        return None, f"too many pixels to decode ({err})"
+        return None, f"too many pixels to decode ({err})", None
     except UnidentifiedImageError:
-        return None, "decode error: not a known image format"
+        return None, "decode error: not a known image format", None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as err:  # Pillow's ways of saying corrupt
-        return None, explain_failure(data) or f"decode error: {err}"
+        return None, explain_failure(data) or f"decode error: {err}", None
     buf = io.BytesIO()
     out.save(buf, "PPM")  # lossless and nearly free to write and read (P5 for L, P6 for RGB)
-    return buf.getvalue(), None
+    return buf.getvalue(), None, full
 
 
 def guarded_resizer(cfg: IngestConfig) -> Any:
@@ -219,12 +284,14 @@ def guarded_resizer(cfg: IngestConfig) -> Any:
         def __call__(self, img_stream: io.BytesIO, blurring_bbox_list: Any = None) -> tuple:
             img_stream.seek(0)
             raw = img_stream.read()
-            data, why = prepare(raw, cfg.max_decode_pixels)
+            data, why, full = prepare_scaled(raw, cfg.max_decode_pixels, cfg)
             if why is not None:
                 return (*_FAILED, why)
             result = super().__call__(io.BytesIO(data), blurring_bbox_list)
             if result[-1] == "Image decoding error" and (why := explain_failure(raw)):  # OpenCV refused it
                 return (*_FAILED, why)
+            if full is not None and result[-1] is None:  # decoded smaller: the record keeps the image's own size
+                return (*result[:3], *full, None)
             return result
 
     return GuardedResizer(

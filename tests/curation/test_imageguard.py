@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from curation.imageguard import guarded_resizer, normalize, prepare
+from curation.imageguard import guarded_resizer, normalize, prepare, prepare_scaled
 from infra.config.ingest import IngestConfig
 
 
@@ -108,3 +108,37 @@ def _chunk(kind: bytes, body: bytes, damaged: bool = False) -> bytes:
 
     crc = zlib.crc32(kind + body) ^ (1 if damaged else 0)
     return len(body).to_bytes(4, "big") + kind + body + crc.to_bytes(4, "big")
+
+
+def test_a_large_jpeg_is_decoded_smaller_with_the_same_size_recorded_and_nearly_the_same_pixels():
+    """A photograph img2dataset shrinks at least fourfold is decoded by libjpeg at 1/2-1/8 scale: the stored image
+    has the size of a full decode's (img2dataset rounds the other side from the size it decodes), `original_width/height` stay the photograph's own (transposed where its EXIF
+    says so), and the pixels are within a grey level or two of resizing the full decode."""
+    from img2dataset.resizer import Resizer
+    from skimage import data
+
+    big = cv2.resize(data.astronaut(), (2000, 1500), interpolation=cv2.INTER_CUBIC)
+    cfg = IngestConfig(image_size=128, encode_format="png", encode_quality=3)
+    plain = Resizer(image_size=128, resize_mode="keep_ratio", resize_only_if_bigger=False, encode_format="png",
+                    encode_quality=3)  # fmt: skip
+    for turned in (False, True):
+        img = Image.fromarray(big)
+        exif = img.getexif()
+        if turned:
+            exif[0x0112] = 6
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=92, exif=exif)
+        jpg = buf.getvalue()
+        ppm, why, full = prepare_scaled(jpg, 10**9, cfg)
+        assert why is None and full == ((1500, 2000) if turned else (2000, 1500))
+        # decoded at 1/4 (500 x 375: still >= 2 x 128) and brought to the size img2dataset computes from the full one
+        assert Image.open(io.BytesIO(ppm)).size == ((128, 171) if turned else (171, 128))
+        encoded, w, h, ow, oh, err = guarded_resizer(cfg)(io.BytesIO(jpg))
+        assert err is None and (ow, oh) == full and (w, h) == ((128, 171) if turned else (171, 128))
+        if not turned:  # img2dataset alone, from the full decode (it ignores EXIF, hence the upright case only)
+            ref, *_ = plain(io.BytesIO(jpg))
+            a = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_UNCHANGED).astype(int)
+            b = cv2.imdecode(np.frombuffer(ref, np.uint8), cv2.IMREAD_UNCHANGED).astype(int)
+            assert a.shape == b.shape and np.abs(a - b).mean() < 0.5, np.abs(a - b).mean()
+    small = IngestConfig(image_size=400, encode_format="png", encode_quality=3)  # shrunk less than fourfold
+    assert prepare_scaled(jpg, 10**9, small)[2] is None
