@@ -12,9 +12,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 from PIL import Image
 
+from curation.imageguard import is_plain
 from infra.config.curation import CorpusConfig
 from infra.config.data import SeedSetConfig
-from infra.datasets import iter_images
+from infra.datasets import LabeledImage, decode_item, iter_images
+from infra.images import encode as encode_image
 from infra.lineage import POOL, LedgerParts, ledger_dir
 from infra.shards import ShardWriter, list_shards, shard_name
 from infra.stage import StageResult
@@ -92,11 +94,14 @@ def _parquet_safe(table: pd.DataFrame) -> pd.DataFrame:
 
 def build_corpus(
     selected: pd.DataFrame, pool_shard_dir: Path, as_is: list[SeedSetConfig], stats: pd.DataFrame, stage_dir: Path,
-    cfg: CorpusConfig, ingest_shard_dir: Path | None = None,
+    cfg: CorpusConfig, ingest_shard_dir: Path | None = None, encode: tuple[str, int] = ("jpg", 95),
 ) -> StageResult:  # fmt: skip
     """``selected``: image_id, row_id, shard (of the sanitized pool), seed_set, method. Each corpus image gets a
     ``<image_id>.json`` member (image id, row, URL, caption, source, the list's source, sizes, seed set, method,
-    sha256)."""
+    sha256). Images of a set added as it is keep their bytes where every decoder reads them alike (8-bit RGB or grey
+    JPEG and PNG without EXIF rotation, alpha or frames: what ingest hands OpenCV as it is); any other (HEIC, TIFF,
+    16-bit, rotated, transparent) is decoded as every reader decodes it (`infra.images`) and stored in the pool's
+    ``encode`` (format, quality) at its own size, the ledger saying what it was converted from."""
     writer = _Writer(stage_dir / "shards", cfg.shard_size)
     ledger = LedgerParts("corpus", ledger_dir(stage_dir))
     by_shard = {s.name: s for s in list_shards(pool_shard_dir)}
@@ -121,13 +126,14 @@ def build_corpus(
             if item.image_id in written:  # the same bytes are already in the corpus (pool, or another set)
                 continue
             written.add(item.image_id)
-            ext = item.ext or "jpg"  # (a tar's member `val/n01/a.jpg` is named `val.tar:val/n01/a`: not from the name)
-            width, height = _size(item.data)
-            name = writer.add(item.image_id, item.data, ext, row_id=-1, url=None, caption=None, source=s.name,
+            data, ext, converted = _portable(item, s.name, encode)
+            width, height = _size(data)
+            name = writer.add(item.image_id, data, ext, row_id=-1, url=None, caption=None, source=s.name,
                               list_source=None, width=width, height=height, original_width=width, original_height=height,
                               seed_set=s.name, method="as_is", path=item.name)  # fmt: skip
+            detail = {"shard": name, "as_is": True, "sha256": sha256_bytes(data)}
             ledger.keep("in_corpus", image_id=item.image_id, source=s.name,
-                        detail={"shard": name, "as_is": True, "sha256": sha256_bytes(item.data)})  # fmt: skip
+                        detail=detail | ({"converted_from": converted} if converted else {}))
     writer.close()
     parts = ledger.close()
     table = _parquet_safe(pd.DataFrame(writer.rows))
@@ -146,6 +152,20 @@ def build_corpus(
         outputs=outputs,
         extra={"composition": comp.to_dict(orient="records")},
     )
+
+
+def _portable(item: LabeledImage, set_name: str, encode: tuple[str, int]) -> tuple[bytes, str, str | None]:
+    """(bytes, extension, the format they were converted from or None) of a set's image for the corpus."""
+    ext = item.ext or "jpg"  # (a tar's member `val/n01/a.jpg` is named `val.tar:val/n01/a`: not from the name)
+    try:
+        with Image.open(io.BytesIO(item.data)) as img:
+            if is_plain(img, item.data):
+                return item.data, ext, None
+    except (OSError, ValueError, Image.DecompressionBombError):
+        pass  # decode_item names the file
+    fmt, quality = encode
+    img = decode_item(item, f"data.seed_sets[{set_name}]", mode=None)  # grey stays grey
+    return encode_image(img, fmt, quality), fmt, ext
 
 
 def _size(data: bytes) -> tuple[int | None, int | None]:

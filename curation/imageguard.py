@@ -65,7 +65,7 @@ def sniff(data: bytes) -> str | None:
     return None
 
 
-def _is_plain(img: Image.Image, data: bytes) -> bool:
+def is_plain(img: Image.Image, data: bytes) -> bool:
     """Bytes OpenCV decodes exactly as Pillow would after :func:`normalize`."""
     if img.format not in ("JPEG", "PNG") or img.mode not in ("RGB", "L") or "transparency" in img.info:
         return False
@@ -246,7 +246,7 @@ def prepare_scaled(data: bytes, max_pixels: int,
             if why := integrity(data):
                 return None, why, None
             full = _draft(img, cfg) if cfg is not None else None
-            if full is None and _is_plain(img, data):
+            if full is None and is_plain(img, data):
                 return data, None, None  # OpenCV refuses a short or corrupt zlib stream itself (explain_failure)
             if why := explain_failure(data):  # Pillow fills in the rows of a short zlib stream without a word
                 return None, why, None

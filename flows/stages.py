@@ -148,7 +148,8 @@ def _corpus(ctx: StageContext) -> StageResult:
     if selected.empty and not as_is:
         raise EmptyCorpusError(f"no image reached the corpus: {where_images_went(ctx.run)}")
     return build_corpus(selected, ctx.upstream_dir("faces") / "shards", as_is, stats, ctx.dir, ctx.cfg.corpus,
-                        ingest_shard_dir=ctx.upstream_dir("ingest") / "shards")
+                        ingest_shard_dir=ctx.upstream_dir("ingest") / "shards",
+                        encode=(ctx.cfg.ingest.encode_format, ctx.cfg.ingest.encode_quality))
 
 
 class EmptyCorpusError(RuntimeError, InputProblem):
@@ -303,7 +304,8 @@ SPECS: dict[str, StageSpec] = {
                   external=_embedder, salvage="upstream"),
         StageSpec("retrieve", ("retrieve", "data", "run.seed"), ("embed",), _retrieve),
         StageSpec("rebalance", ("rebalance", "run.seed"), ("retrieve", "embed"), _rebalance),
-        StageSpec("corpus", ("corpus", "data"), ("rebalance", "retrieve", "faces", "ingest"), _corpus),
+        StageSpec("corpus", ("corpus", "data", "ingest.encode_format", "ingest.encode_quality"),
+                  ("rebalance", "retrieve", "faces", "ingest"), _corpus),
         StageSpec("pretrain", (*TRAIN, "run.seed"), ("corpus",), _train),
         # Upstream: the previous training stage (see active_stages); the section enabling them is in their key.
         StageSpec("pretrain_highres", (*TRAIN, "train.highres", "run.seed"), ("corpus", "pretrain"), _train),

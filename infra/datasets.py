@@ -222,11 +222,11 @@ def split_fingerprint(path: Path) -> str | None:
     return h.hexdigest()
 
 
-def decode_item(item: LabeledImage, where: str | Path) -> Image.Image:
+def decode_item(item: LabeledImage, where: str | Path, mode: str | None = "RGB") -> Image.Image:
     """`infra.images.decode` of a set's image; a file that does not decode (changed since the run's start-up check)
     stops the stage with an error naming the set and the file, not Pillow's bare message."""
     try:
-        return decode(item.data)
+        return decode(item.data, mode)
     except Exception as err:  # Pillow's many ways of saying "not this"
         raise DatasetError(f"{where}: {item.name} cannot be decoded ({type(err).__name__}: {err}); remove or replace "
                            "it") from err

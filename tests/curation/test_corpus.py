@@ -52,8 +52,10 @@ def test_a_set_added_as_is_keeps_each_images_format_from_a_tar_and_from_odd_file
     """Before, an image's extension was cut from its display name: a tar's `val.tar:val/n01/a` gave the member
     `<id>.tar:val/n01/a` (a path inside the corpus tar), and a Latin-1 file name stopped the parquet writer."""
     import io
+    import json
     import os
 
+    import pytest
     from PIL import Image
 
     from curation.corpus import build_corpus
@@ -71,13 +73,31 @@ def test_a_set_added_as_is_keeps_each_images_format_from_a_tar_and_from_odd_file
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / os.fsdecode(b"caf\xe9.png")).write_bytes(png(2))
+    phone = tmp_path / "phone"  # what every decoder does not read alike: converted, at its own size
+    phone.mkdir()
+    pytest.importorskip("pillow_heif").from_pillow(Image.new("RGB", (24, 16), (200, 30, 30))).save(phone / "a.HEIC")
+    Image.fromarray(np.full((9, 7), 0x8000, np.uint16)).save(phone / "b.png")  # 16-bit grey
+    turned = Image.new("RGB", (12, 8), (10, 200, 10))
+    exif = turned.getexif()
+    exif[0x0112] = 6
+    turned.save(phone / "c.jpg", exif=exif)
     (tmp_path / "pool").mkdir()
     selected = pd.DataFrame(columns=["image_id", "row_id", "shard", "seed_set", "method"])
     as_is = [SeedSetConfig(name="tarred", path=tmp_path / "val.tar", retrieval="as_is"),
-             SeedSetConfig(name="mine", path=folder, retrieval="as_is")]  # fmt: skip
+             SeedSetConfig(name="mine", path=folder, retrieval="as_is"),
+             SeedSetConfig(name="phone", path=phone, retrieval="as_is")]  # fmt: skip
     build_corpus(selected, tmp_path / "pool", as_is, pd.DataFrame(), tmp_path / "corpus", CorpusConfig())
     (shard,) = list_shards(tmp_path / "corpus" / "shards")
-    members = sorted((key, ext) for key, ext, _ in iter_tar(shard.tar, sidecars=True))
-    assert sorted(ext for _, ext in members) == ["json", "json", "png", "png"] and all("/" not in k for k, _ in members)
-    table = pd.read_parquet(tmp_path / "corpus" / "corpus.parquet")
-    assert sorted(table["path"]) == ["caf\\xe9.png", "val.tar:val/n01/a"]
+    members = {(key, ext): data for key, ext, data in iter_tar(shard.tar, sidecars=True)}
+    assert sorted(ext for _, ext in members) == ["jpg", "jpg", "jpg", "json", "json", "json", "json", "json", "png",
+                                                 "png"] and all("/" not in k for k, _ in members)  # fmt: skip
+    table = pd.read_parquet(tmp_path / "corpus" / "corpus.parquet").set_index("path")
+    assert sorted(table.index) == ["a.HEIC", "b.png", "c.jpg", "caf\\xe9.png", "val.tar:val/n01/a"]
+    pixels = {p: np.asarray(Image.open(io.BytesIO(members[(table.at[p, "image_id"], "jpg")])))
+              for p in ("a.HEIC", "b.png", "c.jpg")}  # fmt: skip
+    assert pixels["a.HEIC"].shape == (16, 24, 3) and abs(pixels["a.HEIC"].mean(axis=(0, 1)) - (200, 30, 30)).max() < 8
+    assert pixels["b.png"].shape == (9, 7) and abs(int(pixels["b.png"].mean()) - 0x80) <= 1  # the top byte, grey
+    assert pixels["c.jpg"].shape == (12, 8, 3)  # the rotation applied, not left to the reader
+    events = pd.concat(pd.read_parquet(f) for f in (tmp_path / "corpus" / "ledger").glob("*.parquet"))
+    converted = sorted(json.loads(d).get("converted_from", "-") for d in events["detail"])
+    assert converted == ["-", "-", "heic", "jpg", "png"]
