@@ -31,7 +31,7 @@ def test_execution_overrides_change_no_stage_key():
         if spec.shard_sections:
             assert config_hash(base, spec.shard_sections) == config_hash(amended, spec.shard_sections), spec.name
     # (before, the curation stages' threads and processes were in their keys: `ingest.processes=2` on a re-run of a
-    # folder downloaded, scored and embedded it all again)
+    # folder downloaded it all again, `nsfw.threads=2` scored it all again)
     other = load_config(DEMO, ["ingest.image_size=97"])  # what a stage computes still changes its key
     assert config_hash(base, SPECS["ingest"].sections) != config_hash(other, SPECS["ingest"].sections)
 
