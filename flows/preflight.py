@@ -159,12 +159,13 @@ def check_model_files(cfg: PipelineConfig, stages: set[str] | None = None) -> li
     return problems
 
 
-def image_set_problems(cfg: PipelineConfig, stages: set[str] | None = None) -> list[str]:
+def image_set_problems(cfg: PipelineConfig, stages: set[str] | None = None, remember: bool = True) -> list[str]:
     """The seed and evaluation sets ``stages`` read, read here as they will be: every image decoded, every image of
     an evaluation split labelled (they are classification benchmarks), no split empty. A stage otherwise stops at the
     first bad file, after ingest and the filters (dedup reads the evaluation sets to remove their copies), with
     Pillow's message and no file name. A split that passed is remembered under ``<run root>/.cache/sets`` (once the
-    runs folder exists) by its files' names, sizes and times, so a later start costs a walk of the folder."""
+    runs folder exists, and not by a dry run: ``remember`` False) by its files' names, sizes and times, so a later
+    start costs a walk of the folder."""
     import contextlib
     import json
 
@@ -194,7 +195,7 @@ def image_set_problems(cfg: PipelineConfig, stages: set[str] | None = None) -> l
                 continue
         check = check_split(Path(path), fmt, need_labels=labels)
         problems += [f"{key}: {p}" for p in check.problems]
-        if not check.problems and passed is not None and Path(cfg.run.root).is_dir():  # a refused first run: no folder
+        if remember and not check.problems and passed is not None and Path(cfg.run.root).is_dir():  # (no folder: refused)
             with contextlib.suppress(OSError):  # a cache: a runs folder that cannot be written is reported apart
                 passed.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(passed, json.dumps({"path": str(path), "images": check.images,
@@ -202,7 +203,7 @@ def image_set_problems(cfg: PipelineConfig, stages: set[str] | None = None) -> l
     return problems
 
 
-def check_inputs(cfg: PipelineConfig, stages: set[str] | None = None) -> list[str]:
+def check_inputs(cfg: PipelineConfig, stages: set[str] | None = None, remember: bool = True) -> list[str]:
     """:func:`check_model_files`, :func:`image_set_problems`, and the URL list's problems where the ingest stage is
     among ``stages`` (the demo's list is written by the run itself)."""
     stages = _stages(cfg, stages)
@@ -211,7 +212,7 @@ def check_inputs(cfg: PipelineConfig, stages: set[str] | None = None) -> list[st
         from curation.urls import url_list_problems
 
         problems += url_list_problems(cfg.data, local_roots=cfg.ingest.local_roots)
-    return problems + check_model_files(cfg, stages) + image_set_problems(cfg, stages)
+    return problems + check_model_files(cfg, stages) + image_set_problems(cfg, stages, remember)
 
 
 def remaining_stages(run: RunDir, cfg: PipelineConfig) -> set[str]:
@@ -222,16 +223,16 @@ def remaining_stages(run: RunDir, cfg: PipelineConfig) -> set[str]:
     return {p.stage for p in dry_run(run, cfg) if p.action not in ("reuse", "link")}
 
 
-def check_run_inputs(cfg: PipelineConfig, run: RunDir) -> list[str]:
+def check_run_inputs(cfg: PipelineConfig, run: RunDir, remember: bool = True) -> list[str]:
     """:func:`check_inputs` for the stages ``run`` may still compute (every stage of a new run; a new run's missing
     list is reported with its other paths, `infra.runs.resolve`)."""
     if not run.exists():
-        return check_inputs(cfg)
+        return check_inputs(cfg, remember=remember)
     stages = remaining_stages(run, cfg)
     url_list = cfg.data.url_list
     gone = "ingest" in stages and not cfg.demo.enabled and url_list is not None and not Path(url_list).exists()
     missing = [f"data.url_list: {url_list} does not exist (the run's ingest has to run)"] if gone else []
-    return missing + check_inputs(cfg, stages)
+    return missing + check_inputs(cfg, stages, remember)
 
 
 def preflight(cfg: PipelineConfig, stages: set[str] | None = None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextvars
+import functools
 import json
 import os
 import sys
@@ -166,7 +167,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     # Every problem at once, the URL list's and model files' included (opened and probed), before a run directory
     # exists.
-    run, cfg = prepare_run(args.config, args.overrides, checks=check_run_inputs, write=not args.dry_run)
+    checks = functools.partial(check_run_inputs, remember=not args.dry_run)  # a dry run writes nothing
+    run, cfg = prepare_run(args.config, args.overrides, checks=checks, write=not args.dry_run)
     if args.dry_run:
         return _dry_run(run, cfg)
     print(f"run {run.run_id} in {run.path}")

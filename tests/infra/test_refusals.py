@@ -148,6 +148,8 @@ def test_seed_and_evaluation_sets_are_read_before_any_stage_and_a_passed_split_i
     root.mkdir()  # as the first run made it
     pets = f"data.eval_sets=[{{name: pets, train: {ev / 'train'}, test: {ev / 'test'}}}]"
     cfg = load_config(OWN, [*overrides[:-2], pets, f"data.seed_sets=[{{name: mine, path: {seeds}}}]"])
+    assert image_set_problems(cfg, remember=False) == []  # as `lvd run --dry-run` checks: nothing written
+    assert not (root / ".cache").exists()
     assert image_set_problems(cfg) == []
     assert len(list((root / ".cache" / "sets").glob("*.json"))) == 3  # train, test, seeds: passed
     cut.write_bytes(whole[:-10])  # a file changed since: checked again, not taken from the cache
