@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 import tarfile
@@ -24,7 +25,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from infra.errors import InputProblem
-from infra.images import IMAGE_SUFFIXES, decode, is_hidden, is_image_name, normalize
+from infra.images import IMAGE_SUFFIXES, decode, image_files, is_hidden, is_image_name, normalize
 from infra.shards import iter_tar
 from infra.storage import sha256_bytes
 
@@ -61,14 +62,6 @@ def detect_format(path: Path) -> str:
     return "folder"
 
 
-def _images(folder: Path) -> list[Path]:
-    """The image files under a folder, sub-folders included as torchvision's ImageFolder reads a class folder
-    (Tiny-ImageNet keeps a class's images in `<class>/images/`), not hidden ones (`._x.jpg` resource forks,
-    `.DS_Store`, `.ipynb_checkpoints/`), in path order."""
-    return sorted(f for f in folder.rglob("*") if f.is_file() and is_image_name(f.name)
-                  and not is_hidden(f.relative_to(folder)))
-
-
 def _shown(name: str) -> str:
     """A file name as text every writer takes: the bytes of a name that is not UTF-8 (`caf\xe9.jpg` from an old
     archive; Python holds them as surrogates, which parquet and JSON writers refuse) written as `\xe9` escapes."""
@@ -79,12 +72,12 @@ def _iter_folder(root: Path) -> Iterator[LabeledImage]:
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not is_hidden(Path(p.name)))
     if classes:
         for label, cls in enumerate(classes):
-            for f in _images(root / cls):
+            for f in image_files(root / cls):  # sub-folders too, as ImageFolder (Tiny-ImageNet: <class>/images/)
                 data = f.read_bytes()
                 name = _shown(f"{cls}/{f.relative_to(root / cls).as_posix()}")
                 yield LabeledImage(sha256_bytes(data), data, label, name, f.suffix[1:].lower())
     else:
-        for f in _images(root):
+        for f in image_files(root):
             data = f.read_bytes()
             yield LabeledImage(sha256_bytes(data), data, None, _shown(f.name), f.suffix[1:].lower())
 
@@ -92,26 +85,18 @@ def _iter_folder(root: Path) -> Iterator[LabeledImage]:
 def _iter_webdataset(root: Path) -> Iterator[LabeledImage]:
     tars = [root] if root.is_file() else sorted(root.glob("*.tar"))
     for tar in tars:
-        key, parts = None, {}
-        members = iter_tar(tar, sidecars=True, nested=True)
-        while True:
-            try:
-                k, ext, data = next(members, (None, "", b""))  # None: the end
-            except tarfile.TarError as err:
-                raise DatasetError(f"{tar}: not a readable uncompressed tar ({err}); decompress a .tar.gz first "
-                                   "(gunzip -k), or copy a cut one again") from err
-            if k != key:  # a sample's members are consecutive (WebDataset's rule): one sample in memory at a time
-                if key is not None and (sample := _sample(tar, key, parts)) is not None:
+        try:  # a sample's members are consecutive (WebDataset's rule): one sample in memory at a time
+            for key, members in itertools.groupby(iter_tar(tar, sidecars=True, nested=True), key=lambda m: m[0]):
+                if (sample := _sample(tar, key, {ext.lower(): data for _, ext, data in members})) is not None:
                     yield sample
-                key, parts = k, {}
-            if k is None:
-                break
-            parts[ext.lower()] = data
+        except tarfile.TarError as err:
+            raise DatasetError(f"{tar}: not a readable uncompressed tar ({err}); decompress a .tar.gz first "
+                               "(gunzip -k), or copy a cut one again") from err
 
 
 def _sample(tar: Path, key: str, parts: dict[str, bytes]) -> LabeledImage | None:
     image_ext = next((e for e in parts if is_image_name(f"x.{e}")), None)
-    if image_ext is None or is_hidden(Path(key)):
+    if image_ext is None:  # (hidden members are left out by iter_tar)
         return None
     label = None
     if "cls" in parts:

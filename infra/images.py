@@ -14,7 +14,7 @@ LGPL, no encoder), registered with Pillow when this module is imported.
 from __future__ import annotations
 
 import io
-from pathlib import PurePath
+from pathlib import Path, PurePath
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -56,6 +56,13 @@ def is_hidden(rel: PurePath) -> bool:
     macOS's `._IMG_0001.jpg` resource forks (not images, despite the suffix), `.thumbnails/`, Synology's `@eaDir/`
     thumbnails (copies of the photographs beside them)."""
     return any(part.startswith((".", "@eaDir")) for part in rel.parts)
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files under ``folder``, sub-folders included, hidden ones left out, in path order: what a set's
+    class folder holds (as torchvision's ImageFolder reads one) and what `training.pretrain --data FOLDER` trains on."""
+    return sorted(f for f in Path(folder).rglob("*") if f.is_file() and is_image_name(f.name)
+                  and not is_hidden(f.relative_to(folder)))
 
 
 def _on_white(img: Image.Image, mode: str) -> Image.Image:

@@ -19,7 +19,7 @@ from typing import Protocol
 
 from PIL import Image, UnidentifiedImageError
 
-from infra.images import IMAGE_SUFFIXES, decode, is_hidden, is_image_name
+from infra.images import IMAGE_SUFFIXES, decode, image_files, is_hidden, is_image_name
 from infra.shards import UnsafeArchiveError, check_member_name
 
 
@@ -37,9 +37,7 @@ class FolderSource:
 
     @classmethod
     def from_root(cls, root: Path) -> FolderSource:
-        files = sorted(p for p in Path(root).rglob("*") if p.is_file() and is_image_name(p.name)
-                       and not is_hidden(p.relative_to(root)))
-        return cls(files)
+        return cls(image_files(Path(root)))
 
     def __len__(self) -> int:
         return len(self.files)
