@@ -41,6 +41,7 @@ import pandas as pd
 from PIL import Image
 
 from infra.config.ingest import NsfwConfig
+from infra.cpus import cpus
 from infra.images import decode
 from infra.lineage import LedgerWriter
 from infra.shards import Shard, iter_shard_images
@@ -62,12 +63,12 @@ class NsfwScorer(Protocol):
 
 def _session(path: Path | str, threads: int | None):
     """An onnxruntime CPU session on ``threads`` intra-op threads (None: 1, as shards are scored in parallel threads,
-    one forward each; 0: one per core)."""
+    one forward each; 0: one per CPU this process may use)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = 1 if threads is None else threads
+    opts.intra_op_num_threads = 1 if threads is None else threads or cpus()
     opts.inter_op_num_threads = 1
     # Idle pool threads sleep rather than spin: shards are scored in parallel threads on the same cores.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -296,8 +297,8 @@ class OpenNsfwTorch:
 
         path = _bundled_open_nsfw()
         # Process-wide, as onnxruntime's intra-op pool is per session: the worker's cores go to this model.
-        # None or 0: every core (this backend's forwards take turns, see the lock below).
-        torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
+        # None or 0: every CPU this process may use (this backend's forwards take turns, see the lock below).
+        torch.set_num_threads(cfg.threads or cpus())
         # NHWC input arrives as a channels_last view; channels_last weights too (oneDNN's preferred CPU layout;
         # no slower than NCHW at batch 64 here, within the noise of the shared machine).
         self.model = open_nsfw(path).to(memory_format=torch.channels_last)

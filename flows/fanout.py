@@ -22,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
 from infra.config.run import RunConfig
+from infra.cpus import resolve
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
@@ -52,7 +53,7 @@ def task_runner(run: RunConfig, width: int) -> Any:
             raise ImportError("run.task_runner=dask needs `pip install prefect-dask dask[distributed]`") from err
         if run.dask_address:
             return DaskTaskRunner(address=run.dask_address)
-        return DaskTaskRunner(cluster_kwargs={"n_workers": run.workers, "threads_per_worker": 1, "processes": True,
+        return DaskTaskRunner(cluster_kwargs={"n_workers": resolve(run.workers), "threads_per_worker": 1, "processes": True,
                                               "dashboard_address": None})  # fmt: skip
     if run.task_runner == "ray":
         try:
@@ -61,7 +62,7 @@ def task_runner(run: RunConfig, width: int) -> Any:
             raise ImportError("run.task_runner=ray needs `pip install prefect-ray`") from err
         if run.ray_address:
             return RayTaskRunner(address=run.ray_address)
-        return RayTaskRunner(init_kwargs={"num_cpus": run.workers, "include_dashboard": False})
+        return RayTaskRunner(init_kwargs={"num_cpus": resolve(run.workers), "include_dashboard": False})
     from prefect.task_runners import ThreadPoolTaskRunner
 
     return ThreadPoolTaskRunner(max_workers=width)
@@ -76,7 +77,7 @@ def ray_gpus(run: RunConfig) -> float:
     return 1.0 if torch.cuda.is_available() else 0.0
 
 
-def prefect_mapper(run: RunConfig, stage: str, width: int | None = None,
+def prefect_mapper(run: RunConfig, stage: str, width: int | str | None = None,
                    gpu: bool = False) -> Callable[..., Iterator[Any]]:
     """A mapper for stage cores: shards as task runs named ``<stage>[<shard>]``, results as they complete. ``gpu``:
     the tasks run a model, and on Ray reserve :func:`ray_gpus` each (Ray shows a task only the GPUs it reserved)."""
@@ -84,7 +85,7 @@ def prefect_mapper(run: RunConfig, stage: str, width: int | None = None,
     def mapper(fn: Callable[..., Any], items: list[tuple[Any, ...]]) -> Iterator[Any]:
         if not items:
             return
-        with task_runner(run, width or run.workers) as runner, _ray_options(run, gpu):
+        with task_runner(run, resolve(width or run.workers)) as runner, _ray_options(run, gpu):
             futures = []
             for args in items:
                 t = shard_task.with_options(name=f"{stage}-shard", task_run_name=f"{stage}[{shard_name(args)}]",

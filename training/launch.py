@@ -22,8 +22,10 @@ from pathlib import Path
 import yaml
 
 from infra.config.train import TrainConfig
+from infra.cpus import cpus
 from infra.storage import atomic_write_text, read_json
 from training.pretrain import PretrainResult, host_processes, pretrain
+from training.strategy import resolve_accelerator
 
 LOG_TAIL = 4000
 
@@ -51,6 +53,8 @@ def pretrain_on_host(data: Path, out_dir: Path, cfg: TrainConfig, *, seed: int =
     env = dict(os.environ)
     if cfg.cpu_threads:
         env.setdefault("OMP_NUM_THREADS", str(cfg.cpu_threads))
+    elif resolve_accelerator(cfg) == "cpu":  # (torchrun's own default is 1 thread per process)
+        env.setdefault("OMP_NUM_THREADS", str(max(1, cpus() // n)))  # the host's CPUs shared by the processes
     with open(log, "ab") as sink:
         code = subprocess.run(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT, check=False).returncode
     if code != 0 or not result.is_file():

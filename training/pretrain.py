@@ -33,6 +33,7 @@ from torch import nn
 from infra.config import parse_yaml
 from infra.config.train import EXECUTION_KEYS, TrainConfig
 from infra.console import quiet_third_parties
+from infra.cpus import limit_native_threads
 from infra.storage import atomic_write_json, atomic_write_text
 from training.callbacks import AtomicCheckpoint, ConsoleProgress, ExportTeacher, MetricsLogger, find_resume_checkpoint
 from training.checkpoint import load_backbone, load_bundle
@@ -196,6 +197,8 @@ def pretrain(data: Sequence[Path] | Path, out_dir: Path, cfg: TrainConfig, *, se
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
+    else:
+        limit_native_threads()  # a container's CPU quota, which torch does not read
     source = build_source(data)
     ckpt = find_resume_checkpoint(out_dir / "checkpoints")
     if ckpt is not None:

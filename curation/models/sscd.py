@@ -138,8 +138,11 @@ class OnnxModel(nn.Module):
         super().__init__()
         import onnxruntime as ort
 
+        from infra.cpus import cpus
+
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads  # 0: one per core (onnxruntime's default)
+        # 0: one per CPU this process may use (onnxruntime's own 0 is one per core of the host, quota or not)
+        opts.intra_op_num_threads = threads or cpus()
         opts.inter_op_num_threads = 1
         available = ort.get_available_providers()
         wanted = providers or ["CUDAExecutionProvider", "CPUExecutionProvider"]

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from flows.cli import export, interrupt, models, records, running
 from infra.config import ConfigError
+from infra.cpus import limit_native_threads
 from infra.run_index import RunIdError, latest_run, resolve_run_id
 
 
@@ -90,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_console()
     starts_flow = getattr(args, "starts_flow", False)
+    # Before torch, FAISS or numpy load: their thread pools sized to the CPUs this process may use (a container's
+    # quota included, which none of them reads).
+    limit_native_threads()
     if starts_flow:
         running.check_environment()
     try:

@@ -120,13 +120,16 @@ def _exit_timeout() -> float:
 
 def _run_flow(run_root: Path, run_id: str) -> int:
     from flows.cli import interrupt
+    from infra.cpus import budget
     from infra.run import RunDir
 
     # The attempt, from here: a stop while Prefect is imported and its database and server start (seconds) is its
     # too, recorded in the run (`lvd status`: "interrupted ... before its first stage").
     run = RunDir(Path(run_root), run_id)
     resume = f"lvd resume {run_id} --root {run_root}"
-    run.log_event("launched")
+    cpus = budget()
+    print(f"using {cpus.describe()}", file=sys.stderr)
+    run.log_event("launched", cpus=cpus.cpus, cpu_budget=cpus.describe())
     interrupt.attach(run, resume)
 
     import httpx

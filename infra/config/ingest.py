@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from infra.config.base import Section
+from infra.config.base import Section, Width
 
 
 class IngestConfig(Section):
@@ -30,8 +30,9 @@ class IngestConfig(Section):
     retries: int = Field(default=0, ge=0)
     threads: int = Field(default=32, ge=1)
     # Shards downloaded at once (img2dataset's processes): task runs on the run's task runner (threads by
-    # default, Dask worker processes with run.task_runner=dask).
-    processes: int = Field(default=1, ge=1)
+    # default, Dask worker processes with run.task_runner=dask). auto: the CPUs this process may use (infra.cpus;
+    # img2dataset's advice, one per core: converting what was downloaded is CPU work, a folder's photographs above all).
+    processes: Width = "auto"
     # Whole-response limits: a slow trickle cannot hold a thread for longer, a huge body cannot fill memory.
     max_download_seconds: float = Field(default=60.0, gt=0)
     max_download_bytes: int = Field(default=32 * 2**20, ge=1)

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from infra.config.base import Section
+from infra.config.base import Section, Width
 
 STAGES = (
     "crawl",
@@ -40,7 +40,9 @@ class RunConfig(Section):
     stop_after: Literal[STAGES] | None = None  # type: ignore[valid-type]
     # Fan-out of per-shard work inside a stage: Prefect's thread pool, or a Dask/Ray cluster.
     task_runner: Literal["thread", "dask", "ray"] = "thread"
-    workers: int = Field(default=2, ge=1)
+    # Shards in flight at once (threads, local Dask worker processes or local Ray CPUs). auto: the CPUs this process
+    # may use, its affinity or its container's CPU quota, whichever is smaller (infra.cpus).
+    workers: Width = "auto"
     # Address of an existing Dask scheduler (tcp://host:8786); None starts a local cluster.
     dask_address: str | None = None
     # Address of an existing Ray cluster ("auto", "ray://head:10001"); None starts a local Ray with `workers` CPUs.

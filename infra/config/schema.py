@@ -162,7 +162,7 @@ def _format_errors(err: ValidationError) -> list[str]:
         else:
             got = e.get("input")
             shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
-            problems.append(f"{loc}: {e['msg']}{shown}")
+            problems.append(f"{loc}: {e['msg'].removeprefix('Value error, ')}{shown}")
     return problems
 
 

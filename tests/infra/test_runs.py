@@ -38,15 +38,15 @@ def test_execution_overrides_change_no_stage_key():
 
 def test_resume_amends_only_execution_keys(tmp_path, capsys):
     run, cfg = prepare_run(DEMO, [f"run.root={tmp_path}"])
-    assert (cfg.run.shard_retries, cfg.run.workers) == (0, 2)
+    assert (cfg.run.shard_retries, cfg.run.workers) == (0, "auto")
     changed = amend_run(run, ["run.shard_retries=3", "run.workers=4", "run.task_runner=thread"])
-    assert changed == {"run.shard_retries": (0, 3), "run.workers": (2, 4)}  # task_runner was already thread
+    assert changed == {"run.shard_retries": (0, 3), "run.workers": ("auto", 4)}  # task_runner was already thread
     saved = run.load_config()
     assert (saved.run.shard_retries, saved.run.workers) == (3, 4)
     assert saved.model_dump(exclude={"run"}) == cfg.model_dump(exclude={"run"})
     event = json.loads(run.events_path.read_text().splitlines()[-1])
     assert event["event"] == "config_amended"
-    assert event["changed"] == {"run.shard_retries": {"old": 0, "new": 3}, "run.workers": {"old": 2, "new": 4}}
+    assert event["changed"] == {"run.shard_retries": {"old": 0, "new": 3}, "run.workers": {"old": "auto", "new": 4}}
     again, cfg2 = prepare_run(DEMO, [f"run.root={tmp_path}"])  # `lvd run` of the same config: the amended run
     assert again.path == run.path and cfg2.run.shard_retries == 3
     assert amend_run(run, []) == {}
