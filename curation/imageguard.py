@@ -32,7 +32,9 @@ import contextlib
 import io
 import math
 import struct
+import threading
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -282,9 +284,15 @@ def guarded_resizer(cfg: IngestConfig) -> Any:
     img2dataset.resizer.SuppressStdoutStderr = contextlib.nullcontext
 
     class GuardedResizer(Resizer):  # type: ignore[misc]
+        token = cfg.model_dump_json()  # resizers of equal configurations give equal results
+
         def __call__(self, img_stream: io.BytesIO, blurring_bbox_list: Any = None) -> tuple:
+            if blurring_bbox_list is None and getattr(img_stream, "token", None) == self.token:
+                return img_stream.result  # computed in its download thread
             img_stream.seek(0)
-            raw = img_stream.read()
+            return self.compute(img_stream.read(), blurring_bbox_list)
+
+        def compute(self, raw: bytes, blurring_bbox_list: Any = None) -> tuple:
             data, why, full = prepare_scaled(raw, cfg.max_decode_pixels, cfg)
             if why is not None:
                 return (*_FAILED, why)
@@ -295,7 +303,7 @@ def guarded_resizer(cfg: IngestConfig) -> Any:
                 return (*result[:3], *full, None)
             return result
 
-    return GuardedResizer(
+    resizer = GuardedResizer(
         image_size=cfg.image_size,
         resize_mode=cfg.resize_mode,
         resize_only_if_bigger=cfg.resize_only_if_bigger,
@@ -305,3 +313,61 @@ def guarded_resizer(cfg: IngestConfig) -> Any:
         max_image_area=cfg.max_image_area,
         max_aspect_ratio=cfg.max_aspect_ratio,
     )
+    return resizer
+
+
+# Decoding in the download threads. img2dataset downloads a shard's URLs on its threads but decodes, checks and
+# resizes each image in the shard's one loop, so a shard of local photographs (no network wait: decoding is the work)
+# used one core whatever the machine. While :func:`resizing_in_download_threads` is active, each download thread
+# computes its image's result right after the download (the same function, on the same bytes: the same result) and
+# hands it over with the image; the loop takes it instead of computing it (only without face boxes, which the loop
+# passes in). At most one decode per CPU runs at once across the process (infra.cpus), so memory holds that many
+# decoded photographs, not one per download thread.
+_RESIZING: dict[str, Any] = {"resizers": {}, "original": None, "slots": None}
+_RESIZING_LOCK = threading.Lock()
+
+
+class PreparedStream(io.BytesIO):
+    """Downloaded bytes with the result of the resizer whose configuration is ``token``."""
+
+    token: str | None = None
+    result: tuple | None = None
+
+
+def _download_and_resize(row: Any, **kw: Any) -> tuple:
+    key, stream, err = _RESIZING["original"](row, **kw)
+    resizers = list(_RESIZING["resizers"].values())
+    if stream is None or len({r.token for r in resizers}) != 1:  # (shards of two configurations: the loop decodes)
+        return key, stream, err
+    raw = stream.getvalue()
+    try:
+        with _RESIZING["slots"]:
+            result = resizers[0].compute(raw)
+    except Exception:  # the loop computes it again and meets the error where it always has
+        return key, stream, err
+    out = PreparedStream(raw)
+    out.token, out.result = resizers[0].token, result
+    return key, out, err
+
+
+@contextlib.contextmanager
+def resizing_in_download_threads(resizer: Any) -> Iterator[None]:
+    """Within: img2dataset's downloads in this process resize in their own threads with ``resizer`` (concurrent
+    shards share it: img2dataset's download function is module-wide, as the opener is)."""
+    import img2dataset.downloader as downloader
+
+    from infra.cpus import cpus
+
+    with _RESIZING_LOCK:
+        if not _RESIZING["resizers"]:
+            _RESIZING["original"] = downloader.download_image_with_retry
+            _RESIZING["slots"] = threading.BoundedSemaphore(cpus())
+            downloader.download_image_with_retry = _download_and_resize
+        _RESIZING["resizers"][id(resizer)] = resizer
+    try:
+        yield
+    finally:
+        with _RESIZING_LOCK:
+            del _RESIZING["resizers"][id(resizer)]
+            if not _RESIZING["resizers"]:
+                downloader.download_image_with_retry = _RESIZING["original"]

@@ -34,7 +34,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from PIL import Image
 
-from curation.imageguard import guarded_resizer
+from curation.imageguard import guarded_resizer, resizing_in_download_threads
 from curation.netguard import UrlGuard, Verdict
 from curation.opener import guarded_opener
 from curation.phash import distance, near_duplicates, phash, to_hex
@@ -142,9 +142,10 @@ def run_img2dataset(rows: pd.DataFrame, work: Path, cfg: IngestConfig) -> tuple[
     table = pa.Table.from_pandas(frame, preserve_index=False)
     with pa.OSFile(str(arrow_path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
+    resizer = guarded_resizer(cfg)
     downloader = Downloader(
         sample_writer_class=WebDatasetSampleWriter,
-        resizer=guarded_resizer(cfg),
+        resizer=resizer,
         thread_count=cfg.threads,
         save_caption=True,
         extract_exif=False,
@@ -161,7 +162,7 @@ def run_img2dataset(rows: pd.DataFrame, work: Path, cfg: IngestConfig) -> tuple[
         disallowed_header_directives=cfg.disallowed_header_directives or None,
     )
     (work / "out").mkdir(exist_ok=True)
-    with guarded_opener(cfg):
+    with guarded_opener(cfg), resizing_in_download_threads(resizer):  # a shard's images decoded on every CPU
         ok, _ = downloader((0, str(arrow_path)))
     if not ok:
         raise RuntimeError(f"img2dataset failed on shard input {arrow_path} (see the traceback above)")

@@ -6,6 +6,7 @@ import argparse
 import contextvars
 import functools
 import json
+import logging
 import os
 import sys
 import threading
@@ -128,7 +129,7 @@ def _run_flow(run_root: Path, run_id: str) -> int:
     run = RunDir(Path(run_root), run_id)
     resume = f"lvd resume {run_id} --root {run_root}"
     cpus = budget()
-    print(f"using {cpus.describe()}", file=sys.stderr)
+    logging.getLogger("lvd").info("using %s", cpus.describe())  # (pools sized to it: infra.cpus)
     run.log_event("launched", cpus=cpus.cpus, cpu_budget=cpus.describe())
     interrupt.attach(run, resume)
 

@@ -142,3 +142,62 @@ def test_a_large_jpeg_is_decoded_smaller_with_the_same_size_recorded_and_nearly_
             assert a.shape == b.shape and np.abs(a - b).mean() < 0.5, np.abs(a - b).mean()
     small = IngestConfig(image_size=400, encode_format="png", encode_quality=3)  # shrunk less than fourfold
     assert prepare_scaled(jpg, 10**9, small)[2] is None
+
+
+def test_a_shards_images_are_resized_in_its_download_threads_with_the_loops_results(tmp_path, monkeypatch):
+    """img2dataset resizes a shard's images in one loop; each download thread now computes its image's result, once,
+    and the loop takes it: every stored image, size and refusal is what the resizer gives for those bytes."""
+    import threading
+
+    import img2dataset.downloader
+    import pandas as pd
+    from skimage import data
+
+    import curation.imageguard as imageguard
+    import curation.ingest as ingest
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for i, photo in enumerate([data.astronaut(), data.coffee(), data.chelsea(), data.rocket()]):
+        img = Image.fromarray(cv2.resize(photo, (1600, 1200), interpolation=cv2.INTER_CUBIC))  # decoded at 1/4
+        exif = img.getexif()
+        if i == 1:
+            exif[0x0112] = 6
+        img.save(pool / f"p{i}.jpg", "JPEG", quality=90, exif=exif)
+    Image.fromarray(np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 21).save(pool / "grey16.png")
+    (pool / "cut.jpg").write_bytes((pool / "p0.jpg").read_bytes()[:20_000])
+    (pool / "page.jpg").write_bytes(b"<!doctype html><html><body>moved</body></html>")
+    files = sorted(pool.iterdir())
+    cfg = IngestConfig(local_roots=[pool], image_size=128, encode_format="png", encode_quality=3, threads=4)
+    in_main: list[bool] = []
+    real = ingest.guarded_resizer
+
+    def recording(c: IngestConfig):
+        resizer = real(c)
+        compute = resizer.compute
+
+        def spy(raw, bbox=None):
+            in_main.append(threading.current_thread() is threading.main_thread())
+            return compute(raw, bbox)
+
+        resizer.compute = spy
+        return resizer
+
+    monkeypatch.setattr(ingest, "guarded_resizer", recording)
+    original = img2dataset.downloader.download_image_with_retry
+    rows = pd.DataFrame({"row_id": range(len(files)), "source": "s", "caption": None,
+                         "url": [f.as_uri() for f in files]})  # fmt: skip
+    meta, images = ingest.run_img2dataset(rows, tmp_path / "work", cfg)
+    assert in_main == [False] * len(files)  # once per image, none in the shard's loop
+    assert img2dataset.downloader.download_image_with_retry is original and not imageguard._RESIZING["resizers"]
+    reference = real(cfg)
+    outcomes = {}
+    for r in meta.itertuples():
+        img, w, h, ow, oh, err = reference.compute(files[r.row_id].read_bytes())
+        assert r.error_message == err, files[r.row_id].name
+        if err is None:
+            assert (images[r.key], r.width, r.height, r.original_width, r.original_height) == (img, w, h, ow, oh)
+        outcomes[files[r.row_id].name] = err
+    assert outcomes == {"cut.jpg": "truncated image: jpeg without end-of-image marker", "grey16.png": None,
+                        "p0.jpg": None, "p1.jpg": None, "p2.jpg": None, "p3.jpg": None,
+                        "page.jpg": "not an image: an html document"}  # fmt: skip

@@ -29,7 +29,7 @@ ADVICE = ("would be written into the run directory's config.yaml; give it throug
 def test_a_credential_in_a_url_is_refused_without_echoing_it(override, shown):
     with pytest.raises(ConfigError) as err:
         load_config(REPO / "configs" / "tiny.yaml", [override, "run.workers=0"])
-    assert err.value.problems == [f"{shown} {ADVICE}", "run.workers: Input should be greater than or equal to 1 (got 0)"]
+    assert err.value.problems == [f"{shown} {ADVICE}", "run.workers: a number of at least 1, or auto (the CPUs this process may use) (got 0)"]
     assert "Hunter2" not in str(err.value)
 
 
