@@ -303,7 +303,7 @@ def guarded_resizer(cfg: IngestConfig) -> Any:
                 return (*result[:3], *full, None)
             return result
 
-    resizer = GuardedResizer(
+    return GuardedResizer(
         image_size=cfg.image_size,
         resize_mode=cfg.resize_mode,
         resize_only_if_bigger=cfg.resize_only_if_bigger,
@@ -313,16 +313,15 @@ def guarded_resizer(cfg: IngestConfig) -> Any:
         max_image_area=cfg.max_image_area,
         max_aspect_ratio=cfg.max_aspect_ratio,
     )
-    return resizer
 
 
 # Decoding in the download threads. img2dataset downloads a shard's URLs on its threads but decodes, checks and
 # resizes each image in the shard's one loop, so a shard of local photographs (no network wait: decoding is the work)
 # used one core whatever the machine. While :func:`resizing_in_download_threads` is active, each download thread
 # computes its image's result right after the download (the same function, on the same bytes: the same result) and
-# hands it over with the image; the loop takes it instead of computing it (only without face boxes, which the loop
-# passes in). At most one decode per CPU runs at once across the process (infra.cpus), so memory holds that many
-# decoded photographs, not one per download thread.
+# hands it over with the image; the loop takes it instead of computing it (were img2dataset given face boxes to blur,
+# which only the loop has, it would compute it there). At most one decode per CPU runs at once across the process
+# (infra.cpus), so memory holds that many decoded photographs, not one per download thread.
 _RESIZING: dict[str, Any] = {"resizers": {}, "original": None, "slots": None}
 _RESIZING_LOCK = threading.Lock()
 

@@ -53,8 +53,8 @@ def task_runner(run: RunConfig, width: int) -> Any:
             raise ImportError("run.task_runner=dask needs `pip install prefect-dask dask[distributed]`") from err
         if run.dask_address:
             return DaskTaskRunner(address=run.dask_address)
-        return DaskTaskRunner(cluster_kwargs={"n_workers": resolve(run.workers), "threads_per_worker": 1, "processes": True,
-                                              "dashboard_address": None})  # fmt: skip
+        return DaskTaskRunner(cluster_kwargs={"n_workers": resolve(run.workers), "threads_per_worker": 1,
+                                              "processes": True, "dashboard_address": None})  # fmt: skip
     if run.task_runner == "ray":
         try:
             from prefect_ray import RayTaskRunner

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -35,6 +36,11 @@ class CpuBudget:
                 f"{self.quota:g} CPU{'s' if self.quota != 1 else ''}: {self.quota_file})")  # fmt: skip
 
 
+def _unescape(field: str) -> str:
+    """mountinfo's octal escapes of space, tab, newline and backslash."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
 def _mounts(proc: Path) -> list[tuple[str, str, str, set[str]]]:
     """(root within the file system, mount point, fstype, super options) of the cgroup mounts (proc(5) mountinfo)."""
     out = []
@@ -47,8 +53,7 @@ def _mounts(proc: Path) -> list[tuple[str, str, str, set[str]]]:
         fields, rest = head.split(), tail.split()
         if not sep or len(fields) < 5 or len(rest) < 3 or rest[0] not in ("cgroup", "cgroup2"):
             continue
-        unescape = lambda s: s.replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")  # noqa: E731
-        out.append((unescape(fields[3]), unescape(fields[4]), rest[0], set(rest[2].split(","))))
+        out.append((_unescape(fields[3]), _unescape(fields[4]), rest[0], set(rest[2].split(","))))
     return out
 
 
