@@ -113,6 +113,21 @@ def test_mtcnn_gives_facenet_pytorchs_boxes():
     assert found >= 5  # the comparison covered real detections
 
 
+def test_mtcnn_threads_change_no_box():
+    """`faces.threads` is an execution key, outside the stage's key (a resumed run may change it): the same boxes and
+    scores, bit for bit, at 1 and 2 onnxruntime threads."""
+    from curation.models.mtcnn import Mtcnn
+
+    images = [np.asarray(s.image) for s in labelled_set(n_faces=4, n_free=2, seed=1)]
+    one, two = Mtcnn(20, (0.6, 0.7, 0.9), threads=1), Mtcnn(20, (0.6, 0.7, 0.9), threads=2)
+    found = 0
+    for img in images:
+        (a, pa), (b, pb) = one.detect(img), two.detect(img)
+        assert np.array_equal(a, b) and np.array_equal(pa, pb)
+        found += len(a)
+    assert found >= 4
+
+
 def test_area_resize_is_torch_area_interpolation_bit_for_bit():
     """MTCNN's resamples (pyramid levels, crops) from an integral image equal torch's interpolate(mode="area")."""
     import torch

@@ -37,6 +37,15 @@ def test_int8_decisions_agree_with_fp32(labelled):
             assert ((_scores(bare, images) >= threshold) != (fp32 >= threshold)).sum() > 0  # int8 alone flips some
 
 
+def test_threads_change_no_score(labelled):
+    """`nsfw.threads` is an execution key, outside the stage's key (a resumed run may change it): every score, int8
+    and fp32, is the same bit for bit at 1 and 2 threads per forward."""
+    images, fp32 = labelled
+    assert np.array_equal(_scores(OpenNsfw(NsfwConfig(threads=2)), images), fp32)
+    one, two = (_scores(OpenNsfwInt8(NsfwConfig(threads=t)), images) for t in (1, 2))
+    assert np.array_equal(one, two)
+
+
 def test_auto_is_measured_and_picks_the_fastest(monkeypatch):
     monkeypatch.setattr(nsfw, "_MEASURED", {})
     monkeypatch.setattr(nsfw, "cpu_has_amx_bf16", lambda: False)
