@@ -60,6 +60,7 @@ from curation.kmeans import FlopCounter
 from curation.rebalance import balanced_sample, hierarchical_kmeans
 from curation.vectors import RowView, VectorStore, write_vectors
 from infra.config.curation import DedupConfig, IndexConfig, RebalanceConfig, RetrieveConfig
+from infra.cpus import cpus
 
 GIB = 1 << 30
 CURATION = ("dedup_graph", "retrieval", "hierarchical_kmeans")
@@ -359,7 +360,7 @@ def main() -> None:
                    help="which curation steps to run (comma-separated; all three for the issue's curation time)")
     args = p.parse_args()
     sizes = [int(float(v)) for v in args.n.split(",")]
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(cpus())  # the CPUs this process may use (a container quota included)
     root = args.out or Path(tempfile.mkdtemp(prefix="curate_scale_"))
     with Step("matmul_peak").run() as info:
         peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16, m=1024, n=1024, reps=1, min_seconds=0)

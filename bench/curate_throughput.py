@@ -21,6 +21,8 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+from infra.cpus import cpus
+
 
 def flops_per_image(model: torch.nn.Module, size: int) -> float:
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
@@ -72,8 +74,8 @@ def photo_bytes() -> dict[str, float]:
 
 
 def main() -> None:
-    torch.set_num_threads(os.cpu_count() or 1)
-    out = {"cpus": os.cpu_count(), **photo_bytes()}
+    torch.set_num_threads(cpus())  # the CPUs this process may use (a container quota included)
+    out = {"cpus": cpus(), **photo_bytes()}
     print(json.dumps(out), flush=True)
     for name, (model, size, batch) in models().items():
         f = flops_per_image(model, size)

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from curation.faces import MTCNN_THRESHOLD, Box, build_detector
 from infra.config.ingest import FacesConfig
+from infra.cpus import cpus
 
 # Photographs with no person in them, as files inside scikit-image and scikit-learn (nothing is fetched).
 FACE_FREE = ("coffee.png", "chelsea.png", "rocket.jpg", "coins.png", "brick.png", "gravel.png", "grass.png",
@@ -179,7 +180,7 @@ def main() -> None:
         detect(samples[0].image)
     n_img = sum(bool(s.faces) for s in samples)
     print(f"{args.faces} faces (lfw_subset, 24-128 px) pasted into {n_img} face-free photographs, {args.free} "
-          f"face-free photographs; longest side {SIDE} px; seed {args.seed}; {len(os.sched_getaffinity(0))} cores, "
+          f"face-free photographs; longest side {SIDE} px; seed {args.seed}; {cpus()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f}\n")  # fmt: skip
     print(f"{'detector / setting':<38}{'faces blurred':>15}{'face-free touched':>19}{'extra boxes':>13}{'images/s':>10}")
     for name, detect in dets.items():

@@ -52,6 +52,7 @@ from curation.ingest import excluded, ingest
 from curation.nsfw import dropped_ids, nsfw_filter, resolve_backend, scorer_for
 from infra.config.data import DataConfig
 from infra.config.ingest import FacesConfig, IngestConfig, NsfwConfig
+from infra.cpus import cpus
 from infra.demo.server import DemoServer, free_port
 from infra.shards import list_shards
 from infra.stage import ShardTracker
@@ -210,7 +211,7 @@ def main() -> None:
 
 
 def report(args: argparse.Namespace, models: str, raws: list, fulls: list) -> None:
-    cores = len(os.sched_getaffinity(0))
+    cores = cpus()
     raw_s = float(np.median([r[0] for r in raws])) if raws else float("nan")
     raw_cpu = float(np.median([r[1] for r in raws])) if raws else float("nan")
     raw_n = raws[0][2] if raws else 0

@@ -19,6 +19,7 @@ def cpu_model() -> str:
 
 
 def describe_machine(device: torch.device, threads: int) -> str:
+    from infra.cpus import budget
     from infra.precision import cpu_bf16_flags, cpu_bf16_speedup, resolve
 
     if device.type == "cuda":
@@ -27,6 +28,6 @@ def describe_machine(device: torch.device, threads: int) -> str:
     flags = [name for name, has in (("AMX", torch.cpu._is_amx_tile_supported()),
                                     ("AVX512-BF16", torch.cpu._is_avx512_bf16_supported())) if has]
     speed = f"bf16 matmul {cpu_bf16_speedup():.1f}x fp32 (512^3 probe)" if cpu_bf16_flags() else "bf16 emulated"
-    return (f"device: cpu {cpu_model()}, {os.cpu_count()} cores, {threads} torch threads, bf16 instructions: "
+    return (f"device: cpu {cpu_model()}, {budget().describe()}, {threads} torch threads, bf16 instructions: "
             f"{'+'.join(flags) or 'none'}, {speed}, precision auto -> {resolve('auto', 'cpu')}; torch "
             f"{torch.__version__}; load average {os.getloadavg()[0]:.1f}")

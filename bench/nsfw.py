@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from curation.models.open_nsfw import open_nsfw
 from curation.nsfw import OpenNsfw, OpenNsfwInt8, OpenNsfwTorch, cpu_has_amx_bf16
 from infra.config.ingest import NsfwConfig
+from infra.cpus import cpus
 
 NAMES = ["astronaut", "coffee", "chelsea", "rocket", "camera", "horse", "page", "hubble_deep_field"]
 
@@ -158,7 +159,7 @@ def main() -> None:
     caps = getattr(torch._C._cpu, "_get_cpu_capability", dict)()
     gflop = network_gflop()
     print(f"{args.n} images, batch {args.batch}, {args.rounds} interleaved rounds, {torch.get_num_threads()} torch "
-          f"threads, {len(os.sched_getaffinity(0))} cores, load average {os.getloadavg()[0]:.1f}; "
+          f"threads, {cpus()} CPUs, load average {os.getloadavg()[0]:.1f}; "
           f"amx_bf16={cpu_has_amx_bf16()} avx512_bf16={bool(caps.get('avx512_bf16'))}")  # fmt: skip
     print(f"matmul 2048^3: fp32 {med['matmul fp32']:.3f} TFLOP/s, bf16 {med['matmul bf16']:.3f} TFLOP/s (medians)")
     print(f"network: {gflop:.2f} GFLOP per image")
