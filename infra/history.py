@@ -31,6 +31,7 @@ class Attempt:
     retried: dict[str, Any] = field(default_factory=dict)  # lvd retry-failed: attempt, rows, recovered
     error: str | None = None  # lvd retry-failed: why it failed
     interrupted: str | None = None  # the signal that stopped the process (SIGINT: Ctrl-C), when it recorded one
+    cpus: str | None = None  # the CPUs it could use (infra.cpus: affinity, cgroup quota), where it recorded them
 
     @property
     def stopped_in(self) -> str | None:
@@ -62,7 +63,7 @@ def attempts_from(events: Iterable[dict[str, Any]]) -> list[Attempt]:
             launched = False
         elif kind in ("launched", "flow_started", "retry_started"):  # (runs made before `launched`: flow_started)
             by = "lvd retry-failed" if kind == "retry_started" else "lvd resume" if resumed else "lvd run"
-            out.append(Attempt(e.get("time", ""), by, changed))
+            out.append(Attempt(e.get("time", ""), by, changed, cpus=e.get("cpu_budget")))
             if kind == "retry_started":
                 out[-1].stages["ingest"] = StageOutcome("running")
             resumed, changed, launched = False, [], kind == "launched"
@@ -146,5 +147,6 @@ def describe(history: list[Attempt]) -> list[dict[str, Any]]:
         else:
             where = f"in {stopped}" if stopped else "between stages"
             ended = f"running, or interrupted {where}" if i == len(history) - 1 else f"interrupted {where}"
-        rows.append({"attempt": i + 1, "started": a.started, "by": by, "what": what or "nothing", "ended": ended})
+        rows.append({"attempt": i + 1, "started": a.started, "by": by, "what": what or "nothing", "ended": ended,
+                     "cpus": a.cpus})
     return rows

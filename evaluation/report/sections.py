@@ -71,7 +71,8 @@ def attempts_table(history: list[Attempt]) -> str:
     """Every process that worked on the run, from its events: what it ran, what it reused, where it stopped."""
     if not history:
         return missing("The run's events.jsonl records no attempt (its flow never started).")
-    rows = [[r["attempt"], _when(r["started"]), r["by"], r["what"], r["ended"]] for r in describe(history)]
+    rows = [[r["attempt"], _when(r["started"]), r["by"] + (f" on {r['cpus']}" if r["cpus"] else ""), r["what"],
+             r["ended"]] for r in describe(history)]  # fmt: skip
     n = len(history)
     lead = (f"{n} attempt{'s' if n != 1 else ''}, from the run's events.jsonl: a resumed attempt reuses the stages and "
             "shards finished before it, and training continues from its last checkpoint.")

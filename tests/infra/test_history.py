@@ -47,3 +47,26 @@ def test_a_stage_computed_again_says_why_in_the_attempts_table():
                                    {"event": "skipped", "stage": "nsfw"}, {"event": "flow_completed"}]))
     assert rows[0]["what"] == ("ran ingest (its code changed (curation/netguard.py)); "
                                "reused (completed before): nsfw")
+
+
+def test_each_attempt_shows_the_cpus_it_could_use():
+    """`lvd run` records the CPUs it may use (affinity, cgroup quota) in its `launched` event; `lvd status` and the
+    report show them per attempt (a resume in a smaller container reads differently); older runs show nothing."""
+    from evaluation.report.sections import attempts_table
+    from infra.summary import format_summary
+
+    one = "2 CPUs (affinity 2, no cgroup quota)"
+    two = "1 CPU (affinity 64, cgroup quota 0.5 CPUs: /sys/fs/cgroup/cpu.max)"
+    events = [{"event": "launched", "cpus": 2, "cpu_budget": one, "time": "2026-12-07T13:30:00"},
+              {"event": "interrupted", "signal": "SIGINT"}, {"event": "resumed"},
+              {"event": "launched", "cpus": 1, "cpu_budget": two, "time": "2026-12-07T13:31:00"},
+              {"event": "flow_started"}, {"event": "flow_completed"}, {"event": "resumed"}, {"event": "flow_started", "time": "2026-12-07T13:32:00"}]
+    rows = describe(attempts_from(events))
+    assert [r["cpus"] for r in rows] == [one, two, None]
+    text = format_summary({"run_id": "r", "path": "p", "stages": [], "attempts": rows})
+    assert text.splitlines()[text.splitlines().index("attempts:") + 1:] == [
+        "  1  2026-12-07 13:30  lvd run: interrupted by Ctrl-C (SIGINT) before its first stage", "     nothing",
+        f"     on {one}", "  2  2026-12-07 13:31  lvd resume: completed", "     nothing", f"     on {two}",
+        "  3  2026-12-07 13:32  lvd resume: running, or interrupted between stages", "     nothing"]
+    html = attempts_table(attempts_from(events))
+    assert f"lvd run on {one}" in html and f"lvd resume on {two}" in html
