@@ -29,6 +29,7 @@ from infra import plan
 from infra.config import PipelineConfig
 from infra.config.schema import config_hash
 from infra.config.train import EXECUTION_KEYS, TrainConfig
+from infra.cpus import resolve
 from infra.demo.benchmarks import SEGMENTATION_DIR, build_digit_segmentation
 from infra.demo.crawl import build_demo_crawl
 from infra.errors import InputProblem
@@ -116,7 +117,7 @@ def _embed(ctx: StageContext) -> StageResult:
     # A shard task per pool shard (fingerprinted with the shard's kept images), one per seed set (always embedded).
     inputs = ctx.shard_inputs([s.name for s in shards], ["faces"], kept.groupby("shard")["image_id"].agg(list).to_dict())
     tracker = ctx.tracker(len(shards) + len(seeds), inputs)
-    return embed(shards, keep, seeds, ctx.dir, make, tracker, cfg.embed.device, cfg.embed.decode_threads,
+    return embed(shards, keep, seeds, ctx.dir, make, tracker, cfg.embed.device, resolve(cfg.embed.decode_threads),
                  mapper=prefect_mapper(cfg.run, "embed", gpu=True) if _fanout(cfg) else None, embedder_key=key)  # fmt: skip
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from flows.fanout import task_runner
+from infra.config.curation import EmbedConfig
 from infra.config.ingest import IngestConfig
 from infra.config.run import RunConfig
 from infra.cpus import cpu_budget, cpus, read_quota, resolve
@@ -112,9 +113,9 @@ def test_affinity_is_followed_and_the_libraries_left_to_it():
 
 
 def test_auto_widths_are_the_budget():
-    """`run.workers` and `ingest.processes` default to `auto`: the shards in flight are the CPUs this process may
-    use; a number is taken as given."""
-    assert (RunConfig().workers, IngestConfig().processes) == ("auto", "auto")
+    """`run.workers`, `ingest.processes` and `embed.decode_threads` default to `auto`: the CPUs this process may use;
+    a number is taken as given."""
+    assert (RunConfig().workers, IngestConfig().processes, EmbedConfig().decode_threads) == ("auto",) * 3
     assert resolve("auto") == cpus() == cpu_budget().cpus
     assert resolve(3) == 3 and RunConfig(workers=3).workers == 3
     with pytest.raises(ValueError, match="workers"):
