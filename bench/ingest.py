@@ -169,11 +169,11 @@ def run_full(urls: Path, run: Path, args: argparse.Namespace, nsfw: NsfwConfig,
                 lambda: ingest(DataConfig(url_list=urls), ing, cfg, ShardTracker("ingest", ing), mapper))
     shards = list_shards(ing / "shards")
     clock("nsfw", lambda: nsfw_filter(shards, excluded(ing), run / "nsfw", nsfw, ShardTracker("nsfw", run / "nsfw"),
-                                      mapper))  # fmt: skip
+                                      mapper, args.processes))  # fmt: skip
     dup, bad = excluded(ing), dropped_ids(run / "nsfw")
     skip = {s.name: dup.get(s.name, set()) | bad for s in shards}
     faces = clock("faces", lambda: blur_faces(shards, skip, run / "faces", faces_cfg,
-                                              ShardTracker("faces", run / "faces"), mapper))  # fmt: skip
+                                              ShardTracker("faces", run / "faces"), mapper, args.processes))  # fmt: skip
     assert res.counts["kept"] >= faces.counts["kept"]
     return times, cpu_seconds() - c0, int(faces.counts["kept"])
 

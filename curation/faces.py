@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import threading
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -34,6 +35,7 @@ from PIL import Image, ImageFilter
 
 from curation.urls import parse_face_boxes
 from infra.config.ingest import FacesConfig
+from infra.cpus import ordered_map, threads_per_task
 from infra.images import decode, encode
 from infra.lineage import LedgerWriter
 from infra.shards import Shard, ShardWriter, iter_shard_images, list_shards
@@ -222,26 +224,39 @@ def blur_boxes(img: Image.Image, boxes: list[Box], mode: str) -> Image.Image:
     return out
 
 
-def blur_shard(stage_dir: Path, shard: Shard, skip: frozenset[str], cfg: FacesConfig) -> tuple[str, dict[str, int]]:
+def _blur_image(item: tuple[dict, bytes], cfg: FacesConfig) -> tuple[dict, Exception | tuple]:
+    """One image's faces found and blurred: (meta, (bytes to store, boxes, given boxes, detector)), or (meta, why it
+    does not decode). On the calling thread's detector (OpenCV's are not shared between threads)."""
+    meta, data = item
+    try:
+        img = decode(data)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # recorded, run goes on
+        return meta, err
     detector = detector_for(cfg)
+    given = given_boxes(meta.get("face_boxes"), img.size)
+    boxes = [expand(b, cfg.margin, img.size) for b in given + detector.detect(img)]
+    if boxes:
+        data = encode(blur_boxes(img, boxes, cfg.blur), meta["ext"], cfg.encode_quality)
+    return meta, (data, boxes, given, detector.name)
+
+
+def blur_shard(stage_dir: Path, shard: Shard, skip: frozenset[str], cfg: FacesConfig,
+               threads: int = 1) -> tuple[str, dict[str, int]]:  # fmt: skip
+    """Blur one shard's faces into a shard of its own; ``threads``: images worked on at once (a stage with fewer
+    shards than CPUs); the shard and its records keep the images' order."""
     ledger = LedgerWriter("faces")
     n_images = n_blurred = 0
     with ShardWriter(stage_dir / "shards", shard.name) as writer:
-        for meta, data in iter_shard_images(shard, set(skip)):
+        for meta, done in ordered_map(partial(_blur_image, cfg=cfg), iter_shard_images(shard, set(skip)), threads):
             ids = {"row_id": meta["row_id"], "image_id": meta["image_id"]}
-            try:
-                img = decode(data)
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # recorded, run goes on
-                ledger.drop("decode_error", **ids, detail={"error": str(err)})
+            if isinstance(done, Exception):
+                ledger.drop("decode_error", **ids, detail={"error": str(done)})
                 continue
-            given = given_boxes(meta.get("face_boxes"), img.size)
-            boxes = [expand(b, cfg.margin, img.size) for b in given + detector.detect(img)]
+            data, boxes, given, detector = done
             columns = {k: meta[k] for k in ("row_id", "url", "source", "width", "height") if k in meta}
-            if boxes:
-                data = encode(blur_boxes(img, boxes, cfg.blur), meta["ext"], cfg.encode_quality)
-                n_blurred += 1
+            n_blurred += bool(boxes)
             ledger.info("faces", **ids, detail={"n_faces": len(boxes), "n_given": len(given), "boxes": boxes,
-                                                "detector": detector.name, "blur": cfg.blur if boxes else None})  # fmt: skip
+                                                "detector": detector, "blur": cfg.blur if boxes else None})  # fmt: skip
             writer.add(meta["image_id"], data, meta["ext"], **columns, n_faces=len(boxes))
             n_images += 1
     ledger.write(stage_dir / "ledger" / f"{shard.name}.parquet")
@@ -251,11 +266,14 @@ def blur_shard(stage_dir: Path, shard: Shard, skip: frozenset[str], cfg: FacesCo
 
 def blur_faces(
     shards: list[Shard], skip: dict[str, set[str]], stage_dir: Path, cfg: FacesConfig, tracker: ShardTracker,
-    mapper=None,
+    mapper=None, width: int | str = 1,
 ) -> StageResult:
+    """``width``: shards the mapper runs at once (`auto`: the CPUs); a shard gets the CPUs its share leaves."""
     from curation.ingest import serial_map
 
-    todo = [(stage_dir, s, frozenset(skip.get(s.name, ())), cfg) for s in shards if not tracker.is_done(s.name)]
+    pending = [s for s in shards if not tracker.is_done(s.name)]
+    threads = threads_per_task(len(pending), width)
+    todo = [(stage_dir, s, frozenset(skip.get(s.name, ())), cfg, threads) for s in pending]
     for name, counts in (mapper or serial_map)(blur_shard, todo):
         tracker.done(name, counts)
     totals: dict[str, int] = {}

@@ -32,6 +32,7 @@ import math
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -41,7 +42,7 @@ import pandas as pd
 from PIL import Image
 
 from infra.config.ingest import NsfwConfig
-from infra.cpus import cpus
+from infra.cpus import cpus, ordered_map, threads_per_task
 from infra.images import decode
 from infra.lineage import LedgerWriter
 from infra.shards import Shard, iter_shard_images
@@ -430,16 +431,39 @@ def scorer_for(cfg: NsfwConfig) -> NsfwScorer:
         return _SCORERS[key]
 
 
-def score_shard(stage_dir: Path, shard: Shard, skip: frozenset[str], cfg: NsfwConfig) -> tuple[str, dict[str, int]]:
-    """Score one shard's images; writes ``scores/<shard>.parquet`` and the shard's ledger."""
+def score_shard(stage_dir: Path, shard: Shard, skip: frozenset[str], cfg: NsfwConfig,
+                threads: int = 1) -> tuple[str, dict[str, int]]:  # fmt: skip
+    """Score one shard's images; writes ``scores/<shard>.parquet`` and the shard's ledger. ``threads``: batches
+    scored at once (a stage with fewer shards than CPUs); the records keep the images' order."""
     scorer = scorer_for(cfg)
     ledger = LedgerWriter("nsfw")
     rows: list[dict] = []
-    batch: list[tuple[dict, Image.Image]] = []
 
-    def flush() -> None:
-        scores = scorer.score([im for _, im in batch])
-        for (meta, _), s in zip(batch, scores, strict=True):
+    def units() -> Iterator[tuple[dict, Exception] | list[tuple[dict, Image.Image]]]:
+        """Batches of decoded images; an image that does not decode, where it comes."""
+        batch: list[tuple[dict, Image.Image]] = []
+        for meta, data in iter_shard_images(shard, set(skip)):
+            try:
+                batch.append((meta, decode(data)))
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # corrupt on disk
+                yield meta, err
+            if len(batch) >= cfg.batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def score(unit: tuple[dict, Exception] | list[tuple[dict, Image.Image]]) -> np.ndarray | None:
+        return scorer.score([im for _, im in unit]) if isinstance(unit, list) else None
+
+    for unit, scores in ordered_map(lambda u: (u, score(u)), units(), threads):
+        if not isinstance(unit, list):
+            meta, err = unit
+            ledger.drop("decode_error", row_id=meta["row_id"], image_id=meta["image_id"], detail={"error": str(err)})
+            rows.append({"row_id": meta["row_id"], "image_id": meta["image_id"], "nsfw_score": np.nan,
+                         "flagged": False, "dropped": True})  # fmt: skip
+            continue
+        for (meta, _), s in zip(unit, scores, strict=True):
             flagged = bool(s >= cfg.threshold)
             ids = {"row_id": meta["row_id"], "image_id": meta["image_id"]}
             ledger.info("nsfw_score", **ids, detail={"score": round(float(s), 6), "model": scorer.name,
@@ -447,19 +471,6 @@ def score_shard(stage_dir: Path, shard: Shard, skip: frozenset[str], cfg: NsfwCo
             if flagged and cfg.action == "drop":
                 ledger.drop("nsfw", **ids, detail={"score": round(float(s), 6), "threshold": cfg.threshold})
             rows.append({**ids, "nsfw_score": float(s), "flagged": flagged, "dropped": flagged and cfg.action == "drop"})
-        batch.clear()
-
-    for meta, data in iter_shard_images(shard, set(skip)):
-        try:
-            batch.append((meta, decode(data)))
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # corrupt on disk
-            ledger.drop("decode_error", row_id=meta["row_id"], image_id=meta["image_id"], detail={"error": str(err)})
-            rows.append({"row_id": meta["row_id"], "image_id": meta["image_id"], "nsfw_score": np.nan,
-                         "flagged": False, "dropped": True})  # fmt: skip
-        if len(batch) >= cfg.batch_size:
-            flush()
-    if batch:
-        flush()
     table = pd.DataFrame(rows, columns=["row_id", "image_id", "nsfw_score", "flagged", "dropped"])
     with atomic_path(stage_dir / SCORES / f"{shard.name}.parquet") as tmp:
         table.to_parquet(tmp, index=False)
@@ -471,11 +482,14 @@ def score_shard(stage_dir: Path, shard: Shard, skip: frozenset[str], cfg: NsfwCo
 
 def nsfw_filter(
     shards: list[Shard], skip: dict[str, set[str]], stage_dir: Path, cfg: NsfwConfig, tracker: ShardTracker,
-    mapper=None,
+    mapper=None, width: int | str = 1,
 ) -> StageResult:
+    """``width``: shards the mapper runs at once (`auto`: the CPUs); a shard gets the CPUs its share leaves."""
     from curation.ingest import serial_map
 
-    todo = [(stage_dir, s, frozenset(skip.get(s.name, ())), cfg) for s in shards if not tracker.is_done(s.name)]
+    pending = [s for s in shards if not tracker.is_done(s.name)]
+    threads = threads_per_task(len(pending), width)
+    todo = [(stage_dir, s, frozenset(skip.get(s.name, ())), cfg, threads) for s in pending]
     for name, counts in (mapper or serial_map)(score_shard, todo):
         tracker.done(name, counts)
     totals: dict[str, int] = {}

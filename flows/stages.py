@@ -62,7 +62,7 @@ def _nsfw(ctx: StageContext) -> StageResult:
     mapper = prefect_mapper(ctx.cfg.run, "nsfw")
     skip = excluded(ingest_dir)
     tracker = ctx.tracker(len(shards), ctx.shard_inputs([s.name for s in shards], ["ingest"], skip))
-    return nsfw_filter(shards, skip, ctx.dir, ctx.cfg.nsfw, tracker, mapper)
+    return nsfw_filter(shards, skip, ctx.dir, ctx.cfg.nsfw, tracker, mapper, ctx.cfg.run.workers)
 
 
 def _faces(ctx: StageContext) -> StageResult:
@@ -74,7 +74,8 @@ def _faces(ctx: StageContext) -> StageResult:
     skip = {s.name: dup.get(s.name, set()) | nsfw for s in shards}
     # A shard's NSFW drops are in its NSFW scores file, fingerprinted with its ingest shard.
     tracker = ctx.tracker(len(shards), ctx.shard_inputs([s.name for s in shards], ["ingest", "nsfw"], dup))
-    return blur_faces(shards, skip, ctx.dir, ctx.cfg.faces, tracker, prefect_mapper(ctx.cfg.run, "faces"))
+    return blur_faces(shards, skip, ctx.dir, ctx.cfg.faces, tracker, prefect_mapper(ctx.cfg.run, "faces"),
+                      ctx.cfg.run.workers)
 
 
 def _fanout(cfg: PipelineConfig) -> bool:

@@ -13,9 +13,15 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TypeVar
+
+T, R = TypeVar("T"), TypeVar("R")
 
 # Environment variables the native thread pools read when they load (libgomp: torch, FAISS; MKL; OpenBLAS: numpy).
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -144,6 +150,28 @@ def cpus() -> int:
 def resolve(value: int | str) -> int:
     """A configured pool width: a number as given, `auto` as this process's CPUs."""
     return cpus() if value == "auto" else int(value)
+
+
+def threads_per_task(tasks: int, width: int | str) -> int:
+    """Threads for each of ``tasks`` tasks run ``width`` at a time (`auto`: the CPUs): the CPUs shared by the tasks
+    in flight, at least 1. A stage of one shard on 8 CPUs gives the shard 8; of 8 shards or more, 1 each."""
+    return max(1, cpus() // max(1, min(tasks, resolve(width))))
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int) -> Iterator[R]:
+    """``fn`` over ``items`` on ``threads`` threads, results in the items' order; at most 2 x ``threads`` items in
+    flight, so memory holds that many, not the iterable. One thread: a plain map in the caller's thread."""
+    if threads <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        window: deque[Future[R]] = deque()
+        for item in items:
+            window.append(pool.submit(fn, item))
+            if len(window) >= 2 * threads:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
 
 
 def limit_native_threads() -> CpuBudget:

@@ -213,3 +213,28 @@ def test_faces_shard_blurs_the_yunet_box(tmp_path, mode):
     outside[y : y + bh, x : x + bw] = False
     np.testing.assert_array_equal(stored[outside], np.asarray(img)[outside])
     assert (stored[y : y + bh, x : x + bw] != np.asarray(img)[y : y + bh, x : x + bw]).any()
+
+
+def test_a_shards_images_worked_on_in_threads_give_the_same_files_in_the_same_order(tmp_path):
+    """A stage with fewer shards than CPUs scores batches and blurs images of a shard at once (`threads`): the
+    scores, the blurred shard and both ledgers are byte for byte those of one thread, an image that does not
+    decode still recorded where it stands."""
+    w = ShardWriter(tmp_path / "ingest" / "shards", "00000")
+    photos = [_photo(n, 160) for n in [*PHOTOS, "astronaut", "coffee"]]
+    for i, img in enumerate([*photos[:4], None, *photos[4:]]):
+        data = b"\xff\xd8\xff\xe0 not a jpeg" if img is None else _jpeg(img)
+        w.add(f"{i:064x}", data, "jpg", row_id=i, url=f"http://h/{i}.jpg", source="pool", width=160, height=160)
+    w.close()
+    (shard,) = list_shards(tmp_path / "ingest" / "shards")
+    nsfw = NsfwConfig(backend="opennsfw-int8", batch_size=3)
+    files = {}
+    for threads in (1, 3):
+        out = tmp_path / f"t{threads}"
+        counts = (score_shard(out / "nsfw", shard, frozenset(), nsfw, threads),
+                  blur_shard(out / "faces", shard, frozenset(), FacesConfig(), threads))  # fmt: skip
+        files[threads] = counts, {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*.*"))}
+    assert files[1] == files[3]
+    (nsfw_counts, face_counts), written = files[3]
+    assert nsfw_counts[1]["drop:decode_error"] == 1 and face_counts[1]["drop:decode_error"] == 1
+    assert face_counts[1]["kept"] == 8 and face_counts[1]["blurred"] >= 2  # the astronaut, twice
+    assert {"nsfw/scores/00000.parquet", "faces/shards/00000.tar", "faces/ledger/00000.parquet"} <= set(written)

@@ -18,7 +18,7 @@ from flows.fanout import task_runner
 from infra.config.curation import EmbedConfig
 from infra.config.ingest import IngestConfig
 from infra.config.run import RunConfig
-from infra.cpus import cpu_budget, cpus, read_quota, resolve
+from infra.cpus import cpu_budget, cpus, ordered_map, read_quota, resolve, threads_per_task
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -178,3 +178,34 @@ def test_a_real_cgroup_quota_sizes_every_pool():
     n = len(os.sched_getaffinity(0))
     assert (outside["cpus"], outside["quota"], outside["env"]) == (n, None, [None, None, None])
     assert outside["torch"] == outside["faiss"] == outside["onnxruntime"] == n
+
+
+def test_ordered_map_keeps_the_order_bounds_what_is_in_flight_and_uses_its_threads():
+    """What a shard's images go through in a stage of few shards (NSFW batches, face blurring): results in the
+    items' order however long each takes, at most 2 x threads items taken from the iterable ahead of the results,
+    work on `threads` threads; one thread is a plain map in the caller's thread."""
+    import threading
+    import time
+
+    taken, names = [], set()
+
+    def items():
+        for i in range(40):
+            taken.append(i)
+            yield i
+
+    def work(i):
+        names.add(threading.current_thread().name)
+        time.sleep(0.005 + 0.004 * (i % 5))  # later items often finish first
+        return i * i
+
+    out = []
+    for r in ordered_map(work, items(), 3):
+        out.append(r)
+        assert len(taken) - len(out) <= 6  # taken ahead of what was handed on
+    assert out == [i * i for i in range(40)] and len(names) == 3
+    names.clear()
+    assert list(ordered_map(work, range(5), 1)) == [0, 1, 4, 9, 16]
+    assert names == {threading.current_thread().name}
+    assert threads_per_task(1, "auto") == cpus() and threads_per_task(10 * cpus(), "auto") == 1
+    assert threads_per_task(10 * cpus(), 1) == cpus() and threads_per_task(3, 2) == max(1, cpus() // 2)
