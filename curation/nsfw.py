@@ -456,7 +456,8 @@ def score_shard(stage_dir: Path, shard: Shard, skip: frozenset[str], cfg: NsfwCo
     def score(unit: tuple[dict, Exception] | list[tuple[dict, Image.Image]]) -> np.ndarray | None:
         return scorer.score([im for _, im in unit]) if isinstance(unit, list) else None
 
-    for unit, scores in ordered_map(lambda u: (u, score(u)), units(), threads):
+    # One batch per thread in flight (a batch is 64 decoded images): what as many shards in flight would hold.
+    for unit, scores in ordered_map(lambda u: (u, score(u)), units(), threads, ahead=threads):
         if not isinstance(unit, list):
             meta, err = unit
             ledger.drop("decode_error", row_id=meta["row_id"], image_id=meta["image_id"], detail={"error": str(err)})

@@ -158,9 +158,9 @@ def threads_per_task(tasks: int, width: int | str) -> int:
     return max(1, cpus() // max(1, min(tasks, resolve(width))))
 
 
-def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int) -> Iterator[R]:
-    """``fn`` over ``items`` on ``threads`` threads, results in the items' order; at most 2 x ``threads`` items in
-    flight, so memory holds that many, not the iterable. One thread: a plain map in the caller's thread."""
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int, ahead: int | None = None) -> Iterator[R]:
+    """``fn`` over ``items`` on ``threads`` threads, results in the items' order; at most ``ahead`` (2 x ``threads``)
+    items in flight, so memory holds that many, not the iterable. One thread: a plain map in the caller's thread."""
     if threads <= 1:
         yield from map(fn, items)
         return
@@ -168,7 +168,7 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int) -> Itera
         window: deque[Future[R]] = deque()
         for item in items:
             window.append(pool.submit(fn, item))
-            if len(window) >= 2 * threads:
+            if len(window) >= (ahead or 2 * threads):
                 yield window.popleft().result()
         while window:
             yield window.popleft().result()

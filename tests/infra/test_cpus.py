@@ -204,6 +204,12 @@ def test_ordered_map_keeps_the_order_bounds_what_is_in_flight_and_uses_its_threa
         out.append(r)
         assert len(taken) - len(out) <= 6  # taken ahead of what was handed on
     assert out == [i * i for i in range(40)] and len(names) == 3
+    taken.clear()
+    out.clear()
+    for r in ordered_map(work, items(), 3, ahead=3):  # (NSFW: one batch per thread)
+        out.append(r)
+        assert len(taken) - len(out) <= 3
+    assert out == [i * i for i in range(40)]
     names.clear()
     assert list(ordered_map(work, range(5), 1)) == [0, 1, 4, 9, 16]
     assert names == {threading.current_thread().name}
