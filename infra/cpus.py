@@ -81,8 +81,11 @@ def _memberships(proc: Path) -> dict[str, str]:
 
 def _cgroup_dirs(mount_root: str, mount_point: str, path: str) -> list[Path]:
     """The process's cgroup folder under a mount, then each parent up to the mount point (a limit set on an
-    ancestor binds too). In a container with its own cgroup namespace both paths are `/`."""
-    rel = os.path.relpath(path, mount_root) if path.startswith(mount_root) else path.lstrip("/")
+    ancestor binds too); none where the mount shows another part of the hierarchy. In a container with its own
+    cgroup namespace both paths are `/`."""
+    rel = os.path.relpath(path, mount_root)
+    if rel == ".." or rel.startswith("../"):
+        return []
     here = Path(mount_point) / ("" if rel == "." else rel)
     dirs = [here]
     while here != Path(mount_point) and here.parent != here:

@@ -72,6 +72,10 @@ def test_cgroup_v1_quota_on_a_bind_mounted_hierarchy(tmp_path):
     assert cpu_budget(proc).cpus == 1  # at least one
     put(base / "inner", cpu_cfs_quota_us="300000", cpu_cfs_period_us="100000")
     assert read_quota(proc) == (0.5, str(base / "cpu.cfs_quota_us"))  # the parent's still binds
+    # a process whose cgroup the mount does not show (a sibling whose name extends the mount's root): nothing read
+    (proc / "self" / "cgroup").write_text("4:cpu,cpuacct:/docker/abcdef\n")
+    put(base / "def", cpu_cfs_quota_us="10000", cpu_cfs_period_us="100000")
+    assert read_quota(proc) is None
 
 
 def test_hybrid_hierarchy_takes_the_smaller_quota_and_odd_paths(tmp_path):
