@@ -19,6 +19,7 @@ from prefect import flow
 from evaluation.features import FeatureModel, PixelModel
 from evaluation.suite import EvalModel, classification_benchmarks, evaluate
 from flows.models import feature_model
+from infra import run_lock
 from infra.config import ConfigError, PipelineConfig, to_yaml
 from infra.config.curation import BackboneConfig
 from infra.config.evaluate import ModelEntry
@@ -129,10 +130,10 @@ def evaluate_checkpoints(cfg: PipelineConfig, entries: list[ModelEntry], root: P
     models = build_models(entries, random_init, raw_pixels, cfg.run.seed)
     eval_id = eval_id or evaluation_id(cfg, models)
     out = Path(root) / eval_id
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", to_yaml(cfg))
-    cache = cfg.evaluate.cache_dir or Path(root) / ".cache" / "features"
-    result = evaluate(benchmarks, models, cfg.evaluate, out, run_id=eval_id, cache_dir=cache, table_root=Path(root))
+    with run_lock.writing(out, "lvd evaluate", what="evaluation"):  # the same evaluation started twice: one writes
+        atomic_write_text(out / "config.yaml", to_yaml(cfg))
+        cache = cfg.evaluate.cache_dir or Path(root) / ".cache" / "features"
+        result = evaluate(benchmarks, models, cfg.evaluate, out, run_id=eval_id, cache_dir=cache, table_root=Path(root))
     return out, result
 
 

@@ -26,7 +26,7 @@ from flows.stages import active_stages, complete_exports, training_stages
 from infra.config import PipelineConfig
 from infra.console import forward_to_prefect
 from infra.demo.server import DemoServer
-from infra.history import attempts
+from infra.history import attempts, attempts_from
 from infra.manifest import read_manifest
 from infra.run import RunDir
 from infra.runs import RUN_INFO
@@ -115,7 +115,14 @@ def flow_run_name() -> str:
 
     params = flow_run.parameters
     run = RunDir(Path(params["run_root"]), params["run_id"])
-    return f"{run.run_id} attempt {len(attempts(run)) + 1}"
+    return f"{run.run_id} attempt {attempt_number(run.events())}"
+
+
+def attempt_number(events: list[dict[str, Any]]) -> int:
+    """The number of the attempt whose flow starts now: the attempts so far, plus one unless the last of them is this
+    process's own, opened by the CLI's `launched` event before Prefect started (its flow not yet started)."""
+    starts = [e.get("event") for e in events if e.get("event") in ("launched", "flow_started", "retry_started")]
+    return len(attempts_from(events)) + (0 if starts and starts[-1] == "launched" else 1)
 
 
 def run_tags(run: RunDir, cfg: PipelineConfig) -> list[str]:
@@ -123,6 +130,47 @@ def run_tags(run: RunDir, cfg: PipelineConfig) -> list[str]:
     info = read_json(run.path / RUN_INFO) if (run.path / RUN_INFO).is_file() else {}
     config = Path(info["config_file"]).stem if info.get("config_file") else "none"
     return ["lvd", f"config:{config}", *(f"stage:{s.name}" for s in active_stages(cfg))]
+
+
+# Events after which an attempt's Prefect flow run has its final state (the flow returned, the interrupt handler marked
+# it Cancelled, a stage failed and the flow with it).
+_ENDS = {"flow_completed", "interrupted", "failed"}
+
+
+def unended_flow_runs(events: list[dict[str, Any]]) -> list[str]:
+    """The Prefect flow runs of the attempts whose record stops without an end (`_ENDS`), oldest first."""
+    runs: dict[str, bool] = {}  # flow run id -> ended (dicts keep the order)
+    for e in events:
+        if e.get("event") == "flow_started" and e.get("prefect_flow_run"):
+            runs[e["prefect_flow_run"]] = False
+        elif e.get("event") in _ENDS and runs:
+            runs[next(reversed(runs))] = True
+    return [f for f, ended in runs.items() if not ended]
+
+
+def close_dead_attempts(run: RunDir, current: str) -> None:
+    """Mark Crashed in Prefect the flow runs of earlier attempts still shown Running or Pending: this process holds
+    the run (`infra.run_lock`), so their processes are gone (SIGKILL, the out-of-memory killer, a lost machine), and
+    Prefect, which hears nothing from a killed process, would show them running for ever."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Crashed
+
+    ids = [f for f in unended_flow_runs(run.events()) if f != current]
+    if not ids:
+        return
+    with get_client(sync_client=True) as client:
+        for flow_run_id in ids:
+            try:
+                flow_run = client.read_flow_run(flow_run_id)
+                if flow_run.state is None or flow_run.state.type.value not in ("RUNNING", "PENDING"):
+                    continue
+                client.set_flow_run_state(flow_run_id, Crashed(message=(
+                    "its process stopped without recording an end (killed, out of memory, or its machine lost); "
+                    f"found by {run.run_id} attempt {len(attempts(run))}")), force=True)
+                log.info("Prefect flow run %s (%s) marked Crashed: its process is gone", flow_run.name, flow_run_id)
+            except ObjectNotFound:  # recorded by another Prefect server (PREFECT_API_URL changed between attempts)
+                continue
 
 
 def run_pipeline(run_root: str, run_id: str) -> State:
@@ -139,6 +187,7 @@ def pipeline(run_root: str, run_id: str) -> dict[str, Any]:
     cfg = run.load_config()
     storage = result_storage(run)
     run.log_event("flow_started", prefect_flow_run=str(prefect_flow_run.id))  # the attempt's run in Prefect
+    close_dead_attempts(run, str(prefect_flow_run.id))
     for spec in active_stages(cfg):
         if stage_state(run, spec, cfg) == "completed":
             # Completed by an earlier attempt: Prefect's cache hit below runs no task body, so the run's history

@@ -32,6 +32,7 @@ from infra.config import PipelineConfig
 from infra.lineage import POOL
 from infra.manifest import read_manifest
 from infra.run import RunDir
+from infra.run_lock import UNKNOWN, holder
 from infra.shards import iter_tar, list_shards
 from infra.storage import sha256_bytes, sha256_file
 
@@ -116,8 +117,10 @@ def _not_run(run: RunDir, cfg: PipelineConfig, report: AuditReport) -> list[str]
     if after:
         report.notes.append(f"the run stops after stage {stop} (run.stop_after); not run: {', '.join(after)}")
     unfinished = [s for s in plan.active(cfg) if read_manifest(run.stage_dir(s)) is None]
+    live = holder(run.path)
     if unfinished:
-        report.notes.append(f"stages not completed (the run has not finished): {', '.join(unfinished)}")
+        now = f"it is running now: {live.describe()}" if live not in (None, UNKNOWN) else "the run has not finished"
+        report.notes.append(f"stages not completed ({now}): {', '.join(unfinished)}")
     return [s for s in plan.listed(cfg) if read_manifest(run.stage_dir(s)) is None]
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from infra.run import RunDir
+from infra.run_lock import UNKNOWN, Holder
 
 
 @dataclass
@@ -119,8 +120,10 @@ def _stage_note(name: str, s: StageOutcome) -> str:
     return name + (f" ({'; '.join(notes)})" if notes else "")
 
 
-def describe(history: list[Attempt]) -> list[dict[str, Any]]:
-    """One row per attempt, in words: `by` (with the keys a resume changed), `what` it did, how it `ended`."""
+def describe(history: list[Attempt], live: Holder | None = None) -> list[dict[str, Any]]:
+    """One row per attempt, in words: `by` (with the keys a resume changed), `what` it did, how it `ended`. `live`:
+    the process that holds the run now (`infra.run_lock.holder`), which tells the last attempt's state when its record
+    has no end: running, or stopped without recording one (killed, out of memory, its machine lost)."""
     rows = []
     for i, a in enumerate(history):
         by = a.by + (f" (changed {', '.join(a.changed)})" if a.changed else "")
@@ -145,8 +148,19 @@ def describe(history: list[Attempt]) -> list[dict[str, Any]]:
         elif stopped is not None and a.stages[stopped].outcome == "failed":
             ended = f"failed in {stopped}"
         else:
-            where = f"in {stopped}" if stopped else "between stages"
-            ended = f"running, or interrupted {where}" if i == len(history) - 1 else f"interrupted {where}"
+            ended = _unrecorded_end(a, live if i == len(history) - 1 else None)
         rows.append({"attempt": i + 1, "started": a.started, "by": by, "what": what or "nothing", "ended": ended,
                      "cpus": a.cpus})
     return rows
+
+
+def _unrecorded_end(a: Attempt, live: Holder | None) -> str:
+    """How an attempt whose record stops ended: running (`live` holds the run), unknown (`run_lock.UNKNOWN`: a file
+    system without locks), or stopped without recording why."""
+    stopped = a.stopped_in
+    where = f"in {stopped}" if stopped else "between stages" if a.stages else "before its first stage"
+    if live is UNKNOWN:
+        return f"running, or stopped {where} without recording why"
+    if live is not None:
+        return f"running {where if a.stages else '(starting)'}: {live.describe()}"
+    return f"stopped {where} without recording why (killed, out of memory, or its machine lost)"

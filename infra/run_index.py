@@ -14,6 +14,7 @@ from typing import Any
 from infra.history import attempts, describe
 from infra.manifest import read_manifest
 from infra.run import CONFIG_FILE, RunDir
+from infra.run_lock import holder
 from infra.storage import read_json
 
 RUN_INFO = "run.json"  # (infra.runs.RUN_INFO: written when a run is made)
@@ -84,9 +85,10 @@ def latest_run(root: Path | str) -> str:
 
 def state(run: RunDir) -> str:
     """How the last attempt that ran its flow (`lvd run`, `lvd resume`; not `lvd retry-failed`) ended, in words:
-    `completed`, `failed in dedup`, `running, or interrupted in pretrain`, ..."""
+    `completed`, `failed in dedup`, `running in pretrain: lvd resume, pid ...`, ..."""
     history = attempts(run)
-    rows = [row for row, a in zip(describe(history), history, strict=True) if a.by != "lvd retry-failed"]
+    rows = [row for row, a in zip(describe(history, holder(run.path)), history, strict=True)
+            if a.by != "lvd retry-failed"]
     return rows[-1]["ended"] if rows else "not started"
 
 

@@ -11,6 +11,7 @@ from infra.config import PipelineConfig
 from infra.history import attempts, describe
 from infra.manifest import read_manifest
 from infra.run import RunDir
+from infra.run_lock import holder
 from infra.storage import read_json
 
 
@@ -51,7 +52,7 @@ def run_summary(run: RunDir, cfg: PipelineConfig,
         if progress is not None and state in ("partial", "failed"):
             rows[-1]["progress"] = progress(run, stage)
     out: dict[str, Any] = {"run_id": run.run_id, "path": str(run.path), "stages": rows,
-                           "attempts": describe(attempts(run))}
+                           "attempts": describe(attempts(run), holder(run.path))}
     corpus = read_manifest(run.stage_dir("corpus"))
     if corpus:
         out["corpus_size"] = corpus.counts.get("kept")

@@ -18,6 +18,7 @@ from infra import plan
 from infra.history import Attempt, describe
 from infra.lineage import STAGE_ORDER
 from infra.run import now
+from infra.run_lock import Holder, holder
 from infra.summary import warnings
 
 N_BLURRED, N_GROUPS, N_QUERIES, N_NEIGHBOURS, N_HOSTS = 8, 6, 5, 8, 15
@@ -60,19 +61,19 @@ def overview(run: Run) -> str:
     lead = f"Run {run.run_id}" + (f", created {_when(created)}" if created else "") + ". Stages in order, with wall time and counts."
     stage_table = table(["stage", "state", "time", "kept", "dropped"], rows, [False, False, True, True, True])
     try:
-        history = attempts_table(collect.attempts(run))
+        history = attempts_table(collect.attempts(run), holder(run.path))
     except Missing as err:
         history = missing(str(err))
     warn = "".join(f'<p class="note warn">{esc("Warning: " + w)}</p>' for w in (warnings(cfg) if cfg else []))
     return f'<p class="lead">{esc(lead)}</p>' + warn + stage_table + "<h3>Attempts</h3>" + history
 
 
-def attempts_table(history: list[Attempt]) -> str:
+def attempts_table(history: list[Attempt], live: Holder | None = None) -> str:
     """Every process that worked on the run, from its events: what it ran, what it reused, where it stopped."""
     if not history:
         return missing("The run's events.jsonl records no attempt (its flow never started).")
     rows = [[r["attempt"], _when(r["started"]), r["by"] + (f" on {r['cpus']}" if r["cpus"] else ""), r["what"],
-             r["ended"]] for r in describe(history)]  # fmt: skip
+             r["ended"]] for r in describe(history, live)]  # fmt: skip
     n = len(history)
     lead = (f"{n} attempt{'s' if n != 1 else ''}, from the run's events.jsonl: a resumed attempt reuses the stages and "
             "shards finished before it, and training continues from its last checkpoint.")

@@ -31,6 +31,7 @@ from flows.cli import export, interrupt, models, records, running
 from infra.config import ConfigError
 from infra.cpus import limit_native_threads
 from infra.run_index import RunIdError, latest_run, resolve_run_id
+from infra.run_lock import BUSY_EXIT, RunBusy
 
 
 def _quiet() -> None:
@@ -107,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, RunIdError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RunBusy as err:  # another process writes the run: nothing was written (infra.run_lock)
+        print(f"error: {err}", file=sys.stderr)
+        return BUSY_EXIT
     except BrokenPipeError:  # `lvd lineage ... | head`: the reader has what it wanted; no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit would fail again
         return 141  # what a shell reports for a command its pipe's reader stopped (128 + SIGPIPE)

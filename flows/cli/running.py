@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from infra import run_lock
 from infra.config import ConfigError
 
 if TYPE_CHECKING:
@@ -175,14 +176,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     run, cfg = prepare_run(args.config, args.overrides, checks=checks, write=not args.dry_run)
     if args.dry_run:
         return _dry_run(run, cfg)
-    print(f"run {run.run_id} in {run.path}")
-    return _run_flow(run.root, run.run_id)
+    with run_lock.writing(run.path, "lvd run"):  # a second process on this run is refused (infra.run_lock)
+        print(f"run {run.run_id} in {run.path}")
+        return _run_flow(run.root, run.run_id)
 
 
 def _dry_run(run: RunDir, cfg: PipelineConfig) -> int:
     from flows.dry_run import describe, dry_run, not_run
 
     print(f"run {run.run_id} in {run.path}{'' if run.exists() else ' (new)'}: what it would do (nothing is run)")
+    if (live := run_lock.holder(run.path)) not in (None, run_lock.UNKNOWN):
+        print(f"(it is running now: {live.describe()}; another process on it would be refused until it ends)")
     print(describe(dry_run(run, cfg) + not_run(cfg)))
     return 0
 
@@ -196,12 +200,13 @@ def cmd_resume(args: argparse.Namespace) -> int:
         if args.overrides:
             raise ConfigError(["--dry-run shows what the run would do as it is configured: give no overrides"])
         return _dry_run(run, cfg)
-    for key, (old, new) in amend_run(run, args.overrides).items():
-        print(f"{key}: {old} -> {new}")
-    cfg = run.load_config()
-    preflight(cfg, remaining_stages(run, cfg))  # the URL list and models of the stages still to run
-    run.log_event("resumed")
-    return _run_flow(run.root, run.run_id)
+    with run_lock.writing(run.path, "lvd resume"):  # before its configuration is amended
+        for key, (old, new) in amend_run(run, args.overrides).items():
+            print(f"{key}: {old} -> {new}")
+        cfg = run.load_config()
+        preflight(cfg, remaining_stages(run, cfg))  # the URL list and models of the stages still to run
+        run.log_event("resumed")
+        return _run_flow(run.root, run.run_id)
 
 
 def cmd_retry_failed(args: argparse.Namespace) -> int:
@@ -210,7 +215,7 @@ def cmd_retry_failed(args: argparse.Namespace) -> int:
     from infra.prefect_db import ensure_embedded_database
 
     ensure_embedded_database()
-    with interrupt.for_run(args.root, args.run_id):
+    with run_lock.writing(Path(args.root) / args.run_id, "lvd retry-failed"), interrupt.for_run(args.root, args.run_id):
         state = retry_failed_flow(str(args.root), args.run_id, args.reason or None, return_state=True)
     watchdog = ExitWatchdog(None, _exit_timeout(), f"lvd retry-failed {args.run_id} --root {args.root}")
     watchdog.arm("the retry flow returned", 0 if state.is_completed() else 1)

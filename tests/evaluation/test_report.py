@@ -88,7 +88,7 @@ def test_overview_lists_every_attempt_with_what_it_reused_and_where_it_stopped(r
     assert [r[0] for r in rows] == ["1", "2", "3", "4", "5"]
     middle = "nsfw, faces, dedup, embed, retrieve, rebalance, corpus"
     assert [r[2:] for r in rows] == [
-        ["lvd run", "ran crawl, ingest (did not finish)", "interrupted in ingest"],
+        ["lvd run", "ran crawl, ingest (did not finish)", "stopped in ingest without recording why (killed, out of memory, or its machine lost)"],
         ["lvd resume (changed run.shard_retries)",
          f"ran ingest (2 shards reused), {middle}, pretrain (failed: RuntimeError: loss is NaN); reused (completed "
          "before): crawl", "failed in pretrain"],

@@ -23,7 +23,7 @@ def test_an_attempt_begins_when_the_process_launches_it_not_when_its_flow_starts
                    {"event": "interrupted", "signal": "SIGINT"}, {"event": "resumed"}, {"event": "flow_started"},
                    *ingest, {"event": "flow_completed"}]) == [
         ("lvd run", "interrupted by Ctrl-C (SIGINT) in ingest"), ("lvd resume", "completed")]
-    assert _ended([{"event": "launched"}]) == [("lvd run", "running, or interrupted between stages")]
+    assert _ended([{"event": "launched"}]) == [("lvd run", "stopped before its first stage without recording why (killed, out of memory, or its machine lost)")]
 
 
 def test_a_stop_cancels_only_the_flow_run_its_own_process_started(tmp_path):
@@ -67,6 +67,7 @@ def test_each_attempt_shows_the_cpus_it_could_use():
     assert text.splitlines()[text.splitlines().index("attempts:") + 1:] == [
         "  1  2026-12-07 13:30  lvd run: interrupted by Ctrl-C (SIGINT) before its first stage", "     nothing",
         f"     on {one}", "  2  2026-12-07 13:31  lvd resume: completed", "     nothing", f"     on {two}",
-        "  3  2026-12-07 13:32  lvd resume: running, or interrupted between stages", "     nothing"]
+        "  3  2026-12-07 13:32  lvd resume: stopped before its first stage without recording why (killed, out of memory, or its machine lost)",
+        "     nothing"]
     html = attempts_table(attempts_from(events))
     assert f"lvd run on {one}" in html and f"lvd resume on {two}" in html
