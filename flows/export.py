@@ -17,7 +17,8 @@ from training.export.card import CardInputs, model_card
 from training.export.formats import Export, export_model, export_notes, hf_usage
 
 TEACHER_BACKBONE = "teacher_backbone.safetensors"  # a training stage's exported model (= flows.stages.TEACHER_BACKBONE)
-EXPORT_DIRS = {"hf": Path("hf"), "timm": Path("timm") / "model.safetensors"}  # inside a training stage's folder
+EXPORT_DIRS = {"hf": Path("hf"), "timm": Path("timm") / "model.safetensors",  # inside a training stage's folder
+               "onnx": Path("onnx") / "model.onnx"}
 
 
 def training_stages_done(run: RunDir) -> list[str]:
@@ -90,11 +91,12 @@ def write_card(run: RunDir, stage: str, exported: Export, results: pd.DataFrame 
     return path
 
 
-def export_stage(run: RunDir, stage: str, fmt: str, dest: Path, evaluates: str | None = None) -> Export:
+def export_stage(run: RunDir, stage: str, fmt: str, dest: Path, evaluates: str | None = None,
+                 image_size: int | None = None) -> Export:
     """One training stage's model in `fmt` at `dest`; an `hf` folder gets the model card."""
     from training.checkpoint import load_backbone
 
-    exported = export_model(load_backbone(run.stage_dir(stage) / TEACHER_BACKBONE), fmt, dest)
+    exported = export_model(load_backbone(run.stage_dir(stage) / TEACHER_BACKBONE), fmt, dest, image_size=image_size)
     if fmt == "hf":
         write_card(run, stage, exported, evaluates=evaluates)
     return exported

@@ -10,7 +10,7 @@
     lvd evaluate (CONFIG | RUN_ID) --model NAME=CHECKPOINT ...
                                             checkpoints side by side on a configuration's benchmarks
     lvd compare RUN_A RUN_B                 evaluation results of two runs (or evaluations) side by side
-    lvd export RUN_ID --format F DEST       the run's model for transformers (hf), timm, torch (pth) or safetensors
+    lvd export RUN_ID --format F DEST       the run's model for transformers (hf), timm, torch (pth), safetensors, onnx
     lvd retry-failed RUN_ID [--reason R]    re-download only the failed URLs of a finished ingest
     lvd models fetch NAME [NAME ...]        download official model files (SSCD, DINOv2) with checksums
 
@@ -76,6 +76,9 @@ def resolve_ids(args: argparse.Namespace) -> None:
             setattr(args, attr, resolve_run_id(root, getattr(args, attr)))
     if getattr(args, "command", None) == "status" and not args.run_id:
         args.run_id = latest_run(root)
+    if getattr(args, "command", None) == "export" and not Path(args.source).expanduser().exists():
+        with contextlib.suppress(RunIdError):  # (not a run either: cmd_export says so, naming both)
+            args.source = resolve_run_id(root, args.source)
     if getattr(args, "command", None) == "evaluate" and not Path(args.source).is_file():
         try:
             args.source = resolve_run_id(root, args.source)

@@ -201,9 +201,10 @@ class TrainConfig(Section):
     eval_period_iterations: int | None = Field(default=None, ge=1)
     collapse_guard: CollapseGuardConfig = Field(default_factory=CollapseGuardConfig)
     # Formats a pipeline training stage writes beside its safetensors and official .pth exports, each with a model card:
-    # hf (<stage>/hf/: transformers' AutoModel.from_pretrained), timm (<stage>/timm/model.safetensors). Not part of what
+    # hf (<stage>/hf/: transformers' AutoModel.from_pretrained), timm (<stage>/timm/model.safetensors), onnx
+    # (<stage>/onnx/model.onnx: a graph at the training resolution for onnxruntime, TensorRT, Triton). Not part of what
     # the stage learns: a change applies to stages trained from then on; `lvd export` writes any format of a finished run.
-    exports: list[Literal["hf", "timm"]] = Field(default_factory=lambda: ["hf"])
+    exports: list[Literal["hf", "timm", "onnx"]] = Field(default_factory=lambda: ["hf"])
     # Optional pipeline stages after `pretrain` (flows/stages.py), each continuing from the previous one's bundle.
     highres: HighresStageConfig = Field(default_factory=HighresStageConfig)
     distill: DistillStageConfig = Field(default_factory=DistillStageConfig)

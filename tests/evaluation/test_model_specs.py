@@ -130,3 +130,20 @@ def test_lvd_export_converts_a_checkpoint_it_reads(tmp_path, capsys):
         torch.testing.assert_close(hf(pixel_values=x).pooler_output, m(x), atol=1e-5, rtol=1e-5)
     assert cli(["export", "no-such-run", str(tmp_path / "x"), "--format", "hf", "--root", str(tmp_path)]) == 2
     assert "neither a checkpoint path nor a run under" in capsys.readouterr().err
+
+    # onnx: a graph per resolution (the checkpoint's position grid, 16 px, or --image-size), checked on export
+    import onnxruntime as ort
+
+    for extra, size in (([], 16), (["--image-size", "24"], 24)):
+        dest = tmp_path / f"m{size}.onnx"
+        assert cli(["export", str(tmp_path / "bare.pth"), str(dest), "--format", "onnx", "--arch", "vit_pico", *extra]) == 0
+        out = capsys.readouterr().out
+        assert f"note: the graph takes {size} x {size} px images (any batch); checked with onnxruntime" in out
+        assert f'session = ort.InferenceSession("{dest}")' in out
+        x = torch.randn(3, 3, size, size)
+        got = ort.InferenceSession(str(dest)).run(["cls_token"], {"pixel_values": x.numpy()})[0]
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(got), m(x), atol=1e-5, rtol=1e-5)
+    assert cli(["export", str(tmp_path / "bare.pth"), str(tmp_path / "h2"), "--format", "hf", "--image-size", "24"]) == 2
+    assert capsys.readouterr().err == ("error: --image-size is the resolution of an onnx graph; a hf export works at any "
+                                       "size\n")

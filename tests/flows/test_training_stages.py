@@ -4,6 +4,7 @@ student. Each is a normal stage: a manifest, a key chained to its upstream, cach
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -219,7 +220,8 @@ def test_each_training_stage_writes_a_transformers_export_with_its_model_card(fl
     assert "stages/distill/hf/README.md" in {o["path"] for o in read_manifest(run.stage_dir("evaluate")).outputs}
     assert cli(["audit", run.run_id, "--root", str(run.root)]) == 0
 
-    assert cli(["export", run.run_id, "--format", "timm", str(tmp_path / "m.safetensors"), "--root", str(run.root)]) == 0
+    assert cli(["export", run.run_id[:-3], "--format", "timm", str(tmp_path / "m.safetensors"),  # (an id's prefix)
+                "--root", str(run.root)]) == 0
     out = capsys.readouterr().out
     assert f"timm export of run {run.run_id}, stage distill ->" in out and "timm.create_model(" in out
     assert read_sidecar(tmp_path / "m.safetensors")["image_size"] == 28
@@ -234,13 +236,16 @@ def test_each_training_stage_writes_a_transformers_export_with_its_model_card(fl
     # `lvd resume RUN train.exports=[hf, timm]` (how the run executes, not what it learns: in no stage's key): every
     # stage stays complete, and each training stage gets the export it lacked (before: nothing was written).
     n = len(run.events())
-    amend_run(run, ["train.exports=[hf, timm]"])  # as the resume below does first; its dry run says what follows
+    amend_run(run, ["train.exports=[hf, timm, onnx]"])  # as the resume below does first; its dry run says what follows
     assert cli(["resume", run.run_id, "--dry-run", "--root", str(run.root)]) == 0
-    assert "pretrain_highres  complete: reused (timm export to write)" in capsys.readouterr().out
-    assert cli(["resume", run.run_id, "train.exports=[hf, timm]", "--root", str(run.root)]) == 0
+    assert "pretrain_highres  complete: reused (timm, onnx exports to write)" in capsys.readouterr().out
+    assert cli(["resume", run.run_id, "train.exports=[hf, timm, onnx]", "--root", str(run.root)]) == 0
     assert [e["stage"] for e in run.events()[n:] if e["event"] == "started"] == []
     for stage in TRAINING:
         teacher = load_backbone(run.stage_dir(stage) / "teacher_backbone.safetensors")
-        assert read_sidecar(run.stage_dir(stage) / "timm" / "model.safetensors")["image_size"] == teacher.arch_kwargs["img_size"]
-    assert "pretrain: timm export written (the stage was exported without)" in capsys.readouterr().err
+        size = teacher.arch_kwargs["img_size"]
+        assert read_sidecar(run.stage_dir(stage) / "timm" / "model.safetensors")["image_size"] == size
+        onnx = json.loads((run.stage_dir(stage) / "onnx" / "model.onnx.json").read_text())
+        assert (onnx["image_size"], onnx["lvd_backbone"]) == (size, teacher.arch_kwargs)
+    assert "pretrain: timm, onnx exports written (the stage was exported without)" in capsys.readouterr().err
     assert cli(["audit", run.run_id, "--root", str(run.root)]) == 0

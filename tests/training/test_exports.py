@@ -260,3 +260,55 @@ def test_a_transformers_or_timm_checkpoint_starts_training(fmt, tmp_path):
         assert set(got) == set(want)
         for k, v in want.items():
             torch.testing.assert_close(got[k], v, atol=0, rtol=0, msg=k)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_onnxruntime_runs_the_onnx_export_as_the_model_computes(variant, tmp_path):
+    """At the training resolution and at another one (the graph is made per resolution), any batch: the class,
+    patch and register tokens equal this project's fp32 forward; the sidecar says what goes in and comes out."""
+    import json
+
+    import onnxruntime as ort
+
+    model = make(**VARIANTS[variant])
+    r, d = model.num_register_tokens, model.embed_dim
+    for size in sizes(model):
+        dest = tmp_path / f"{size}.onnx"
+        exported = export_model(model, "onnx", dest, image_size=size)
+        session = ort.InferenceSession(str(dest), providers=["CPUExecutionProvider"])
+        x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(size))
+        got = session.run(None, {"pixel_values": x.numpy()})
+        with torch.no_grad():
+            out = model.forward_features(x)
+        want = [out["x_norm_clstoken"], out["x_norm_patchtokens"], *([out["x_norm_regtokens"]] if r else [])]
+        assert len(got) == len(want)
+        for g, w in zip(got, want, strict=True):
+            close(torch.from_numpy(g), w)
+        side = json.loads(dest.with_name(dest.name + ".json").read_text())
+        n = (size // model.patch_size) ** 2
+        assert (side["image_size"], side["inputs"], side["outputs"]) == (size, {"pixel_values": ["batch", 3, size, size]}, {
+            "cls_token": ["batch", d], "patch_tokens": ["batch", n, d], **({"register_tokens": ["batch", r, d]} if r else {})})
+        assert side["lvd_backbone"] == model.arch_kwargs and 0 <= side["max_abs_diff_vs_torch_fp32"] <= 1e-4
+        assert exported.notes[0].startswith(f"the graph takes {size} x {size} px images (any batch)")
+
+
+def test_the_onnx_usage_runs_on_a_photograph_as_lvd_evaluates_it(tmp_path, monkeypatch):
+    model = make(img_size=42, patch_size=14, num_register_tokens=4)
+    exported = export_model(model, "onnx", tmp_path / "m.onnx")
+    Image.fromarray(skdata.astronaut()).resize((300, 200)).save(tmp_path / "photo.jpg", quality=95)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(exported.usage, scope)  # the lines `lvd export` prints
+    with torch.no_grad():
+        out = model.forward_features(eval_transform(Image.open(tmp_path / "photo.jpg"), 42)[None])
+    close(torch.from_numpy(scope["cls_token"]), out["x_norm_clstoken"])
+    close(torch.from_numpy(scope["register_tokens"]), out["x_norm_regtokens"])
+
+
+def test_an_onnx_graph_that_differs_from_the_model_is_not_kept(tmp_path, monkeypatch):
+    from training.export import onnx_format
+
+    monkeypatch.setattr(onnx_format, "TOLERANCE", 0.0)  # float32 graphs differ in the last bits: refused now
+    with pytest.raises(onnx_format.ExportMismatch, match="nothing was written"):
+        export_model(make(), "onnx", tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []

@@ -4,7 +4,8 @@
 - `timm`: a safetensors state dict for `timm.create_model(..., pretrained=True, pretrained_cfg_overlay={"file": ...})`
   and its sidecar `<file>.json` (the `create_model` call, the architecture, the resolution);
 - `pth`: the official state dict (`torch.hub`'s DINOv2 builders load it strictly) and its sidecar;
-- `safetensors`: this project's export (architecture in the metadata).
+- `safetensors`: this project's export (architecture in the metadata);
+- `onnx`: an ONNX graph of the backbone at one resolution, checked against the torch forward (`onnx_format`).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from safetensors.torch import save_file
 from infra.storage import atomic_path, atomic_write_text
 from training.checkpoint import official_state_dict, save_safetensors, write_official_pth, write_sidecar
 from training.export.hf import CLASSES, model_type_for, write_hf
+from training.export.onnx_format import onnx_usage, write_onnx
 from training.export.timm_format import INTERPOLATION, SIZES, timm_model, to_timm_state
 from training.vision_transformer import DinoVisionTransformer
 
-FORMATS = ("hf", "timm", "pth", "safetensors")
+FORMATS = ("hf", "timm", "pth", "safetensors", "onnx")
 HUB_DEFAULTS = {"img_size": 518, "patch_size": 14, "in_chans": 3, "mlp_ratio": 4.0, "qkv_bias": True, "ffn_bias": True,
                 "proj_bias": True, "init_values": 1.0, "num_register_tokens": 0, "interpolate_offset": 0.1,
                 "interpolate_antialias": False}  # torch.hub's dinov2_vit*14 builders
@@ -35,7 +37,9 @@ class Export:
     notes: list[str] = field(default_factory=list)  # where the library computes differently (interpolation)
 
 
-def export_model(backbone: DinoVisionTransformer, fmt: str, dest: Path | str, card: str | None = None) -> Export:
+def export_model(backbone: DinoVisionTransformer, fmt: str, dest: Path | str, card: str | None = None,
+                 image_size: int | None = None) -> Export:
+    """`image_size`: the resolution an `onnx` graph is made for (default: the model's own, `img_size`)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; use one of {FORMATS}")
     dest = Path(dest)
@@ -43,6 +47,12 @@ def export_model(backbone: DinoVisionTransformer, fmt: str, dest: Path | str, ca
     if fmt == "hf":
         return _hf(state, arch, dest, card)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "onnx":
+        size = image_size or arch["img_size"]
+        _, diff = write_onnx(backbone, dest, size)
+        return Export(fmt, dest, onnx_usage(dest, size, arch["num_register_tokens"]),
+                      [f"the graph takes {size} x {size} px images (any batch); checked with onnxruntime: outputs "
+                       f"within {diff:.1e} of the torch forward"])
     if fmt == "timm":
         return _timm(state, arch, dest)
     if fmt == "pth":
