@@ -29,7 +29,13 @@ from torch import nn
 
 from infra.storage import atomic_path, atomic_write_text
 from training.export.hf import is_hf_folder, read_hf, read_hf_image_size
-from training.export.timm_format import from_timm_state, is_timm_state
+from training.export.timm_format import (
+    from_timm_state,
+    is_timm_folder,
+    is_timm_state,
+    read_timm_folder,
+    timm_folder_image_size,
+)
 from training.layers import DINOHead
 from training.registry import ARCHS
 from training.vision_transformer import DinoVisionTransformer
@@ -188,8 +194,11 @@ def read_checkpoint(path: Path | str, arch: str | None = None) -> Checkpoint:
     the file does not record it. Only tensors and plain containers are ever unpickled."""
     path = Path(path)
     if path.is_dir():
+        if is_timm_folder(path):  # (before the transformers test: both have a config.json)
+            state, kwargs = read_timm_folder(path, arch)
+            return Checkpoint(state, kwargs, "timm", timm_folder_image_size(path))
         if not is_hf_folder(path):
-            raise FileNotFoundError(f"{path} is a folder without config.json (not a transformers checkpoint)")
+            raise FileNotFoundError(f"{path} is a folder without config.json (not a transformers or timm checkpoint)")
         return _hf_checkpoint(path)
     if path.suffix == ".safetensors":
         tensors, meta = read_safetensors(path)
@@ -271,6 +280,8 @@ def recorded_image_size(path: Path | str) -> int | None:
     tensors; None when it records none (a plain official or timm state dict)."""
     path = Path(path)
     if path.is_dir():
+        if is_timm_folder(path):
+            return timm_folder_image_size(path)
         return read_hf_image_size(path) if is_hf_folder(path) else None
     if path.suffix == ".safetensors":
         with safe_open(str(path), framework="pt", device="cpu") as f:

@@ -109,6 +109,10 @@ def test_timm_backbone_from_a_local_weights_file(tmp_path) -> None:
     torch.save({k: v for k, v in ref.state_dict().items() if k != "conv1.0.weight"}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="weights missing"):
         build_model(BackboneConfig(kind="timm", arch="resnet10t", path=tmp_path / "bad.pth"))
+    # the folder timm publishes on the hub (config.json + model.safetensors), as `path`
+    timm.models.save_for_hf(ref, tmp_path / "hub", safe_serialization=True)
+    model = build_model(BackboneConfig(kind="timm", arch="resnet10t", path=tmp_path / "hub", image_size=64)).eval()
+    torch.testing.assert_close(model(x), ref.forward_head(ref.forward_features(x), pre_logits=True))
 
 
 def test_dinov2_kind_needs_a_path() -> None:

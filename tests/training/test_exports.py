@@ -238,6 +238,41 @@ def test_a_state_dict_timm_saved_is_read_back(name, tmp_path):
         close(ours(back, x)[1], out[:, net.num_prefix_tokens:])
 
 
+@pytest.mark.parametrize("name", ["vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2",
+                                  "vit_giant_patch14_dinov2"])
+def test_a_folder_as_timm_publishes_it_on_the_hub_is_read(name, tmp_path):
+    """timm publishes DINOv2 as hub folders (`timm/vit_small_patch14_dinov2.lvd142m`: config.json naming the timm
+    architecture, model.safetensors): read as timm (it was taken for a transformers folder and refused, "model_type
+    None is not a DINOv2"); the head count from the config's model_args, the resolution from its pretrained_cfg."""
+    from timm.models import save_for_hf
+
+    from training.checkpoint import recorded_image_size
+
+    net = timm.create_model(name, pretrained=False, num_classes=0, img_size=28, patch_size=4, embed_dim=96, depth=4,
+                            num_heads=2, **({"mlp_ratio": 512.5 / 96} if "giant" in name else {}))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0.0, 0.5)
+    save_for_hf(net.eval(), tmp_path, safe_serialization=True)  # what timm's push_to_hf_hub uploads
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    back = load_backbone(tmp_path)
+    assert (back.num_heads, back.num_register_tokens, recorded_image_size(tmp_path)) == (
+        2, net.num_prefix_tokens - 1, 28)  # 2 heads: not the registry's 3 for 96 x 4
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        out = net.forward_features(x)
+    close(ours(back, x)[0], out[:, 0])
+    close(ours(back, x)[1], out[:, net.num_prefix_tokens:])
+
+
+def test_a_timm_folder_of_another_model_is_refused_by_name(tmp_path):
+    from timm.models import save_for_hf
+
+    save_for_hf(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, depth=1), tmp_path)
+    with pytest.raises(ValueError, match=r"timm architecture 'vit_tiny_patch16_224' is not a DINOv2"):
+        load_backbone(tmp_path)
+
+
 @pytest.mark.parametrize("fmt", ["hf", "timm"])
 def test_a_transformers_or_timm_checkpoint_starts_training(fmt, tmp_path):
     """As `train.student.pretrained_weights`: the round trip gives the student (and the teacher) the exported

@@ -152,11 +152,20 @@ def is_hf_folder(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
 
-def _weights_file(folder: Path) -> Path:
+def weights_path(folder: Path) -> Path:
+    """The weights file of a hub-style folder (transformers' or timm's): `model.safetensors`, else
+    `pytorch_model.bin`."""
     for name in (WEIGHTS, "pytorch_model.bin"):
-        if (folder / name).is_file():
-            return folder / name
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
     raise FileNotFoundError(f"{folder} holds no {WEIGHTS} (sharded checkpoints are not read)")
+
+
+def folder_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a hub-style folder (tensors only are unpickled from a `.bin`)."""
+    path = weights_path(folder)
+    return load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu",
+                                                                                 weights_only=True)
 
 
 def read_hf(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:
@@ -168,10 +177,7 @@ def read_hf(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]
         raise ValueError(f"{folder}: model_type {model_type!r} is not a DINOv2 ({sorted(CLASSES)})")
     if config.get("hidden_act", "gelu") != "gelu" or config.get("layer_norm_eps", 1e-6) != 1e-6:
         raise ValueError(f"{folder}: only hidden_act=gelu and layer_norm_eps=1e-6 are read (the DINOv2 values)")
-    weights = _weights_file(folder)
-    tensors = load_file(str(weights)) if weights.suffix == ".safetensors" else torch.load(
-        weights, map_location="cpu", weights_only=True)
-    state = from_hf_state(tensors, config)
+    state = from_hf_state(folder_weights(folder), config)
     return state, hf_arch(config, state), read_hf_image_size(folder)
 
 

@@ -12,8 +12,10 @@ holds only the patch grid). A backbone of another size is the nearest name with 
 
 from __future__ import annotations
 
+import json
 import math
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -83,11 +85,45 @@ def is_timm_state(state: dict[str, torch.Tensor]) -> bool:
     return "cls_token" in state and "blocks.0.norm1.weight" in state and "mask_token" not in state
 
 
+def is_timm_folder(path: Path | str) -> bool:
+    """A folder as timm publishes models on the Hugging Face hub (`timm/vit_small_patch14_dinov2.lvd142m`, or what
+    `timm.models.push_to_hf_hub` / `save_for_hf` write): a `config.json` naming the timm `architecture` (no
+    transformers `model_type`), the weights beside it."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        data = json.loads(config.read_text())
+    except ValueError:
+        return False
+    return isinstance(data, dict) and "architecture" in data and "model_type" not in data
+
+
+def timm_folder_image_size(folder: Path | str) -> int | None:
+    """The input size the folder's `pretrained_cfg` gives its users (timm's published DINOv2: 518 px), else the
+    model's `img_size`."""
+    data = json.loads((Path(folder) / "config.json").read_text())
+    size = (data.get("pretrained_cfg") or {}).get("input_size") or (data.get("model_args") or {}).get("img_size")
+    return None if not size else int(size[-1] if isinstance(size, list | tuple) else size)
+
+
+def read_timm_folder(folder: Path, arch: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(official-named state, architecture) of a timm hub folder of a DINOv2 model."""
+    from training.export.hf import folder_weights
+
+    data = json.loads((Path(folder) / "config.json").read_text())
+    name = data["architecture"]
+    if "dinov2" not in name:
+        raise ValueError(f"{folder}: timm architecture {name!r} is not a DINOv2 (vit_*_patch14[_reg4]_dinov2); "
+                         "lvd reads DINOv2 backbones")
+    return from_timm_state(folder_weights(folder), None, arch, heads=(data.get("model_args") or {}).get("num_heads"))
+
+
 def from_timm_state(state: dict[str, torch.Tensor], arch_hint: dict[str, Any] | None = None,
-                    arch: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+                    arch: str | None = None, heads: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """timm DINOv2 weights -> (official-named state, architecture with timm's interpolation). The head count is
-    not in the weights: from `arch_hint` (the export's sidecar), the registry entry `arch`, or the registry entry of
-    the same width and depth."""
+    not in the weights: `heads`, or from `arch_hint` (the export's sidecar), the registry entry `arch`, or the
+    registry entry of the same width and depth."""
     state = {k: v for k, v in state.items() if not k.startswith(("head.", "fc_norm."))}
     dim = state["cls_token"].shape[-1]
     out = {k.replace(".mlp.fc1.", ".mlp.w12.").replace(".mlp.fc2.", ".mlp.w3."): v for k, v in state.items()} if (
@@ -105,7 +141,7 @@ def from_timm_state(state: dict[str, torch.Tensor], arch_hint: dict[str, Any] | 
     patch = out["patch_embed.proj.weight"].shape[-1]
     kwargs = {
         "img_size": grid * patch, "patch_size": patch, "in_chans": out["patch_embed.proj.weight"].shape[1],
-        "embed_dim": dim, "depth": depth, "num_heads": _heads(dim, depth, arch_hint, arch), "mlp_ratio": 4.0,
+        "embed_dim": dim, "depth": depth, "num_heads": heads or _heads(dim, depth, arch_hint, arch), "mlp_ratio": 4.0,
         "qkv_bias": True, "proj_bias": True, "ffn_bias": True,
         "init_values": 1.0 if "blocks.0.ls1.gamma" in out else None,
         "ffn_layer": "swiglufused" if "blocks.0.mlp.w12.weight" in out else "mlp", "num_register_tokens": regs,
