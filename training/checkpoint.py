@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from infra.hub import hub_snapshot, snapshot_hint
 from infra.storage import atomic_path, atomic_write_text
 from training.export.hf import is_hf_folder, read_hf, read_hf_image_size
 from training.export.timm_format import (
@@ -192,13 +193,14 @@ def read_checkpoint(path: Path | str, arch: str | None = None) -> Checkpoint:
     `teacher_checkpoint.pth` or `{"model": ...}` checkpoint with `teacher.` / `student.` prefixes, block chunks or
     not), a transformers folder, or a timm DINOv2 state dict. `arch`: a registry name pinning the head count where
     the file does not record it. Only tensors and plain containers are ever unpickled."""
-    path = Path(path)
+    path = hub_snapshot(path)
     if path.is_dir():
         if is_timm_folder(path):  # (before the transformers test: both have a config.json)
             state, kwargs = read_timm_folder(path, arch)
             return Checkpoint(state, kwargs, "timm", timm_folder_image_size(path))
         if not is_hf_folder(path):
-            raise FileNotFoundError(f"{path} is a folder without config.json (not a transformers or timm checkpoint)")
+            raise FileNotFoundError(f"{path} is a folder without config.json (not a transformers or timm checkpoint)"
+                                    + snapshot_hint(path))
         return _hf_checkpoint(path)
     if path.suffix == ".safetensors":
         tensors, meta = read_safetensors(path)
@@ -278,7 +280,7 @@ def read_backbone_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, 
 def recorded_image_size(path: Path | str) -> int | None:
     """The resolution a checkpoint records (project exports, sidecars, transformers folders) without reading its
     tensors; None when it records none (a plain official or timm state dict)."""
-    path = Path(path)
+    path = hub_snapshot(path)
     if path.is_dir():
         if is_timm_folder(path):
             return timm_folder_image_size(path)

@@ -9,9 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from infra.config.base import Section, Width
+from infra.hub import hub_snapshot
 
 
 class IndexConfig(Section):
@@ -163,6 +164,11 @@ class BackboneConfig(Section):
     # timm file, what that library computes. Official register models trained with the SSL defaults need 0.1 / false.
     interpolate_offset: float | None = Field(default=None, ge=0)
     interpolate_antialias: bool | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _snapshot(cls, path: Path | None) -> Path | None:
+        return None if path is None else hub_snapshot(path)  # a Hugging Face cache folder: its snapshot
 
     @model_validator(mode="after")
     def _check(self) -> BackboneConfig:

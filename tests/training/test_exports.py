@@ -265,6 +265,32 @@ def test_a_folder_as_timm_publishes_it_on_the_hub_is_read(name, tmp_path):
     close(ours(back, x)[1], out[:, net.num_prefix_tokens:])
 
 
+def test_a_hugging_face_cache_folder_reads_the_snapshot_refs_main_names(tmp_path):
+    """`snapshot_download("facebook/dinov2-small")` leaves `models--facebook--dinov2-small/` with the files in
+    `snapshots/<commit>/`: that folder is read as the snapshot `refs/main` names (the one transformers loads), for
+    `lvd export`, `lvd evaluate --model` and `embed.backbone.path` alike; with several snapshots and no ref, the
+    error names them."""
+    from infra.config.curation import BackboneConfig
+    from training.checkpoint import recorded_image_size
+
+    cache = tmp_path / "models--facebook--dinov2-tiny"
+    kw = {"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 3, "image_size": 28, "patch_size": 4}
+    for commit, seed in (("0ld", 1), ("c0ffee", 2)):
+        torch.manual_seed(seed)
+        transformers.Dinov2Model(transformers.Dinov2Config(**kw)).save_pretrained(cache / "snapshots" / commit)
+    (cache / "refs").mkdir()
+    (cache / "refs" / "main").write_text("c0ffee")
+    current = cache / "snapshots" / "c0ffee"
+    assert BackboneConfig(kind="dinov2", path=cache).path == current
+    assert recorded_image_size(cache) == 28
+    x = torch.randn(2, 3, 28, 28)
+    close(ours(load_backbone(cache), x)[0], ours(load_backbone(current), x)[0])
+    (cache / "refs" / "main").unlink()
+    with pytest.raises(FileNotFoundError, match=r"a Hugging Face cache folder with 2 snapshots and no refs/main: give "
+                                                r"one of .*snapshots/0ld, .*snapshots/c0ffee\)"):
+        load_backbone(cache)
+
+
 def test_a_timm_folder_of_another_model_is_refused_by_name(tmp_path):
     from timm.models import save_for_hf
 

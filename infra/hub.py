@@ -1,0 +1,32 @@
+"""Model folders as the Hugging Face hub's client caches them: a user who ran `huggingface_hub.snapshot_download(
+"facebook/dinov2-small")` (or `from_pretrained` once) gives the cache folder it made,
+`~/.cache/huggingface/hub/models--facebook--dinov2-small`, whose files live one level down in
+`snapshots/<commit>/`; the commit `refs/main` names is the one the library itself loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def hub_snapshot(path: Path | str) -> Path:
+    """The snapshot folder of a hub cache folder (the one `refs/main` names, else the only one); any other path as
+    given."""
+    path = Path(path)
+    snapshots = path / "snapshots"
+    if not snapshots.is_dir() or (path / "config.json").exists():
+        return path
+    ref = path / "refs" / "main"
+    if ref.is_file() and (snapshots / ref.read_text().strip()).is_dir():
+        return snapshots / ref.read_text().strip()
+    found = sorted(p for p in snapshots.iterdir() if p.is_dir())
+    return found[0] if len(found) == 1 else path
+
+
+def snapshot_hint(path: Path | str) -> str:
+    """Why a hub cache folder could not be resolved to one snapshot (for an error message), or ""."""
+    snapshots = Path(path) / "snapshots"
+    if not snapshots.is_dir():
+        return ""
+    names = sorted(p.name for p in snapshots.iterdir() if p.is_dir())
+    return (f" (a Hugging Face cache folder with {len(names)} snapshots and no refs/main: give one of "
+            f"{', '.join(str(snapshots / n) for n in names[:3])})") if names else " (a Hugging Face cache folder with no snapshot)"
