@@ -85,6 +85,7 @@ def prefect_mapper(run: RunConfig, stage: str, width: int | str | None = None,
     def mapper(fn: Callable[..., Any], items: list[tuple[Any, ...]]) -> Iterator[Any]:
         if not items:
             return
+        _start_prefect()
         with task_runner(run, resolve(width or run.workers)) as runner, _ray_options(run, gpu):
             futures = []
             for args in items:
@@ -96,6 +97,18 @@ def prefect_mapper(run: RunConfig, stage: str, width: int | str | None = None,
                 yield future.result()
 
     return mapper
+
+
+def _start_prefect() -> None:
+    """Prefect's API client (and, outside a flow without PREFECT_API_URL, its ephemeral server) made here, before
+    the shard threads: each shard's task run asks for a client, and Prefect's `SubprocessASGIServer.start` is not
+    thread-safe: a second thread saw the server "running" before its process existed and failed the shard with
+    "Server process did not start" (a stage run outside a flow with two shards in flight; within a flow the flow's
+    own start has made it)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True):
+        pass
 
 
 def _ray_options(run: RunConfig, gpu: bool) -> AbstractContextManager[Any]:
