@@ -130,7 +130,7 @@ def evaluate_checkpoints(cfg: PipelineConfig, entries: list[ModelEntry], root: P
     models = build_models(entries, random_init, raw_pixels, cfg.run.seed)
     eval_id = eval_id or evaluation_id(cfg, models)
     out = Path(root) / eval_id
-    with run_lock.writing(out, "lvd evaluate", what="evaluation"):  # the same evaluation started twice: one writes
+    with run_lock.writing(out, "lvd evaluate", what="evaluation", create=True):  # the same evaluation started twice: one writes
         atomic_write_text(out / "config.yaml", to_yaml(cfg))
         cache = cfg.evaluate.cache_dir or Path(root) / ".cache" / "features"
         result = evaluate(benchmarks, models, cfg.evaluate, out, run_id=eval_id, cache_dir=cache, table_root=Path(root))

@@ -23,6 +23,7 @@ from prefect.filesystems import LocalFileSystem
 from prefect.runtime import flow_run as prefect_flow_run
 
 from flows.stages import active_stages, complete_exports, training_stages
+from infra import run_lock
 from infra.config import PipelineConfig
 from infra.console import forward_to_prefect
 from infra.demo.server import DemoServer
@@ -184,6 +185,11 @@ def run_pipeline(run_root: str, run_id: str) -> State:
 def pipeline(run_root: str, run_id: str) -> dict[str, Any]:
     forward_to_prefect()  # the stages' log lines in the flow run's Logs tab
     run = RunDir(Path(run_root), run_id)
+    with run_lock.writing(run.path, "the lvd-pipeline flow"):  # (held already when `lvd run` / `lvd resume` start it)
+        return _pipeline(run)
+
+
+def _pipeline(run: RunDir) -> dict[str, Any]:
     cfg = run.load_config()
     storage = result_storage(run)
     run.log_event("flow_started", prefect_flow_run=str(prefect_flow_run.id))  # the attempt's run in Prefect

@@ -21,6 +21,7 @@ from prefect import flow
 from curation.ingest import retry_failed
 from flows.fanout import prefect_mapper
 from flows.stages import active_stages
+from infra import run_lock
 from infra.config import PipelineConfig
 from infra.console import forward_to_prefect
 from infra.demo.server import DemoServer
@@ -57,6 +58,11 @@ def flow_run_name() -> str:
 def retry_failed_flow(run_root: str, run_id: str, reasons: list[str] | None = None) -> dict[str, Any]:
     forward_to_prefect()
     run = RunDir(Path(run_root), run_id)
+    with run_lock.writing(run.path, "the lvd-retry-failed flow"):  # (held already when `lvd retry-failed` starts it)
+        return _retry_flow(run, run_id, reasons)
+
+
+def _retry_flow(run: RunDir, run_id: str, reasons: list[str] | None) -> dict[str, Any]:
     cfg = run.load_config()
     spec = next(s for s in active_stages(cfg) if s.name == "ingest")
     if stage_state(run, spec, cfg) != "completed":

@@ -25,6 +25,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -153,13 +154,27 @@ def holder(path: Path | str) -> Holder | None:
         os.close(fd)
 
 
+_held: dict[str, Holder] = {}  # the lock files this process holds (realpath -> its record)
+_held_guard = threading.Lock()
+
+
 @contextlib.contextmanager
-def writing(path: Path | str, command: str, what: str = "run") -> Iterator[Holder]:
-    """Hold `path` (a run or evaluation folder, created if missing) for this process while the block runs; `RunBusy`
-    if another process holds it."""
+def writing(path: Path | str, command: str, what: str = "run", create: bool = False) -> Iterator[Holder]:
+    """Hold `path` (a run or evaluation folder; `create`: made if missing) for this process while the block runs;
+    `RunBusy` if another process holds it. Nested in this process (the CLI holds the run, then the flow it starts asks
+    again, as a flow started by a Prefect deployment does first): the hold already taken."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
+    elif not path.is_dir():
+        raise FileNotFoundError(f"no {what} at {path}")
     lock = path / LOCK_FILE
+    key = os.path.realpath(lock)
+    with _held_guard:
+        mine = _held.get(key)
+    if mine is not None:
+        yield mine
+        return
     fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
     try:
         deadline = time.monotonic() + ACQUIRE_WAIT_S
@@ -183,6 +198,12 @@ def writing(path: Path | str, command: str, what: str = "run") -> Iterator[Holde
         record = {"pid": me.pid, "host": me.host, "command": me.command, "since": me.since, "argv": sys.argv}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(record).encode(), 0)
-        yield me
+        with _held_guard:
+            _held[key] = me
+        try:
+            yield me
+        finally:
+            with _held_guard:
+                _held.pop(key, None)
     finally:
         os.close(fd)  # releases the lock; the file stays (another process may already wait on it)

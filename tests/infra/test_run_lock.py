@@ -47,6 +47,7 @@ HOLDER = textwrap.dedent("""
 
 
 def _hold(path: Path, mode: str = "hold") -> tuple[subprocess.Popen, int]:
+    path.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(path), mode], stdout=subprocess.PIPE, text=True,
                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
     return proc, int(proc.stdout.readline())
@@ -67,6 +68,9 @@ def _kill(pid: int) -> None:
 
 def test_a_second_writer_is_refused_with_the_holder_and_a_killed_holder_frees_the_run(tmp_path):
     run = tmp_path / "runs" / "own-1234abcd"
+    with pytest.raises(FileNotFoundError, match="no run at"), writing(run, "lvd run"):
+        pytest.fail("a missing run was held")
+    run.mkdir(parents=True)
     assert holder(run) is None and not (run / run_lock.LOCK_FILE).exists()  # a probe creates nothing
     proc, pid = _hold(run)
     try:
@@ -88,6 +92,9 @@ def test_a_second_writer_is_refused_with_the_holder_and_a_killed_holder_frees_th
     with writing(run, "lvd resume") as me:
         assert holder(run) == me  # (a second open file in the same process conflicts too)
         assert json.loads((run / run_lock.LOCK_FILE).read_text())["pid"] == os.getpid()
+        with writing(run, "the lvd-pipeline flow") as again:  # the flow `lvd resume` starts: the same hold
+            assert again is me
+        assert holder(run) == me  # (the inner block released nothing)
     assert holder(run) is None
 
 
@@ -210,3 +217,24 @@ def test_an_attempt_that_died_is_marked_crashed_in_prefect_by_the_next(tmp_path,
     assert [s.type.value for s in states] == ["CRASHED", "COMPLETED", "RUNNING"]
     assert states[0].message == ("its process stopped without recording an end (killed, out of memory, or its machine "
                                  "lost); found by r attempt 4")
+
+
+def test_a_flow_started_without_the_cli_takes_the_run_too(tmp_path, prefect_server):
+    """A Prefect deployment runs the `lvd-pipeline` flow without `lvd run`: the flow holds the run itself, so a second
+    writer is refused there as well (and the flow `lvd run` starts takes the hold its CLI already has)."""
+    from flows.pipeline import pipeline
+    from infra.runs import prepare_run
+
+    urls = tmp_path / "urls.csv"
+    urls.write_text("url\nhttp://example.com/a.jpg\n")
+    run, _ = prepare_run(REPO / "configs" / "own_folder.yaml", [
+        f"data.url_list={urls}", f"run.root={tmp_path / 'runs'}", "embed.allow_random_init=true",
+        "embed.backbone.kind=vit", "embed.backbone.path=null"])
+    proc, pid = _hold(run.path)
+    try:
+        state = pipeline(str(run.root), run.run_id, return_state=True)
+    finally:
+        _kill(pid)
+        proc.wait()
+    assert state.is_failed() and f"run {run.run_id} is in use by another process (lvd run, pid {pid}" in state.message
+    assert not run.events_path.exists()
