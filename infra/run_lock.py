@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import socket
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -111,7 +110,7 @@ def _openers(lock: Path) -> tuple[int, ...]:
     try:
         st = lock.stat()
     except OSError:
-        return []
+        return ()
     out = []
     for proc in Path("/proc").glob("[0-9]*"):
         with contextlib.suppress(OSError):
@@ -130,7 +129,7 @@ def _read(lock: Path) -> Holder:
     except (OSError, ValueError):
         info = {}
     holder = Holder(info.get("pid"), info.get("host") or socket.gethostname(),
-                    info.get("command") or "another process (starting)", info.get("since") or "")
+                    info.get("command") or "a process starting up", info.get("since") or "")
     if holder.here and holder.pid and not _alive(holder.pid):
         return dataclasses.replace(holder, openers=_openers(lock))
     return holder
@@ -195,7 +194,7 @@ def writing(path: Path | str, command: str, what: str = "run", create: bool = Fa
         from infra.run import now
 
         me = Holder(os.getpid(), socket.gethostname(), command, now())
-        record = {"pid": me.pid, "host": me.host, "command": me.command, "since": me.since, "argv": sys.argv}
+        record = {"pid": me.pid, "host": me.host, "command": me.command, "since": me.since}  # (no argv: no secrets)
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(record).encode(), 0)
         with _held_guard:
