@@ -43,12 +43,18 @@ def checkpoint_image_size(path: Path, name: str = "NAME") -> int:
     state = read_checkpoint(path).backbone
     patch = state["patch_embed.proj.weight"].shape[-1]
     grid = math.isqrt(state["pos_embed"].shape[1] - 1)  # official layout: 1 + grid x grid
-    if grid * patch == RELEASED_SIZE:
-        return OFFICIAL_EVAL_SIZE
+    if (released := released_eval_size(grid * patch)) is not None:
+        return released
     raise ConfigError([f"--model {name}: {path} records no training resolution (a plain state dict; lvd's .pth "
                        f"exports carry it in {path.name}.json beside them). Its position embeddings hold {grid} x "
                        f"{grid} patches of {patch} px ({grid * patch} px), which need not be the size to evaluate at: "
                        f"give it, e.g. --model {name}={path},image_size={grid * patch}"], source="--model")
+
+
+def released_eval_size(grid_px: int) -> int | None:
+    """224 px for a checkpoint whose position embeddings cover the released 518 px grid (dinov2 evaluates those at
+    224), else None."""
+    return OFFICIAL_EVAL_SIZE if grid_px == RELEASED_SIZE else None
 
 
 def parse_model_spec(spec: str) -> ModelEntry:

@@ -27,7 +27,7 @@ from infra import run_lock
 from infra.config import PipelineConfig
 from infra.console import forward_to_prefect
 from infra.demo.server import DemoServer
-from infra.history import attempts, attempts_from
+from infra.history import attempts_from
 from infra.manifest import read_manifest
 from infra.run import RunDir
 from infra.runs import RUN_INFO
@@ -157,18 +157,19 @@ def close_dead_attempts(run: RunDir, current: str) -> None:
     from prefect.exceptions import ObjectNotFound
     from prefect.states import Crashed
 
-    ids = [f for f in unended_flow_runs(run.events()) if f != current]
+    events = run.events()
+    ids = [f for f in unended_flow_runs(events) if f != current]
     if not ids:
         return
+    message = ("its process stopped without recording an end (killed, out of memory, or its machine lost); found by "
+               f"{run.run_id} attempt {len(attempts_from(events))}")
     with get_client(sync_client=True) as client:
         for flow_run_id in ids:
             try:
                 flow_run = client.read_flow_run(flow_run_id)
                 if flow_run.state is None or flow_run.state.type.value not in ("RUNNING", "PENDING"):
                     continue
-                client.set_flow_run_state(flow_run_id, Crashed(message=(
-                    "its process stopped without recording an end (killed, out of memory, or its machine lost); "
-                    f"found by {run.run_id} attempt {len(attempts(run))}")), force=True)
+                client.set_flow_run_state(flow_run_id, Crashed(message=message), force=True)
                 log.info("Prefect flow run %s (%s) marked Crashed: its process is gone", flow_run.name, flow_run_id)
             except ObjectNotFound:  # recorded by another Prefect server (PREFECT_API_URL changed between attempts)
                 continue

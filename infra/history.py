@@ -143,8 +143,7 @@ def describe(history: list[Attempt], live: Holder | None = None) -> list[dict[st
         elif a.error is not None:
             ended = "failed: " + _short(a.error)
         elif a.interrupted is not None:
-            where = f"in {stopped}" if stopped else "between stages" if a.stages else "before its first stage"
-            ended = f"interrupted by {SIGNAL_WORDS.get(a.interrupted, a.interrupted)} {where}"
+            ended = f"interrupted by {SIGNAL_WORDS.get(a.interrupted, a.interrupted)} {_where(a)}"
         elif stopped is not None and a.stages[stopped].outcome == "failed":
             ended = f"failed in {stopped}"
         else:
@@ -157,10 +156,15 @@ def describe(history: list[Attempt], live: Holder | None = None) -> list[dict[st
 def _unrecorded_end(a: Attempt, live: Holder | None) -> str:
     """How an attempt whose record stops ended: running (`live` holds the run), unknown (`run_lock.UNKNOWN`: a file
     system without locks), or stopped without recording why."""
-    stopped = a.stopped_in
-    where = f"in {stopped}" if stopped else "between stages" if a.stages else "before its first stage"
+    where = _where(a)
     if live is UNKNOWN:
         return f"running, or stopped {where} without recording why"
     if live is not None:
         return f"running {where if a.stages else '(starting)'}: {live.describe()}"
     return f"stopped {where} without recording why (killed, out of memory, or its machine lost)"
+
+
+def _where(a: Attempt) -> str:
+    """Where an attempt's record stops: `in <stage>`, `between stages`, `before its first stage`."""
+    stopped = a.stopped_in
+    return f"in {stopped}" if stopped else "between stages" if a.stages else "before its first stage"

@@ -19,10 +19,15 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 2
     source = Path(args.source).expanduser()
     if source.exists():  # a checkpoint file or folder rather than a run id
-        from training.checkpoint import load_backbone
+        from flows.evaluate import released_eval_size
+        from training.checkpoint import load_backbone, recorded_image_size
 
-        size = args.image_size or (_checkpoint_size(source) if args.format == "onnx" else None)
-        exported = export_model(load_backbone(source, arch=args.arch), args.format, Path(args.dest), image_size=size)
+        backbone = load_backbone(source, arch=args.arch)
+        # onnx: the resolution the checkpoint records, 224 px for a released one (as dinov2 evaluates it), else its
+        # position grid's (export_model's default)
+        size = args.image_size or (recorded_image_size(source) or released_eval_size(backbone.arch_kwargs["img_size"])
+                                   if args.format == "onnx" else None)
+        exported = export_model(backbone, args.format, Path(args.dest), image_size=size)
         where = str(source)
     else:
         exported, where = _export_run(args)
@@ -33,18 +38,6 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     print(f"\nload it with:\n{exported.usage}")
     return 0
-
-
-def _checkpoint_size(source: Path) -> int | None:
-    """The resolution an onnx graph of a checkpoint is made for: the one it records, 224 px for a released official
-    checkpoint (as dinov2 evaluates it), else its position grid's (None)."""
-    from flows.evaluate import checkpoint_image_size
-    from infra.config import ConfigError
-
-    try:
-        return checkpoint_image_size(source)
-    except ConfigError:
-        return None
 
 
 def _export_run(args: argparse.Namespace):

@@ -43,16 +43,18 @@ def export_model(backbone: DinoVisionTransformer, fmt: str, dest: Path | str, ca
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; use one of {FORMATS}")
     dest = Path(dest)
-    state, arch = official_state_dict(backbone), dict(backbone.arch_kwargs)
-    if fmt == "hf":
-        return _hf(state, arch, dest, card)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "onnx":
+    arch = dict(backbone.arch_kwargs)
+    if fmt == "onnx":  # (traced from the module: no state dict)
+        dest.parent.mkdir(parents=True, exist_ok=True)
         size = image_size or arch["img_size"]
         _, diff = write_onnx(backbone, dest, size)
         return Export(fmt, dest, onnx_usage(dest, size, arch["num_register_tokens"]),
                       [f"the graph takes {size} x {size} px images (any batch); checked with onnxruntime: outputs "
                        f"within {diff:.1e} of the torch forward"])
+    state = official_state_dict(backbone)
+    if fmt == "hf":
+        return _hf(state, arch, dest, card)
+    dest.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "timm":
         return _timm(state, arch, dest)
     if fmt == "pth":
