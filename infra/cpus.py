@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,6 +19,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import TypeVar
+
+from infra.cgroup import folders
 
 T, R = TypeVar("T"), TypeVar("R")
 
@@ -40,58 +41,6 @@ class CpuBudget:
             return f"{self.cpus} CPU{'s' if self.cpus != 1 else ''} (affinity {self.affinity}, no cgroup quota)"
         return (f"{self.cpus} CPU{'s' if self.cpus != 1 else ''} (affinity {self.affinity}, cgroup quota "
                 f"{self.quota:g} CPU{'s' if self.quota != 1 else ''}: {self.quota_file})")  # fmt: skip
-
-
-def _unescape(field: str) -> str:
-    """mountinfo's octal escapes of space, tab, newline and backslash."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def _mounts(proc: Path) -> list[tuple[str, str, str, set[str]]]:
-    """(root within the file system, mount point, fstype, super options) of the cgroup mounts (proc(5) mountinfo)."""
-    out = []
-    try:
-        lines = (proc / "self" / "mountinfo").read_text().splitlines()
-    except OSError:
-        return out
-    for line in lines:
-        head, sep, tail = line.partition(" - ")
-        fields, rest = head.split(), tail.split()
-        if not sep or len(fields) < 5 or len(rest) < 3 or rest[0] not in ("cgroup", "cgroup2"):
-            continue
-        out.append((_unescape(fields[3]), _unescape(fields[4]), rest[0], set(rest[2].split(","))))
-    return out
-
-
-def _memberships(proc: Path) -> dict[str, str]:
-    """controller (`cpu` for v1, `` for v2) -> the process's cgroup path (proc(7) /proc/self/cgroup)."""
-    out: dict[str, str] = {}
-    try:
-        lines = (proc / "self" / "cgroup").read_text().splitlines()
-    except OSError:
-        return out
-    for line in lines:
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        for controller in parts[1].split(",") if parts[1] else [""]:
-            out[controller] = parts[2]
-    return out
-
-
-def _cgroup_dirs(mount_root: str, mount_point: str, path: str) -> list[Path]:
-    """The process's cgroup folder under a mount, then each parent up to the mount point (a limit set on an
-    ancestor binds too); none where the mount shows another part of the hierarchy. In a container with its own
-    cgroup namespace both paths are `/`."""
-    rel = os.path.relpath(path, mount_root)
-    if rel == ".." or rel.startswith("../"):
-        return []
-    here = Path(mount_point) / ("" if rel == "." else rel)
-    dirs = [here]
-    while here != Path(mount_point) and here.parent != here:
-        here = here.parent
-        dirs.append(here)
-    return dirs
 
 
 def _v2_quota(folder: Path) -> float | None:
@@ -116,19 +65,11 @@ def _v1_quota(folder: Path) -> float | None:
 def read_quota(proc: Path = Path("/proc")) -> tuple[float, str] | None:
     """The smallest CPU quota along the process's cgroup path (v2 `cpu.max`, v1 `cpu.cfs_quota_us`), in CPUs, and
     the file it was read from; None where there is none (or no cgroup file system is mounted)."""
-    member = _memberships(proc)
     found: list[tuple[float, str]] = []
-    for root, point, fstype, options in _mounts(proc):
-        if fstype == "cgroup2" and "" in member:
-            read, path = _v2_quota, member[""]
-        elif fstype == "cgroup" and "cpu" in options and "cpu" in member:
-            read, path = _v1_quota, member["cpu"]
-        else:
-            continue
-        for folder in _cgroup_dirs(root, point, path):
-            quota = read(folder)
-            if quota is not None:
-                found.append((quota, str(folder / ("cpu.max" if fstype == "cgroup2" else "cpu.cfs_quota_us"))))
+    for fstype, folder in folders("cpu", proc):
+        quota = (_v2_quota if fstype == "cgroup2" else _v1_quota)(folder)
+        if quota is not None:
+            found.append((quota, str(folder / ("cpu.max" if fstype == "cgroup2" else "cpu.cfs_quota_us"))))
     return min(found) if found else None
 
 
