@@ -48,6 +48,7 @@ from infra.lineage import LedgerWriter
 from infra.shards import Shard, iter_shard_images
 from infra.stage import ShardTracker, StageResult, add_counts, summarize
 from infra.storage import atomic_path
+from infra.workers import process_cached
 
 log = logging.getLogger(__name__)
 SCORES = "scores"
@@ -381,10 +382,6 @@ class Disabled:
         return np.full(len(images), np.nan, np.float32)
 
 
-_SCORERS: dict[str, NsfwScorer] = {}
-_LOCK = threading.Lock()
-
-
 _BACKENDS = {"opennsfw": OpenNsfw, "opennsfw-int8": OpenNsfwInt8, "opennsfw-torch": OpenNsfwTorch,
              "clip_head": ClipHead, "disabled": lambda _: Disabled()}  # fmt: skip
 _MEASURED: dict[str, tuple[str, dict[str, float]]] = {}  # auto's choice per (threads, batch): (backend, ms/image)
@@ -424,11 +421,7 @@ def resolve_backend(cfg: NsfwConfig) -> str:
 def scorer_for(cfg: NsfwConfig) -> NsfwScorer:
     """One model per process and configuration (threads of a worker share it: onnxruntime runs are thread-safe,
     torch forwards take turns)."""
-    key = cfg.model_dump_json()
-    with _LOCK:
-        if key not in _SCORERS:
-            _SCORERS[key] = _BACKENDS[resolve_backend(cfg)](cfg)
-        return _SCORERS[key]
+    return process_cached(f"nsfw:{cfg.model_dump_json()}", lambda: _BACKENDS[resolve_backend(cfg)](cfg))
 
 
 def score_shard(stage_dir: Path, shard: Shard, skip: frozenset[str], cfg: NsfwConfig,

@@ -29,6 +29,7 @@ from infra.console import forward_to_prefect
 from infra.demo.server import DemoServer
 from infra.history import attempts_from
 from infra.manifest import read_manifest
+from infra.memory import release_stage_memory
 from infra.run import RunDir
 from infra.runs import RUN_INFO
 from infra.stage import StageInputError, StageSpec, run_stage, stage_key, stage_state
@@ -202,6 +203,7 @@ def _pipeline(run: RunDir) -> dict[str, Any]:
             run.log_event("reused", spec.name)
             log.info("%s: completed by an earlier attempt, reused", spec.name)
         task_ = stage_task.with_options(name=spec.name, task_run_name=spec.name, result_storage=storage)
+        release_stage_memory()  # what earlier stages' models held, before this one's peak
         with demo_server(spec, run, cfg):
             task_(str(run.root), run.run_id, spec.name)
         if spec.name in training_stages(cfg) and (added := complete_exports(run, cfg, spec.name)):

@@ -21,6 +21,15 @@ def process_cached(key: str, build: Callable[[], T]) -> T:
         return _CACHE[key]
 
 
+def release_cached() -> int:
+    """Forget every object :func:`process_cached` holds (the flow's own process, between stages: the models of one
+    stage need not stay beside the next one's); how many there were. A long-lived Dask worker keeps its own."""
+    with _LOCK:
+        n = len(_CACHE)
+        _CACHE.clear()
+    return n
+
+
 def worker_gpu() -> int | None:
     """The GPU of this Dask worker on a multi-GPU host: a worker named by an integer (a local cluster's are 0, 1, ...)
     takes GPU ``name % count``; None outside a Dask worker, without CUDA, or with one GPU."""

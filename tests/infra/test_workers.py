@@ -1,6 +1,6 @@
 from concurrent.futures import ThreadPoolExecutor
 
-from infra.workers import claim_worker_gpu, process_cached, worker_gpu
+from infra.workers import claim_worker_gpu, process_cached, release_cached, worker_gpu
 
 
 def test_process_cached_builds_once_per_key_even_when_asked_concurrently():
@@ -19,3 +19,22 @@ def test_process_cached_builds_once_per_key_even_when_asked_concurrently():
 def test_no_worker_gpu_outside_a_dask_worker_or_without_several_gpus():
     assert worker_gpu() is None  # this process is no Dask worker (and CI has no GPU)
     assert claim_worker_gpu() is None  # nothing to claim: the current device is left alone
+
+
+def test_released_objects_are_let_go_and_built_again_on_next_use():
+    """Between stages the flow's process lets go of the models earlier stages cached (infra.memory
+    .release_stage_memory): nothing else holds them, so they are freed; the next use builds a new one."""
+    import weakref
+
+    from infra.memory import release_stage_memory
+
+    class Model:
+        pass
+
+    first = process_cached("test-workers:release", Model)
+    ref = weakref.ref(first)
+    del first
+    release_stage_memory()
+    assert ref() is None
+    assert process_cached("test-workers:release", Model) is not None
+    assert release_cached() == 1 and release_cached() == 0
