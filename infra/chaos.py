@@ -81,8 +81,10 @@ def kill_tree(proc: subprocess.Popen) -> None:
 
 @dataclass(frozen=True)
 class Kill:
-    """How a trial stops a process: SIGKILL to the whole tree (a crash, an OOM kill, a lost node), or SIGINT the way
-    a terminal's Ctrl-C sends it (`group`: to the process group) or to the `lvd` process alone, `times` times."""
+    """How a trial stops a process: SIGKILL to the whole process group (a lost node, a job's cgroup killed) or to the
+    `lvd` process alone (`group=False`: what the out-of-memory killer or `kill -9 PID` does; its reaper then stops
+    what it started and records the end), or SIGINT the way a terminal's Ctrl-C sends it (to the process group) or
+    to the `lvd` process alone, `times` times."""
 
     signum: int = signal.SIGKILL
     group: bool = True
@@ -90,19 +92,28 @@ class Kill:
 
 
 SIGINT_GRACE_S = 60.0  # how long an interrupted `lvd` may take to stop before the trial calls it a hang
+REAPER_WAIT_S = 15.0  # how long what `lvd` started may outlive a SIGKILL of it alone (its reaper: 1 s look, 5 s grace)
 
 
 def stop(proc: subprocess.Popen, kill: Kill) -> tuple[int, float, int]:
     """Send `kill`; return the process's exit status, the seconds it took to exit, and how many of its descendants
-    outlived it (SIGKILL to the group: the tree is gone)."""
+    outlived it (SIGKILL to the group: the tree is gone; to `lvd` alone: those alive after its reaper's grace)."""
     import psutil
 
     t0 = time.monotonic()
-    if kill.signum == signal.SIGKILL:
+    if kill.signum == signal.SIGKILL and kill.group:
         kill_tree(proc)
         return proc.returncode, time.monotonic() - t0, 0
+    family = []
     with contextlib.suppress(psutil.Error):
         family = psutil.Process(proc.pid).children(recursive=True)
+    if kill.signum == signal.SIGKILL:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        elapsed = time.monotonic() - t0
+        _, alive = psutil.wait_procs(family, timeout=REAPER_WAIT_S)
+        return proc.returncode, elapsed, sum(_running(p) for p in alive)
     for _ in range(kill.times):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, kill.signum) if kill.group else os.kill(proc.pid, kill.signum)
@@ -113,7 +124,7 @@ def stop(proc: subprocess.Popen, kill: Kill) -> tuple[int, float, int]:
         kill_tree(proc)
         raise RuntimeError(f"lvd did not stop within {SIGINT_GRACE_S:g} s of {kill}") from None
     elapsed = time.monotonic() - t0
-    _, alive = psutil.wait_procs(family, timeout=1.0)
+    _, alive = psutil.wait_procs(family, timeout=REAPER_WAIT_S)  # (its reaper exits within a second or two)
     return proc.returncode, elapsed, sum(_running(p) for p in alive)
 
 

@@ -33,6 +33,10 @@ class Attempt:
     error: str | None = None  # lvd retry-failed: why it failed
     interrupted: str | None = None  # the signal that stopped the process (SIGINT: Ctrl-C), when it recorded one
     cpus: str | None = None  # the CPUs it could use (infra.cpus: affinity, cgroup quota), where it recorded them
+    memory: str | None = None  # the memory it could use (infra.memory: the machine's, or its cgroup's limit)
+    # Its process ended without recording why, as its reaper (infra.reaper) found: `oom_kills` where the kernel's
+    # out-of-memory killer had ended processes in its cgroup or on the machine meanwhile.
+    lost: dict[str, Any] | None = None
 
     @property
     def stopped_in(self) -> str | None:
@@ -64,7 +68,7 @@ def attempts_from(events: Iterable[dict[str, Any]]) -> list[Attempt]:
             launched = False
         elif kind in ("launched", "flow_started", "retry_started"):  # (runs made before `launched`: flow_started)
             by = "lvd retry-failed" if kind == "retry_started" else "lvd resume" if resumed else "lvd run"
-            out.append(Attempt(e.get("time", ""), by, changed, cpus=e.get("cpu_budget")))
+            out.append(Attempt(e.get("time", ""), by, changed, cpus=e.get("cpu_budget"), memory=e.get("memory_budget")))
             if kind == "retry_started":
                 out[-1].stages["ingest"] = StageOutcome("running")
             resumed, changed, launched = False, [], kind == "launched"
@@ -77,6 +81,8 @@ def attempts_from(events: Iterable[dict[str, Any]]) -> list[Attempt]:
             out[-1].retried = {k: e.get(k) for k in ("attempt", "rows", "recovered")}
         elif kind == "retry_failed":
             out[-1].error = e.get("error") or "no error recorded"
+        elif kind == "process_lost":
+            out[-1].lost = e
         elif kind == "interrupted":
             out[-1].interrupted = e.get("signal") or "a signal"
             for st in out[-1].stages.values():  # a stage the signal cut short is unfinished, not failed
@@ -146,10 +152,13 @@ def describe(history: list[Attempt], live: Holder | None = None) -> list[dict[st
             ended = f"interrupted by {SIGNAL_WORDS.get(a.interrupted, a.interrupted)} {_where(a)}"
         elif stopped is not None and a.stages[stopped].outcome == "failed":
             ended = f"failed in {stopped}"
+        elif a.lost is not None:
+            ended = _lost(a)
         else:
             ended = _unrecorded_end(a, live if i == len(history) - 1 else None)
         rows.append({"attempt": i + 1, "started": a.started, "by": by, "what": what or "nothing", "ended": ended,
-                     "cpus": a.cpus})
+                     "cpus": a.cpus, "memory": a.memory,
+                     "on": " and ".join(x for x in (a.cpus, a.memory) if x)})  # what it could use
     return rows
 
 
@@ -162,6 +171,15 @@ def _unrecorded_end(a: Attempt, live: Holder | None) -> str:
     if live is not None:
         return f"running {where if a.stages else '(starting)'}: {live.describe()}"
     return f"stopped {where} without recording why (killed, out of memory, or its machine lost)"
+
+
+def _lost(a: Attempt) -> str:
+    """How an attempt ended whose reaper found its process gone (infra.reaper)."""
+    lost = a.lost or {}
+    if lost.get("oom_kills"):
+        gib = f" (it could use {lost['memory'] / 2**30:.1f} GiB)" if lost.get("memory") else ""
+        return f"killed by the kernel's out-of-memory killer {_where(a)}{gib}"
+    return f"killed or crashed {_where(a)} (no out-of-memory kill was counted; its reaper recorded the end)"
 
 
 def _where(a: Attempt) -> str:

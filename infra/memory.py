@@ -1,4 +1,5 @@
-"""Handing freed heap memory back to the operating system between the steps of a long run.
+"""Memory: what a run may use (the machine's, or its cgroup's limit), whether the kernel's out-of-memory killer ended
+a process, and handing freed heap memory back to the operating system between the steps of a long run.
 
 glibc's malloc keeps freed blocks of its heap for reuse: after a step frees gigabytes of arrays (NumPy and torch
 allocate through malloc), the process's resident memory stays near the step's peak, and the next step's peak comes
@@ -12,6 +13,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+from infra.cgroup import folders
 
 
 @functools.cache
@@ -28,3 +33,121 @@ def release_free_heap() -> bool:
     """Return the heap's free pages to the OS (glibc ``malloc_trim``); False where the C library has none."""
     lib = _libc()
     return bool(lib is not None and lib.malloc_trim(0))
+
+
+# --- the memory a run may use, and the kernel's out-of-memory kills -------------------------------------------------
+
+GIB = 2**30
+# cgroup v1 writes "no limit" as the largest page-aligned count (9223372036854771712); anything at or above the
+# machine's memory does not bind either.
+_V1_UNLIMITED = 2**62
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    bytes: int  # what this process and its children may use: the machine's memory or the cgroup's limit, the smaller
+    machine: int  # MemTotal
+    limit: int | None  # the smallest cgroup memory limit along the process's cgroup path; None: none binds
+    limit_file: str | None  # where that limit was read
+
+    def describe(self) -> str:
+        """`23.4 GiB memory (no cgroup limit)` or `4.0 GiB memory (cgroup limit: /sys/fs/cgroup/memory.max; machine
+        23.4 GiB)`, for the console and the run's events."""
+        if self.limit is None:
+            return f"{self.bytes / GIB:.1f} GiB memory (no cgroup limit)"
+        return (f"{self.bytes / GIB:.1f} GiB memory (cgroup limit: {self.limit_file}; machine "
+                f"{self.machine / GIB:.1f} GiB)")  # fmt: skip
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def machine_memory(proc: Path = Path("/proc")) -> int:
+    """MemTotal of /proc/meminfo in bytes (0 where it cannot be read)."""
+    try:
+        for line in (proc / "meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def read_limit(proc: Path = Path("/proc")) -> tuple[int, str] | None:
+    """The smallest memory limit along the process's cgroup path (v2 `memory.max`, v1 `memory.limit_in_bytes`) in
+    bytes, and the file it was read from; None where none is set."""
+    found = []
+    for fstype, folder in folders("memory", proc):
+        file = folder / ("memory.max" if fstype == "cgroup2" else "memory.limit_in_bytes")
+        limit = _read_int(file)  # (v2's "max" is not a number: no limit)
+        if limit is not None and limit < _V1_UNLIMITED:
+            found.append((limit, str(file)))
+    return min(found) if found else None
+
+
+def memory_budget(proc: Path = Path("/proc")) -> MemoryBudget:
+    machine = machine_memory(proc)
+    limit = read_limit(proc)
+    if limit is None or (machine and limit[0] >= machine):
+        return MemoryBudget(machine, machine, None, None)
+    return MemoryBudget(limit[0], machine, limit[0], limit[1])
+
+
+def _oom_count(file: Path) -> int | None:
+    try:
+        for line in file.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill" and value.strip().isdigit():
+                return int(value)
+    except OSError:
+        pass
+    return None
+
+
+def oom_kills(proc: Path = Path("/proc")) -> tuple[str, int] | None:
+    """The kernel's count of processes its out-of-memory killer ended, for this process's own cgroup (v2
+    `memory.events.local`, else `memory.events`; v1 `memory.oom_control`: counted in the victim's own cgroup, whether
+    a cgroup limit or the machine ran out), or the machine's (`/proc/vmstat`) for a process outside any memory
+    cgroup: (file, count), None where the kernel writes neither. Read before and after, it tells whether a process
+    of this cgroup that vanished meanwhile was killed for memory; the own cgroup's, not its parents', so that kills
+    in a sibling (another container of the pod, another job) are not taken for this one's."""
+    for fstype, folder in folders("memory", proc):
+        if fstype == "cgroup" and not (folder / "memory.oom_control").is_file():
+            continue
+        names = ("memory.events.local", "memory.events") if fstype == "cgroup2" else ("memory.oom_control",)
+        if not any((folder / n).is_file() for n in names):
+            continue  # (a v2 folder without the memory controller enabled)
+        for name in names:
+            count = _oom_count(folder / name)
+            if count is not None:
+                return str(folder / name), count
+        break
+    count = _oom_count(proc / "vmstat")
+    return (str(proc / "vmstat"), count) if count is not None else None
+
+
+def oom_kills_since(before: tuple[str, int] | None, now: tuple[str, int] | None = None) -> tuple[int, str] | None:
+    """(kills, file) where the counter :func:`oom_kills` read `before` rose since; None where it did not."""
+    now = oom_kills() if now is None else now
+    if before is None or now is None or now[0] != before[0] or now[1] <= before[1]:
+        return None
+    return now[1] - before[1], now[0]
+
+
+def release_stage_memory() -> None:
+    """Before a stage, in the flow's process: the models earlier stages (and the start-up checks) kept for their
+    shards (`infra.workers.process_cached`) let go, collected, and the free heap returned, so this stage's peak does
+    not come on top of theirs. Measured (docs/guarantees.md, "Memory"): the NSFW models stayed through faces, dedup
+    and embedding."""
+    import gc
+
+    from infra.workers import release_cached
+
+    release_cached()
+    gc.collect()
+    release_free_heap()

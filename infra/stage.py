@@ -38,6 +38,7 @@ from infra.console import Progress, duration
 from infra.lineage import LedgerWriter, ledger_dir
 from infra.lineage_index import index_stage
 from infra.manifest import MANIFEST, StageManifest, cache_key, inputs_digest, read_manifest, write_manifest
+from infra.memory import memory_budget, oom_kills, oom_kills_since
 from infra.run import RunDir, now
 from infra.storage import Markers, atomic_write_json, file_record, read_json
 
@@ -342,6 +343,18 @@ def stage_key(spec: StageSpec, run: RunDir, cfg: PipelineConfig) -> str:
     return cache_key(spec.name, *spec.key_parts(cfg, upstream))
 
 
+def _oom_note(before: tuple[str, int] | None) -> str:
+    """What a failed stage's error does not say when a process of the run (a Dask or data-loader worker, a training
+    process) was ended by the kernel's out-of-memory killer meanwhile: its error reads "worker died" or "killed by
+    signal 9"."""
+    oom = oom_kills_since(before)
+    if oom is None:
+        return ""
+    n = oom[0]
+    return (f" (meanwhile the kernel's out-of-memory killer ended {n} process{'es' if n != 1 else ''} of this run's "
+            f"cgroup, counted in {oom[1]}; the run could use {memory_budget().describe()})")
+
+
 def run_stage(spec: StageSpec, run: RunDir, cfg: PipelineConfig) -> StageManifest:
     upstream = load_upstream(spec, run)
     parts = spec.key_parts(cfg, upstream)
@@ -367,6 +380,7 @@ def run_stage(spec: StageSpec, run: RunDir, cfg: PipelineConfig) -> StageManifes
     base = spec.base_key(cfg, upstream)
     detail = spec.key_detail(cfg, upstream)
     ctx = StageContext(run, cfg, spec.name, upstream, base=base if spec.salvage == "upstream" else "")
+    oom_before = oom_kills()  # (a child killed for memory fails the stage with the child's error: say why below)
     try:
         why = why_again(spec, stage_dir, existing, parts, detail)
         _prepare(stage_dir, key, base, previous_dir(run, spec.name) if spec.salvage else None, parts)
@@ -398,9 +412,10 @@ def run_stage(spec: StageSpec, run: RunDir, cfg: PipelineConfig) -> StageManifes
             with contextlib.suppress(OSError):
                 previous_dir(run, spec.name).parent.rmdir()
     except BaseException as err:
+        error = f"{type(err).__name__}: {err}" + _oom_note(oom_before)
         with contextlib.suppress(OSError):  # the disk may be full or read-only: keep the original error
-            run.log_event("failed", spec.name, key=key, error=f"{type(err).__name__}: {err}")
-        log.error("%s: failed after %s: %s: %s", spec.name, duration(time.monotonic() - t0), type(err).__name__, err)
+            run.log_event("failed", spec.name, key=key, error=error)
+        log.error("%s: failed after %s: %s", spec.name, duration(time.monotonic() - t0), error)
         storage = storage_error(err)
         if storage is not None and not isinstance(err, StageStorageError):
             raise StageStorageError(spec.name, run, storage) from err

@@ -72,7 +72,7 @@ def attempts_table(history: list[Attempt], live: Holder | None = None) -> str:
     """Every process that worked on the run, from its events: what it ran, what it reused, where it stopped."""
     if not history:
         return missing("The run's events.jsonl records no attempt (its flow never started).")
-    rows = [[r["attempt"], _when(r["started"]), r["by"] + (f" on {r['cpus']}" if r["cpus"] else ""), r["what"],
+    rows = [[r["attempt"], _when(r["started"]), r["by"] + (f" on {r['on']}" if r["on"] else ""), r["what"],
              r["ended"]] for r in describe(history, live)]  # fmt: skip
     n = len(history)
     lead = (f"{n} attempt{'s' if n != 1 else ''}, from the run's events.jsonl: a resumed attempt reuses the stages and "

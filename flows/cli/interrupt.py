@@ -34,12 +34,15 @@ PREFECT_GRACE_S = 3.0  # the Prefect API gets this long to record the flow run a
 
 
 def descendants() -> list:
-    """Every process below this one (psutil.Process objects), taken before any is stopped: a grandchild whose parent
-    exits first is re-parented away from this process and no longer listed as its descendant."""
+    """Every process below this one (psutil.Process objects) but its reaper (`infra.reaper`: it stops what outlives
+    this process), taken before any is stopped: a grandchild whose parent exits first is re-parented away from this
+    process and no longer listed as its descendant."""
     import psutil
 
+    from infra.reaper import started
+
     try:
-        return psutil.Process().children(recursive=True)
+        return [p for p in psutil.Process().children(recursive=True) if p.pid not in started()]
     except psutil.Error:
         return []
 
@@ -47,16 +50,9 @@ def descendants() -> list:
 def stop_children(procs: list, grace: float = CHILD_GRACE_S) -> None:
     """SIGTERM `procs` (and any descendant started since), then SIGKILL those still alive after `grace` seconds (0:
     SIGKILL at once)."""
-    import psutil
+    from infra.reaper import stop
 
-    procs = list({p.pid: p for p in [*procs, *descendants()]}.values())
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            p.kill() if grace <= 0 else p.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=grace or 0.5)  # (also reaps the children: no zombies left)
-    for p in alive:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
+    stop(list({p.pid: p for p in [*procs, *descendants()]}.values()), grace)
 
 
 def _cancel_flow_run(flow_run_id: object | None, message: str) -> None:

@@ -10,13 +10,15 @@ from pathlib import Path
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from evaluation.results import RESULTS, format_results
     from flows.evaluate import evaluate_checkpoints, parse_model_spec
+    from infra import reaper
     from infra.config import load_config
 
     run_config = Path(args.root) / args.source / "config.yaml"
     # A run id: its resolved configuration declares the benchmarks (the demo's are filled in when a run is made).
     cfg = load_config(run_config if run_config.is_file() else Path(args.source), args.overrides)
     entries = [parse_model_spec(s) for s in args.model]
-    out, _ = evaluate_checkpoints(cfg, entries, Path(args.root), args.name, args.random_init, args.raw_pixels)
+    with reaper.watching(None, "lvd evaluate"):  # (stops what is left if this process is killed)
+        out, _ = evaluate_checkpoints(cfg, entries, Path(args.root), args.name, args.random_init, args.raw_pixels)
     import pandas as pd
 
     print(format_results(pd.read_parquet(out / RESULTS)))

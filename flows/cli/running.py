@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import contextvars
 import functools
 import json
@@ -120,19 +121,26 @@ def _exit_timeout() -> float:
     return float(os.environ.get(TIMEOUT_ENV) or TIMEOUT_DEFAULT)
 
 
-def _run_flow(run_root: Path, run_id: str) -> int:
+def _run_flow(run_root: Path, run_id: str, command: str) -> int:
     from flows.cli import interrupt
+    from infra import reaper
     from infra.cpus import budget
+    from infra.memory import memory_budget
     from infra.run import RunDir
 
     # The attempt, from here: a stop while Prefect is imported and its database and server start (seconds) is its
     # too, recorded in the run (`lvd status`: "interrupted ... before its first stage").
     run = RunDir(Path(run_root), run_id)
     resume = f"lvd resume {run_id} --root {run_root}"
-    cpus = budget()
-    logging.getLogger("lvd").info("using %s", cpus.describe())  # (pools sized to it: infra.cpus)
-    run.log_event("launched", cpus=cpus.cpus, cpu_budget=cpus.describe())
+    cpus, memory = budget(), memory_budget()
+    logging.getLogger("lvd").info("using %s and %s", cpus.describe(), memory.describe())  # (pools: infra.cpus)
+    run.log_event("launched", cpus=cpus.cpus, cpu_budget=cpus.describe(), memory=memory.bytes,
+                  memory_budget=memory.describe())
     interrupt.attach(run, resume)
+    # If this process is killed (the out-of-memory killer, kill -9), its reaper stops what it started and records
+    # the end; leaving the block below dismisses it.
+    watched = contextlib.ExitStack()
+    watched.enter_context(reaper.watching(run.path, command, resume))
 
     import httpx
 
@@ -164,6 +172,7 @@ def _run_flow(run_root: Path, run_id: str) -> int:
         return code
     finally:
         watchdog.finished.set()  # (an in-process caller, e.g. a test, must never be exited by it)
+        watched.close()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -178,7 +187,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _dry_run(run, cfg)
     with run_lock.writing(run.path, "lvd run"):  # a second process on this run is refused (infra.run_lock)
         print(f"run {run.run_id} in {run.path}")
-        return _run_flow(run.root, run.run_id)
+        return _run_flow(run.root, run.run_id, "lvd run")
 
 
 def _dry_run(run: RunDir, cfg: PipelineConfig) -> int:
@@ -206,16 +215,19 @@ def cmd_resume(args: argparse.Namespace) -> int:
         cfg = run.load_config()
         preflight(cfg, remaining_stages(run, cfg))  # the URL list and models of the stages still to run
         run.log_event("resumed")
-        return _run_flow(run.root, run.run_id)
+        return _run_flow(run.root, run.run_id, "lvd resume")
 
 
 def cmd_retry_failed(args: argparse.Namespace) -> int:
     from flows.cli import interrupt
     from flows.retry import retry_failed_flow
+    from infra import reaper
     from infra.prefect_db import ensure_embedded_database
 
     ensure_embedded_database()
-    with run_lock.writing(Path(args.root) / args.run_id, "lvd retry-failed"), interrupt.for_run(args.root, args.run_id):
+    run_dir, again = Path(args.root) / args.run_id, f"lvd retry-failed {args.run_id} --root {args.root}"
+    with run_lock.writing(run_dir, "lvd retry-failed"), interrupt.for_run(args.root, args.run_id), \
+            reaper.watching(run_dir, "lvd retry-failed", again):
         state = retry_failed_flow(str(args.root), args.run_id, args.reason or None, return_state=True)
     watchdog = ExitWatchdog(None, _exit_timeout(), f"lvd retry-failed {args.run_id} --root {args.root}")
     watchdog.arm("the retry flow returned", 0 if state.is_completed() else 1)

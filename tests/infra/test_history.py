@@ -49,25 +49,38 @@ def test_a_stage_computed_again_says_why_in_the_attempts_table():
                                "reused (completed before): nsfw")
 
 
-def test_each_attempt_shows_the_cpus_it_could_use():
-    """`lvd run` records the CPUs it may use (affinity, cgroup quota) in its `launched` event; `lvd status` and the
-    report show them per attempt (a resume in a smaller container reads differently); older runs show nothing."""
+def test_each_attempt_shows_the_cpus_and_memory_it_could_use_and_how_its_reaper_found_it_ended():
+    """`lvd run` records the CPUs (affinity, cgroup quota) and memory (the machine's, or a cgroup limit) it may use in
+    its `launched` event; `lvd status` and the report show them per attempt (a resume in a smaller container reads
+    differently); older runs show nothing. An attempt whose process was killed reads as its reaper recorded it."""
     from evaluation.report.sections import attempts_table
     from infra.summary import format_summary
 
     one = "2 CPUs (affinity 2, no cgroup quota)"
     two = "1 CPU (affinity 64, cgroup quota 0.5 CPUs: /sys/fs/cgroup/cpu.max)"
+    mem = "2.0 GiB memory (cgroup limit: /sys/fs/cgroup/memory.max; machine 251.5 GiB)"
     events = [{"event": "launched", "cpus": 2, "cpu_budget": one, "time": "2026-12-07T13:30:00"},
               {"event": "interrupted", "signal": "SIGINT"}, {"event": "resumed"},
-              {"event": "launched", "cpus": 1, "cpu_budget": two, "time": "2026-12-07T13:31:00"},
-              {"event": "flow_started"}, {"event": "flow_completed"}, {"event": "resumed"}, {"event": "flow_started", "time": "2026-12-07T13:32:00"}]
+              {"event": "launched", "cpus": 1, "cpu_budget": two, "memory": 2**31, "memory_budget": mem,
+               "time": "2026-12-07T13:31:00"},
+              {"event": "flow_started"}, {"event": "started", "stage": "nsfw"},
+              {"event": "process_lost", "pid": 9, "oom_kills": 1, "memory": 2**31, "memory_budget": mem},
+              {"event": "resumed"}, {"event": "launched", "cpus": 1, "cpu_budget": two, "memory_budget": mem,
+                                     "time": "2026-12-07T13:32:00"},
+              {"event": "flow_started"}, {"event": "started", "stage": "nsfw"}, {"event": "process_lost", "pid": 10},
+              {"event": "resumed"}, {"event": "flow_started", "time": "2026-12-07T13:33:00"}]
     rows = describe(attempts_from(events))
-    assert [r["cpus"] for r in rows] == [one, two, None]
+    assert [r["cpus"] for r in rows] == [one, two, two, None]
+    assert [r["on"] for r in rows] == [one, f"{two} and {mem}", f"{two} and {mem}", ""]
     text = format_summary({"run_id": "r", "path": "p", "stages": [], "attempts": rows})
     assert text.splitlines()[text.splitlines().index("attempts:") + 1:] == [
         "  1  2026-12-07 13:30  lvd run: interrupted by Ctrl-C (SIGINT) before its first stage", "     nothing",
-        f"     on {one}", "  2  2026-12-07 13:31  lvd resume: completed", "     nothing", f"     on {two}",
-        "  3  2026-12-07 13:32  lvd resume: stopped before its first stage without recording why (killed, out of memory, or its machine lost)",
+        f"     on {one}",
+        "  2  2026-12-07 13:31  lvd resume: killed by the kernel's out-of-memory killer in nsfw (it could use 2.0 GiB)",
+        "     ran nsfw (did not finish)", f"     on {two} and {mem}",
+        "  3  2026-12-07 13:32  lvd resume: killed or crashed in nsfw (no out-of-memory kill was counted; its reaper recorded the end)",
+        "     ran nsfw (did not finish)", f"     on {two} and {mem}",
+        "  4  2026-12-07 13:33  lvd resume: stopped before its first stage without recording why (killed, out of memory, or its machine lost)",
         "     nothing"]
     html = attempts_table(attempts_from(events))
-    assert f"lvd run on {one}" in html and f"lvd resume on {two}" in html
+    assert f"lvd run on {one}<" in html and f"lvd resume on {two} and {mem}<" in html
