@@ -37,17 +37,16 @@ READY = b"ready\n"  # what the reaper prints once it has taken its first look
 DISMISS = b"done\n"  # what the watched process writes to the reaper's standard input when it leaves the watched block
 _started: set[int] = set()  # reapers this process started (a Ctrl-C handler stopping its children leaves them alone)
 
-# The settings that lower a stage's memory without changing what it produces (execution keys: its finished work is
-# kept when `lvd resume` changes them), for the message after an out-of-memory kill.
+# The settings that lower a stage's memory, measured or by construction, for the message after an out-of-memory kill,
+# and whether `lvd resume` takes them. Training: execution keys (its checkpoints are kept). NSFW: a smaller batch (its
+# inputs and onnxruntime's activations are per batch: peak 1,549 -> 1,224 MiB at 16 instead of 64 on 2 CPUs; a
+# resume may not change it, so the message starts a run from the killed one's configuration, which reuses its
+# finished stages). The other curation stages have none that pays on 2 CPUs: one shard in flight or one CPU instead
+# of two changed their peaks by less than 50 MB (docs/guarantees.md, "Killed, or out of memory").
 MEMORY_KEYS = {
-    "ingest": "ingest.processes=1 or a lower ingest.threads",
-    "nsfw": "run.workers=1",
-    "faces": "run.workers=1",
-    "dedup": "run.workers=1",
-    "embed": "run.workers=1 or a lower embed.decode_threads",
-    "pretrain": "train.activation_checkpointing=true or train.num_workers=0",
-    "pretrain_highres": "train.activation_checkpointing=true or train.num_workers=0",
-    "distill": "train.activation_checkpointing=true or train.num_workers=0",
+    "nsfw": ("nsfw.batch_size=16", False),
+    **{stage: ("train.activation_checkpointing=true or train.num_workers=0", True)
+       for stage in ("pretrain", "pretrain_highres", "distill")},
 }
 
 
@@ -236,9 +235,17 @@ def main(argv: list[str] | None = None) -> int:
     if left:
         lines.append(f"lvd: stopped what it had started: {names}.")
     if oom is not None and stage in MEMORY_KEYS and args.resume:
-        setting = MEMORY_KEYS[stage]
-        lines.append(f"lvd: {stage} needs less memory with {setting}, which keeps its finished work: "
-                     f"{args.resume} {setting.split()[0]}")
+        setting, resumable = MEMORY_KEYS[stage]
+        if resumable:
+            lines.append(f"lvd: {stage} needs less memory with {setting} (its checkpoints are kept): {args.resume} "
+                         f"{setting.split()[0]}")
+        else:
+            lines.append(f"lvd: {stage} needs less memory with {setting}, which a resume may not change: a run from "
+                         f"this one's configuration reuses its finished stages: lvd run {args.run / 'config.yaml'} "
+                         f"{setting} run.run_id={args.run.name}-lowmem")
+    elif oom is not None and args.resume:
+        lines.append(f"lvd: finished shards are kept; continue with: {args.resume} (a new process holds none of the "
+                     f"memory the stages before {stage or 'it'} left behind), or give the run more memory")
     elif args.resume:
         lines.append(f"lvd: finished shards and training checkpoints are kept; continue with: {args.resume}")
     with contextlib.suppress(OSError):

@@ -39,7 +39,7 @@ RUN = textwrap.dedent("""
     run = RunDir(root, "r1")
     with writing(run.path, "lvd run", create=True):
         run.log_event("launched", cpus=1)
-        run.log_event("started", "ingest")
+        run.log_event("started", sys.argv[3])
         child = subprocess.Popen(["sleep", "600"])
         with reaper.watching(run.path, "lvd run", f"lvd resume r1 --root {root}") as pid:
             print(pid, child.pid, flush=True)
@@ -54,10 +54,11 @@ RUN = textwrap.dedent("""
 """)
 
 
-def _start(root: Path, mode: str, prefix: str = "") -> tuple[subprocess.Popen, int, int]:
+def _start(root: Path, mode: str, prefix: str = "", stage: str = "ingest") -> tuple[subprocess.Popen, int, int]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(["bash", "-c", f'{prefix}exec "{sys.executable}" -c "$0" "$1" "$2"', RUN, str(root), mode],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)  # fmt: skip
+    proc = subprocess.Popen(["bash", "-c", f'{prefix}exec "{sys.executable}" -c "$0" "$1" "$2" "$3"', RUN, str(root),
+                             mode, stage], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env=env)  # fmt: skip
     reaper_pid, child_pid = map(int, proc.stdout.readline().split())
     return proc, reaper_pid, child_pid
 
@@ -131,15 +132,28 @@ def _memory_cgroup(limit: int) -> Path:
     return folder
 
 
+ADVICE = {
+    "pretrain": "lvd: pretrain needs less memory with train.activation_checkpointing=true or train.num_workers=0 (its "
+                "checkpoints are kept): lvd resume r1 --root {root} train.activation_checkpointing=true",
+    "nsfw": "lvd: nsfw needs less memory with nsfw.batch_size=16, which a resume may not change: a run from this one's "
+            "configuration reuses its finished stages: lvd run {root}/r1/config.yaml nsfw.batch_size=16 "
+            "run.run_id=r1-lowmem",
+    "faces": "lvd: finished shards are kept; continue with: lvd resume r1 --root {root} (a new process holds none of "
+             "the memory the stages before faces left behind), or give the run more memory"}
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="cgroups and the out-of-memory killer are Linux's")
-def test_an_out_of_memory_kill_is_named_with_the_limit_and_the_setting_that_lowers_the_stages_memory(tmp_path):
+@pytest.mark.parametrize("stage", ["pretrain", "nsfw", "faces"])
+def test_an_out_of_memory_kill_is_named_with_the_limit_and_the_setting_that_lowers_the_stages_memory(tmp_path, stage):
     """The run's process in a cgroup limited to 384 MiB allocates until the kernel's out-of-memory killer ends it:
-    its reaper counts the kill in that cgroup, records it, stops the child and says which setting of the stage
-    lowers its memory without redoing its finished work."""
+    its reaper counts the kill in that cgroup, records it, stops the child and says how to continue: a resume with the
+    setting that lowers the stage's memory (pretraining), a run from the killed one's configuration with a setting a
+    resume may not change (NSFW's batch), or a resume, which starts without what the earlier stages left in memory."""
     limit = 384 * 2**20
     folder = _memory_cgroup(limit)
     try:
-        proc, reaper_pid, child_pid = _start(tmp_path, "oom", prefix=f"echo $$ > {folder}/cgroup.procs && ")
+        proc, reaper_pid, child_pid = _start(tmp_path, "oom", prefix=f"echo $$ > {folder}/cgroup.procs && ",
+                                             stage=stage)
         assert proc.wait(timeout=120) == -signal.SIGKILL
         assert _gone(reaper_pid) and _gone(child_pid)
         v2 = (folder / "memory.max").is_file()
@@ -148,16 +162,14 @@ def test_an_out_of_memory_kill_is_named_with_the_limit_and_the_setting_that_lowe
         limit_file = folder / ("memory.max" if v2 else "memory.limit_in_bytes")
         memory = MemoryBudget(limit, machine_memory(), limit, str(limit_file)).describe()
         assert proc.stderr.read().splitlines() == [
-            f"lvd: lvd run (pid {proc.pid}) was killed by the kernel's out-of-memory killer in ingest; it could use "
+            f"lvd: lvd run (pid {proc.pid}) was killed by the kernel's out-of-memory killer in {stage}; it could use "
             f"{memory}.",
-            f"lvd: stopped what it had started: sleep (pid {child_pid}).",
-            f"lvd: ingest needs less memory with ingest.processes=1 or a lower ingest.threads, which keeps its "
-            f"finished work: lvd resume r1 --root {tmp_path} ingest.processes=1"]
+            f"lvd: stopped what it had started: sleep (pid {child_pid}).", ADVICE[stage].format(root=tmp_path)]
         lost = _events(tmp_path)[-1]
         assert {k: lost[k] for k in ("event", "pid", "oom_kills", "oom_counter", "memory")} == {
             "event": "process_lost", "pid": proc.pid, "oom_kills": 1, "oom_counter": str(counter), "memory": limit}
         assert describe(attempts_from(_events(tmp_path)))[0]["ended"] == (
-            "killed by the kernel's out-of-memory killer in ingest (it could use 0.4 GiB)")
+            f"killed by the kernel's out-of-memory killer in {stage} (it could use 0.4 GiB)")
     finally:
         deadline = time.monotonic() + 30
         while (folder / "cgroup.procs").read_text().strip() and time.monotonic() < deadline:
