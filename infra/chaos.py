@@ -21,6 +21,7 @@ from pathlib import Path
 from infra.audit import audit_run
 from infra.history import attempts_from
 from infra.lineage import Ledger
+from infra.reaper import alive as alive_process
 from infra.run import RunDir
 from infra.shards import iter_tar, list_shards
 
@@ -113,7 +114,7 @@ def stop(proc: subprocess.Popen, kill: Kill) -> tuple[int, float, int]:
         proc.wait()
         elapsed = time.monotonic() - t0
         _, alive = psutil.wait_procs(family, timeout=REAPER_WAIT_S)
-        return proc.returncode, elapsed, sum(_running(p) for p in alive)
+        return proc.returncode, elapsed, sum(alive_process(p) for p in alive)
     for _ in range(kill.times):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, kill.signum) if kill.group else os.kill(proc.pid, kill.signum)
@@ -125,18 +126,7 @@ def stop(proc: subprocess.Popen, kill: Kill) -> tuple[int, float, int]:
         raise RuntimeError(f"lvd did not stop within {SIGINT_GRACE_S:g} s of {kill}") from None
     elapsed = time.monotonic() - t0
     _, alive = psutil.wait_procs(family, timeout=REAPER_WAIT_S)  # (its reaper exits within a second or two)
-    return proc.returncode, elapsed, sum(_running(p) for p in alive)
-
-
-def _running(p: object) -> bool:
-    """Alive and not a zombie (a child killed as its parent exits stays a zombie until init reaps it, which a
-    container's init may never do; it holds no resources but its process-table entry)."""
-    import psutil
-
-    try:
-        return p.status() != psutil.STATUS_ZOMBIE  # type: ignore[attr-defined]
-    except psutil.Error:
-        return False
+    return proc.returncode, elapsed, sum(alive_process(p) for p in alive)
 
 
 def run_id_of(root: Path) -> str:

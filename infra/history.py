@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from infra.memory import gib
 from infra.run import RunDir
 from infra.run_lock import UNKNOWN, Holder
 
@@ -20,6 +21,7 @@ class StageOutcome:
     from_run: str | None = None  # cached: taken from another run that completed it with the same key
     error: str | None = None
     why: str | None = None  # computed again: what changed since it completed or started (infra.stage.why_again)
+    peak: int | None = None  # the peak resident memory of the run's processes while it worked (infra.memory.PeakMemory)
 
 
 @dataclass
@@ -94,6 +96,7 @@ def attempts_from(events: Iterable[dict[str, Any]]) -> list[Attempt]:
                 s.outcome = kind if kind != "started" else "running"
                 s.error = e.get("error") if kind == "failed" else None
                 s.why = e.get("why") or s.why
+                s.peak = e.get("peak_memory") if kind != "started" else None
             elif kind in ("reused", "skipped"):  # the flow's record of a stage completed before / run_stage's
                 s.outcome, s.from_run = "cached", e.get("from_run")
             elif kind == "shard_skipped":
@@ -158,7 +161,8 @@ def describe(history: list[Attempt], live: Holder | None = None) -> list[dict[st
             ended = _unrecorded_end(a, live if i == len(history) - 1 else None)
         rows.append({"attempt": i + 1, "started": a.started, "by": by, "what": what or "nothing", "ended": ended,
                      "cpus": a.cpus, "memory": a.memory,
-                     "on": " and ".join(x for x in (a.cpus, a.memory) if x)})  # what it could use
+                     "on": " and ".join(x for x in (a.cpus, a.memory) if x),  # what it could use
+                     "peak": _peak(a)})
     return rows
 
 
@@ -171,6 +175,15 @@ def _unrecorded_end(a: Attempt, live: Holder | None) -> str:
     if live is not None:
         return f"running {where if a.stages else '(starting)'}: {live.describe()}"
     return f"stopped {where} without recording why (killed, out of memory, or its machine lost)"
+
+
+def _peak(a: Attempt) -> str | None:
+    """`1.4 GiB (nsfw)`: the highest peak memory its stages recorded, and where; None where none did."""
+    peaks = [(s.peak, name) for name, s in a.stages.items() if s.peak]
+    if not peaks:
+        return None
+    peak, name = max(peaks)
+    return f"{gib(peak)} ({name})"
 
 
 def _lost(a: Attempt) -> str:

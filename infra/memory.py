@@ -38,6 +38,11 @@ def release_free_heap() -> bool:
 # --- the memory a run may use, and the kernel's out-of-memory kills -------------------------------------------------
 
 GIB = 2**30
+
+
+def gib(n: int) -> str:
+    """`1.3 GiB` (`0.2 GiB`)."""
+    return f"{n / GIB:.1f} GiB"
 # cgroup v1 writes "no limit" as the largest page-aligned count (9223372036854771712); anything at or above the
 # machine's memory does not bind either.
 _V1_UNLIMITED = 2**62
@@ -151,3 +156,49 @@ def release_stage_memory() -> None:
     release_cached()
     gc.collect()
     release_free_heap()
+
+
+class PeakMemory:
+    """The peak resident memory of this process and every process below it (Dask and data-loader workers, training
+    processes, Prefect's embedded server) while the block runs, sampled every `interval` seconds by a thread: what a
+    machine or a container limit must give the block. Shared pages (the libraries every process maps) count once per
+    process, so the sum may exceed what the kernel charges; a peak shorter than the interval may be missed."""
+
+    def __init__(self, interval: float = 0.25):
+        import threading
+
+        self.interval, self.peak = interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="lvd-peak-memory", daemon=True)
+
+    def __enter__(self) -> PeakMemory:
+        self.peak = tree_rss()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, tree_rss())
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, tree_rss())
+
+
+def tree_rss() -> int:
+    """Resident bytes of this process and its descendants (0 where psutil cannot read them)."""
+    import psutil
+
+    try:
+        me = psutil.Process()
+        procs = [me, *me.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            continue
+    return total

@@ -7,13 +7,13 @@ could only guess "killed, out of memory, or its machine lost"; and the terminal 
 
 The reaper is started by the commands that work on a run (`lvd run`, `lvd resume`, `lvd retry-failed`, `lvd
 evaluate`), in a session of its own (a terminal's Ctrl-C does not reach it). It notes the processes below the run's
-process every second and the kernel's out-of-memory kill counters (`infra.memory.oom_kills`) at its start. When the
-run's process is gone it stops what is left of that tree (SIGTERM, then SIGKILL after a grace period); if the run's
-record has no end (no completion, failure or interruption), it records one, `process_lost` in events.jsonl, with
-whether an out-of-memory kill was counted in the process's cgroup or on the machine since it started, and says so on
-the terminal with the command that continues the run. Then it exits. A process started and killed between two of its
-looks (under a second) is not seen; the run's lock (`infra.run_lock`) is taken for the record, so a resume already
-under way is left alone.
+process every second, and the kernel's out-of-memory kill counter of its cgroup (`infra.memory.oom_kills`) at its
+start. When the run's process is gone without having dismissed it, and the run's record has no end (no completion,
+failure or interruption), it records one, `process_lost` in events.jsonl, with whether an out-of-memory kill was
+counted since it started; it stops what is left of that tree (SIGTERM, then SIGKILL after a grace period) and says
+so on the terminal with the command that continues the run (`MEMORY_KEYS`: with less memory where a setting pays).
+Then it exits. A process started and killed between two of its looks (under a second) is not seen; the run's lock
+(`infra.run_lock`) is taken for the record, so a resume already under way is left alone.
 """
 
 from __future__ import annotations
@@ -135,11 +135,13 @@ def watch(pid: int, poll: float = POLL_S) -> list | None:
             closed = not data  # end of file: the process is ending (or a child it forked holds the pipe open)
         if closed:
             psutil.wait_procs([parent], timeout=poll)
-        if not _alive(parent):
-            return [proc for proc in seen.values() if _alive(proc)]
+        if not alive(parent):
+            return [proc for proc in seen.values() if alive(proc)]
 
 
-def _alive(proc: object) -> bool:
+def alive(proc: object) -> bool:
+    """Running and not a zombie (a child killed as its parent exits stays a zombie until init reaps it, which a
+    container's init may never do; it holds no resources but its process-table entry)."""
     import psutil
 
     try:

@@ -38,7 +38,7 @@ from infra.console import Progress, duration
 from infra.lineage import LedgerWriter, ledger_dir
 from infra.lineage_index import index_stage
 from infra.manifest import MANIFEST, StageManifest, cache_key, inputs_digest, read_manifest, write_manifest
-from infra.memory import memory_budget, oom_kills, oom_kills_since
+from infra.memory import PeakMemory, gib, memory_budget, oom_kills, oom_kills_since
 from infra.run import RunDir, now
 from infra.storage import Markers, atomic_write_json, file_record, read_json
 
@@ -343,6 +343,10 @@ def stage_key(spec: StageSpec, run: RunDir, cfg: PipelineConfig) -> str:
     return cache_key(spec.name, *spec.key_parts(cfg, upstream))
 
 
+def _peak(peak: PeakMemory) -> dict[str, int]:
+    return {"peak_memory": peak.peak} if peak.peak else {}
+
+
 def _oom_note(before: tuple[str, int] | None) -> str:
     """What a failed stage's error does not say when a process of the run (a Dask or data-loader worker, a training
     process) was ended by the kernel's out-of-memory killer meanwhile: its error reads "worker died" or "killed by
@@ -381,6 +385,7 @@ def run_stage(spec: StageSpec, run: RunDir, cfg: PipelineConfig) -> StageManifes
     detail = spec.key_detail(cfg, upstream)
     ctx = StageContext(run, cfg, spec.name, upstream, base=base if spec.salvage == "upstream" else "")
     oom_before = oom_kills()  # (a child killed for memory fails the stage with the child's error: say why below)
+    peak = PeakMemory()  # what the stage's work needed, for its events and the console
     try:
         why = why_again(spec, stage_dir, existing, parts, detail)
         _prepare(stage_dir, key, base, previous_dir(run, spec.name) if spec.salvage else None, parts)
@@ -388,7 +393,8 @@ def run_stage(spec: StageSpec, run: RunDir, cfg: PipelineConfig) -> StageManifes
         log.info("%s: started%s", spec.name, f" ({why})" if why else "")
         check_fault(spec.name)
         try:
-            result = spec.fn(ctx)
+            with peak:
+                result = spec.fn(ctx)
         except BaseException:
             ctx.close(failed=True)
             raise
@@ -414,14 +420,15 @@ def run_stage(spec: StageSpec, run: RunDir, cfg: PipelineConfig) -> StageManifes
     except BaseException as err:
         error = f"{type(err).__name__}: {err}" + _oom_note(oom_before)
         with contextlib.suppress(OSError):  # the disk may be full or read-only: keep the original error
-            run.log_event("failed", spec.name, key=key, error=error)
+            run.log_event("failed", spec.name, key=key, error=error, **_peak(peak))
         log.error("%s: failed after %s: %s", spec.name, duration(time.monotonic() - t0), error)
         storage = storage_error(err)
         if storage is not None and not isinstance(err, StageStorageError):
             raise StageStorageError(spec.name, run, storage) from err
         raise
-    run.log_event("completed", spec.name, key=key, counts=result.counts)
-    log.info("%s: completed in %s%s", spec.name, duration(time.monotonic() - t0), describe_counts(result.counts))
+    run.log_event("completed", spec.name, key=key, counts=result.counts, **_peak(peak))
+    log.info("%s: completed in %s%s, peak memory %s", spec.name, duration(time.monotonic() - t0),
+             describe_counts(result.counts), gib(peak.peak))
     _index_lineage(run, spec.name)
     _refresh_domains(run, spec.name, cfg)
     return manifest

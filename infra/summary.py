@@ -101,6 +101,7 @@ def format_summary(s: dict[str, Any]) -> str:
         for a in s["attempts"]:
             lines += [f"{a['attempt']:>3}  {a['started'][:16].replace('T', ' ')}  {a['by']}: {a['ended']}",
                       f"     {a['what']}"] + ([f"     on {a['on']}"] if a.get("on") else [])
+            lines += [f"     peak memory {a['peak']}"] if a.get("peak") else []
     if "corpus_size" in s:
         lines += ["", f"corpus: {s['corpus_size']:,} images" + _composition(s)]
     for w in s.get("warnings", []):

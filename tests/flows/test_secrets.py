@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from infra.cpus import cpu_budget
+from infra.memory import memory_budget
 
 REPO = Path(__file__).resolve().parents[2]
 SECRETS = {
@@ -58,11 +59,13 @@ def test_the_console_shows_one_line_per_event_and_progress_when_not_on_a_termina
     assert len(lines) == len(set(lines)), proc.stderr  # no line twice (two handlers, a library's own print)
     # Durations as D, rates as R: the rest is exact. Plain lines: the first shard, one every 30 s, the end.
     shown = [re.sub(r"\d+:\d\d:\d\d", "D", re.sub(r"[\d.,]+ URLs/s", "R URLs/s", line)) for line in lines]
+    shown = [re.sub(r", peak memory \d+\.\d GiB$", ", peak memory M", line) for line in shown]
     periodic = [s for s in shown[5:-3] if re.fullmatch(rf"INFO    ingest: [2-{n - 1}]/{n} shards, R URLs/s, ETA D", s)]
-    assert shown == [f"INFO    using {cpu_budget().describe()}", "INFO    crawl: started", "INFO    crawl: completed in D, rows 323", "INFO    ingest: started",
+    assert shown == [f"INFO    using {cpu_budget().describe()} and {memory_budget().describe()}", "INFO    crawl: started",
+                     "INFO    crawl: completed in D, rows 323, peak memory M", "INFO    ingest: started",
                      f"INFO    ingest: 1/{n} shards, R URLs/s, ETA D", *periodic,
                      f"INFO    ingest: {n}/{n} shards (323 URLs) in D, R URLs/s",
-                     "INFO    ingest: completed in D, kept 286, dropped 37",
+                     "INFO    ingest: completed in D, kept 286, dropped 37, peak memory M",
                      f"INFO    report: {run_dir / 'report.html'}"], proc.stderr
     assert proc.stdout.startswith(f"run {run_dir.name} in {run_dir}\n")
 

@@ -88,3 +88,36 @@ def test_v1_unlimited_and_limits_above_the_machine_do_not_bind_and_the_machines_
     for f in (tmp_path / "mem").glob("memory.*"):
         f.unlink()
     assert oom_kills(proc) == (str(proc / "vmstat"), 7)
+
+
+def test_the_peak_memory_of_a_stage_counts_its_child_processes_and_is_recorded_and_shown(tmp_path: Path) -> None:
+    """A stage whose work holds 256 MiB in a child process (as a Dask or data-loader worker would) for a second:
+    the peak recorded in its `completed` event is at least what the run's processes held before plus that, and `lvd
+    status` shows the attempt's highest peak with its stage."""
+    import subprocess
+
+    from infra.config import load_config
+    from infra.history import attempts_from, describe
+    from infra.memory import gib, tree_rss
+    from infra.run import RunDir
+    from infra.stage import StageResult, StageSpec, run_stage
+    from infra.summary import format_summary
+
+    code = "import time\nx = b'x' * (256 * 2**20)\nprint('held', flush=True)\ntime.sleep(1.0)"
+
+    def fn(ctx):
+        child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        assert child.stdout.readline() == "held\n"
+        child.wait()
+        return StageResult(counts={"kept": 1})
+
+    run = RunDir(tmp_path, "r")
+    run.log_event("launched")
+    before = tree_rss()
+    run_stage(StageSpec("ingest", ("ingest",), (), fn), run, load_config(None))
+    (done,) = [e for e in run.events() if e["event"] == "completed"]
+    assert done["peak_memory"] >= before + 256 * 2**20
+    (row,) = describe(attempts_from(run.events()))
+    assert (row["what"], row["peak"]) == ("ran ingest", f"{gib(done['peak_memory'])} (ingest)")
+    text = format_summary({"run_id": "r", "path": "p", "stages": [], "attempts": [row]})
+    assert text.splitlines()[-1] == f"     peak memory {gib(done['peak_memory'])} (ingest)"
