@@ -73,12 +73,13 @@ def attempts_table(history: list[Attempt], live: Holder | None = None) -> str:
     if not history:
         return missing("The run's events.jsonl records no attempt (its flow never started).")
     rows = [[r["attempt"], _when(r["started"]), r["by"] + (f" on {r['on']}" if r["on"] else ""), r["what"],
-             r["ended"]] for r in describe(history, live)]  # fmt: skip
+             r["peak"] or "", r["ended"]] for r in describe(history, live)]  # fmt: skip
     n = len(history)
     lead = (f"{n} attempt{'s' if n != 1 else ''}, from the run's events.jsonl: a resumed attempt reuses the stages and "
-            "shards finished before it, and training continues from its last checkpoint.")
-    return f"<p>{esc(lead)}</p>" + table(["#", "started", "by", "what it did", "ended"], rows,
-                                         [True, False, False, False, False])  # fmt: skip
+            "shards finished before it, and training continues from its last checkpoint. Peak memory: the highest of "
+            "its stages (the run's processes, resident), and where.")
+    return f"<p>{esc(lead)}</p>" + table(["#", "started", "by", "what it did", "peak memory", "ended"], rows,
+                                         [True, False, False, False, False, False])  # fmt: skip
 
 
 # --- funnel ----------------------------------------------------------------------------------------------------
