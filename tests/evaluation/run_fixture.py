@@ -196,7 +196,7 @@ def _history(run: RunDir) -> None:
     with reasons it refuses."""
     run.log_event("flow_started")
     run.log_event("started", "crawl", key="k")
-    run.log_event("completed", "crawl", key="k", counts={})
+    run.log_event("completed", "crawl", key="k", counts={}, peak_memory=900 * 2**20)
     run.log_event("started", "ingest", key="k")
     run.log_event("shard_done", "ingest", shard="00000")
     run.log_event("shard_done", "ingest", shard="00001")
@@ -211,16 +211,16 @@ def _history(run: RunDir) -> None:
     run.log_event("completed", "ingest", key="k", counts={})
     for stage in STAGES[2:9]:
         run.log_event("started", stage, key="k")
-        run.log_event("completed", stage, key="k", counts={})
+        run.log_event("completed", stage, key="k", counts={}, peak_memory=(1_500 if stage == "nsfw" else 1_000) * 2**20)
     run.log_event("started", "pretrain", key="k")
-    run.log_event("failed", "pretrain", key="k", error="RuntimeError: loss is NaN")
+    run.log_event("failed", "pretrain", key="k", error="RuntimeError: loss is NaN", peak_memory=1_200 * 2**20)
     run.log_event("resumed")
     run.log_event("flow_started")
     for stage in STAGES[:9]:
         run.log_event("reused", stage)
     run.log_event("started", "pretrain", key="k")
     run.log_event("training_resumed", "pretrain", step=4)
-    run.log_event("completed", "pretrain", key="k", counts={})
+    run.log_event("completed", "pretrain", key="k", counts={}, peak_memory=2_000 * 2**20)
     run.log_event("started", "evaluate", key="k")
     run.log_event("completed", "evaluate", key="k", counts={})
     run.log_event("stages_completed")
