@@ -190,8 +190,8 @@ def _lost(a: Attempt) -> str:
     """How an attempt ended whose reaper found its process gone (infra.reaper)."""
     lost = a.lost or {}
     if lost.get("oom_kills"):
-        gib = f" (it could use {lost['memory'] / 2**30:.1f} GiB)" if lost.get("memory") else ""
-        return f"killed by the kernel's out-of-memory killer {_where(a)}{gib}"
+        could = f" (it could use {gib(lost['memory'])})" if lost.get("memory") else ""
+        return f"killed by the kernel's out-of-memory killer {_where(a)}{could}"
     return f"killed or crashed {_where(a)} (no out-of-memory kill was counted; its reaper recorded the end)"
 
 

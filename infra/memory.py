@@ -43,6 +43,8 @@ GIB = 2**30
 def gib(n: int) -> str:
     """`1.3 GiB` (`0.2 GiB`)."""
     return f"{n / GIB:.1f} GiB"
+
+
 # cgroup v1 writes "no limit" as the largest page-aligned count (9223372036854771712); anything at or above the
 # machine's memory does not bind either.
 _V1_UNLIMITED = 2**62
@@ -59,9 +61,8 @@ class MemoryBudget:
         """`23.4 GiB memory (no cgroup limit)` or `4.0 GiB memory (cgroup limit: /sys/fs/cgroup/memory.max; machine
         23.4 GiB)`, for the console and the run's events."""
         if self.limit is None:
-            return f"{self.bytes / GIB:.1f} GiB memory (no cgroup limit)"
-        return (f"{self.bytes / GIB:.1f} GiB memory (cgroup limit: {self.limit_file}; machine "
-                f"{self.machine / GIB:.1f} GiB)")  # fmt: skip
+            return f"{gib(self.bytes)} memory (no cgroup limit)"
+        return f"{gib(self.bytes)} memory (cgroup limit: {self.limit_file}; machine {gib(self.machine)})"
 
 
 def _read_int(path: Path) -> int | None:
@@ -122,8 +123,6 @@ def oom_kills(proc: Path = Path("/proc")) -> tuple[str, int] | None:
     of this cgroup that vanished meanwhile was killed for memory; the own cgroup's, not its parents', so that kills
     in a sibling (another container of the pod, another job) are not taken for this one's."""
     for fstype, folder in folders("memory", proc):
-        if fstype == "cgroup" and not (folder / "memory.oom_control").is_file():
-            continue
         names = ("memory.events.local", "memory.events") if fstype == "cgroup2" else ("memory.oom_control",)
         if not any((folder / n).is_file() for n in names):
             continue  # (a v2 folder without the memory controller enabled)
@@ -147,8 +146,8 @@ def oom_kills_since(before: tuple[str, int] | None, now: tuple[str, int] | None 
 def release_stage_memory() -> None:
     """Before a stage, in the flow's process: the models earlier stages (and the start-up checks) kept for their
     shards (`infra.workers.process_cached`) let go, collected, and the free heap returned, so this stage's peak does
-    not come on top of theirs. Measured (docs/guarantees.md, "Memory"): the NSFW models stayed through faces, dedup
-    and embedding."""
+    not come on top of theirs. Measured (docs/guarantees.md, "Killed, or out of memory"): the NSFW models stayed
+    through faces, dedup and embedding."""
     import gc
 
     from infra.workers import release_cached
