@@ -12,6 +12,8 @@ as results come back, so an interrupted stage resumes at the shard.
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import PurePath
@@ -21,6 +23,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
+from flows.cluster import Unreachable, address, ask_workers, reaches
 from infra.config.run import RunConfig
 from infra.cpus import resolve
 
@@ -30,6 +33,7 @@ def shard_task(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
     from infra.console import forward_to_prefect
 
     forward_to_prefect()  # on a Dask or Ray worker too: what the shard logs goes to its task run
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # as `lvd` sets it: a worker's environment is its own
     return fn(*args)
 
 
@@ -54,7 +58,8 @@ def task_runner(run: RunConfig, width: int) -> Any:
         if run.dask_address:
             return DaskTaskRunner(address=run.dask_address)
         return DaskTaskRunner(cluster_kwargs={"n_workers": resolve(run.workers), "threads_per_worker": 1,
-                                              "processes": True, "dashboard_address": None})  # fmt: skip
+                                              "processes": True, "dashboard_address": None,
+                                              "silence_logs": logging.WARNING})  # fmt: skip
     if run.task_runner == "ray":
         try:
             from prefect_ray import RayTaskRunner
@@ -86,7 +91,7 @@ def prefect_mapper(run: RunConfig, stage: str, width: int | str | None = None,
         if not items:
             return
         _start_prefect()
-        with task_runner(run, resolve(width or run.workers)) as runner, _ray_options(run, gpu):
+        with _report_here(run), task_runner(run, resolve(width or run.workers)) as runner, _ray_options(run, gpu):
             futures = []
             for args in items:
                 t = shard_task.with_options(name=f"{stage}-shard", task_run_name=f"{stage}[{shard_name(args)}]",
@@ -109,6 +114,56 @@ def _start_prefect() -> None:
 
     with get_client(sync_client=True):
         pass
+
+
+def _report_here(run: RunConfig) -> AbstractContextManager[Any]:
+    """Dask and Ray workers report their shards' task runs and logs to this run's Prefect server. An explicit
+    PREFECT_API_URL reaches them in each task's settings context (Prefect serialises it with the task); the embedded
+    server's address is not a setting (its port is chosen when it starts), so without it every worker process started
+    a temporary Prefect server of its own (~7 s and ~300 MB, once per stage and worker process; on Ray per task
+    process), which wrote the shards' task runs into that machine's Prefect database: on this machine the run's
+    SQLite file through a second server, on another machine one the run's UI never shows. Its address is given to the
+    workers here: always to a local cluster (this machine), to a cluster at an address when every worker reaches it."""
+    url = _embedded_api_url() if run.task_runner != "thread" else None
+    return nullcontext() if url is None else workers_report_to(run, url)
+
+
+def workers_report_to(run: RunConfig, url: str) -> AbstractContextManager[Any]:
+    """Within it, the shards' task runs on the workers of ``run``'s cluster report to the Prefect API at ``url``, where
+    every worker reaches it (a cluster at an address is asked); otherwise a warning names the workers that do not."""
+    if address(run) is not None:
+        try:
+            answers = ask_workers(run, reaches, url)
+        except Unreachable:
+            return nullcontext()  # the task runner says so
+        away = sorted(worker for worker, ok in answers.items() if ok is not True)
+        if away:
+            if url not in _WARNED:
+                _WARNED.append(url)
+                logging.getLogger("lvd").warning(
+                    "%s cannot reach this run's Prefect server (%s): each runs a temporary Prefect server of its "
+                    "own, and the shards' task runs are not in this run's Prefect UI (the run's files and lineage are "
+                    "complete). Run a Prefect server every worker reaches (`prefect server start --host 0.0.0.0`) "
+                    "and set PREFECT_API_URL=http://HOST:4200/api for lvd", ", ".join(away), url)
+            return nullcontext()
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    return temporary_settings(updates={PREFECT_API_URL: url})
+
+
+_WARNED: list[str] = []
+
+
+def _embedded_api_url() -> str | None:
+    """The address of this process's embedded (ephemeral) Prefect server; None where PREFECT_API_URL names one."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    return server.api_url if server.running else None
 
 
 def _ray_options(run: RunConfig, gpu: bool) -> AbstractContextManager[Any]:

@@ -204,15 +204,20 @@ def image_set_problems(cfg: PipelineConfig, stages: set[str] | None = None, reme
 
 
 def check_inputs(cfg: PipelineConfig, stages: set[str] | None = None, remember: bool = True) -> list[str]:
-    """:func:`check_model_files`, :func:`image_set_problems`, and the URL list's problems where the ingest stage is
-    among ``stages`` (the demo's list is written by the run itself)."""
+    """:func:`check_model_files`, :func:`image_set_problems`, the URL list's problems where the ingest stage is
+    among ``stages`` (the demo's list is written by the run itself), and what the workers of a Dask or Ray cluster
+    given by address see (:func:`flows.cluster.cluster_problems`)."""
     stages = _stages(cfg, stages)
     problems = []
     if "ingest" in stages and not cfg.demo.enabled:
         from curation.urls import url_list_problems
 
         problems += url_list_problems(cfg.data, local_roots=cfg.ingest.local_roots)
-    return problems + check_model_files(cfg, stages) + image_set_problems(cfg, stages, remember)
+    problems += check_model_files(cfg, stages) + image_set_problems(cfg, stages, remember)
+    from flows.cluster import cluster_problems
+
+    run_path = Path(cfg.run.root) / cfg.run.run_id if cfg.run.run_id else Path(cfg.run.root)
+    return problems + cluster_problems(cfg, run_path, stages)
 
 
 def remaining_stages(run: RunDir, cfg: PipelineConfig) -> set[str]:

@@ -29,7 +29,9 @@ class RunDir:
     """``<root>/<run_id>/``: config.yaml, events.jsonl and ``stages/<stage>/`` for every stage."""
 
     def __init__(self, root: Path, run_id: str):
-        self.root = Path(root)
+        # Absolute: a stage's files are named the same in the flow's process and on a Dask or Ray worker, whose
+        # working directory is its own.
+        self.root = Path(os.path.abspath(root))
         self.run_id = run_id
         self.path = self.root / run_id
 

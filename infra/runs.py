@@ -10,7 +10,7 @@ from infra import plan
 from infra.config import ConfigError, PipelineConfig, config_hash, load_config, to_yaml
 from infra.config.data import EvalSetConfig, SeedSetConfig
 from infra.config.schema import EXECUTION_KEYS as CURATION_EXECUTION_KEYS
-from infra.config.schema import select
+from infra.config.schema import absolute_paths, path_values, select
 from infra.config.train import EXECUTION_KEYS, TrainConfig
 from infra.demo.server import free_port
 from infra.run import RunDir, derive_run_id, now
@@ -37,7 +37,7 @@ Checks = Callable[[PipelineConfig, RunDir], list[str]]
 def resolve(cfg: PipelineConfig, run: RunDir, checks: Checks | None = None) -> PipelineConfig:
     """Fill what is known only once the run exists: absolute paths, and the demo crawl's inputs and port."""
     problems = _check_demo(cfg)  # before the demo fills in its inputs
-    cfg = cfg.model_copy(deep=True)
+    cfg = absolute_paths(cfg)  # relative paths are the command's: saved as the files they name now
     cfg.run.run_id = run.run_id
     cfg.run.root = run.root.resolve()
     if cfg.demo.enabled:
@@ -60,6 +60,15 @@ def resolve(cfg: PipelineConfig, run: RunDir, checks: Checks | None = None) -> P
     if problems:
         raise ConfigError(problems, "configuration")
     return cfg
+
+
+def _moved(cfg: PipelineConfig, saved: PipelineConfig, run_id: str) -> list[str]:
+    """The same configuration typed in another directory: its relative paths name other files than the run's."""
+    now, then = path_values(absolute_paths(cfg)), path_values(saved)
+    return [f"{key}: {now[key]} here, but run {run_id!r} reads {then[key]} (a relative path is taken from the "
+            "directory the command is typed in): run from that directory, give the path in full, or set run.run_id"
+            for key in sorted(now.keys() & then.keys())
+            if key != "run.root" and Path(then[key]).is_absolute() and now[key] != then[key]]
 
 
 def _check_demo(cfg: PipelineConfig) -> list[str]:
@@ -157,7 +166,7 @@ def prepare_run(config_path: Path | str | None, overrides: Iterable[str] = (),
         if info.get("source_config_hash") not in (None, source_hash):
             raise ConfigError([f"run {run_id!r} already exists with a different configuration; set run.run_id"])
         saved = run.load_config()
-        problems = checks(saved, run) if checks else []
+        problems = _moved(cfg, saved, run_id) + (checks(saved, run) if checks else [])
         if problems:
             raise ConfigError(problems, "configuration")
         return run, saved

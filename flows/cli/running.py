@@ -220,12 +220,17 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_retry_failed(args: argparse.Namespace) -> int:
     from flows.cli import interrupt
+    from flows.cluster import cluster_problems
     from flows.retry import retry_failed_flow
     from infra import reaper
     from infra.prefect_db import ensure_embedded_database
+    from infra.runs import open_run
 
+    run, cfg = open_run(args.root, args.run_id)
+    if problems := cluster_problems(cfg, run.path, {"ingest"}):  # its shards download again on the cluster
+        raise ConfigError(problems, "the run's cluster", "cannot be used")
     ensure_embedded_database()
-    run_dir, again = Path(args.root) / args.run_id, f"lvd retry-failed {args.run_id} --root {args.root}"
+    run_dir, again = run.path, f"lvd retry-failed {args.run_id} --root {args.root}"
     with run_lock.writing(run_dir, "lvd retry-failed"), interrupt.for_run(args.root, args.run_id), \
             reaper.watching(run_dir, "lvd retry-failed", again):
         state = retry_failed_flow(str(args.root), args.run_id, args.reason or None, return_state=True)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections.abc import Iterable, Mapping
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import yaml
@@ -246,3 +247,52 @@ def config_hash(cfg: PipelineConfig, paths: Iterable[str] | None = None) -> str:
     data = cfg.model_dump(mode="json") if paths is None else select(cfg, paths, _without_execution(
         cfg.model_dump(mode="json")))
     return hashlib.sha256(canonical_json(data).encode()).hexdigest()
+
+
+def absolute_paths(cfg: PipelineConfig, base: Path | None = None) -> PipelineConfig:
+    """A copy of ``cfg`` whose every path is absolute: a relative one is taken from ``base`` (default: the working
+    directory of the command that gave it), ``~`` is expanded and ``..`` resolved. A run's saved configuration then
+    names the same files whatever directory ``lvd resume`` is typed in, and on every worker of a Dask or Ray cluster
+    (whose working directory is its own)."""
+    base = Path.cwd() if base is None else Path(base)
+    out = cfg.model_copy(deep=True)
+    _absolute_section(out, base)
+    return out
+
+
+def path_values(cfg: PipelineConfig) -> dict[str, str]:
+    """Every path of ``cfg`` by its dotted key (``data.seed_sets.0.path``), as written."""
+    out: dict[str, str] = {}
+
+    def walk(value: Any, key: str) -> None:
+        if isinstance(value, PurePath):
+            out[key] = str(value)
+        elif isinstance(value, Section):
+            for name in type(value).model_fields:
+                walk(getattr(value, name), f"{key}.{name}" if key else name)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                walk(item, f"{key}.{i}")
+
+    walk(cfg, "")
+    return out
+
+
+def _absolute(value: Any, base: Path) -> Any:
+    if isinstance(value, PurePath):
+        path = Path(value).expanduser()
+        return path if path.is_absolute() and ".." not in path.parts else Path(os.path.normpath(base / path))
+    if isinstance(value, Section):
+        _absolute_section(value, base)
+        return value
+    if isinstance(value, list):
+        return [_absolute(item, base) for item in value]
+    return value
+
+
+def _absolute_section(section: Section, base: Path) -> None:
+    for name in type(section).model_fields:
+        value = getattr(section, name)
+        new = _absolute(value, base)
+        if new != value:
+            setattr(section, name, new)

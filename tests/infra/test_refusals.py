@@ -58,12 +58,13 @@ def test_an_existing_run_whose_url_list_is_gone_is_refused_before_its_flow_start
     assert run.exists()
 
 
-def test_the_shipped_own_data_configs_name_a_model_file_and_are_refused_without_it(tmp_path):
+def test_the_shipped_own_data_configs_name_a_model_file_and_are_refused_without_it(tmp_path, monkeypatch):
     urls = tmp_path / "urls.csv"
     urls.write_text("url\nhttp://example.com/a.jpg\n")
+    monkeypatch.chdir(tmp_path)  # the configs' relative model path is taken from the command's directory, in full
     for config in (OWN, REPO / "configs" / "own_urls.yaml"):
         problems = _problems(config, [f"data.url_list={urls}", f"run.root={tmp_path / 'runs'}"])
-        assert problems == ["embed.backbone.path: models/dinov2_vits14_pretrain.pth does not exist"]
+        assert problems == [f"embed.backbone.path: {tmp_path / 'models' / 'dinov2_vits14_pretrain.pth'} does not exist"]
 
 
 def test_a_url_list_without_its_url_column_is_refused_with_the_fix(tmp_path):

@@ -10,6 +10,7 @@ import pytest
 from flows.cli import main
 from flows.stages import SPECS
 from infra.config import ConfigError, config_hash, load_config
+from infra.run import RunDir
 from infra.runs import RESUME_OVERRIDABLE, amend_run, prepare_run
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
@@ -71,3 +72,34 @@ def test_resume_may_trade_devices_for_micro_batches_at_the_same_global_batch(tmp
     saved = run.load_config().train
     assert (saved.devices, saved.accumulate_grad_batches) == (4, 2)
     assert amend_run(run, ["train.devices=auto"]) == {"train.devices": (4, "auto")}  # the host decides: checked there
+
+
+def test_relative_paths_are_saved_as_the_files_they_name_when_the_run_starts(tmp_path, monkeypatch):
+    """A run's configuration names its files in full, so `lvd resume` from another directory and the workers of a
+    cluster (their working directory is their own) read the same files; the same configuration typed in another
+    directory, where its relative paths name other files, is refused instead of reading the run's."""
+    here, there = tmp_path / "here", tmp_path / "there"
+    for d in (here, there):
+        (d / "photos").mkdir(parents=True)
+        (d / "photos.parquet").write_bytes(b"")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    overrides = ["data.url_list=photos.parquet", "ingest.local_roots=[photos, ~/more]", "demo.enabled=false",
+                 "embed.allow_random_init=true", f"run.root={tmp_path / 'runs'}", "evaluate.cache_dir=../cache"]
+    monkeypatch.chdir(here)
+    run, cfg = prepare_run(None, overrides)
+    saved = run.load_config()
+    assert saved == cfg and run.root == tmp_path / "runs"
+    assert saved.data.url_list == here / "photos.parquet"
+    assert saved.ingest.local_roots == [here / "photos", tmp_path / "home" / "more"]
+    assert saved.evaluate.cache_dir == tmp_path / "cache"
+    monkeypatch.chdir(there)
+    with pytest.raises(ConfigError) as err:
+        prepare_run(None, overrides)
+    assert err.value.problems == [
+        f"data.url_list: {there / 'photos.parquet'} here, but run {run.run_id!r} reads {here / 'photos.parquet'} (a "
+        "relative path is taken from the directory the command is typed in): run from that directory, give the path "
+        "in full, or set run.run_id",
+        f"ingest.local_roots.0: {there / 'photos'} here, but run {run.run_id!r} reads {here / 'photos'} (a relative "
+        "path is taken from the directory the command is typed in): run from that directory, give the path in full, "
+        "or set run.run_id"]
+    assert RunDir(Path("runs"), "x").path == there / "runs" / "x"  # a relative root: this directory's, in full
