@@ -294,12 +294,14 @@ def _ask_ray(address: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> dic
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    fix = ("start one with `ray start --head`, or leave run.ray_address empty for a local Ray; a cluster that `ray "
+           "start` said uses token authentication also needs RAY_AUTH_MODE=token in lvd's environment")
+    if (refused := _refused(address)) is not None:  # ray.init retries an address nobody listens on for minutes
+        raise Unreachable(f"no Ray cluster answers there ({refused}); {fix}")
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     except (ConnectionError, RuntimeError, ValueError) as err:
-        raise Unreachable(f"no Ray cluster answers there ({type(err).__name__}: {err}); start one with `ray start "
-                           "--head`, or leave run.ray_address empty for a local Ray; a cluster that `ray start` said "
-                           "uses token authentication also needs RAY_AUTH_MODE=token in lvd's environment") from err
+        raise Unreachable(f"no Ray cluster answers there ({type(err).__name__}: {err}); {fix}") from err
     try:
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         facts = ray.remote(num_cpus=0)(fn)
@@ -316,6 +318,19 @@ def _ask_ray(address: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> dic
         return answers
     finally:
         ray.shutdown()
+
+
+def _refused(address: str) -> str | None:
+    """Why a TCP connection to ``host:port`` (``ray://host:port``) fails within a few seconds; None when it opens, or
+    when the address is not of that form (``auto``)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        return f"{type(err).__name__}: {err.strerror or err}"
+    return None
 
 
 def reaches(url: str) -> bool:

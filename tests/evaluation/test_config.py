@@ -43,7 +43,8 @@ def test_benchmarks_of_every_kind_parse_by_kind(tmp_path):
         load_config(f)
 
 
-def test_missing_benchmark_inputs_stop_the_run_before_it_starts(tmp_path):
+def test_missing_benchmark_inputs_stop_the_run_before_it_starts(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths are the command's directory's, and named in full
     urls = tmp_path / "urls.parquet"
     urls.write_bytes(b"")
     f = tmp_path / "c.yaml"
@@ -56,5 +57,5 @@ def test_missing_benchmark_inputs_stop_the_run_before_it_starts(tmp_path):
     with pytest.raises(ConfigError) as err:
         prepare_run(f, checks=check_run_inputs)  # as `lvd run` does
     problems = [p for p in err.value.problems if p.startswith("evaluate.")]  # (the defaults' SSCD file is not here)
-    assert problems == ["evaluate.benchmarks[ade].root: nowhere does not exist",
-                        "evaluate.models[official].backbone.path: x.pth does not exist"]
+    assert problems == [f"evaluate.benchmarks[ade].root: {tmp_path / 'nowhere'} does not exist",
+                        f"evaluate.models[official].backbone.path: {tmp_path / 'x.pth'} does not exist"]

@@ -104,6 +104,12 @@ def test_an_unreachable_scheduler_and_one_without_workers_are_refused(tmp_path, 
     gone = f"tcp://127.0.0.1:{free_port()}"
     (problem,) = cluster_problems(_cfg(tmp_path, gone), tmp_path, {"ingest"})
     assert problem.startswith(f"run.dask_address: {gone}: no Dask scheduler answers there (OSError: ")
+    ray_gone = f"127.0.0.1:{free_port()}"
+    ray_cfg = load_config(None, [f"run.root={tmp_path}", "run.task_runner=ray", f"run.ray_address={ray_gone}"])
+    assert cluster_problems(ray_cfg, tmp_path, {"embed"}) == [
+        f"run.ray_address: {ray_gone}: no Ray cluster answers there (ConnectionRefusedError: Connection refused); "
+        "start one with `ray start --head`, or leave run.ray_address empty for a local Ray; a cluster that `ray start` "
+        "said uses token authentication also needs RAY_AUTH_MODE=token in lvd's environment"]
     with LocalCluster(n_workers=0, dashboard_address=None, silence_logs=logging.WARNING) as c:
         assert cluster_problems(_cfg(tmp_path, c.scheduler_address), tmp_path, {"nsfw"}) == [
             f"run.dask_address: {c.scheduler_address}: the scheduler has no workers (waited 2 s): start them with "
