@@ -331,13 +331,3 @@ def _refused(address: str) -> str | None:
     except OSError as err:
         return f"{type(err).__name__}: {err.strerror or err}"
     return None
-
-
-def reaches(url: str) -> bool:
-    """Whether this process (a worker) can reach the Prefect API at ``url``."""
-    import httpx
-
-    try:
-        return httpx.get(f"{url.rstrip('/')}/health", timeout=5).status_code == 200
-    except httpx.HTTPError:
-        return False

@@ -23,16 +23,17 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
-from flows.cluster import Unreachable, address, ask_workers, reaches
+from flows.cluster import address
 from infra.config.run import RunConfig
 from infra.cpus import resolve
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
 def shard_task(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
-    from infra.console import forward_to_prefect
+    from infra.console import forward_to_prefect, quiet_worker_console
 
     forward_to_prefect()  # on a Dask or Ray worker too: what the shard logs goes to its task run
+    quiet_worker_console()
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # as `lvd` sets it: a worker's environment is its own
     return fn(*args)
 
@@ -57,9 +58,11 @@ def task_runner(run: RunConfig, width: int) -> Any:
             raise ImportError("run.task_runner=dask needs `pip install prefect-dask dask[distributed]`") from err
         if run.dask_address:
             return DaskTaskRunner(address=run.dask_address)
+        # The local scheduler runs in this process, and `distributed` logs at INFO: ~30 lines per stage on the
+        # console (scheduler and nanny start and stop, worker registration); its warnings still show.
+        logging.getLogger("distributed").setLevel(logging.WARNING)
         return DaskTaskRunner(cluster_kwargs={"n_workers": resolve(run.workers), "threads_per_worker": 1,
-                                              "processes": True, "dashboard_address": None,
-                                              "silence_logs": logging.WARNING})  # fmt: skip
+                                              "processes": True, "dashboard_address": None})  # fmt: skip
     if run.task_runner == "ray":
         try:
             from prefect_ray import RayTaskRunner
@@ -117,41 +120,34 @@ def _start_prefect() -> None:
 
 
 def _report_here(run: RunConfig) -> AbstractContextManager[Any]:
-    """Dask and Ray workers report their shards' task runs and logs to this run's Prefect server. An explicit
-    PREFECT_API_URL reaches them in each task's settings context (Prefect serialises it with the task); the embedded
-    server's address is not a setting (its port is chosen when it starts), so without it every worker process started
-    a temporary Prefect server of its own (~7 s and ~300 MB, once per stage and worker process; on Ray per task
-    process), which wrote the shards' task runs into that machine's Prefect database: on this machine the run's
-    SQLite file through a second server, on another machine one the run's UI never shows. Its address is given to the
-    workers here: always to a local cluster (this machine), to a cluster at an address when every worker reaches it."""
+    """The workers of a local Dask or Ray cluster report their shards' task runs and logs to this run's Prefect
+    server. An explicit PREFECT_API_URL reaches any worker in each task's settings context (Prefect serialises it with
+    the task); the embedded server's address is not a setting (its port is chosen when it starts), so before, every
+    worker process started a temporary Prefect server of its own (~7 s and ~300 MB, once per stage and worker
+    process), which wrote the shards' task runs into the machine's Prefect database through a second server. A local
+    cluster's workers live for one stage, so they are given the embedded server's address. The long-lived workers of
+    a cluster at an address are not: Prefect keeps per-process services (tag concurrency slots, logs, events) bound to
+    the first server a process used, and the next run's embedded server has another port (tried: the second run's
+    first shard failed with ConcurrencySlotAcquisitionError after 2 minutes). Their shards are recorded as before, and
+    a note says how to have them in the run's UI."""
     url = _embedded_api_url() if run.task_runner != "thread" else None
-    return nullcontext() if url is None else workers_report_to(run, url)
-
-
-def workers_report_to(run: RunConfig, url: str) -> AbstractContextManager[Any]:
-    """Within it, the shards' task runs on the workers of ``run``'s cluster report to the Prefect API at ``url``, where
-    every worker reaches it (a cluster at an address is asked); otherwise a warning names the workers that do not."""
-    if address(run) is not None:
-        try:
-            answers = ask_workers(run, reaches, url)
-        except Unreachable:
-            return nullcontext()  # the task runner says so
-        away = sorted(worker for worker, ok in answers.items() if ok is not True)
-        if away:
-            if url not in _WARNED:
-                _WARNED.append(url)
-                logging.getLogger("lvd").warning(
-                    "%s cannot reach this run's Prefect server (%s): each runs a temporary Prefect server of its "
-                    "own, and the shards' task runs are not in this run's Prefect UI (the run's files and lineage are "
-                    "complete). Run a Prefect server every worker reaches (`prefect server start --host 0.0.0.0`) "
-                    "and set PREFECT_API_URL=http://HOST:4200/api for lvd", ", ".join(away), url)
-            return nullcontext()
+    if url is None:
+        return nullcontext()
+    if (where := address(run)) is not None:
+        if where not in _NOTED:
+            _NOTED.append(where)
+            logging.getLogger("lvd").info(
+                "the workers at %s record the shards' task runs through a Prefect server of their own (a temporary "
+                "one per worker process, into their machine's PREFECT_HOME); to have them in this run's Prefect UI, "
+                "run a Prefect server every worker reaches (`prefect server start --host 0.0.0.0`) and set "
+                "PREFECT_API_URL=http://HOST:4200/api for lvd and the workers", where)
+        return nullcontext()
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     return temporary_settings(updates={PREFECT_API_URL: url})
 
 
-_WARNED: list[str] = []
+_NOTED: list[str] = []  # cluster addresses noted in this process
 
 
 def _embedded_api_url() -> str | None:

@@ -173,6 +173,17 @@ def quiet_third_parties() -> None:
             logger.propagate = True
 
 
+def quiet_worker_console() -> None:
+    """On a Dask or Ray worker process (no console of ours): Prefect's console handler shows warnings and errors only.
+    Its INFO lines (each shard's task run state) go to the run's Prefect logs; on the worker's stderr, which a local
+    cluster's workers share with `lvd`'s console, they came between our lines in Prefect's own format."""
+    if _state.handler is not None:
+        return
+    for handler in logging.getLogger().handlers:
+        if type(handler).__name__ == "PrefectConsoleHandler" and handler.level < logging.WARNING:
+            handler.setLevel(logging.WARNING)
+
+
 def forward_to_prefect(level: int = logging.INFO) -> None:
     """Send our loggers' records (and Lightning's) to the Prefect flow or task run they are logged in, once per
     process; records logged outside any run (e.g. `lvd status`) stay on the console only."""
