@@ -206,7 +206,7 @@ def cluster_problems(cfg: PipelineConfig, run_path: Path, stages: set[str]) -> l
         return [f"{key}: {where_to}: {err}"]
     finally:
         probe.unlink(missing_ok=True)
-    mine = {"code": code_digest(), "stale": stale_modules(), "libraries": libraries()}
+    mine = {"code": code_digest(), "libraries": libraries()}
     problems = []
     for worker, facts in sorted(answers.items()):
         problems += [f"{key}: worker {worker}: {p}" for p in _differences(facts, mine, token, where, files)]
@@ -215,7 +215,7 @@ def cluster_problems(cfg: PipelineConfig, run_path: Path, stages: set[str]) -> l
 
 def _differences(facts: dict[str, Any] | BaseException, mine: dict[str, Any], token: str, where: Path,
                  files: dict[str, int | None]) -> list[str]:
-    """A worker's problems, from its facts (or the exception it raised) and this process's: `mine` (code, stale,
+    """A worker's problems, from its facts (or the exception it raised) and this process's: `mine` (code digest and
     libraries) and the sizes of the `files` it was asked about."""
     if isinstance(facts, BaseException):
         text = str(facts).strip().splitlines()[0] if str(facts).strip() else ""

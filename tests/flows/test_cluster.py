@@ -53,7 +53,7 @@ def test_a_worker_that_cannot_see_the_run_or_its_files_is_named_with_the_fix(tmp
     probe, token = tmp_path / f"{cluster.PROBE}abc", "abc"
     model = tmp_path / "m.onnx"
     model.write_bytes(b"12345")
-    mine = {"code": cluster.code_digest(), "stale": [], "libraries": cluster.libraries()}
+    mine = {"code": cluster.code_digest(), "libraries": cluster.libraries()}
     files = {str(model): 5, str(tmp_path / "gone"): None}
     seen = worker_facts(str(probe), token, files)  # no probe file there
     problems = cluster._differences(seen, mine, token, tmp_path, files)
