@@ -130,6 +130,18 @@ def _differs(module: types.ModuleType, path: Path) -> bool:
     return False
 
 
+def require_code(expected: str) -> None:
+    """On a worker, before a shard: raise unless this process runs the code whose digest is ``expected`` (the files
+    on disk, and no module imported before its file changed). About 10 ms."""
+    host = f"{socket.gethostname()} (pid {os.getpid()})"
+    if (mine := code_digest()) != expected:
+        raise RuntimeError(f"worker {host} runs other code than lvd (source digest {mine} vs {expected}): install "
+                           "the same checkout or version on every worker")
+    if stale := stale_modules():
+        raise RuntimeError(f"worker {host} imported {_some(stale)} before the file changed, and runs the older code: "
+                           "restart the workers")
+
+
 def libraries() -> dict[str, str]:
     found = {"python": sys.version.split()[0]}
     for name in LIBRARIES:

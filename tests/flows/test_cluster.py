@@ -149,3 +149,18 @@ def test_dask_workers_report_to_the_runs_embedded_prefect_server(tmp_path, prefe
     assert proc.stderr.count("Starting temporary server") == 1, proc.stderr[-3000:]  # this process's, none per worker
     # The console: neither the local scheduler's INFO lines nor the workers' task-run states (the run's logs have them).
     assert "distributed.scheduler" not in proc.stderr and "Finished in state" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_shards_on_a_cluster_by_address_run_only_on_workers_with_lvds_code(scheduler, prefect_server):
+    """Each shard's task carries lvd's source digest: a worker that joined after the start-up check, or was restarted
+    from other code, fails the shard with its name and the fix."""
+    from flows.fanout import prefect_mapper
+    from infra.config.run import RunConfig
+
+    (shard,) = prefect_mapper(RunConfig(task_runner="dask", dask_address=scheduler), "probe")(where_i_report, [(0,)])
+    assert shard["pid"] != os.getpid()  # on the cluster's worker, its code checked
+    cluster.require_code(cluster.code_digest())
+    with pytest.raises(RuntimeError, match=r"^worker \S+ \(pid \d+\) runs other code than lvd \(source digest "
+                                           r"[0-9a-f]{16} vs 0{16}\): install the same checkout or version on every "
+                                           r"worker$"):  # fmt: skip
+        cluster.require_code("0" * 16)
