@@ -24,6 +24,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import importlib.metadata
+import logging
 import os
 import secrets
 import socket
@@ -222,6 +223,10 @@ def cluster_problems(cfg: PipelineConfig, run_path: Path, stages: set[str]) -> l
     problems = []
     for worker, facts in sorted(answers.items()):
         problems += [f"{key}: worker {worker}: {p}" for p in _differences(facts, mine, token, where, files)]
+    if not problems:
+        hosts = sorted({f["host"] for f in answers.values() if isinstance(f, dict)})
+        logging.getLogger("lvd").info("%s: %d worker%s on %s (%s) see the run and its files and run this code", where_to,
+                                      len(answers), "s" * (len(answers) != 1), _some(hosts), cfg.run.task_runner)
     return problems
 
 
