@@ -180,7 +180,7 @@ def function_code(fn: Callable, root: Path = REPO_ROOT) -> StageCode:
     rel = _relative(path, root)
     own = _own_source(module, qualname, path, root)
     if own is None:
-        return _code({rel: _file_digest(path)}, _imports_of_file(_parsed(path)[1], _package_of(module, path), root), root)
+        return _code({rel: file_digest(path)}, _imports_of_file(_parsed(path)[1], _package_of(module, path), root), root)
     digest, roots = own
     return _code({f"{rel}::{qualname}": digest}, (roots | _with_parents(module, root)) - {module}, root)
 
@@ -227,12 +227,13 @@ def changed_since(files: dict[str, str], root: Path = REPO_ROOT) -> list[str]:
         elif qualname:
             own = _own_source(rel.removesuffix(".py").replace("/", "."), qualname, path, root)
             out += [name] if own is None or own[0] != digest else []
-        elif _file_digest(path) != digest:
+        elif file_digest(path) != digest:
             out.append(name)
     return sorted(out)
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (16 hex digits), read once per version of the file (its mtime and size)."""
     st = path.stat()
     return _digest_of(path, st.st_mtime_ns, st.st_size)
 
@@ -261,7 +262,7 @@ def _code(own: dict[str, str], roots: Iterable[str], root: Path) -> StageCode:
     for module in module_closure(roots, root):
         path = module_file(module, root)
         assert path is not None
-        files[_relative(path, root)] = _file_digest(path)
+        files[_relative(path, root)] = file_digest(path)
     return StageCode(files)
 
 

@@ -280,8 +280,7 @@ def path_values(cfg: PipelineConfig) -> dict[str, str]:
 
 def _absolute(value: Any, base: Path) -> Any:
     if isinstance(value, PurePath):
-        path = Path(value).expanduser()
-        return path if path.is_absolute() and ".." not in path.parts else Path(os.path.normpath(base / path))
+        return Path(os.path.normpath(base / Path(value).expanduser()))  # (base / an absolute path: that path)
     if isinstance(value, Section):
         _absolute_section(value, base)
         return value
