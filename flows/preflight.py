@@ -29,10 +29,11 @@ def probe_image(size: tuple[int, int] = (96, 72)) -> Image.Image:
     return Image.fromarray(arr)
 
 
-def _file(key: str, path: Path | None) -> str | None:
+def _file(key: str, path: Path | None, folder: bool = False) -> str | None:
+    """A problem where ``path`` is not a file (``folder``: nor a folder, as transformers and timm publish models)."""
     if path is None:
         return f"{key}: required (a local model file)"
-    if not Path(path).is_file():
+    if not (Path(path).is_file() or (folder and Path(path).is_dir())):
         return f"{key}: {path} does not exist"
     return None
 
@@ -111,7 +112,7 @@ def faces_problems(cfg: PipelineConfig) -> list[str]:
 def backbone_problems(key: str, backbone) -> list[str]:  # backbone: BackboneConfig
     if backbone.path is None:
         return [] if backbone.kind != "dinov2" else [f"{key}.path: required for kind=dinov2"]
-    missing = _file(f"{key}.path", backbone.path)
+    missing = _file(f"{key}.path", backbone.path, folder=True)  # (a transformers or timm folder, a hub cache's)
     if missing:
         return [missing]
 

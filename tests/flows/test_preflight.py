@@ -41,6 +41,22 @@ def test_missing_wrong_and_mis_sized_files_name_the_key_and_the_file(tmp_path):
         f"dedup.descriptor.path: {small}: gives 16-d descriptors, but dedup.descriptor.dims is 512"]  # fmt: skip
 
 
+def test_a_backbone_folder_is_checked_as_a_model_not_refused_as_missing(tmp_path):
+    """A transformers folder (what `save_pretrained` writes; docs/models.md lists it among the checkpoints lvd reads)
+    as the embedder: before, the start-up check took every folder for a missing file."""
+    from training.export.formats import export_model
+    from training.vision_transformer import DinoVisionTransformer
+
+    export_model(DinoVisionTransformer(img_size=16, patch_size=4, embed_dim=96, depth=2, num_heads=3), "hf",
+                 tmp_path / "hf")  # fmt: skip
+    backbone = f"embed.backbone={{kind: dinov2, path: {tmp_path / 'hf'}, image_size: 16}}"
+    assert check_model_files(_cfg(tmp_path, backbone), {"embed"}) == []
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    assert check_model_files(_cfg(tmp_path, backbone), {"embed"}) == [
+        f"embed.backbone.path: {tmp_path / 'hf'} cannot be used: FileNotFoundError: {tmp_path / 'hf'} holds no "
+        "model.safetensors (sharded checkpoints are not read)"]
+
+
 def test_every_model_of_the_run_is_checked_and_every_problem_listed(tmp_path):
     encoder = tmp_path / "clip.onnx"
     encoder.write_bytes(mean_pool_linear(np.ones((3, 8), np.float32), 32))  # 8-d embeddings
