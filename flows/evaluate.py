@@ -16,6 +16,7 @@ from typing import Any
 
 from prefect import flow
 
+from curation.models.dinov3 import is_dinov3
 from evaluation.features import FeatureModel, PixelModel
 from evaluation.suite import EvalModel, classification_benchmarks, evaluate
 from flows.models import feature_model
@@ -58,11 +59,12 @@ def released_eval_size(grid_px: int) -> int | None:
 
 
 def parse_model_spec(spec: str) -> ModelEntry:
-    """``NAME=PATH[,kind=vit|dinov2|timm][,arch=A][,image_size=N][,patch_size=P][,interpolate_offset=F]
+    """``NAME=PATH[,kind=vit|dinov2|dinov3|timm][,arch=A][,image_size=N][,patch_size=P][,interpolate_offset=F]
     [,interpolate_antialias=true|false]``.
 
-    Without ``kind``: ``.safetensors`` is a project export (vit), anything else (an official ``.pth``, a transformers
-    folder, a timm state dict) a DINOv2 checkpoint (dinov2).
+    Without ``kind``: DINOv3 weights in any layout (:mod:`curation.models.dinov3`) are ``dinov3`` (224 px unless
+    ``image_size`` says otherwise); else ``.safetensors`` is a project export (vit), anything else (an official
+    ``.pth``, a transformers folder, a timm state dict) a DINOv2 checkpoint (dinov2).
     """
     name, sep, rest = spec.partition("=")
     if not sep or not rest:
@@ -75,8 +77,9 @@ def parse_model_spec(spec: str) -> ModelEntry:
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"--model {name}: checkpoint {p} does not exist")
-    kind = opts.get("kind") or ("vit" if p.suffix == ".safetensors" else "dinov2")
-    size = int(opts["image_size"]) if "image_size" in opts else checkpoint_image_size(p, name) if kind != "timm" else 224
+    kind = opts.get("kind") or ("dinov3" if is_dinov3(p) else "vit" if p.suffix == ".safetensors" else "dinov2")
+    size = (int(opts["image_size"]) if "image_size" in opts else
+            checkpoint_image_size(p, name) if kind in ("vit", "dinov2") else 224)  # fmt: skip
     interpolation = {k: opts[k] for k in ("interpolate_offset", "interpolate_antialias") if k in opts}
     if "interpolate_antialias" in interpolation:
         interpolation["interpolate_antialias"] = _flag(interpolation["interpolate_antialias"], spec)

@@ -20,6 +20,10 @@ if TYPE_CHECKING:
 def build_model(cfg: BackboneConfig, seed: int = 0) -> torch.nn.Module:
     """A backbone whose ``forward`` returns the (normalised) global embedding."""
     torch.manual_seed(seed)
+    if cfg.kind == "dinov3" or (cfg.kind == "timm" and "dinov3" in cfg.arch and cfg.path is not None):
+        from curation.models.dinov3 import load_dinov3  # (timm's DINOv3 models: the class token, as released)
+
+        return load_dinov3(cfg.path)
     if cfg.kind == "timm":
         return _timm_model(cfg)
     from training.checkpoint import load_backbone

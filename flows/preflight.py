@@ -123,6 +123,10 @@ def backbone_problems(key: str, backbone) -> list[str]:  # backbone: BackboneCon
 
         model = build_model(backbone).eval()
         s = backbone.image_size
+        arch = getattr(model, "dinov3_arch", None)
+        if arch is not None and s < 4 * arch.patch_size:  # (the default 28 px is the demo ViT's)
+            return (f"image_size {s} gives this DINOv3 (patch {arch.patch_size}) a {s // arch.patch_size}x"
+                    f"{s // arch.patch_size} patch grid: set {key}.image_size (DINOv3 is evaluated at 224 px and more)")
         with torch.inference_mode():
             out = model(torch.zeros(1, 3, s, s))
         if out.ndim != 2 or out.shape[0] != 1:

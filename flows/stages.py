@@ -113,7 +113,7 @@ def _embed(ctx: StageContext) -> StageResult:
     seeds = [s for s in cfg.data.seed_sets if s.retrieval != "as_is"]
 
     b = cfg.embed.backbone
-    make = partial(embedder, b, f"{b.kind}:{b.arch}", cfg.embed.batch_size, cfg.embed.precision, seed=cfg.run.seed)
+    make = partial(embedder, b, b.label, cfg.embed.batch_size, cfg.embed.precision, seed=cfg.run.seed)
     key = config_hash(cfg, ("embed", "run.seed")) + _embedder(cfg)  # everything that defines the model
     # A shard task per pool shard (fingerprinted with the shard's kept images), one per seed set (always embedded).
     inputs = ctx.shard_inputs([s.name for s in shards], ["faces"], kept.groupby("shard")["image_id"].agg(list).to_dict())

@@ -233,6 +233,9 @@ def _state_checkpoint(state: Mapping[str, Any], path: Path, arch: str | None) ->
         if is_hf_folder(path.parent):
             return _hf_checkpoint(path.parent)
         raise ValueError(f"{path} holds transformers weights; give the folder with its config.json")
+    if any(k.endswith("storage_tokens") for k in state):
+        raise ValueError(f"{path} holds DINOv3 weights (its storage tokens); a DINOv3 is read with backbone kind: "
+                         "dinov3 (as an embedder or evaluation reference), not as a DINOv2")  # fmt: skip
     parts = _split(state)
     backbone = parts.pop("backbone")
     sidecar = read_sidecar(path) or {}

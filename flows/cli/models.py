@@ -67,7 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--model", action="append", required=True,
                     metavar="NAME=PATH[,kind=..,arch=..,image_size=..,interpolate_offset=..,interpolate_antialias=..]",
                     help="a checkpoint: project .safetensors, official DINOv2 .pth (released or training), transformers "
-                         "folder, timm DINOv2 file, or kind=timm,arch=NAME (repeat)")
+                         "folder, timm DINOv2 file, DINOv3 (Meta's .pth, transformers or timm), or kind=timm,arch=NAME "
+                         "(repeat)")
     ev.add_argument("--random-init", action="store_true", help="add the first model's architecture, untrained")
     ev.add_argument("--raw-pixels", action="store_true", help="add the raw-pixel baseline")
     ev.add_argument("--name", default=None, help="evaluation id (default: eval-<hash of config and models>)")

@@ -152,8 +152,10 @@ class BackboneConfig(Section):
     # vit: this project's DINOv2 ViT (random init unless `path` is a checkpoint);
     # dinov2: a DINOv2 checkpoint, `path` required: official (dinov2_vit*14*_pretrain.pth, a training run's
     # teacher_checkpoint.pth, block chunks or not), a transformers folder, or a timm DINOv2 state dict;
-    # timm: a timm architecture with a local weights file (.safetensors / .pth state dict).
-    kind: Literal["vit", "dinov2", "timm"] = "vit"
+    # dinov3: a DINOv3 checkpoint, `path` required: Meta's release (dinov3_vits16_pretrain_lvd1689m-*.pth), a
+    # transformers DINOv3ViTModel folder or timm's vit_*_patch16_dinov3 weights (curation.models.dinov3; its class
+    # token is the embedding); timm: a timm architecture with a local weights file (.safetensors / .pth state dict).
+    kind: Literal["vit", "dinov2", "dinov3", "timm"] = "vit"
     arch: str = "vit_tiny"
     patch_size: int = Field(default=4, ge=1)
     path: Path | None = None
@@ -165,6 +167,15 @@ class BackboneConfig(Section):
     interpolate_offset: float | None = Field(default=None, ge=0)
     interpolate_antialias: bool | None = None
 
+    @property
+    def label(self) -> str:
+        """`vit:vit_tiny`, `timm:vit_small_patch14_dinov2`; a DINOv3 by its file or folder (a hub cache's by its
+        repository folder): `dinov3:dinov3_vits16_pretrain_lvd1689m-08c60483.pth`."""
+        if self.kind != "dinov3" or self.path is None:
+            return f"{self.kind}:{self.arch}"
+        path = Path(self.path)
+        return f"dinov3:{path.parent.parent.name if path.parent.name == 'snapshots' else path.name}"
+
     @field_validator("path")
     @classmethod
     def _snapshot(cls, path: Path | None) -> Path | None:
@@ -174,9 +185,14 @@ class BackboneConfig(Section):
     def _check(self) -> BackboneConfig:
         if self.kind == "dinov2" and self.path is None:
             raise ValueError("kind=dinov2 needs `path` (an official dinov2_*_pretrain.pth; `lvd models fetch`)")
-        if self.kind == "timm" and (self.interpolate_offset is not None or self.interpolate_antialias is not None):
+        if self.kind == "dinov3" and self.path is None:
+            raise ValueError("kind=dinov3 needs `path` (Meta's dinov3_*_pretrain_*.pth, a transformers DINOv3 folder, "
+                             "or timm's vit_*_patch16_dinov3 weights)")  # fmt: skip
+        if self.kind in ("timm", "dinov3") and (self.interpolate_offset is not None or
+                                                 self.interpolate_antialias is not None):  # fmt: skip
+            why = "RoPE: no position table to resize" if self.kind == "dinov3" else "timm resizes its own way"
             raise ValueError("interpolate_offset / interpolate_antialias apply to DINOv2 backbones (kind vit or "
-                             "dinov2), not to kind=timm (timm resizes its own way)")
+                             f"dinov2), not to kind={self.kind} ({why})")
         return self
 
 

@@ -174,7 +174,8 @@ def read_hf(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]
     config = json.loads((folder / "config.json").read_text())
     model_type = config.get("model_type")
     if model_type not in CLASSES:
-        raise ValueError(f"{folder}: model_type {model_type!r} is not a DINOv2 ({sorted(CLASSES)})")
+        hint = ": a DINOv3, read with backbone kind: dinov3" if model_type == "dinov3_vit" else ""
+        raise ValueError(f"{folder}: model_type {model_type!r} is not a DINOv2 ({sorted(CLASSES)}){hint}")
     if config.get("hidden_act", "gelu") != "gelu" or config.get("layer_norm_eps", 1e-6) != 1e-6:
         raise ValueError(f"{folder}: only hidden_act=gelu and layer_norm_eps=1e-6 are read (the DINOv2 values)")
     state = from_hf_state(folder_weights(folder), config)

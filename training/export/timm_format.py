@@ -115,7 +115,8 @@ def read_timm_folder(folder: Path, arch: str | None = None) -> tuple[dict[str, t
     name = data["architecture"]
     if "dinov2" not in name:
         raise ValueError(f"{folder}: timm architecture {name!r} is not a DINOv2 (vit_*_patch14[_reg4]_dinov2); "
-                         "lvd reads DINOv2 backbones")
+                         + ("a DINOv3 is read with backbone kind: dinov3 (as an embedder or evaluation reference)"
+                            if "dinov3" in name else "lvd reads DINOv2 backbones"))
     return from_timm_state(folder_weights(folder), None, arch, heads=(data.get("model_args") or {}).get("num_heads"))
 
 
