@@ -61,7 +61,7 @@ def _timm_model(cfg: BackboneConfig) -> torch.nn.Module:
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if Path(path).is_dir():  # a hub folder as timm publishes models (config.json + model.safetensors)
-        from training.export.hf import folder_weights
+        from infra.hub import folder_weights
 
         return folder_weights(Path(path))
     if Path(path).suffix == ".safetensors":
@@ -80,7 +80,7 @@ def feature_model(cfg: BackboneConfig, name: str, seed: int = 0) -> FeatureModel
     record): the checkpoint's bytes (a transformers folder's weights and config) and the position-embedding resizing
     a DINOv2 backbone uses."""
     from evaluation.features import file_sha256, fingerprint, wrap
-    from training.export.hf import weights_path
+    from infra.hub import weights_path
 
     model = build_model(cfg, seed)
     folder = cfg.path is not None and Path(cfg.path).is_dir()

@@ -6,6 +6,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+WEIGHTS = "model.safetensors"  # a hub folder's weights (transformers' and timm's)
 
 
 def hub_snapshot(path: Path | str) -> Path:
@@ -30,3 +33,22 @@ def snapshot_hint(path: Path | str) -> str:
     names = sorted(p.name for p in snapshots.iterdir() if p.is_dir())
     return (f" (a Hugging Face cache folder with {len(names)} snapshots and no refs/main: give one of "
             f"{', '.join(str(snapshots / n) for n in names[:3])})") if names else " (a Hugging Face cache folder with no snapshot)"
+
+
+def weights_path(folder: Path) -> Path:
+    """The weights file of a hub-style folder (transformers' or timm's): `model.safetensors`, else
+    `pytorch_model.bin`."""
+    for name in (WEIGHTS, "pytorch_model.bin"):
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    raise FileNotFoundError(f"{folder} holds no {WEIGHTS} (sharded checkpoints are not read)")
+
+
+def folder_weights(folder: Path) -> dict[str, Any]:
+    """The tensors of a hub-style folder (tensors only are unpickled from a `.bin`)."""
+    import torch
+    from safetensors.torch import load_file
+
+    path = weights_path(folder)
+    return load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu",
+                                                                                 weights_only=True)

@@ -137,7 +137,7 @@ def read_dinov3(path: Path | str) -> tuple[dict[str, torch.Tensor], str, int | N
         raise ValueError(f"{path}: not a DINOv3 checkpoint (Meta's release .pth, a transformers DINOv3ViTModel folder, "
                          "or timm's vit_*_patch16_dinov3 weights)")  # fmt: skip
     if path.is_dir():
-        from training.export.hf import folder_weights
+        from infra.hub import folder_weights
 
         config = json.loads((path / "config.json").read_text())
         state = folder_weights(path)

@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from infra.hub import WEIGHTS, folder_weights
 from infra.storage import atomic_path, atomic_write_text
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-WEIGHTS = "model.safetensors"
 # model_type -> (class, interpolate_offset, interpolate_antialias) as transformers computes them
 CLASSES = {"dinov2": ("Dinov2Model", 0.0, False), "dinov2_with_registers": ("Dinov2WithRegistersModel", 0.0, True)}
 _LAYER = re.compile(r"^blocks\.(\d+)\.(.+)$")
@@ -150,22 +150,6 @@ def write_hf(state: dict[str, torch.Tensor], arch: dict[str, Any], folder: Path,
 def is_hf_folder(path: Path) -> bool:
     path = Path(path)
     return path.is_dir() and (path / "config.json").is_file()
-
-
-def weights_path(folder: Path) -> Path:
-    """The weights file of a hub-style folder (transformers' or timm's): `model.safetensors`, else
-    `pytorch_model.bin`."""
-    for name in (WEIGHTS, "pytorch_model.bin"):
-        if (Path(folder) / name).is_file():
-            return Path(folder) / name
-    raise FileNotFoundError(f"{folder} holds no {WEIGHTS} (sharded checkpoints are not read)")
-
-
-def folder_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a hub-style folder (tensors only are unpickled from a `.bin`)."""
-    path = weights_path(folder)
-    return load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu",
-                                                                                 weights_only=True)
 
 
 def read_hf(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], int]:

@@ -109,7 +109,7 @@ def timm_folder_image_size(folder: Path | str) -> int | None:
 
 def read_timm_folder(folder: Path, arch: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(official-named state, architecture) of a timm hub folder of a DINOv2 model."""
-    from training.export.hf import folder_weights
+    from infra.hub import folder_weights
 
     data = json.loads((Path(folder) / "config.json").read_text())
     name = data["architecture"]
