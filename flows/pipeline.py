@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from prefect.context import TaskRunContext
 from prefect.filesystems import LocalFileSystem
 from prefect.runtime import flow_run as prefect_flow_run
 
+from flows.artifacts import prefect_name, publish, stage_markdown, summary_markdown
 from flows.stages import active_stages, complete_exports, training_stages
 from infra import run_lock
 from infra.config import PipelineConfig
@@ -64,7 +64,9 @@ def stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str 
 def stage_task(run_root: str, run_id: str, stage: str) -> dict[str, Any]:
     run = RunDir(Path(run_root), run_id)
     cfg = run.load_config()
-    return run_stage(_spec(cfg, stage), run, cfg).model_dump(mode="json")
+    manifest = run_stage(_spec(cfg, stage), run, cfg)
+    publish(stage_markdown(run, manifest), f"{stage} of run {run_id}")  # the task run's Artifacts tab
+    return manifest.model_dump(mode="json")
 
 
 @contextlib.contextmanager
@@ -80,8 +82,7 @@ def demo_server(spec: StageSpec, run: RunDir, cfg: PipelineConfig) -> Iterator[N
 def result_storage(run: RunDir) -> LocalFileSystem:
     """Task results persist inside the run directory (a block saved on the server, as Prefect requires)."""
     storage = LocalFileSystem(basepath=str((run.path / RESULTS_DIR).resolve()))
-    name = "lvd-" + re.sub(r"[^a-z0-9-]", "-", run.run_id.lower())
-    storage.save(name, overwrite=True)
+    storage.save(prefect_name(run.run_id), overwrite=True)
     return storage
 
 
@@ -196,6 +197,27 @@ def _pipeline(run: RunDir) -> dict[str, Any]:
     storage = result_storage(run)
     run.log_event("flow_started", prefect_flow_run=str(prefect_flow_run.id))  # the attempt's run in Prefect
     close_dead_attempts(run, str(prefect_flow_run.id))
+    try:
+        _stages(run, cfg, storage)
+    finally:  # (a failed stage too: the summary says which, in the Prefect UI as on the console)
+        summary = _publish_summary(run, cfg)
+    return summary if summary is not None else run_summary(run, cfg)
+
+
+def _publish_summary(run: RunDir, cfg: PipelineConfig) -> dict[str, Any] | None:
+    """The run's summary as the flow run's artifact (`lvd-<run id>`, a version per attempt); None where it could not
+    be made (the error the flow is raising, if any, is the one to see)."""
+    try:
+        summary = run_summary(run, cfg)
+    except Exception as e:
+        log.warning("no run summary for Prefect: %s", e)
+        return None
+    attempt = len(attempts_from(run.events()))
+    publish(summary_markdown(summary), f"run {run.run_id}, attempt {attempt}", key=prefect_name(run.run_id))
+    return summary
+
+
+def _stages(run: RunDir, cfg: PipelineConfig, storage: LocalFileSystem) -> None:
     for spec in active_stages(cfg):
         if stage_state(run, spec, cfg) == "completed":
             # Completed by an earlier attempt: Prefect's cache hit below runs no task body, so the run's history
@@ -213,5 +235,4 @@ def _pipeline(run: RunDir) -> dict[str, Any]:
     if cfg.evaluate.report:
         log.info("report: %s", write_report(run))
     run.log_event("flow_completed")
-    return run_summary(run, cfg)
 

@@ -86,16 +86,16 @@ def _composition(s: dict[str, Any]) -> str:
     return f" = {pool:,} pool images selected + {sum(as_is.values()):,} seed images added as they are ({sets})"
 
 
+def row_note(r: dict[str, Any]) -> str:
+    """A stage row's last column: why it is not run or stale, where it continues, else its drop reasons."""
+    return r.get("why") or r.get("progress") or ", ".join(f"{k}={v}" for k, v in sorted(r["reasons"].items()) if v)
+
+
 def format_summary(s: dict[str, Any]) -> str:
     lines = [f"run {s['run_id']}  ({s['path']})", "", f"{'stage':<10} {'state':<10} {'kept':>8} {'dropped':>8}  reasons"]
     for r in s["stages"]:
         kept = "" if r["kept"] is None else str(r["kept"])
-        reasons = ", ".join(f"{k}={v}" for k, v in sorted(r["reasons"].items()) if v)
-        if r.get("progress"):
-            reasons = r["progress"]
-        if r.get("why"):
-            reasons = r["why"]
-        lines.append(f"{r['stage']:<10} {r['state']:<10} {kept:>8} {r['dropped']:>8}  {reasons}")
+        lines.append(f"{r['stage']:<10} {r['state']:<10} {kept:>8} {r['dropped']:>8}  {row_note(r)}")
     if s.get("attempts"):
         lines += ["", "attempts:"]
         for a in s["attempts"]:

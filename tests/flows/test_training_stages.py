@@ -5,6 +5,7 @@ student. Each is a normal stage: a manifest, a key chained to its upstream, cach
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -179,6 +180,48 @@ def test_each_training_stage_reports_its_progress_to_prefect(flow_run):
         assert progress["step"] == progress["total"] and float(artifact.data) == 100.0
         want = rf"run {run.run_id}, stage {stage}: step {progress['total']} of {progress['total']}, [0-9.]+ images/s"
         assert re.fullmatch(want, artifact.description), artifact.description
+
+
+@pytest.mark.slow
+def test_each_stage_result_and_the_run_summary_are_artifacts_in_prefect(flow_run):
+    """The Prefect UI shows, per stage task run, what the stage kept and dropped and how it came about, and per flow
+    run the `lvd status` table (key `lvd-<run id>`: a version per attempt; the second attempt reused every stage)."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from flows.artifacts import prefect_name
+    from flows.stages import active_stages
+    from infra.summary import run_summary
+
+    run, cfg, first, again, _ = flow_run
+
+    async def read(state):
+        async with get_client() as client:
+            flow_run_id = ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=flow_run_id))
+
+    artifacts = [a for a in asyncio.run(read(first)) if a.type == "markdown"]
+    stages = {a.description.split(" of run ")[0]: a.data for a in artifacts if a.key is None}
+    assert set(stages) == {s.name for s in active_stages(cfg)}
+    ingest = read_manifest(run.stage_dir("ingest"))
+    reasons = {k: v for k, v in sorted(ingest.counts["dropped"].items()) if v}
+    dropped = f"{sum(reasons.values()):,} (" + ", ".join(f"{k} {v:,}" for k, v in reasons.items()) + ")"
+    assert reasons, "the tiny crawl drops images (its hostile URLs): the artifact names why"
+    assert re.match(rf"\*\*ingest\*\* of run `{run.run_id}`: computed in 0:00:\d\d, peak memory \d+\.\d GiB\.",
+                    stages["ingest"])  # fmt: skip
+    assert f"| kept | {ingest.counts['kept']:,} |" in stages["ingest"] and f"| dropped | {dropped} |" in stages["ingest"]
+    assert f"| output files | {len(ingest.outputs)} |" in stages["ingest"]
+    assert f"`lvd lineage {run.run_id} IMAGE_ID`" in stages["ingest"]
+    [summary] = [a for a in artifacts if a.key == prefect_name(run.run_id)]
+    table = run_summary(run, cfg)["stages"]
+    for r in table:  # the same rows as `lvd status`
+        kept = "" if r["kept"] is None else f"{r['kept']:,}"
+        assert f"| {r['stage']} | {r['state']} | {kept} | {r['dropped']:,} |" in summary.data
+    assert summary.description == f"run {run.run_id}, attempt 1"
+    [second] = [a for a in asyncio.run(read(again)) if a.type == "markdown"]  # cached stages: no task body ran
+    assert (second.key, second.description) == (prefect_name(run.run_id), f"run {run.run_id}, attempt 2")
 
 
 @pytest.mark.slow
