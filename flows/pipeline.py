@@ -33,6 +33,7 @@ from infra.memory import release_stage_memory
 from infra.run import RunDir
 from infra.runs import RUN_INFO
 from infra.stage import StageInputError, StageSpec, run_stage, stage_key, stage_state
+from infra.stopping import hold_if_stopping
 from infra.storage import read_json
 from infra.summary import run_summary
 
@@ -219,6 +220,7 @@ def _publish_summary(run: RunDir, cfg: PipelineConfig) -> dict[str, Any] | None:
 
 def _stages(run: RunDir, cfg: PipelineConfig, storage: LocalFileSystem) -> None:
     for spec in active_stages(cfg):
+        hold_if_stopping()  # (Ctrl-C as the previous stage ended: nothing more starts or is recorded)
         if stage_state(run, spec, cfg) == "completed":
             # Completed by an earlier attempt: Prefect's cache hit below runs no task body, so the run's history
             # records the reuse here ("skipped" when the body runs anyway and finds the manifest).
@@ -231,6 +233,7 @@ def _stages(run: RunDir, cfg: PipelineConfig, storage: LocalFileSystem) -> None:
         if spec.name in training_stages(cfg) and (added := complete_exports(run, cfg, spec.name)):
             log.info("%s: %s export%s written (the stage was exported without)", spec.name, ", ".join(added),
                      "s" if len(added) > 1 else "")  # fmt: skip
+    hold_if_stopping()
     run.log_event("stages_completed")  # before the report, which shows the run's attempts (this one completed)
     if cfg.evaluate.report:
         log.info("report: %s", write_report(run))

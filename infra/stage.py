@@ -40,6 +40,7 @@ from infra.lineage_index import index_stage
 from infra.manifest import MANIFEST, StageManifest, cache_key, inputs_digest, read_manifest, write_manifest
 from infra.memory import PeakMemory, gib, memory_budget, oom_kills, oom_kills_since
 from infra.run import RunDir, now
+from infra.stopping import hold_if_stopping
 from infra.storage import Markers, atomic_write_json, file_record, read_json
 
 log = logging.getLogger("lvd")
@@ -360,6 +361,7 @@ def _oom_note(before: tuple[str, int] | None) -> str:
 
 
 def run_stage(spec: StageSpec, run: RunDir, cfg: PipelineConfig) -> StageManifest:
+    hold_if_stopping()  # (Ctrl-C as the previous stage ended: this one does not start)
     upstream = load_upstream(spec, run)
     parts = spec.key_parts(cfg, upstream)
     key = cache_key(spec.name, *parts)

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from infra.run import RunDir
+from infra.stopping import STOPPING
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 NAMES = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}
@@ -86,6 +87,7 @@ class Interrupts:
         self._lock = threading.Lock()
 
     def stop(self, signum: int) -> None:
+        STOPPING.set()  # no stage starts from now on (infra.stopping)
         with self._lock:
             self.count += 1
             first = self.count == 1

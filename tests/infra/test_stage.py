@@ -45,6 +45,26 @@ def test_skip_when_complete_and_resume_per_shard(tmp_path, monkeypatch):
                       ("completed", "b"), ("skipped", "a"), ("skipped", "b")]
 
 
+def test_no_stage_starts_while_the_process_is_stopping(tmp_path, monkeypatch):
+    """Ctrl-C as a stage ends: the stop (flows/cli/interrupt.py) exits the process within seconds from its own
+    thread; meanwhile the next stage neither starts nor is recorded as started."""
+    from infra import stopping
+
+    run, calls = RunDir(tmp_path, "r"), []
+    a, _ = _specs(calls)
+    monkeypatch.setattr(stopping, "HOLD_S", 0.2)
+    stopping.STOPPING.set()
+    try:
+        with pytest.raises(RuntimeError, match=r"the process was stopping \(Ctrl-C or SIGTERM\) and did not exit "
+                                               r"within 0.2 s"):
+            run_stage(a, run, load_config())
+    finally:
+        stopping.STOPPING.clear()
+    assert calls == [] and run.events() == [] and not run.stage_dir("a").exists()
+    run_stage(a, run, load_config())
+    assert calls == ["00000", "00001", "00002"]
+
+
 def test_config_change_invalidates_stage_and_downstream(tmp_path):
     run, calls = RunDir(tmp_path, "r"), []
     a, b = _specs(calls)
