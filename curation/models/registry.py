@@ -57,10 +57,25 @@ class ChecksumError(RuntimeError):
     pass
 
 
+class UnknownModel(KeyError):
+    """A name `lvd models fetch` does not download; its message says why and what to do."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 def resolve(name: str) -> ModelFile:
     key = ALIASES.get(name, name)
+    if key.startswith("dinov3"):  # Meta's hub names: dinov3_vits16, dinov3_vits16plus, dinov3_vitb16, ...
+        repo = f"facebook/{key.replace('_', '-')}" + ("" if "-pretrain-" in key.replace("_", "-") else
+                                                       "-pretrain-lvd1689m")  # fmt: skip
+        raise UnknownModel(f"{name}: DINOv3 weights are gated by Meta's licence and lvd does not download them: accept "
+                           f"the licence on https://huggingface.co/{repo}, download it once "
+                           f"(`huggingface-cli download {repo}`), then give the folder: "
+                           "embed.backbone={kind: dinov3, path: <the folder>, image_size: 224} (docs/models.md, "
+                           "DINOv3)")  # fmt: skip
     if key not in REGISTRY:
-        raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(REGISTRY))}")
+        raise UnknownModel(f"unknown model {name!r}; known: {', '.join(sorted(REGISTRY))}")
     return REGISTRY[key]
 
 

@@ -28,8 +28,17 @@ def test_registry_urls() -> None:
     assert REGISTRY["sscd_disc_mixup.torchvision"].filename == "sscd_disc_mixup.torchvision.pt"
     assert "sscd_disc_large.torchvision" not in REGISTRY  # not released upstream
     assert REGISTRY["dinov2_vitl14_reg4"].url == "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_reg4_pretrain.pth"
-    with pytest.raises(KeyError, match="unknown model"):
+    with pytest.raises(KeyError) as err:
         resolve("nope")
+    assert str(err.value).startswith("unknown model 'nope'; known: dinov2_vitb14, ")  # (not KeyError's quoted repr)
+    # DINOv3 is gated by its licence: the name says where to accept it and how to give the download to a run.
+    with pytest.raises(KeyError) as err:
+        resolve("dinov3_vits16plus")
+    assert str(err.value) == (
+        "dinov3_vits16plus: DINOv3 weights are gated by Meta's licence and lvd does not download them: accept the "
+        "licence on https://huggingface.co/facebook/dinov3-vits16plus-pretrain-lvd1689m, download it once "
+        "(`huggingface-cli download facebook/dinov3-vits16plus-pretrain-lvd1689m`), then give the folder: "
+        "embed.backbone={kind: dinov3, path: <the folder>, image_size: 224} (docs/models.md, DINOv3)")
 
 
 def test_first_fetch_records_the_digest_and_later_fetches_must_match(tmp_path) -> None:
