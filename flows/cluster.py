@@ -22,6 +22,7 @@ per worker (about a second); a cluster that cannot be reached, or has no worker,
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import importlib.metadata
 import logging
@@ -131,19 +132,45 @@ def _differs(module: types.ModuleType, path: Path) -> bool:
     return False
 
 
-def require_code(expected: str) -> None:
-    """On a worker, before a shard: raise unless this process runs the code whose digest is ``expected`` (the files
-    on disk, and no module imported before its file changed). 3-4 ms once its files were read (docs/prefect.md)."""
+def require_worker(expected: dict[str, Any]) -> None:
+    """On a worker, before a shard: raise unless it is what the start-up check asked of the workers present then (a
+    worker that joined later, e.g. by autoscaling, or was restarted): it runs the code whose digest is
+    ``expected["code"]`` (the files on disk, and no module imported before its file changed), sees the runs folder
+    ``expected["root"]``, and has the Python and libraries ``expected["libraries"]``. 3-4 ms once its files were read
+    (docs/prefect.md)."""
     host = f"{socket.gethostname()} (pid {os.getpid()})"
-    if (mine := code_digest()) != expected:
-        raise RuntimeError(f"worker {host} runs other code than lvd (source digest {mine} vs {expected}): install "
-                           "the same checkout or version on every worker")
+    if (mine := code_digest()) != expected["code"]:
+        raise RuntimeError(f"worker {host} runs other code than lvd (source digest {mine} vs {expected['code']}): "
+                           "install the same checkout or version on every worker")
     if stale := stale_modules():
         raise RuntimeError(f"worker {host} imported {_some(stale)} before the file changed, and runs the older code: "
                            "restart the workers")
+    if not Path(expected["root"]).is_dir():
+        raise RuntimeError(f"worker {host} does not see the runs folder {expected['root']} (run.root): it must be on "
+                           "storage every worker mounts at the same path")
+    if versions := version_differences(libraries(), expected["libraries"]):
+        raise RuntimeError(f"worker {host} has other libraries: {versions}: the same versions on every worker keep "
+                           "what a stage computes the same")
+
+
+def worker_expectation(run: RunConfig) -> dict[str, Any]:
+    """What :func:`require_worker` checks on a worker of the cluster at ``run``'s address, as this process has it."""
+    return {"code": code_digest(), "root": str(Path(run.root).absolute()), "libraries": libraries()}
+
+
+def version_differences(theirs: dict[str, str], ours: dict[str, str]) -> str:
+    """`numpy 1.26.4 (here 2.1.0), ...` for every version that differs; empty where none does."""
+    return ", ".join(f"{name} {theirs.get(name, 'missing')} (here {ours.get(name, 'missing')})"
+                     for name in sorted(ours.keys() | theirs.keys()) if theirs.get(name) != ours.get(name))
 
 
 def libraries() -> dict[str, str]:
+    """The Python and library versions of this process (read once per process: ~1 ms each)."""
+    return dict(_libraries())
+
+
+@functools.cache
+def _libraries() -> dict[str, str]:
     found = {"python": sys.version.split()[0]}
     for name in LIBRARIES:
         try:
@@ -260,12 +287,9 @@ def _differences(facts: dict[str, Any] | BaseException, mine: dict[str, Any], to
     if facts["stale"]:
         problems.append(f"imported {_some(facts['stale'])} before the file changed, and runs the older code: restart "
                         "the workers")
-    theirs, ours = facts["libraries"], mine["libraries"]
-    versions = [f"{name} {theirs.get(name, 'missing')} (here {ours.get(name, 'missing')})"
-                for name in sorted(ours.keys() | theirs.keys()) if theirs.get(name) != ours.get(name)]
-    if versions:
-        problems.append(f"has other libraries: {', '.join(versions)}: the same versions on every worker keep what a "
-                        "stage computes the same")
+    if versions := version_differences(facts["libraries"], mine["libraries"]):
+        problems.append(f"has other libraries: {versions}: the same versions on every worker keep what a stage "
+                        "computes the same")
     return problems
 
 

@@ -23,23 +23,24 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
-from flows.cluster import address, code_digest, require_code
+from flows.cluster import address, require_worker, worker_expectation
 from infra.config.run import RunConfig
 from infra.cpus import resolve
 
 
 @task(cache_policy=NO_CACHE, persist_result=False)
-def shard_task(fn: Callable[..., Any], args: tuple[Any, ...], code: str | None = None) -> Any:
-    """``fn(*args)``; ``code``: the source digest of the `lvd` that submitted it, which a worker of a cluster at an
-    address must run (one that joined after the start-up check, or was restarted from other code, fails the shard
-    with its name and the fix instead of computing it with other code than the stage's key records)."""
+def shard_task(fn: Callable[..., Any], args: tuple[Any, ...], worker: dict[str, Any] | None = None) -> Any:
+    """``fn(*args)``; ``worker``: what a worker of a cluster at an address must be (`flows.cluster.require_worker`:
+    the submitting `lvd`'s code, its runs folder, its libraries): one that joined after the start-up check, or was
+    restarted, fails the shard with its name and the fix instead of computing it with other code than the stage's
+    key records, or failing on a file it cannot see."""
     from infra.console import forward_to_prefect, quiet_worker_console
 
     forward_to_prefect()  # on a Dask or Ray worker too: what the shard logs goes to its task run
     quiet_worker_console()
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # as `lvd` sets it: a worker's environment is its own
-    if code is not None:
-        require_code(code)
+    if worker is not None:
+        require_worker(worker)
     return fn(*args)
 
 
@@ -99,14 +100,14 @@ def prefect_mapper(run: RunConfig, stage: str, width: int | str | None = None,
         if not items:
             return
         _start_prefect()
-        code = code_digest() if address(run) is not None else None  # a local cluster runs this checkout
+        worker = worker_expectation(run) if address(run) is not None else None  # a local cluster runs this checkout
         with _report_here(run), task_runner(run, resolve(width or run.workers)) as runner, _ray_options(run, gpu):
             futures = []
             for args in items:
                 t = shard_task.with_options(name=f"{stage}-shard", task_run_name=f"{stage}[{shard_name(args)}]",
                                             retries=run.shard_retries, retry_delay_seconds=run.shard_retry_delay_s,
                                             timeout_seconds=run.shard_timeout_s)
-                futures.append(runner.submit(t, parameters={"fn": fn, "args": args, "code": code}))
+                futures.append(runner.submit(t, parameters={"fn": fn, "args": args, "worker": worker}))
             for future in as_completed(futures):
                 yield future.result()
 

@@ -7,11 +7,14 @@ import importlib.util
 import json
 import logging
 import os
+import re
+import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from flows import cluster
@@ -151,16 +154,30 @@ def test_dask_workers_report_to_the_runs_embedded_prefect_server(tmp_path, prefe
     assert "distributed.scheduler" not in proc.stderr and "Finished in state" not in proc.stderr, proc.stderr[-3000:]
 
 
-def test_shards_on_a_cluster_by_address_run_only_on_workers_with_lvds_code(scheduler, prefect_server):
+def test_shards_on_a_cluster_by_address_run_only_on_workers_with_lvds_code(scheduler, prefect_server, tmp_path):
     """Each shard's task carries lvd's source digest: a worker that joined after the start-up check, or was restarted
     from other code, fails the shard with its name and the fix."""
     from flows.fanout import prefect_mapper
     from infra.config.run import RunConfig
 
-    (shard,) = prefect_mapper(RunConfig(task_runner="dask", dask_address=scheduler), "probe")(where_i_report, [(0,)])
-    assert shard["pid"] != os.getpid()  # on the cluster's worker, its code checked
-    cluster.require_code(cluster.code_digest())
-    with pytest.raises(RuntimeError, match=r"^worker \S+ \(pid \d+\) runs other code than lvd \(source digest "
+    run = RunConfig(task_runner="dask", dask_address=scheduler, root=tmp_path)
+    (shard,) = prefect_mapper(run, "probe")(where_i_report, [(0,)])
+    assert shard["pid"] != os.getpid()  # on the cluster's worker, its code, runs folder and libraries checked
+    here = cluster.worker_expectation(run)
+    assert here == {"code": cluster.code_digest(), "root": str(tmp_path), "libraries": cluster.libraries()}
+    cluster.require_worker(here)
+    host = rf"{re.escape(socket.gethostname())} \(pid {os.getpid()}\)"
+    with pytest.raises(RuntimeError, match=rf"^worker {host} runs other code than lvd \(source digest "
                                            r"[0-9a-f]{16} vs 0{16}\): install the same checkout or version on every "
                                            r"worker$"):  # fmt: skip
-        cluster.require_code("0" * 16)
+        cluster.require_worker({**here, "code": "0" * 16})
+    # A worker that joined after the start-up check (autoscaling) and does not mount the run's storage, or has
+    # other libraries: its shard fails with the worker and the fix, not with a missing file deep in the stage.
+    with pytest.raises(RuntimeError, match=rf"^worker {host} does not see the runs folder {tmp_path / 'gone'} "
+                                           r"\(run.root\): it must be on storage every worker mounts at the same "
+                                           r"path$"):  # fmt: skip
+        cluster.require_worker({**here, "root": str(tmp_path / "gone")})
+    with pytest.raises(RuntimeError, match=rf"^worker {host} has other libraries: numpy {re.escape(np.__version__)} "
+                                           r"\(here 0.1\): the same versions on every worker keep what a stage "
+                                           r"computes the same$"):  # fmt: skip
+        cluster.require_worker({**here, "libraries": {**here["libraries"], "numpy": "0.1"}})
