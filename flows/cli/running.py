@@ -218,6 +218,13 @@ def cmd_resume(args: argparse.Namespace) -> int:
         return _run_flow(run.root, run.run_id, "lvd resume")
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from flows.deploy import serve
+
+    serve(args.config, args.overrides, args.name, args.cron, args.interval)  # until stopped (Ctrl-C)
+    return 0
+
+
 def cmd_retry_failed(args: argparse.Namespace) -> int:
     from flows.cli import interrupt
     from flows.cluster import cluster_problems
@@ -276,6 +283,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--json", action="store_true", help="machine-readable output")
     c.add_argument("--dry-run", action="store_true", help="say what each stage would do and stop")
     c.set_defaults(fn=cmd_resume, starts_flow=True)
+    sv = sub.add_parser("serve", help="serve `lvd run CONFIG` as a Prefect deployment (schedules, runs from the UI)")
+    sv.add_argument("config", type=Path)
+    sv.add_argument("overrides", nargs="*", help="dotted overrides, as for lvd run")
+    sv.add_argument("--name", default=None, help="the deployment's name (default: the configuration file's stem)")
+    when = sv.add_mutually_exclusive_group()
+    when.add_argument("--cron", default=None, help='a schedule, e.g. "0 3 * * *" (none: runs start from the UI)')
+    when.add_argument("--interval", type=float, default=None, help="a schedule every this many seconds")
+    sv.set_defaults(fn=cmd_serve)
     rf = sub.add_parser("retry-failed", help="re-download only the failed URLs of a finished ingest (new shards)")
     rf.add_argument("run_id")
     rf.add_argument("--reason", action="append", metavar="R",

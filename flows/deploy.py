@@ -1,0 +1,67 @@
+"""`lvd run` as a Prefect deployment: runs scheduled, or started from the Prefect UI or `prefect deployment run`.
+
+    PREFECT_API_URL=http://HOST:4200/api lvd serve configs/own_folder.yaml data.url_list=photos.parquet \\
+        "ingest.local_roots=[/data/photos]" --cron "0 3 * * *"
+
+`lvd serve` checks the configuration as `lvd run` does, then serves the `lvd-run` flow (Prefect's `Flow.serve`: a
+long-lived process that runs each of the deployment's runs in a subprocess) with the configuration file and the
+overrides as the deployment's parameters, which a run started from the UI may change. Each run is what `lvd run` does
+with them: the configuration and every input (the URL list, model files, image sets, a cluster) checked, every problem
+the flow run's error before a run directory exists; then the run's `lvd-pipeline` flow, as a subflow. The same
+configuration maps to the same run, so a scheduled run continues it and computes only what changed (a URL list
+that grew: its new rows). Relative paths are taken from the directory `lvd serve` was typed in.
+
+Not carried over from `lvd run`: its console summary (the flow run's logs and artifacts have it), its reaper (a
+killed flow run is marked Crashed by the next attempt), and Ctrl-C handling (a cancellation from the UI is
+Prefect's: it stops the flow run's process; `lvd resume` or the next scheduled run continues from the last finished
+shard)."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from infra.config import ConfigError
+
+
+def _run_name() -> str:
+    """The flow run's name in the UI: the configuration's name (its runs' ids start with it)."""
+    from prefect.runtime import flow_run
+
+    return Path(flow_run.parameters["config"]).stem
+
+
+@flow(name="lvd-run", flow_run_name=_run_name)
+def lvd_run(config: str, overrides: list[str] | None = None, workdir: str | None = None) -> dict[str, Any]:
+    """`lvd run CONFIG [overrides]` typed in `workdir` (relative paths are taken from there), as a flow: the run
+    prepared and checked, then its pipeline."""
+    from flows.pipeline import pipeline
+    from flows.preflight import check_run_inputs
+    from infra.runs import prepare_run
+
+    try:
+        with contextlib.chdir(workdir or "."):  # (a served run's process has the server's directory)
+            run, _ = prepare_run(Path(config), list(overrides or []), checks=check_run_inputs)
+    except ConfigError as err:  # every problem, as the flow run's error
+        raise ValueError(str(err)) from None
+    return pipeline(str(run.root), run.run_id)
+
+
+def serve(config: Path, overrides: list[str], name: str | None, cron: str | None, interval: float | None) -> None:
+    """Check the configuration now (as `lvd run` does, writing nothing), then serve `lvd-run` until stopped."""
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.preflight import check_run_inputs
+    from infra.runs import prepare_run
+
+    if not PREFECT_API_URL.value():
+        raise ConfigError(["PREFECT_API_URL: lvd serve needs a Prefect server that stays up (its scheduler creates the "
+                           "runs; the UI starts them): `prefect server start`, then PREFECT_API_URL=http://HOST:4200/api "
+                           "(docs/prefect.md)"])  # fmt: skip
+    prepare_run(config, overrides, checks=lambda cfg, run: check_run_inputs(cfg, run, remember=False), write=False)
+    parameters = {"config": str(Path(config).absolute()), "overrides": list(overrides), "workdir": str(Path.cwd())}
+    lvd_run.serve(name=name or Path(config).stem, parameters=parameters, cron=cron, interval=interval,
+                  tags=["lvd", f"config:{Path(config).stem}"])  # fmt: skip
