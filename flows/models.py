@@ -60,15 +60,10 @@ def _timm_model(cfg: BackboneConfig) -> torch.nn.Module:
 
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if Path(path).is_dir():  # a hub folder as timm publishes models (config.json + model.safetensors)
-        from infra.hub import folder_weights
+    from infra.hub import folder_weights, load_state
 
-        return folder_weights(Path(path))
-    if Path(path).suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+    # a hub folder as timm publishes models (config.json + model.safetensors), or a weights file
+    return folder_weights(Path(path)) if Path(path).is_dir() else load_state(Path(path))
 
 
 def embedder(cfg: BackboneConfig, name: str, batch_size: int, precision: str, seed: int = 0) -> Embedder:

@@ -1,7 +1,8 @@
 """Model folders as the Hugging Face hub's client caches them: a user who ran `huggingface_hub.snapshot_download(
 "facebook/dinov2-small")` (or `from_pretrained` once) gives the cache folder it made,
 `~/.cache/huggingface/hub/models--facebook--dinov2-small`, whose files live one level down in
-`snapshots/<commit>/`; the commit `refs/main` names is the one the library itself loads."""
+`snapshots/<commit>/`; the commit `refs/main` names is the one the library itself loads. And the weights of such a
+folder, or of a single file as models are published (`load_state`), read the same way by every loader."""
 
 from __future__ import annotations
 
@@ -52,3 +53,29 @@ def folder_weights(folder: Path) -> dict[str, Any]:
     path = weights_path(folder)
     return load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu",
                                                                                  weights_only=True)
+
+
+CHECKPOINT_WRAPPERS = ("teacher", "model", "state_dict")  # training and evaluation checkpoints hold the state there
+
+
+def load_state(path: Path, mmap: bool = False) -> Any:
+    """A weights file's contents: a `.safetensors` file's tensors, else what `torch.load` unpickles (tensors and plain
+    containers only), inside the training and evaluation checkpoint wrappers (`{"teacher": ...}`, `{"model": ...}`,
+    `{"state_dict": ...}`). `mmap`: memory-mapped where torch's zip format allows it (listing a large file's keys then
+    reads little of it)."""
+    import torch
+
+    if Path(path).suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except RuntimeError:
+        if not mmap:
+            raise
+        obj = torch.load(path, map_location="cpu", weights_only=True)  # torch's legacy format cannot be mapped
+    for key in CHECKPOINT_WRAPPERS:
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    return obj

@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from infra.hub import hub_snapshot, snapshot_hint
+from infra.hub import hub_snapshot, load_state, snapshot_hint
 from infra.storage import atomic_path, atomic_write_text
 from training.export.hf import is_hf_folder, read_hf, read_hf_image_size
 from training.export.timm_format import (
@@ -207,11 +207,7 @@ def read_checkpoint(path: Path | str, arch: str | None = None) -> Checkpoint:
         if any(k.startswith("lvd_") for k in meta):
             return _bundle_checkpoint(tensors, meta)
         return _state_checkpoint(tensors, path, arch)
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("teacher", "model", "state_dict"):  # reference training / eval checkpoint wrappers
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    return _state_checkpoint(obj, path, arch)
+    return _state_checkpoint(load_state(path), path, arch)  # (inside reference training / eval checkpoint wrappers)
 
 
 def _hf_checkpoint(folder: Path) -> Checkpoint:

@@ -100,17 +100,9 @@ def _keys(path: Path) -> set[str]:
 
 
 def _load(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from infra.hub import load_state
 
-        return load_file(str(path))
-    try:  # memory-mapped: listing a large file's keys reads little of it
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # tensors and plain containers only
-    except RuntimeError:  # a file in torch's legacy (non-zip) format cannot be mapped
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("teacher", "model", "state_dict"):  # training and evaluation checkpoint wrappers
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
+    obj = load_state(path, mmap=True)
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: not a state dict ({type(obj).__name__})")
     return obj
