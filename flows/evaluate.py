@@ -68,12 +68,14 @@ def parse_model_spec(spec: str) -> ModelEntry:
     """
     name, sep, rest = spec.partition("=")
     if not sep or not rest:
-        raise ValueError(f"--model {spec!r}: expected NAME=PATH[,key=value...]")
+        raise ConfigError([f"--model {spec!r}: expected NAME=PATH[,key=value...]"], "lvd evaluate's arguments",
+                          "are invalid")
     path, *options = rest.split(",")
     opts: dict[str, Any] = dict(o.split("=", 1) for o in options if "=" in o)
     unknown = set(opts) - set(SPEC_OPTIONS)
     if unknown or len(opts) != len(options):
-        raise ValueError(f"--model {spec!r}: options are {', '.join(f'{o}=' for o in SPEC_OPTIONS)} (got {options})")
+        raise ConfigError([f"--model {spec!r}: options are {', '.join(f'{o}=' for o in SPEC_OPTIONS)} (got {options})"],
+                          "lvd evaluate's arguments", "are invalid")
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"--model {name}: checkpoint {p} does not exist")
@@ -93,7 +95,8 @@ def _flag(text: str, spec: str) -> bool:
         return True
     if text.lower() in ("false", "0", "no"):
         return False
-    raise ValueError(f"--model {spec!r}: interpolate_antialias is true or false, not {text!r}")
+    raise ConfigError([f"--model {spec!r}: interpolate_antialias is true or false, not {text!r}"],
+                      "lvd evaluate's arguments", "are invalid")
 
 
 def build_models(entries: list[ModelEntry], random_init: bool, raw_pixels: bool, seed: int = 0) -> list[EvalModel]:
@@ -103,7 +106,8 @@ def build_models(entries: list[ModelEntry], random_init: bool, raw_pixels: bool,
         # The first model's architecture, untrained: what pretraining added.
         arch = getattr(getattr(first, "model", None), "arch_kwargs", None)
         if arch is None:
-            raise ValueError("--random-init needs a DINOv2-architecture first model (project or official checkpoint)")
+            raise ConfigError(["--random-init needs a DINOv2-architecture first model (project or official checkpoint)"],
+                              "lvd evaluate's arguments", "are invalid")
         models.append(EvalModel(_random_like(arch, first.image_size, seed), "baseline"))
     if raw_pixels and first is not None:
         models.append(EvalModel(PixelModel(first.image_size, 14 if first.image_size % 14 == 0 else 4), "baseline"))
@@ -135,7 +139,8 @@ def evaluate_checkpoints(cfg: PipelineConfig, entries: list[ModelEntry], root: P
                          random_init: bool = False, raw_pixels: bool = False) -> tuple[Path, StageResult]:  # fmt: skip
     benchmarks = classification_benchmarks(cfg.data.eval_sets) + list(cfg.evaluate.benchmarks)
     if not benchmarks:
-        raise ValueError("the configuration declares no benchmark (data.eval_sets or evaluate.benchmarks)")
+        raise ConfigError(["data.eval_sets / evaluate.benchmarks: both empty; give an evaluation set or a benchmark"],
+                          "configuration", "has nothing to evaluate on")
     models = build_models(entries, random_init, raw_pixels, cfg.run.seed)
     eval_id = eval_id or evaluation_id(cfg, models)
     out = Path(root) / eval_id

@@ -4,6 +4,8 @@ refused with the way to give it (issue 22: a 28 px model's `.pth` was evaluated 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 import torch
@@ -53,6 +55,19 @@ def test_transformers_and_timm_checkpoints_evaluate_as_the_project_export(toy_cl
     fp = res.drop_duplicates("model").set_index("model")["fingerprint"]
     assert all(fp[n].endswith(":interpolate_offset=0:interpolate_antialias=True") for n in ("ours", "hf", "timm"))
     assert ":config=" in fp["hf"]  # a folder: its weights and its config.json
+
+
+def test_wrong_arguments_and_a_configuration_without_benchmarks_are_one_message_each(tmp_path, capsys):
+    """Before: a ValueError's traceback."""
+    export_backbone(model(), tmp_path / "m.safetensors", official_pth=False)
+    config = str(Path(__file__).resolve().parents[2] / "configs" / "own_folder.yaml")
+    assert cli(["evaluate", config, "--model", f"m={tmp_path / 'm.safetensors'}",
+                "--root", str(tmp_path)]) == 2  # fmt: skip
+    assert capsys.readouterr().err == ("configuration has nothing to evaluate on (1 problem):\n  - data.eval_sets / "
+                                       "evaluate.benchmarks: both empty; give an evaluation set or a benchmark\n")
+    assert cli(["evaluate", config, "--model", "m", "--root", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == ("lvd evaluate's arguments are invalid (1 problem):\n  - --model 'm': expected "
+                                       "NAME=PATH[,key=value...]\n")
 
 
 def test_interpolation_options_reach_the_model_and_the_results(toy_classification, tmp_path, capsys):
