@@ -30,6 +30,7 @@ from infra.demo.server import DemoServer
 from infra.history import attempts_from
 from infra.manifest import read_manifest
 from infra.memory import release_stage_memory
+from infra.prefect_runs import close_dead_attempts
 from infra.run import RunDir
 from infra.runs import RUN_INFO
 from infra.stage import StageInputError, StageSpec, run_stage, stage_key, stage_state
@@ -136,48 +137,6 @@ def run_tags(run: RunDir, cfg: PipelineConfig) -> list[str]:
     return ["lvd", f"config:{config}", *(f"stage:{s.name}" for s in active_stages(cfg))]
 
 
-# Events after which an attempt's Prefect flow run has its final state (the flow returned, the interrupt handler marked
-# it Cancelled, a stage failed and the flow with it).
-_ENDS = {"flow_completed", "interrupted", "failed"}
-
-
-def unended_flow_runs(events: list[dict[str, Any]]) -> list[str]:
-    """The Prefect flow runs of the attempts whose record stops without an end (`_ENDS`), oldest first."""
-    runs: dict[str, bool] = {}  # flow run id -> ended (dicts keep the order)
-    for e in events:
-        if e.get("event") == "flow_started" and e.get("prefect_flow_run"):
-            runs[e["prefect_flow_run"]] = False
-        elif e.get("event") in _ENDS and runs:
-            runs[next(reversed(runs))] = True
-    return [f for f, ended in runs.items() if not ended]
-
-
-def close_dead_attempts(run: RunDir, current: str) -> None:
-    """Mark Crashed in Prefect the flow runs of earlier attempts still shown Running or Pending: this process holds
-    the run (`infra.run_lock`), so their processes are gone (SIGKILL, the out-of-memory killer, a lost machine), and
-    Prefect, which hears nothing from a killed process, would show them running for ever."""
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
-    from prefect.states import Crashed
-
-    events = run.events()
-    ids = [f for f in unended_flow_runs(events) if f != current]
-    if not ids:
-        return
-    message = ("its process stopped without recording an end (killed, out of memory, or its machine lost); found by "
-               f"{run.run_id} attempt {len(attempts_from(events))}")
-    with get_client(sync_client=True) as client:
-        for flow_run_id in ids:
-            try:
-                flow_run = client.read_flow_run(flow_run_id)
-                if flow_run.state is None or flow_run.state.type.value not in ("RUNNING", "PENDING"):
-                    continue
-                client.set_flow_run_state(flow_run_id, Crashed(message=message), force=True)
-                log.info("Prefect flow run %s (%s) marked Crashed: its process is gone", flow_run.name, flow_run_id)
-            except ObjectNotFound:  # recorded by another Prefect server (PREFECT_API_URL changed between attempts)
-                continue
-
-
 def run_pipeline(run_root: str, run_id: str) -> State:
     """Start (or resume) the run's flow with its tags; the final state, as `pipeline(..., return_state=True)`."""
     run = RunDir(Path(run_root), run_id)
@@ -197,7 +156,7 @@ def _pipeline(run: RunDir) -> dict[str, Any]:
     cfg = run.load_config()
     storage = result_storage(run)
     run.log_event("flow_started", prefect_flow_run=str(prefect_flow_run.id))  # the attempt's run in Prefect
-    close_dead_attempts(run, str(prefect_flow_run.id))
+    close_dead_attempts(run, str(prefect_flow_run.id))  # (their processes are gone: this one holds the run)
     try:
         _stages(run, cfg, storage)
     finally:  # (a failed stage too: the summary says which, in the Prefect UI as on the console)

@@ -10,6 +10,7 @@ from typing import Any
 from infra.memory import gib
 from infra.run import RunDir
 from infra.run_lock import UNKNOWN, Holder
+from infra.stopping import SIGNAL_ERRORS
 
 
 @dataclass
@@ -27,13 +28,13 @@ class StageOutcome:
 @dataclass
 class Attempt:
     started: str
-    by: str  # "lvd run", "lvd resume" or "lvd retry-failed"
+    by: str  # "lvd run", "lvd resume", "lvd retry-failed", or the Prefect deployment's flow run that started it
     changed: list[str] = field(default_factory=list)  # configuration keys `lvd resume` amended first
     stages: dict[str, StageOutcome] = field(default_factory=dict)
     completed: bool = False
     retried: dict[str, Any] = field(default_factory=dict)  # lvd retry-failed: attempt, rows, recovered
     error: str | None = None  # lvd retry-failed: why it failed
-    interrupted: str | None = None  # the signal that stopped the process (SIGINT: Ctrl-C), when it recorded one
+    interrupted: str | None = None  # the signal that stopped the process (SIGINT: Ctrl-C), or CANCELLED, if recorded
     cpus: str | None = None  # the CPUs it could use (infra.cpus: affinity, cgroup quota), where it recorded them
     memory: str | None = None  # the memory it could use (infra.memory: the machine's, or its cgroup's limit)
     # Its process ended without recording why, as its reaper (infra.reaper) found: `oom_kills` where the kernel's
@@ -69,7 +70,8 @@ def attempts_from(events: Iterable[dict[str, Any]]) -> list[Attempt]:
         elif kind == "flow_started" and launched:  # the flow of the attempt `launched` opened (before Prefect started)
             launched = False
         elif kind in ("launched", "flow_started", "retry_started"):  # (runs made before `launched`: flow_started)
-            by = "lvd retry-failed" if kind == "retry_started" else "lvd resume" if resumed else "lvd run"
+            by = ("lvd retry-failed" if kind == "retry_started" else e.get("by") or ("lvd resume" if resumed
+                                                                                        else "lvd run"))
             out.append(Attempt(e.get("time", ""), by, changed, cpus=e.get("cpu_budget"), memory=e.get("memory_budget")))
             if kind == "retry_started":
                 out[-1].stages["ingest"] = StageOutcome("running")
@@ -86,7 +88,7 @@ def attempts_from(events: Iterable[dict[str, Any]]) -> list[Attempt]:
         elif kind == "process_lost":
             out[-1].lost = e
         elif kind == "interrupted":
-            out[-1].interrupted = e.get("signal") or "a signal"
+            out[-1].interrupted = CANCELLED if e.get("cancelled_in") else e.get("signal") or "a signal"
             for st in out[-1].stages.values():  # a stage the signal cut short is unfinished, not failed
                 if st.outcome == "failed" and (st.error or "").startswith(SIGNAL_ERRORS):
                     st.outcome, st.error = "running", None
@@ -109,8 +111,7 @@ def attempts_from(events: Iterable[dict[str, Any]]) -> list[Attempt]:
 
 
 SIGNAL_WORDS = {"SIGINT": "Ctrl-C (SIGINT)"}
-# How a stage's `failed` event reads when a signal cut it short (Prefect raises TerminationSignal on SIGTERM).
-SIGNAL_ERRORS = ("TerminationSignal", "KeyboardInterrupt")
+CANCELLED = "cancelled in Prefect"  # `Attempt.interrupted` of a SIGTERM that a cancellation in Prefect sent
 
 
 def _short(text: str, n: int = 160) -> str:
@@ -151,6 +152,8 @@ def describe(history: list[Attempt], live: Holder | None = None) -> list[dict[st
             ended = "completed"
         elif a.error is not None:
             ended = "failed: " + _short(a.error)
+        elif a.interrupted == CANCELLED:
+            ended = f"cancelled in Prefect {_where(a)}"
         elif a.interrupted is not None:
             ended = f"interrupted by {SIGNAL_WORDS.get(a.interrupted, a.interrupted)} {_where(a)}"
         elif stopped is not None and a.stages[stopped].outcome == "failed":

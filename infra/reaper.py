@@ -51,11 +51,14 @@ MEMORY_KEYS = {
 
 
 @contextlib.contextmanager
-def watching(run_dir: Path | None, command: str, resume: str | None = None) -> Iterator[int | None]:
+def watching(run_dir: Path | None, command: str, resume: str | None = None, prefect_api: str | None = None
+             ) -> Iterator[int | None]:  # fmt: skip
     """While the block runs, a reaper watches this process (its pid, or None where it could not start: the work goes
     on without it). Leaving the block dismisses it: a process that returns, or exits by an exception, cleans up after
-    itself (Prefect stops its server at exit; a Ctrl-C stops the children: `flows.cli.interrupt`)."""
-    proc = _start(run_dir, command, resume)
+    itself (Prefect stops its server at exit; a Ctrl-C stops the children: `flows.interrupt`). `prefect_api`: a
+    Prefect server that outlives the process (not the embedded one), where the reaper marks the run's unended flow
+    runs Crashed."""
+    proc = _start(run_dir, command, resume, prefect_api)
     if proc is not None and not _ready(proc):
         proc = None
     try:
@@ -70,10 +73,11 @@ def watching(run_dir: Path | None, command: str, resume: str | None = None) -> I
             _started.discard(proc.pid)
 
 
-def _start(run_dir: Path | None, command: str, resume: str | None) -> subprocess.Popen | None:
+def _start(run_dir: Path | None, command: str, resume: str | None, prefect_api: str | None) -> subprocess.Popen | None:
     args = [sys.executable, "-m", "infra.reaper", "--pid", str(os.getpid()), "--command", command]
     args += ["--run", str(run_dir)] if run_dir is not None else []
     args += ["--resume", resume] if resume else []
+    args += ["--prefect-api", prefect_api] if prefect_api else []
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     try:
@@ -164,6 +168,34 @@ def stop(procs: list, grace: float = GRACE_S) -> None:
             p.kill()
 
 
+def close_in_prefect(run_dir: Path, api: str, message: str, timeout: float = 20.0) -> None:
+    """Mark Crashed at the Prefect server `api` the run's flow runs that its record leaves unended (the lost process's:
+    Prefect would show them Running), within `timeout` seconds (the server may be unreachable: a warning)."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def close() -> None:
+        try:
+            from prefect.settings import PREFECT_API_URL, temporary_settings
+
+            from infra.prefect_runs import close_dead_attempts
+            from infra.run import RunDir
+
+            with temporary_settings(updates={PREFECT_API_URL: api}):
+                close_dead_attempts(RunDir(run_dir.parent, run_dir.name), None, message)
+        except Exception as err:
+            errors.append(err)
+
+    t = threading.Thread(target=close, daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive() or errors:
+        why = f"{type(errors[0]).__name__}: {errors[0]}" if errors else f"no answer within {timeout:g} s"
+        print(f"lvd: could not mark the run's flow runs Crashed at the Prefect API {api} ({why}); the next attempt "
+              "does", file=sys.stderr)
+
+
 def _names(procs: list) -> str:
     """`Prefect's API server (pid 123), python (pid 456)`."""
     import psutil
@@ -210,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--command", default="lvd")
     p.add_argument("--run", type=Path, default=None)
     p.add_argument("--resume", default=None)
+    p.add_argument("--prefect-api", default=None)
     args = p.parse_args(argv)
     from infra.memory import memory_budget, oom_kills, oom_kills_since
 
@@ -228,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     if stage is None:
         return 0
     where = f"in {stage}" if stage else "before its first stage"
+    if args.prefect_api:
+        close_in_prefect(args.run, args.prefect_api, f"its process ({args.command}, pid {args.pid}) stopped {where} "
+                         f"without recording why; its reaper recorded the end ({args.resume} continues it)")
     if oom is not None:
         lines = [f"lvd: {args.command} (pid {args.pid}) was killed by the kernel's out-of-memory killer {where}; it "
                  f"could use {memory.describe()}."]

@@ -40,7 +40,7 @@ from infra.lineage_index import index_stage
 from infra.manifest import MANIFEST, StageManifest, cache_key, inputs_digest, read_manifest, write_manifest
 from infra.memory import PeakMemory, gib, memory_budget, oom_kills, oom_kills_since
 from infra.run import RunDir, now
-from infra.stopping import hold_if_stopping
+from infra.stopping import hold_if_stopped_by, hold_if_stopping
 from infra.storage import Markers, atomic_write_json, file_record, read_json
 
 log = logging.getLogger("lvd")
@@ -420,6 +420,7 @@ def run_stage(spec: StageSpec, run: RunDir, cfg: PipelineConfig) -> StageManifes
             with contextlib.suppress(OSError):
                 previous_dir(run, spec.name).parent.rmdir()
     except BaseException as err:
+        hold_if_stopped_by(err)  # a signal that stops the process: no failure to record
         error = f"{type(err).__name__}: {err}" + _oom_note(oom_before)
         with contextlib.suppress(OSError):  # the disk may be full or read-only: keep the original error
             run.log_event("failed", spec.name, key=key, error=error, **_peak(peak))

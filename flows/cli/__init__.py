@@ -27,7 +27,8 @@ import os
 import sys
 from pathlib import Path
 
-from flows.cli import export, interrupt, models, records, running
+from flows import interrupt
+from flows.cli import export, models, records, running
 from infra.config import ConfigError
 from infra.cpus import limit_native_threads
 from infra.run_index import RunIdError, latest_run, resolve_run_id

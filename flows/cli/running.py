@@ -7,7 +7,6 @@ import contextlib
 import contextvars
 import functools
 import json
-import logging
 import os
 import sys
 import threading
@@ -40,9 +39,14 @@ def check_environment() -> None:
 
 
 def _api_url() -> str:
+    return _own_api_url() or "(the embedded server)"
+
+
+def _own_api_url() -> str | None:
+    """The Prefect server given by `PREFECT_API_URL` (environment or profile); None: the embedded one."""
     from prefect.settings import get_current_settings
 
-    return get_current_settings().api.url or "(the embedded server)"
+    return get_current_settings().api.url or None
 
 
 def _flush_prefect() -> None:
@@ -122,25 +126,22 @@ def _exit_timeout() -> float:
 
 
 def _run_flow(run_root: Path, run_id: str, command: str) -> int:
-    from flows.cli import interrupt
+    from flows import interrupt
+    from flows.attempt import launch
     from infra import reaper
-    from infra.cpus import budget
-    from infra.memory import memory_budget
     from infra.run import RunDir
 
     # The attempt, from here: a stop while Prefect is imported and its database and server start (seconds) is its
     # too, recorded in the run (`lvd status`: "interrupted ... before its first stage").
     run = RunDir(Path(run_root), run_id)
-    resume = f"lvd resume {run_id} --root {run_root}"
-    cpus, memory = budget(), memory_budget()
-    logging.getLogger("lvd").info("using %s and %s", cpus.describe(), memory.describe())  # (pools: infra.cpus)
-    run.log_event("launched", cpus=cpus.cpus, cpu_budget=cpus.describe(), memory=memory.bytes,
-                  memory_budget=memory.describe())
+    resume = interrupt.resume_command(run_root, run_id)
+    launch(run)
     interrupt.attach(run, resume)
     # If this process is killed (the out-of-memory killer, kill -9), its reaper stops what it started and records
     # the end; leaving the block below dismisses it.
     watched = contextlib.ExitStack()
-    watched.enter_context(reaper.watching(run.path, command, resume))
+    # (With a Prefect server of your own, which outlives this process, the reaper also marks its flow run Crashed.)
+    watched.enter_context(reaper.watching(run.path, command, resume, prefect_api=_own_api_url()))
 
     import httpx
 
@@ -221,12 +222,12 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from flows.deploy import serve
 
-    serve(args.config, args.overrides, args.name, args.cron, args.interval)  # until stopped (Ctrl-C)
+    serve(args.config, args.overrides, args.name, args.cron, args.interval, args.concurrency)  # until Ctrl-C
     return 0
 
 
 def cmd_retry_failed(args: argparse.Namespace) -> int:
-    from flows.cli import interrupt
+    from flows import interrupt
     from flows.cluster import cluster_problems
     from flows.retry import retry_failed_flow
     from infra import reaper
@@ -290,6 +291,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     when = sv.add_mutually_exclusive_group()
     when.add_argument("--cron", default=None, help='a schedule, e.g. "0 3 * * *" (none: runs start from the UI)')
     when.add_argument("--interval", type=float, default=None, help="a schedule every this many seconds")
+    sv.add_argument("--concurrency", type=int, default=1,
+                    help="runs of the deployment at once (default 1: a run that starts while one works waits for it)")
     sv.set_defaults(fn=cmd_serve)
     rf = sub.add_parser("retry-failed", help="re-download only the failed URLs of a finished ingest (new shards)")
     rf.add_argument("run_id")

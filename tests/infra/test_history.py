@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flows.cli.interrupt import Interrupts
+from flows.interrupt import Interrupts
 from infra.history import attempts_from, describe
 from infra.run import RunDir
 

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from flows.pipeline import attempt_number, unended_flow_runs
+from flows.pipeline import attempt_number
 from infra import run_lock
 from infra.history import attempts_from, describe
+from infra.prefect_runs import unended_flow_runs
 from infra.run_lock import Holder, RunBusy, holder, writing
 
 REPO = Path(__file__).resolve().parents[2]
@@ -194,7 +195,7 @@ def test_an_attempt_that_died_is_marked_crashed_in_prefect_by_the_next(tmp_path,
     from prefect.client.orchestration import get_client
     from prefect.states import Completed, Running
 
-    from flows.pipeline import close_dead_attempts
+    from infra.prefect_runs import close_dead_attempts
     from infra.run import RunDir
 
     @flow(name="lvd-pipeline")

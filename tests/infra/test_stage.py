@@ -46,7 +46,7 @@ def test_skip_when_complete_and_resume_per_shard(tmp_path, monkeypatch):
 
 
 def test_no_stage_starts_while_the_process_is_stopping(tmp_path, monkeypatch):
-    """Ctrl-C as a stage ends: the stop (flows/cli/interrupt.py) exits the process within seconds from its own
+    """Ctrl-C as a stage ends: the stop (flows/interrupt.py) exits the process within seconds from its own
     thread; meanwhile the next stage neither starts nor is recorded as started."""
     from infra import stopping
 
@@ -63,6 +63,34 @@ def test_no_stage_starts_while_the_process_is_stopping(tmp_path, monkeypatch):
     assert calls == [] and run.events() == [] and not run.stage_dir("a").exists()
     run_stage(a, run, load_config())
     assert calls == ["00000", "00001", "00002"]
+
+
+def test_a_stage_cut_short_by_a_signal_the_process_stops_on_records_no_failure(tmp_path, monkeypatch):
+    """Prefect's own SIGTERM handler (in a flow run a deployment started) raises TerminationSignal in the stage while
+    the lvd handler stops the process: the stage has not failed, nothing says it did. Without a handler in effect the
+    same exception is a failure, recorded at once."""
+    from prefect.exceptions import TerminationSignal
+
+    from infra import stopping
+
+    def cut(ctx):
+        stopping.STOPPING.set()  # (the handler's thread, as the signal arrives)
+        raise TerminationSignal(signal=15)
+
+    spec, run = StageSpec("a", ("dedup",), (), cut), RunDir(tmp_path, "r")
+    monkeypatch.setattr(stopping, "HOLD_S", 0.2)
+    stopping.HANDLED.set()
+    try:
+        with pytest.raises(RuntimeError, match="did not exit within 0.2 s"):
+            run_stage(spec, run, load_config())
+    finally:
+        stopping.HANDLED.clear()
+        stopping.STOPPING.clear()
+    assert [e["event"] for e in run.events()] == ["started"]
+    with pytest.raises(TerminationSignal):
+        run_stage(spec, run, load_config())
+    stopping.STOPPING.clear()
+    assert [(e["event"], e.get("error")) for e in run.events()][1:] == [("started", None), ("failed", "TerminationSignal: ")]
 
 
 def test_config_change_invalidates_stage_and_downstream(tmp_path):

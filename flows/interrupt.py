@@ -10,6 +10,10 @@ run's events.jsonl records `interrupted` (with the signal), the Prefect flow run
 answers (a few seconds at most), the process's children (training processes, Dask/Ray workers, the embedded Prefect
 server) are stopped, and the process exits with 128 + the signal number, as a shell reports it.
 
+A run started by a Prefect deployment (`flows.deploy`) is stopped the same way. A cancellation in Prefect (the UI's
+Cancel, `prefect flow-run cancel`) reaches it as SIGTERM from the runner or worker that started it; the flow run it
+cancelled is then in state Cancelling, which tells it from any other SIGTERM, so the run records a cancellation.
+
 Nothing is lost by stopping between any two instructions: every file a stage writes is written to a temporary name and
 renamed, shards are marked done last and training checkpoints are atomic (infra.storage), so `lvd resume` continues
 from the last finished shard or checkpoint. A second signal while the first is handled stops at once.
@@ -22,11 +26,11 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from infra.run import RunDir
-from infra.stopping import STOPPING
+from infra.stopping import HANDLED, STOPPING
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 NAMES = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}
@@ -56,31 +60,61 @@ def stop_children(procs: list, grace: float = CHILD_GRACE_S) -> None:
     stop(list({p.pid: p for p in [*procs, *descendants()]}.values()), grace)
 
 
-def _cancel_flow_run(flow_run_id: object | None, message: str) -> None:
-    """Mark the Prefect flow run Cancelled, bounded in time (the server may be gone: the embedded one is a child, and
-    Ctrl-C in a terminal reaches it too). The run's own record is its events.jsonl."""
-    if flow_run_id is None:
+def _bounded(call: Callable[[], object]) -> object | None:
+    """`call()` against the Prefect API, or None after `PREFECT_GRACE_S` or on any error (the server may be gone: the
+    embedded one is a child, and Ctrl-C in a terminal reaches it too)."""
+    out: list[object] = []
+
+    def run() -> None:
+        with contextlib.suppress(Exception):
+            out.append(call())
+
+    t = threading.Thread(target=run, name="lvd-prefect-call", daemon=True)
+    t.start()
+    t.join(PREFECT_GRACE_S)
+    return out[0] if out else None
+
+
+def _cancel_flow_runs(flow_run_ids: list[object | None], message: str) -> None:
+    """Mark the Prefect flow runs Cancelled, bounded in time. The run's own record is its events.jsonl."""
+    ids = [f for f in flow_run_ids if f is not None]
+    if not ids:
         return
 
     def cancel() -> None:
-        with contextlib.suppress(Exception):
-            from prefect.client.orchestration import get_client
-            from prefect.states import Cancelled
+        from prefect.client.orchestration import get_client
+        from prefect.states import Cancelled
 
-            with get_client(sync_client=True) as client:
+        with get_client(sync_client=True) as client:
+            for flow_run_id in ids:
                 client.set_flow_run_state(flow_run_id, Cancelled(message=message), force=True)
 
-    t = threading.Thread(target=cancel, name="lvd-cancel-flow-run", daemon=True)
-    t.start()
-    t.join(PREFECT_GRACE_S)
+    _bounded(cancel)
+
+
+def cancelled_in_prefect(flow_run_id: object | None) -> bool:
+    """Whether the Prefect flow run was cancelled in Prefect (the UI, its API): state Cancelling (the runner or
+    worker then sends SIGTERM) or Cancelled."""
+    if flow_run_id is None:
+        return False
+
+    def state() -> str | None:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            flow_run = client.read_flow_run(flow_run_id)
+        return flow_run.state.type.value if flow_run.state is not None else None
+
+    return _bounded(state) in ("CANCELLING", "CANCELLED")
 
 
 class Interrupts:
     """Stops the process on SIGINT / SIGTERM; `run` (None before the run directory exists) records the interruption,
-    `resume` is the command that continues it."""
+    `resume` is the command that continues it; `cancellable`: the Prefect flow run (a deployment's) whose
+    cancellation in Prefect is a SIGTERM to this process."""
 
-    def __init__(self, run: RunDir | None, resume: str | None):
-        self.run, self.resume = run, resume
+    def __init__(self, run: RunDir | None, resume: str | None, cancellable: str | None = None):
+        self.run, self.resume, self.cancellable = run, resume, cancellable
         self.since = len(run.events()) if run is not None else 0  # events logged before this process's flow
         self.count = 0
         self.family: list = []  # the process tree when the first signal arrived
@@ -97,13 +131,18 @@ class Interrupts:
         if not first:  # a second signal while the first is handled: stop now
             stop_children(self.family, grace=0)
             os._exit(code)
-        name = NAMES.get(signum, signal.Signals(signum).name)
+        cancelled = signum == signal.SIGTERM and cancelled_in_prefect(self.cancellable)
+        how = "cancelled in Prefect" if cancelled else f"interrupted by {NAMES.get(signum, signal.Signals(signum).name)}"
         flow_run = self._flow_run()  # (before `interrupted` is logged)
         if self.run is not None and self.run.path.is_dir():
-            self.run.log_event("interrupted", signal=signal.Signals(signum).name)
+            self.run.log_event("interrupted", signal=signal.Signals(signum).name,
+                               **({"cancelled_in": "prefect"} if cancelled else {}))  # fmt: skip
         again = "Ctrl-C again" if signum == signal.SIGINT else "a second signal"
-        print(f"\nlvd: interrupted by {name}: stopping ({again} stops at once).", file=sys.stderr, flush=True)
-        _cancel_flow_run(flow_run, f"interrupted by {name}" + (f"; `{self.resume}` continues it" if self.resume else ""))
+        print(f"\nlvd: {how}: stopping ({again} stops at once).", file=sys.stderr, flush=True)
+        # The deployment's flow run too, unless Prefect cancelled it (its runner marks it once the process is gone):
+        # Ctrl-C in the terminal of `lvd serve` stops the runner with this process, and nothing else would.
+        outer = None if cancelled else self.cancellable
+        _cancel_flow_runs([flow_run, outer], how + (f"; `{self.resume}` continues it" if self.resume else ""))
         stop_children(self.family)
         if self.resume:
             print(f"lvd: finished shards and training checkpoints are kept; continue with: {self.resume}",
@@ -150,13 +189,15 @@ def attach(run: RunDir, resume: str) -> None:
 
 
 @contextlib.contextmanager
-def handled(run: RunDir | None = None, resume: str | None = None) -> Iterator[Interrupts]:
+def handled(run: RunDir | None = None, resume: str | None = None, cancellable: str | None = None
+            ) -> Iterator[Interrupts]:  # fmt: skip
     """Stop on SIGINT / SIGTERM for the duration (main thread only: elsewhere, e.g. a test's worker thread, a no-op)."""
-    handler = Interrupts(run, resume)
+    handler = Interrupts(run, resume, cancellable)
     if threading.current_thread() is not threading.main_thread():
         yield handler
         return
     _active.append(handler)
+    HANDLED.set()
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
     previous = {s: signal.signal(s, _ignore) for s in SIGNALS}
@@ -167,6 +208,8 @@ def handled(run: RunDir | None = None, resume: str | None = None) -> Iterator[In
         yield handler
     finally:
         _active.remove(handler)
+        if not _active:
+            HANDLED.clear()
         signal.set_wakeup_fd(previous_fd)
         for s, h in previous.items():
             signal.signal(s, h)
@@ -174,5 +217,9 @@ def handled(run: RunDir | None = None, resume: str | None = None) -> Iterator[In
         os.close(read_fd)  # the watcher's read fails: it returns
 
 
-def for_run(root: Path, run_id: str) -> contextlib.AbstractContextManager[Interrupts]:
-    return handled(RunDir(Path(root), run_id), f"lvd resume {run_id} --root {root}")
+def for_run(root: Path, run_id: str, cancellable: str | None = None) -> contextlib.AbstractContextManager[Interrupts]:
+    return handled(RunDir(Path(root), run_id), resume_command(root, run_id), cancellable)
+
+
+def resume_command(root: Path | str, run_id: str) -> str:
+    return f"lvd resume {run_id} --root {root}"
