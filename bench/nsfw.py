@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from curation.nsfw import OpenNsfw, OpenNsfwInt8, OpenNsfwTorch, cpu_has_amx_bf1
 from infra.config.ingest import NsfwConfig
 from infra.cpus import cpus
 
+REPO = Path(__file__).resolve().parent.parent
 NAMES = ["astronaut", "coffee", "chelsea", "rocket", "camera", "horse", "page", "hubble_deep_field"]
 
 
@@ -125,6 +127,56 @@ def accuracy(make: Callable[[float], dict], threshold: float) -> None:
                       f"(agreement {1 - flips / len(imgs):.1%})")  # fmt: skip
 
 
+MEMORY_CODE = """
+import json, os, sys, threading
+from bench.nsfw import images
+from curation.nsfw import scorer_for
+from infra.config.ingest import NsfwConfig
+backend, batch, k = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+page = os.sysconf("SC_PAGE_SIZE")
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * page
+scorer = scorer_for(NsfwConfig(backend=backend, batch_size=batch))  # (a model built on first use: its peak is before)
+imgs = images(batch)
+scorer.score(imgs[:2])  # the session loaded, its arena started
+before, peak, done = rss(), [0], threading.Event()
+def sample():
+    while not done.wait(0.002):
+        peak[0] = max(peak[0], rss())
+sampler = threading.Thread(target=sample)
+sampler.start()
+threads = [threading.Thread(target=lambda: [scorer.score(imgs) for _ in range(2)]) for _ in range(k)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+done.set()
+sampler.join()
+print(json.dumps((max(peak[0], rss()) - before) / k))
+"""
+
+
+def batch_memory(backend: str, batch: int, in_flight: int) -> float:
+    """Resident bytes each of `in_flight` batches of `batch` images adds while scored at once (threads sharing one
+    model, as a stage's shards do), measured in a fresh process: its resident memory, sampled every 2 ms, over what it
+    held after a first batch of 2."""
+    out = subprocess.run([sys.executable, "-c", MEMORY_CODE, backend, str(batch), str(in_flight)], check=True,
+                         capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def memory(batch: int) -> None:
+    """Per-image bytes of a batch in flight, for `curation.nsfw.BATCH_BYTES_PER_IMAGE`."""
+    from curation.nsfw import BATCH_BYTES_PER_IMAGE
+
+    for backend in ("opennsfw-int8", "opennsfw"):
+        per = [batch_memory(backend, batch, k) / batch for k in (1, 2, 4, 8)]
+        print(f"{backend:14s} MiB per image of a batch of {batch}, 1/2/4/8 batches at once: "
+              + ", ".join(f"{v / 2**20:.2f}" for v in per)
+              + f"; sized at {BATCH_BYTES_PER_IMAGE[backend] / 2**20:.1f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--n", type=int, default=128)
@@ -133,7 +185,11 @@ def main() -> None:
     p.add_argument("--accuracy", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads of every scorer (0: one per core); with 1, "
                    "CPU ms/image measures the work itself on a machine shared with other jobs")
+    p.add_argument("--memory", action="store_true", help="memory per batch in flight (what the stage sizes its "
+                   "threads by), not speed")
     args = p.parse_args()
+    if args.memory:
+        return memory(args.batch)
 
     imgs = images(args.n)
     cfg = NsfwConfig(batch_size=args.batch, threads=args.threads)

@@ -43,7 +43,7 @@ import pandas as pd
 from PIL import Image
 
 from infra.config.ingest import NsfwConfig
-from infra.cpus import cpus, ordered_map, threads_per_task
+from infra.cpus import cpus, ordered_map, shards_and_threads
 from infra.images import decode
 from infra.lineage import LedgerWriter
 from infra.shards import Shard, iter_shard_images
@@ -500,15 +500,29 @@ def score_shard(stage_dir: Path, shard: Shard, skip: frozenset[str], cfg: NsfwCo
                         "kept": int((~table["dropped"]).sum()), **drops}  # fmt: skip
 
 
+# Resident bytes a batch in flight adds per image (decoded images, the input array, onnxruntime's activations):
+# `python bench/nsfw.py --memory` on the 2-core EPYC VM, batch 64, 1 to 8 batches at once (5.3 MiB at most for int8,
+# 9.5 for fp32). Other backends are taken at fp32's figure (not measured).
+BATCH_BYTES_PER_IMAGE = {"opennsfw-int8": 6 * 2**20, "opennsfw": 10 * 2**20}
+DEFAULT_BYTES_PER_IMAGE = 10 * 2**20
+
+
+def batch_bytes(cfg: NsfwConfig) -> int:
+    """What one batch in flight holds: the stage's threads are sized so that the run's memory holds them all."""
+    return cfg.batch_size * BATCH_BYTES_PER_IMAGE.get(resolve_backend(cfg), DEFAULT_BYTES_PER_IMAGE)
+
+
 def nsfw_filter(
     shards: list[Shard], skip: dict[str, set[str]], stage_dir: Path, cfg: NsfwConfig, tracker: ShardTracker,
-    mapper=None, width: int | str = 1,
+    mapper=None, width: int | str = 1, cap: int | None = None,
 ) -> StageResult:
-    """``width``: shards the mapper runs at once (`auto`: the CPUs); a shard gets the CPUs its share leaves."""
+    """``width``: shards the mapper runs at once (`auto`: the CPUs); a shard gets the CPUs its share leaves; at most
+    ``cap`` batches in flight in all (what the memory holds: `batch_bytes`). The mapper must run `width` shards at
+    once at most (`shards_and_threads`)."""
     from curation.ingest import serial_map
 
     pending = [s for s in shards if not tracker.is_done(s.name)]
-    threads = threads_per_task(len(pending), width)
+    _, threads = shards_and_threads(len(pending), width, cap)
     todo = [(stage_dir, s, frozenset(skip.get(s.name, ())), cfg, threads) for s in pending]
     for name, counts in (mapper or serial_map)(score_shard, todo):
         tracker.done(name, counts)

@@ -6,6 +6,7 @@ resume, manifests, events) is :func:`infra.stage.run_stage`.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from functools import partial
 from itertools import pairwise
@@ -18,7 +19,7 @@ from curation.dedup import COMPONENTS, KEPT, dedup
 from curation.embed import embed, pool_store, seed_store
 from curation.faces import blur_faces
 from curation.ingest import excluded, ingest
-from curation.nsfw import dropped_ids, nsfw_filter
+from curation.nsfw import batch_bytes, dropped_ids, nsfw_filter
 from curation.rebalance import SELECTED, rebalance
 from curation.retrieve import RETRIEVED, SEED_STATS, SeedQueries, retrieve
 from curation.truth import assert_eval_copies_removed, score_dedup
@@ -27,9 +28,10 @@ from curation.vectors import RowView, VectorStore
 from flows.resume_points import TRAINING_STAGES, resume_step  # light, for `lvd status`: they moved there
 from infra import plan
 from infra.config import PipelineConfig
+from infra.config.run import RunConfig
 from infra.config.schema import config_hash
 from infra.config.train import EXECUTION_KEYS, TrainConfig
-from infra.cpus import resolve
+from infra.cpus import resolve, shards_and_threads
 from infra.demo.benchmarks import SEGMENTATION_DIR, build_digit_segmentation
 from infra.demo.crawl import build_demo_crawl
 from infra.errors import InputProblem
@@ -38,6 +40,8 @@ from infra.run import RunDir
 from infra.shards import list_shards
 from infra.stage import StageContext, StageResult, StageSpec
 from infra.storage import files_fingerprint
+
+log = logging.getLogger("lvd")
 
 
 def _crawl(ctx: StageContext) -> StageResult:
@@ -59,10 +63,34 @@ def _nsfw(ctx: StageContext) -> StageResult:
 
     ingest_dir = ctx.upstream_dir("ingest")
     shards = list_shards(ingest_dir / "shards")
-    mapper = prefect_mapper(ctx.cfg.run, "nsfw")
     skip = excluded(ingest_dir)
     tracker = ctx.tracker(len(shards), ctx.shard_inputs([s.name for s in shards], ["ingest"], skip))
-    return nsfw_filter(shards, skip, ctx.dir, ctx.cfg.nsfw, tracker, mapper, ctx.cfg.run.workers)
+    pending = sum(not tracker.is_done(s.name) for s in shards)
+    width, cap = memory_width(ctx.cfg.run, "nsfw", pending, batch_bytes(ctx.cfg.nsfw), "nsfw.batch_size")
+    mapper = prefect_mapper(ctx.cfg.run, "nsfw", width)
+    return nsfw_filter(shards, skip, ctx.dir, ctx.cfg.nsfw, tracker, mapper, width, cap)
+
+
+def memory_width(run: RunConfig, stage: str, tasks: int, per_batch: int, lower: str) -> tuple[int | str, int | None]:
+    """Shards in flight for a stage whose every thread holds a batch of `per_batch` bytes, and the batches the run's
+    memory holds at once (None: as many as the CPUs ask): on a machine with many CPUs and little memory (a container's
+    limit) `auto` would start one batch per CPU, and the out-of-memory killer end the run. On a cluster at an address
+    each worker has its own memory: `run.workers` is left as it is."""
+    from flows.cluster import address
+    from infra.memory import gib, memory_budget, memory_cap, tree_rss
+
+    width = run.workers
+    if address(run) is not None or tasks == 0:
+        return width, None
+    budget, used = memory_budget(), tree_rss()
+    cap = memory_cap(per_batch, budget, used)
+    shards, threads = shards_and_threads(tasks, width)
+    if shards * threads <= cap:
+        return width, None
+    log.info("%s: %d batch%s at once, not %d: each holds ~%s, and the run may use %s, %s of it in use (%s lowers "
+             "a batch)", stage, cap, "es" if cap != 1 else "", shards * threads, gib(per_batch), gib(budget.bytes),
+             gib(used), lower)  # fmt: skip
+    return min(shards, cap), cap
 
 
 def _faces(ctx: StageContext) -> StageResult:

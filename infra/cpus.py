@@ -102,6 +102,17 @@ def threads_per_task(tasks: int, width: int | str) -> int:
     return max(1, cpus() // max(1, min(tasks, resolve(width))))
 
 
+def shards_and_threads(tasks: int, width: int | str, cap: int | None = None) -> tuple[int, int]:
+    """Shards in flight and threads for each (`threads_per_task`), with at most `cap` threads busy in all (None: no
+    cap): what the memory leaves for a stage whose every thread holds a batch (`infra.memory.memory_cap`)."""
+    shards = max(1, min(tasks, resolve(width)))
+    threads = threads_per_task(tasks, width)
+    if cap is None:
+        return shards, threads
+    shards = min(shards, cap)
+    return shards, max(1, min(threads, cap // shards))
+
+
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], threads: int, ahead: int | None = None) -> Iterator[R]:
     """``fn`` over ``items`` on ``threads`` threads, results in the items' order; at most ``ahead`` (2 x ``threads``)
     items in flight, so memory holds that many, not the iterable. One thread: a plain map in the caller's thread."""

@@ -201,3 +201,17 @@ def tree_rss() -> int:
         except psutil.Error:
             continue
     return total
+
+
+# Held back from the run's memory when a pool is sized from it: what the sizes per task do not count (allocator
+# slack, a task's inputs and outputs besides its batch, the page cache the kernel charges to a cgroup).
+RESERVE_FRACTION, RESERVE_MIN = 0.10, 256 * 2**20
+
+
+def memory_cap(per_task: int, budget: MemoryBudget | None = None, used: int | None = None) -> int:
+    """How many tasks that each hold `per_task` bytes fit at once in what the run may use (`budget`: its cgroup limit,
+    or the machine's memory) beyond what its processes hold now (`used`), less a reserve: at least 1."""
+    budget = budget or memory_budget()
+    used = tree_rss() if used is None else used
+    free = budget.bytes - used - max(RESERVE_MIN, int(RESERVE_FRACTION * budget.bytes))
+    return max(1, free // max(1, per_task))

@@ -135,3 +135,14 @@ def test_space_to_depth_stem_gives_the_same_int8_output(tmp_path):
     ref, = _session(tmp_path / "q.onnx", 1).run(None, {"x": x})
     out, = _session(tmp_path / "s2d.onnx", 1).run(None, {"x": x})
     assert ref.shape == (4, 8, 19, 15) and np.array_equal(out, ref) and ref.std() > 0
+
+
+def test_a_batch_in_flight_holds_no_more_than_the_stage_sizes_its_threads_by():
+    """The NSFW stage starts no more batches at once than the run's memory holds (flows.stages.memory_width), at
+    `BATCH_BYTES_PER_IMAGE` each: measured here, two int8 batches of 64 scored at once in a fresh process, each adds
+    less (5.3 MiB per image on the 2-core EPYC VM; sized at 6)."""
+    from bench.nsfw import batch_memory
+    from curation.nsfw import BATCH_BYTES_PER_IMAGE
+
+    per_image = batch_memory("opennsfw-int8", 64, 2) / 64
+    assert 2 * 2**20 < per_image <= BATCH_BYTES_PER_IMAGE["opennsfw-int8"], per_image / 2**20

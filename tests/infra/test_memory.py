@@ -121,3 +121,23 @@ def test_the_peak_memory_of_a_stage_counts_its_child_processes_and_is_recorded_a
     assert (row["what"], row["peak"]) == ("ran ingest", f"{gib(done['peak_memory'])} (ingest)")
     text = format_summary({"run_id": "r", "path": "p", "stages": [], "attempts": [row]})
     assert text.splitlines()[-1] == f"     peak memory {gib(done['peak_memory'])} (ingest)"
+
+
+def test_a_pool_sized_by_memory_holds_what_fits_beyond_what_is_in_use_and_a_reserve():
+    """`memory_cap`: tasks of `per_task` bytes that fit in the run's memory less what its processes hold and a reserve
+    (10 %, at least 256 MiB); `shards_and_threads` keeps a stage's batches in flight under it, shards first."""
+    from infra.cpus import cpus, shards_and_threads
+    from infra.memory import MemoryBudget, memory_cap
+
+    gib_ = 2**30
+    sixteen = MemoryBudget(16 * gib_, 64 * gib_, 16 * gib_, "memory.max")
+    # 16 GiB, 1.6 GiB reserve, 2 GiB in use: 12.4 GiB for batches of 384 MiB.
+    assert memory_cap(384 * 2**20, sixteen, used=2 * gib_) == int((16 - 1.6 - 2) * gib_) // (384 * 2**20) == 33
+    assert memory_cap(384 * 2**20, MemoryBudget(gib_, gib_, None, None), used=gib_) == 1  # none fits: still one
+    assert memory_cap(2**20, MemoryBudget(gib_, gib_, None, None), used=0) == 1024 - 256  # the 256 MiB floor
+    n = cpus()
+    assert shards_and_threads(100, 64) == (64, max(1, n // 64))
+    assert shards_and_threads(100, 64, cap=12) == (12, 1)
+    assert shards_and_threads(1, "auto", cap=None) == (1, n)
+    assert shards_and_threads(1, "auto", cap=1) == (1, 1)
+    assert shards_and_threads(3, 3, cap=7) == (3, min(max(1, n // 3), 2))

@@ -81,7 +81,7 @@ def test_a_stage_cut_short_by_a_signal_the_process_stops_on_records_no_failure(t
     monkeypatch.setattr(stopping, "HOLD_S", 0.2)
     stopping.HANDLED.set()
     try:
-        with pytest.raises(RuntimeError, match="did not exit within 0.2 s"):
+        with pytest.raises(RuntimeError, match=r"did not exit within 0\.2 s"):
             run_stage(spec, run, load_config())
     finally:
         stopping.HANDLED.clear()
