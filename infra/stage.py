@@ -141,11 +141,12 @@ class ShardTracker:
 
     def is_done(self, shard: str) -> bool:
         done = self.markers.is_done(shard)
-        if shard not in self._asked:
+        first = shard not in self._asked  # (asked again, e.g. to size a stage's pool first: recorded once)
+        if first:
             self._asked.add(shard)
             self._skipped += done
         self._open_progress()
-        if done and self.rundir is not None:
+        if done and first and self.rundir is not None:
             self.rundir.log_event("shard_skipped", self.stage, shard=shard)
         return done
 
