@@ -2,9 +2,10 @@
 
 A stage core takes a *mapper* ``(fn, [args, ...]) -> results as they finish``; this module supplies one that
 submits ``fn(*args)`` as Prefect task runs on the run's task runner: Prefect's ``ThreadPoolTaskRunner`` by
-default, ``prefect_dask.DaskTaskRunner`` with ``run.task_runner=dask`` (a local cluster of ``run.workers``
+default, ``prefect_dask.DaskTaskRunner`` with ``run.task_runner=dask`` (a local cluster of the stage's width of
 single-threaded worker processes, or the scheduler at ``run.dask_address``), ``prefect_ray.RayTaskRunner`` with
-``run.task_runner=ray`` (a local Ray with ``run.workers`` CPUs, or the cluster at ``run.ray_address``). Each shard's
+``run.task_runner=ray`` (a local Ray with that many CPUs, or the cluster at ``run.ray_address``); the width is
+``run.workers``, ``ingest.processes`` for ingest, and for NSFW no more than the memory holds. Each shard's
 task run is retried ``run.shard_retries`` times and limited to ``run.shard_timeout_s`` per attempt. ``fn`` must be a
 module-level function of files and small config objects (it is pickled to the workers); the core marks shards done
 as results come back, so an interrupted stage resumes at the shard.
@@ -57,6 +58,9 @@ def shard_name(args: tuple[Any, ...]) -> str:
 
 
 def task_runner(run: RunConfig, width: int) -> Any:
+    """The runner of a stage's shards, `width` at a time: threads, or a local Dask or Ray cluster of that many
+    workers (`ingest.processes` for ingest, what the memory holds for NSFW: `flows.stages.memory_width`, else
+    `run.workers`), or the cluster at `run.dask_address` / `run.ray_address` as it is."""
     if run.task_runner == "dask":
         try:
             from prefect_dask import DaskTaskRunner
@@ -67,7 +71,7 @@ def task_runner(run: RunConfig, width: int) -> Any:
         # The local scheduler runs in this process, and `distributed` logs at INFO: ~30 lines per stage on the
         # console (scheduler and nanny start and stop, worker registration); its warnings still show.
         logging.getLogger("distributed").setLevel(logging.WARNING)
-        return DaskTaskRunner(cluster_kwargs={"n_workers": resolve(run.workers), "threads_per_worker": 1,
+        return DaskTaskRunner(cluster_kwargs={"n_workers": width, "threads_per_worker": 1,
                                               "processes": True, "dashboard_address": None})  # fmt: skip
     if run.task_runner == "ray":
         try:
@@ -76,7 +80,7 @@ def task_runner(run: RunConfig, width: int) -> Any:
             raise ImportError("run.task_runner=ray needs `pip install prefect-ray`") from err
         if run.ray_address:
             return RayTaskRunner(address=run.ray_address)
-        return RayTaskRunner(init_kwargs={"num_cpus": resolve(run.workers), "include_dashboard": False})
+        return RayTaskRunner(init_kwargs={"num_cpus": width, "include_dashboard": False})
     from prefect.task_runners import ThreadPoolTaskRunner
 
     return ThreadPoolTaskRunner(max_workers=width)

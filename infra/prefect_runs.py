@@ -30,9 +30,9 @@ def unended_flow_runs(events: list[dict[str, Any]]) -> list[str]:
     return [f for f, ended in runs.items() if not ended]
 
 
-def close_dead_attempts(run: RunDir, current: str | None, message: str | None = None) -> list[str]:
+def close_dead_attempts(run: RunDir, current: str | None, message: str | None = None) -> None:
     """Mark Crashed in Prefect (with `message`) the flow runs of the run's attempts, other than `current`, that their
-    record leaves unended and Prefect still shows Running or Pending; the ids marked."""
+    record leaves unended and Prefect still shows Running or Pending."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
     from prefect.states import Crashed
@@ -40,10 +40,9 @@ def close_dead_attempts(run: RunDir, current: str | None, message: str | None = 
     events = run.events()
     ids = [f for f in unended_flow_runs(events) if f != current]
     if not ids:
-        return []
+        return
     message = message or ("its process stopped without recording an end (killed, out of memory, or its machine lost); "
                           f"found by {run.run_id} attempt {len(attempts_from(events))}")
-    marked = []
     with get_client(sync_client=True) as client:
         for flow_run_id in ids:
             try:
@@ -52,7 +51,5 @@ def close_dead_attempts(run: RunDir, current: str | None, message: str | None = 
                     continue
                 client.set_flow_run_state(flow_run_id, Crashed(message=message), force=True)
                 log.info("Prefect flow run %s (%s) marked Crashed: its process is gone", flow_run.name, flow_run_id)
-                marked.append(flow_run_id)
             except ObjectNotFound:  # recorded by another Prefect server (PREFECT_API_URL changed between attempts)
                 continue
-    return marked

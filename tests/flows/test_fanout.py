@@ -140,5 +140,8 @@ def test_task_runner_settings_reach_the_runners():
     assert remote.address == "ray://head:10001"
     dask = task_runner(RunConfig(task_runner="dask", dask_address="tcp://sched:8786"), 2)
     assert isinstance(dask, DaskTaskRunner) and dask.address == "tcp://sched:8786"
+    # A local cluster has the stage's width of workers (`ingest.processes`, NSFW's memory cap), not `run.workers`.
+    assert task_runner(RunConfig(task_runner="dask", workers=3), 2).cluster_kwargs["n_workers"] == 2
+    assert task_runner(RunConfig(task_runner="ray", workers=3), 2).init_kwargs["num_cpus"] == 2
     assert ray_gpus(RunConfig(ray_gpus_per_task=0.5)) == 0.5
     assert ray_gpus(RunConfig()) == (1.0 if __import__("torch").cuda.is_available() else 0.0)
