@@ -502,7 +502,8 @@ def score_shard(stage_dir: Path, shard: Shard, skip: frozenset[str], cfg: NsfwCo
 
 # Resident bytes a batch in flight adds per image (decoded images, the input array, onnxruntime's activations):
 # `python bench/nsfw.py --memory` on the 2-core EPYC VM, batch 64, 1 to 8 batches at once (5.3 MiB at most for int8,
-# 9.5 for fp32). Other backends are taken at fp32's figure (not measured).
+# 9.5 for fp32; the torch backend in fp32 7.0). Other backends (torch in bf16, CLIP) are taken at fp32's figure
+# (not measured).
 BATCH_BYTES_PER_IMAGE = {"opennsfw-int8": 6 * 2**20, "opennsfw": 10 * 2**20}
 DEFAULT_BYTES_PER_IMAGE = 10 * 2**20
 
