@@ -208,10 +208,9 @@ def tree_rss() -> int:
 RESERVE_FRACTION, RESERVE_MIN = 0.10, 256 * 2**20
 
 
-def memory_cap(per_task: int, budget: MemoryBudget | None = None, used: int | None = None) -> int:
+def memory_cap(per_task: int, budget: MemoryBudget, used: int) -> int:
     """How many tasks that each hold `per_task` bytes fit at once in what the run may use (`budget`: its cgroup limit,
-    or the machine's memory) beyond what its processes hold now (`used`), less a reserve: at least 1."""
-    budget = budget or memory_budget()
-    used = tree_rss() if used is None else used
+    or the machine's memory, `memory_budget`) beyond what its processes hold now (`used`: `tree_rss`), less a reserve:
+    at least 1."""
     free = budget.bytes - used - max(RESERVE_MIN, int(RESERVE_FRACTION * budget.bytes))
     return max(1, free // max(1, per_task))

@@ -242,7 +242,7 @@ def cmd_retry_failed(args: argparse.Namespace) -> int:
     with run_lock.writing(run_dir, "lvd retry-failed"), interrupt.for_run(args.root, args.run_id), \
             reaper.watching(run_dir, "lvd retry-failed", again):
         state = retry_failed_flow(str(args.root), args.run_id, args.reason or None, return_state=True)
-    watchdog = ExitWatchdog(None, _exit_timeout(), f"lvd retry-failed {args.run_id} --root {args.root}")
+    watchdog = ExitWatchdog(None, _exit_timeout(), again)
     watchdog.arm("the retry flow returned", 0 if state.is_completed() else 1)
     watchdog.start()
     try:
@@ -263,7 +263,9 @@ def _report_retry(args: argparse.Namespace, state: Any) -> int:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(out["by_reason"].items())) or "none"
         print(f"attempt {out['attempt']}: retried {out['retried']} rows ({reasons}), recovered {out['recovered']} "
               f"into {len(out['shards'])} new shards")  # fmt: skip
-        print(f"later stages are now stale: lvd resume {args.run_id} --root {args.root}")
+        from flows.interrupt import resume_command
+
+        print(f"later stages are now stale: {resume_command(args.root, args.run_id)}")
     return 0
 
 
